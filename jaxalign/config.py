@@ -1,0 +1,379 @@
+"""Typed run configuration: dataclasses loaded from YAML plus `--set a.b=c` overrides.
+
+Every key is validated (name, type, allowed values) before anything compiles; an unknown key is an
+error that names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxalign.errors import ConfigError
+
+AXIS_NAMES = ("data", "fsdp", "tensor")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-family decoder. Field names follow Hugging Face's LlamaConfig where they overlap."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # default: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    # Llama-3 frequency scaling: {factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings}; None disables it.
+    rope_scaling: dict[str, float] | None = None
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    remat: Literal["none", "full", "save_dots"] = "none"
+    scan_layers: bool = False
+    # Queries are processed in blocks of this many positions (0: one block). Keeps the score matrix
+    # in cache on CPU and skips fully masked key blocks.
+    attention_query_block: int = 0
+    initializer_range: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh sizes per named axis; one axis may be -1 (fill with the remaining devices).
+
+    `dcn_*` sizes split an axis across slices (multi-slice); the total size of an axis is
+    `axis * dcn_axis`.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+
+
+@dataclass
+class ShardingConfig:
+    """Logical-axis rules: each logical axis maps to a mesh axis, a list of mesh axes, or null.
+
+    `rules_file` (a YAML file with a `rules:` mapping) is applied first, then `rules` on top.
+    """
+
+    rules_file: str | None = None
+    rules: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where training examples come from and how they become token rows."""
+
+    train_file: str = ""
+    eval_file: str | None = None
+    tokenizer: str = ""
+    template: str = "plain"
+    packing: bool = True
+    shuffle: bool = True
+    seed: int = 0
+    on_error: Literal["raise", "skip"] = "raise"
+    num_packing_bins: int = 16
+
+
+@dataclass
+class LossConfig:
+    """Loss computation options."""
+
+    # The final projection + cross-entropy is computed over this many chunks of tokens, so full
+    # [tokens, vocab] logits never exist at once (1: no chunking).
+    vocab_chunks: int = 1
+    z_loss: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and loop settings."""
+
+    steps: int = 100
+    batch_size: int = 8  # global rows of seq_len tokens per optimizer step
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: no held-out evaluation (needs data.eval_file)
+    eval_batches: int = 4
+    seed: int = 0
+    # Peak FLOP/s per device for MFU; 0 measures a matmul peak at start-up.
+    peak_flops_per_device: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Orbax checkpointing."""
+
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides RUN_DIR/metrics.jsonl."""
+
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    trainer: Literal["sft"] = "sft"
+    run_dir: str = "runs/default"
+    resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: must be one of {choices}, got {value!r}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if args:
+            return {k: _check_value(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return dict(value)
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        kwargs[key] = _check_value(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts (for YAML and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse `a.b=c` strings; values are read as YAML scalars (`true`, `3`, `1e-3`, `[1, 2]`)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_raw(path: str | os.PathLike | None) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: dict | None = None,
+) -> Config:
+    """Load a Config from YAML and `--set` overrides, validated."""
+    raw = dict(base or {})
+    raw.update(load_raw(path))
+    for key, value in parse_overrides(overrides or []):
+        _set_path(raw, key, value)
+    where = str(path) if path else "config"
+    try:
+        cfg = from_dict(Config, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Cross-field checks that need no devices (mesh divisibility is checked in sharding)."""
+    m, t = cfg.model, cfg.train
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{where}: {msg}")
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads"):
+        if getattr(m, name) <= 0:
+            fail(f"model.{name} must be positive, got {getattr(m, name)}")
+    if m.num_heads % m.num_kv_heads:
+        fail(f"model.num_heads ({m.num_heads}) must divide by model.num_kv_heads "
+             f"({m.num_kv_heads})")
+    if m.head_dim is None and m.hidden_size % m.num_heads:
+        fail(f"model.hidden_size ({m.hidden_size}) must divide by model.num_heads "
+             f"({m.num_heads}) unless model.head_dim is set")
+    if m.resolved_head_dim % 2:
+        fail(f"model head_dim ({m.resolved_head_dim}) must be even for rotary embeddings")
+    if m.rope_scaling is not None:
+        need = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        missing = need - set(m.rope_scaling)
+        if missing:
+            fail(f"model.rope_scaling is missing {sorted(missing)}")
+    if m.attention_query_block < 0:
+        fail("model.attention_query_block must be >= 0")
+    if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 1 or t.steps < 0:
+        fail("train.batch_size, train.grad_accum, train.steps must be positive and seq_len > 1")
+    if t.batch_size % t.grad_accum:
+        fail(f"train.batch_size ({t.batch_size}) must divide by train.grad_accum ({t.grad_accum})")
+    if t.log_every <= 0:
+        fail("train.log_every must be positive")
+    if cfg.loss.vocab_chunks <= 0:
+        fail("loss.vocab_chunks must be positive")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep <= 0:
+        fail("checkpoint.every must be >= 0 and checkpoint.keep positive")
+    sizes = [getattr(cfg.mesh, a) for a in AXIS_NAMES]
+    if sizes.count(-1) > 1:
+        fail("at most one mesh axis may be -1")
+    for a in AXIS_NAMES:
+        for name in (a, f"dcn_{a}"):
+            v = getattr(cfg.mesh, name)
+            if v == 0 or v < -1 or (name.startswith("dcn") and v < 1):
+                fail(f"mesh.{name} must be a positive size{'' if name.startswith('dcn') else ' or -1'}"
+                     f", got {v}")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

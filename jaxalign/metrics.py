@@ -1,0 +1,105 @@
+"""Model FLOPs, a measured matmul peak, and the metrics writers (JSONL, TensorBoard, W&B)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.config import ModelConfig
+
+
+def param_count(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts: total, and without the input embedding (what matmuls touch)."""
+    d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                       cfg.resolved_head_dim)
+    attn = d * h * hd * 2 + d * kv * hd * 2
+    if cfg.attention_bias:
+        attn += (h + 2 * kv) * hd
+    mlp = 3 * d * f + ((2 * f + d) if cfg.mlp_bias else 0)
+    block = attn + mlp + 2 * d + (2 * hd if cfg.qk_norm else 0)
+    embed = cfg.vocab_size * d
+    head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+    total = embed + cfg.num_layers * block + d + head
+    return {"total": total, "non_embedding": total - embed + (embed if cfg.tie_embeddings else 0)}
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters, plus causal attention scores and values
+    (forward 2 x 2 x T/2 x H x hd per layer, x3 for forward+backward)."""
+    n = param_count(cfg)["non_embedding"]
+    attn = 3 * 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len / 2
+    return 6.0 * n + attn
+
+
+def measure_matmul_peak(size: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Measured FLOP/s of one square matmul on the first device (a practical peak)."""
+    x = jnp.ones((size, size), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+class MetricsWriter:
+    """Writes one JSON object per log step to RUN_DIR/metrics.jsonl (+ TensorBoard, W&B).
+
+    Only process 0 writes; other processes get a writer that does nothing.
+    """
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True,
+                 wandb_project: str | None = None, config: dict | None = None):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb_project:
+            import wandb  # optional extra
+
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                if self._tb is not None:
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(value: Any) -> Any:
+    try:
+        return float(value) if getattr(value, "ndim", 0) == 0 and not isinstance(value, str) \
+            else value
+    except (TypeError, ValueError):
+        return value

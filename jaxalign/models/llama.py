@@ -1,0 +1,329 @@
+"""A Llama-family decoder as Flax NNX modules.
+
+The model is used functionally: `graphdef, params = nnx.split(model)` once, then every step calls
+`nnx.merge(graphdef, params)` inside a jitted function (the merge runs at trace time only).
+
+Every parameter carries logical axis names in its `axes` metadata; `jaxalign.sharding` maps them to
+mesh axes. Matmuls are written as flat 2-D products ([tokens, in] @ [in, out]), which is what XLA's
+CPU and GPU backends run fastest (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import math
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.config import ModelConfig
+from jaxalign.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), axes=axes)
+
+
+def _ones(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), axes=axes)
+
+
+def _zeros(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul."""
+    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    lead = x.shape[: x.ndim - n_in]
+    y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1).astype(x.dtype)
+    return y.reshape(*lead, *out_shape)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, returned in x's dtype. x: [..., D], scale: [D]."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> jax.Array:
+    """Inverse frequencies [head_dim // 2], with optional Llama-3 frequency scaling."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, rotate-half convention (as Hugging Face). x: [B, T, N, hd]; positions:
+    [B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    k_segment_ids: jax.Array,
+    q_index: jax.Array,
+    k_index: jax.Array,
+) -> jax.Array:
+    """Grouped-query attention with causal and segment masking.
+
+    q: [B, T, H, hd]; k, v: [B, S, KV, hd]; segment ids [B, T] / [B, S] (0 = padding);
+    q_index [T], k_index [S]: sequence indices used for the causal mask (key index <= query index).
+    Queries are grouped as [B, T, KV, H/KV, hd] so K/V heads are never repeated in memory.
+    Returns [B, T, H, hd].
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    mask = (q_segment_ids[:, :, None] == k_segment_ids[:, None, :]) & (
+        k_index[None, None, :] <= q_index[None, :, None]
+    )
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+def blocked_causal_attention(q, k, v, segment_ids, block: int) -> jax.Array:
+    """Causal self-attention computed in query blocks; block i only reads keys [0, end of i].
+
+    Same result as one `attend` over the whole sequence, but the [T, T] score matrix is never
+    built, and fully masked key blocks above the diagonal are never computed.
+    """
+    t = q.shape[1]
+    idx = jnp.arange(t)
+    if block <= 0 or block >= t:
+        return attend(q, k, v, segment_ids, segment_ids, idx, idx)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        outs.append(
+            attend(q[:, start:end], k[:, :end], v[:, :end], segment_ids[:, start:end],
+                   segment_ids[:, :end], idx[start:end], idx[:end])
+        )
+    return jnp.concatenate(outs, axis=1)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional QK-norm and biases."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
+        self.cfg = cfg
+        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
+        self.wk = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wv = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std, pd)
+        if cfg.attention_bias:
+            self.bq = _zeros((h, hd), ("heads", "head_dim"), pd)
+            self.bk = _zeros((kv, hd), ("kv_heads", "head_dim"), pd)
+            self.bv = _zeros((kv, hd), ("kv_heads", "head_dim"), pd)
+        if cfg.qk_norm:
+            self.q_norm = _ones((hd,), ("norm",), pd)
+            self.k_norm = _ones((hd,), ("norm",), pd)
+
+    def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+        """Project and rotate. x: [B, T, D] -> q [B, T, H, hd], k, v [B, T, KV, hd]."""
+        cfg = self.cfg
+        q, k, v = dense(x, self.wq[...]), dense(x, self.wk[...]), dense(x, self.wv[...])
+        if cfg.attention_bias:
+            q = q + self.bq[...].astype(q.dtype)
+            k = k + self.bk[...].astype(k.dtype)
+            v = v + self.bv[...].astype(v.dtype)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        return q, k, v
+
+    def out(self, attn: jax.Array) -> jax.Array:
+        """[B, T, H, hd] -> [B, T, D]."""
+        return dense(attn, self.wo[...], n_in=2)
+
+    def __call__(self, x, positions, segment_ids, inv_freq):
+        q, k, v = self.qkv(x, positions, inv_freq)
+        attn = blocked_causal_attention(q, k, v, segment_ids, self.cfg.attention_query_block)
+        return self.out(attn)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
+        self.cfg = cfg
+        self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
+        self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
+        self.w_down = _param(rngs, (f, d), ("mlp", "embed"), std, pd)
+        if cfg.mlp_bias:
+            self.b_gate = _zeros((f,), ("mlp",), pd)
+            self.b_up = _zeros((f,), ("mlp",), pd)
+            self.b_down = _zeros((d,), ("embed",), pd)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate, up = dense(x, self.w_gate[...]), dense(x, self.w_up[...])
+        if self.cfg.mlp_bias:
+            gate = gate + self.b_gate[...].astype(x.dtype)
+            up = up + self.b_up[...].astype(x.dtype)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        out = dense(hidden, self.w_down[...])
+        if self.cfg.mlp_bias:
+            out = out + self.b_down[...].astype(x.dtype)
+        return out
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = DTYPES[cfg.param_dtype]
+        self.cfg = cfg
+        self.attn_norm = _ones((cfg.hidden_size,), ("norm",), pd)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = _ones((cfg.hidden_size,), ("norm",), pd)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, segment_ids, inv_freq):
+        eps = self.cfg.rms_norm_eps
+        x = x + self.attn(rms_norm(x, self.attn_norm[...], eps), positions, segment_ids, inv_freq)
+        x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps))
+        return constrain(x, ("batch", "length", "embed"))
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model. `__call__` returns final hidden states; `logits` projects."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pd)
+        if cfg.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = _ones((cfg.hidden_size,), ("norm",), pd)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                  std, pd)
+
+    def output_weight(self) -> jax.Array:
+        """The [D, V] output projection (the embedding's transpose when tied)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens, positions, segment_ids: [B, T] int32 -> hidden states [B, T, D] (compute dtype).
+
+        Tokens attend only within their segment; positions restart per segment (for RoPE).
+        """
+        cfg = self.cfg
+        dtype = DTYPES[cfg.dtype]
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        inv_freq = rope_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        def apply_block(block_graphdef, block_state, x):
+            block = nnx.merge(block_graphdef, block_state)
+            return block(x, positions, segment_ids, inv_freq)
+
+        if cfg.remat != "none":
+            apply_block = jax.checkpoint(
+                apply_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,)
+            )
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            x, _ = jax.lax.scan(lambda h, s: (apply_block(graphdef, s, h), None), x, state)
+        else:
+            for blk in self.blocks:
+                graphdef, state = nnx.split(blk)
+                x = apply_block(graphdef, state, x)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., D] -> [..., V] in the compute dtype."""
+        return dense(hidden, self.output_weight())
+
+
+def logical_axes(params) -> object:
+    """The pytree of logical axis-name tuples for a model state (abstract or concrete).
+
+    Scanned blocks get a leading `layers` axis.
+    """
+
+    def names(path, var):
+        axes = var.get_metadata().get("axes")
+        if any(getattr(k, "key", None) == "blocks" for k in path) and _is_stacked(path, var, axes):
+            return ("layers", *axes)
+        return tuple(axes) if axes is not None else None
+
+    return jax.tree_util.tree_map_with_path(
+        names, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def _is_stacked(path, var, axes) -> bool:
+    return axes is not None and len(var.shape) == len(axes) + 1
+
+
+def stack_layers(params: dict) -> dict:
+    """Convert unrolled params ({'blocks': {0: ..., 1: ...}}) to the scan-over-layers layout."""
+    blocks = params["blocks"]
+    layers = [blocks[i] for i in sorted(blocks)]
+    return {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Inverse of `stack_layers`."""
+    blocks = params["blocks"]
+    return {**params, "blocks": {i: jax.tree.map(lambda x, i=i: x[i], blocks)
+                                 for i in range(num_layers)}}

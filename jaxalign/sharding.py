@@ -1,0 +1,247 @@
+"""Device mesh, logical-axis rules, and their validation.
+
+Parameters and activations carry logical axis names (`embed`, `mlp`, `heads`, ...). A rules table
+maps each logical name to mesh axes; `logical_to_sharding` turns a pytree of logical names into
+`NamedSharding`s. Users change sharding by editing the table (config `sharding.*`), never the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxalign.config import AXIS_NAMES, MeshConfig, ShardingConfig
+from jaxalign.errors import ConfigError
+
+LOGICAL_AXES = (
+    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "norm",
+)
+
+# The default: FSDP over `fsdp`, tensor parallelism over `tensor`, batch over data and fsdp.
+DEFAULT_RULES: dict[str, Any] = {
+    "batch": ["data", "fsdp"],
+    "length": None,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+}
+
+Rules = dict[str, tuple[str, ...]]
+
+
+def _normalize_rule(logical: str, value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    axes = (value,) if isinstance(value, str) else tuple(value)
+    for axis in axes:
+        if axis not in AXIS_NAMES:
+            raise ConfigError(
+                f"{where}: rule '{logical}' names unknown mesh axis '{axis}' "
+                f"(mesh axes: {', '.join(AXIS_NAMES)})"
+            )
+    return axes
+
+
+def resolve_rules(cfg: ShardingConfig) -> Rules:
+    """Default rules, then `rules_file`, then `rules`, validated."""
+    merged: dict[str, Any] = dict(DEFAULT_RULES)
+    layers: list[tuple[str, dict]] = []
+    if cfg.rules_file:
+        path = Path(cfg.rules_file)
+        if not path.is_file():
+            raise ConfigError(f"sharding.rules_file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict) or not isinstance(raw.get("rules", {}), dict):
+            raise ConfigError(f"{path}: expected a mapping with a 'rules:' section")
+        layers.append((str(path), raw.get("rules", {})))
+    layers.append(("sharding.rules", cfg.rules))
+    for where, rules in layers:
+        for logical, value in rules.items():
+            if logical not in LOGICAL_AXES:
+                raise ConfigError(
+                    f"{where}: unknown logical axis '{logical}' "
+                    f"(known: {', '.join(LOGICAL_AXES)})"
+                )
+            merged[logical] = value
+    return {k: _normalize_rule(k, v, "sharding") for k, v in merged.items()}
+
+
+def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Resolve per-axis sizes (ICI size x DCN size), filling one -1 axis."""
+    ici = {a: getattr(cfg, a) for a in AXIS_NAMES}
+    dcn = {a: getattr(cfg, f"dcn_{a}") for a in AXIS_NAMES}
+    dcn_total = math.prod(dcn.values())
+    if num_devices % dcn_total:
+        raise ConfigError(f"mesh: {num_devices} devices do not divide into {dcn_total} DCN slices")
+    per_slice = num_devices // dcn_total
+    fixed = math.prod(v for v in ici.values() if v != -1)
+    if -1 in ici.values():
+        if per_slice % fixed:
+            raise ConfigError(
+                f"mesh: cannot fill the -1 axis: {per_slice} devices per slice do not divide by "
+                f"the product of the other axes ({fixed})"
+            )
+        ici = {a: (per_slice // fixed if v == -1 else v) for a, v in ici.items()}
+    if math.prod(ici.values()) != per_slice:
+        sizes = " x ".join(f"{a}={v}" for a, v in ici.items())
+        raise ConfigError(
+            f"mesh: {sizes} needs {math.prod(ici.values())} devices per slice, "
+            f"but {per_slice} are available"
+        )
+    return {a: ici[a] * dcn[a] for a in AXIS_NAMES}
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the device mesh with axes (data, fsdp, tensor)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = axis_sizes(cfg, len(devices))
+    dcn = [getattr(cfg, f"dcn_{a}") for a in AXIS_NAMES]
+    if math.prod(dcn) > 1:
+        from jax.experimental import mesh_utils
+
+        ici = [sizes[a] // d for a, d in zip(AXIS_NAMES, dcn)]
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    else:
+        try:
+            from jax.experimental import mesh_utils
+
+            arr = mesh_utils.create_device_mesh([sizes[a] for a in AXIS_NAMES], devices=devices)
+        except Exception:  # noqa: BLE001 - CPU/odd topologies: plain order is fine
+            arr = np.asarray(devices).reshape([sizes[a] for a in AXIS_NAMES])
+    return Mesh(arr, AXIS_NAMES)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
+    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once per spec."""
+    if names is None:
+        return P()
+    used: set[str] = set()
+    out = []
+    for name in names:
+        axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def _is_names(x: Any) -> bool:
+    return x is None or (isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
+
+
+def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Pytree of logical-name tuples -> pytree of NamedSharding."""
+    return jax.tree.map(
+        lambda names: NamedSharding(mesh, logical_to_spec(names, rules)),
+        logical_tree,
+        is_leaf=_is_names,
+    )
+
+
+def spec_axis_size(mesh: Mesh, entry: Any) -> int:
+    if entry is None:
+        return 1
+    axes = (entry,) if isinstance(entry, str) else entry
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def validate_shardings(shapes: Any, shardings: Any, mesh: Mesh) -> None:
+    """Every sharded dimension must divide by its mesh axes; errors name the parameter path."""
+
+    def check(path, shape, sharding):
+        spec = sharding.spec
+        dims = shape.shape if hasattr(shape, "shape") else shape
+        for dim, (size, entry) in enumerate(zip(dims, tuple(spec) + (None,) * len(dims))):
+            n = spec_axis_size(mesh, entry)
+            if size % n:
+                raise ConfigError(
+                    f"sharding: parameter '{jax.tree_util.keystr(path, simple=True, separator='.')}'"
+                    f" dimension {dim} of size {size} does not divide by mesh axes {entry} "
+                    f"(size {n}); shape {tuple(dims)}, spec {spec}"
+                )
+
+    jax.tree_util.tree_map_with_path(check, shapes, shardings)
+
+
+def batch_divisor(mesh: Mesh, rules: Rules) -> int:
+    """Number of shards of the batch dimension."""
+    return math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+
+
+def validate_batch(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> None:
+    micro = batch_size // grad_accum
+    n = batch_divisor(mesh, rules)
+    if micro % n:
+        axes = "x".join(rules.get("batch", ()))
+        raise ConfigError(
+            f"train.batch_size: micro-batch of {micro} rows (batch_size {batch_size} / grad_accum "
+            f"{grad_accum}) does not divide by the batch mesh axes {axes} (size {n})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation sharding constraints, active only inside `activation_sharding(mesh, rules)`.
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "jaxalign_activation_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Within this context, `constrain` pins activations to the mesh per the rules."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain activation `x` to the sharding its logical axis names map to (no-op outside
+    `activation_sharding`)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, rules)
+    for size, entry in zip(x.shape, spec):
+        if size % spec_axis_size(mesh, entry):
+            return x  # e.g. a batch of 1 during generation: leave it to the compiler
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def describe(shapes: Any, shardings: Any, mesh: Mesh) -> str:
+    """A table of every parameter: shape, PartitionSpec, per-device bytes."""
+    lines = [f"mesh: {dict(mesh.shape)} ({mesh.size} devices)"]
+    rows = []
+    total = 0
+    for (path, leaf), sharding in zip(
+        jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(shardings)
+    ):
+        shape = tuple(leaf.shape)
+        shard = sharding.shard_shape(shape)
+        nbytes = math.prod(shard) * np.dtype(leaf.dtype).itemsize
+        total += nbytes
+        rows.append((jax.tree_util.keystr(path, simple=True, separator="."), str(shape),
+                     str(sharding.spec), f"{nbytes:,}"))
+    widths = [max(len(r[i]) for r in rows + [("parameter", "shape", "spec", "bytes/device")])
+              for i in range(4)]
+    header = ("parameter", "shape", "spec", "bytes/device")
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append(f"total parameter bytes per device: {total:,}")
+    return "\n".join(lines)

@@ -1,0 +1,14 @@
+"""Trainers: one generic loop (`loop.Trainer`); each algorithm adds a loss and its data."""
+
+from __future__ import annotations
+
+from jaxalign.config import Config
+
+
+def make_algorithm(cfg: Config):
+    """The algorithm that `cfg.trainer` names."""
+    if cfg.trainer == "sft":
+        from jaxalign.trainers.sft import SFT
+
+        return SFT(cfg)
+    raise ValueError(f"unknown trainer {cfg.trainer!r}")

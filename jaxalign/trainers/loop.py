@@ -1,0 +1,332 @@
+"""The training loop shared by every trainer: mesh, sharded state, the jitted step, checkpoints,
+preemption, metrics and progress. An algorithm only supplies a loss and its data."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxalign import sharding as shd
+from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
+from jaxalign.config import Config, save_config, to_dict
+from jaxalign.errors import ConfigError, UserError
+from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
+from jaxalign.models.llama import Transformer, logical_axes
+from jaxalign.optim import make_optimizer
+from jaxalign.trainers.step import LossFn, init_state, make_eval_step, make_train_step
+
+
+class DataIterator(Protocol):
+    """Yields this process's part of each global batch: arrays [grad_accum, local_batch, ...]."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> dict: ...
+    def set_state(self, state: dict) -> None: ...
+
+
+class Algorithm(Protocol):
+    """What a trainer adds to the loop."""
+
+    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array): ...
+    def train_data(self, process_index: int, process_count: int) -> DataIterator: ...
+    def eval_data(self, process_index: int, process_count: int) -> Iterator[dict] | None: ...
+
+
+@dataclass
+class RunResult:
+    """What a finished (or preempted) run returns."""
+
+    final_step: int
+    history: list[dict] = field(default_factory=list)
+    preempted: bool = False
+    state: Any = None
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def build_model(cfg: Config, mesh: Mesh, rules: shd.Rules):
+    """graphdef, abstract params, and parameter shardings for cfg.model (validated)."""
+    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    names = logical_axes(abstract_state).to_pure_dict()
+    abstract_params = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract_state.to_pure_dict()
+    )
+    shardings = shd.logical_to_sharding(names, mesh, rules)
+    shd.validate_shardings(abstract_params, shardings, mesh)
+    return graphdef, abstract_params, shardings
+
+
+def init_params(cfg: Config, shardings: Any, seed: int) -> Any:
+    """Initialize parameters directly into their shardings (never whole on one device)."""
+
+    def init(key):
+        return nnx.split(Transformer(cfg.model, nnx.Rngs(params=key)))[1].to_pure_dict()
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
+def batch_sharding(mesh: Mesh, rules: shd.Rules, ndim: int) -> NamedSharding:
+    """[grad_accum, batch, ...]: batch over the batch axes, the rest replicated."""
+    return NamedSharding(mesh, P(None, shd.logical_to_spec(("batch",), rules)[0],
+                                 *([None] * (ndim - 2))))
+
+
+class Trainer:
+    """Runs `algorithm` under `cfg`: the one loop for every trainer."""
+
+    def __init__(self, cfg: Config, algorithm: Algorithm, *, devices=None):
+        self.cfg = cfg
+        self.algorithm = algorithm
+        self.mesh = shd.make_mesh(cfg.mesh, devices)
+        self.rules = shd.resolve_rules(cfg.sharding)
+        shd.validate_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
+        self.graphdef, self.abstract_params, self.param_shardings = build_model(
+            cfg, self.mesh, self.rules
+        )
+        self.tx, self.schedule = make_optimizer(cfg.train, self.abstract_params)
+        abstract_state = jax.eval_shape(
+            lambda p: init_state(p, self.tx, cfg.train.seed), self.abstract_params
+        )
+        replicated = NamedSharding(self.mesh, P())
+        opt_shardings = optax.tree_map_params(
+            self.tx,
+            lambda _, s: s,
+            abstract_state["opt_state"],
+            self.param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        self.state_shardings = {
+            "step": replicated,
+            "params": self.param_shardings,
+            "opt_state": opt_shardings,
+            "rng": replicated,
+        }
+        self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
+        self.run_dir = Path(cfg.run_dir)
+        self._stop = threading.Event()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def fresh_state(self, params: Any | None = None) -> dict:
+        """A new train state; `params` (e.g. from a previous stage) or a fresh initialization."""
+        if params is None:
+            params = init_params(self.cfg, self.param_shardings, self.cfg.train.seed)
+        else:
+            params = jax.device_put(params, self.param_shardings)
+        init = jax.jit(
+            lambda p: init_state(p, self.tx, self.cfg.train.seed),
+            out_shardings=self.state_shardings,
+        )
+        return init(params)
+
+    def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assemble the global batch from each process's local rows."""
+        out = {}
+        for key, value in local.items():
+            value = np.asarray(value)
+            sharding = batch_sharding(self.mesh, self.rules, value.ndim)
+            global_shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
+            out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to save and stop after the current step (what SIGTERM does)."""
+        self._stop.set()
+
+    @contextlib.contextmanager
+    def _sigterm_saves(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _should_stop(self) -> bool:
+        flag = self._stop.is_set()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return flag
+
+    def _peak_flops(self) -> float:
+        per_device = self.cfg.train.peak_flops_per_device
+        if per_device > 0:
+            return per_device * self.mesh.size
+        measured = measure_matmul_peak()
+        # Simulated CPU devices share the host's cores: one matmul already uses all of them.
+        return measured if jax.devices()[0].platform == "cpu" else measured * self.mesh.size
+
+    def run(self, init_params: Any | None = None) -> RunResult:
+        """Train to `train.steps`, resuming from RUN_DIR's latest checkpoint when asked or found."""
+        cfg = self.cfg
+        self._preflight()
+        ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                            async_save=cfg.checkpoint.async_save)
+        data = self.algorithm.train_data(jax.process_index(), jax.process_count())
+        latest = ckpt.latest_step()
+        if cfg.resume is True and latest is None:
+            raise UserError(f"{self.run_dir}: resume=true but there is no checkpoint to resume")
+        if latest is not None and cfg.resume is False:
+            raise UserError(
+                f"{self.run_dir}: has checkpoints (latest step {latest}) and resume=false; "
+                "use another run_dir or resume"
+            )
+        if latest is not None:
+            state, data_state, _ = ckpt.restore(latest, self.abstract_state)
+            data.set_state(data_state)
+            self._log(f"resumed from {self.run_dir / 'checkpoints' / str(latest)}")
+        else:
+            state = self.fresh_state(init_params)
+        if is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
+                               wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+        try:
+            with self._sigterm_saves(), shd.activation_sharding(self.mesh, self.rules):
+                result = self._loop(state, data, ckpt, writer)
+        finally:
+            writer.close()
+            ckpt.close()
+        return result
+
+    def _preflight(self) -> None:
+        """Fail before compiling if RUN_DIR cannot be written."""
+        if not is_main_process():
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"{self.run_dir}: run directory is not writable ({e.strerror})") \
+                from None
+
+    def compile_step(self, batch: dict) -> Any:
+        step = make_train_step(self.graphdef, self.algorithm.loss_fn, self.tx, self.schedule)
+        batch_shardings = {k: batch_sharding(self.mesh, self.rules, v.ndim) for k, v in
+                           batch.items()}
+        return jax.jit(
+            step,
+            in_shardings=(self.state_shardings, batch_shardings),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,),
+        )
+
+    def _loop(self, state, data, ckpt: Checkpointer, writer: MetricsWriter) -> RunResult:
+        cfg, train = self.cfg, self.cfg.train
+        start = int(jax.device_get(state["step"]))
+        total = train.steps
+        tokens_per_step = train.batch_size * train.seq_len
+        flops_per_token = train_flops_per_token(cfg.model, train.seq_len)
+        peak = self._peak_flops()
+        history: list[dict] = []
+        progress = None
+        if is_main_process() and train.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        step_fn = None
+        eval_fn = None
+        interval_start = time.perf_counter()
+        interval_steps = 0
+        data_wait = 0.0
+        preempted = False
+        done = start
+        compile_s = None
+        for done in range(start + 1, total + 1):
+            t0 = time.perf_counter()
+            local = next(data)
+            data_wait += time.perf_counter() - t0
+            batch = self.to_global(local)
+            if step_fn is None:
+                t_compile = time.perf_counter()
+                step_fn = self.compile_step(batch).lower(state, batch).compile()
+                compile_s = time.perf_counter() - t_compile
+                interval_start += compile_s
+            state, metrics = step_fn(state, batch)
+            interval_steps += 1
+            is_last = done == total
+            if done % train.log_every == 0 or is_last:
+                metrics = jax.device_get(metrics)
+                elapsed = max(time.perf_counter() - interval_start, 1e-9)
+                tokens_per_s = interval_steps * tokens_per_step / elapsed
+                record = {k: float(v) for k, v in metrics.items()}
+                record.update(
+                    tokens_per_s=tokens_per_s,
+                    mfu=tokens_per_s * flops_per_token / peak,
+                    step_time_s=elapsed / interval_steps,
+                    data_wait_s=data_wait / interval_steps,
+                )
+                if compile_s is not None:
+                    record["compile_s"] = compile_s
+                    compile_s = None
+                if not math.isfinite(record["loss"]):
+                    raise UserError(f"step {done}: loss is {record['loss']}; stopping "
+                                    "(the last good checkpoint is kept)")
+                if (train.eval_every and done % train.eval_every == 0) or (
+                    is_last and train.eval_every
+                ):
+                    eval_fn = eval_fn or jax.jit(make_eval_step(self.graphdef,
+                                                                self.algorithm.loss_fn))
+                    record.update(self._evaluate(eval_fn, state["params"]))
+                history.append({"step": done, **record})
+                writer.write(done, record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}",
+                                         tok_s=f"{tokens_per_s:,.0f}")
+                interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+            if progress is not None:
+                progress.update(1)
+            stop = self._should_stop()
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
+                ckpt.save(done, state, data.get_state(), to_dict(cfg), force=True)
+            if stop and not is_last:
+                preempted = True
+                ckpt.wait()
+                self._log(f"stop requested: saved step {done} to {ckpt.directory}; exiting")
+                break
+        if progress is not None:
+            progress.close()
+        ckpt.wait()
+        return RunResult(final_step=done, history=history, preempted=preempted, state=state)
+
+    def _evaluate(self, eval_fn, params) -> dict[str, float]:
+        batches = self.algorithm.eval_data(jax.process_index(), jax.process_count())
+        if batches is None:
+            return {}
+        sums: dict[str, float] = {}
+        for local in batches:
+            out = jax.device_get(eval_fn(params, self.to_global(local)))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        denom = max(sums.pop("denominator", 0.0), 1.0)
+        return {f"eval/{k.removesuffix('_sum')}": v / denom for k, v in sums.items()}
+
+    def _log(self, message: str) -> None:
+        if is_main_process():
+            print(f"[jaxalign] {message}", flush=True)

@@ -1,0 +1,61 @@
+"""Supervised fine-tuning: next-token cross-entropy on completion/assistant tokens only."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+from flax import nnx
+
+from jaxalign.config import Config
+from jaxalign.data import load_tokenizer, sft_iterator_from_config
+from jaxalign.losses import token_cross_entropy_sum
+
+
+class SFT:
+    """The SFT algorithm: a loss over packed rows and the data that feeds it."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            from jaxalign.errors import ConfigError
+
+            raise ConfigError(
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                f"vocabulary ({self.tokenizer.vocab_size}, {cfg.data.tokenizer})"
+            )
+
+    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array):
+        """Summed cross-entropy over target tokens, the number of target tokens, no extras.
+
+        batch: inputs, targets, loss_mask, segment_ids, positions, each [B, T].
+        """
+        hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        loss_sum, num_tokens = token_cross_entropy_sum(
+            hidden,
+            model.output_weight(),
+            batch["targets"],
+            batch["loss_mask"],
+            chunks=self.cfg.loss.vocab_chunks,
+            z_loss=self.cfg.loss.z_loss,
+        )
+        return loss_sum, num_tokens, {}
+
+    def _iterator(self, path, process_index, process_count, **kwargs):
+        t = self.cfg.train
+        return sft_iterator_from_config(
+            self.cfg.data, self.tokenizer, seq_len=t.seq_len, global_batch_size=t.batch_size,
+            grad_accum=t.grad_accum, process_index=process_index, process_count=process_count,
+            path=path, **kwargs,
+        )
+
+    def train_data(self, process_index: int, process_count: int):
+        return self._iterator(self.cfg.data.train_file, process_index, process_count)
+
+    def eval_data(self, process_index: int, process_count: int):
+        if not self.cfg.data.eval_file:
+            return None
+        it = self._iterator(self.cfg.data.eval_file, process_index, process_count,
+                            shuffle=False, num_epochs=1)
+        return list(itertools.islice(it, self.cfg.train.eval_batches))

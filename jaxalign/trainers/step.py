@@ -1,0 +1,120 @@
+"""The one generic train step: `(state, batch) -> (state, metrics)`.
+
+An algorithm plugs in a loss function
+
+    loss_fn(model, batch, rng) -> (loss_sum, denominator, metric_sums)
+
+that returns an *unnormalized* sum over its examples (tokens, pairs, ...) and how many there were.
+Over `grad_accum` micro-batches the step sums losses, gradients and denominators, then divides
+once by the total denominator: the loss is normalized by the number of targets in the whole batch,
+not averaged over per-micro-batch means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
+    """Train state pytree: step, params, optimizer state, RNG key."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.PRNGKey(seed),
+    }
+
+
+def accumulate_gradients(
+    graphdef: nnx.GraphDef, loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array
+) -> tuple[Any, jax.Array, jax.Array, dict]:
+    """Sum of gradients, loss sums, denominators and metric sums over the leading micro-batch
+    axis of every array in `batch` ([A, micro_batch, ...])."""
+
+    def grads_of(micro_batch, micro_rng):
+        def objective(p):
+            loss_sum, denom, metric_sums = loss_fn(nnx.merge(graphdef, p), micro_batch, micro_rng)
+            return loss_sum, (denom, metric_sums)
+
+        return jax.value_and_grad(objective, has_aux=True)(params)
+
+    num_micro = jax.tree.leaves(batch)[0].shape[0]
+    rngs = jax.random.split(rng, num_micro)
+    if num_micro == 1:
+        (loss_sum, (denom, metric_sums)), grads = grads_of(
+            jax.tree.map(lambda x: x[0], batch), rngs[0]
+        )
+        return grads, loss_sum, denom, metric_sums
+
+    first = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], batch), rngs[0])
+    (_, (_, metric_shapes)), _ = first
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, metric_shapes))
+
+    def body(carry, xs):
+        micro_batch, micro_rng = xs
+        g_acc, l_acc, d_acc, m_acc = carry
+        (loss_sum, (denom, metric_sums)), grads = grads_of(micro_batch, micro_rng)
+        g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
+        m_acc = jax.tree.map(jnp.add, m_acc, metric_sums)
+        return (g_acc, l_acc + loss_sum, d_acc + denom, m_acc), None
+
+    (grads, loss_sum, denom, metric_sums), _ = jax.lax.scan(body, init, (batch, rngs))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return grads, loss_sum, denom, metric_sums
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """The pure step function; the trainer jits it with shardings and donation."""
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        rng, step_rng = jax.random.split(state["rng"])
+        grads, loss_sum, denom, metric_sums = accumulate_gradients(
+            graphdef, loss_fn, state["params"], batch, step_rng
+        )
+        scale = 1.0 / jnp.maximum(denom, 1.0)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": loss_sum * scale,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state["step"]),
+            "denominator": denom,
+            **{k: v * scale for k, v in metric_sums.items()},
+        }
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                     "rng": rng}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, dict], dict]:
+    """Loss sums of one batch ([A, micro_batch, ...]) without gradients, for held-out evals."""
+
+    def eval_step(params: Any, batch: dict) -> dict:
+        def one(carry, micro_batch):
+            loss_sum, denom, metric_sums = loss_fn(
+                nnx.merge(graphdef, params), micro_batch, jax.random.PRNGKey(0)
+            )
+            return carry, (loss_sum, denom, metric_sums)
+
+        _, (loss_sum, denom, metric_sums) = jax.lax.scan(one, None, batch)
+        return {"loss_sum": loss_sum.sum(), "denominator": denom.sum(),
+                **{k: v.sum() for k, v in metric_sums.items()}}
+
+    return eval_step
