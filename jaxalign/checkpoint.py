@@ -81,3 +81,38 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A RUN_DIR, its `checkpoints/` directory, or one `checkpoints/<step>` -> that step's dir
+    (the latest complete step when a run or checkpoints directory is given)."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / "state").is_dir():
+        return p
+    steps = sorted((int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()),
+                   reverse=True) if p.is_dir() else []
+    if not steps:
+        raise UserError(f"{path}: no complete checkpoint found")
+    return p / str(steps[0])
+
+
+def load_params(path: str | Path, abstract_params: Any) -> Any:
+    """Only the parameters of a checkpoint, placed on `abstract_params`' shardings."""
+    step_dir = resolve_checkpoint(path)
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"params": abstract_params},
+                restore_args=ocp.checkpoint_utils.construct_restore_args(
+                    {"params": abstract_params}
+                ),
+                partial_restore=True,
+            ),
+        )
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{step_dir}: cannot load parameters ({first[:300]})") from e
+    return restored["params"]

@@ -40,8 +40,13 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qk_norm: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    attention_out_bias: bool = False  # bias on the output projection (Llama's attention_bias)
     mlp_bias: bool = False
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"  # gate activation (GeGLU: gelu_tanh)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialized to 0 (Gemma)
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    sliding_window: int | None = None  # attend only to the last N positions (Mistral)
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     remat: Literal["none", "full", "save_dots"] = "none"
@@ -158,6 +163,9 @@ class Config:
     trainer: Literal["sft"] = "sft"
     run_dir: str = "runs/default"
     resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
+    # Start from the parameters of another run's latest checkpoint (a RUN_DIR or its
+    # checkpoints/<step> directory), e.g. SFT from a base model, DPO from SFT.
+    init_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)

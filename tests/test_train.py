@@ -82,7 +82,7 @@ def test_accumulation_normalizes_by_total_tokens(tmp_path):
     batch["loss_mask"][0, :, 4:] = 0.0  # micro-batch 0 keeps 4 of 16 targets per row
     state = trainer.fresh_state()
     step = trainer.compile_step(trainer.to_global(batch))
-    _, metrics = step(state, trainer.to_global(batch))
+    _, metrics = step(state, trainer.to_global(batch), None)
     # Reference: per-token losses from a plain forward pass over both micro-batches.
     from flax import nnx
 

@@ -82,7 +82,7 @@ class ToyAlgorithm:
         self.cfg = cfg
         self.data = None
 
-    def loss_fn(self, model, batch, rng):
+    def loss_fn(self, model, batch, rng, frozen=None):
         hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         loss_sum, n = token_cross_entropy_sum(hidden, model.output_weight(), batch["targets"],
                                               batch["loss_mask"],

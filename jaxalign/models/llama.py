@@ -42,11 +42,14 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     return y.reshape(*lead, *out_shape)
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, returned in x's dtype. x: [..., D], scale: [D]."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm computed in float32, returned in x's dtype. x: [..., D], scale: [D].
+
+    `plus_one` scales by (1 + scale), Gemma's parameterization."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    w = scale.astype(jnp.float32)
+    return (y * (1.0 + w if plus_one else w)).astype(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> jax.Array:
@@ -85,11 +88,13 @@ def attend(
     k_segment_ids: jax.Array,
     q_index: jax.Array,
     k_index: jax.Array,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Grouped-query attention with causal and segment masking.
 
     q: [B, T, H, hd]; k, v: [B, S, KV, hd]; segment ids [B, T] / [B, S] (0 = padding);
-    q_index [T], k_index [S]: sequence indices used for the causal mask (key index <= query index).
+    q_index [T], k_index [S]: sequence indices used for the causal mask (key index <= query index);
+    with `sliding_window` W, only keys with index > query index - W are seen.
     Queries are grouped as [B, T, KV, H/KV, hd] so K/V heads are never repeated in memory.
     Returns [B, T, H, hd].
     """
@@ -98,16 +103,17 @@ def attend(
     qg = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(hd)
-    mask = (q_segment_ids[:, :, None] == k_segment_ids[:, None, :]) & (
-        k_index[None, None, :] <= q_index[None, :, None]
-    )
+    causal = k_index[None, :] <= q_index[:, None]
+    if sliding_window is not None:
+        causal &= k_index[None, :] > q_index[:, None] - sliding_window
+    mask = (q_segment_ids[:, :, None] == k_segment_ids[:, None, :]) & causal[None]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
 
 
-def blocked_causal_attention(q, k, v, segment_ids, block: int) -> jax.Array:
+def blocked_causal_attention(q, k, v, segment_ids, block: int, sliding_window=None) -> jax.Array:
     """Causal self-attention computed in query blocks; block i only reads keys [0, end of i].
 
     Same result as one `attend` over the whole sequence, but the [T, T] score matrix is never
@@ -116,13 +122,13 @@ def blocked_causal_attention(q, k, v, segment_ids, block: int) -> jax.Array:
     t = q.shape[1]
     idx = jnp.arange(t)
     if block <= 0 or block >= t:
-        return attend(q, k, v, segment_ids, segment_ids, idx, idx)
+        return attend(q, k, v, segment_ids, segment_ids, idx, idx, sliding_window)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
         outs.append(
             attend(q[:, start:end], k[:, :end], v[:, :end], segment_ids[:, start:end],
-                   segment_ids[:, :end], idx[start:end], idx[:end])
+                   segment_ids[:, :end], idx[start:end], idx[:end], sliding_window)
         )
     return jnp.concatenate(outs, axis=1)
 
@@ -142,9 +148,12 @@ class Attention(nnx.Module):
             self.bq = _zeros((h, hd), ("heads", "head_dim"), pd)
             self.bk = _zeros((kv, hd), ("kv_heads", "head_dim"), pd)
             self.bv = _zeros((kv, hd), ("kv_heads", "head_dim"), pd)
+        if cfg.attention_out_bias:
+            self.bo = _zeros((d,), ("embed",), pd)
         if cfg.qk_norm:
-            self.q_norm = _ones((hd,), ("norm",), pd)
-            self.k_norm = _ones((hd,), ("norm",), pd)
+            norm_init = _zeros if cfg.norm_plus_one else _ones
+            self.q_norm = norm_init((hd,), ("norm",), pd)
+            self.k_norm = norm_init((hd,), ("norm",), pd)
 
     def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
         """Project and rotate. x: [B, T, D] -> q [B, T, H, hd], k, v [B, T, KV, hd]."""
@@ -155,8 +164,8 @@ class Attention(nnx.Module):
             k = k + self.bk[...].astype(k.dtype)
             v = v + self.bv[...].astype(v.dtype)
         if cfg.qk_norm:
-            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
-            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -166,11 +175,15 @@ class Attention(nnx.Module):
 
     def out(self, attn: jax.Array) -> jax.Array:
         """[B, T, H, hd] -> [B, T, D]."""
-        return dense(attn, self.wo[...], n_in=2)
+        out = dense(attn, self.wo[...], n_in=2)
+        if self.cfg.attention_out_bias:
+            out = out + self.bo[...].astype(out.dtype)
+        return out
 
     def __call__(self, x, positions, segment_ids, inv_freq):
         q, k, v = self.qkv(x, positions, inv_freq)
-        attn = blocked_causal_attention(q, k, v, segment_ids, self.cfg.attention_query_block)
+        attn = blocked_causal_attention(q, k, v, segment_ids, self.cfg.attention_query_block,
+                                        self.cfg.sliding_window)
         return self.out(attn)
 
 
@@ -194,7 +207,8 @@ class MLP(nnx.Module):
         if self.cfg.mlp_bias:
             gate = gate + self.b_gate[...].astype(x.dtype)
             up = up + self.b_up[...].astype(x.dtype)
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        act = jax.nn.silu(gate) if self.cfg.mlp_activation == "silu" else jax.nn.gelu(gate)
+        hidden = constrain(act * up, ("batch", "length", "mlp"))
         out = dense(hidden, self.w_down[...])
         if self.cfg.mlp_bias:
             out = out + self.b_down[...].astype(x.dtype)
@@ -206,16 +220,18 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pd = DTYPES[cfg.param_dtype]
+        norm_init = _zeros if cfg.norm_plus_one else _ones
         self.cfg = cfg
-        self.attn_norm = _ones((cfg.hidden_size,), ("norm",), pd)
+        self.attn_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = _ones((cfg.hidden_size,), ("norm",), pd)
+        self.mlp_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, positions, segment_ids, inv_freq):
-        eps = self.cfg.rms_norm_eps
-        x = x + self.attn(rms_norm(x, self.attn_norm[...], eps), positions, segment_ids, inv_freq)
-        x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps))
+        eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
+        h = rms_norm(x, self.attn_norm[...], eps, plus_one)
+        x = x + self.attn(h, positions, segment_ids, inv_freq)
+        x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one))
         return constrain(x, ("batch", "length", "embed"))
 
 
@@ -242,7 +258,7 @@ class Transformer(nnx.Module):
             self.blocks = make_blocks(rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = _ones((cfg.hidden_size,), ("norm",), pd)
+        self.final_norm = (_zeros if cfg.norm_plus_one else _ones)((cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   std, pd)
@@ -270,6 +286,8 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         inv_freq = rope_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
         x = constrain(x, ("batch", "length", "embed"))
 
         def apply_block(block_graphdef, block_state, x):
@@ -287,7 +305,7 @@ class Transformer(nnx.Module):
             for blk in self.blocks:
                 graphdef, state = nnx.split(blk)
                 x = apply_block(graphdef, state, x)
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] in the compute dtype."""

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding as shd
-from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
+from jaxalign.checkpoint import Checkpointer, abstract_with_shardings, load_params
 from jaxalign.config import Config, save_config, to_dict
 from jaxalign.errors import ConfigError, UserError
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
@@ -38,9 +38,14 @@ class DataIterator(Protocol):
 
 
 class Algorithm(Protocol):
-    """What a trainer adds to the loop."""
+    """What a trainer adds to the loop.
 
-    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array): ...
+    Optional methods: `make_model(rngs) -> nnx.Module` (default: the Transformer of
+    cfg.model) and `frozen_params(trainer, initial_params) -> pytree | None` (arrays the loss
+    reads but never trains, e.g. a reference policy; passed to `loss_fn` as `frozen`).
+    """
+
+    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, frozen: Any): ...
     def train_data(self, process_index: int, process_count: int) -> DataIterator: ...
     def eval_data(self, process_index: int, process_count: int) -> Iterator[dict] | None: ...
 
@@ -59,9 +64,15 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def build_model(cfg: Config, mesh: Mesh, rules: shd.Rules):
-    """graphdef, abstract params, and parameter shardings for cfg.model (validated)."""
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
+def default_model(cfg: Config):
+    """The model factory used unless an algorithm supplies `make_model`."""
+    return lambda rngs: Transformer(cfg.model, rngs)
+
+
+def build_model(cfg: Config, mesh: Mesh, rules: shd.Rules, make_model=None):
+    """graphdef, abstract params, and parameter shardings for the model (validated)."""
+    make_model = make_model or default_model(cfg)
+    abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     names = logical_axes(abstract_state).to_pure_dict()
     abstract_params = jax.tree.map(
@@ -72,11 +83,12 @@ def build_model(cfg: Config, mesh: Mesh, rules: shd.Rules):
     return graphdef, abstract_params, shardings
 
 
-def init_params(cfg: Config, shardings: Any, seed: int) -> Any:
+def init_params(cfg: Config, shardings: Any, seed: int, make_model=None) -> Any:
     """Initialize parameters directly into their shardings (never whole on one device)."""
+    make_model = make_model or default_model(cfg)
 
     def init(key):
-        return nnx.split(Transformer(cfg.model, nnx.Rngs(params=key)))[1].to_pure_dict()
+        return nnx.split(make_model(nnx.Rngs(params=key)))[1].to_pure_dict()
 
     return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
@@ -96,8 +108,9 @@ class Trainer:
         self.mesh = shd.make_mesh(cfg.mesh, devices)
         self.rules = shd.resolve_rules(cfg.sharding)
         shd.validate_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
+        self.make_model = getattr(algorithm, "make_model", None) or default_model(cfg)
         self.graphdef, self.abstract_params, self.param_shardings = build_model(
-            cfg, self.mesh, self.rules
+            cfg, self.mesh, self.rules, self.make_model
         )
         self.tx, self.schedule = make_optimizer(cfg.train, self.abstract_params)
         abstract_state = jax.eval_shape(
@@ -119,14 +132,22 @@ class Trainer:
         }
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         self.run_dir = Path(cfg.run_dir)
+        self.frozen = None  # set in run() from algorithm.frozen_params
         self._stop = threading.Event()
 
     # -- state ---------------------------------------------------------------------------------
 
+    def initial_params(self) -> Any:
+        """Parameters a fresh run starts from: `init_from`'s checkpoint, or a seeded init."""
+        if self.cfg.init_from:
+            return load_params(self.cfg.init_from,
+                               abstract_with_shardings(self.abstract_params, self.param_shardings))
+        return init_params(self.cfg, self.param_shardings, self.cfg.train.seed, self.make_model)
+
     def fresh_state(self, params: Any | None = None) -> dict:
-        """A new train state; `params` (e.g. from a previous stage) or a fresh initialization."""
+        """A new train state from `params` (default: `initial_params()`)."""
         if params is None:
-            params = init_params(self.cfg, self.param_shardings, self.cfg.train.seed)
+            params = self.initial_params()
         else:
             params = jax.device_put(params, self.param_shardings)
         init = jax.jit(
@@ -194,12 +215,18 @@ class Trainer:
                 f"{self.run_dir}: has checkpoints (latest step {latest}) and resume=false; "
                 "use another run_dir or resume"
             )
+        frozen_fn = getattr(self.algorithm, "frozen_params", None)
+        start_params = None
+        if latest is None or frozen_fn is not None:
+            start_params = init_params if init_params is not None else self.initial_params()
+        if frozen_fn is not None:
+            self.frozen = frozen_fn(self, start_params)
         if latest is not None:
             state, data_state, _ = ckpt.restore(latest, self.abstract_state)
             data.set_state(data_state)
             self._log(f"resumed from {self.run_dir / 'checkpoints' / str(latest)}")
         else:
-            state = self.fresh_state(init_params)
+            state = self.fresh_state(start_params)
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -230,9 +257,10 @@ class Trainer:
         step = make_train_step(self.graphdef, self.algorithm.loss_fn, self.tx, self.schedule)
         batch_shardings = {k: batch_sharding(self.mesh, self.rules, v.ndim) for k, v in
                            batch.items()}
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
         return jax.jit(
             step,
-            in_shardings=(self.state_shardings, batch_shardings),
+            in_shardings=(self.state_shardings, batch_shardings, frozen_shardings),
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),
         )
@@ -265,13 +293,13 @@ class Trainer:
             batch = self.to_global(local)
             if step_fn is None:
                 t_compile = time.perf_counter()
-                step_fn = self.compile_step(batch).lower(state, batch).compile()
+                step_fn = self.compile_step(batch).lower(state, batch, self.frozen).compile()
                 compile_s = time.perf_counter() - t_compile
                 interval_start += compile_s
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, self.frozen)
             interval_steps += 1
             is_last = done == total
-            if done % train.log_every == 0 or is_last:
+            if done % train.log_every == 0 or is_last or done == start + 1:
                 metrics = jax.device_get(metrics)
                 elapsed = max(time.perf_counter() - interval_start, 1e-9)
                 tokens_per_s = interval_steps * tokens_per_step / elapsed
@@ -321,7 +349,7 @@ class Trainer:
             return {}
         sums: dict[str, float] = {}
         for local in batches:
-            out = jax.device_get(eval_fn(params, self.to_global(local)))
+            out = jax.device_get(eval_fn(params, self.to_global(local), self.frozen))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         denom = max(sums.pop("denominator", 0.0), 1.0)

@@ -26,7 +26,7 @@ class SFT:
                 f"vocabulary ({self.tokenizer.vocab_size}, {cfg.data.tokenizer})"
             )
 
-    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array):
+    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, frozen=None):
         """Summed cross-entropy over target tokens, the number of target tokens, no extras.
 
         batch: inputs, targets, loss_mask, segment_ids, positions, each [B, T].

@@ -2,9 +2,10 @@
 
 An algorithm plugs in a loss function
 
-    loss_fn(model, batch, rng) -> (loss_sum, denominator, metric_sums)
+    loss_fn(model, batch, rng, frozen) -> (loss_sum, denominator, metric_sums)
 
 that returns an *unnormalized* sum over its examples (tokens, pairs, ...) and how many there were.
+`frozen` is a pytree the loss reads but never trains (e.g. reference-policy params), or None.
 Over `grad_accum` micro-batches the step sums losses, gradients and denominators, then divides
 once by the total denominator: the loss is normalized by the number of targets in the whole batch,
 not averaged over per-micro-batch means.
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
+LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, jax.Array, dict]]
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
@@ -34,14 +35,16 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict
 
 
 def accumulate_gradients(
-    graphdef: nnx.GraphDef, loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array
+    graphdef: nnx.GraphDef, loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array,
+    frozen: Any = None,
 ) -> tuple[Any, jax.Array, jax.Array, dict]:
     """Sum of gradients, loss sums, denominators and metric sums over the leading micro-batch
     axis of every array in `batch` ([A, micro_batch, ...])."""
 
     def grads_of(micro_batch, micro_rng):
         def objective(p):
-            loss_sum, denom, metric_sums = loss_fn(nnx.merge(graphdef, p), micro_batch, micro_rng)
+            model = nnx.merge(graphdef, p)
+            loss_sum, denom, metric_sums = loss_fn(model, micro_batch, micro_rng, frozen)
             return loss_sum, (denom, metric_sums)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
@@ -80,10 +83,10 @@ def make_train_step(
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """The pure step function; the trainer jits it with shardings and donation."""
 
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    def train_step(state: dict, batch: dict, frozen: Any = None) -> tuple[dict, dict]:
         rng, step_rng = jax.random.split(state["rng"])
         grads, loss_sum, denom, metric_sums = accumulate_gradients(
-            graphdef, loss_fn, state["params"], batch, step_rng
+            graphdef, loss_fn, state["params"], batch, step_rng, frozen
         )
         scale = 1.0 / jnp.maximum(denom, 1.0)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
@@ -106,10 +109,10 @@ def make_train_step(
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, dict], dict]:
     """Loss sums of one batch ([A, micro_batch, ...]) without gradients, for held-out evals."""
 
-    def eval_step(params: Any, batch: dict) -> dict:
+    def eval_step(params: Any, batch: dict, frozen: Any = None) -> dict:
         def one(carry, micro_batch):
             loss_sum, denom, metric_sums = loss_fn(
-                nnx.merge(graphdef, params), micro_batch, jax.random.PRNGKey(0)
+                nnx.merge(graphdef, params), micro_batch, jax.random.PRNGKey(0), frozen
             )
             return carry, (loss_sum, denom, metric_sums)
 
