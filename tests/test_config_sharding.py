@@ -1,0 +1,217 @@
+"""Config validation, sharding presets and rules, model numerics that the engine relies on."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from toy import TINY_MODEL
+
+from jaxalign import cli
+from jaxalign import sharding as shd
+from jaxalign.config import Config, ModelConfig, ShardingConfig, load_config
+from jaxalign.errors import ConfigError
+from jaxalign.losses import target_logprobs, token_cross_entropy_sum
+from jaxalign.models.llama import Transformer, logical_axes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- config errors: one line, naming the key ------------------------------------------------------
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_key_names_the_closest_valid_one(capsys):
+    code, err = run_cli(["train", str(REPO / "configs/sft_tiny.yaml"), "--set",
+                         "train.setps=3"], capsys)
+    assert code == 2
+    assert err.count("\n") == 0
+    assert "unknown config key 'train.setps'" in err and "did you mean 'train.steps'" in err
+
+
+def test_wrong_type_names_the_key(capsys):
+    code, err = run_cli(["train", str(REPO / "configs/sft_tiny.yaml"), "--set",
+                         "train.batch_size=eight"], capsys)
+    assert code == 2 and err.count("\n") == 0
+    assert "train.batch_size: expected an integer, got 'eight'" in err
+
+
+def test_non_dividing_mesh_is_one_line(capsys):
+    code, err = run_cli(["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set",
+                         "mesh.fsdp=3"], capsys)
+    assert code == 2 and err.count("\n") == 0
+    assert "mesh: data=1 x fsdp=3 x tensor=1 needs 3 devices per slice, but 8" in err
+
+
+def test_parameter_that_does_not_divide_names_its_path(capsys):
+    code, err = run_cli(["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set",
+                         "mesh.fsdp=1", "--set", "mesh.tensor=8", "--set",
+                         "sharding.rules_file=" + str(REPO / "configs/sharding/fsdp_tensor.yaml")],
+                        capsys)
+    assert code == 2 and err.count("\n") == 0
+    assert "blocks.0.attn.wk" in err and "does not divide by mesh axes tensor (size 8)" in err
+
+
+def test_batch_that_does_not_divide_is_an_error(capsys):
+    code, err = run_cli(["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set",
+                         "train.batch_size=12"], capsys)
+    assert code == 2 and "micro-batch of 12 rows" in err and "(size 8)" in err
+
+
+def test_unknown_mesh_axis_in_rules():
+    with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
+        shd.resolve_rules(ShardingConfig(rules={"mlp": "model"}))
+    with pytest.raises(ConfigError, match="unknown logical axis 'hidden'"):
+        shd.resolve_rules(ShardingConfig(rules={"hidden": "fsdp"}))
+
+
+def test_yaml_values_are_typed_and_overrides_apply():
+    cfg = load_config(REPO / "configs/sft_tiny.yaml",
+                      ["train.lr=1e-4", "model.rope_scaling=null", "mesh.tensor=2"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == 1e-4 and cfg.mesh.tensor == 2 and cfg.model.rope_scaling is None
+
+
+# -- sharding presets: each parameter gets the intended spec -----------------------------------
+
+PRESET_EXPECTED = {
+    "data_parallel": {"embed": P(None, None), "wq": P(None, None, None),
+                      "w_down": P(None, None), "attn_norm": P(None)},
+    "fsdp": {"embed": P(None, "fsdp"), "wq": P("fsdp", None, None), "wo": P(None, None, "fsdp"),
+             "w_gate": P("fsdp", None), "w_down": P(None, "fsdp"), "attn_norm": P(None)},
+    "fsdp_tensor": {"embed": P("tensor", "fsdp"), "wq": P("fsdp", "tensor", None),
+                    "wk": P("fsdp", "tensor", None), "wo": P("tensor", None, "fsdp"),
+                    "w_gate": P("fsdp", "tensor"), "w_down": P("tensor", "fsdp"),
+                    "lm_head": P("fsdp", "tensor"), "attn_norm": P(None)},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_EXPECTED))
+def test_preset_partition_specs(preset):
+    from jaxalign.trainers.loop import build_model
+
+    cfg = load_config(None, [f"sharding.rules_file={REPO}/configs/sharding/{preset}.yaml",
+                             "mesh.fsdp=4", "mesh.tensor=2"], base={"model": dict(TINY_MODEL)})
+    mesh = shd.make_mesh(cfg.mesh)
+    rules = shd.resolve_rules(cfg.sharding)
+    _, _, shardings = build_model(cfg, mesh, rules)
+    flat = {jax.tree_util.keystr(p, simple=True, separator="."): s.spec
+            for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    for name, spec in PRESET_EXPECTED[preset].items():
+        matches = {k: v for k, v in flat.items() if k.split(".")[-1] == name}
+        assert matches, name
+        for key, got in matches.items():
+            assert got == spec, f"{preset}: {key} has {got}, expected {spec}"
+    assert shd.batch_divisor(mesh, rules) == (8 if preset == "data_parallel" else 4)
+
+
+def test_scanned_layers_get_a_leading_layers_axis():
+    cfg = ModelConfig(**TINY_MODEL, scan_layers=True)
+    _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    names = logical_axes(state).to_pure_dict()
+    assert names["blocks"]["attn"]["wq"] == ("layers", "embed", "heads", "head_dim")
+    assert names["embed"] == ("vocab", "embed")
+
+
+def test_shardings_command_prints_every_parameter(capsys):
+    assert cli.main(["shardings", str(REPO / "configs/sft_tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+    assert "blocks.3.mlp.w_down" in out and "P(None, 'fsdp')" in out
+    assert "total parameter bytes per device" in out
+
+
+# -- model numerics ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return Transformer(ModelConfig(**TINY_MODEL), nnx.Rngs(0))
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_model):
+    """Three examples packed in one row give the same per-token losses as run one by one."""
+    rng = np.random.default_rng(0)
+    lengths = [5, 7, 4]
+    seqs = [rng.integers(0, 64, n + 1).astype(np.int32) for n in lengths]
+    t = 18
+    inputs = np.zeros((1, t), np.int32)
+    targets = np.zeros((1, t), np.int32)
+    segs = np.zeros((1, t), np.int32)
+    pos = np.zeros((1, t), np.int32)
+    start = 0
+    for i, s in enumerate(seqs):
+        n = len(s) - 1
+        inputs[0, start:start + n], targets[0, start:start + n] = s[:-1], s[1:]
+        segs[0, start:start + n], pos[0, start:start + n] = i + 1, np.arange(n)
+        start += n
+
+    def logps(tokens, tgts, positions, segment_ids):
+        h = tiny_model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids))
+        return np.asarray(target_logprobs(h, tiny_model.output_weight(), jnp.asarray(tgts))[0])
+
+    packed = logps(inputs, targets, pos, segs)[0]
+    start = 0
+    for s in seqs:
+        n = len(s) - 1
+        alone = logps(s[None, :-1], s[None, 1:], np.arange(n)[None], np.ones((1, n), np.int32))
+        np.testing.assert_allclose(packed[start:start + n], alone[0], atol=1e-5)
+        start += n
+
+
+def test_query_blocked_attention_equals_full(tiny_model):
+    cfg = ModelConfig(**TINY_MODEL, attention_query_block=4)
+    blocked = Transformer(cfg, nnx.Rngs(0))
+    tokens = jnp.arange(30, dtype=jnp.int32).reshape(2, 15) % 64
+    np.testing.assert_allclose(np.asarray(blocked(tokens)), np.asarray(tiny_model(tokens)),
+                               atol=1e-5)
+
+
+def test_chunked_cross_entropy_matches_float64_reference():
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(3, 7, 16)).astype(np.float32)
+    w = rng.normal(size=(16, 50)).astype(np.float32)
+    targets = rng.integers(0, 50, (3, 7)).astype(np.int32)
+    mask = (rng.random((3, 7)) > 0.3).astype(np.float32)
+    logits = hidden.astype(np.float64) @ w.astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    expected = (nll * mask).sum()
+    for chunks in (1, 4, 5):
+        loss, n = token_cross_entropy_sum(jnp.asarray(hidden), jnp.asarray(w),
+                                          jnp.asarray(targets), jnp.asarray(mask), chunks=chunks)
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+        assert float(n) == mask.sum()
+    # Gradients of the chunked and unchunked loss agree.
+    grad = [jax.grad(lambda h, c=c: token_cross_entropy_sum(
+        h, jnp.asarray(w), jnp.asarray(targets), jnp.asarray(mask), chunks=c)[0])(
+        jnp.asarray(hidden)) for c in (1, 4)]
+    np.testing.assert_allclose(np.asarray(grad[0]), np.asarray(grad[1]), atol=1e-5)
+
+
+def test_llama3_rope_scaling_matches_reference():
+    from jaxalign.models.llama import rope_frequencies
+
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    got = np.asarray(rope_frequencies(16, 10000.0, scaling), np.float64)
+    inv = 1.0 / (10000.0 ** (np.arange(0, 16, 2) / 16))
+    out = []
+    for f in inv:  # the published Llama 3.1 reference, written as a loop
+        wavelen = 2 * np.pi / f
+        if wavelen < 64 / 4.0:
+            out.append(f)
+        elif wavelen > 64 / 1.0:
+            out.append(f / 8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            out.append((1 - smooth) * f / 8.0 + smooth * f)
+    np.testing.assert_allclose(got, np.array(out), rtol=1e-6)
