@@ -55,6 +55,9 @@ class ModelConfig:
     # in cache on CPU and skips fully masked key blocks.
     attention_query_block: int = 0
     initializer_range: float = 0.02
+    # A local Hugging Face model directory to start from: its config.json sets the architecture
+    # fields above and its safetensors the initial parameters (see jaxalign/hf).
+    from_hf: str | None = None
 
     @property
     def resolved_head_dim(self) -> int:
@@ -101,6 +104,14 @@ class DataConfig:
     seed: int = 0
     on_error: Literal["raise", "skip"] = "raise"
     num_packing_bins: int = 16
+    # Weighted sources replacing train_file: [{path: ..., weight: ...}, ...] (docs/data.md).
+    mixture: list[dict[str, Any]] | None = None
+    data_dir: str | None = None  # TFDS data_dir for `tfds:NAME[/CONFIG]:SPLIT` sources
+    # Logical data shards (None: the largest divisor <= 8 of the global micro-batch rows). Fixed
+    # independently of the process count, so the global batches are the same for any count.
+    shards: int | None = None
+    prefetch: int = 2  # batches prepared ahead on a background thread (0: none)
+    prompt_buckets: list[int] = field(default_factory=lambda: [64, 128, 256])  # RL prompts
 
 
 @dataclass
@@ -137,6 +148,10 @@ class TrainConfig:
     # Peak FLOP/s per device for MFU; 0 measures a matmul peak at start-up.
     peak_flops_per_device: float = 0.0
     progress: bool = True
+    # A step whose loss or gradients are NaN/Inf never updates the model. "halt" stops the run
+    # (the last good checkpoint is kept); "skip" goes on and halts after `max_consecutive_skips`.
+    nan_policy: Literal["halt", "skip"] = "halt"
+    max_consecutive_skips: int = 5
 
 
 @dataclass
@@ -157,10 +172,65 @@ class LoggingConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Generation settings (`jaxalign generate`, rejection sampling, RL rollouts)."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    max_new_tokens: int = 128
+    # Longest prompt in tokens. Prompts are left-padded to the smallest bucket that fits (powers
+    # of two from 16, capped at this), so a handful of shapes is ever compiled.
+    max_prompt_len: int = 512
+    batch_size: int = 8  # prompts per compiled call (x num_samples rows)
+    seed: int = 0
+    num_samples: int = 1  # completions per prompt
+
+
+@dataclass
+class PreferenceConfig:
+    """How preference pairs (prompt, chosen, rejected) become token rows (`trainer: rm | dpo`).
+
+    Each of chosen and rejected is one row of at most `train.seq_len` tokens (prompt included).
+    """
+
+    # Prompts longer than this many tokens keep their last tokens (BOS stays first); None: no cap.
+    max_prompt_length: int | None = None
+    # Pairs still longer than train.seq_len: dropped (and counted), or truncated: the prompt keeps
+    # its end, then the completions are cut at the end.
+    too_long: Literal["drop", "truncate"] = "drop"
+
+
+@dataclass
+class RMConfig:
+    """Bradley-Terry reward model (`trainer: rm`)."""
+
+    # Adds center_coef * mean((r_chosen + r_rejected)^2), keeping rewards centered near 0.
+    center_coef: float = 0.0
+    # Reward statistics (mean, std) saved after training as RUN_DIR/reward_stats.json are computed
+    # over this file (chosen and rejected responses); None: data.eval_file, else data.train_file.
+    stats_file: str | None = None
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimization and variants (`trainer: dpo`); see docs/trainers/dpo.md."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+    beta: float = 0.1  # for orpo: the odds-ratio weight lambda
+    label_smoothing: float = 0.0  # eps of conservative DPO (sigmoid), robust DPO and SimPO
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma
+    rpo_alpha: float = 0.0  # weight of the chosen answer's per-token NLL added to the loss
+    # Compute the reference log-probs once before training (stored in RUN_DIR/reference_logps)
+    # instead of keeping a frozen reference model in memory.
+    precompute_ref: bool = False
+
+
+@dataclass
 class Config:
     """A whole run."""
 
-    trainer: Literal["sft"] = "sft"
+    trainer: Literal["sft", "rm", "dpo"] = "sft"
     run_dir: str = "runs/default"
     resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
     # Start from the parameters of another run's latest checkpoint (a RUN_DIR or its
@@ -174,6 +244,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +406,10 @@ def load_config(
         cfg = from_dict(Config, raw)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    if cfg.model.from_hf:
+        from jaxalign.hf.convert import resolve_from_hf
+
+        cfg.model = resolve_from_hf(cfg.model, raw.get("model") or {}, where)
     validate(cfg, where)
     return cfg
 
@@ -372,6 +450,20 @@ def validate(cfg: Config, where: str = "config") -> None:
         fail("loss.vocab_chunks must be positive")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep <= 0:
         fail("checkpoint.every must be >= 0 and checkpoint.keep positive")
+    sp = cfg.sampling
+    if sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
+        fail("sampling.temperature must be >= 0, sampling.top_p in (0, 1], sampling.top_k >= 0")
+    if min(sp.max_new_tokens, sp.max_prompt_len, sp.batch_size, sp.num_samples) <= 0:
+        fail("sampling.max_new_tokens, max_prompt_len, batch_size and num_samples must be "
+             "positive")
+    if cfg.dpo.beta <= 0:
+        fail(f"dpo.beta must be positive, got {cfg.dpo.beta}")
+    if not 0 <= cfg.dpo.label_smoothing < 0.5:
+        fail(f"dpo.label_smoothing must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
+    if cfg.dpo.rpo_alpha < 0 or cfg.rm.center_coef < 0:
+        fail("dpo.rpo_alpha and rm.center_coef must be >= 0")
+    if cfg.preference.max_prompt_length is not None and cfg.preference.max_prompt_length < 2:
+        fail("preference.max_prompt_length must be at least 2 (BOS and one prompt token)")
     sizes = [getattr(cfg.mesh, a) for a in AXIS_NAMES]
     if sizes.count(-1) > 1:
         fail("at most one mesh axis may be -1")

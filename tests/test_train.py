@@ -176,3 +176,27 @@ def test_metrics_file_has_required_keys(tmp_path):
         assert all(np.isfinite(r[key]) for r in records), key
     assert records[0]["lr"] > 0 and records[0]["tokens_per_s"] > 0
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_nan_halts_and_keeps_the_last_good_checkpoint(tmp_path):
+    from jaxalign.errors import UserError
+
+    cfg = toy_config(tmp_path, **{"mesh.fsdp": 1, "checkpoint.every": 2, "train.log_every": 2})
+    algo = ToyAlgorithm(cfg)
+    algo.poison = {2}  # the third batch: step 3
+    with pytest.raises(UserError, match=r"step 3: loss or gradients became NaN/Inf; halting "
+                                        r"\(last good checkpoint: step 2"):
+        Trainer(cfg, algo, devices=jax.devices()[:1]).run()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+
+
+def test_nan_skip_drops_that_update_and_goes_on(tmp_path, single_device_losses):
+    cfg = toy_config(tmp_path, **{"mesh.fsdp": 1, "train.nan_policy": "skip"})
+    algo = ToyAlgorithm(cfg)
+    algo.poison = {1}  # step 2's update is dropped
+    result = Trainer(cfg, algo, devices=jax.devices()[:1]).run()
+    got = losses(result)
+    assert got[0] == single_device_losses[0] and np.isnan(got[1])
+    assert [h["nonfinite"] for h in result.history] == [0.0, 1.0, 0.0, 0.0, 0.0]
+    # Step 3 sees the parameters after step 1 (step 2 changed nothing) on batch 3.
+    assert got[2] != single_device_losses[2] and np.isfinite(got[2])

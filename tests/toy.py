@@ -40,6 +40,7 @@ class ToyData:
         self.seed = seed
         self.index = 0
         self.on_batch = None  # test hook: called with the batch index before returning it
+        self.poison = set()  # batch indices whose loss is multiplied by NaN
 
     def _row(self, global_row: int):
         rng = np.random.default_rng([self.seed, global_row])
@@ -56,6 +57,8 @@ class ToyData:
             for r in range(self.rows):
                 global_row = self.index * 10_000 + a * self.micro_rows + self.offset + r
                 rows.append(self._row(global_row))
+        weight = np.full((self.accum, self.rows), np.nan if self.index in self.poison else 1.0,
+                         np.float32)
         self.index += 1
         seqs = np.stack(rows).reshape(self.accum, total_rows // self.accum, self.seq_len + 1)
         t = self.seq_len
@@ -66,6 +69,7 @@ class ToyData:
             "segment_ids": np.ones((self.accum, self.rows, t), np.int32),
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32),
                                          (self.accum, self.rows, t)).copy(),
+            "weight": weight,
         }
 
     def get_state(self):
@@ -81,16 +85,18 @@ class ToyAlgorithm:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.data = None
+        self.poison = set()
 
     def loss_fn(self, model, batch, rng, frozen=None):
         hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         loss_sum, n = token_cross_entropy_sum(hidden, model.output_weight(), batch["targets"],
                                               batch["loss_mask"],
                                               chunks=self.cfg.loss.vocab_chunks)
-        return loss_sum, n, {}
+        return loss_sum * batch["weight"].mean(), n, {}
 
     def train_data(self, process_index, process_count):
         self.data = ToyData(self.cfg, process_index, process_count)
+        self.data.poison = self.poison
         return self.data
 
     def eval_data(self, process_index, process_count):

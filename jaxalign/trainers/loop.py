@@ -4,7 +4,6 @@ preemption, metrics and progress. An algorithm only supplies a loss and its data
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
@@ -129,6 +128,8 @@ class Trainer:
             "params": self.param_shardings,
             "opt_state": opt_shardings,
             "rng": replicated,
+            "first_bad_step": replicated,
+            "consecutive_bad": replicated,
         }
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         self.run_dir = Path(cfg.run_dir)
@@ -142,6 +143,11 @@ class Trainer:
         if self.cfg.init_from:
             return load_params(self.cfg.init_from,
                                abstract_with_shardings(self.abstract_params, self.param_shardings))
+        if self.cfg.model.from_hf:  # a Hugging Face model directory, streamed into shardings
+            from jaxalign import hf
+
+            return hf.load_params(self.cfg.model.from_hf, self.cfg.model, self.abstract_params,
+                                  self.param_shardings)
         return init_params(self.cfg, self.param_shardings, self.cfg.train.seed, self.make_model)
 
     def fresh_state(self, params: Any | None = None) -> dict:
@@ -313,9 +319,7 @@ class Trainer:
                 if compile_s is not None:
                     record["compile_s"] = compile_s
                     compile_s = None
-                if not math.isfinite(record["loss"]):
-                    raise UserError(f"step {done}: loss is {record['loss']}; stopping "
-                                    "(the last good checkpoint is kept)")
+                self._check_finite(state, ckpt)
                 if (train.eval_every and done % train.eval_every == 0) or (
                     is_last and train.eval_every
                 ):
@@ -332,6 +336,7 @@ class Trainer:
                 progress.update(1)
             stop = self._should_stop()
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
+                self._check_finite(state, ckpt)  # never checkpoint past a halting fault
                 ckpt.save(done, state, data.get_state(), to_dict(cfg), force=True)
             if stop and not is_last:
                 preempted = True
@@ -342,6 +347,23 @@ class Trainer:
             progress.close()
         ckpt.wait()
         return RunResult(final_step=done, history=history, preempted=preempted, state=state)
+
+    def _check_finite(self, state, ckpt: Checkpointer) -> None:
+        """Apply train.nan_policy: halt on the first non-finite step, or after too many in a
+        row with "skip". Non-finite updates were never applied (see trainers/step.py)."""
+        step, first_bad, consecutive = (int(x) for x in jax.device_get(
+            (state["step"], state["first_bad_step"], state["consecutive_bad"])))
+        train = self.cfg.train
+        if first_bad == 0:
+            return
+        latest = ckpt.latest_step()
+        kept = f"last good checkpoint: step {latest}" if latest else "no checkpoint yet"
+        if train.nan_policy == "halt":
+            raise UserError(f"step {first_bad}: loss or gradients became NaN/Inf; halting "
+                            f"({kept}, {ckpt.directory})")
+        if consecutive > train.max_consecutive_skips:
+            raise UserError(f"step {step}: {consecutive} non-finite steps in a row (max "
+                            f"{train.max_consecutive_skips}); halting ({kept}, {ckpt.directory})")
 
     def _evaluate(self, eval_fn, params) -> dict[str, float]:
         batches = self.algorithm.eval_data(jax.process_index(), jax.process_count())

@@ -31,6 +31,10 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict
         "params": params,
         "opt_state": tx.init(params),
         "rng": jax.random.PRNGKey(seed),
+        # Non-finite guard: the first step (1-based) whose loss or gradients were not finite
+        # (0: none yet), and how many such steps came in a row.
+        "first_bad_step": jnp.zeros((), jnp.int32),
+        "consecutive_bad": jnp.zeros((), jnp.int32),
     }
 
 
@@ -90,17 +94,28 @@ def make_train_step(
         )
         scale = 1.0 / jnp.maximum(denom, 1.0)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        # Never apply an update computed from a non-finite loss or gradient.
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+        step = state["step"] + 1
+        first_bad = jnp.where(finite | (state["first_bad_step"] > 0), state["first_bad_step"],
+                              step)
+        consecutive = jnp.where(finite, 0, state["consecutive_bad"] + 1)
         metrics = {
             "loss": loss_sum * scale,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
+            "nonfinite": (~finite).astype(jnp.float32),
             "lr": schedule(state["step"]),
             "denominator": denom,
             **{k: v * scale for k, v in metric_sums.items()},
         }
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                     "rng": rng}
+        new_state = {"step": step, "params": params, "opt_state": opt_state, "rng": rng,
+                     "first_bad_step": first_bad.astype(jnp.int32),
+                     "consecutive_bad": consecutive.astype(jnp.int32)}
         return new_state, metrics
 
     return train_step
