@@ -3,6 +3,11 @@
     jaxalign train CONFIG [--set a.b=c ...]      run the trainer the config names
     jaxalign shardings CONFIG [--set ...]        print the mesh and every parameter's sharding
     jaxalign tokenizer train --input F --vocab-size N [--output PREFIX]
+    jaxalign export --checkpoint RUN_DIR|CKPT --output DIR   a Hugging Face model directory
+    jaxalign generate --model RUN_DIR --input prompts.jsonl --output out.jsonl [--set ...]
+    jaxalign rejection-sample --model RUN_DIR --input prompts.jsonl --reward-fn MOD:FN
+        --output-sft best.jsonl --output-dpo pairs.jsonl [--set sampling.num_samples=8]
+    jaxalign score --model RUN_DIR --input F.jsonl [--output OUT.jsonl]   reward-model scores
 
 Errors in user input print one line (`error: ...`) and exit with status 2; `--debug` shows the
 traceback.
@@ -39,14 +44,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _enable_compilation_cache()
-    trainer = Trainer(cfg, make_algorithm(cfg))
-    result = trainer.run()
+    algorithm = make_algorithm(cfg)
+    trainer = Trainer(cfg, algorithm)
+    # Optional algorithm hooks: initial parameters (e.g. a reward model from a policy
+    # checkpoint) and work after training (e.g. reward statistics).
+    initial = getattr(algorithm, "initial_params", None)
+    result = trainer.run(init_params=initial(trainer) if initial is not None else None)
+    on_end = getattr(algorithm, "on_train_end", None)
+    if on_end is not None and not result.preempted:
+        on_end(trainer, result)
     if result.history and trainer.mesh.devices.flat[0].process_index == 0:
         first, last = result.history[0], result.history[-1]
         state = "stopped (preempted)" if result.preempted else "done"
         print(f"[jaxalign] {state} at step {result.final_step}: loss {first['loss']:.4f} "
               f"(step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
               f"run dir {cfg.run_dir}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from jaxalign.config import load_config
+    from jaxalign.plan import check_fits, format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, args.devices)
+    print(format_plan(plan, args.hbm_gib))
+    if args.hbm_gib:
+        check_fits(plan, args.hbm_gib)
     return 0
 
 
@@ -64,12 +88,67 @@ def cmd_shardings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxalign.hf.model import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer,
+                            family=args.family, max_shard_size=args.max_shard_size)
+    print(f"[jaxalign] wrote {out}")
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxalign.data import train_tokenizer
 
     output = args.output or str(Path(args.input[0]).with_suffix("")) + ".tokenizer"
     path = train_tokenizer(args.input, output, args.vocab_size, seed=args.seed)
     print(f"[jaxalign] wrote {path}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from jaxalign.trainers.rm import score_file
+
+    _enable_compilation_cache()
+    counts = score_file(args.model, args.input, args.output)
+    if args.output:
+        print(f"[jaxalign] wrote {counts['records']} rewards to {args.output}", file=sys.stderr)
+    if counts["truncated"]:
+        print(f"[jaxalign] {counts['truncated']} records longer than the model's seq_len were "
+              "scored on their last tokens", file=sys.stderr)
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a RUN_DIR or one of its checkpoints/<step>")
+    p.add_argument("--input", required=True, help="prompts JSONL: {prompt} or {messages}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the run's config, e.g. sampling.temperature=0.7")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from jaxalign.generate import generate_file, load_policy
+
+    _enable_compilation_cache()
+    policy = load_policy(args.model, args.overrides)
+    count = generate_file(policy, args.input, args.output, progress=args.progress)
+    print(f"[jaxalign] wrote {count} records to {args.output}")
+    return 0
+
+
+def cmd_rejection_sample(args: argparse.Namespace) -> int:
+    from jaxalign.generate import load_policy
+    from jaxalign.rejection import make_scorer, rejection_sample
+
+    scorer, prompt_form = make_scorer(args.reward_fn, args.reward_model)
+    _enable_compilation_cache()
+    policy = load_policy(args.model, args.overrides)
+    stats = rejection_sample(policy, args.input, scorer, args.output_sft, args.output_dpo,
+                             scorer_prompts=prompt_form, progress=args.progress)
+    print(f"[jaxalign] {stats['prompts']} prompts x {stats['samples_per_prompt']} samples: "
+          f"{stats['sft_records']} SFT records to {args.output_sft}, {stats['dpo_pairs']} DPO "
+          f"pairs; mean score {stats['mean_score']:.4f}, mean best {stats['mean_best_score']:.4f}")
     return 0
 
 
@@ -82,9 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("plan", help="check a config against N devices without having them")
+    _add_config_args(p)
+    p.add_argument("--devices", type=int, required=True, help="number of devices")
+    p.add_argument("--hbm-gib", type=float, default=None, help="memory per device (GiB)")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("shardings", help="print the mesh and every parameter's sharding")
     _add_config_args(p)
     p.set_defaults(func=cmd_shardings)
+
+    p = sub.add_parser("score", help="write a reward model's reward for every record")
+    p.add_argument("--model", required=True, help="run directory of a reward model (trainer: rm)")
+    p.add_argument("--input", required=True, help="JSONL of {prompt, response} or {messages}")
+    p.add_argument("--output", help="output JSONL (default: stdout)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face model directory")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR or RUN_DIR/checkpoints/STEP")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--tokenizer", help="tokenizer to include (default: data.tokenizer or the "
+                   "model.from_hf directory's files)")
+    p.add_argument("--family", help="Hugging Face model_type (default: inferred)")
+    p.add_argument("--max-shard-size", default="5GB", help="e.g. 2GB")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -94,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", help="output prefix (writes PREFIX.model)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("generate", help="sample completions for a JSONL file of prompts")
+    _add_generation_args(p)
+    p.add_argument("--output", required=True, help="output JSONL, one record per prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("rejection-sample",
+                       help="K samples per prompt, scored: best as SFT, best/worst as DPO JSONL")
+    _add_generation_args(p)
+    p.add_argument("--reward-fn", help="MODULE:FUNCTION or FILE.py:FUNCTION, called as "
+                   "fn(prompts, completions, **record_fields) -> scores")
+    p.add_argument("--reward-model", help="a reward-model RUN_DIR (trainer: rm)")
+    p.add_argument("--output-sft", required=True, help="best completion per prompt (JSONL)")
+    p.add_argument("--output-dpo", help="best/worst pair per prompt (JSONL)")
+    p.set_defaults(func=cmd_rejection_sample)
     return parser
 
 
@@ -107,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxalign.errors import UserError
 
     try:
+        if args.command not in {"plan", "shardings", "tokenizer"}:
+            from jaxalign import distributed
+
+            distributed.initialize()  # no-op unless the environment describes a cluster
         return args.func(args)
     except UserError as e:
         if debug:
