@@ -24,6 +24,11 @@ CHAT_MARKERS = (
     "<|end|>",
     "<|im_start|>",
     "<|im_end|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
 )
 
 
@@ -60,7 +65,16 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load a SentencePiece `.model` file; DataError naming the path if it is missing or bad."""
+    """Load a SentencePiece `.model` file; DataError naming the path if it is missing or bad.
+
+    A Hugging Face `tokenizer.json` (or a directory holding one) loads as `jaxalign.hf`'s
+    HFTokenizer, which has the same interface."""
+    if str(path).endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json")):
+        from jaxalign.hf.tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(path)  # type: ignore[return-value]
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model")):
+        path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
         raise DataError("tokenizer file not found", where=str(path))
     processor = spm.SentencePieceProcessor()

@@ -1,0 +1,568 @@
+"""Hugging Face <-> jaxalign: model config mapping and tensor-name/layout mapping per family.
+
+Families: llama (incl. Llama-3 rope scaling), mistral, qwen2, qwen3, gemma. A config field jaxalign
+does not handle (with a value that would change the model) is a ConfigError naming the field; an
+unsupported architecture is a ConfigError naming it. Nothing here needs torch or transformers.
+
+Layouts: torch's Linear stores [out, in]; jaxalign stores [in, out] with heads split out
+(q: [D, H, hd], o: [H, hd, D]). Both use the rotate-half RoPE convention, so q/k need no
+permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxalign.config import ModelConfig
+from jaxalign.errors import ConfigError
+
+ARCHITECTURES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma": "Gemma",
+}
+
+# Hugging Face class defaults, used when a config.json omits a key.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "num_key_value_heads": None,
+        "head_dim": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+    },
+    "mistral": {
+        "num_key_value_heads": 8,
+        "head_dim": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+    },
+    "qwen2": {
+        "num_key_value_heads": 32,
+        "head_dim": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+    },
+    "qwen3": {
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+    },
+    "gemma": {
+        "num_key_value_heads": 16,
+        "head_dim": 256,
+        "hidden_act": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6,
+    },
+}
+
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
+
+# Generic PreTrainedConfig keys that do not change the model's function.
+_IGNORED_KEYS = {
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_name_or_path",
+    "name_or_path",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "max_position_embeddings",
+    "pretraining_tp",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "use_bfloat16",
+    "tf_legacy_loss",
+    "pruned_heads",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "finetuning_task",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "attn_implementation",
+    "_attn_implementation_autoset",
+    "initializer_range",
+    "cross_attention_hidden_size",
+    "embedding_size",
+}
+
+# ModelConfig fields that describe the architecture (the rest are run settings: dtypes, remat...).
+ARCH_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "rope_theta",
+    "rope_scaling",
+    "rms_norm_eps",
+    "tie_embeddings",
+    "qk_norm",
+    "attention_bias",
+    "attention_out_bias",
+    "mlp_bias",
+    "mlp_activation",
+    "norm_plus_one",
+    "scale_embeddings",
+    "sliding_window",
+)
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """The config.json of a Hugging Face model directory (or the file itself) as a dict."""
+    p = Path(path)
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        raise ConfigError(f"{file}: Hugging Face config.json not found")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    return raw
+
+
+def hf_family(hf: dict, where: str = "config.json") -> str:
+    """The supported family ('llama', ...) of a config.json dict; ConfigError naming it if not."""
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"{where}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    prefix = ARCHITECTURES[model_type]
+    allowed = {f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification", f"{prefix}Model"}
+    for arch in hf.get("architectures") or []:
+        if arch not in allowed:
+            raise ConfigError(
+                f"{where}: architecture {arch!r} is not supported "
+                f"(supported for {model_type}: {', '.join(sorted(allowed))})"
+            )
+    return model_type
+
+
+def hf_arch_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
+    """Map a Hugging Face config dict to ModelConfig architecture fields (see ARCH_FIELDS)."""
+    family = hf_family(hf, where)
+    defaults = _FAMILY_DEFAULTS[family]
+    used: set[str] = set()
+
+    def get(key: str, default: Any = None, *, required: bool = False) -> Any:
+        used.add(key)
+        value = hf.get(key)
+        if value is None:
+            if required:
+                raise ConfigError(f"{where}: missing required field '{key}'")
+            return defaults.get(key, default)
+        return value
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{where}: field '{key}' = {hf.get(key)!r}: {why}")
+
+    num_heads = get("num_attention_heads", required=True)
+    hidden = get("hidden_size", required=True)
+    out: dict[str, Any] = {
+        "vocab_size": get("vocab_size", required=True),
+        "hidden_size": hidden,
+        "intermediate_size": get("intermediate_size", required=True),
+        "num_layers": get("num_hidden_layers", required=True),
+        "num_heads": num_heads,
+        "num_kv_heads": get("num_key_value_heads") or num_heads,
+        "head_dim": get("head_dim") or hidden // num_heads,
+        "rms_norm_eps": float(get("rms_norm_eps")),
+        "tie_embeddings": bool(get("tie_word_embeddings")),
+        "qk_norm": family == "qwen3",
+        "norm_plus_one": family == "gemma",
+        "scale_embeddings": family == "gemma",
+        "mlp_bias": False,
+        "attention_bias": family == "qwen2",
+        "attention_out_bias": False,
+        "sliding_window": None,
+    }
+
+    act = get("hidden_act")
+    if family == "gemma":
+        legacy = get("hidden_activation")  # transformers < 4.42 Gemma configs
+        act = legacy or act
+        if act == "gelu":  # transformers maps Gemma's legacy "gelu" to the tanh approximation
+            act = "gelu_pytorch_tanh"
+        if get("use_bidirectional_attention"):
+            fail("use_bidirectional_attention", "bidirectional attention is not supported")
+    if act not in _ACTIVATIONS:
+        key = (
+            "hidden_activation"
+            if family == "gemma" and hf.get("hidden_activation")
+            else "hidden_act"
+        )
+        fail(key, f"activation not supported (supported: {', '.join(_ACTIVATIONS)})")
+    out["mlp_activation"] = _ACTIVATIONS[act]
+
+    if family in ("llama", "qwen3", "gemma"):
+        out["attention_bias"] = out["attention_out_bias"] = bool(get("attention_bias", False))
+    if family == "llama":
+        out["mlp_bias"] = bool(get("mlp_bias", False))
+
+    dropout = get("attention_dropout", 0.0)
+    if dropout:
+        fail("attention_dropout", "dropout is not supported (must be 0)")
+
+    out["sliding_window"] = _sliding_window(hf, family, out["num_layers"], get, fail)
+    out["rope_theta"], out["rope_scaling"] = _rope(hf, get, fail, where)
+    out["initializer_range"] = float(hf.get("initializer_range", 0.02))
+
+    for key, value in hf.items():
+        if key in used or key in _IGNORED_KEYS or value is None:
+            continue
+        raise ConfigError(
+            f"{where}: field '{key}' = {value!r} is not supported by jaxalign's {family} import"
+        )
+    return out
+
+
+def _sliding_window(hf: dict, family: str, num_layers: int, get, fail) -> int | None:
+    if family == "mistral":
+        get("layer_types")  # ignored by transformers' Mistral, which windows every layer
+        get("sliding_window")
+        return hf.get("sliding_window", 4096)
+    if family not in ("qwen2", "qwen3"):
+        return None
+    use = bool(get("use_sliding_window", False))
+    window = get("sliding_window", 4096) if use else None
+    get("sliding_window")
+    max_window_layers = get("max_window_layers", 28)
+    layer_types = get("layer_types")
+    if layer_types is None:
+        layer_types = [
+            "sliding_attention"
+            if window is not None and i >= max_window_layers
+            else "full_attention"
+            for i in range(num_layers)
+        ]
+    if len(layer_types) != num_layers:
+        fail("layer_types", f"expected {num_layers} entries")
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"} and window is not None:
+        return int(window)
+    if window is None:
+        fail("layer_types", "sliding attention layers without use_sliding_window")
+    fail(
+        "layer_types" if "layer_types" in hf else "max_window_layers",
+        "a sliding window on only some layers is not supported (jaxalign's window is uniform)",
+    )
+    return None
+
+
+def _rope(hf: dict, get, fail, where: str) -> tuple[float, dict | None]:
+    # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`
+    # (which wins when both are present, as in transformers).
+    legacy, current = get("rope_scaling"), get("rope_parameters")
+    params = legacy or current or {}
+    key = "rope_scaling" if legacy else "rope_parameters"
+    if not isinstance(params, dict):
+        fail(key, "expected a mapping")
+    theta = params.get("rope_theta", get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    known = {"rope_theta", "rope_type", "type"}
+    if rope_type == "default":
+        scaling = None
+    elif rope_type == "llama3":
+        scaling = {
+            "factor": float(params["factor"]),
+            "low_freq_factor": float(params["low_freq_factor"]),
+            "high_freq_factor": float(params["high_freq_factor"]),
+            "original_max_position_embeddings": float(
+                params.get("original_max_position_embeddings")
+                or hf.get("max_position_embeddings", 2048)
+            ),
+        }
+        known |= set(scaling)
+    else:
+        raise ConfigError(
+            f"{where}: field '{key}.rope_type' = {rope_type!r} is not supported "
+            "(supported: default, llama3)"
+        )
+    for name, value in params.items():
+        if (
+            name not in known
+            and value is not None
+            and not (name == "partial_rotary_factor" and value == 1.0)
+        ):
+            raise ConfigError(f"{where}: field '{key}.{name}' = {value!r} is not supported")
+    return float(theta), scaling
+
+
+def model_config_from_hf(
+    source: str | os.PathLike | dict, base: ModelConfig | None = None
+) -> ModelConfig:
+    """A ModelConfig whose architecture comes from a Hugging Face config (a model directory,
+    its config.json, or the parsed dict); run settings (dtypes, remat, scan) come from `base`."""
+    where = "config.json"
+    if not isinstance(source, dict):
+        where = str(Path(source) / "config.json" if Path(source).is_dir() else source)
+        source = read_hf_config(source)
+    fields = hf_arch_fields(source, where)
+    return dataclasses.replace(base or ModelConfig(), **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: ModelConfig -> config.json
+
+
+def infer_family(cfg: ModelConfig) -> str:
+    """The Hugging Face family that can express `cfg` (checked by `hf_config_from_model`)."""
+    if cfg.norm_plus_one or cfg.scale_embeddings:
+        return "gemma"
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.attention_bias and not cfg.attention_out_bias:
+        return "qwen2"
+    if cfg.sliding_window is not None and not (cfg.attention_bias or cfg.mlp_bias):
+        return "mistral"
+    return "llama"
+
+
+def _arch(cfg: ModelConfig | dict) -> dict[str, Any]:
+    values = cfg if isinstance(cfg, dict) else {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    values = dict(values)
+    if not isinstance(cfg, dict):
+        values["head_dim"] = cfg.resolved_head_dim
+    scaling = values.get("rope_scaling")
+    if scaling is not None:
+        values["rope_scaling"] = {k: float(v) for k, v in scaling.items()}
+    return {k: values[k] for k in ARCH_FIELDS}
+
+
+def hf_config_from_model(
+    cfg: ModelConfig,
+    family: str | None = None,
+    *,
+    architecture: str = "ForCausalLM",
+    extra: dict | None = None,
+) -> dict:
+    """A Hugging Face config.json dict for `cfg`; ConfigError naming the fields that `family`
+    (default: `infer_family(cfg)`) cannot express."""
+    family = family or infer_family(cfg)
+    if family not in ARCHITECTURES:
+        raise ConfigError(
+            f"unknown Hugging Face family {family!r} (supported: {', '.join(ARCHITECTURES)})"
+        )
+    hidden_act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.mlp_activation]
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **cfg.rope_scaling}
+        rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[family] + architecture],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_act": hidden_act,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "max_position_embeddings": 8192,
+        "rope_parameters": rope,
+        # The same RoPE settings in the format transformers < 5 reads.
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else rope,
+        "attention_dropout": 0.0,
+        "dtype": cfg.param_dtype,
+    }
+    if family in ("llama", "qwen3", "gemma"):
+        hf["attention_bias"] = cfg.attention_bias
+    if family == "llama":
+        hf["mlp_bias"] = cfg.mlp_bias
+    if family == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    if family in ("qwen2", "qwen3"):
+        window = cfg.sliding_window
+        hf.update(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=0 if window is not None else cfg.num_layers,
+            layer_types=[
+                ("sliding_attention" if window is not None else "full_attention")
+                for _ in range(cfg.num_layers)
+            ],
+        )
+    hf.update(extra or {})
+    got = _arch(hf_arch_fields(hf, f"export as {family}"))
+    want = _arch(cfg)
+    diff = [k for k in ARCH_FIELDS if got[k] != want[k]]
+    if diff:
+        fields = ", ".join(f"model.{k}={want[k]!r}" for k in diff)
+        raise ConfigError(
+            f"cannot export as Hugging Face {family}: {fields} has no equivalent in that family"
+        )
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """One Hugging Face tensor <-> one jaxalign parameter (path into the params dict).
+
+    `to_jax` / `to_hf` are NumPy view transforms (transposes and reshapes, no copies), so the
+    importer can slice a memory-mapped tensor without reading all of it.
+    """
+
+    hf_name: str
+    path: tuple
+    hf_shape: tuple[int, ...]
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+def tensor_maps(cfg: ModelConfig, *, reward: bool = False) -> list[TensorMap]:
+    """Every tensor of the Hugging Face checkpoint for `cfg`, in checkpoint order.
+
+    `reward`: the layout of `jaxalign.models.reward.RewardModel` (params under `backbone`, a [D]
+    `score`) as a one-label `*ForSequenceClassification` checkpoint (`score.weight` [1, D], no
+    lm_head).
+    """
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    maps = [TensorMap("model.embed_tokens.weight", ("embed",), (v, d), _identity, _identity)]
+
+    def in_heads(n):  # [n*hd, D] <-> [D, n, hd]
+        return (lambda w: w.T.reshape(d, n, hd), lambda x: x.reshape(d, n * hd).T)
+
+    def bias_heads(n):  # [n*hd] <-> [n, hd]
+        return (lambda b: b.reshape(n, hd), lambda x: x.reshape(n * hd))
+
+    heads_out = (lambda w: w.T.reshape(h, hd, d), lambda x: x.reshape(h * hd, d).T)
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}."
+        blk = ("blocks", i)
+
+        def add(name, path, shape, fns=(_identity, _identity), pre=pre, blk=blk):
+            maps.append(TensorMap(pre + name, blk + path, shape, *fns))
+
+        add("input_layernorm.weight", ("attn_norm",), (d,))
+        for proj, n in (("q", h), ("k", kv), ("v", kv)):
+            add(f"self_attn.{proj}_proj.weight", ("attn", f"w{proj}"), (n * hd, d), in_heads(n))
+            if cfg.attention_bias:
+                add(f"self_attn.{proj}_proj.bias", ("attn", f"b{proj}"), (n * hd,), bias_heads(n))
+        add("self_attn.o_proj.weight", ("attn", "wo"), (d, h * hd), heads_out)
+        if cfg.attention_out_bias:
+            add("self_attn.o_proj.bias", ("attn", "bo"), (d,))
+        if cfg.qk_norm:
+            add("self_attn.q_norm.weight", ("attn", "q_norm"), (hd,))
+            add("self_attn.k_norm.weight", ("attn", "k_norm"), (hd,))
+        add("post_attention_layernorm.weight", ("mlp_norm",), (d,))
+        for proj, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            add(f"mlp.{proj}_proj.weight", ("mlp", f"w_{proj}"), shape, (_transpose, _transpose))
+            if cfg.mlp_bias:
+                add(f"mlp.{proj}_proj.bias", ("mlp", f"b_{proj}"), shape[:1])
+    maps.append(TensorMap("model.norm.weight", ("final_norm",), (d,), _identity, _identity))
+    if reward:
+        maps = [dataclasses.replace(m, path=("backbone", *m.path)) for m in maps]
+        maps.append(
+            TensorMap("score.weight", ("score",), (1, d), lambda w: w[0], lambda x: x[None])
+        )
+    elif not cfg.tie_embeddings:
+        maps.append(TensorMap("lm_head.weight", ("lm_head",), (v, d), _transpose, _transpose))
+    return maps
+
+
+# Tensors some checkpoints carry that are not parameters (recomputed RoPE buffers).
+IGNORED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def resolve_from_hf(model: ModelConfig, explicit: dict, where: str = "config") -> ModelConfig:
+    """`model` with its architecture fields taken from `model.from_hf`'s config.json.
+
+    A field the user set explicitly (`explicit`: the raw `model:` mapping) must agree with the
+    Hugging Face config; ConfigError naming it otherwise.
+    """
+    resolved = model_config_from_hf(model.from_hf, model)
+    want, got = _arch(model), _arch(resolved)
+    for key in ARCH_FIELDS:
+        if key in explicit and want[key] != got[key]:
+            raise ConfigError(
+                f"{where}: model.{key}={want[key]!r} conflicts with "
+                f"{model.from_hf}/config.json ({got[key]!r}); remove it"
+            )
+    return resolved

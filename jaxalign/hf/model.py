@@ -1,0 +1,310 @@
+"""`from_pretrained` / `save_pretrained`: Hugging Face model directories in and out.
+
+model = jaxalign.hf.from_pretrained("path/to/Llama-3.2-1B", mesh=mesh)
+logits = model(input_ids)                       # [batch, time, vocab]
+jaxalign.hf.save_pretrained(model, "out/")      # transformers.AutoModelForCausalLM loads it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxalign import sharding as shd
+from jaxalign.config import Config, MeshConfig, ModelConfig, ShardingConfig
+from jaxalign.errors import ConfigError, UserError
+from jaxalign.hf.convert import (
+    _arch,
+    hf_config_from_model,
+    hf_family,
+    model_config_from_hf,
+    read_hf_config,
+    tensor_maps,
+)
+from jaxalign.hf.io import SafetensorsCheckpoint, iter_hf_tensors, load_tensors, write_safetensors
+
+# Tokenizer (and generation) files copied from an imported model directory on export.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+class PretrainedModel:
+    """A jaxalign model with its (sharded) params: `model(input_ids)` -> logits [B, T, V].
+
+    A reward model (params with `backbone` and `score`) returns rewards [B] instead.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict,
+        mesh: Mesh,
+        rules: shd.Rules | None = None,
+        *,
+        family: str | None = None,
+        source: str | None = None,
+    ):
+        self.cfg = cfg
+        self.params = params
+        self.mesh = mesh
+        self.rules = rules or shd.resolve_rules(ShardingConfig())
+        self.family = family  # Hugging Face model_type it came from (export keeps it)
+        self.source = source  # the directory it was imported from (tokenizer files)
+        self.is_reward = "backbone" in params
+        self._forward = None
+
+    def _make_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        if self.is_reward:
+            from jaxalign.models.reward import RewardModel
+
+            return RewardModel(self.cfg, rngs)
+        from jaxalign.models.llama import Transformer
+
+        return Transformer(self.cfg, rngs)
+
+    def __call__(self, input_ids: Any) -> jax.Array:
+        """input_ids [B, T] int -> logits [B, T, V] (compute dtype); rewards [B] for a reward
+        model."""
+        if self._forward is None:
+            graphdef = nnx.split(nnx.eval_shape(lambda: self._make_model(nnx.Rngs(0))))[0]
+            mesh, rules, reward = self.mesh, self.rules, self.is_reward
+
+            def forward(params, tokens):
+                with shd.activation_sharding(mesh, rules):
+                    model = nnx.merge(graphdef, params)
+                    return model(tokens) if reward else model.logits(model(tokens))
+
+            self._forward = jax.jit(forward)
+        return self._forward(self.params, np.asarray(input_ids, np.int32))
+
+
+def _hf_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{p}: not a Hugging Face model directory")
+    return p
+
+
+def load_params(
+    path: str | os.PathLike, cfg: ModelConfig, abstract_params: Any, shardings: Any
+) -> dict:
+    """Params of the Hugging Face model at `path`, streamed tensor by tensor straight into
+    `shardings` (the layout of `abstract_params`, a Transformer's; scan-stacked or not).
+
+    `cfg`'s architecture must match the directory's config.json (ConfigError naming the field).
+    """
+    directory = _hf_dir(path)
+    expected = model_config_from_hf(directory, cfg)
+    want, got = _arch(cfg), _arch(expected)
+    diff = [k for k in want if want[k] != got[k]]
+    if diff:
+        raise ConfigError(
+            f"{directory}: model.{diff[0]}={want[diff[0]]!r} differs from the "
+            f"Hugging Face config ({got[diff[0]]!r})"
+        )
+    if "backbone" in abstract_params:
+        raise ConfigError(
+            f"{directory}: importing into a reward model is not supported; "
+            "import the causal LM (model.from_hf) with the sft trainer"
+        )
+    ckpt = SafetensorsCheckpoint(directory)
+    return load_tensors(ckpt, tensor_maps(cfg), abstract_params, shardings)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    dtype: str = "float32",
+    rules: shd.Rules | None = None,
+    base: ModelConfig | None = None,
+) -> PretrainedModel:
+    """Import a local Hugging Face model directory (config.json + safetensors).
+
+    `mesh` (default: every device on the `fsdp` axis) and `rules` (default: the standard logical
+    rules) decide each parameter's sharding; tensors are placed straight there. `dtype` sets both
+    the parameter and the compute dtype; `base` supplies other run settings (e.g. scan_layers).
+    """
+    from jaxalign.trainers.loop import build_model
+
+    directory = _hf_dir(path)
+    family = hf_family(read_hf_config(directory), str(directory / "config.json"))
+    base = dataclasses.replace(base or ModelConfig(), param_dtype=dtype, dtype=dtype)
+    cfg = model_config_from_hf(directory, base)
+    mesh = mesh if mesh is not None else shd.make_mesh(MeshConfig())
+    rules = rules or shd.resolve_rules(ShardingConfig())
+    _, abstract, shardings = build_model(Config(model=cfg), mesh, rules)
+    params = load_params(directory, cfg, abstract, shardings)
+    return PretrainedModel(cfg, params, mesh, rules, family=family, source=str(directory))
+
+
+def _special_token_ids(tokenizer: Any) -> dict[str, int]:
+    ids = {}
+    for key in ("bos", "eos", "pad"):
+        value = getattr(tokenizer, f"{key}_id", None)
+        if value is not None and value >= 0:
+            ids[f"{key}_token_id"] = int(value)
+    return ids
+
+
+def save_pretrained(
+    model: PretrainedModel | tuple[ModelConfig, dict],
+    path: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    family: str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write a Hugging Face model directory: config.json, safetensors (sharded above
+    `max_shard_size`, with an index) and tokenizer files.
+
+    `model`: a PretrainedModel or (ModelConfig, params). A reward model (params with `backbone`
+    and `score`) is written as a one-label `*ForSequenceClassification`. `tokenizer`: a Hugging
+    Face directory or tokenizer.json, or a SentencePiece .model (default: the files of the
+    directory the model was imported from). `family` (default: the imported family, else the
+    simplest one that expresses the config) picks model_type.
+    """
+    from jaxalign.data.tokenizer import load_tokenizer
+
+    if isinstance(model, PretrainedModel):
+        cfg, params = model.cfg, model.params
+        family = family or model.family
+        tokenizer = tokenizer if tokenizer is not None else model.source
+    else:
+        cfg, params = model
+    reward = "backbone" in params
+    out = Path(path)
+    main = jax.process_index() == 0
+    tok = None
+    if tokenizer is not None and not (
+        Path(tokenizer).is_dir()
+        and not any((Path(tokenizer) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    ):
+        tok = load_tokenizer(str(tokenizer))
+    extra: dict[str, Any] = {}
+    source = Path(model.source) if isinstance(model, PretrainedModel) and model.source else None
+    if source is not None and (source / "config.json").is_file():  # keep what inference reads
+        original = read_hf_config(source)
+        extra.update(
+            {
+                k: original[k]
+                for k in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+                if k in original
+            }
+        )
+    extra.update(_special_token_ids(tok) if tok is not None else {})
+    if reward:
+        extra.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    hf = hf_config_from_model(
+        cfg,
+        family,
+        architecture="ForSequenceClassification" if reward else "ForCausalLM",
+        extra=extra,
+    )
+    maps = tensor_maps(cfg, reward=reward)
+    dtype = np.dtype(jax.tree.leaves(params)[0].dtype)
+    specs = [(m.hf_name, m.hf_shape, dtype) for m in maps]
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    write_safetensors(
+        out,
+        iter_hf_tensors(params, maps, cfg.scan_layers),
+        specs,
+        max_shard_size=max_shard_size,
+        write=main,
+    )
+    if main and tokenizer is not None:
+        _write_tokenizer(Path(tokenizer), out, tok)
+    return out
+
+
+def _write_tokenizer(source: Path, out: Path, tok: Any) -> None:
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file() and source.resolve() != out.resolve():
+                shutil.copyfile(source / name, out / name)
+        return
+    if source.name.endswith(".json"):
+        shutil.copyfile(source, out / "tokenizer.json")
+        for name in TOKENIZER_FILES:
+            if name != "tokenizer.json" and (source.parent / name).is_file():
+                shutil.copyfile(source.parent / name, out / name)
+        return
+    from jaxalign.hf.tokenizer import write_sentencepiece_as_hf
+
+    write_sentencepiece_as_hf(source, out)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    family: str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Export a training checkpoint (a RUN_DIR or its checkpoints/<step>) as a Hugging Face
+    directory. The model config comes from RUN_DIR/config.yaml; `trainer: rm` runs export as
+    sequence classifiers. Tokenizer default: `data.tokenizer`, else `model.from_hf`'s files."""
+    import yaml
+
+    from jaxalign.checkpoint import abstract_with_shardings, resolve_checkpoint
+    from jaxalign.checkpoint import load_params as load_checkpoint_params
+    from jaxalign.config import from_dict
+    from jaxalign.trainers.loop import build_model
+
+    step_dir = resolve_checkpoint(checkpoint)
+    config_file = step_dir.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{config_file}: not found (the run's config.yaml names the model)")
+    try:
+        cfg = from_dict(Config, yaml.safe_load(config_file.read_text()) or {})
+    except ConfigError as e:
+        raise ConfigError(f"{config_file}: {e}") from None
+    try:
+        mesh = shd.make_mesh(cfg.mesh)
+        rules = shd.resolve_rules(cfg.sharding)
+    except ConfigError:  # exported on other devices than it trained on
+        mesh, rules = shd.make_mesh(MeshConfig()), shd.resolve_rules(ShardingConfig())
+    make_model = None
+    if cfg.trainer == "rm":
+        from jaxalign.models.reward import RewardModel
+
+        make_model = lambda rngs: RewardModel(cfg.model, rngs)  # noqa: E731
+    _, abstract, shardings = build_model(cfg, mesh, rules, make_model)
+    params = load_checkpoint_params(step_dir, abstract_with_shardings(abstract, shardings))
+    hf_dir = cfg.model.from_hf
+    if tokenizer is None:
+        if cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
+            tokenizer = cfg.data.tokenizer
+        elif hf_dir and Path(hf_dir).is_dir():
+            tokenizer = hf_dir
+    if family is None and hf_dir and (Path(hf_dir) / "config.json").is_file():
+        family = read_hf_config(hf_dir).get("model_type")
+    return save_pretrained(
+        (cfg.model, params),
+        output,
+        tokenizer=tokenizer,
+        family=family,
+        max_shard_size=max_shard_size,
+    )
