@@ -269,8 +269,9 @@ def test_packed_batches_keep_every_target_inside_its_segment(tok):
         for ex in segments(batch):
             # within a segment, each target is the next input: the shift happened per example
             np.testing.assert_array_equal(ex["targets"][:-1], ex["inputs"][1:])
-            assert ex["inputs"][0] == tok.bos_id and ex["targets"][-1] == tok.eos_id
-            assert ex["loss_mask"][-1] == 1.0 and ex["loss_mask"][0] == 0.0
+            assert ex["inputs"][0] == tok.bos_id and ex["loss_mask"][0] == 0.0
+            if len(ex["inputs"]) < 64:  # not truncated: it ends with a trained-on EOS
+                assert ex["targets"][-1] == tok.eos_id and ex["loss_mask"][-1] == 1.0
 
 
 def test_one_epoch_without_shuffle_yields_every_example_exactly_once(tmp_path, tok):
@@ -364,11 +365,14 @@ def test_processes_read_disjoint_records_that_cover_the_dataset(tmp_path, tok):
             process_count=2,
             num_epochs=1,
         )
-        assert it.stats["examples"] == 15
+        # 4 shards (the largest divisor <= 8 of 4 micro-batch rows); shard s: examples [s::4]
+        assert it.plan.shards == 4
+        assert list(it.plan.local) == [2 * process_index, 2 * process_index + 1]
+        assert it.stats["examples"] == 30 and it.stats["local_examples"] == (16, 14)[process_index]
         batches = list(it)
         assert batches[0]["inputs"].shape == (2, 2, 48)
         seen.append({example_key(s) for b in batches for s in segments(b)})
-    assert len(seen[0]) == len(seen[1]) == 15 and not seen[0] & seen[1]
+    assert (len(seen[0]), len(seen[1])) == (16, 14) and not seen[0] & seen[1]
 
 
 def test_long_examples_are_truncated_and_counted(tmp_path, tok):
@@ -406,3 +410,298 @@ def test_iterator_from_config_uses_the_data_options(tok):
     first = next(it)
     ids, _ = render(to_messages(read_jsonl(cfg.eval_file)[0][0], where="x"), tok, "chatml")
     np.testing.assert_array_equal(first["inputs"][0, 0, : len(ids) - 1], ids[:-1])
+
+
+# --- process-count-invariant shards --------------------------------------------------------------
+
+
+def sharded(tok, process_index=0, process_count=1, **kwargs):
+    args = dict(seq_len=64, global_batch_size=16, grad_accum=2, seed=7, shards=4)
+    args.update(kwargs)
+    return SFTBatchIterator(
+        str(TINY / "sft_train.jsonl"), tok, process_index=process_index,
+        process_count=process_count, **args,
+    )
+
+
+def global_batches(tok, process_count, steps, state=None, **kwargs):
+    """The global batches of `steps` steps: process-local batches concatenated process-major."""
+    iterators = [sharded(tok, p, process_count, **kwargs) for p in range(process_count)]
+    if state is not None:
+        for it in iterators:
+            it.set_state(state)
+    out = []
+    for _ in range(steps):
+        local = [next(it) for it in iterators]
+        out.append({k: np.concatenate([b[k] for b in local], axis=1) for k in KEYS})
+    return out, iterators
+
+
+def test_global_batches_are_the_same_for_1_2_and_4_processes(tok):
+    reference, _ = global_batches(tok, 1, 3)
+    assert reference[0]["inputs"].shape == (2, 8, 64)
+    for process_count in (2, 4):
+        batches, iterators = global_batches(tok, process_count, 3)
+        assert next(iterators[0])["inputs"].shape == (2, 8 // process_count, 64)
+        for want, got in zip(reference, batches, strict=False):
+            for k in KEYS:
+                np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_state_has_no_process_count_and_resumes_under_another_count(tok):
+    single = sharded(tok)
+    for _ in range(2):
+        next(single)
+    state = json.loads(json.dumps(single.get_state()))
+    assert "process_index" not in state["fingerprint"] and set(state["shards"]) == {"0", "1", "2",
+                                                                                     "3"}
+    expected = [next(single) for _ in range(3)]
+    resumed, iterators = global_batches(tok, 2, 3, state=state)
+    for want, got in zip(expected, resumed, strict=False):
+        for k in KEYS:
+            np.testing.assert_array_equal(got[k], want[k])
+    # ...and back: the merged states of 2 processes resume a single process.
+    from jaxalign.data import merge_states
+
+    merged = merge_states([it.get_state() for it in iterators])
+    again = sharded(tok)
+    again.set_state(merged)
+    np.testing.assert_array_equal(next(again)["inputs"], next(single)["inputs"])
+    with pytest.raises(DataError, match=r"no entry for data shards \[2, 3\]"):
+        sharded(tok).set_state(iterators[0].get_state())
+
+
+def test_shard_count_must_divide_the_micro_batch_and_by_the_process_count(tok):
+    with pytest.raises(ConfigError, match=r"data.shards \(3\) must be positive and divide"):
+        sharded(tok, shards=3)
+    with pytest.raises(ConfigError, match=r"data.shards \(2\) must divide by the process count"):
+        sharded(tok, 0, 4, shards=2)
+    assert sharded(tok, shards=None, global_batch_size=24, grad_accum=2).plan.shards == 6
+
+
+def test_prefetch_state_follows_consumed_batches_not_prepared_ones(tok):
+    plain, ahead = sharded(tok), sharded(tok, prefetch=3)
+    for _ in range(2):
+        np.testing.assert_array_equal(next(plain)["inputs"], next(ahead)["inputs"])
+    import time
+
+    time.sleep(0.2)  # let the thread run ahead
+    state = ahead.get_state()
+    assert state == plain.get_state() and state["batches"] == 2
+    fresh = sharded(tok, prefetch=2)
+    fresh.set_state(json.loads(json.dumps(state)))
+    for _ in range(3):
+        want = next(plain)
+        np.testing.assert_array_equal(next(fresh)["inputs"], want["inputs"])
+        np.testing.assert_array_equal(next(ahead)["targets"], want["targets"])
+    ahead.close()
+    fresh.close()
+
+
+# --- mixtures ------------------------------------------------------------------------------------
+
+
+def test_mixture_follows_the_weights_and_resumes_exactly(tmp_path, tok):
+    # Component A's completions are all "a...", component B's all "b...": count them by segment.
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"q{i}", "completion": "aaaa"}
+                                           for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"q{i}", "completion": "bbbb"}
+                                           for i in range(40)])
+    mixture = [{"path": a, "weight": 3.0}, {"path": b, "weight": 1.0}]
+
+    def make():
+        return SFTBatchIterator(None, tok, mixture=mixture, seq_len=32, global_batch_size=8,
+                                shards=4, seed=1)
+
+    it = make()
+    assert [c["examples"] for c in it.stats["components"]] == [40, 40]
+    counts = {"a": 0, "b": 0}
+    for _ in range(30):
+        for seg in segments(next(it)):
+            text = tok.decode(seg["targets"][seg["loss_mask"] > 0])
+            counts["a" if "aaaa" in text else "b"] += 1
+    share = counts["a"] / (counts["a"] + counts["b"])
+    assert abs(share - 0.75) < 0.03, counts
+    state = json.loads(json.dumps(it.get_state()))
+    # every component's position is in the state of every shard
+    assert all(len(s["parent"]["parents"]) == 2 for s in state["shards"].values())
+    resumed = make()
+    resumed.set_state(state)
+    for _ in range(3):
+        want, got = next(it), next(resumed)
+        for k in KEYS:
+            np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(DataError, match="weights: saved"):
+        SFTBatchIterator(None, tok, seq_len=32, global_batch_size=8, shards=4, seed=1,
+                         mixture=[(a, 1.0), (b, 1.0)]).set_state(state)
+
+
+# --- more templates ------------------------------------------------------------------------------
+
+
+def test_llama3_and_gemma_write_the_models_exact_strings(tok):
+    ids, mask = render(CONVERSATION[:3], tok, "llama3")
+    assert ids[0] == tok.bos_id and int((ids == tok.bos_id).sum()) == 1
+    assert tok.decode(ids) == (
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAdd 2 and 3.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nThe answer is 5.<|eot_id|>"
+    )
+    assert tok.decode(ids[mask]) == "The answer is 5.<|eot_id|>"
+    ids, mask = render(CONVERSATION, tok, "gemma")
+    assert tok.decode(ids) == (  # no system role: it opens the first user turn
+        "<start_of_turn>user\nBe brief.\n\nAdd 2 and 3.<end_of_turn>\n"
+        "<start_of_turn>model\nThe answer is 5.<end_of_turn>\n"
+        "<start_of_turn>user\nReverse the word 'apple'.<end_of_turn>\n"
+        "<start_of_turn>model\nelppa<end_of_turn>\n"
+    )
+    assert tok.decode(ids[mask]) == "The answer is 5.<end_of_turn>elppa<end_of_turn>"
+    prompt = render_prompt(CONVERSATION[:4], tok, "gemma")
+    np.testing.assert_array_equal(ids[: len(prompt)], prompt)
+    assert tok.decode(prompt).endswith("<start_of_turn>model\n") and mask[len(prompt)]
+
+
+CHATML_JINJA = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tokenizer_config(tmp_path, template: str) -> str:
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({"chat_template": template, "bos_token": "<s>",
+                                "eos_token": {"content": "</s>"}}))
+    return str(path)
+
+
+def test_jinja_chat_template_masks_from_prefix_spans_and_matches_builtin(tmp_path, tok):
+    path = write_tokenizer_config(tmp_path, CHATML_JINJA)
+    ids, mask = render(CONVERSATION, tok, path)
+    want_ids, want_mask = render(CONVERSATION, tok, "chatml")
+    # the template's `{{ bos_token }}` becomes the one BOS id, never a second BOS
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(mask, want_mask)
+    np.testing.assert_array_equal(render_prompt(CONVERSATION[:4], tok, path),
+                                  render_prompt(CONVERSATION[:4], tok, "chatml"))
+    assert stop_token_ids(tok, path) == [tok.token_id("<|im_end|>"), tok.eos_id]
+    # {% generation %} blocks (HF's assistant markers) render their body
+    generation = CHATML_JINJA.replace("{{ m['content'] }}", "{% generation %}{{ m['content'] }}"
+                                      "{% endgeneration %}")
+    gen_ids, gen_mask = render(CONVERSATION, tok, write_tokenizer_config(tmp_path, generation))
+    np.testing.assert_array_equal(gen_ids, want_ids)
+    np.testing.assert_array_equal(gen_mask, want_mask)
+
+
+def test_jinja_sandbox_blocks_python_internals(tmp_path, tok):
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    path = write_tokenizer_config(tmp_path, evil)
+    with pytest.raises(DataError) as err:
+        render(CONVERSATION, tok, path)
+    assert str(err.value).startswith(f"{path}: chat template blocked by the sandbox (SecurityError")
+    raising = write_tokenizer_config(tmp_path, "{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(DataError, match="chat template failed .*roles must alternate"):
+        render(CONVERSATION, tok, raising)
+
+
+def test_trained_tokenizer_keeps_every_builtin_marker_whole(tmp_path):
+    from jaxalign.data.tokenizer import CHAT_MARKERS
+
+    data = write_jsonl(tmp_path / "d.jsonl", unique_records(40))
+    tok = load_tokenizer(train_tokenizer([data], str(tmp_path / "tok"), 300))
+    for name in ("llama3", "gemma"):
+        from jaxalign.data.templates import TEMPLATES
+
+        t = TEMPLATES[name]
+        assert t.end in CHAT_MARKERS and len(tok.encode(t.end)) == 1
+    assert stop_token_ids(tok, "llama3") == [tok.token_id("<|eot_id|>"), tok.eos_id]
+
+
+# --- prompt datasets -----------------------------------------------------------------------------
+
+
+def prompt_records(n: int) -> list[dict]:
+    records = []
+    for i in range(n):
+        question = "Add " + " and ".join(str(j) for j in range(1 + i % 9)) + "."
+        if i % 3 == 0:
+            messages = [{"role": "user", "content": question},
+                        {"role": "assistant", "content": "dropped"}]
+            records.append({"messages": messages, "answer": str(i), "id": i})
+        else:
+            records.append({"prompt": question, "answer": str(i), "id": i})
+    return records
+
+
+def test_prompt_batches_are_left_padded_bucketed_and_carry_extra_fields(tok):
+    from jaxalign.data import PromptBatchIterator
+
+    records = prompt_records(40)
+    it = PromptBatchIterator(records, tok, global_batch_size=8, buckets=[16, 32, 64],
+                             shuffle=False, template="chatml")
+    batch = next(it)
+    assert sorted(batch) == ["answer", "id", "lengths", "tokens"]
+    assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape[1] in (16, 32, 64)
+    assert batch["id"] == [0, 1, 2, 3, 4, 5, 6, 7]  # 8 shards of one row, in shard order
+    for row, i in enumerate(batch["id"]):
+        messages = [{"role": "user", "content": to_prompt_text(records[i])}]
+        want = render_prompt(messages, tok, "chatml")
+        length = int(batch["lengths"][row])
+        assert length == len(want) and batch["answer"][row] == str(i)
+        np.testing.assert_array_equal(batch["tokens"][row, -length:], want)
+        assert (batch["tokens"][row, :-length] == tok.pad_id).all()
+    assert batch["tokens"].shape[1] == min(b for b in (16, 32, 64) if b >= batch["lengths"].max())
+    shapes = {next(it)["tokens"].shape for _ in range(20)}
+    assert shapes <= {(8, 16), (8, 32), (8, 64)}
+
+
+def to_prompt_text(record: dict) -> str:
+    return record["prompt"] if "prompt" in record else record["messages"][0]["content"]
+
+
+def test_prompt_batches_are_process_invariant_resumable_and_truncate_long_prompts(tok):
+    from jaxalign.data import PromptBatchIterator
+
+    records = prompt_records(40) + [{"prompt": "word " * 80, "answer": "long", "id": 99}]
+
+    def make(p=0, count=1):
+        return PromptBatchIterator(records, tok, global_batch_size=8, buckets=[32, 64],
+                                   shards=4, seed=3, process_index=p, process_count=count)
+
+    single = make()
+    assert single.stats["truncated"] == 1
+    reference = [next(single) for _ in range(6)]
+    assert max(b["lengths"].max() for b in reference) == 64  # the long prompt, cut to 64
+    pair = [make(0, 2), make(1, 2)]
+    for want in reference:
+        got = [next(it) for it in pair]
+        np.testing.assert_array_equal(np.concatenate([g["tokens"] for g in got]), want["tokens"])
+        assert got[0]["id"] + got[1]["id"] == want["id"]
+    resumed = make(1, 2)
+    resumed.set_state(single.get_state())
+    assert next(resumed)["id"] == next(single)["id"][4:]
+
+
+def test_bad_prompt_records_name_the_field_or_are_skipped(tmp_path, tok):
+    from jaxalign.data import PromptBatchIterator
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": ""}, {"x": 1}])
+    with pytest.raises(DataError) as err:
+        PromptBatchIterator(path, tok, global_batch_size=1)
+    assert str(err.value) == f"{path}:2: field 'prompt' must be a non-empty string"
+    it = PromptBatchIterator(path, tok, global_batch_size=1, on_error="skip")
+    assert it.stats["skipped"] == 2 and it.stats["records"] == 1
+
+
+def test_template_failures_are_skipped_and_counted_not_batched(tmp_path, tok):
+    template = write_tokenizer_config(
+        tmp_path,
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+        "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}",
+    )
+    records = [GOOD, {"system": "S", **GOOD}, GOOD]
+    with pytest.raises(DataError, match=r"<memory>: record 1: .*no system"):
+        SFTBatchIterator(records, tok, seq_len=32, global_batch_size=2, template=template)
+    it = SFTBatchIterator(records, tok, seq_len=32, global_batch_size=2, template=template,
+                          on_error="skip")
+    assert (it.stats["records"], it.stats["skipped"], it.stats["examples"]) == (2, 1, 2)
+    assert "1 bad records skipped" in it.report()

@@ -1,40 +1,61 @@
-"""SFT batches: tokenize, shift, shard by process, shuffle, repeat, pack (Grain), batch.
+"""SFT batches: read, tokenize, shift, split into logical shards, shuffle, mix, pack, batch.
 
 Each example is shifted before packing (inputs = ids[:-1], targets = ids[1:]), so no target
-crosses a segment boundary. A batch is this process's share of one global batch, shaped
+crosses a segment boundary. The examples are split into `shards` logical shards (see
+`data/shards.py`), so the global batch stream is the same for any number of processes. A batch is
+this process's share of one global batch, shaped
 [grad_accum, global_batch_size // grad_accum // process_count, seq_len].
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from jaxalign.config import DataConfig
-from jaxalign.data.sources import read_jsonl, to_messages
+from jaxalign.data.shards import jsonable, plan_shards, shard_items, shard_seed
+from jaxalign.data.sources import read_records, source_name, to_messages
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 FEATURES = ("inputs", "targets", "loss_mask")  # packed by Grain
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# The examples are in memory: reading threads would only contend for the GIL.
+IN_MEMORY = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 def tokenize_records(
-    records: list[dict], tokenizer: Tokenizer, *, template: str, seq_len: int, where: str
+    records: Sequence[dict],
+    tokenizer: Tokenizer,
+    *,
+    template: str,
+    seq_len: int,
+    where: str,
+    on_error: str = "raise",
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
     """Shifted examples (inputs, targets int32 [n]; loss_mask float32 [n]; n <= seq_len).
 
     Examples longer than seq_len + 1 tokens are truncated; ones left with no trained-on target
-    (the completion was cut off entirely) are dropped. Returns the examples and their counts.
+    (the completion was cut off entirely) are dropped. A record the template cannot render raises
+    DataError, or with on_error="skip" is counted as skipped. Returns the examples and counts.
     """
     examples = []
-    truncated = dropped = 0
+    truncated = dropped = skipped = 0
     for i, record in enumerate(records):
-        ids, mask = render(to_messages(record, where=f"{where}[{i}]"), tokenizer, template)
+        try:
+            ids, mask = render(to_messages(record, where=f"{where}[{i}]"), tokenizer, template)
+        except DataError as e:
+            if on_error == "raise":
+                raise DataError(f"record {i}: {e}", where=where) from None
+            skipped += 1
+            continue
         if len(ids) > seq_len + 1:
             ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
             truncated += 1
@@ -48,7 +69,7 @@ def tokenize_records(
                 "loss_mask": mask[1:].astype(np.float32),
             }
         )
-    return examples, {"truncated": truncated, "dropped": dropped}
+    return examples, {"truncated": truncated, "dropped": dropped, "skipped": skipped}
 
 
 def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -65,8 +86,7 @@ def _pad_example(
     example: dict[str, np.ndarray], seq_len: int, pad_id: int
 ) -> dict[str, np.ndarray]:
     n = len(example["inputs"])
-    row = _empty_rows(1, seq_len, pad_id)
-    row = {k: v[0] for k, v in row.items()}
+    row = {k: v[0] for k, v in _empty_rows(1, seq_len, pad_id).items()}
     row["inputs"][:n] = example["inputs"]
     row["targets"][:n] = example["targets"]
     row["loss_mask"][:n] = example["loss_mask"]
@@ -86,15 +106,121 @@ def _empty_rows(rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     }
 
 
-def _jsonable(tree: Any) -> Any:
-    """Grain state with NumPy scalars turned into Python ones, so json.dumps accepts it."""
-    if isinstance(tree, dict):
-        return {str(k): _jsonable(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_jsonable(v) for v in tree]
-    if isinstance(tree, np.generic):
-        return tree.item()
-    return tree
+def normalize_mixture(mixture: Sequence[Any]) -> list[tuple[Any, float]]:
+    """[(source, weight)] from `[{path, weight}, ...]` or `[(source, weight), ...]`."""
+    components = []
+    for i, item in enumerate(mixture):
+        if isinstance(item, dict):
+            unknown = set(item) - {"path", "weight"}
+            if unknown or "path" not in item:
+                raise ConfigError(
+                    f"data.mixture[{i}] must have keys 'path' and 'weight' (got {sorted(item)})"
+                )
+            source, weight = item["path"], item.get("weight", 1.0)
+        else:
+            source, weight = item
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"data.mixture[{i}].weight must be a positive number, got {weight!r}")
+        components.append((source, float(weight)))
+    if not components:
+        raise ConfigError("data.mixture must list at least one source")
+    return components
+
+
+class _ShardStreams:
+    """The Grain iterators of this process's shards and how one batch is cut from them."""
+
+    def __init__(self, iterators: list, shard_ids: range, rows_per_step: int,
+                 shape: tuple[int, int, int], pad_id: int, fingerprint: dict):
+        self.iterators = iterators
+        self.shard_ids = shard_ids
+        self.fingerprint = fingerprint
+        self.batches = 0
+        self.exhausted = [False] * len(iterators)
+        self.rows_per_step = rows_per_step
+        self.shape = shape  # (grad_accum, rows_per_shard, seq_len)
+        self.pad_id = pad_id
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        parts = []
+        for i, iterator in enumerate(self.iterators):
+            batch = None
+            if not self.exhausted[i]:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    self.exhausted[i] = True
+            parts.append(batch)
+        if all(self.exhausted):
+            raise StopIteration
+        grad_accum, rows_per_shard, seq_len = self.shape
+        local = []
+        for batch in parts:
+            have = 0 if batch is None else batch["inputs"].shape[0]
+            if have < self.rows_per_step:  # end of a finite run: fill with padding-only rows
+                empty = _empty_rows(self.rows_per_step - have, seq_len, self.pad_id)
+                batch = empty if batch is None else {
+                    k: np.concatenate([batch[k], empty[k]]) for k in empty
+                }
+            local.append({k: np.asarray(batch[k]).reshape(self.shape) for k in BATCH_KEYS})
+        # [grad_accum, rows_per_shard * local shards, seq_len]: shard order within each micro-batch
+        return {k: np.concatenate([part[k] for part in local], axis=1) for k in BATCH_KEYS}
+
+    def state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": dict(self.fingerprint),
+            "batches": self.batches,
+            "shards": {str(s): jsonable(it.get_state())
+                       for s, it in zip(self.shard_ids, self.iterators, strict=False)},
+        }
+
+    def produce(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The next batch and the state right after it."""
+        batch = self.next_batch()
+        self.batches += 1
+        return batch, self.state()
+
+
+class _Prefetcher:
+    """Produces (batch, state after it) on a background thread, `depth` batches ahead."""
+
+    def __init__(self, produce: Callable[[], tuple], depth: int):
+        self._produce = produce
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jaxalign-data", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = ("ok", self._produce())
+            except StopIteration:
+                item = ("stop", None)
+            except BaseException as e:  # handed to the consumer, raised there
+                item = ("error", e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] != "ok":
+                return
+
+    def get(self) -> tuple:
+        kind, value = self._queue.get()
+        if kind == "ok":
+            return value
+        self._queue.put((kind, value))  # every later call ends the same way
+        if kind == "stop":
+            raise StopIteration
+        raise value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class SFTBatchIterator:
@@ -102,13 +228,21 @@ class SFTBatchIterator:
 
     Each `next()` gives dict of numpy arrays [grad_accum, micro_batch, seq_len]: `inputs`,
     `targets` (int32), `loss_mask` (float32), `segment_ids` (int32, 0 = padding) and `positions`
-    (int32, restarting at 0 per segment). `get_state()` is JSON-serializable; `set_state()` on a
-    fresh iterator built with the same arguments resumes with exactly the same batches.
+    (int32, restarting at 0 per segment). `source` is a path / `tfds:` spec / list of records;
+    `mixture` ([(source, weight)] or [{path, weight}]) replaces it with a weighted mixture.
+
+    The stream is split into `shards` logical shards (default: the largest divisor <= 8 of the
+    global micro-batch rows); process p runs shards [p*k, (p+1)*k). `get_state()` is
+    JSON-serializable and holds this process's shards; `set_state()` on a fresh iterator built
+    with the same data and arguments, under any process count whose shards the state holds
+    (see `shards.merge_states`), resumes with exactly the same batches. With `prefetch > 0` a
+    background thread prepares that many batches ahead; the state still follows the batches
+    returned, not the ones prepared.
     """
 
     def __init__(
         self,
-        path: str,
+        source: Any,
         tokenizer: Tokenizer,
         *,
         seq_len: int,
@@ -123,97 +257,157 @@ class SFTBatchIterator:
         process_index: int = 0,
         process_count: int = 1,
         num_epochs: int | None = None,
+        shards: int | None = None,
+        mixture: Sequence[Any] | None = None,
+        data_dir: str | None = None,
+        prefetch: int = 0,
     ):
-        if seq_len < 1 or grad_accum < 1 or process_count < 1:
-            raise ConfigError("seq_len, grad_accum and process_count must be positive")
-        if not 0 <= process_index < process_count:
-            raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
-        if global_batch_size < 1 or global_batch_size % (grad_accum * process_count):
-            raise ConfigError(
-                f"global batch size {global_batch_size} must divide by grad_accum ({grad_accum})"
-                f" x process count ({process_count})"
-            )
+        if seq_len < 1:
+            raise ConfigError(f"seq_len must be positive, got {seq_len}")
         if num_packing_bins < 1:
             raise ConfigError(f"num_packing_bins must be positive, got {num_packing_bins}")
         if num_epochs is not None and num_epochs < 1:
             raise ConfigError(f"num_epochs must be positive or None, got {num_epochs}")
+        if prefetch < 0:
+            raise ConfigError(f"data.prefetch must be >= 0, got {prefetch}")
+        self.plan = plan_shards(
+            shards,
+            global_rows=global_batch_size,
+            grad_accum=grad_accum,
+            process_index=process_index,
+            process_count=process_count,
+        )
         get_template(template)  # fail on a bad name before reading any data
-        self.path = path
+        components = normalize_mixture(mixture) if mixture else [(source, 1.0)]
+        self.path = ",".join(source_name(c) for c, _ in components)
         self.seq_len = seq_len
         self.grad_accum = grad_accum
         self.micro_batch = global_batch_size // grad_accum // process_count
         self.pad_id = tokenizer.pad_id
 
-        records, skipped = read_jsonl(path, on_error=on_error)
-        examples, counts = tokenize_records(
-            records, tokenizer, template=template, seq_len=seq_len, where=path
-        )
-        shard = examples[process_index::process_count]
-        if not shard:
-            raise DataError(
-                f"no examples for process {process_index} of {process_count} "
-                f"({len(examples)} examples in total)",
-                where=path,
+        stats = dict.fromkeys(("records", "skipped", "truncated", "dropped", "examples",
+                               "tokens"), 0)
+        per_component = []
+        component_examples = []
+        for spec, _ in components:
+            name = source_name(spec)
+            records, skipped = read_records(spec, on_error=on_error, data_dir=data_dir)
+            examples, counts = tokenize_records(
+                records, tokenizer, template=template, seq_len=seq_len, where=name,
+                on_error=on_error,
             )
-        self.stats: dict[str, int] = {
-            "records": len(records),
-            "skipped": skipped,
-            "truncated": counts["truncated"],
-            "dropped": counts["dropped"],
-            "examples": len(shard),
-            "tokens": int(sum(len(e["inputs"]) for e in shard)),
-        }
-        # What a saved state must agree with to be meaningful here.
+            if not examples:
+                raise DataError("no examples left after tokenizing and truncating", where=name)
+            part = {
+                "source": name,
+                "records": len(records) - counts["skipped"],
+                "skipped": skipped + counts["skipped"],
+                "truncated": counts["truncated"],
+                "dropped": counts["dropped"],
+                "examples": len(examples),
+                "tokens": int(sum(len(e["inputs"]) for e in examples)),
+            }
+            for key in stats:
+                stats[key] += part[key]
+            per_component.append(part)
+            component_examples.append(examples)
+        self.stats: dict[str, Any] = dict(stats)
+        if len(components) > 1:
+            self.stats["components"] = per_component
+        # What a saved state must agree with to be meaningful here. Not the process index or
+        # count: the global stream is the same for all of them.
         self._fingerprint = {
-            "examples": len(shard),
-            "tokens": self.stats["tokens"],
+            "examples": [p["examples"] for p in per_component],
+            "tokens": [p["tokens"] for p in per_component],
+            "weights": [w for _, w in components],
+            "shards": self.plan.shards,
             "seq_len": seq_len,
             "packing": packing,
             "shuffle": shuffle,
             "seed": seed,
-            "process_index": process_index,
-            "process_count": process_count,
         }
 
-        dataset = grain.MapDataset.source(shard)
-        if shuffle:
-            dataset = dataset.shuffle(seed)
-        dataset = dataset.repeat(num_epochs)
-        # The examples are in memory: reading threads would only contend for the GIL.
-        ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        if packing:
-            ds = grain.experimental.FirstFitPackIterDataset(
-                ds,
-                length_struct={k: seq_len for k in FEATURES},
-                num_packing_bins=num_packing_bins,
-                seed=seed,
-                shuffle_bins=shuffle,
-                padding_struct={"inputs": self.pad_id, "targets": self.pad_id, "loss_mask": 0.0},
-            ).map(_rename_packed)
-        else:
-            ds = ds.map(lambda example: _pad_example(example, seq_len, self.pad_id))
-        self._rows = self.grad_accum * self.micro_batch
-        self._iterator = ds.batch(self._rows, drop_remainder=False).__iter__()
+        weights = [w for _, w in components]
+        iterators = []
+        local_examples = 0
+        for s in self.plan.local:
+            parts = []
+            for c, examples in enumerate(component_examples):
+                mine = shard_items(examples, s, self.plan.shards, per_component[c]["source"])
+                local_examples += len(mine)
+                ds = grain.MapDataset.source(mine)
+                if shuffle:
+                    ds = ds.shuffle(shard_seed(seed, c, s))
+                parts.append(ds.repeat(num_epochs).to_iter_dataset(IN_MEMORY))
+            ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
+            if packing:
+                ds = grain.experimental.FirstFitPackIterDataset(
+                    ds,
+                    length_struct={k: seq_len for k in FEATURES},
+                    num_packing_bins=num_packing_bins,
+                    seed=shard_seed(seed, 1 << 20, s),  # the packer's own stream
+                    shuffle_bins=shuffle,
+                    padding_struct={"inputs": self.pad_id, "targets": self.pad_id,
+                                    "loss_mask": 0.0},
+                ).map(_rename_packed)
+            else:
+                ds = ds.map(lambda example: _pad_example(example, seq_len, self.pad_id))
+            rows_per_step = grad_accum * self.plan.rows_per_shard
+            iterators.append(ds.batch(rows_per_step, drop_remainder=False).__iter__())
+        self.stats["local_examples"] = local_examples
+        # The prefetch thread holds only the streams, so dropping the iterator stops it.
+        self._streams = _ShardStreams(
+            iterators,
+            self.plan.local,
+            grad_accum * self.plan.rows_per_shard,
+            (grad_accum, self.plan.rows_per_shard, seq_len),
+            self.pad_id,
+            self._fingerprint,
+        )
+        self._prefetch = prefetch
+        self._prefetcher: _Prefetcher | None = None
+        self._state = self._streams.state()
+
+    # -- iteration ---------------------------------------------------------------------------
 
     def __iter__(self) -> SFTBatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
-        have = batch["inputs"].shape[0]
-        if have < self._rows:  # last batch of a finite run: fill with padding-only rows
-            empty = _empty_rows(self._rows - have, self.seq_len, self.pad_id)
-            batch = {k: np.concatenate([batch[k], empty[k]]) for k in empty}
-        shape = (self.grad_accum, self.micro_batch, self.seq_len)
-        return {k: np.asarray(batch[k]).reshape(shape) for k in BATCH_KEYS}
+        if self._prefetch:
+            if self._prefetcher is None:
+                self._prefetcher = _Prefetcher(self._streams.produce, self._prefetch)
+            batch, self._state = self._prefetcher.get()
+        else:
+            batch, self._state = self._streams.produce()
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def report(self) -> str:
+        """One line on what was read: records, bad records skipped, truncated, dropped, tokens."""
+        s = self.stats
+        return (
+            f"data {self.path}: {s['records']} records ({s['skipped']} bad records skipped), "
+            f"{s['examples']} examples, {s['tokens']} tokens, {s['truncated']} truncated, "
+            f"{s['dropped']} dropped (no target left), {self.plan.shards} shards"
+        )
+
+    # -- state -------------------------------------------------------------------------------
 
     def get_state(self) -> dict:
-        """JSON-serializable position in the stream."""
-        return {
-            "version": STATE_VERSION,
-            "fingerprint": dict(self._fingerprint),
-            "grain": _jsonable(self._iterator.get_state()),
-        }
+        """JSON-serializable position after the last batch returned (not the prefetched ones)."""
+        return {**self._state, "fingerprint": dict(self._state["fingerprint"])}
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` of an iterator built with the same data and arguments."""
@@ -226,7 +420,20 @@ class SFTBatchIterator:
                 f"{k}: saved {saved.get(k)!r}, now {self._fingerprint[k]!r}" for k in differ
             )
             raise DataError(f"cannot resume the data iterator; {detail}", where=self.path)
-        self._iterator.set_state(state["grain"])
+        shard_states = state.get("shards", {})
+        missing = [s for s in self.plan.local if str(s) not in shard_states]
+        if missing:
+            raise DataError(
+                f"cannot resume the data iterator; the state has no entry for data shards "
+                f"{missing} (merge the states of every process with shards.merge_states)",
+                where=self.path,
+            )
+        self.close()
+        for s, iterator in zip(self.plan.local, self._streams.iterators, strict=False):
+            iterator.set_state(shard_states[str(s)])
+        self._streams.exhausted = [False] * len(self._streams.iterators)
+        self._streams.batches = int(state.get("batches", 0))
+        self._state = self._streams.state()
 
 
 def sft_iterator_from_config(
@@ -242,9 +449,15 @@ def sft_iterator_from_config(
     shuffle: bool | None = None,
     num_epochs: int | None = None,
 ) -> SFTBatchIterator:
-    """An SFTBatchIterator over `path` (default: data_cfg.train_file) with data_cfg's options."""
+    """An SFTBatchIterator over `path` (default: data_cfg.train_file, or data_cfg.mixture) with
+    data_cfg's options. An explicit `path` (e.g. the eval file) never uses the mixture."""
+    mixture = data_cfg.mixture if path is None and data_cfg.mixture else None
+    if mixture is None and path is None:
+        path = data_cfg.train_file
+    if mixture is None and not path:
+        raise ConfigError("set data.train_file or data.mixture")
     return SFTBatchIterator(
-        path if path is not None else data_cfg.train_file,
+        path,
         tokenizer,
         seq_len=seq_len,
         global_batch_size=global_batch_size,
@@ -258,4 +471,9 @@ def sft_iterator_from_config(
         process_index=process_index,
         process_count=process_count,
         num_epochs=num_epochs,
+        shards=data_cfg.shards,
+        mixture=mixture,
+        data_dir=data_cfg.data_dir,
+        # Eval iterators are read once, up front: no thread for them.
+        prefetch=data_cfg.prefetch if num_epochs is None else 0,
     )

@@ -1,7 +1,13 @@
-"""Reading SFT records from JSONL (optionally gzipped), with one-line errors naming file:line.
+"""Reading records from JSONL (optionally gzipped), Parquet, ArrayRecord, TFDS or an in-memory
+list, with one-line errors naming the file, the line or record index, and the field.
 
-A record is `{"prompt": str, "completion": str}` (optionally `"system": str`) or
-`{"messages": [{"role": ..., "content": ...}, ...]}`.
+An SFT record is `{"prompt": str, "completion": str}` (optionally `"system": str`) or
+`{"messages": [{"role": ..., "content": ...}, ...]}`. Other record kinds (preference pairs,
+prompts) pass their own `validate` function to `read_records` / `record_dataset`.
+
+A source spec is a path whose extension picks the format (`.jsonl`, `.jsonl.gz`, `.parquet`,
+`.arrayrecord` / `.array_record`), `tfds:NAME[/CONFIG]:SPLIT` (read with `tfds.data_source`, never
+downloaded), or a Python list of records.
 """
 
 from __future__ import annotations
@@ -9,11 +15,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
 
 from jaxalign.data.templates import ROLES
 from jaxalign.errors import DataError
 
 ON_ERROR_CHOICES = ("raise", "skip")
+ARRAY_RECORD_SUFFIXES = (".arrayrecord", ".array_record")
+Validate = Callable[[Any, str], Any]  # (record, where) -> anything; raises DataError if bad
 
 
 def _fail(where: str, message: str) -> DataError:
@@ -72,21 +85,206 @@ def to_messages(record: dict, *, where: str) -> list[dict]:
     return messages
 
 
-def _parse_line(raw: bytes, where: str) -> dict:
+def _validate_sft(record: Any, where: str) -> None:
+    to_messages(record, where=where)
+
+
+def _parse_json_bytes(raw: bytes, where: str) -> Any:
     try:
         text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
         raise _fail(where, f"invalid UTF-8 at byte {e.start}") from None
     try:
-        record = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise _fail(where, f"malformed JSON ({e.msg} at column {e.colno})") from None
-    to_messages(record, where=where)
-    return record
+
+
+def _to_python(value: Any, where: str, field: str = "") -> Any:
+    """TFDS/NumPy values as plain Python: bytes -> str (UTF-8), arrays -> lists."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _fail(where, f"field '{field}' has invalid UTF-8 at byte {e.start}") from None
+    if isinstance(value, dict):
+        return {k: _to_python(v, where, f"{field}.{k}" if field else k) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        if value.dtype == object or value.dtype.kind == "S":
+            return [_to_python(v, where, f"{field}[{i}]") for i, v in enumerate(value.tolist())]
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v, where, f"{field}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def source_name(spec: Any) -> str:
+    """How errors and stats name a source: its path or spec, or `<memory>` for a list."""
+    return "<memory>" if isinstance(spec, (list, tuple)) else str(spec)
+
+
+def source_format(spec: Any) -> str:
+    """`memory`, `jsonl`, `parquet`, `arrayrecord` or `tfds`; DataError for anything else."""
+    if isinstance(spec, (list, tuple)):
+        return "memory"
+    if not isinstance(spec, str) or not spec:
+        raise DataError(f"data source must be a path, a 'tfds:' spec or a list, got {spec!r}")
+    if spec.startswith("tfds:"):
+        return "tfds"
+    if spec.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+        return "jsonl"
+    if spec.endswith(".parquet"):
+        return "parquet"
+    if spec.endswith(ARRAY_RECORD_SUFFIXES):
+        return "arrayrecord"
+    raise DataError(
+        "unknown data format (expected .jsonl, .jsonl.gz, .parquet, .arrayrecord, "
+        ".array_record or tfds:NAME[/CONFIG]:SPLIT)",
+        where=spec,
+    )
+
+
+def _raw_jsonl(path: str):
+    """(where, record-or-DataError) for each non-blank line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for line_number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    yield where, _parse_json_bytes(raw, where)
+                except DataError as e:
+                    yield where, e
+    except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip `.gz` file
+        raise DataError(f"cannot read file ({e})", where=path) from None
+
+
+def _raw_parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow (pip install pyarrow)", where=path) from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise DataError(f"cannot read Parquet file ({type(e).__name__}: {e})".splitlines()[0],
+                        where=path) from None
+    for i, row in enumerate(rows):
+        # Parquet has no per-record absent fields: a null column value means "absent".
+        yield f"{path}:record {i}", {k: v for k, v in row.items() if v is not None}
+
+
+def _raw_arrayrecord(path: str):
+    try:
+        source = grain.sources.ArrayRecordDataSource([path])
+        raw_records = source.__getitems__(list(range(len(source)))) if len(source) else []
+    except Exception as e:  # array_record raises RuntimeError/ValueError for bad files
+        raise DataError(f"cannot read ArrayRecord file ({type(e).__name__}: {e})".splitlines()[0],
+                        where=path) from None
+    for i, raw in enumerate(raw_records):
+        where = f"{path}:record {i}"
+        try:
+            yield where, _parse_json_bytes(raw, where)
+        except DataError as e:
+            yield where, e
+
+
+def parse_tfds_spec(spec: str) -> tuple[str, str]:
+    """`tfds:NAME[/CONFIG]:SPLIT` -> (NAME[/CONFIG], SPLIT)."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise DataError("expected tfds:NAME[/CONFIG]:SPLIT", where=spec)
+    return parts[1], parts[2]
+
+
+def _raw_tfds(spec: str, data_dir: str | None):
+    name, split = parse_tfds_spec(spec)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(
+            "reading TFDS needs tensorflow-datasets (pip install 'jaxalign[tfds]')", where=spec
+        ) from None
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        length = len(source)
+        items = [source[i] for i in range(length)]
+    except Exception as e:  # unknown dataset, missing files, bad split...
+        message = f"cannot open TFDS dataset ({type(e).__name__}: {e})".splitlines()[0]
+        raise DataError(message, where=spec) from None
+    for i, item in enumerate(items):
+        where = f"{spec}:record {i}"
+        try:
+            yield where, _to_python(item, where)
+        except DataError as e:
+            yield where, e
+
+
+def read_records(
+    spec: Any,
+    *,
+    validate: Validate | None = None,
+    on_error: str = "raise",
+    data_dir: str | None = None,
+) -> tuple[list[Any], int]:
+    """Valid records of a source and how many bad ones were skipped.
+
+    `validate(record, where)` raises DataError for a bad record (default: an SFT record). With
+    on_error="raise" the first bad record raises DataError `SOURCE:LINE: ...` (JSONL) or
+    `SOURCE:record N: ...`; with "skip" bad records are dropped and counted. No valid records is
+    an error.
+    """
+    if on_error not in ON_ERROR_CHOICES:
+        raise DataError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    validate = validate or _validate_sft
+    fmt = source_format(spec)
+    name = source_name(spec)
+    if fmt == "memory":
+        raw = ((f"<memory>[{i}]", record) for i, record in enumerate(spec))
+    elif fmt == "tfds":
+        raw = _raw_tfds(spec, data_dir)
+    else:
+        if not os.path.isfile(spec):
+            raise DataError("data file not found", where=spec)
+        raw = {"jsonl": _raw_jsonl, "parquet": _raw_parquet, "arrayrecord": _raw_arrayrecord}[
+            fmt
+        ](spec)
+    records: list[Any] = []
+    skipped = 0
+    for where, record in raw:
+        try:
+            if isinstance(record, DataError):
+                raise record
+            validate(record, where)
+            records.append(record)
+        except DataError:
+            if on_error == "raise":
+                raise
+            skipped += 1
+    if not records:
+        detail = f" ({skipped} bad records skipped)" if skipped else ""
+        raise DataError(f"no valid records{detail}", where=name)
+    return records, skipped
+
+
+def record_dataset(
+    spec: Any,
+    *,
+    validate: Validate | None = None,
+    on_error: str = "raise",
+    data_dir: str | None = None,
+) -> tuple[grain.MapDataset, int]:
+    """A Grain MapDataset of a source's valid raw records, and the number skipped."""
+    records, skipped = read_records(spec, validate=validate, on_error=on_error, data_dir=data_dir)
+    return grain.MapDataset.source(records), skipped
 
 
 def read_jsonl(path: str, *, on_error: str = "raise") -> tuple[list[dict], int]:
-    """Valid records of a `.jsonl` / `.jsonl.gz` file and how many bad ones were skipped.
+    """Valid SFT records of a `.jsonl` / `.jsonl.gz` file and how many bad ones were skipped.
 
     With on_error="raise" the first bad record raises DataError `path:line: ...`; with "skip" bad
     records are dropped and counted. Blank lines are ignored. No valid records is an error.
@@ -95,22 +293,18 @@ def read_jsonl(path: str, *, on_error: str = "raise") -> tuple[list[dict], int]:
         raise DataError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     if not os.path.isfile(path):
         raise DataError("data file not found", where=str(path))
-    opener = gzip.open if str(path).endswith(".gz") else open
     records: list[dict] = []
     skipped = 0
-    try:
-        with opener(path, "rb") as f:
-            for line_number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    records.append(_parse_line(raw, f"{path}:{line_number}"))
-                except DataError:
-                    if on_error == "raise":
-                        raise
-                    skipped += 1
-    except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip `.gz` file
-        raise DataError(f"cannot read file ({e})", where=str(path)) from None
+    for where, record in _raw_jsonl(str(path)):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            to_messages(record, where=where)
+            records.append(record)
+        except DataError:
+            if on_error == "raise":
+                raise
+            skipped += 1
     if not records:
         detail = f" ({skipped} bad records skipped)" if skipped else ""
         raise DataError(f"no valid records{detail}", where=str(path))

@@ -51,7 +51,11 @@ class SFT:
         )
 
     def train_data(self, process_index: int, process_count: int):
-        return self._iterator(self.cfg.data.train_file, process_index, process_count)
+        # path None: data.train_file, or data.mixture when set.
+        data = self._iterator(None, process_index, process_count)
+        if process_index == 0:  # records read, bad ones skipped (data.on_error: skip), truncated
+            print(f"[jaxalign] {data.report()}", flush=True)
+        return data
 
     def eval_data(self, process_index: int, process_count: int):
         if not self.cfg.data.eval_file:
