@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from jaxalign.config import DataConfig
-from jaxalign.data.shards import jsonable, plan_shards, shard_items, shard_seed
+from jaxalign.data.shards import jsonable, merge_states, plan_shards, shard_items, shard_seed
 from jaxalign.data.sources import read_records, source_name, to_messages
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
@@ -404,6 +404,9 @@ class SFTBatchIterator:
         )
 
     # -- state -------------------------------------------------------------------------------
+
+    # The trainer merges the states of all processes into one (see trainers/loop.py).
+    merge_states = staticmethod(merge_states)
 
     def get_state(self) -> dict:
         """JSON-serializable position after the last batch returned (not the prefetched ones)."""

@@ -4,6 +4,7 @@ preemption, metrics and progress. An algorithm only supplies a loss and its data
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -96,6 +97,49 @@ def batch_sharding(mesh: Mesh, rules: shd.Rules, ndim: int) -> NamedSharding:
     """[grad_accum, batch, ...]: batch over the batch axes, the rest replicated."""
     return NamedSharding(mesh, P(None, shd.logical_to_spec(("batch",), rules)[0],
                                  *([None] * (ndim - 2))))
+
+
+def _allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-serializable `obj`, in process order."""
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size]))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(gathered[i, : sizes[i]]).decode()) for i in range(len(sizes))]
+
+
+def global_data_state(data: DataIterator) -> dict:
+    """The data state of the whole run, for the checkpoint (written by process 0 only).
+
+    With several processes, the states of all of them are gathered: merged by the iterator's
+    `merge_states` when it has one (so the run can resume under another process count), else
+    identical states are kept once and differing ones per process.
+    """
+    state = data.get_state()
+    if jax.process_count() == 1:
+        return state
+    states = _allgather_json(state)
+    merge = getattr(data, "merge_states", None)
+    if merge is not None:
+        return merge(states)
+    if all(s == states[0] for s in states):
+        return states[0]
+    return {"per_process": states}
+
+
+def local_data_state(state: dict) -> dict:
+    """This process's part of a `global_data_state`."""
+    if "per_process" in state:
+        states = state["per_process"]
+        if len(states) != jax.process_count():
+            raise UserError(f"the checkpoint's data state was saved by {len(states)} processes; "
+                            f"this data source resumes only with that many "
+                            f"(now {jax.process_count()})")
+        return states[jax.process_index()]
+    return state
 
 
 class Trainer:
@@ -229,7 +273,7 @@ class Trainer:
             self.frozen = frozen_fn(self, start_params)
         if latest is not None:
             state, data_state, _ = ckpt.restore(latest, self.abstract_state)
-            data.set_state(data_state)
+            data.set_state(local_data_state(data_state))
             self._log(f"resumed from {self.run_dir / 'checkpoints' / str(latest)}")
         else:
             state = self.fresh_state(start_params)
@@ -337,7 +381,7 @@ class Trainer:
             stop = self._should_stop()
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
                 self._check_finite(state, ckpt)  # never checkpoint past a halting fault
-                ckpt.save(done, state, data.get_state(), to_dict(cfg), force=True)
+                ckpt.save(done, state, global_data_state(data), to_dict(cfg), force=True)
             if stop and not is_last:
                 preempted = True
                 ckpt.wait()
