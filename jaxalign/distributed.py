@@ -10,6 +10,8 @@ otherwise a single process, and nothing is called.
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import jax
 
@@ -45,6 +47,25 @@ def _int_env(env, name: str) -> int:
     return int(value)
 
 
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Connect to host:port until it answers or `timeout` passes (JAX's own client aborts the
+    whole process on a deadline instead of raising, so check first)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{ENV_COORDINATOR}={address!r}: expected HOST:PORT")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise UserError(f"cannot join the cluster ({ENV_COORDINATOR}={address}): "
+                                f"coordinator not reachable within {timeout:g}s "
+                                f"({e.strerror or e})") from None
+            time.sleep(0.5)
+
+
 def initialize(environ: dict[str, str] | None = None) -> str:
     """Join the cluster the environment describes (idempotent); returns the detected mode.
 
@@ -68,6 +89,8 @@ def initialize(environ: dict[str, str] | None = None) -> str:
                             f"({ENV_NUM_PROCESSES}={num})")
         kwargs.update(coordinator_address=env[ENV_COORDINATOR], num_processes=num,
                       process_id=pid)
+        if pid != 0:  # process 0 starts the coordinator service; the others must reach it
+            _wait_for_coordinator(env[ENV_COORDINATOR], timeout)
     if jax.config.jax_platforms in (None, "", "cpu") or env.get("JAX_PLATFORMS") == "cpu":
         # CPU devices of several processes need a collectives backend to talk to each other.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -8,6 +8,7 @@ maps each logical name to mesh axes; `logical_to_sharding` turns a pytree of log
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import math
 from collections.abc import Iterator, Sequence
@@ -108,6 +109,10 @@ def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build the device mesh with axes (data, fsdp, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1 and all(getattr(cfg, f"dcn_{a}") == 1 for a in AXIS_NAMES):
+        # Several slices and no DCN split given: data parallelism across slices by default.
+        cfg = dataclasses.replace(cfg, dcn_data=slices)
     sizes = axis_sizes(cfg, len(devices))
     dcn = [getattr(cfg, f"dcn_{a}") for a in AXIS_NAMES]
     if math.prod(dcn) > 1:

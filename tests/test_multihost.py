@@ -85,3 +85,28 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
     resumed, single = losses(run_dir), losses(runs / "single")
     assert sorted(resumed) == [4, 5]
     np.testing.assert_allclose([resumed[4], resumed[5]], [single[4], single[5]], atol=1e-5)
+
+
+def test_unreachable_coordinator_fails_in_bounded_time_naming_the_setting():
+    import time
+
+    env = _env(4) | {"JAXALIGN_COORDINATOR": "127.0.0.1:1", "JAXALIGN_NUM_PROCESSES": "2",
+                     "JAXALIGN_PROCESS_ID": "1", "JAXALIGN_INIT_TIMEOUT": "5"}
+    start = time.time()
+    proc = subprocess.run(_train_args(Path("/tmp/unused_run")), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert time.time() - start < 60
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot join the cluster (JAXALIGN_COORDINATOR=127.0.0.1:1)")
+    assert "not reachable within 5s" in last
+
+
+def test_process_id_outside_the_count_is_one_line():
+    env = _env(4) | {"JAXALIGN_COORDINATOR": "127.0.0.1:1", "JAXALIGN_NUM_PROCESSES": "2",
+                     "JAXALIGN_PROCESS_ID": "2"}
+    proc = subprocess.run(_train_args(Path("/tmp/unused_run")), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: JAXALIGN_PROCESS_ID=2 is outside 0..1 (JAXALIGN_NUM_PROCESSES=2)")
