@@ -11,6 +11,7 @@ CPU and GPU backends run fastest (see docs/performance.md).
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -186,6 +187,38 @@ class Attention(nnx.Module):
                                         self.cfg.sliding_window)
         return self.out(attn)
 
+    def with_cache(self, x, positions, segment_ids, inv_freq, cache, layer, index,
+                   kv_segment_ids):
+        """Attention that also writes this layer's keys/values into the KV cache.
+
+        cache: {'k', 'v'} [L, B, S, KV, hd] for all layers; `layer` selects ours. With
+        `index=None` (prefill) the T tokens fill cache slots [0, T) and attend to each other
+        exactly as in `__call__`; otherwise (decode) they go to slots [index, index + T) and
+        attend to every cache slot at or before their own whose `kv_segment_ids` [B, S] equal
+        theirs. Returns (out [B, T, D], cache).
+        """
+        q, k, v = self.qkv(x, positions, inv_freq)
+        start = jnp.zeros((), jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
+        layer = jnp.asarray(layer, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        cache = {
+            name: jax.lax.dynamic_update_slice(
+                cache[name], new[None].astype(cache[name].dtype), (layer, zero, start, zero, zero)
+            )
+            for name, new in (("k", k), ("v", v))
+        }
+        if index is None:
+            attn = blocked_causal_attention(q, k, v, segment_ids, self.cfg.attention_query_block,
+                                            self.cfg.sliding_window)
+        else:
+            keys = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
+            values = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
+            t, s = x.shape[1], keys.shape[1]
+            attn = attend(q, keys.astype(q.dtype), values.astype(q.dtype), segment_ids,
+                          kv_segment_ids, start + jnp.arange(t), jnp.arange(s),
+                          self.cfg.sliding_window)
+        return self.out(attn), cache
+
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward."""
@@ -234,6 +267,17 @@ class Block(nnx.Module):
         x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one))
         return constrain(x, ("batch", "length", "embed"))
 
+    def with_cache(self, x, positions, segment_ids, inv_freq, cache, layer, index,
+                   kv_segment_ids):
+        """`__call__` that also fills the KV cache (see `Attention.with_cache`)."""
+        eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
+        h = rms_norm(x, self.attn_norm[...], eps, plus_one)
+        attn, cache = self.attn.with_cache(h, positions, segment_ids, inv_freq, cache, layer,
+                                           index, kv_segment_ids)
+        x = x + attn
+        x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one))
+        return constrain(x, ("batch", "length", "embed")), cache
+
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -258,7 +302,8 @@ class Transformer(nnx.Module):
             self.blocks = make_blocks(rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = (_zeros if cfg.norm_plus_one else _ones)((cfg.hidden_size,), ("norm",), pd)
+        norm_init = _zeros if cfg.norm_plus_one else _ones
+        self.final_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   std, pd)
@@ -266,6 +311,15 @@ class Transformer(nnx.Module):
     def output_weight(self) -> jax.Array:
         """The [D, V] output projection (the embedding's transpose when tied)."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] int -> [B, T, D] embeddings in the compute dtype."""
+        cfg = self.cfg
+        dtype = DTYPES[cfg.dtype]
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+        return constrain(x, ("batch", "length", "embed"))
 
     def __call__(
         self,
@@ -278,17 +332,13 @@ class Transformer(nnx.Module):
         Tokens attend only within their segment; positions restart per segment (for RoPE).
         """
         cfg = self.cfg
-        dtype = DTYPES[cfg.dtype]
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         inv_freq = rope_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        if cfg.scale_embeddings:
-            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = self.embed_tokens(tokens)
 
         def apply_block(block_graphdef, block_state, x):
             block = nnx.merge(block_graphdef, block_state)
@@ -310,6 +360,57 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] in the compute dtype."""
         return dense(hidden, self.output_weight())
+
+    def with_cache(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: dict,
+        index: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """The forward pass for generation: hidden states [B, T, D] and the updated KV cache.
+
+        Prefill (`index=None`): tokens fill cache slots [0, T) and the result equals
+        `__call__(tokens, positions, segment_ids)`. Decode: tokens go to slots [index, index + T)
+        and attend to earlier slots with equal `kv_segment_ids` [B, S] (0 = padding). cache:
+        `init_cache(...)`, {'k', 'v'} [L, B, S, KV, hd]. `remat` does not apply here.
+        """
+        cfg = self.cfg
+        inv_freq = rope_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        x = self.embed_tokens(tokens)
+        cache = {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
+
+        def apply_block(block, x, cache, layer):
+            return block.with_cache(x, positions, segment_ids, inv_freq, cache, layer, index,
+                                    kv_segment_ids)
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(carry, xs):
+                block_state, layer = xs
+                return apply_block(nnx.merge(graphdef, block_state), *carry, layer), None
+
+            (x, cache), _ = jax.lax.scan(body, (x, cache),
+                                         (state, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+        else:
+            for layer, blk in enumerate(self.blocks):
+                x, cache = apply_block(blk, x, cache, layer)
+        cache = {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one), cache
+
+
+# Logical axes of the KV cache arrays.
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    """An empty KV cache for `batch` rows of `length` slots: {'k', 'v'} [L, B, S, KV, hd] in the
+    compute dtype."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return {name: jnp.zeros(shape, DTYPES[cfg.dtype]) for name in ("k", "v")}
 
 
 def logical_axes(params) -> object:

@@ -1,0 +1,260 @@
+"""Decode throughput: jaxalign's Sampler vs Hugging Face transformers' `generate`, same shapes.
+
+    python bench/decode.py                          # sizes tiny,100m; batches 1,8,64
+    python bench/decode.py --sizes 7m --batches 8 --new-tokens 128 --repeats 5
+
+Both sides decode greedily from random-weight models of the same Llama config (f32), with prompts
+of `--prompt-len` random tokens (no padding) and exactly `--new-tokens` new tokens (jaxalign: no
+stop tokens; transformers: `min_new_tokens = max_new_tokens`, KV cache on). The time of one call
+includes the prefill on both sides; tokens/s = batch * new tokens / seconds. JAX compiles once per
+shape before timing.
+
+Each side runs in its own long-lived subprocess with the same allocator (`--allocator`, default
+tcmalloc when installed); the parent asks them in turns so the repeats interleave in time, and
+reports medians. Results: a table on stdout and JSON (`--json`, default
+bench/results/decode.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SIZES: dict[str, dict] = {
+    # configs/sft_tiny.yaml's model (untied here so both sides have the same parameters).
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_layers": 4,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+    },
+    # The 7.1M model of /work/shared/PERFORMANCE-NOTES.md.
+    "7m": {
+        "vocab_size": 8192,
+        "hidden_size": 256,
+        "intermediate_size": 704,
+        "num_layers": 4,
+        "num_heads": 8,
+        "num_kv_heads": 4,
+    },
+    # About 100M parameters (25M embedding + 25M output + 12 x 4.2M blocks).
+    "100m": {
+        "vocab_size": 16384,
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_layers": 12,
+        "num_heads": 12,
+        "num_kv_heads": 4,
+    },
+}
+
+
+def num_params(m: dict) -> int:
+    d, f, v, layers = m["hidden_size"], m["intermediate_size"], m["vocab_size"], m["num_layers"]
+    hd = d // m["num_heads"]
+    attn = d * hd * (2 * m["num_heads"] + 2 * m["num_kv_heads"])
+    return 2 * v * d + d + layers * (attn + 3 * d * f + 2 * d)
+
+
+# -- workers -----------------------------------------------------------------------------------
+
+
+def jax_worker(size: str) -> None:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxalign.config import SamplingConfig, load_config
+    from jaxalign.generate import Sampler
+    from jaxalign.models.llama import Transformer
+
+    cfg = load_config(None, [], base={"model": dict(SIZES[size])})
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            np.ones(x.shape, np.float32)
+            if "norm" in jax.tree_util.keystr(path)
+            else (0.02 * rng.standard_normal(x.shape, np.float32))
+        ),
+        state.to_pure_dict(),
+    )
+    params = jax.device_put(params, jax.devices()[0])
+    samplers: dict[int, Sampler] = {}
+    common.emit(
+        {"ready": True, "device": str(jax.devices()[0]), "allocator": common.loaded_allocator()}
+    )
+    for cmd in common.commands():
+        n, b, p = cmd["new_tokens"], cmd["batch"], cmd["prompt_len"]
+        if n not in samplers:
+            samplers[n] = Sampler(
+                cfg.model,
+                SamplingConfig(temperature=0.0, max_new_tokens=n, max_prompt_len=p),
+                graphdef=graphdef,
+            )
+        prompts = np.random.default_rng(1).integers(4, cfg.model.vocab_size, (b, p))
+        lengths = np.full((b,), p, np.int32)
+        sampler = samplers[n]
+        if cmd.get("warmup"):
+            jax.block_until_ready(sampler.generate_padded(params, prompts, lengths).tokens)
+        with common.Timer() as t:
+            out = sampler.generate_padded(params, prompts, lengths)
+            jax.block_until_ready(out.tokens)
+        assert int(out.lengths.min()) == n
+        common.emit({"seconds": t.wall_s, **t.as_dict()})
+
+
+def torch_worker(size: str) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = SIZES[size]
+    config = LlamaConfig(
+        vocab_size=m["vocab_size"],
+        hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_layers"],
+        num_attention_heads=m["num_heads"],
+        num_key_value_heads=m["num_kv_heads"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        torch_dtype=torch.float32,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    common.emit(
+        {"ready": True, "threads": torch.get_num_threads(), "allocator": common.loaded_allocator()}
+    )
+    for cmd in common.commands():
+        n, b, p = cmd["new_tokens"], cmd["batch"], cmd["prompt_len"]
+        ids = torch.randint(4, m["vocab_size"], (b, p), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        kwargs = dict(
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        with torch.inference_mode():
+            if cmd.get("warmup"):
+                model.generate(ids, **kwargs)
+            with common.Timer() as t:
+                out = model.generate(ids, **kwargs)
+        assert out.shape == (b, p + n), out.shape
+        common.emit({"seconds": t.wall_s, **t.as_dict()})
+
+
+# -- parent ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="tiny,100m")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument(
+        "--new-tokens-100m",
+        type=int,
+        default=64,
+        help="new tokens for the 100m size (keeps the run to a few minutes)",
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--allocator", default=common.default_allocator(), choices=common.ALLOCATORS)
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "decode.json"))
+    ap.add_argument("--worker", choices=("jax", "torch"))
+    ap.add_argument("--size")
+    args = ap.parse_args()
+    if args.worker:
+        (jax_worker if args.worker == "jax" else torch_worker)(args.size)
+        return
+
+    env = common.allocator_env(args.allocator)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    rows, info = [], {}
+    started = time.perf_counter()
+    for size in args.sizes.split(","):
+        workers = {
+            side: common.Worker(
+                side, [sys.executable, __file__, "--worker", side, "--size", size], env
+            )
+            for side in ("jax", "torch")
+        }
+        try:
+            info[size] = {side: w.read() for side, w in workers.items()}
+            n = args.new_tokens_100m if size == "100m" else args.new_tokens
+            for b in (int(x) for x in args.batches.split(",")):
+                cmd = {"batch": b, "prompt_len": args.prompt_len, "new_tokens": n}
+                times: dict[str, list[float]] = {"jax": [], "torch": []}
+                for rep in range(args.repeats):
+                    for side, w in workers.items():
+                        times[side].append(w.request({**cmd, "warmup": rep == 0})["seconds"])
+                row = {
+                    "size": size,
+                    "params_m": num_params(SIZES[size]) / 1e6,
+                    "batch": b,
+                    "prompt_len": args.prompt_len,
+                    "new_tokens": n,
+                }
+                for side in ("jax", "torch"):
+                    row[f"{side}_s"] = common.median(times[side])
+                    row[f"{side}_tok_s"] = b * n / row[f"{side}_s"]
+                    row[f"{side}_all_s"] = times[side]
+                row["ratio"] = row["jax_tok_s"] / row["torch_tok_s"]
+                rows.append(row)
+                print(
+                    f"{size} batch {b}: jaxalign {row['jax_tok_s']:,.0f} tok/s, transformers "
+                    f"{row['torch_tok_s']:,.0f} tok/s ({row['ratio']:.2f}x)",
+                    flush=True,
+                )
+                write_result(args, info, rows, started)  # partial results survive an abort
+        finally:
+            for w in workers.values():
+                w.close()
+    columns = [
+        ("size", "size", "s"),
+        ("params (M)", "params_m", ".1f"),
+        ("batch", "batch", "d"),
+        ("new tokens", "new_tokens", "d"),
+        ("jaxalign tok/s", "jax_tok_s", ",.0f"),
+        ("transformers tok/s", "torch_tok_s", ",.0f"),
+        ("ratio", "ratio", ".2f"),
+    ]
+    print()
+    print(common.format_table(rows, columns))
+    write_result(args, info, rows, started)
+    print(f"\nwrote {args.json}")
+
+
+def write_result(args: argparse.Namespace, info: dict, rows: list[dict], started: float) -> None:
+    result = {
+        "benchmark": "decode",
+        "machine": common.machine_info(),
+        "allocator": args.allocator,
+        "workers": info,
+        "load_average": common.load_average(),
+        "total_s": time.perf_counter() - started,
+        "rows": rows,
+    }
+    common.write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Rejection sampling (the Llama 3 recipe): K completions per prompt, scored; the best becomes an
+SFT example and the best/worst pair a DPO example.
+
+A scorer is any callable `score(prompts, completions, records) -> np.ndarray [N]` over N
+(prompt, completion) rows, where `records` are the input records the rows came from. Two are
+built in: a Python reward function (`module:function` or `path/to/file.py:function`, called as
+`fn(prompts, completions, **record_fields) -> scores`, each record field a list aligned with the
+rows, like TRL's reward functions) and a reward model run directory (`jaxalign.trainers.rm`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from jaxalign.errors import UserError
+
+Scorer = Callable[[list, list[str], list[dict]], np.ndarray]
+PROMPT_FIELDS = ("prompt", "messages", "system")
+
+
+def load_reward_function(spec: str) -> Callable:
+    """Import `module:function` or `path/to/file.py:function`."""
+    module_name, _, fn_name = spec.rpartition(":")
+    if not module_name or not fn_name:
+        raise UserError(f"--reward-fn {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise UserError(f"--reward-fn {spec!r}: file {path} not found")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"--reward-fn {spec!r}: cannot import {module_name} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"--reward-fn {spec!r}: {module_name} has no function {fn_name!r}")
+    return fn
+
+
+def function_scorer(fn: Callable, name: str = "reward function") -> Scorer:
+    """A scorer calling `fn(prompts, completions, **fields)`; every record field other than the
+    prompt's is passed as a list aligned with the rows."""
+
+    def score(prompts: list, completions: list[str], records: list[dict]) -> np.ndarray:
+        keys = sorted({k for r in records for k in r} - set(PROMPT_FIELDS))
+        fields = {k: [r.get(k) for r in records] for k in keys}
+        scores = np.asarray(fn(prompts, completions, **fields), dtype=np.float64).reshape(-1)
+        if scores.shape != (len(completions),):
+            raise UserError(
+                f"{name} returned {scores.size} scores for {len(completions)} completions"
+            )
+        return scores
+
+    return score
+
+
+def reward_model_scorer(run_dir: str) -> Scorer:
+    """A scorer using a reward-model run directory (`trainer: rm`) and its own tokenizer and
+    template."""
+    from jaxalign.data import load_tokenizer, render
+    from jaxalign.trainers.rm import load_reward_model
+
+    cfg, rm, _ = load_reward_model(run_dir)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+
+    def score(prompts: list, completions: list[str], records: list[dict]) -> np.ndarray:
+        sequences = []
+        for messages, completion in zip(prompts, completions, strict=True):
+            convo = [*messages, {"role": "assistant", "content": completion}]
+            sequences.append(render(convo, tokenizer, cfg.data.template)[0])
+        return np.asarray(rm.score(sequences), np.float64)
+
+    return score
+
+
+def best_and_worst(scores: np.ndarray, eligible: np.ndarray) -> tuple[int, int] | None:
+    """Indices of the highest and lowest score among eligible samples (first on ties); None if
+    none is eligible. scores, eligible: [K]."""
+    if not eligible.any():
+        return None
+    masked_hi = np.where(eligible, scores, -np.inf)
+    masked_lo = np.where(eligible, scores, np.inf)
+    return int(np.argmax(masked_hi)), int(np.argmin(masked_lo))
+
+
+def _prompt_fields(record: dict, messages: list[dict]) -> dict:
+    """The prompt as it came: a text `prompt` (+ `system`) or a list of messages."""
+    if isinstance(record.get("prompt"), str):
+        extra = {"system": record["system"]} if isinstance(record.get("system"), str) else {}
+        return {"prompt": record["prompt"], **extra}
+    return {"prompt": messages}
+
+
+def rejection_sample(
+    policy,
+    input_path: str | Path,
+    scorer: Scorer,
+    sft_output: str | Path,
+    dpo_output: str | Path | None = None,
+    *,
+    scorer_prompts: str = "text",
+    progress: bool = True,
+) -> dict:
+    """Sample `sampling.num_samples` completions per prompt of `input_path`, score them, and
+    write the best per prompt as SFT JSONL (`prompt`/`system` + `completion`, or `messages`,
+    with `score`) and the best/worst pair as DPO JSONL (`prompt`, `chosen`, `rejected`,
+    `chosen_score`, `rejected_score`; pairs with equal scores are skipped). Empty completions
+    are never chosen. `scorer_prompts`: "text" passes a record's prompt string (its messages if
+    it has none), "messages" always the message list (what a reward model needs). Returns
+    counts and the mean best/mean score."""
+    from jaxalign.generate import completion_text, load_prompts_and_sample
+
+    tokenizer, records, messages, samples = load_prompts_and_sample(
+        policy, input_path, progress=progress
+    )
+    texts = [[completion_text(tokenizer, c) for c in row] for row in samples]
+    flat_prompts, flat_completions, flat_records = [], [], []
+    for record, convo, row in zip(records, messages, texts, strict=True):
+        prompt = (
+            convo
+            if scorer_prompts == "messages" or not isinstance(record.get("prompt"), str)
+            else record["prompt"]
+        )
+        for text in row:
+            flat_prompts.append(prompt)
+            flat_completions.append(text)
+            flat_records.append(record)
+    scores = np.asarray(scorer(flat_prompts, flat_completions, flat_records), np.float64)
+    k = len(texts[0])
+    scores = scores.reshape(len(records), k)
+    sft_output, stats = (
+        Path(sft_output),
+        {"prompts": len(records), "samples_per_prompt": k, "sft_records": 0, "dpo_pairs": 0},
+    )
+    sft_output.parent.mkdir(parents=True, exist_ok=True)
+    dpo_file = None
+    if dpo_output is not None:
+        Path(dpo_output).parent.mkdir(parents=True, exist_ok=True)
+        dpo_file = open(dpo_output, "w", encoding="utf-8")  # noqa: SIM115
+    best_scores = []
+    try:
+        with sft_output.open("w", encoding="utf-8") as sft_file:
+            for record, convo, row, row_scores in zip(
+                records, messages, texts, scores, strict=True
+            ):
+                eligible = np.asarray([bool(t.strip()) for t in row])
+                picked = best_and_worst(row_scores, eligible)
+                if picked is None:
+                    continue
+                best, worst = picked
+                best_scores.append(row_scores[best])
+                prompt = _prompt_fields(record, convo)
+                if isinstance(prompt["prompt"], str):
+                    sft = {**prompt, "completion": row[best]}
+                else:
+                    sft = {"messages": [*convo, {"role": "assistant", "content": row[best]}]}
+                sft_file.write(
+                    json.dumps({**sft, "score": float(row_scores[best])}, ensure_ascii=False) + "\n"
+                )
+                stats["sft_records"] += 1
+                if dpo_file is not None and row_scores[best] > row_scores[worst]:
+                    pair = {
+                        **prompt,
+                        "chosen": row[best],
+                        "rejected": row[worst],
+                        "chosen_score": float(row_scores[best]),
+                        "rejected_score": float(row_scores[worst]),
+                    }
+                    dpo_file.write(json.dumps(pair, ensure_ascii=False) + "\n")
+                    stats["dpo_pairs"] += 1
+    finally:
+        if dpo_file is not None:
+            dpo_file.close()
+    stats["mean_score"] = float(scores.mean())
+    stats["mean_best_score"] = float(np.mean(best_scores)) if best_scores else float("nan")
+    return stats
+
+
+def make_scorer(reward_fn: str | None, reward_model: str | None) -> tuple[Scorer, str]:
+    """The scorer the CLI flags name (exactly one of them) and the prompt form it wants."""
+    if (reward_fn is None) == (reward_model is None):
+        raise UserError("rejection-sample: give exactly one of --reward-fn and --reward-model")
+    if reward_fn is not None:
+        return function_scorer(load_reward_function(reward_fn), reward_fn), "text"
+    return reward_model_scorer(reward_model), "messages"

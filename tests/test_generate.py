@@ -1,0 +1,373 @@
+"""The sampler: KV-cache decoding equals full forward passes, train/rollout log-prob parity,
+sampling processors, stop tokens, seeds, sharding, scan_layers; the generate and
+rejection-sample commands."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from toy import TINY_MODEL
+
+from jaxalign import sharding as shd
+from jaxalign.config import SamplingConfig, load_config
+from jaxalign.generate import FINISH_REASONS, Sampler
+from jaxalign.losses import target_logprobs
+from jaxalign.models.llama import Transformer, logical_axes, stack_layers
+
+TOKENIZER = str(Path(__file__).resolve().parents[1] / "data" / "tiny" / "tokenizer.model")
+MODEL = {**TINY_MODEL, "vocab_size": 512}
+# Larger than default random weights make the distributions peaked, so argmax never ties.
+WEIGHT_STD = 0.25
+N = 10  # new tokens
+PROMPT_LENS = (5, 11, 3, 20, 9, 1, 14, 7)  # bucket 32 (one prompt is longer than 16)
+WIDTH = 32 + N  # reference forward width (right padding)
+
+
+def make_cfg(**overrides):
+    sets = [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(None, sets, base={"model": dict(MODEL)})
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = make_cfg()
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
+    init = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(  # numpy init: much faster than NNX's eager init
+        lambda path, x: (
+            np.ones(x.shape, np.float32)
+            if "norm" in jax.tree_util.keystr(path)
+            else (WEIGHT_STD * init.standard_normal(x.shape)).astype(np.float32)
+        ),
+        state.to_pure_dict(),
+    )
+    params = jax.device_put(params, jax.devices()[0])
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, 512, size=n).astype(np.int32) for n in PROMPT_LENS]
+
+    @jax.jit
+    def forward(params, tokens, segment_ids):
+        """Training-style forward over right-padded rows: logits and next-token log-probs."""
+        model = nnx.merge(graphdef, params)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden = model(tokens, positions, segment_ids)
+        logps, _ = target_logprobs(hidden[:, :-1], model.output_weight(), tokens[:, 1:])
+        return model.logits(hidden).astype(jnp.float32), logps
+
+    def reference(seqs):
+        tokens = np.zeros((len(seqs), WIDTH), np.int32)
+        segment_ids = np.zeros_like(tokens)
+        for r, s in enumerate(seqs):
+            tokens[r, : len(s)] = s
+            segment_ids[r, : len(s)] = 1
+        return jax.device_get(forward(params, tokens, segment_ids))
+
+    greedy = Sampler(cfg.model, SamplingConfig(temperature=0.0, max_new_tokens=N))
+    return cfg, graphdef, params, prompts, reference, greedy
+
+
+@pytest.fixture(scope="module")
+def greedy_out(setup):
+    _, _, params, prompts, _, greedy = setup
+    return jax.device_get(greedy.generate(params, prompts))
+
+
+def completions(out):
+    return [out.tokens[r, : out.lengths[r]].tolist() for r in range(len(out.lengths))]
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward(setup, greedy_out):
+    _, _, _, prompts, reference, _ = setup
+    seqs = [list(p) for p in prompts]
+    for _ in range(N):
+        logits, _ = reference(seqs)
+        for r, s in enumerate(seqs):
+            s.append(int(np.argmax(logits[r, len(s) - 1])))
+    expected = [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
+    assert completions(greedy_out) == expected
+    assert greedy_out.lengths.tolist() == [N] * len(prompts)
+    assert greedy_out.finish_reasons.tolist() == [FINISH_REASONS.index("length")] * len(prompts)
+    np.testing.assert_array_equal(greedy_out.sampling_logprobs, 0.0)  # a point mass
+
+
+def _np_processed_logprobs(logits, temperature, top_k, top_p):
+    """float64 reference of the sampling distribution: temperature, then top-k, then top-p."""
+    x = logits.astype(np.float64) / temperature
+    kth = np.sort(x)[-top_k]
+    x = np.where(x < kth, -np.inf, x)
+    order = np.argsort(-x, kind="stable")
+    probs = np.exp(x[order] - x.max())
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    keep = np.zeros(x.shape, bool)
+    keep[order[before < top_p]] = True
+    x = np.where(keep, x, -np.inf)
+    return x - x.max() - np.log(np.sum(np.exp(x - x.max())))
+
+
+@pytest.fixture(scope="module")
+def sampled(setup):
+    cfg, _, params, prompts, _, _ = setup
+    sampling = SamplingConfig(temperature=0.7, top_k=40, top_p=0.9, max_new_tokens=N, seed=3)
+    sampler = Sampler(cfg.model, sampling)
+    first = jax.device_get(sampler.generate(params, prompts))
+    return sampler, sampling, first
+
+
+def test_sampler_logprobs_equal_training_forward_logprobs(setup, sampled):
+    """Train/rollout parity: temperature-1 log-probs of the sampled tokens equal the training
+    forward pass's, within 1e-5 in f32; sampling log-probs match a float64 reference of the
+    temperature/top-k/top-p distribution."""
+    _, _, _, prompts, reference, greedy_sampler = setup
+    _, sampling, out = sampled
+    seqs = [list(p) + c for p, c in zip(prompts, completions(out), strict=True)]
+    logits, train_logps = reference(seqs)
+    assert completions(out) != completions(
+        jax.device_get(greedy_sampler.generate(setup[2], prompts))
+    )  # really sampled
+    for r, p in enumerate(prompts):
+        n = int(out.lengths[r])
+        rollout = out.model_logprobs[r, :n]
+        np.testing.assert_allclose(
+            rollout, train_logps[r, len(p) - 1 : len(p) - 1 + n], atol=1e-5, rtol=0
+        )
+        for t in range(n):
+            ref = _np_processed_logprobs(
+                logits[r, len(p) - 1 + t], sampling.temperature, sampling.top_k, sampling.top_p
+            )
+            token = seqs[r][len(p) + t]
+            assert np.isfinite(ref[token])  # never outside the top-k / nucleus
+            np.testing.assert_allclose(out.sampling_logprobs[r, t], ref[token], atol=1e-4)
+
+
+def test_fixed_seed_reproduces_and_batch_composition_does_not_matter(setup, sampled):
+    _, _, params, prompts, _, greedy = setup
+    sampler, _, first = sampled
+    again = jax.device_get(sampler.generate(params, prompts))
+    np.testing.assert_array_equal(again.tokens, first.tokens)
+    # The same rows in another order (with their sample ids): the same samples, no recompile.
+    perm = np.array([3, 7, 0, 5, 1, 6, 2, 4])
+    shuffled = jax.device_get(sampler.generate(params, [prompts[i] for i in perm], perm))
+    np.testing.assert_array_equal(shuffled.tokens, first.tokens[perm])
+    assert sampler.compiled_count() == 1
+    other = jax.device_get(sampler.generate(params, prompts, seed=4))
+    assert not np.array_equal(other.tokens, first.tokens)
+    # Greedy: three prompts among different neighbours, in a smaller bucket (16, not 32).
+    rng = np.random.default_rng(1)
+    keep = [0, 2, 5]
+    batch = [
+        prompts[0],
+        rng.integers(4, 512, 13),
+        prompts[2],
+        prompts[5],
+        rng.integers(4, 512, 2),
+        rng.integers(4, 512, 8),
+        rng.integers(4, 512, 16),
+        rng.integers(4, 512, 4),
+    ]
+    out = jax.device_get(greedy.generate(params, batch))
+    full = jax.device_get(greedy.generate(params, prompts))
+    np.testing.assert_array_equal(out.tokens[[0, 2, 3]], full.tokens[keep])
+    np.testing.assert_allclose(out.model_logprobs[[0, 2, 3]], full.model_logprobs[keep], atol=1e-5)
+
+
+def test_stop_tokens_end_each_row_and_the_loop_exits_early(setup, greedy_out):
+    cfg, _, params, prompts, _, _ = setup
+    free = completions(greedy_out)
+    # Row r's greedy token at step r % 4 + 1 is a stop token: every row stops within 5 tokens
+    # (earlier where another row's stop token comes first).
+    stops = sorted({row[r % 4 + 1] for r, row in enumerate(free)})
+    sampler = Sampler(
+        cfg.model, SamplingConfig(temperature=0.0, max_new_tokens=N), stop_token_ids=stops, pad_id=0
+    )
+    out = jax.device_get(sampler.generate(params, prompts))
+    for r, row in enumerate(free):
+        n = next(j for j, t in enumerate(row) if t in stops) + 1
+        assert out.lengths[r] == n and FINISH_REASONS[out.finish_reasons[r]] == "stop"
+        assert out.tokens[r, :n].tolist() == row[:n]
+        assert (out.tokens[r, n:] == 0).all() and (out.model_logprobs[r, n:] == 0).all()
+        np.testing.assert_allclose(
+            out.model_logprobs[r, :n], greedy_out.model_logprobs[r, :n], atol=1e-6
+        )
+    assert int(out.num_steps) == out.lengths.max() <= 5 < N  # the loop exited early
+
+
+def test_sharded_generation_equals_single_device(setup, greedy_out):
+    """fsdp=4 x tensor=2: rows over fsdp, KV heads over tensor, params used where they lie."""
+    cfg, graphdef, params, prompts, _, _ = setup
+    mesh = shd.make_mesh(make_cfg(**{"mesh.fsdp": 4, "mesh.tensor": 2}).mesh)
+    rules = shd.resolve_rules(cfg.sharding)
+    names = logical_axes(nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[1])
+    shardings = shd.logical_to_sharding(names.to_pure_dict(), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    sampler = Sampler(
+        cfg.model,
+        SamplingConfig(temperature=0.0, max_new_tokens=N),
+        mesh=mesh,
+        rules=rules,
+        graphdef=graphdef,
+    )
+    out = sampler.generate(sharded, prompts)
+    assert out.tokens.sharding.spec[0] == ("data", "fsdp") or out.tokens.sharding.spec[0] in (
+        "fsdp",
+        ("fsdp",),
+    )
+    out = jax.device_get(out)
+    np.testing.assert_array_equal(out.tokens, greedy_out.tokens)
+    np.testing.assert_allclose(out.model_logprobs, greedy_out.model_logprobs, atol=1e-5)
+
+
+def test_scan_layers_equals_unrolled(setup, greedy_out):
+    _, _, params, prompts, _, _ = setup
+    cfg = make_cfg(**{"model.scan_layers": True})
+    sampler = Sampler(cfg.model, SamplingConfig(temperature=0.0, max_new_tokens=N))
+    out = jax.device_get(sampler.generate(stack_layers(params), prompts))
+    np.testing.assert_array_equal(out.tokens, greedy_out.tokens)
+    np.testing.assert_allclose(out.model_logprobs, greedy_out.model_logprobs, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands, on a run directory written directly (config.yaml + a checkpoint of random
+# params).
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, setup):
+    from jaxalign.checkpoint import Checkpointer
+    from jaxalign.config import save_config, to_dict
+
+    _, _, params, _, _, _ = setup
+    root = tmp_path_factory.mktemp("gen")
+    cfg = make_cfg(
+        **{
+            "run_dir": str(root / "run"),
+            "data.tokenizer": TOKENIZER,
+            "sampling.max_new_tokens": 8,
+            "sampling.max_prompt_len": 64,
+        }
+    )
+    ckpt = Checkpointer(root / "run" / "checkpoints", keep=1, async_save=False)
+    ckpt.save(1, {"params": params}, {}, to_dict(cfg), force=True)
+    ckpt.close()
+    save_config(cfg, root / "run" / "config.yaml")
+    prompts = root / "prompts.jsonl"
+    records = [
+        {"prompt": "Multiply 10 by 4.", "bonus": 1.0},
+        {
+            "messages": [
+                {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Red."},
+            ],
+            "bonus": 0.0,
+        },
+        {"prompt": "Spell cat.", "system": "Be brief.", "bonus": 2.0},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root, prompts, records
+
+
+@pytest.mark.slow
+def test_generate_command_writes_one_greedy_record_per_prompt(run_dir, setup):
+    from jaxalign.cli import main
+    from jaxalign.data import load_tokenizer, render_prompt, stop_token_ids
+
+    root, prompts, records = run_dir
+    out_path = root / "out.jsonl"
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(root / "run"),
+            "--input",
+            str(prompts),
+            "--output",
+            str(out_path),
+            "--set",
+            "sampling.temperature=0",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [r["bonus"] for r in rows] == [r["bonus"] for r in records]
+    # The same prompts through the Sampler directly (one row each, unsharded).
+    cfg, _, params, _, _, _ = setup
+    tok = load_tokenizer(TOKENIZER)
+    stops = stop_token_ids(tok, "plain")
+    sampler = Sampler(
+        cfg.model, SamplingConfig(temperature=0.0, max_new_tokens=8), stop_token_ids=stops
+    )
+    convos = [
+        [{"role": "user", "content": "Multiply 10 by 4."}],
+        [{"role": "user", "content": "Name a color."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Spell cat."}],
+    ]
+    direct = jax.device_get(sampler.generate(params, [render_prompt(c, tok) for c in convos]))
+    for r, row in enumerate(rows):
+        n = int(direct.lengths[r])
+        reason = FINISH_REASONS[direct.finish_reasons[r]]
+        ids = direct.tokens[r, : n - 1 if reason == "stop" else n]
+        assert (row["num_tokens"], row["finish_reason"]) == (n, reason)
+        assert row["completion"] == tok.decode(ids)
+
+
+@pytest.mark.slow
+def test_rejection_sampling_writes_best_for_sft_and_best_worst_for_dpo(run_dir, tmp_path):
+    from jaxalign.cli import main
+    from jaxalign.data import read_jsonl
+    from jaxalign.data.preference import to_preference
+    from jaxalign.rejection import best_and_worst
+
+    root, prompts, _ = run_dir
+    reward_file = tmp_path / "reward.py"
+    reward_file.write_text(
+        "def reward(prompts, completions, bonus, **fields):\n"
+        "    return [len(c) + b for c, b in zip(completions, bonus)]\n"
+    )
+    sft, dpo = tmp_path / "sft.jsonl", tmp_path / "dpo.jsonl"
+    code = main(
+        [
+            "rejection-sample",
+            "--model",
+            str(root / "run"),
+            "--input",
+            str(prompts),
+            "--reward-fn",
+            f"{reward_file}:reward",
+            "--output-sft",
+            str(sft),
+            "--output-dpo",
+            str(dpo),
+            "--set",
+            "sampling.num_samples=4",
+            "--set",
+            "sampling.temperature=1.5",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    bonus = {"Multiply 10 by 4.": 1.0, "Spell cat.": 2.0}
+    best = {}
+    for record in (json.loads(line) for line in sft.read_text().splitlines()):
+        key = record.get("prompt") or record["messages"][0]["content"]
+        text = record.get("completion") or record["messages"][-1]["content"]
+        assert record["score"] == len(text) + bonus.get(key, 0.0)
+        best[key] = record["score"]
+    assert len(best) >= 2
+    read_jsonl(str(sft))  # SFT-ready
+    pairs = [json.loads(line) for line in dpo.read_text().splitlines()]
+    assert pairs
+    for i, pair in enumerate(pairs):
+        to_preference(pair, where=f"pair {i}")  # DPO-ready
+        key = pair["prompt"] if isinstance(pair["prompt"], str) else pair["prompt"][0]["content"]
+        assert pair["chosen_score"] == best[key] > pair["rejected_score"]
+        assert pair["rejected_score"] == len(pair["rejected"]) + bonus.get(key, 0.0)
+    assert best_and_worst(np.array([1.0, 5.0, -2.0, 5.0]), np.array([True, True, True, False])) == (
+        1,
+        2,
+    )
+    assert best_and_worst(np.array([1.0, 5.0]), np.array([False, False])) is None
