@@ -30,7 +30,12 @@ from jaxalign.trainers.step import LossFn, init_state, make_eval_step, make_trai
 
 
 class DataIterator(Protocol):
-    """Yields this process's part of each global batch: arrays [grad_accum, local_batch, ...]."""
+    """Yields this process's part of each global batch: arrays [grad_accum, local_batch, ...].
+
+    Optional: `observe_state(state, trainer)` is called before each `next()` with the current
+    train state (on-policy data such as RL rollouts generate from `state["params"]`), and
+    `pop_metrics() -> dict` is merged into each logged record.
+    """
 
     def __next__(self) -> dict[str, np.ndarray]: ...
     def get_state(self) -> dict: ...
@@ -336,8 +341,12 @@ class Trainer:
         preempted = False
         done = start
         compile_s = None
+        observe = getattr(data, "observe_state", None)
+        pop_metrics = getattr(data, "pop_metrics", None)
         for done in range(start + 1, total + 1):
             t0 = time.perf_counter()
+            if observe is not None:
+                observe(state, self)  # on-policy data (RL rollouts) reads the current params
             local = next(data)
             data_wait += time.perf_counter() - t0
             batch = self.to_global(local)
@@ -364,6 +373,8 @@ class Trainer:
                     record["compile_s"] = compile_s
                     compile_s = None
                 self._check_finite(state, ckpt)
+                if pop_metrics is not None:
+                    record.update(pop_metrics())  # e.g. rollout statistics and phase times
                 if (train.eval_every and done % train.eval_every == 0) or (
                     is_last and train.eval_every
                 ):
