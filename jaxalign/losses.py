@@ -65,3 +65,124 @@ def token_cross_entropy_sum(
     logps, lse = target_logprobs(hidden, w_out, targets, chunks=chunks)
     per_token = -logps + z_loss * jnp.square(lse)
     return masked_sum(per_token, loss_mask), jnp.sum(loss_mask > 0).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference losses: Bradley-Terry reward models and the DPO family. Formulas: docs/trainers/.
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def sequence_logprobs(
+    hidden: jax.Array, w_out: jax.Array, tokens: jax.Array, mask: jax.Array, *, chunks: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probability of the masked tokens of each sequence, and how many there are.
+
+    hidden: [B, T, D] hidden states of `tokens` [B, T]; mask: [B, T], true on tokens to score
+    (completion tokens). Token t is scored from the hidden state at t - 1 (next-token shift), so
+    mask[:, 0] is ignored. Returns (logps [B], num_tokens [B]), float32.
+    """
+    logps, _ = target_logprobs(hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks)
+    target_mask = mask[:, 1:]
+    return masked_sum(logps, target_mask, axis=-1), jnp.sum(target_mask > 0, axis=-1).astype(
+        jnp.float32
+    )
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-pair DPO-family losses and implicit rewards. Every input and output is [B].
+
+    With D = (pi_c - pi_r) - (ref_c - ref_r) and eps = label_smoothing:
+      sigmoid: -(1 - eps) log s(beta D) - eps log s(-beta D)            (DPO; conservative DPO)
+      robust:  [-(1 - eps) log s(beta D) + eps log s(-beta D)] / (1 - 2 eps)
+      hinge:   relu(1 - beta D)
+      ipo:     (D - 1 / (2 beta))^2   (pass length-normalized log-probs, as in IPO)
+    Rewards are beta * (policy_logps - ref_logps), without gradient.
+    """
+    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * jax.nn.log_sigmoid(beta * logits) - eps * jax.nn.log_sigmoid(
+            -beta * logits
+        )
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * jax.nn.log_sigmoid(beta * logits)
+                  + eps * jax.nn.log_sigmoid(-beta * logits)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = jnp.square(logits - 1 / (2 * beta))
+    else:
+        known = ", ".join(DPO_LOSS_TYPES)
+        raise ValueError(f"unknown DPO loss_type {loss_type!r} (known: {known})")
+    chosen_rewards = jax.lax.stop_gradient(beta * (policy_chosen_logps - ref_chosen_logps))
+    rejected_rewards = jax.lax.stop_gradient(beta * (policy_rejected_logps - ref_rejected_logps))
+    return losses, chosen_rewards, rejected_rewards
+
+
+def simpo_loss(
+    chosen_avg_logps: jax.Array,
+    rejected_avg_logps: jax.Array,
+    *,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """Reference-free SimPO loss per pair [B] from length-averaged log-probs [B]:
+    -(1 - eps) log s(beta (avg_c - avg_r) - gamma) - eps log s(-(beta (avg_c - avg_r) - gamma)).
+    """
+    z = beta * (chosen_avg_logps - rejected_avg_logps) - gamma
+    return -(1 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
+def log_odds(avg_logps: jax.Array) -> jax.Array:
+    """log(p / (1 - p)) for p = exp(avg_logps) < 1, as avg_logps - log(-expm1(avg_logps)). [B]"""
+    return avg_logps - jnp.log(-jnp.expm1(avg_logps))
+
+
+def orpo_loss(
+    chosen_avg_logps: jax.Array, rejected_avg_logps: jax.Array, *, lam: float
+) -> jax.Array:
+    """ORPO loss per pair [B] from length-averaged log-probs [B]: the chosen answer's per-token
+    NLL plus the odds-ratio term, -avg_c - lam * log s(log_odds(avg_c) - log_odds(avg_r))."""
+    ratio = log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps)
+    return -chosen_avg_logps - lam * jax.nn.log_sigmoid(ratio)
+
+
+def reward_model_pair_losses(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    *,
+    margin: jax.Array | None = None,
+    center_coef: float = 0.0,
+) -> jax.Array:
+    """Bradley-Terry loss of each pair [B]:
+    -log s(r_c - r_r - margin) + center_coef * (r_c + r_r)^2."""
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -jax.nn.log_sigmoid(diff) + center_coef * jnp.square(chosen_rewards + rejected_rewards)
+
+
+def reward_model_loss(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    *,
+    margin: jax.Array | None = None,
+    center_coef: float = 0.0,
+) -> jax.Array:
+    """Scalar reward-model loss over [B] pairs:
+    mean(-log s(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)."""
+    return jnp.mean(
+        reward_model_pair_losses(chosen_rewards, rejected_rewards, margin=margin,
+                                 center_coef=center_coef)
+    )

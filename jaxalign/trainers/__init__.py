@@ -11,4 +11,12 @@ def make_algorithm(cfg: Config):
         from jaxalign.trainers.sft import SFT
 
         return SFT(cfg)
+    if cfg.trainer == "rm":
+        from jaxalign.trainers.rm import RewardModelAlgorithm
+
+        return RewardModelAlgorithm(cfg)
+    if cfg.trainer == "dpo":
+        from jaxalign.trainers.dpo import DPO
+
+        return DPO(cfg)
     raise ValueError(f"unknown trainer {cfg.trainer!r}")

@@ -1,0 +1,46 @@
+"""A reward model: the Llama-family transformer plus a scalar head on the last real token."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.config import ModelConfig
+from jaxalign.models.llama import DTYPES, Transformer
+
+
+def last_token_index(segment_ids: jax.Array) -> jax.Array:
+    """Index of the last real (segment id > 0) position of each row, [B, T] -> [B] int32.
+
+    Correct for right padding, left padding or none; a row with no real token gives 0.
+    """
+    positions = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    return jnp.max(jnp.where(segment_ids > 0, positions, 0), axis=-1)
+
+
+class RewardModel(nnx.Module):
+    """`backbone` (a Transformer, loadable from a policy checkpoint) and `score`, a [D] head.
+
+    reward = <final hidden state of the last real token, score>, in float32.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.backbone = Transformer(cfg, rngs)
+        std = cfg.initializer_range
+        value = std * jax.random.normal(rngs.params(), (cfg.hidden_size,), jnp.float32)
+        self.score = nnx.Param(value.astype(DTYPES[cfg.param_dtype]), axes=("embed",))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens, positions, segment_ids: [B, T] (segment id 0 = padding) -> rewards [B]."""
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        hidden = self.backbone(tokens, positions, segment_ids)  # [B, T, D]
+        last = last_token_index(segment_ids)
+        final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+        return final.astype(jnp.float32) @ self.score[...].astype(jnp.float32)

@@ -1,0 +1,352 @@
+"""Reward models and DPO: preference data, the RM head, the DPO trainer, scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign.config import load_config
+from jaxalign.data import (
+    PreferenceBatchIterator,
+    load_tokenizer,
+    read_preference_jsonl,
+    to_preference,
+    tokenize_pair,
+)
+from jaxalign.errors import DataError
+from jaxalign.models.reward import RewardModel
+from jaxalign.trainers.dpo import DPO
+from jaxalign.trainers.loop import Trainer
+from jaxalign.trainers.rm import RewardModelAlgorithm, load_reward_model, score_file
+from jaxalign.trainers.step import make_eval_step
+
+TINY = Path(__file__).resolve().parent.parent / "data" / "tiny"
+MODEL = {
+    "vocab_size": 512,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+}
+
+
+def pref_config(tmp_path, trainer, **overrides):
+    sets = [
+        f"{k}={v}"
+        for k, v in {
+            "trainer": trainer,
+            "run_dir": str(tmp_path / "run"),
+            "mesh.fsdp": 1,
+            "data.train_file": str(TINY / "pref_train.jsonl"),
+            "data.eval_file": str(TINY / "pref_eval.jsonl"),
+            "data.tokenizer": str(TINY / "tokenizer.model"),
+            "train.steps": 1,
+            "train.batch_size": 16,
+            "train.seq_len": 64,
+            "train.lr": 1e-3,
+            "train.warmup_steps": 1,
+            "train.log_every": 1,
+            "train.progress": False,
+            "train.peak_flops_per_device": 1e9,
+            "train.eval_batches": 13,
+            "checkpoint.every": 0,
+            "logging.tensorboard": False,
+            **overrides,
+        }.items()
+    ]
+    return load_config(None, sets, base={"model": dict(MODEL)})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(str(TINY / "tokenizer.model"))
+
+
+def write_jsonl(path: Path, records: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."}]
+FORMATS = [
+    {
+        "system": "Be brief.",
+        "prompt": "Add 2 and 3.",
+        "chosen": "The answer is 5.",
+        "rejected": "6",
+    },
+    {
+        "prompt": PROMPT,
+        "chosen": [{"role": "assistant", "content": "The answer is 5."}],
+        "rejected": [{"role": "assistant", "content": "6"}],
+    },
+    {
+        "chosen": [*PROMPT, {"role": "assistant", "content": "The answer is 5."}],
+        "rejected": [*PROMPT, {"role": "assistant", "content": "6"}],
+        "margin": 1.5,
+    },
+]
+
+
+def test_every_record_format_scores_only_the_completion_tokens(tok):
+    pairs = []
+    for record in FORMATS:
+        prompt, chosen, rejected, _ = to_preference(record, where="r")
+        pairs.append(tokenize_pair(prompt, chosen, rejected, tok, template="plain", seq_len=64))
+    for ids, masks in pairs[1:]:
+        for side in range(2):
+            np.testing.assert_array_equal(ids[side], pairs[0][0][side])
+            np.testing.assert_array_equal(masks[side], pairs[0][1][side])
+    (chosen_ids, rejected_ids), (chosen_mask, rejected_mask) = pairs[0]
+    assert tok.decode(chosen_ids[chosen_mask]) == "The answer is 5.<|end|>"
+    assert tok.decode(rejected_ids[rejected_mask]) == "6<|end|>"
+    assert chosen_ids[-1] == rejected_ids[-1] == tok.eos_id and chosen_mask[-1]
+    assert to_preference(FORMATS[2], where="r")[3] == 1.5
+
+
+def test_bad_record_error_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [FORMATS[0], {"prompt": "hi", "chosen": "a"}])
+    with pytest.raises(DataError, match=r"p\.jsonl:2: .*'rejected'"):
+        read_preference_jsonl(path)
+    path = write_jsonl(tmp_path / "q.jsonl", [{**FORMATS[0], "margin": "big"}])
+    with pytest.raises(DataError, match=r"q\.jsonl:1: field 'margin'"):
+        read_preference_jsonl(path)
+    records, skipped = read_preference_jsonl(
+        write_jsonl(tmp_path / "r.jsonl", [FORMATS[0], {"chosen": 1}]), on_error="skip"
+    )
+    assert (len(records), skipped) == (1, 1)
+
+
+def test_long_pairs_are_dropped_or_truncated_keeping_the_prompt_end(tok):
+    prompt = [{"role": "user", "content": "Reverse the word 'apple'. " * 6 + "Now!"}]
+    chosen, rejected = ([{"role": "assistant", "content": t}] for t in ("elppa", "apple"))
+    full = tokenize_pair(prompt, chosen, rejected, tok, template="plain", seq_len=200)
+    n = len(full[0][0])
+    assert tokenize_pair(prompt, chosen, rejected, tok, template="plain", seq_len=n - 5) is None
+    cut = tokenize_pair(
+        prompt, chosen, rejected, tok, template="plain", seq_len=n - 5, too_long="truncate"
+    )
+    ids, mask = cut[0][0], cut[1][0]
+    assert len(ids) == n - 5 and ids[0] == tok.bos_id
+    np.testing.assert_array_equal(ids[1:], full[0][0][6:])  # the prompt kept its end
+    np.testing.assert_array_equal(mask[1:], full[1][0][6:])
+    capped = tokenize_pair(
+        prompt, chosen, rejected, tok, template="plain", seq_len=200, max_prompt_length=10
+    )
+    first_answer_token = int(np.argmax(capped[1][0]))  # after 10 prompt tokens + the header
+    assert first_answer_token == 11 and capped[0][0][0] == tok.bos_id
+    assert tok.decode(capped[0][0][first_answer_token:]) == "elppa<|end|>"
+
+
+def test_preference_iterator_resumes_exactly(tok):
+    def make():
+        return PreferenceBatchIterator(
+            str(TINY / "pref_eval.jsonl"),
+            tok,
+            seq_len=64,
+            global_batch_size=8,
+            grad_accum=2,
+            seed=3,
+        )
+
+    first = make()
+    for _ in range(3):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    expected = [next(first) for _ in range(2)]
+    resumed = make()
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        assert got["tokens"].shape == (2, 4, 2, 64) and got["margin"].shape == (2, 4)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    assert first.stats["dropped"] > 0  # a few eval pairs exceed 64 tokens
+
+
+def test_finite_iterator_pads_the_last_batch_with_masked_pairs(tok):
+    it = PreferenceBatchIterator(
+        str(TINY / "pref_eval.jsonl"),
+        tok,
+        seq_len=64,
+        global_batch_size=64,
+        shuffle=False,
+        num_epochs=1,
+    )
+    batches = list(it)
+    assert sum(b["pair_mask"].sum() for b in batches) == it.stats["pairs"]
+    assert batches[-1]["pair_mask"][0, -1] == 0 and batches[-1]["segment_ids"][0, -1].sum() == 0
+
+
+# -- the reward model --------------------------------------------------------------------------
+
+
+def test_reward_model_reads_the_last_real_token_with_left_or_right_padding():
+    cfg = pref_config(Path("/tmp"), "rm")
+    graphdef, params = nnx.split(RewardModel(cfg.model, nnx.Rngs(0)))
+    rewards = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
+    rng = np.random.default_rng(0)
+    t = 16
+    rows = [rng.integers(4, 512, n) for n in (5, 9, t)]
+
+    def padded(left):
+        tokens, segments, positions = (np.zeros((3, t), np.int32) for _ in range(3))
+        for i, r in enumerate(rows):
+            where = slice(t - len(r), t) if left else slice(0, len(r))
+            tokens[i, where], segments[i, where], positions[i, where] = r, 1, np.arange(len(r))
+        return np.asarray(rewards(params, tokens, positions, segments)), tokens
+
+    right, right_tokens = padded(left=False)
+    left, left_tokens = padded(left=True)
+    np.testing.assert_allclose(left, right, atol=1e-5)
+    # The full row is unpadded in both layouts; padded rows read a real token, not padding.
+    np.testing.assert_array_equal(left_tokens[2], right_tokens[2])
+    whole = np.asarray(
+        rewards(params, right_tokens, np.tile(np.arange(t), (3, 1)), np.ones((3, t), np.int32))
+    )
+    assert abs(whole[0] - right[0]) > 1e-4 and abs(whole[2] - right[2]) < 1e-5
+
+
+def test_reward_model_loss_fn_matches_bradley_terry_reference(tok, tmp_path):
+    cfg = pref_config(tmp_path, "rm", **{"rm.center_coef": 0.1})
+    algo = RewardModelAlgorithm(cfg)
+    model = RewardModel(cfg.model, nnx.Rngs(1))
+    batch = {k: v[0] for k, v in next(algo.train_data(0, 1)).items()}
+    batch["margin"] = np.linspace(0, 1, batch["margin"].shape[0]).astype(np.float32)
+    batch["pair_mask"][-3:] = 0.0  # filler pairs do not count
+    loss_sum, pairs, metrics = algo.loss_fn(model, batch, jax.random.PRNGKey(0))
+    rewards = np.asarray(algo.pair_rewards(model, batch), np.float64)[:-3]
+    c, r, m = rewards[:, 0], rewards[:, 1], batch["margin"][:-3].astype(np.float64)
+    expected = np.sum(np.logaddexp(0.0, -(c - r - m)) + 0.1 * (c + r) ** 2)
+    assert float(pairs) == len(c)
+    np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["accuracy"]), np.sum(c > r))
+    np.testing.assert_allclose(float(metrics["reward/min"]) / len(c), rewards.min(), rtol=1e-5)
+
+
+# -- DPO ---------------------------------------------------------------------------------------
+
+
+def dpo_first_step(tmp_path, **overrides):
+    """One DPO step; returns the run's step-1 metrics and the metrics of the same batch after
+    that step."""
+    cfg = pref_config(tmp_path, "dpo", **{"train.lr": 3e-3, **overrides})
+    algo = DPO(cfg)
+    trainer = Trainer(cfg, algo, devices=jax.devices()[: cfg.mesh.fsdp])
+    result = trainer.run()
+    it = DPO(cfg).train_data(0, 1)  # the same first batch as the run's
+    if algo.precompute:
+        it.set_reference_logps(algo._train.ref_logps)
+    batch = next(it)
+    after = jax.jit(make_eval_step(trainer.graphdef, algo.loss_fn))(
+        result.state["params"], trainer.to_global(batch), trainer.frozen
+    )
+    return result.history[0], {k: float(v) / float(after["denominator"]) for k, v in after.items()}
+
+
+@pytest.fixture(scope="module")
+def frozen_reference_step(tmp_path_factory):
+    return dpo_first_step(tmp_path_factory.mktemp("dpo_frozen"), **{"mesh.fsdp": 2})
+
+
+def test_dpo_with_policy_equal_to_reference_starts_at_log_2(frozen_reference_step):
+    before, _ = frozen_reference_step
+    np.testing.assert_allclose(before["loss"], np.log(2.0), atol=1e-5)
+    assert abs(before["rewards/margins"]) < 1e-4
+
+
+def test_dpo_first_gradient_step_raises_margins(frozen_reference_step):
+    before, after = frozen_reference_step
+    assert after["rewards/margins"] > before["rewards/margins"] + 1e-3
+    assert after["loss_sum"] < np.log(2.0)
+
+
+def test_precomputed_reference_equals_frozen_reference(tmp_path, frozen_reference_step):
+    before, after = dpo_first_step(tmp_path, **{"dpo.precompute_ref": True})
+    frozen_before, frozen_after = frozen_reference_step
+    for key in ("loss", "rewards/margins", "logps/chosen", "rewards/chosen"):
+        np.testing.assert_allclose(before[key], frozen_before[key], atol=1e-4)
+    for key in ("loss_sum", "rewards/margins", "rewards/accuracies"):
+        np.testing.assert_allclose(after[key], frozen_after[key], atol=1e-4)
+    assert list((tmp_path / "run" / "reference_logps").glob("train.0-of-1.npz"))
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_reward_model_learns_preferences_saves_statistics_and_scores(tmp_path):
+    cfg = pref_config(
+        tmp_path,
+        "rm",
+        **{
+            "train.steps": 120,
+            "train.lr": 3e-3,
+            "train.warmup_steps": 10,
+            "train.eval_every": 120,
+            "rm.center_coef": 0.01,
+        },
+    )
+    algo = RewardModelAlgorithm(cfg)
+    trainer = Trainer(cfg, algo, devices=jax.devices()[:1])
+    result = trainer.run()
+    final = result.history[-1]
+    # From random init on a 32-wide model in CI; from the SFT run the RM reaches far more (README).
+    assert final["eval/accuracy"] > 0.6, final
+    stats = algo.on_train_end(trainer, result)
+    saved = json.loads((tmp_path / "run" / "reward_stats.json").read_text())
+    assert saved == stats and stats["count"] == 2 * stats["pairs"] and stats["std"] > 0
+    assert abs(stats["accuracy"] - final["eval/accuracy"]) < 0.05  # 64-token vs full pairs
+
+    records = [
+        {"prompt": "Add 2 and 3.", "response": "The answer is 5."},
+        {
+            "messages": [
+                {"role": "user", "content": "Add 2 and 3."},
+                {"role": "assistant", "content": "The answer is 5."},
+            ]
+        },
+    ]
+    out = tmp_path / "scored.jsonl"
+    score_file(str(tmp_path / "run"), write_jsonl(tmp_path / "in.jsonl", records), str(out))
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert scored[0]["reward"] == pytest.approx(scored[1]["reward"], abs=1e-5)
+    _, scorer, _ = load_reward_model(str(tmp_path / "run"))
+    np.testing.assert_allclose(
+        scored[0]["reward_normalized"],
+        (scored[0]["reward"] - stats["mean"]) / stats["std"],
+        rtol=1e-5,
+    )
+    assert scorer.params is not None
+
+
+@pytest.mark.slow
+def test_dpo_raises_held_out_reward_accuracy_and_preferred_rate(tmp_path):
+    cfg = pref_config(
+        tmp_path,
+        "dpo",
+        **{
+            "train.steps": 60,
+            "train.lr": 2e-3,
+            "train.warmup_steps": 5,
+            "train.eval_every": 60,
+            "dpo.beta": 0.5,
+        },
+    )
+    algo = DPO(cfg)
+    trainer = Trainer(cfg, algo, devices=jax.devices()[:1])
+    result = trainer.run()
+    eval_fn = jax.jit(make_eval_step(trainer.graphdef, algo.loss_fn))
+    before = trainer._evaluate(eval_fn, trainer.frozen["reference"])
+    after = result.history[-1]
+    # The "SFT model" here is the random init (policy = reference): rewards are all 0.
+    assert after["eval/rewards/accuracies"] > 0.6 > before["eval/rewards/accuracies"]
+    assert after["eval/preferred_rate"] > before["eval/preferred_rate"] + 0.05
