@@ -100,7 +100,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_params(path: str | Path, abstract_params: Any) -> Any:
     """Only the parameters of a checkpoint, placed on `abstract_params`' shardings."""
-    step_dir = resolve_checkpoint(path)
+    step_dir = resolve_checkpoint(path).absolute()  # Orbax wants absolute paths
     try:
         restored = ocp.PyTreeCheckpointer().restore(
             step_dir / "state",

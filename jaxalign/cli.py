@@ -44,15 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _enable_compilation_cache()
-    algorithm = make_algorithm(cfg)
-    trainer = Trainer(cfg, algorithm)
-    # Optional algorithm hooks: initial parameters (e.g. a reward model from a policy
-    # checkpoint) and work after training (e.g. reward statistics).
-    initial = getattr(algorithm, "initial_params", None)
-    result = trainer.run(init_params=initial(trainer) if initial is not None else None)
-    on_end = getattr(algorithm, "on_train_end", None)
-    if on_end is not None and not result.preempted:
-        on_end(trainer, result)
+    trainer = Trainer(cfg, make_algorithm(cfg))
+    result = trainer.run()
     if result.history and trainer.mesh.devices.flat[0].process_index == 0:
         first, last = result.history[0], result.history[-1]
         state = "stopped (preempted)" if result.preempted else "done"

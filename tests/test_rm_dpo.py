@@ -301,7 +301,7 @@ def test_reward_model_learns_preferences_saves_statistics_and_scores(tmp_path):
     final = result.history[-1]
     # From random init on a 32-wide model in CI; from the SFT run the RM reaches far more (README).
     assert final["eval/accuracy"] > 0.6, final
-    stats = algo.on_train_end(trainer, result)
+    stats = result.extras  # the loop called algo.on_train_end
     saved = json.loads((tmp_path / "run" / "reward_stats.json").read_text())
     assert saved == stats and stats["count"] == 2 * stats["pairs"] and stats["std"] > 0
     assert abs(stats["accuracy"] - final["eval/accuracy"]) < 0.05  # 64-token vs full pairs

@@ -17,16 +17,17 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxalign import sharding as shd
 from jaxalign.checkpoint import Checkpointer, abstract_with_shardings, load_params
 from jaxalign.config import Config, save_config, to_dict
-from jaxalign.errors import ConfigError, UserError
+from jaxalign.errors import UserError
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
 from jaxalign.models.llama import Transformer, logical_axes
 from jaxalign.optim import make_optimizer
-from jaxalign.trainers.step import LossFn, init_state, make_eval_step, make_train_step
+from jaxalign.trainers.step import init_state, make_eval_step, make_train_step
 
 
 class DataIterator(Protocol):
@@ -63,6 +64,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     preempted: bool = False
     state: Any = None
+    extras: Any = None  # what the algorithm's optional on_train_end(trainer, result) returned
 
 
 def is_main_process() -> bool:
@@ -188,7 +190,12 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
 
     def initial_params(self) -> Any:
-        """Parameters a fresh run starts from: `init_from`'s checkpoint, or a seeded init."""
+        """Parameters a fresh run starts from: the algorithm's own choice (its optional
+        `initial_params(trainer)`, e.g. a reward model from a policy checkpoint), `init_from`'s
+        checkpoint, a Hugging Face model, or a seeded init."""
+        custom = getattr(self.algorithm, "initial_params", None)
+        if custom is not None and (params := custom(self)) is not None:
+            return params
         if self.cfg.init_from:
             return load_params(self.cfg.init_from,
                                abstract_with_shardings(self.abstract_params, self.param_shardings))
@@ -290,6 +297,9 @@ class Trainer:
         try:
             with self._sigterm_saves(), shd.activation_sharding(self.mesh, self.rules):
                 result = self._loop(state, data, ckpt, writer)
+                on_end = getattr(self.algorithm, "on_train_end", None)
+                if on_end is not None and not result.preempted:
+                    result.extras = on_end(self, result)
         finally:
             writer.close()
             ckpt.close()
@@ -358,6 +368,7 @@ class Trainer:
             state, metrics = step_fn(state, batch, self.frozen)
             interval_steps += 1
             is_last = done == total
+            record: dict[str, float] = {}
             if done % train.log_every == 0 or is_last or done == start + 1:
                 metrics = jax.device_get(metrics)
                 elapsed = max(time.perf_counter() - interval_start, 1e-9)
@@ -375,18 +386,20 @@ class Trainer:
                 self._check_finite(state, ckpt)
                 if pop_metrics is not None:
                     record.update(pop_metrics())  # e.g. rollout statistics and phase times
-                if (train.eval_every and done % train.eval_every == 0) or (
-                    is_last and train.eval_every
-                ):
-                    eval_fn = eval_fn or jax.jit(make_eval_step(self.graphdef,
-                                                                self.algorithm.loss_fn))
-                    record.update(self._evaluate(eval_fn, state["params"]))
-                history.append({"step": done, **record})
-                writer.write(done, record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}",
                                          tok_s=f"{tokens_per_s:,.0f}")
-                interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+            if train.eval_every and (done % train.eval_every == 0 or is_last):
+                t_eval = time.perf_counter()
+                eval_fn = eval_fn or jax.jit(make_eval_step(self.graphdef,
+                                                            self.algorithm.loss_fn))
+                record.update(self._evaluate(eval_fn, state["params"]))
+                interval_start += time.perf_counter() - t_eval  # not part of the train speed
+            if record:
+                history.append({"step": done, **record})
+                writer.write(done, record)
+                if "loss" in record:
+                    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
             if progress is not None:
                 progress.update(1)
             stop = self._should_stop()
