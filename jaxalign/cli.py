@@ -8,6 +8,9 @@
     jaxalign rejection-sample --model RUN_DIR --input prompts.jsonl --reward-fn MOD:FN
         --output-sft best.jsonl --output-dpo pairs.jsonl [--set sampling.num_samples=8]
     jaxalign score --model RUN_DIR --input F.jsonl [--output OUT.jsonl]   reward-model scores
+    jaxalign quickstart [--fast] [--run-dir DIR] [--stages ...] [--from-stage S]   end to end
+    jaxalign eval --model RUN_DIR [--reference RUN] [--reward-model RM_RUN] [--output M.json]
+    jaxalign eval --compare RUN_A RUN_B --max-drop 2.0   non-zero exit on a regression
 
 Errors in user input print one line (`error: ...`) and exit with status 2; `--debug` shows the
 traceback.
@@ -38,12 +41,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import jax
+
     from jaxalign.config import load_config
+    from jaxalign.sharding import axis_sizes
     from jaxalign.trainers import make_algorithm
     from jaxalign.trainers.loop import Trainer
 
     cfg = load_config(args.config, args.overrides)
     _enable_compilation_cache()
+    axis_sizes(cfg.mesh, jax.device_count())  # a mesh that cannot fit fails before any data work
     trainer = Trainer(cfg, make_algorithm(cfg))
     result = trainer.run()
     if result.history and trainer.mesh.devices.flat[0].process_index == 0:
@@ -145,6 +152,41 @@ def cmd_rejection_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from jaxalign import quickstart
+
+    return quickstart.run(args.run_dir, fast=args.fast, stages=args.stages,
+                          from_stage=args.from_stage)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxalign.errors import UserError
+
+    if args.compare:
+        from jaxalign.eval.compare import run_gate
+
+        return run_gate(args.compare[0], args.compare[1], args.max_drop)
+    if not args.model:
+        raise UserError("eval: give --model RUN_DIR (or --compare RUN_A RUN_B)")
+    from jaxalign.eval.suite import evaluate, read_generations
+    from jaxalign.quickstart import eval_files
+
+    _enable_compilation_cache()
+    baseline = read_generations(args.baseline) if args.baseline else None
+    metrics = evaluate(args.model, args.eval_file or eval_files(), reference=args.reference,
+                       reward_model=args.reward_model, baseline=baseline,
+                       limit_per_family=args.limit, max_new_tokens=args.max_new_tokens,
+                       generations_path=args.generations)
+    text = json.dumps({"model": args.model, "metrics": metrics}, indent=1)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxalign", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -202,6 +244,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-sft", required=True, help="best completion per prompt (JSONL)")
     p.add_argument("--output-dpo", help="best/worst pair per prompt (JSONL)")
     p.set_defaults(func=cmd_rejection_sample)
+
+    from jaxalign.quickstart import STAGES
+
+    p = sub.add_parser("quickstart", help="tokenizer -> pretrain -> SFT -> RM -> DPO -> PPO/GRPO "
+                       "-> evals on the bundled data, with a report")
+    p.add_argument("--fast", action="store_true", help="a smaller model and fewer steps")
+    p.add_argument("--run-dir", help="default: runs/quickstart (runs/quickstart_fast)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages")
+    p.add_argument("--from-stage", choices=STAGES, help="run this stage and the later ones")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("eval", help="held-out checker evals of a policy, or a regression gate")
+    p.add_argument("--model", help="policy RUN_DIR to evaluate")
+    p.add_argument("--eval-file", action="append", help="eval JSONL (repeatable; default: the "
+                   "quickstart's held-out task and safety splits)")
+    p.add_argument("--reference", help="RUN_DIR of the reference policy (KL to it)")
+    p.add_argument("--reward-model", help="RM RUN_DIR (win rate against --baseline)")
+    p.add_argument("--baseline", help="generations JSONL of the baseline model (--generations "
+                   "of an earlier eval)")
+    p.add_argument("--limit", type=int, help="at most this many prompts per family")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--generations", help="write each prompt's answer and verdict here (JSONL)")
+    p.add_argument("--output", help="write the metrics here (JSON)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="compare two evaluations (run dirs or metrics JSON files)")
+    p.add_argument("--max-drop", type=float, default=2.0,
+                   help="largest allowed regression per metric, in points (with --compare)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
