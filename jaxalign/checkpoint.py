@@ -91,8 +91,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         p = p / "checkpoints"
     if (p / "state").is_dir():
         return p
-    steps = sorted((int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()),
-                   reverse=True) if p.is_dir() else []
+    complete = (c for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()) \
+        if p.is_dir() else ()
+    steps = sorted((int(c.name) for c in complete), reverse=True)
     if not steps:
         raise UserError(f"{path}: no complete checkpoint found")
     return p / str(steps[0])

@@ -227,10 +227,54 @@ class DPOConfig:
 
 
 @dataclass
+class RLConfig:
+    """On-policy RL (`trainer: ppo | grpo | rloo`); formulas in docs/trainers/{ppo,grpo}.md.
+
+    A rollout samples `num_generations` completions for each of `prompts_per_rollout` prompts
+    (data.train_file) = R rows, then trains `epochs` passes over them in shuffled minibatches of
+    train.batch_size rows: one rollout is epochs * R / train.batch_size optimizer steps, and
+    train.steps counts optimizer steps. Rows are [max(data.prompt_buckets) prompt tokens, left
+    padded | sampling.max_new_tokens response tokens]; train.seq_len must equal that width.
+    """
+
+    prompts_per_rollout: int = 16
+    num_generations: int = 1  # samples per prompt; GRPO/RLOO's group size (>= 2)
+    epochs: int = 1  # passes over each rollout (PPO epochs)
+    # Scores: the sum of these reward functions ("module:fn" or "file.py:fn", called as
+    # fn(prompts, completions, **record_fields)) and of the reward model run's score, if any.
+    reward_functions: list[str] = field(default_factory=list)
+    reward_model: str | None = None  # an RM run directory (same tokenizer as the policy)
+    normalize_reward_model: bool = True  # (r - mean) / std with the run's reward_stats.json
+    missing_eos_penalty: float | None = None  # subtracted from the score of rows with no stop
+    reward_clip: float | None = None  # scores clipped to [-c, c] (after the penalty)
+    whiten_rewards: bool = False  # PPO: scale per-token rewards to unit variance (mean kept)
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None  # None: ppo k1, grpo/rloo k3
+    kl_clamp: float | None = None  # per-token KL estimate clipped to [-c, c]
+    kl_coef: float = 0.05  # PPO: reward penalty (initial, if adaptive); GRPO/RLOO: loss weight
+    kl_target: float | None = None  # PPO adaptive KL: target per-sequence KL (None: fixed)
+    kl_horizon: float = 10000.0  # PPO adaptive KL horizon, in sequences
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # PPO: masked whitening over the whole rollout
+    whiten_unbiased: bool = True  # whitening variance: / (n - 1) (true) or / n
+    clip_eps: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # PPO value clip around the rollout's values
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0  # entropy bonus weight (subtracted from the loss)
+    value_init_from: str | None = None  # PPO value model: an RM run; None: the policy + zero head
+    old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    scale_rewards: bool = True  # GRPO: divide by the group's std (false: Dr. GRPO)
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"  # GRPO/RLOO
+    offload_frozen: bool = False  # keep the reference in host memory between rollouts
+    eval_every: int = 0  # held-out greedy pass rate on data.eval_file every N rollouts (0: off)
+    eval_prompts: int = 0  # how many eval prompts (0: all)
+
+
+@dataclass
 class Config:
     """A whole run."""
 
-    trainer: Literal["sft", "rm", "dpo"] = "sft"
+    trainer: Literal["sft", "rm", "dpo", "ppo", "grpo", "rloo"] = "sft"
     run_dir: str = "runs/default"
     resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
     # Start from the parameters of another run's latest checkpoint (a RUN_DIR or its
@@ -247,6 +291,7 @@ class Config:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -290,7 +335,9 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if origin is list or tp is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        if not args:
+            return list(value)
+        return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -471,7 +518,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         for name in (a, f"dcn_{a}"):
             v = getattr(cfg.mesh, name)
             if v == 0 or v < -1 or (name.startswith("dcn") and v < 1):
-                fail(f"mesh.{name} must be a positive size{'' if name.startswith('dcn') else ' or -1'}"
+                fill = "" if name.startswith("dcn") else " or -1"
+                fail(f"mesh.{name} must be a positive size{fill}"
                      f", got {v}")
 
 

@@ -8,8 +8,8 @@ maps each logical name to mesh axes; `logical_to_sharding` turns a pytree of log
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import contextvars
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 import yaml
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxalign.config import AXIS_NAMES, MeshConfig, ShardingConfig
 from jaxalign.errors import ConfigError
@@ -172,8 +173,9 @@ def validate_shardings(shapes: Any, shardings: Any, mesh: Mesh) -> None:
         for dim, (size, entry) in enumerate(zip(dims, tuple(spec) + (None,) * len(dims))):
             n = spec_axis_size(mesh, entry)
             if size % n:
+                name = jax.tree_util.keystr(path, simple=True, separator=".")
                 raise ConfigError(
-                    f"sharding: parameter '{jax.tree_util.keystr(path, simple=True, separator='.')}'"
+                    f"sharding: parameter '{name}'"
                     f" dimension {dim} of size {size} does not divide by mesh axes {entry} "
                     f"(size {n}); shape {tuple(dims)}, spec {spec}"
                 )

@@ -65,7 +65,9 @@ def _saving(run_dir: Path) -> bool:
     return ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())
 
 
-def run_to_completion(run_dir: Path, rng: random.Random, expected_s: float | None) -> tuple[int, float]:
+def run_to_completion(
+    run_dir: Path, rng: random.Random, expected_s: float | None
+) -> tuple[int, float]:
     """Start/kill/resume until the run finishes; returns (kills, seconds of the last attempt).
 
     Each attempt is killed (up to 4 times) either at a random moment of its expected duration or

@@ -110,7 +110,8 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
                      *[a for q in QUICK + SMALL for a in ("--set", q)]]) == 0
     capsys.readouterr()
     code = cli.main(["train", SFT, "--set", f"run_dir={tmp_path / 'big'}",
-                     *[a for q in QUICK + SMALL for a in ("--set", q)], "--set", "model.hidden_size=64",
+                     *[a for q in QUICK + SMALL for a in ("--set", q)],
+                     "--set", "model.hidden_size=64",
                      "--set", f"init_from={first}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err

@@ -1,0 +1,76 @@
+"""Soak test: a long run of the tiny SFT config with periodic checkpoints and evals, sampling the
+process's resident memory, to show it stays flat after warm-up.
+
+    python bench/soak.py [--steps 2000] [--every 200] [--json bench/results/soak.json]
+
+Prints RSS at each tenth of the run and the growth between the first checkpoint and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--every", type=int, default=200, help="checkpoint and eval interval")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "soak.json")
+    args = parser.parse_args(argv)
+    run_dir = Path(tempfile.mkdtemp(prefix="jaxalign_soak_"))
+    cmd = [sys.executable, "-m", "jaxalign.cli", "train", str(REPO / "configs/sft_tiny.yaml"),
+           "--set", f"run_dir={run_dir}", "--set", f"train.steps={args.steps}",
+           "--set", f"checkpoint.every={args.every}", "--set", f"train.eval_every={args.every}",
+           "--set", "train.log_every=50", "--set", "train.progress=false",
+           "--set", "train.warmup_steps=50"]
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    ps = psutil.Process(proc.pid)
+    samples: list[tuple[float, int, int]] = []  # (seconds, rss bytes, steps logged)
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss
+        except psutil.NoSuchProcess:
+            break
+        steps = len(metrics.read_text().splitlines()) * 50 if metrics.exists() else 0
+        samples.append((time.time() - start, rss, steps))
+        time.sleep(1.0)
+    if proc.returncode != 0:
+        print(proc.stderr.read()[-3000:], file=sys.stderr)
+        return 1
+    # Warm-up ends with the first checkpoint + eval (every compiled function exists by then).
+    warm = [s for s in samples if s[2] >= args.every + 50] or samples
+    first, last = warm[0], warm[-1]
+    peak = max(s[1] for s in warm)
+    print(f"{'seconds':>8} {'steps':>6} {'RSS MiB':>8}")
+    for i in range(0, len(samples), max(len(samples) // 10, 1)):
+        t, rss, steps = samples[i]
+        print(f"{t:8.0f} {steps:6d} {rss / 2**20:8.0f}")
+    growth = (last[1] - first[1]) / 2**20
+    print(f"after warm-up (step ~{first[2]}): {first[1] / 2**20:.0f} MiB -> "
+          f"{last[1] / 2**20:.0f} MiB at the end (growth {growth:+.0f} MiB, "
+          f"peak {peak / 2**20:.0f} MiB) over {samples[-1][0]:.0f} s")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "steps": args.steps, "every": args.every, "seconds": samples[-1][0],
+        "rss_after_warmup_mib": first[1] / 2**20, "rss_end_mib": last[1] / 2**20,
+        "growth_mib": growth, "peak_mib": peak / 2**20,
+        "samples": [{"s": t, "rss_mib": r / 2**20, "steps": n} for t, r, n in samples],
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
