@@ -19,4 +19,12 @@ def make_algorithm(cfg: Config):
         from jaxalign.trainers.dpo import DPO
 
         return DPO(cfg)
+    if cfg.trainer == "ppo":
+        from jaxalign.trainers.ppo import PPO
+
+        return PPO(cfg)
+    if cfg.trainer in ("grpo", "rloo"):
+        from jaxalign.trainers.grpo import GRPO
+
+        return GRPO(cfg, leave_one_out=cfg.trainer == "rloo")
     raise ValueError(f"unknown trainer {cfg.trainer!r}")

@@ -1,0 +1,26 @@
+"""PPO's trained module: the policy and a value model in one NNX module, so one optimizer, one
+train state and one checkpoint hold both (`{"policy": ..., "value": {"backbone", "score"}}`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.config import ModelConfig
+from jaxalign.models.llama import Transformer
+from jaxalign.models.reward import RewardModel
+
+
+class ActorCritic(nnx.Module):
+    """`policy`: a Transformer; `value`: a RewardModel (transformer + scalar head) read at every
+    position, so a reward-model run's parameters load into it unchanged."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.policy = Transformer(cfg, rngs)
+        self.value = RewardModel(cfg, rngs)
+
+    def values(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """The value head at every position: [B, T] float32 (V of the state after token t)."""
+        hidden = self.value.backbone(tokens, positions, segment_ids)
+        return hidden.astype(jnp.float32) @ self.value.score[...].astype(jnp.float32)

@@ -1,0 +1,94 @@
+"""Critic-free policy optimization: GRPO (`trainer: grpo`) and RLOO (`trainer: rloo`).
+
+G samples per prompt; a sequence's advantage is its score against its group's (GRPO: minus the
+group mean, over the group std; RLOO: minus the mean of the other G - 1), on every response
+token. The loss is the clipped surrogate plus kl_coef * KL(policy || reference) per token (k3 by
+default), aggregated per token or per sequence. Formulas: docs/trainers/grpo.md.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.config import Config
+from jaxalign.rl import (
+    clipped_policy_loss,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    rloo_advantages,
+)
+from jaxalign.trainers.ppo import RLAlgorithm
+
+
+def aggregation_weights(mask: jax.Array, aggregation: str) -> jax.Array:
+    """Per-token loss weights [B, N]: 1 on response tokens (token_mean: the loss is a mean over
+    all tokens of the batch) or 1 / length (sequence_mean: a mean over sequences of each
+    sequence's token mean). The loss is sum(w * l) / sum(w)."""
+    real = (mask > 0).astype(jnp.float32)
+    if aggregation == "token_mean":
+        return real
+    return real / jnp.maximum(real.sum(axis=1, keepdims=True), 1.0)
+
+
+class GRPO(RLAlgorithm):
+    """GRPO (group-normalized advantages) or, with `leave_one_out`, RLOO."""
+
+    default_kl_estimator = "k3"
+
+    def __init__(self, cfg: Config, leave_one_out: bool = False):
+        super().__init__(cfg)
+        self.leave_one_out = leave_one_out
+
+    def postprocess(self, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
+        """Sequence advantages from the group's scores, broadcast over response tokens."""
+        rl = self.cfg.rl
+        g = rl.num_generations
+        mask = rollout["mask"]
+        real = mask > 0
+        scores = rollout["scores"]
+        if self.leave_one_out:
+            seq_adv = rloo_advantages(scores, g)
+        else:
+            seq_adv = group_advantages(scores, g, scale=rl.scale_rewards)
+        old, ref = rollout["old_logprobs"], rollout["ref_logprobs"]
+        kl = jnp.where(real, kl_penalty(old, ref, self.kl_estimator, rl.kl_clamp), 0.0)
+        group_std = scores.reshape(-1, g).std(axis=1)
+        metrics = {
+            "objective/kl": kl.sum(axis=1).mean(),
+            "objective/entropy": jnp.where(real, -old, 0.0).sum(axis=1).mean(),
+            "objective/token_entropy": masked_mean(rollout["entropy"], mask),
+            "objective/rlhf_reward": (scores - kl_coef * kl.sum(axis=1)).mean(),
+            "rollout/group_score_std": group_std.mean(),
+            "rollout/groups_all_equal": (group_std == 0).astype(jnp.float32).mean(),
+        }
+        buffer = {"old_logprobs": jnp.where(real, old, 0.0),
+                  "ref_logprobs": jnp.where(real, ref, 0.0),
+                  "advantages": jnp.where(real, seq_adv[:, None], 0.0)}
+        return buffer, metrics
+
+    def loss_fn(self, model, batch: dict, rng: jax.Array, frozen=None):
+        """Weighted sum of per-token losses (clipped surrogate + kl_coef * KL - entropy bonus),
+        the sum of weights, and metric sums (see `aggregation_weights`)."""
+        rl = self.cfg.rl
+        mask = batch["mask"]
+        logp, entropy = self._logprobs(model, batch)
+        pg, stats = clipped_policy_loss(logp, batch["old_logprobs"], batch["advantages"],
+                                        rl.clip_eps)
+        kl = kl_penalty(logp, batch["ref_logprobs"], self.kl_estimator, rl.kl_clamp)
+        per_token = pg + rl.kl_coef * kl - rl.entropy_coef * entropy
+        weights = aggregation_weights(mask, rl.loss_aggregation)
+
+        def total(x):
+            return jnp.sum(weights * jnp.where(mask > 0, x, 0.0))
+
+        metrics = {
+            "loss/policy": total(jax.lax.stop_gradient(pg)),
+            "loss/kl": total(jax.lax.stop_gradient(kl)),
+            "policy/approxkl": total(stats["approxkl"]),
+            "policy/clipfrac": total(stats["clipped"]),
+            "policy/ratio": total(stats["ratio"]),
+            "policy/entropy": total(jax.lax.stop_gradient(entropy)),
+        }
+        return total(per_token), jnp.sum(weights), metrics

@@ -1,0 +1,227 @@
+"""PPO with a learned value model (`trainer: ppo`): a rollout, then a clipped loss over a buffer.
+
+The trained module is `ActorCritic` (policy + value model), so one optimizer state holds both and
+a checkpoint restores both with the KL controller and the prompt iterator (in the data state).
+The reference policy is a frozen copy of the initial policy. Formulas: docs/trainers/ppo.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.checkpoint import abstract_with_shardings, load_params
+from jaxalign.config import Config
+from jaxalign.data import load_tokenizer
+from jaxalign.models.actor_critic import ActorCritic
+from jaxalign.rl import (
+    KLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
+from jaxalign.trainers.rm import check_vocab, checkpoint_trainer
+from jaxalign.trainers.rollout import (
+    RolloutData,
+    response_logprobs,
+    response_values,
+    validate_rl_config,
+)
+
+
+def last_token_rewards(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """The score of each row placed on its last response token (the stop token, or the last
+    generated token of a truncated row). scores: [B], mask: [B, N] -> [B, N]."""
+    last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 1, 0)
+    return jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * scores[:, None]
+
+
+class FrozenReference:
+    """The reference policy's parameters: a device copy of the initial policy, optionally kept
+    in host memory between rollouts (`rl.offload_frozen`)."""
+
+    def __init__(self, params: Any, offload: bool):
+        # A copy: the train step donates (and overwrites) the policy's buffers.
+        self.params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
+        self.shardings = jax.tree.map(lambda x: x.sharding, self.params)
+        self.offload = offload
+        if offload:
+            self.params = jax.device_get(self.params)
+
+    def on_device(self) -> Any:
+        if self.offload:
+            return jax.device_put(self.params, self.shardings)
+        return self.params
+
+    def release(self) -> None:
+        """Nothing to do: with offload the device copy from `on_device` is simply dropped."""
+
+
+class RLAlgorithm:
+    """What PPO, GRPO and RLOO share: tokenizer, reference, KL controller, rollout data."""
+
+    needs_values = False
+
+    def __init__(self, cfg: Config):
+        validate_rl_config(cfg, cfg.trainer)
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        check_vocab(cfg, self.tokenizer)
+        rl = cfg.rl
+        self.kl_estimator = rl.kl_estimator or self.default_kl_estimator
+        self.kl_controller = KLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
+        self.prompt_width = max(cfg.data.prompt_buckets)
+        self.reference: FrozenReference | None = None
+        self.data: RolloutData | None = None
+
+    def policy_module(self, model: nnx.Module) -> nnx.Module:
+        return model
+
+    def policy_params(self, params: Any) -> Any:
+        return params
+
+    def frozen_params(self, trainer, initial_params: Any) -> None:
+        """Keep the reference (the initial policy) here, for rollouts only: the loss reads the
+        reference log-probs from the buffer, so the train step gets no frozen params."""
+        self.reference = FrozenReference(self.policy_params(initial_params),
+                                         self.cfg.rl.offload_frozen)
+        return None
+
+    def reference_on_device(self) -> Any:
+        return self.reference.on_device()
+
+    def reference_release(self) -> None:
+        self.reference.release()
+
+    def train_data(self, process_index: int, process_count: int) -> RolloutData:
+        self.data = RolloutData(self.cfg, self, process_index, process_count)
+        return self.data
+
+    def eval_data(self, process_index: int, process_count: int):
+        return None  # held-out pass rates come from the rollout data (rl.eval_every)
+
+    def _logprobs(self, model, batch):
+        return response_logprobs(self.policy_module(model), batch, self.prompt_width,
+                                 self.cfg.sampling.temperature)
+
+
+class PPO(RLAlgorithm):
+    """PPO: rewards with a per-token KL penalty, GAE, clipped policy and value losses."""
+
+    needs_values = True
+    default_kl_estimator = "k1"
+
+    def make_model(self, rngs: nnx.Rngs) -> ActorCritic:
+        return ActorCritic(self.cfg.model, rngs)
+
+    def policy_module(self, model: ActorCritic) -> nnx.Module:
+        return model.policy
+
+    def policy_params(self, params: Any) -> Any:
+        return params["policy"]
+
+    def initial_params(self, trainer) -> Any | None:
+        """Policy from `init_from` (a policy run); value model from `rl.value_init_from` (a
+        reward-model run) or, by default, the policy's transformer with a zero head."""
+        cfg = self.cfg
+        if cfg.init_from and checkpoint_trainer(cfg.init_from) == "ppo":
+            return None  # a PPO run: the trainer's default loads both
+        abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
+        if cfg.init_from:
+            policy = load_params(Path(cfg.init_from).absolute(), abstract["policy"])
+        else:
+            policy = _fresh(trainer)["policy"]  # a seeded init (tests)
+        if cfg.rl.value_init_from:
+            value = load_params(Path(cfg.rl.value_init_from).absolute(), abstract["value"])
+        else:
+            copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                           out_shardings=trainer.param_shardings["value"]["backbone"])
+            score = jax.jit(lambda: jnp.zeros(abstract["value"]["score"].shape,
+                                              abstract["value"]["score"].dtype),
+                            out_shardings=trainer.param_shardings["value"]["score"])()
+            value = {"backbone": copy(policy), "score": score}
+        return {"policy": policy, "value": value}
+
+    def postprocess(self, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
+        """Per-token rewards, GAE and whitening over the whole rollout (global arrays)."""
+        rl = self.cfg.rl
+        mask = rollout["mask"]
+        real = mask > 0
+        old, ref, values = rollout["old_logprobs"], rollout["ref_logprobs"], rollout["values"]
+        values = jnp.where(real, values, 0.0)
+        kl = jnp.where(real, kl_penalty(old, ref, self.kl_estimator, rl.kl_clamp), 0.0)
+        non_score = -kl_coef * kl
+        scores = rollout["scores"]
+        rewards = non_score + last_token_rewards(scores, mask)
+        if rl.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, unbiased=rl.whiten_unbiased)
+        advantages, returns = compute_gae(rewards, values, mask, gamma=rl.gamma, lam=rl.lam)
+        if rl.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, unbiased=rl.whiten_unbiased)
+        seq_kl = kl.sum(axis=1)
+        k1 = jnp.where(real, old - ref, 0.0).sum(axis=1)
+        var_returns = masked_var(returns, mask, unbiased=rl.whiten_unbiased)
+        explained = 1.0 - masked_var(returns - values, mask, unbiased=rl.whiten_unbiased) / (
+            jnp.maximum(var_returns, 1e-8))
+        metrics = {
+            "objective/kl": seq_kl.mean(),
+            "objective/kl_k1": k1.mean(),
+            "objective/entropy": jnp.where(real, -old, 0.0).sum(axis=1).mean(),
+            "objective/token_entropy": masked_mean(rollout["entropy"], mask),
+            "objective/non_score_reward": non_score.sum(axis=1).mean(),
+            "objective/rlhf_reward": (scores + non_score.sum(axis=1)).mean(),
+            "val/mean": masked_mean(values, mask),
+            "val/returns": masked_mean(returns, mask),
+            "val/explained_var": explained,
+            "val/advantages_std": jnp.sqrt(masked_var(advantages, mask)),
+        }
+        buffer = {"old_logprobs": jnp.where(real, old, 0.0), "old_values": values,
+                  "advantages": advantages, "returns": returns}
+        return buffer, metrics
+
+    def after_rollout(self, metrics: dict, rows: int) -> dict:
+        """Update the adaptive KL coefficient with this rollout's mean per-sequence KL."""
+        self.kl_controller.update(metrics["objective/kl"], rows)
+        return {}
+
+    def loss_fn(self, model: ActorCritic, batch: dict, rng: jax.Array, frozen=None):
+        """Summed per-token PPO loss over response tokens, the token count, metric sums."""
+        rl = self.cfg.rl
+        mask = batch["mask"]
+        logp, entropy = self._logprobs(model, batch)
+        values = response_values(model, batch, self.prompt_width)
+        pg, stats = clipped_policy_loss(logp, batch["old_logprobs"], batch["advantages"],
+                                        rl.clip_eps)
+        vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"],
+                                            rl.value_clip)
+        per_token = pg + rl.vf_coef * vf - rl.entropy_coef * entropy
+
+        def total(x):
+            return jnp.sum(jnp.where(mask > 0, x, 0.0))
+
+        metrics = {
+            "loss/policy": total(jax.lax.stop_gradient(pg)),
+            "loss/value": total(jax.lax.stop_gradient(vf)),
+            "policy/approxkl": total(stats["approxkl"]),
+            "policy/clipfrac": total(stats["clipped"]),
+            "policy/ratio": total(stats["ratio"]),
+            "policy/entropy": total(jax.lax.stop_gradient(entropy)),
+            "val/clipfrac": total(vf_clipped),
+            "val/vpred": total(jax.lax.stop_gradient(values)),
+        }
+        return total(per_token), jnp.sum(mask > 0).astype(jnp.float32), metrics
+
+
+def _fresh(trainer) -> Any:
+    from jaxalign.trainers.loop import init_params
+
+    return init_params(trainer.cfg, trainer.param_shardings, trainer.cfg.train.seed,
+                       trainer.make_model)

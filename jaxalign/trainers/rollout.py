@@ -1,0 +1,524 @@
+"""On-policy data for RL trainers: a rollout (generate, score, reference/value forwards,
+advantages), then shuffled minibatches of it for the generic loop (`trainers/loop.py`).
+
+`RolloutData` is the iterator an RL algorithm's `train_data` returns. The loop calls
+`observe_state(state, trainer)` before every `next()`; when the buffer is empty the next call
+runs a rollout from `state["params"]` (the trained parameters themselves: same mesh, no copy) and
+queues `rl.epochs * R / train.batch_size` minibatches. Every process runs the same rollout over
+the whole global batch (prompts are read unsharded, arrays are global), so statistics such as
+whitening are global; each process then yields its own rows of every minibatch.
+
+Resume is exact at rollout boundaries (RL configs require `checkpoint.every` and `train.steps`
+to be multiples of the steps per rollout). A run stopped inside a rollout (SIGTERM) resumes with
+a new rollout from the next prompts and yields only the minibatches that rollout had left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxalign import sharding as shd
+from jaxalign.config import Config
+from jaxalign.data.prompts import PromptBatchIterator, prompt_iterator_from_config
+from jaxalign.data.templates import stop_token_ids
+from jaxalign.errors import ConfigError
+from jaxalign.generate import Sampler
+from jaxalign.models.llama import Transformer
+from jaxalign.rejection import function_scorer, load_reward_function
+from jaxalign.rl import entropy_from_logits
+
+STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs of response tokens under a model (the same function in rollout and loss).
+
+
+def response_logprobs(
+    policy: Transformer, batch: dict, prompt_width: int, temperature: float,
+    with_entropy: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs [B, N] of the response tokens and the policy's entropy at each of them.
+
+    batch: tokens, positions, segment_ids [B, P + N] (prompt left-padded to P = prompt_width,
+    response from P on). Token P + t is scored from the hidden state at P + t - 1, with logits
+    divided by `temperature` (the distribution the rollout sampled from).
+    """
+    tokens = batch["tokens"]
+    n = tokens.shape[1] - prompt_width
+    hidden = policy(tokens, batch["positions"], batch["segment_ids"])
+    h = hidden[:, prompt_width - 1 : prompt_width - 1 + n]
+    logits = policy.logits(h).astype(jnp.float32) / temperature  # [B, N, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    targets = tokens[:, prompt_width:]
+    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return token_logp, entropy
+
+
+def response_values(model, batch: dict, prompt_width: int) -> jax.Array:
+    """An ActorCritic's values [B, N]: V of the state before each response token (read at the
+    same position as that token's logits)."""
+    n = batch["tokens"].shape[1] - prompt_width
+    values = model.values(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return values[:, prompt_width - 1 : prompt_width - 1 + n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building rows and scoring.
+
+
+def build_rows(prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, response: np.ndarray,
+               response_lengths: np.ndarray, prompt_width: int, pad_id: int) -> dict:
+    """Training rows [R, P + N] from left-padded prompts [R, L] (L <= P) and responses [R, N]:
+    tokens, positions (0 at each row's first real token), segment_ids (1 on real tokens) and
+    the response mask [R, N] (float32, 1 up to and including the stop token)."""
+    r, width = prompt_tokens.shape
+    n = response.shape[1]
+    tokens = np.full((r, prompt_width + n), pad_id, np.int32)
+    tokens[:, prompt_width - width : prompt_width] = prompt_tokens
+    tokens[:, prompt_width:] = response
+    idx = np.arange(prompt_width + n)
+    start = prompt_width - prompt_lengths[:, None]
+    end = prompt_width + response_lengths[:, None]
+    real = (idx[None] >= start) & (idx[None] < end)
+    positions = np.where(real, idx[None] - start, 0).astype(np.int32)
+    mask = (np.arange(n)[None] < response_lengths[:, None]).astype(np.float32)
+    return {"tokens": tokens, "positions": positions, "segment_ids": real.astype(np.int32),
+            "mask": mask}
+
+
+class Scorer:
+    """Scores of completions: the sum of `rl.reward_functions` and the `rl.reward_model`."""
+
+    def __init__(self, cfg: Config, tokenizer):
+        rl = cfg.rl
+        self.tokenizer = tokenizer
+        self.functions = [function_scorer(load_reward_function(s), s) for s in rl.reward_functions]
+        self.reward_model = None
+        if rl.reward_model:
+            from jaxalign.trainers.rm import load_reward_model
+
+            rm_cfg, self.reward_model, stats = load_reward_model(rl.reward_model)
+            if Path(rm_cfg.data.tokenizer).resolve() != Path(cfg.data.tokenizer).resolve():
+                raise ConfigError(f"rl.reward_model {rl.reward_model}: its tokenizer "
+                                  f"({rm_cfg.data.tokenizer}) differs from data.tokenizer")
+            self.rm_stats = stats if rl.normalize_reward_model else None
+            self._rm_host = None
+        if not self.functions and self.reward_model is None:
+            raise ConfigError("RL needs rl.reward_functions and/or rl.reward_model")
+        self.offload = rl.offload_frozen
+
+    def functions_score(self, prompts: list[str], completions: list[str],
+                        records: list[dict]) -> np.ndarray:
+        """The sum of the reward functions alone (held-out pass rates)."""
+        scores = np.zeros(len(completions), np.float64)
+        for fn in self.functions:
+            scores += fn(prompts, completions, records)
+        return scores
+
+    def __call__(self, prompts: list[str], completions: list[str], records: list[dict],
+                 sequences: list[np.ndarray]) -> np.ndarray:
+        scores = self.functions_score(prompts, completions, records)
+        if self.reward_model is not None:
+            rm = self.reward_model
+            if self._rm_host is not None:  # back from host memory
+                rm.params = jax.device_put(self._rm_host, self._rm_shardings)
+            rewards = rm.score(sequences).astype(np.float64)
+            if self.offload:
+                self._rm_shardings = jax.tree.map(lambda x: x.sharding, rm.params)
+                self._rm_host, rm.params = jax.device_get(rm.params), None
+            if self.rm_stats is not None:
+                rewards = (rewards - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-8)
+            scores += rewards
+        return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out pass rate.
+
+
+def read_prompt_file(path: str, tokenizer, template: str, buckets: Sequence[int],
+                     limit: int = 0) -> tuple[list[np.ndarray], list[dict]]:
+    """Prompt token ids and extra fields of every record of a prompts file, in file order."""
+    it = PromptBatchIterator(path, tokenizer, global_batch_size=1, template=template,
+                             buckets=buckets, shuffle=False, num_epochs=1, shards=1)
+    count = it.stats["records"] if not limit else min(limit, it.stats["records"])
+    ids, extras = [], []
+    for _ in range(count):
+        batch = next(it)
+        ids.append(batch["tokens"][0, -int(batch["lengths"][0]):])
+        extras.append({k: v[0] for k, v in batch.items() if k not in ("tokens", "lengths")})
+    return ids, extras
+
+
+def completion_texts(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
+                     stopped: np.ndarray) -> list[str]:
+    """Decoded completions [R] without their stop token."""
+    return [tokenizer.decode(tokens[r, : int(lengths[r]) - int(stopped[r])].tolist())
+            for r in range(len(lengths))]
+
+
+def pass_rate(sampler: Sampler, params: Any, prompt_ids: Sequence[np.ndarray],
+              records: Sequence[dict], score: Callable, tokenizer, *, rows: int = 256,
+              threshold: float = 1.0) -> dict:
+    """Greedy-decode (with `sampler`, temperature 0) every prompt and score it: the fraction
+    with score >= threshold (`pass_rate`), the mean score, and the completions."""
+    texts, stopped_all = [], []
+    rows = min(rows, len(prompt_ids))
+    for start in range(0, len(prompt_ids), rows):
+        chunk = list(prompt_ids[start : start + rows])
+        padded = chunk + [chunk[0]] * (rows - len(chunk))  # one compiled shape
+        out = sampler.generate(params, padded)
+        tokens, lengths, finish = jax.device_get((out.tokens, out.lengths, out.finish_reasons))
+        texts += completion_texts(tokenizer, tokens, lengths, finish)[: len(chunk)]
+        stopped_all += list(finish[: len(chunk)])
+    prompts = [tokenizer.decode(p.tolist()) for p in prompt_ids]
+    scores = np.asarray(score(prompts, texts, list(records)), np.float64)
+    return {"pass_rate": float(np.mean(scores >= threshold)), "mean_score": float(scores.mean()),
+            "stop_fraction": float(np.mean(stopped_all)), "completions": texts}
+
+
+# ---------------------------------------------------------------------------------------------
+# The on-policy iterator.
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class RolloutData:
+    """The RL data iterator (see the module docstring). `algorithm` supplies:
+
+    - `policy_module(model)`: the Transformer inside the trained module,
+    - `needs_values`: whether to compute the value model's values,
+    - `postprocess(rollout, kl_coef) -> (buffer, metrics)`: a jittable function of global
+      arrays (scores, stopped, mask, old_logprobs, ref_logprobs[, values]) giving the per-row
+      arrays the loss reads and scalar metrics,
+    - `kl_controller`: a `rl.KLController` (its coefficient goes into postprocess).
+    """
+
+    def __init__(self, cfg: Config, algorithm, process_index: int, process_count: int):
+        self.cfg = cfg
+        self.rl = cfg.rl
+        self.algorithm = algorithm
+        self.process_index, self.process_count = process_index, process_count
+        self.tokenizer = algorithm.tokenizer
+        # Every process reads the whole global batch of prompts (see the module docstring).
+        self.prompts = prompt_iterator_from_config(cfg.data, self.tokenizer,
+                                                   global_batch_size=self.rl.prompts_per_rollout)
+        self.prompt_width = max(cfg.data.prompt_buckets)
+        self.rows = self.rl.prompts_per_rollout * self.rl.num_generations
+        self.steps_per_rollout = steps_per_rollout(cfg)
+        self.scorer = Scorer(cfg, self.tokenizer)
+        self.rollouts = 0  # rollouts started
+        self.position = 0  # minibatches of the current rollout already yielded
+        self.skip = 0  # after a resume inside a rollout: its minibatches already trained on
+        self.queue: list[dict] = []
+        self._state = None
+        self._trainer = None
+        self._metrics: list[dict] = []
+        self._last_rollout_end = None
+        self._built = False
+
+    # -- loop hooks -----------------------------------------------------------------------------
+
+    def observe_state(self, state: dict, trainer) -> None:
+        self._state, self._trainer = state, trainer
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if not self.queue:
+            self._rollout()
+        self.position += 1
+        return self.queue.pop(0)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The mean of each rollout metric over the rollouts since the last call."""
+        if not self._metrics:
+            return {}
+        keys = {k for m in self._metrics for k in m}
+        out = {k: float(np.mean([m[k] for m in self._metrics if k in m])) for k in keys}
+        self._metrics = []
+        return out
+
+    def get_state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "prompts": self.prompts.get_state(),
+            "rollouts": self.rollouts,
+            "position": self.position % self.steps_per_rollout if self.rollouts else 0,
+            "kl_controller": self.algorithm.kl_controller.get_state(),
+        }
+
+    def set_state(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError("RL data state has an unknown format")
+        self.prompts.set_state(state["prompts"])
+        self.rollouts = int(state["rollouts"])
+        self.algorithm.kl_controller.set_state(state["kl_controller"])
+        self.skip = int(state["position"])
+        self.position = 0
+        self.queue = []
+
+    # -- the rollout ----------------------------------------------------------------------------
+
+    def _build(self, trainer) -> None:
+        cfg, rl = self.cfg, self.rl
+        self.mesh, self.rules = trainer.mesh, trainer.rules
+        self.row_sharding = NamedSharding(self.mesh, shd.logical_to_spec(("batch", None),
+                                                                         self.rules))
+        self.vec_sharding = NamedSharding(self.mesh, shd.logical_to_spec(("batch",), self.rules))
+        stops = stop_token_ids(self.tokenizer, cfg.data.template)
+        self.stop_ids = stops
+        self.sampler = Sampler(cfg.model, cfg.sampling, stop_token_ids=stops,
+                               pad_id=self.tokenizer.pad_id, mesh=self.mesh, rules=self.rules)
+        graphdef, algo, width = trainer.graphdef, self.algorithm, self.prompt_width
+        temperature = cfg.sampling.temperature
+        recompute = rl.old_logprobs == "recompute"
+
+        def policy_forward(params, batch):
+            model = nnx.merge(graphdef, params)
+            out = {}
+            logp, entropy = response_logprobs(algo.policy_module(model), batch, width,
+                                              temperature)
+            out["entropy"] = entropy
+            if recompute:
+                out["old_logprobs"] = logp
+            if algo.needs_values:
+                out["values"] = response_values(model, batch, width)
+            return out
+
+        ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
+
+        def reference_forward(params, batch):
+            ref = nnx.merge(ref_graphdef, params)
+            return response_logprobs(ref, batch, width, temperature, with_entropy=False)[0]
+
+        self._policy_forward = jax.jit(policy_forward)
+        self._reference_forward = jax.jit(reference_forward)
+        self._postprocess = jax.jit(algo.postprocess)
+        self.eval_sampler = None
+        if rl.eval_every and cfg.data.eval_file:
+            greedy = dataclasses.replace(cfg.sampling, temperature=0.0)
+            self.eval_sampler = Sampler(cfg.model, greedy, stop_token_ids=stops,
+                                        pad_id=self.tokenizer.pad_id, mesh=self.mesh,
+                                        rules=self.rules)
+            self.eval_prompts = read_prompt_file(cfg.data.eval_file, self.tokenizer,
+                                                 cfg.data.template, cfg.data.prompt_buckets,
+                                                 rl.eval_prompts)
+        self._built = True
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        sharding = self.row_sharding if x.ndim == 2 else self.vec_sharding
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    def evaluate(self, params) -> dict:
+        """Held-out greedy pass rate of the current policy over data.eval_file."""
+        ids, records = self.eval_prompts
+
+        rows = shd.batch_divisor(self.mesh, self.rules) * 32
+        out = pass_rate(self.eval_sampler, params, ids, records, self.scorer.functions_score,
+                        self.tokenizer,
+                        rows=rows)
+        return {"eval/pass_rate": out["pass_rate"], "eval/mean_score": out["mean_score"]}
+
+    def _rollout(self) -> None:
+        cfg, rl, trainer, state = self.cfg, self.rl, self._trainer, self._state
+        if state is None:
+            raise RuntimeError("RolloutData needs observe_state(state, trainer) before next()")
+        if not self._built:
+            self._build(trainer)
+        t_start = time.perf_counter()
+        jax.block_until_ready(state["params"])  # finish the previous rollout's training first
+        now = time.perf_counter()
+        timings = {}
+        if self._last_rollout_end is not None:
+            timings["time/train"] = now - self._last_rollout_end
+        metrics: dict[str, float] = {}
+        policy_params = self.algorithm.policy_params(state["params"])
+        if self.eval_sampler is not None and self.rollouts % rl.eval_every == 0:
+            t = time.perf_counter()
+            metrics.update(self.evaluate(policy_params))
+            timings["time/eval"] = time.perf_counter() - t
+
+        # 1. Generate G samples per prompt.
+        t = time.perf_counter()
+        batch = next(self.prompts)
+        g, rows = rl.num_generations, self.rows
+        prompt_tokens = np.repeat(batch["tokens"], g, axis=0)
+        prompt_lengths = np.repeat(batch["lengths"], g, axis=0)
+        extras = {k: v for k, v in batch.items() if k not in ("tokens", "lengths")}
+        records = [{k: v[i // g] for k, v in extras.items()} for i in range(rows)]
+        sample_ids = (self.rollouts * rows + np.arange(rows)).astype(np.int32)
+        per_call = min(rows, cfg.sampling.batch_size * g)
+        outs = []
+        for s in range(0, rows, per_call):
+            sl = slice(s, s + per_call)
+            outs.append(self.sampler.generate_padded(policy_params, prompt_tokens[sl],
+                                                     prompt_lengths[sl], sample_ids[sl]))
+        gens = jax.device_get([(o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs)
+                               for o in outs])
+        response, lengths, finish, sampling_lp = (
+            np.concatenate(x) for x in zip(*gens, strict=True))
+        timings["time/generate"] = time.perf_counter() - t
+
+        # 2. Score the decoded completions.
+        t = time.perf_counter()
+        stopped = finish.astype(bool)
+        texts = completion_texts(self.tokenizer, response, lengths, stopped)
+        prompt_texts = [self.tokenizer.decode(p[-n:].tolist())
+                        for p, n in zip(batch["tokens"], batch["lengths"], strict=True)]
+        prompt_texts = [prompt_texts[i // g] for i in range(rows)]
+        eos = self.tokenizer.eos_id
+        sequences = []
+        if self.scorer.reward_model is not None:
+            for r in range(rows):
+                seq = [*prompt_tokens[r, -prompt_lengths[r]:], *response[r, : lengths[r]]]
+                sequences.append(np.asarray(seq if seq[-1] == eos else [*seq, eos], np.int32))
+        raw_scores = self.scorer(prompt_texts, texts, records, sequences)
+        scores = raw_scores.copy()
+        if rl.missing_eos_penalty is not None:
+            scores = np.where(stopped, scores, scores - rl.missing_eos_penalty)
+        if rl.reward_clip is not None:
+            scores = np.clip(scores, -rl.reward_clip, rl.reward_clip)
+        timings["time/score"] = time.perf_counter() - t
+
+        # 3. Reference (and policy / value) forwards over the rows.
+        t = time.perf_counter()
+        rows_np = build_rows(prompt_tokens, prompt_lengths, response, lengths, self.prompt_width,
+                             self.tokenizer.pad_id)
+        seq = {k: self._put(rows_np[k]) for k in ("tokens", "positions", "segment_ids")}
+        forward = self._policy_forward(state["params"], seq)
+        ref_params = self.algorithm.reference_on_device()
+        ref_logprobs = self._reference_forward(ref_params, seq)
+        self.algorithm.reference_release()
+        rollout = {"scores": self._put(scores.astype(np.float32)),
+                   "stopped": self._put(stopped.astype(np.float32)),
+                   "mask": self._put(rows_np["mask"]), "ref_logprobs": ref_logprobs,
+                   "entropy": forward["entropy"]}
+        if rl.old_logprobs == "recompute":
+            rollout["old_logprobs"] = forward["old_logprobs"]
+        else:
+            rollout["old_logprobs"] = self._put(sampling_lp.astype(np.float32))
+        if self.algorithm.needs_values:
+            rollout["values"] = forward["values"]
+        jax.block_until_ready(rollout)
+        timings["time/forward"] = time.perf_counter() - t
+
+        # 4. Rewards, advantages (jitted over the global arrays: global statistics).
+        t = time.perf_counter()
+        kl_coef = self.algorithm.kl_controller.kl_coef
+        buffer, post_metrics = self._postprocess(rollout, jnp.float32(kl_coef))
+        buffer = {k: _to_host(v) for k, v in buffer.items()}
+        post_metrics = {k: float(v) for k, v in jax.device_get(post_metrics).items()}
+        if hasattr(self.algorithm, "after_rollout"):
+            post_metrics.update(self.algorithm.after_rollout(post_metrics, rows))
+        timings["time/advantages"] = time.perf_counter() - t
+        buffer.update({k: rows_np[k] for k in ("tokens", "positions", "segment_ids", "mask")})
+
+        self._enqueue(buffer)
+        self.rollouts += 1
+        self.position = self.skip
+        self.skip = 0
+        metrics.update(post_metrics)
+        metrics.update({
+            "objective/scores": float(scores.mean()),
+            "objective/raw_scores": float(raw_scores.mean()),
+            "rollout/response_length": float(lengths.mean()),
+            "rollout/eos_fraction": float(stopped.mean()),
+            "rollout/index": float(self.rollouts),
+            "kl_coef": kl_coef,
+        })
+        end = time.perf_counter()
+        timings["time/rollout"] = end - t_start
+        if "time/train" in timings:
+            timings["time/iteration"] = timings["time/train"] + timings["time/rollout"]
+        metrics.update(timings)
+        self._metrics.append(metrics)
+        self.last_rollout = {"texts": texts, "scores": scores, "records": records,
+                             "buffer": buffer, "metrics": metrics}
+        self._last_rollout_end = end
+
+    def _enqueue(self, buffer: dict[str, np.ndarray]) -> None:
+        """Queue `epochs` shuffled passes of minibatches, this process's rows of each, shaped
+        [grad_accum, rows / grad_accum / process_count, ...]; drop those a resume skips."""
+        t = self.cfg.train
+        batch, accum = t.batch_size, t.grad_accum
+        local = batch // accum // self.process_count
+        queue = []
+        for epoch in range(self.rl.epochs):
+            order = np.random.default_rng([self.cfg.data.seed, self.rollouts, epoch]).permutation(
+                self.rows)
+            for k in range(self.rows // batch):
+                idx = order[k * batch : (k + 1) * batch].reshape(accum, batch // accum)
+                idx = idx[:, self.process_index * local : (self.process_index + 1) * local]
+                queue.append({name: v[idx] for name, v in buffer.items()})
+        self.queue = queue[self.skip :]
+
+
+def steps_per_rollout(cfg: Config) -> int:
+    rl = cfg.rl
+    return rl.epochs * rl.prompts_per_rollout * rl.num_generations // cfg.train.batch_size
+
+
+def validate_rl_config(cfg: Config, trainer: str) -> None:
+    """Cross-field checks of an RL config (ConfigError naming the keys)."""
+    rl, t, sp = cfg.rl, cfg.train, cfg.sampling
+    rows = rl.prompts_per_rollout * rl.num_generations
+    width = max(cfg.data.prompt_buckets) + sp.max_new_tokens
+    if rl.prompts_per_rollout <= 0 or rl.num_generations <= 0 or rl.epochs <= 0:
+        raise ConfigError("rl.prompts_per_rollout, rl.num_generations and rl.epochs must be "
+                          "positive")
+    if trainer in ("grpo", "rloo") and rl.num_generations < 2:
+        raise ConfigError(f"trainer {trainer}: rl.num_generations (the group size) must be >= 2")
+    if rows % t.batch_size:
+        raise ConfigError(f"rl.prompts_per_rollout * rl.num_generations ({rows} rows per "
+                          f"rollout) must divide by train.batch_size ({t.batch_size})")
+    per_rollout = steps_per_rollout(cfg)
+    if t.steps % per_rollout:
+        raise ConfigError(f"train.steps ({t.steps}) must be a multiple of the optimizer steps per "
+                          f"rollout (rl.epochs * rows / train.batch_size = {per_rollout})")
+    if cfg.checkpoint.every % per_rollout:
+        raise ConfigError(f"checkpoint.every ({cfg.checkpoint.every}) must be a multiple of the "
+                          f"optimizer steps per rollout ({per_rollout}): checkpoints are taken "
+                          "at rollout boundaries")
+    if t.seq_len != width:
+        raise ConfigError(f"train.seq_len must be max(data.prompt_buckets) + "
+                          f"sampling.max_new_tokens = {width} for RL, got {t.seq_len}")
+    if sp.temperature <= 0:
+        raise ConfigError("RL samples from the policy: sampling.temperature must be > 0")
+    if rl.old_logprobs == "sampler" and (sp.top_k or sp.top_p < 1):
+        raise ConfigError("rl.old_logprobs: sampler needs sampling.top_k = 0 and top_p = 1 (the "
+                          "sampled distribution must be the policy's)")
+    per_call = min(rows, sp.batch_size * rl.num_generations)
+    if rows % per_call:
+        raise ConfigError(f"rows per rollout ({rows}) must divide by sampling.batch_size * "
+                          f"rl.num_generations ({per_call})")
+    if rl.kl_target is not None and rl.kl_target <= 0:
+        raise ConfigError("rl.kl_target must be positive (or null: a fixed coefficient)")
+    if rl.kl_coef < 0 or rl.clip_eps <= 0 or rl.value_clip <= 0:
+        raise ConfigError("rl.kl_coef must be >= 0, rl.clip_eps and rl.value_clip positive")
+
+
+def load_data_state(path: str) -> dict:
+    """The data state of a checkpoint step directory (for tools and tests)."""
+    return json.loads((Path(path) / "data" / "metadata").read_text())
+

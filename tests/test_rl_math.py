@@ -1,0 +1,293 @@
+"""RL math against float64 NumPy references (values and gradients within 1e-6): GAE, KL
+estimators, masked whitening, PPO's clipped policy and value losses, entropy, GRPO/RLOO
+advantages, the adaptive KL controller."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import rl
+from jaxalign.trainers.grpo import aggregation_weights
+from jaxalign.trainers.ppo import last_token_rewards
+
+ATOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of a float64 NumPy function `f(x) -> scalar`."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += eps
+        down[i] -= eps
+        grad[i] = (f(up) - f(down)) / (2 * eps)
+    return grad
+
+
+def prefix_mask(lengths, t):
+    return (np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.float64)
+
+
+# -- references ---------------------------------------------------------------------------------
+
+
+def gae_ref(rewards, values, mask, gamma, lam):
+    adv = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        next_value = next_adv = 0.0
+        for t in reversed(range(rewards.shape[1])):
+            if mask[b, t] == 0:
+                continue
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            next_adv = delta + gamma * lam * next_adv
+            next_value = values[b, t]
+            adv[b, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+def whiten_ref(x, mask, shift_mean=True, unbiased=True):
+    sel = x[mask > 0]
+    mean = sel.mean()
+    var = sel.var(ddof=1 if unbiased else 0)
+    out = (x - mean) / np.sqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_ref(logp, ref, estimator, clamp=None):
+    d = logp - ref
+    kl = {"k1": d, "k2": 0.5 * d**2, "k3": np.exp(-d) - 1 + d}[estimator]
+    return kl if clamp is None else np.clip(kl, -clamp, clamp)
+
+
+def policy_loss_ref(logp, old, adv, eps):
+    ratio = np.exp(logp - old)
+    return np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + eps))
+
+
+def value_loss_ref(v, old_v, ret, c):
+    v_clip = old_v + np.clip(v - old_v, -c, c)
+    return 0.5 * np.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+
+
+# -- GAE ----------------------------------------------------------------------------------------
+
+
+def test_gae_equals_reference_with_ragged_and_holed_masks():
+    rng = np.random.default_rng(0)
+    b, t = 5, 9
+    rewards, values = rng.normal(size=(b, t)), rng.normal(size=(b, t))
+    mask = prefix_mask([9, 4, 1, 7, 0], t)
+    mask[3, 2] = 0.0  # a hole (e.g. an environment token): skipped, not an episode end
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)]:
+        adv, ret = rl.compute_gae(rewards, values, mask, gamma=gamma, lam=lam)
+        want_adv, want_ret = gae_ref(rewards, values, mask, gamma, lam)
+        np.testing.assert_allclose(np.asarray(adv), want_adv, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(np.asarray(ret), want_ret, atol=ATOL, rtol=0)
+
+
+def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
+    rewards = np.array([[0.0, 0.5, 2.0, 9.0]])
+    values = np.array([[1.0, 2.0, 3.0, 9.0]])
+    mask = prefix_mask([3], 4)  # the value after the last real token counts as 0
+    adv, ret = rl.compute_gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    np.testing.assert_allclose(np.asarray(adv), [[2.5 - 1.0, 2.5 - 2.0, 2.0 - 3.0, 0.0]],
+                               atol=ATOL)
+    np.testing.assert_allclose(np.asarray(ret), [[2.5, 2.5, 2.0, 0.0]], atol=ATOL)
+
+
+def test_gae_gradients_equal_reference():
+    rng = np.random.default_rng(1)
+    b, t = 3, 6
+    rewards, values = rng.normal(size=(b, t)), rng.normal(size=(b, t))
+    mask = prefix_mask([6, 3, 5], t)
+    w1, w2 = rng.normal(size=(b, t)), rng.normal(size=(b, t))
+
+    def objective(r, v):
+        adv, ret = rl.compute_gae(r, v, mask, gamma=0.95, lam=0.9)
+        return jnp.sum(w1 * adv) + jnp.sum(w2 * ret)
+
+    def objective_ref(r, v):
+        adv, ret = gae_ref(r, v, mask, 0.95, 0.9)
+        return np.sum(w1 * adv) + np.sum(w2 * ret)
+
+    g_r, g_v = jax.grad(objective, argnums=(0, 1))(rewards, values)
+    np.testing.assert_allclose(np.asarray(g_r), numeric_grad(lambda r: objective_ref(r, values),
+                                                             rewards), atol=ATOL)
+    np.testing.assert_allclose(np.asarray(g_v), numeric_grad(lambda v: objective_ref(rewards, v),
+                                                             values), atol=ATOL)
+
+
+# -- KL estimators ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("clamp", [None, 0.3])
+def test_kl_estimators_and_gradients_equal_reference(estimator, clamp):
+    rng = np.random.default_rng(2)
+    logp, ref = rng.normal(-2, 0.7, size=(4, 7)), rng.normal(-2, 0.7, size=(4, 7))
+    got = rl.kl_penalty(logp, ref, estimator, clamp)
+    np.testing.assert_allclose(np.asarray(got), kl_ref(logp, ref, estimator, clamp), atol=ATOL)
+    w = rng.normal(size=logp.shape)
+    grad = jax.grad(lambda x: jnp.sum(w * rl.kl_penalty(x, ref, estimator, clamp)))(logp)
+    want = numeric_grad(lambda x: np.sum(w * kl_ref(x, ref, estimator, clamp)), logp)
+    np.testing.assert_allclose(np.asarray(grad), want, atol=ATOL)
+
+
+def test_k1_and_k3_are_unbiased_and_k3_nonnegative():
+    """Under the policy's own distribution, E[k1] = E[k3] = KL(pi || ref), exactly."""
+    rng = np.random.default_rng(3)
+    pi = rng.dirichlet(np.ones(11))
+    ref = rng.dirichlet(np.ones(11))
+    exact = np.sum(pi * np.log(pi / ref))
+    for estimator in ("k1", "k3"):
+        per_token = np.asarray(rl.kl_penalty(np.log(pi), np.log(ref), estimator))
+        np.testing.assert_allclose(np.sum(pi * per_token), exact, atol=ATOL)
+    assert np.all(np.asarray(rl.kl_penalty(np.log(pi), np.log(ref), "k3")) >= 0)
+
+
+# -- whitening ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_masked_whiten_and_gradient_equal_reference(shift_mean, unbiased):
+    rng = np.random.default_rng(4)
+    x = rng.normal(3.0, 2.0, size=(4, 6))
+    mask = prefix_mask([6, 2, 5, 3], 6)
+    got = rl.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased)
+    want = whiten_ref(x, mask, shift_mean, unbiased)
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL)
+    sel = np.asarray(got)[mask > 0]
+    np.testing.assert_allclose(sel.std(ddof=1 if unbiased else 0), 1.0, atol=1e-6)
+    w = rng.normal(size=x.shape)
+    grad = jax.grad(lambda y: jnp.sum(w * rl.masked_whiten(y, mask, shift_mean=shift_mean,
+                                                           unbiased=unbiased)))(x)
+    np.testing.assert_allclose(
+        np.asarray(grad),
+        numeric_grad(lambda y: np.sum(w * whiten_ref(y, mask, shift_mean, unbiased)), x),
+        atol=ATOL)
+
+
+# -- clipped losses -----------------------------------------------------------------------------
+
+
+def test_clipped_policy_loss_stats_and_gradient_equal_reference():
+    rng = np.random.default_rng(5)
+    shape = (6, 8)
+    old = rng.normal(-1.5, 0.5, size=shape)
+    logp = old + rng.normal(0, 0.3, size=shape)  # ratios on both sides of the clip range
+    adv = rng.normal(size=shape)
+    eps = 0.2
+    loss, stats = rl.clipped_policy_loss(logp, old, adv, eps)
+    np.testing.assert_allclose(np.asarray(loss), policy_loss_ref(logp, old, adv, eps), atol=ATOL)
+    ratio = np.exp(logp - old)
+    clipped = -adv * np.clip(ratio, 1 - eps, 1 + eps) > -adv * ratio
+    assert 0 < clipped.mean() < 1
+    np.testing.assert_array_equal(np.asarray(stats["clipped"]), clipped.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(stats["ratio"]), ratio, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(stats["approxkl"]), 0.5 * (logp - old) ** 2, atol=ATOL)
+    grad = jax.grad(lambda x: jnp.sum(rl.clipped_policy_loss(x, old, adv, eps)[0]))(logp)
+    np.testing.assert_allclose(
+        np.asarray(grad), numeric_grad(lambda x: np.sum(policy_loss_ref(x, old, adv, eps)), logp),
+        atol=ATOL)
+    # Where the clipped term wins, the token contributes no gradient.
+    assert np.all(np.asarray(grad)[clipped] == 0)
+
+
+def test_clipped_value_loss_and_gradient_equal_reference():
+    rng = np.random.default_rng(6)
+    shape = (5, 7)
+    old_v, ret = rng.normal(size=shape), rng.normal(size=shape)
+    v = old_v + rng.normal(0, 0.4, size=shape)
+    loss, clipped = rl.clipped_value_loss(v, old_v, ret, 0.2)
+    np.testing.assert_allclose(np.asarray(loss), value_loss_ref(v, old_v, ret, 0.2), atol=ATOL)
+    v_clip = old_v + np.clip(v - old_v, -0.2, 0.2)
+    want_clipped = (v_clip - ret) ** 2 > (v - ret) ** 2
+    assert 0 < want_clipped.mean() < 1
+    np.testing.assert_array_equal(np.asarray(clipped), want_clipped.astype(np.float64))
+    grad = jax.grad(lambda x: jnp.sum(rl.clipped_value_loss(x, old_v, ret, 0.2)[0]))(v)
+    np.testing.assert_allclose(
+        np.asarray(grad), numeric_grad(lambda x: np.sum(value_loss_ref(x, old_v, ret, 0.2)), v),
+        atol=ATOL)
+
+
+def test_entropy_from_logits_and_gradient_equal_reference():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 2, size=(3, 4, 10))
+
+    def ref(x):
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return -(p * np.log(p)).sum(-1)
+
+    np.testing.assert_allclose(np.asarray(rl.entropy_from_logits(logits)), ref(logits), atol=ATOL)
+    w = rng.normal(size=(3, 4))
+    grad = jax.grad(lambda x: jnp.sum(w * rl.entropy_from_logits(x)))(logits)
+    np.testing.assert_allclose(np.asarray(grad), numeric_grad(lambda x: np.sum(w * ref(x)), logits),
+                               atol=ATOL)
+
+
+# -- critic-free advantages, reward placement, aggregation --------------------------------------
+
+
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_group_advantages_equal_reference(scale, unbiased):
+    scores = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, -1.0, 2.0, 0.0])
+    got = np.asarray(rl.group_advantages(scores, 4, scale=scale, unbiased=unbiased))
+    g = scores.reshape(3, 4)
+    want = g - g.mean(1, keepdims=True)
+    if scale:
+        want = want / (g.std(1, ddof=1 if unbiased else 0, keepdims=True) + 1e-4)
+    np.testing.assert_allclose(got, want.reshape(-1), atol=ATOL)
+    np.testing.assert_allclose(got[4:8], 0.0, atol=ATOL)  # a group of equal scores learns nothing
+
+
+def test_rloo_advantages_are_leave_one_out():
+    rng = np.random.default_rng(8)
+    scores = rng.normal(size=12)
+    got = np.asarray(rl.rloo_advantages(scores, 3))
+    g = scores.reshape(4, 3)
+    want = np.array([[g[i, j] - np.delete(g[i], j).mean() for j in range(3)] for i in range(4)])
+    np.testing.assert_allclose(got, want.reshape(-1), atol=ATOL)
+    np.testing.assert_allclose(got, 3 / 2 * (g - g.mean(1, keepdims=True)).reshape(-1), atol=ATOL)
+
+
+def test_score_lands_on_the_last_response_token():
+    mask = prefix_mask([3, 1, 5], 5)
+    got = np.asarray(last_token_rewards(jnp.asarray([2.0, -1.0, 0.5]), jnp.asarray(mask)))
+    want = np.zeros((3, 5))
+    want[0, 2], want[1, 0], want[2, 4] = 2.0, -1.0, 0.5
+    np.testing.assert_array_equal(got, want)
+
+
+def test_aggregation_weights_token_and_sequence_mean():
+    mask = jnp.asarray(prefix_mask([4, 1], 4))
+    losses = np.array([[1.0, 2.0, 3.0, 4.0], [10.0, 0.0, 0.0, 0.0]])
+    for aggregation, want in [("token_mean", (10 + 10) / 5), ("sequence_mean", (2.5 + 10) / 2)]:
+        w = np.asarray(aggregation_weights(mask, aggregation))
+        np.testing.assert_allclose((w * losses).sum() / w.sum(), want, atol=ATOL)
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    ctl = rl.KLController(0.1, target=6.0, horizon=1000)
+    ctl.update(9.0, 64)  # error clip(9/6 - 1, -0.2, 0.2) = 0.2
+    np.testing.assert_allclose(ctl.kl_coef, 0.1 * (1 + 0.2 * 64 / 1000), rtol=1e-12)
+    ctl.update(5.4, 64)  # error -0.1
+    np.testing.assert_allclose(ctl.kl_coef, 0.1 * (1 + 0.2 * 0.064) * (1 - 0.1 * 0.064),
+                               rtol=1e-12)
+    fixed = rl.KLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.kl_coef == 0.1
+    restored = rl.KLController(0.5, target=6.0)
+    restored.set_state(ctl.get_state())
+    assert restored.kl_coef == ctl.kl_coef
