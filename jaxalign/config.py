@@ -26,35 +26,35 @@ AXIS_NAMES = ("data", "fsdp", "tensor")
 class ModelConfig:
     """A Llama-family decoder. Field names follow Hugging Face's LlamaConfig where they overlap."""
 
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    vocab_size: int = 1024  # must cover the tokenizer's vocabulary
+    hidden_size: int = 128  # model width D
+    intermediate_size: int = 352  # SwiGLU hidden width F
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
     head_dim: int | None = None  # default: hidden_size // num_heads
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # rotary embedding base
     # Llama-3 frequency scaling: {factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings}; None disables it.
     rope_scaling: dict[str, float] | None = None
-    rms_norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    qk_norm: bool = False
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # output projection = embedding transposed
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
     attention_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     attention_out_bias: bool = False  # bias on the output projection (Llama's attention_bias)
-    mlp_bias: bool = False
+    mlp_bias: bool = False  # biases on the MLP projections
     mlp_activation: Literal["silu", "gelu_tanh"] = "silu"  # gate activation (GeGLU: gelu_tanh)
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialized to 0 (Gemma)
     scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     sliding_window: int | None = None  # attend only to the last N positions (Mistral)
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored (master) weights
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
-    remat: Literal["none", "full", "save_dots"] = "none"
-    scan_layers: bool = False
+    remat: Literal["none", "full", "save_dots"] = "none"  # per-block rematerialization policy
+    scan_layers: bool = False  # stack blocks and lax.scan over them (one compiled block)
     # Queries are processed in blocks of this many positions (0: one block). Keeps the score matrix
     # in cache on CPU and skips fully masked key blocks.
     attention_query_block: int = 0
-    initializer_range: float = 0.02
+    initializer_range: float = 0.02  # std of the normal init of weight matrices
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).
     from_hf: str | None = None
@@ -72,12 +72,12 @@ class MeshConfig:
     `axis * dcn_axis`.
     """
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
+    data: int = 1  # pure data parallelism (replicas)
+    fsdp: int = -1  # fully sharded data parallelism
+    tensor: int = 1  # tensor (model) parallelism
+    dcn_data: int = 1  # slices along `data` (multi-slice); default: all slices
+    dcn_fsdp: int = 1  # slices along `fsdp`
+    dcn_tensor: int = 1  # slices along `tensor`
 
 
 @dataclass
@@ -87,23 +87,23 @@ class ShardingConfig:
     `rules_file` (a YAML file with a `rules:` mapping) is applied first, then `rules` on top.
     """
 
-    rules_file: str | None = None
-    rules: dict[str, Any] = field(default_factory=dict)
+    rules_file: str | None = None  # YAML with a `rules:` table (configs/sharding/*.yaml)
+    rules: dict[str, Any] = field(default_factory=dict)  # overrides on top of the file
 
 
 @dataclass
 class DataConfig:
     """Where training examples come from and how they become token rows."""
 
-    train_file: str = ""
-    eval_file: str | None = None
-    tokenizer: str = ""
-    template: str = "plain"
-    packing: bool = True
-    shuffle: bool = True
-    seed: int = 0
-    on_error: Literal["raise", "skip"] = "raise"
-    num_packing_bins: int = 16
+    train_file: str = ""  # a source: .jsonl(.gz), .parquet, .arrayrecord, tfds:NAME:SPLIT
+    eval_file: str | None = None  # held-out source for train.eval_every
+    tokenizer: str = ""  # SentencePiece .model, tokenizer.json, or a HF model directory
+    template: str = "plain"  # plain, chatml, llama3, gemma, or a tokenizer_config.json/.jinja
+    packing: bool = True  # first-fit packing with segment ids (else one example per row)
+    shuffle: bool = True  # reshuffled every epoch
+    seed: int = 0  # shuffling and packing seed
+    on_error: Literal["raise", "skip"] = "raise"  # bad records: stop, or skip and count
+    num_packing_bins: int = 16  # open bins of the first-fit packer
     # Weighted sources replacing train_file: [{path: ..., weight: ...}, ...] (docs/data.md).
     mixture: list[dict[str, Any]] | None = None
     data_dir: str | None = None  # TFDS data_dir for `tfds:NAME[/CONFIG]:SPLIT` sources
@@ -121,54 +121,54 @@ class LossConfig:
     # The final projection + cross-entropy is computed over this many chunks of tokens, so full
     # [tokens, vocab] logits never exist at once (1: no chunking).
     vocab_chunks: int = 1
-    z_loss: float = 0.0
+    z_loss: float = 0.0  # weight of logsumexp(logits)^2 per target token
 
 
 @dataclass
 class TrainConfig:
     """Optimization and loop settings."""
 
-    steps: int = 100
+    steps: int = 100  # optimizer steps
     batch_size: int = 8  # global rows of seq_len tokens per optimizer step
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
-    seq_len: int = 256
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    log_every: int = 10
+    seq_len: int = 256  # tokens per row
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 10  # linear warmup: step i uses lr * (i + 1) / warmup_steps
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW decoupled decay (not on norms, biases, embeddings)
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # global-norm clipping (0: off)
+    log_every: int = 10  # steps between metrics records (and step 1)
     eval_every: int = 0  # 0: no held-out evaluation (needs data.eval_file)
-    eval_batches: int = 4
-    seed: int = 0
+    eval_batches: int = 4  # batches of the held-out split per evaluation
+    seed: int = 0  # parameter init and step RNG
     # Peak FLOP/s per device for MFU; 0 measures a matmul peak at start-up.
     peak_flops_per_device: float = 0.0
-    progress: bool = True
+    progress: bool = True  # tqdm progress bar on process 0
     # A step whose loss or gradients are NaN/Inf never updates the model. "halt" stops the run
     # (the last good checkpoint is kept); "skip" goes on and halts after `max_consecutive_skips`.
     nan_policy: Literal["halt", "skip"] = "halt"
-    max_consecutive_skips: int = 5
+    max_consecutive_skips: int = 5  # with nan_policy "skip"
 
 
 @dataclass
 class CheckpointConfig:
     """Orbax checkpointing."""
 
-    every: int = 100
-    keep: int = 3
-    async_save: bool = True
+    every: int = 100  # save every N steps (0: only at the end); always at the end and on SIGTERM
+    keep: int = 3  # checkpoints kept
+    async_save: bool = True  # write in the background while training goes on
 
 
 @dataclass
 class LoggingConfig:
     """Where metrics go besides RUN_DIR/metrics.jsonl."""
 
-    tensorboard: bool = True
-    wandb_project: str | None = None
+    tensorboard: bool = True  # RUN_DIR/tensorboard event files
+    wandb_project: str | None = None  # log to Weights & Biases (extra `wandb`)
 
 
 @dataclass
@@ -178,12 +178,12 @@ class SamplingConfig:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # response length limit (tokens)
     # Longest prompt in tokens. Prompts are left-padded to the smallest bucket that fits (powers
     # of two from 16, capped at this), so a handful of shapes is ever compiled.
     max_prompt_len: int = 512
     batch_size: int = 8  # prompts per compiled call (x num_samples rows)
-    seed: int = 0
+    seed: int = 0  # sampling RNG (each row has its own stream)
     num_samples: int = 1  # completions per prompt
 
 
@@ -216,6 +216,7 @@ class RMConfig:
 class DPOConfig:
     """Direct preference optimization and variants (`trainer: dpo`); see docs/trainers/dpo.md."""
 
+    # formulas of each: docs/trainers/dpo.md
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
     beta: float = 0.1  # for orpo: the odds-ratio weight lambda
     label_smoothing: float = 0.0  # eps of conservative DPO (sigmoid), robust DPO and SimPO
@@ -237,7 +238,7 @@ class RLConfig:
     padded | sampling.max_new_tokens response tokens]; train.seq_len must equal that width.
     """
 
-    prompts_per_rollout: int = 16
+    prompts_per_rollout: int = 16  # prompts sampled per rollout (global)
     num_generations: int = 1  # samples per prompt; GRPO/RLOO's group size (>= 2)
     epochs: int = 1  # passes over each rollout (PPO epochs)
     # Scores: the sum of these reward functions ("module:fn" or "file.py:fn", called as
@@ -253,15 +254,16 @@ class RLConfig:
     kl_coef: float = 0.05  # PPO: reward penalty (initial, if adaptive); GRPO/RLOO: loss weight
     kl_target: float | None = None  # PPO adaptive KL: target per-sequence KL (None: fixed)
     kl_horizon: float = 10000.0  # PPO adaptive KL horizon, in sequences
-    gamma: float = 1.0
-    lam: float = 0.95
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
     whiten_advantages: bool = True  # PPO: masked whitening over the whole rollout
     whiten_unbiased: bool = True  # whitening variance: / (n - 1) (true) or / n
     clip_eps: float = 0.2  # policy ratio clip
     value_clip: float = 0.2  # PPO value clip around the rollout's values
-    vf_coef: float = 0.1
+    vf_coef: float = 0.1  # PPO value-loss weight
     entropy_coef: float = 0.0  # entropy bonus weight (subtracted from the loss)
     value_init_from: str | None = None  # PPO value model: an RM run; None: the policy + zero head
+    # PPO/GRPO ratio denominator: a training-forward pass after the rollout, or the sampler's
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     scale_rewards: bool = True  # GRPO: divide by the group's std (false: Dr. GRPO)
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"  # GRPO/RLOO
@@ -274,8 +276,8 @@ class RLConfig:
 class Config:
     """A whole run."""
 
-    trainer: Literal["sft", "rm", "dpo", "ppo", "grpo", "rloo"] = "sft"
-    run_dir: str = "runs/default"
+    trainer: Literal["sft", "rm", "dpo", "ppo", "grpo", "rloo"] = "sft"  # which algorithm trains
+    run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml, TensorBoard
     resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
     # Start from the parameters of another run's latest checkpoint (a RUN_DIR or its
     # checkpoints/<step> directory), e.g. SFT from a base model, DPO from SFT.

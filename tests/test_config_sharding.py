@@ -215,3 +215,13 @@ def test_llama3_rope_scaling_matches_reference():
             smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
             out.append((1 - smooth) * f / 8.0 + smooth * f)
     np.testing.assert_allclose(got, np.array(out), rtol=1e-6)
+
+
+def test_configuration_reference_is_up_to_date():
+    """docs/configuration.md is generated from config.py (scripts/make_config_docs.py)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_config_docs.py"),
+                           "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
