@@ -144,7 +144,7 @@ GOOD = {"prompt": "Add 1 and 2.", "completion": "The answer is 3."}
         (b'{"prompt": "hi"}', "field 'completion' must be a non-empty string"),
         (b'{"prompt": 3, "completion": "x"}', "field 'prompt' must be a string"),
         (
-            b'{"text": "x"}',
+            b'{"txt": "x"}',
             "record must have a 'messages' field or 'prompt' and 'completion' fields",
         ),
         (b"[1, 2]", "record must be a JSON object"),

@@ -2,7 +2,8 @@
 list, with one-line errors naming the file, the line or record index, and the field.
 
 An SFT record is `{"prompt": str, "completion": str}` (optionally `"system": str`) or
-`{"messages": [{"role": ..., "content": ...}, ...]}`. Other record kinds (preference pairs,
+`{"messages": [{"role": ..., "content": ...}, ...]}`, or raw text `{"text": str}` for base
+pretraining (one assistant turn: every token is a target). Other record kinds (preference pairs,
 prompts) pass their own `validate` function to `read_records` / `record_dataset`.
 
 A source spec is a path whose extension picks the format (`.jsonl`, `.jsonl.gz`, `.parquet`,
@@ -65,6 +66,11 @@ def to_messages(record: dict, *, where: str) -> list[dict]:
         raise _fail(where, "record must be a JSON object")
     if "messages" in record:
         return _messages_from_list(record["messages"], where)
+    if "text" in record and "prompt" not in record and "completion" not in record:
+        # Raw text (base pretraining): one assistant turn, so every token of it is a target.
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise _fail(where, "field 'text' must be a non-empty string")
+        return [{"role": "assistant", "content": record["text"]}]
     if "prompt" not in record and "completion" not in record:
         raise _fail(
             where, "record must have a 'messages' field or 'prompt' and 'completion' fields"

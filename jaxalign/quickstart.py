@@ -1,0 +1,351 @@
+"""`jaxalign quickstart`: post-training end to end on the bundled data, measured.
+
+    tokenizer -> pretrain -> sft -> rm -> dpo -> ppo -> grpo -> eval
+
+Each training stage is a normal `jaxalign train` of `configs/quickstart/<stage>.yaml` with
+`run_dir` (and `init_from`) pointed under RUN_DIR; `--fast` adds the overrides of FAST below. A
+stage whose run already holds its final checkpoint is skipped, a partial one resumes, so running
+the command again continues where it stopped. The eval stage evaluates the base (pretrained),
+SFT, DPO, PPO and GRPO policies on the held-out splits (`jaxalign/eval/suite.py`), then writes
+RUN_DIR/report.md (a stage x metric table, also printed) and plots under RUN_DIR/plots/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from jaxalign.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs" / "quickstart"
+DATA_DIR = ROOT / "data" / "quickstart"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: its config, and keys set to other stages' run directories."""
+
+    name: str
+    init_from: str | None = None
+    run_dir_keys: dict[str, str] = field(default_factory=dict)  # config key -> stage
+
+
+TRAIN_STAGES = (
+    Stage("pretrain"),
+    Stage("sft", init_from="pretrain"),
+    Stage("rm", init_from="sft"),
+    Stage("dpo", init_from="sft"),
+    Stage("ppo", init_from="sft", run_dir_keys={"rl.value_init_from": "rm"}),
+    Stage("grpo", init_from="sft"),
+)
+STAGES = ("tokenizer", *(s.name for s in TRAIN_STAGES), "eval")
+# Evaluated policies: report row -> the stage whose run holds it.
+EVAL_ROWS = {"base": "pretrain", "sft": "sft", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
+TOKENIZER_VOCAB = 1024
+# Held-out prompts per family (task families, unsafe, benign) and the longest answer.
+EVAL_LIMIT = {"full": 40, "fast": 12}
+MAX_NEW_TOKENS = 48
+
+# --fast: a smaller model and far fewer steps (about 4 minutes on a 2-core CPU).
+FAST_MODEL = ["model.num_layers=2"]
+FAST: dict[str, list[str]] = {
+    "pretrain": ["train.steps=80", "train.warmup_steps=8"],
+    "sft": ["train.steps=150", "train.warmup_steps=15", "train.eval_every=0"],
+    "rm": ["train.steps=20", "train.warmup_steps=2", "train.eval_every=0"],
+    "dpo": ["train.steps=20", "train.warmup_steps=2", "train.eval_every=0"],
+    "ppo": ["train.steps=8", "rl.eval_every=0"],
+    "grpo": ["train.steps=8", "rl.eval_every=0"],
+}
+# Config keys holding repository-relative paths (made absolute so any working directory works).
+PATH_KEYS = ("data.train_file", "data.eval_file", "data.tokenizer", "sharding.rules_file",
+             "rm.stats_file")
+
+
+def log(message: str) -> None:
+    print(f"[quickstart] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer stage.
+
+
+def tokenizer_texts(data_dir: str | Path = DATA_DIR) -> list[str]:
+    """Every text a quickstart model trains on: the corpus, SFT and safety prompts and answers,
+    and the rejected answers of the preference pairs."""
+    from jaxalign.data.sources import read_records
+
+    def records(name: str) -> list[dict]:
+        return read_records(str(Path(data_dir) / f"{name}.jsonl.gz"), validate=lambda r, w: None)[0]
+
+    texts = [r["text"] for r in records("corpus")]
+    for r in records("sft_train") + records("safety_train"):
+        texts += [r["prompt"], r["completion"]]
+    texts += [r["rejected"] for r in records("pref_train")]
+    return texts
+
+
+def train_quickstart_tokenizer(output_prefix: str | Path, data_dir: str | Path = DATA_DIR,
+                               vocab_size: int = TOKENIZER_VOCAB, seed: int = 0) -> str:
+    """Train the quickstart's SentencePiece tokenizer (deterministic); returns the .model path."""
+    import tempfile
+
+    from jaxalign.data.tokenizer import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(tmp) / "texts.txt"
+        text_file.write_text("\n".join(tokenizer_texts(data_dir)) + "\n", encoding="utf-8")
+        return train_tokenizer([str(text_file)], str(output_prefix), vocab_size, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training stages.
+
+
+def _get(raw: dict, dotted: str):
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _absolute(path: str) -> str:
+    """A repository-relative config path as an absolute one."""
+    return str(ROOT / path)
+
+
+def stage_overrides(stage: Stage, run_dir: Path, fast: bool) -> list[str]:
+    """The `--set` overrides that place `stage` under `run_dir`."""
+    config = CONFIG_DIR / f"{stage.name}.yaml"
+    raw = yaml.safe_load(config.read_text())
+    overrides = []
+    for key in PATH_KEYS:
+        value = _get(raw, key)
+        if isinstance(value, str):
+            overrides.append(f"{key}={_absolute(value)}")
+    mixture = _get(raw, "data.mixture")
+    if mixture:
+        parts = [f"{{path: {_absolute(m['path'])}, weight: {m['weight']}}}" for m in mixture]
+        overrides.append(f"data.mixture=[{', '.join(parts)}]")
+    functions = _get(raw, "rl.reward_functions") or []
+    if any(".py:" in f for f in functions):
+        fixed = [_absolute(f.split(":")[0]) + ":" + f.split(":")[1] if ".py:" in f else f
+                 for f in functions]
+        overrides.append(f"rl.reward_functions={json.dumps(fixed)}")
+    overrides.append(f"run_dir={run_dir / stage.name}")
+    overrides.append(f"data.tokenizer={run_dir / 'tokenizer' / 'tokenizer.model'}")
+    if stage.init_from:
+        overrides.append(f"init_from={run_dir / stage.init_from}")
+    for key, other in stage.run_dir_keys.items():
+        overrides.append(f"{key}={run_dir / other}")
+    overrides.append("train.progress=false")
+    if fast:
+        overrides += FAST_MODEL + FAST.get(stage.name, [])
+    return overrides
+
+
+def final_step(stage_dir: Path) -> int | None:
+    """The last complete checkpoint step of a run directory, or None."""
+    ckpts = stage_dir / "checkpoints"
+    steps = [int(c.name) for c in ckpts.iterdir() if c.name.isdigit() and (c / "state").is_dir()] \
+        if ckpts.is_dir() else []
+    return max(steps) if steps else None
+
+
+def stage_complete(stage: Stage, run_dir: Path, fast: bool) -> bool:
+    from jaxalign.config import load_config
+
+    cfg = load_config(CONFIG_DIR / f"{stage.name}.yaml", stage_overrides(stage, run_dir, fast))
+    return final_step(run_dir / stage.name) == cfg.train.steps
+
+
+def trainer_available(stage: Stage, run_dir: Path, fast: bool) -> str | None:
+    """None if the stage's trainer exists, else why not."""
+    from jaxalign.config import load_config
+    from jaxalign.errors import ConfigError
+
+    try:
+        cfg = load_config(CONFIG_DIR / f"{stage.name}.yaml", stage_overrides(stage, run_dir, fast))
+    except ConfigError as e:
+        if "trainer" in str(e):
+            return f"trainer not available ({e})"
+        raise
+    try:
+        import importlib
+
+        module = {"ppo": "jaxalign.trainers.ppo", "grpo": "jaxalign.trainers.grpo"}.get(cfg.trainer)
+        if module:
+            importlib.import_module(module)
+    except ImportError as e:
+        return f"trainer '{cfg.trainer}' not available ({e})"
+    return None
+
+
+def run_training_stage(stage: Stage, run_dir: Path, fast: bool) -> None:
+    """`jaxalign train configs/quickstart/<stage>.yaml --set ...` (the CLI's own function)."""
+    from jaxalign.cli import cmd_train
+
+    args = argparse.Namespace(config=str(CONFIG_DIR / f"{stage.name}.yaml"),
+                              overrides=stage_overrides(stage, run_dir, fast))
+    cmd_train(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evals and the report.
+
+
+def eval_files(data_dir: Path = DATA_DIR) -> list[str]:
+    return [str(data_dir / "sft_eval.jsonl.gz"), str(data_dir / "safety_eval.jsonl.gz")]
+
+
+def evaluate_stages(run_dir: Path, fast: bool) -> tuple[dict, dict]:
+    """Metrics per report row (None where the policy is missing) and a note per missing row.
+    Each row's metrics are cached in RUN_DIR/eval/<row>.json (delete it to re-evaluate)."""
+    from jaxalign.eval.suite import evaluate, read_generations
+
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    limit = EVAL_LIMIT["fast" if fast else "full"]
+    reward_model = run_dir / "rm" if final_step(run_dir / "rm") else None
+    reference = run_dir / "sft" if final_step(run_dir / "sft") else None
+    rows: dict[str, dict | None] = {}
+    notes: dict[str, str] = {}
+    # SFT first: its answers are the baseline of every RM win rate.
+    order = ["sft", *(r for r in EVAL_ROWS if r != "sft")]
+    for row in order:
+        stage_dir = run_dir / EVAL_ROWS[row]
+        result = out / f"{row}.json"
+        if result.is_file():
+            rows[row] = json.loads(result.read_text())["metrics"]
+            continue
+        if final_step(stage_dir) is None:
+            rows[row], notes[row] = None, "not trained"
+            continue
+        baseline_file = out / "sft.generations.jsonl"
+        baseline = read_generations(baseline_file) if baseline_file.is_file() else None
+        t0 = time.perf_counter()
+        metrics = evaluate(stage_dir, eval_files(), reference=reference,
+                           reward_model=reward_model if baseline else None, baseline=baseline,
+                           limit_per_family=limit, max_new_tokens=MAX_NEW_TOKENS,
+                           generations_path=out / f"{row}.generations.jsonl")
+        if row == "sft" and reward_model is not None:
+            metrics["rm_win_rate"] = 50.0  # its own answers are the baseline: every pair ties
+        seconds = time.perf_counter() - t0
+        result.write_text(json.dumps({"model": str(stage_dir), "eval_files": eval_files(),
+                                      "limit_per_family": limit, "seconds": seconds,
+                                      "metrics": metrics}, indent=1) + "\n")
+        rows[row] = metrics
+        log(f"evaluated {row} in {seconds:.0f}s: pass rate {metrics.get('pass_rate', 0):.1f}%, "
+            f"refusal {metrics.get('refusal_rate', 0):.1f}%, over-refusal "
+            f"{metrics.get('over_refusal_rate', 0):.1f}%")
+    return {r: rows[r] for r in EVAL_ROWS}, notes
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
+            f"(1-minute load average {load:.1f} at the end)")
+
+
+def write_quickstart_report(run_dir: Path, rows: dict, notes: dict, timings: dict,
+                            fast: bool) -> str:
+    """Write RUN_DIR/report.md and the plots; returns the table."""
+    from jaxalign.eval.report import make_plots, markdown_table, write_report
+
+    table = markdown_table(rows, notes)
+    training_dirs = {s.name: run_dir / s.name for s in TRAIN_STAGES}
+    plots, plot_note = make_plots(run_dir / "plots", rows, training_dirs)
+    total = sum(timings.values())
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    preamble = [
+        f"Mode: {'--fast' if fast else 'full'}. Machine: {_machine()}. "
+        f"Wall time: {total / 60:.1f} min ({times}).",
+        "",
+        "Held-out prompts (never trained on); greedy decoding. Rates in percent; KL in nats per "
+        "answer; RM win rate: the reward model prefers the row's answer to the SFT model's "
+        "(ties count half).",
+    ]
+    write_report(run_dir / "report.md", table, preamble=preamble, plots=plots,
+                 notes=[plot_note] if plot_note else [])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def selected_stages(stages: list[str] | None, from_stage: str | None) -> list[str]:
+    if stages and from_stage:
+        raise UserError("give --stages or --from-stage, not both")
+    if from_stage:
+        return list(STAGES[STAGES.index(from_stage):])
+    return [s for s in STAGES if s in stages] if stages else list(STAGES)
+
+
+def run(run_dir: str | Path | None = None, *, fast: bool = False,
+        stages: list[str] | None = None, from_stage: str | None = None) -> int:
+    """Run the selected stages under `run_dir`; returns an exit status."""
+    mode = "fast" if fast else "full"
+    run_dir = Path(run_dir or f"runs/quickstart{'_fast' if fast else ''}").absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / "quickstart.json"
+    state = json.loads(marker.read_text()) if marker.is_file() else {"mode": mode, "timings": {}}
+    if state["mode"] != mode:
+        raise UserError(f"{run_dir} holds a {state['mode']} quickstart; use another --run-dir "
+                        f"for {mode}")
+
+    def save_state() -> None:
+        marker.write_text(json.dumps(state, indent=1) + "\n")
+
+    save_state()
+    todo = selected_stages(stages, from_stage)
+    log(f"{mode} run in {run_dir}: stages {', '.join(todo)}")
+    from jaxalign.cli import _enable_compilation_cache
+
+    _enable_compilation_cache()
+    unavailable: dict[str, str] = {}
+    for name in todo:
+        t0 = time.perf_counter()
+        if name == "tokenizer":
+            model = run_dir / "tokenizer" / "tokenizer.model"
+            if model.is_file():
+                log("tokenizer: done already, skipped")
+                continue
+            train_quickstart_tokenizer(run_dir / "tokenizer" / "tokenizer")
+        elif name == "eval":
+            rows, notes = evaluate_stages(run_dir, fast)
+            notes.update({EVAL_ROWS_INV.get(k, k): v for k, v in unavailable.items()})
+            state["timings"]["eval"] = time.perf_counter() - t0
+            save_state()
+            table = write_quickstart_report(run_dir, rows, notes, state["timings"], fast)
+            print(table, flush=True)
+            log(f"report: {run_dir / 'report.md'}")
+            continue
+        else:
+            stage = next(s for s in TRAIN_STAGES if s.name == name)
+            if stage_complete(stage, run_dir, fast):
+                log(f"{name}: done already, skipped")
+                continue
+            why = trainer_available(stage, run_dir, fast)
+            if why:
+                log(f"{name}: skipped, {why}")
+                unavailable[name] = "not available"
+                continue
+            log(f"{name}: training (configs/quickstart/{name}.yaml)")
+            run_training_stage(stage, run_dir, fast)
+        state["timings"][name] = time.perf_counter() - t0
+        save_state()
+        log(f"{name}: {state['timings'][name]:.0f}s")
+    return 0
+
+
+EVAL_ROWS_INV = {v: k for k, v in EVAL_ROWS.items()}
