@@ -24,7 +24,8 @@ GIB = 1024**3
 
 @dataclass
 class Plan:
-    """Per-device memory estimate of one training configuration."""
+    """Per-device memory estimate of one training configuration (`params` includes frozen
+    copies such as a reference policy; `num_params` counts trained parameters)."""
 
     mesh: dict[str, int]
     params: int
@@ -101,8 +102,14 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
     if micro % batch_div:
         raise ConfigError(f"train.batch_size: micro-batch of {micro} rows does not divide by the "
                           f"batch mesh axes (size {batch_div})")
-    return Plan(mesh=sizes, params=param_bytes, optimizer=opt_bytes, gradients=grad_bytes,
-                activations=activation_bytes(cfg, sizes, rules), num_params=num_params)
+    # Trained copies (PPO trains a policy and a value model of the same shape) and frozen ones
+    # (the reference policy for PPO/GRPO/RLOO, and for DPO unless its log-probs are precomputed).
+    trained = 2 if cfg.trainer == "ppo" else 1
+    frozen = int(cfg.trainer in ("ppo", "grpo", "rloo") and not cfg.rl.offload_frozen) + int(
+        cfg.trainer == "dpo" and not cfg.dpo.precompute_ref)
+    return Plan(mesh=sizes, params=param_bytes * (trained + frozen),
+                optimizer=opt_bytes * trained, gradients=grad_bytes * trained,
+                activations=activation_bytes(cfg, sizes, rules), num_params=num_params * trained)
 
 
 def format_plan(plan: Plan, hbm_gib: float | None) -> str:

@@ -25,7 +25,8 @@ def test_recipe_fits_its_hardware(recipe, capsys):
     assert cli.main(["plan", str(recipe), "--devices", str(devices), "--hbm-gib",
                      str(hbm)]) == 0
     out = capsys.readouterr().out
-    assert "8.03B parameters" in out and f"of {hbm:g} GiB" in out
+    trained = "16.06B" if recipe.stem.startswith("ppo") else "8.03B"  # PPO: policy + value
+    assert f"{trained} parameters" in out and f"of {hbm:g} GiB" in out
 
 
 def test_plan_bytes_match_hand_count():
@@ -38,6 +39,14 @@ def test_plan_bytes_match_hand_count():
     assert plan.params == (plan.num_params - norms) * 4 // 8 + norms * 4
     assert plan.optimizer == 2 * plan.params and plan.gradients == plan.params
     assert plan.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_ppo_plan_counts_policy_value_and_reference():
+    recipe = next(p for p in RECIPES if p.stem == "ppo_8b_v5p64")  # reference kept on device
+    ppo = make_plan(load_config(recipe), 32)
+    sft = make_plan(load_config(next(p for p in RECIPES if p.stem == "sft_8b_v5p64")), 32)
+    assert ppo.params == 3 * sft.params and ppo.optimizer == 2 * sft.optimizer
+    assert ppo.num_params == 2 * sft.num_params
 
 
 def test_plan_that_does_not_fit_fails_naming_the_sizes():
