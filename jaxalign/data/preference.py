@@ -24,6 +24,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxalign.data.shards import check_resume_state
 from jaxalign.data.sources import to_messages
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
@@ -393,15 +394,8 @@ class PreferenceBatchIterator:
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` of an iterator built with the same data and arguments."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise DataError("data iterator state has an unknown format", where=self.path)
-        saved = state.get("fingerprint", {})
-        differ = [k for k, v in self._fingerprint.items() if saved.get(k) != v]
-        if differ:
-            detail = ", ".join(
-                f"{k}: saved {saved.get(k)!r}, now {self._fingerprint[k]!r}" for k in differ
-            )
-            raise DataError(f"cannot resume the data iterator; {detail}", where=self.path)
+        check_resume_state(state, version=STATE_VERSION, fingerprint=self._fingerprint,
+                           where=self.path, what="data iterator")
         self._iterator.set_state(state["grain"])
 
 

@@ -20,7 +20,7 @@ import grain
 import numpy as np
 
 from jaxalign.config import DataConfig
-from jaxalign.data.shards import plan_shards, shard_items, shard_seed
+from jaxalign.data.shards import check_resume_state, plan_shards, shard_items, shard_seed
 from jaxalign.data.sources import _messages_from_list, read_records, source_name
 from jaxalign.data.templates import get_template, render_prompt
 from jaxalign.data.tokenizer import Tokenizer
@@ -180,15 +180,8 @@ class PromptBatchIterator:
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` of an iterator over the same prompts (any process count)."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise DataError("prompt iterator state has an unknown format", where=self.path)
-        saved = state.get("fingerprint", {})
-        differ = [k for k, v in self._fingerprint.items() if saved.get(k) != v]
-        if differ:
-            detail = ", ".join(
-                f"{k}: saved {saved.get(k)!r}, now {self._fingerprint[k]!r}" for k in differ
-            )
-            raise DataError(f"cannot resume the prompt iterator; {detail}", where=self.path)
+        check_resume_state(state, version=STATE_VERSION, fingerprint=self._fingerprint,
+                           where=self.path, what="prompt iterator")
         self.step = int(state["step"])
 
 

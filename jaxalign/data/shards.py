@@ -120,3 +120,16 @@ def merge_states(states: list[dict]) -> dict:
         shards.update(state.get("shards", {}))
     merged["shards"] = dict(sorted(shards.items(), key=lambda kv: int(kv[0])))
     return merged
+
+
+def check_resume_state(state: Any, *, version: int, fingerprint: dict, where: str,
+                       what: str = "data iterator") -> None:
+    """Raise a DataError unless `state` (from `get_state()`) has `version` and a fingerprint
+    equal to `fingerprint` (the data and settings it must agree with to resume exactly)."""
+    if not isinstance(state, dict) or state.get("version") != version:
+        raise DataError(f"{what} state has an unknown format", where=where)
+    saved = state.get("fingerprint", {})
+    differ = [k for k, v in fingerprint.items() if saved.get(k) != v]
+    if differ:
+        detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {fingerprint[k]!r}" for k in differ)
+        raise DataError(f"cannot resume the {what}; {detail}", where=where)
