@@ -16,16 +16,13 @@ A batch holds this process's pairs of one global batch of `global_batch_size` pa
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 from typing import Any
 
 import grain
 import numpy as np
 
 from jaxalign.data.shards import check_resume_state
-from jaxalign.data.sources import to_messages
+from jaxalign.data.sources import read_records, to_messages
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
@@ -108,42 +105,11 @@ def _completion(raw: Any, where: str, field: str) -> list[dict]:
 
 
 def read_preference_jsonl(path: str, *, on_error: str = "raise") -> tuple[list[dict], int]:
-    """Valid preference records of a `.jsonl` / `.jsonl.gz` file and how many were skipped.
-
-    With on_error="raise" the first bad record raises DataError `path:line: ...`.
-    """
-    if on_error not in ("raise", "skip"):
-        raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if not os.path.isfile(path):
-        raise DataError("data file not found", where=str(path))
-    opener = gzip.open if str(path).endswith(".gz") else open
-    records, skipped = [], 0
-    try:
-        with opener(path, "rb") as f:
-            for line_number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    try:
-                        record = json.loads(raw.decode("utf-8"))
-                    except UnicodeDecodeError as e:
-                        raise DataError(f"invalid UTF-8 at byte {e.start}", where=where) from None
-                    except json.JSONDecodeError as e:
-                        raise DataError(
-                            f"malformed JSON ({e.msg} at column {e.colno})", where=where
-                        ) from None
-                    to_preference(record, where=where)
-                    records.append(record)
-                except DataError:
-                    if on_error == "raise":
-                        raise
-                    skipped += 1
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read file ({e})", where=str(path)) from None
-    if not records:
-        raise DataError(f"no valid records ({skipped} bad records skipped)", where=str(path))
-    return records, skipped
+    """Valid preference records of a source (any format `sources.read_records` reads) and how
+    many were skipped. With on_error="raise" the first bad record raises DataError
+    `path:line: ...`."""
+    return read_records(path, validate=lambda record, where: to_preference(record, where=where),
+                        on_error=on_error)
 
 
 def tokenize_pair(
