@@ -1,42 +1,82 @@
 """`jaxalign plan`: check a config against a device count without those devices.
 
 Resolves the mesh for N devices, maps every parameter through the sharding rules, and prints the
-bytes per device of parameters, optimizer state, gradients and an activation estimate; fails when
-the total does not fit the given memory per device.
+bytes per device of parameters, optimizer state, gradients and an activation estimate, plus what
+the trainer keeps besides the trained policy: DPO's reference; PPO's value model and its optimizer
+state; the RL rollout's reference, reward model, KV cache and log-prob logits. Fails when the
+total does not fit the given memory per device.
+
+The total is a sum, so an upper bound: the rollout's KV cache and logits are never live at the
+same time as the train step's gradients and activations. For the same reason a frozen model kept
+in host memory between uses (`rl.offload_frozen`) is shown but not counted: it is on device only
+during its own forward pass, when the train step's gradients (at least as large) are not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from jaxalign import sharding as shd
-from jaxalign.config import Config
+from jaxalign.config import Config, ModelConfig, load_config
 from jaxalign.errors import ConfigError
 from jaxalign.models.llama import DTYPES, Transformer, logical_axes
+from jaxalign.models.reward import RewardModel
 
 GIB = 1024**3
+RL_TRAINERS = ("ppo", "grpo", "rloo")
+REFERENCE_FREE_DPO = ("simpo", "orpo")
 
 
 @dataclass
 class Plan:
-    """Per-device memory estimate of one training configuration (`params` includes frozen
-    copies such as a reference policy; `num_params` counts trained parameters)."""
+    """Per-device memory estimate of one training configuration.
+
+    `parts` are the counted bytes per device in print order (`params`, `optimizer`, `gradients`
+    and `activations` of the trained policy first); `host` the frozen models kept in host memory
+    between uses, shown but not counted; `num_params` counts trained parameters.
+    """
 
     mesh: dict[str, int]
-    params: int
-    optimizer: int
-    gradients: int
-    activations: int
     num_params: int
+    parts: dict[str, int]
+    host: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return self.parts["params"]
+
+    @property
+    def optimizer(self) -> int:
+        return self.parts["optimizer"]
+
+    @property
+    def gradients(self) -> int:
+        return self.parts["gradients"]
+
+    @property
+    def activations(self) -> int:
+        return self.parts["activations"]
 
     @property
     def total(self) -> int:
-        return self.params + self.optimizer + self.gradients + self.activations
+        return sum(self.parts.values())
+
+
+@dataclass
+class ModelBytes:
+    """Per-device bytes of one model's parameters (in their dtype) and of its AdamW moments."""
+
+    params: int
+    optimizer: int
+    num_params: int
 
 
 def _shard_elems(shape: tuple[int, ...], spec, sizes: dict[str, int], path: str) -> int:
@@ -45,10 +85,34 @@ def _shard_elems(shape: tuple[int, ...], spec, sizes: dict[str, int], path: str)
         axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
         div = math.prod(sizes[a] for a in axes)
         if dim % div:
-            raise ConfigError(f"sharding: parameter '{path}' dimension of size {dim} does not "
-                              f"divide by mesh axes {entry} (size {div})")
+            raise ConfigError(
+                f"sharding: parameter '{path}' dimension of size {dim} does not "
+                f"divide by mesh axes {entry} (size {div})"
+            )
         n *= dim // div
     return n
+
+
+def model_bytes(module: Any, sizes: dict[str, int], rules: shd.Rules) -> ModelBytes:
+    """Bytes per device of `module`'s parameters (an abstract nnx.Module) on a mesh of `sizes`."""
+    _, state = nnx.split(module)
+    names = logical_axes(state).to_pure_dict()
+    shapes = state.to_pure_dict()
+    param_bytes = opt_bytes = num_params = 0
+    for (path, leaf), axes in zip(
+        jax.tree_util.tree_leaves_with_path(shapes),
+        jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)),
+    ):
+        key = jax.tree_util.keystr(path, simple=True, separator=".")
+        elems = _shard_elems(tuple(leaf.shape), shd.logical_to_spec(axes, rules), sizes, key)
+        param_bytes += elems * np.dtype(leaf.dtype).itemsize
+        opt_bytes += elems * 4 * 2  # AdamW: two float32 moments per parameter
+        num_params += math.prod(leaf.shape)
+    return ModelBytes(param_bytes, opt_bytes, num_params)
+
+
+def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
+    return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
 def activation_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
@@ -60,12 +124,17 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> in
     the float32 logits of the loss (divided by loss.vocab_chunks).
     """
     m, t = cfg.model, cfg.train
-    batch_div = math.prod(sizes[a] for a in rules.get("batch", ()))
+    batch_div = _axis_split(sizes, rules, "batch")
     tensor = sizes.get("tensor", 1) if rules.get("mlp") == ("tensor",) else 1
     rows = max(t.batch_size // t.grad_accum // batch_div, 1)
     tokens = rows * t.seq_len
-    d, f, h, kv, hd = (m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads,
-                       m.resolved_head_dim)
+    d, f, h, kv, hd = (
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_heads,
+        m.num_kv_heads,
+        m.resolved_head_dim,
+    )
     itemsize = np.dtype(DTYPES[m.dtype]).itemsize
     dots = (h * hd + 2 * kv * hd + 2 * d + 3 * f / tensor) * itemsize
     probs = h / tensor * t.seq_len * 4
@@ -75,58 +144,133 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> in
     return int(tokens * (m.num_layers * per_token_layer + full_layer) + 2 * logits)
 
 
+def _rows_per_device(rows: int, batch_div: int) -> int:
+    # The sampler and the rollout shard rows over the batch axes when they divide, else
+    # replicate them (generate.Sampler._batch_sharding).
+    return rows // batch_div if rows % batch_div == 0 else rows
+
+
+def rollout_kv_cache_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
+    """The KV cache of one generate call of the rollout, per device.
+
+    rows = min(rollout rows, sampling.batch_size x rl.num_generations), split over the batch
+    axes; slots = P + N - 1 (P = max(data.prompt_buckets), N = sampling.max_new_tokens); keys
+    and values of every layer, kv heads split over the axes of `kv_heads`, in the compute dtype.
+    """
+    m, rl, sp = cfg.model, cfg.rl, cfg.sampling
+    total_rows = rl.prompts_per_rollout * rl.num_generations
+    per_call = min(total_rows, sp.batch_size * rl.num_generations)
+    rows = _rows_per_device(per_call, _axis_split(sizes, rules, "batch"))
+    kv_div = _axis_split(sizes, rules, "kv_heads")
+    kv = m.num_kv_heads // kv_div if m.num_kv_heads % kv_div == 0 else m.num_kv_heads
+    slots = max(cfg.data.prompt_buckets) + sp.max_new_tokens - 1
+    itemsize = np.dtype(DTYPES[m.dtype]).itemsize
+    return rows * slots * m.num_layers * kv * m.resolved_head_dim * 2 * itemsize
+
+
+def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
+    """The float32 logits and log-softmax [rows, N, V] of the log-prob forward that scores all of
+    a rollout's response tokens at once (rows split over the batch axes, V over `vocab`'s)."""
+    m, rl = cfg.model, cfg.rl
+    rows = _rows_per_device(
+        rl.prompts_per_rollout * rl.num_generations, _axis_split(sizes, rules, "batch")
+    )
+    vocab_div = _axis_split(sizes, rules, "vocab")
+    vocab = m.vocab_size // vocab_div if m.vocab_size % vocab_div == 0 else m.vocab_size
+    return rows * cfg.sampling.max_new_tokens * vocab * 4 * 2
+
+
+def reward_model_bytes(cfg: Config, num_devices: int) -> int:
+    """The reward model's parameters per device, as `trainers.rm.load_reward_model` places them
+    (FSDP over all devices, the RM run's tensor axis). Its run config gives the architecture
+    when `rl.reward_model` exists here; otherwise it is assumed to be the policy's."""
+    rm_cfg = cfg
+    config_path = Path(cfg.rl.reward_model) / "config.yaml"
+    if config_path.is_file():
+        rm_cfg = load_config(config_path)
+    mesh = dataclasses.replace(rm_cfg.mesh, data=1, fsdp=-1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    sizes = shd.axis_sizes(mesh, num_devices)
+    rules = shd.resolve_rules(rm_cfg.sharding)
+    return model_bytes(_abstract(RewardModel, rm_cfg.model), sizes, rules).params
+
+
+def _abstract(cls, model_cfg: ModelConfig):
+    return nnx.eval_shape(lambda: cls(model_cfg, nnx.Rngs(0)))
+
+
 def make_plan(cfg: Config, num_devices: int) -> Plan:
     """The per-device memory plan of `cfg` on `num_devices` devices."""
     sizes = shd.axis_sizes(cfg.mesh, num_devices)
     rules = shd.resolve_rules(cfg.sharding)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
-    _, state = nnx.split(abstract)
-    names = logical_axes(state).to_pure_dict()
-    shapes = state.to_pure_dict()
-    param_bytes = opt_bytes = grad_bytes = 0
-    num_params = 0
-    for (path, leaf), axes in zip(
-        jax.tree_util.tree_leaves_with_path(shapes),
-        jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)),
-    ):
-        key = jax.tree_util.keystr(path, simple=True, separator=".")
-        spec = shd.logical_to_spec(axes, rules)
-        elems = _shard_elems(tuple(leaf.shape), spec, sizes, key)
-        itemsize = np.dtype(leaf.dtype).itemsize
-        param_bytes += elems * itemsize
-        grad_bytes += elems * itemsize
-        opt_bytes += elems * 4 * 2  # AdamW: two float32 moments per parameter
-        num_params += math.prod(leaf.shape)
     micro = cfg.train.batch_size // cfg.train.grad_accum
-    batch_div = math.prod(sizes[a] for a in rules.get("batch", ()))
+    batch_div = _axis_split(sizes, rules, "batch")
     if micro % batch_div:
-        raise ConfigError(f"train.batch_size: micro-batch of {micro} rows does not divide by the "
-                          f"batch mesh axes (size {batch_div})")
-    # Trained copies (PPO trains a policy and a value model of the same shape) and frozen ones
-    # (the reference policy for PPO/GRPO/RLOO, and for DPO unless its log-probs are precomputed).
-    trained = 2 if cfg.trainer == "ppo" else 1
-    frozen = int(cfg.trainer in ("ppo", "grpo", "rloo") and not cfg.rl.offload_frozen) + int(
-        cfg.trainer == "dpo" and not cfg.dpo.precompute_ref)
-    return Plan(mesh=sizes, params=param_bytes * (trained + frozen),
-                optimizer=opt_bytes * trained, gradients=grad_bytes * trained,
-                activations=activation_bytes(cfg, sizes, rules), num_params=num_params * trained)
+        raise ConfigError(
+            f"train.batch_size: micro-batch of {micro} rows does not divide by the "
+            f"batch mesh axes (size {batch_div})"
+        )
+    policy = model_bytes(_abstract(Transformer, cfg.model), sizes, rules)
+    parts = {
+        "params": policy.params,
+        "optimizer": policy.optimizer,
+        "gradients": policy.params,
+        "activations": activation_bytes(cfg, sizes, rules),
+    }
+    host: dict[str, int] = {}
+    num_params = policy.num_params
+    if cfg.trainer == "ppo":
+        value = model_bytes(_abstract(RewardModel, cfg.model), sizes, rules)
+        parts["value model"] = 2 * value.params  # parameters and their gradients
+        parts["value optimizer"] = value.optimizer
+        num_params += value.num_params
+    # Frozen copies of the initial policy: RL's reference; DPO's unless its log-probs are
+    # precomputed (or the loss has no reference).
+    if cfg.trainer in RL_TRAINERS:
+        (host if cfg.rl.offload_frozen else parts)["reference"] = policy.params
+        if cfg.rl.reward_model:
+            rm = reward_model_bytes(cfg, num_devices)
+            (host if cfg.rl.offload_frozen else parts)["reward model"] = rm
+        parts["rollout KV cache"] = rollout_kv_cache_bytes(cfg, sizes, rules)
+        parts["rollout logits"] = rollout_logits_bytes(cfg, sizes, rules)
+    elif cfg.trainer == "dpo" and not (
+        cfg.dpo.precompute_ref or cfg.dpo.loss_type in REFERENCE_FREE_DPO
+    ):
+        parts["reference"] = policy.params
+    return Plan(mesh=sizes, num_params=num_params, parts=parts, host=host)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:8.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:8.2f} MiB"
 
 
 def format_plan(plan: Plan, hbm_gib: float | None) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
-    lines = [f"mesh: {mesh} ({math.prod(plan.mesh.values())} devices); "
-             f"{plan.num_params / 1e9:.2f}B parameters",
-             "per device:"]
-    for name in ("params", "optimizer", "gradients", "activations"):
-        lines.append(f"  {name:<12} {getattr(plan, name) / GIB:8.2f} GiB")
-    lines.append(f"  {'total':<12} {plan.total / GIB:8.2f} GiB"
-                 + (f" of {hbm_gib:g} GiB" if hbm_gib else ""))
+    count = (
+        f"{plan.num_params / 1e9:.2f}B"
+        if plan.num_params >= 1e9
+        else f"{plan.num_params / 1e6:.2f}M"
+    )
+    lines = [
+        f"mesh: {mesh} ({math.prod(plan.mesh.values())} devices); {count} parameters",
+        "per device:",
+    ]
+    for name, nbytes in plan.parts.items():
+        lines.append(f"  {name:<17} {_size(nbytes)}")
+    for name, nbytes in plan.host.items():
+        lines.append(
+            f"  {name:<17} {_size(nbytes)}  in host memory between uses "
+            f"(rl.offload_frozen): not counted"
+        )
+    lines.append(
+        f"  {'total':<17} {_size(plan.total)}" + (f" of {hbm_gib:g} GiB" if hbm_gib else "")
+    )
     return "\n".join(lines)
 
 
 def check_fits(plan: Plan, hbm_gib: float) -> None:
     if plan.total > hbm_gib * GIB:
-        raise ConfigError(f"plan: needs {plan.total / GIB:.1f} GiB per device but only "
-                          f"{hbm_gib:g} GiB are available (params {plan.params / GIB:.1f}, "
-                          f"optimizer {plan.optimizer / GIB:.1f}, gradients "
-                          f"{plan.gradients / GIB:.1f}, activations {plan.activations / GIB:.1f})")
+        parts = ", ".join(f"{name} {nbytes / GIB:.1f}" for name, nbytes in plan.parts.items())
+        raise ConfigError(
+            f"plan: needs {plan.total / GIB:.1f} GiB per device but only "
+            f"{hbm_gib:g} GiB are available ({parts})"
+        )

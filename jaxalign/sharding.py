@@ -107,6 +107,66 @@ def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     return {a: ici[a] * dcn[a] for a in AXIS_NAMES}
 
 
+def slice_groups(devices: Sequence[jax.Device], num_slices: int) -> list[list[jax.Device]]:
+    """`devices` split into `num_slices` slices (the units of the DCN axes), each in its given
+    order: by `slice_index` where the devices name several (multi-slice TPU); otherwise by process
+    when the processes divide evenly into slices (multi-host GPU or CPU: hosts are the slices);
+    otherwise contiguous groups of the device list (one process simulating slices, as in tests).
+    """
+    devices = list(devices)
+    if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+        keys = [d.slice_index for d in devices]
+        source = "slice_index"
+    else:
+        processes = sorted({d.process_index for d in devices})
+        if len(processes) > 1 and len(processes) % num_slices == 0:
+            per_slice = len(processes) // num_slices
+            keys = [processes.index(d.process_index) // per_slice for d in devices]
+            source = "process"
+        else:
+            if len(devices) % num_slices:
+                raise ConfigError(
+                    f"mesh: {len(devices)} devices do not divide into {num_slices} DCN slices"
+                )
+            per_slice = len(devices) // num_slices
+            keys = [i // per_slice for i in range(len(devices))]
+            source = "position"
+    groups: dict[int, list[jax.Device]] = {}
+    for key, device in zip(keys, devices):
+        groups.setdefault(key, []).append(device)
+    if len(groups) != num_slices or len({len(g) for g in groups.values()}) != 1:
+        counts = ", ".join(f"{k}: {len(g)}" for k, g in sorted(groups.items()))
+        raise ConfigError(
+            f"mesh: dcn_data x dcn_fsdp x dcn_tensor = {num_slices} slices, but the devices form "
+            f"{len(groups)} slice(s) by {source} (devices per slice: {counts})"
+        )
+    return [groups[k] for k in sorted(groups)]
+
+
+def _slice_mesh(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """One slice's devices arranged as `shape`, topology-aware where JAX knows the topology."""
+    try:
+        from jax.experimental import mesh_utils
+
+        return mesh_utils.create_device_mesh(list(shape), devices=list(devices))
+    except Exception:  # noqa: BLE001 - CPU/odd topologies: plain order is fine
+        return np.asarray(devices).reshape(shape)
+
+
+def hybrid_device_array(
+    ici: Sequence[int], dcn: Sequence[int], devices: Sequence[jax.Device]
+) -> np.ndarray:
+    """Devices shaped `ici * dcn` per axis: slice `s` (at DCN coordinates `unravel(s, dcn)`)
+    fills the block of ICI shape at those coordinates, so each slice's devices are contiguous
+    along every DCN axis and only the DCN part of an axis crosses slices (as
+    `mesh_utils.create_hybrid_device_mesh`, which needs `slice_index` on the devices)."""
+    slices = slice_groups(devices, math.prod(dcn))
+    blocks = np.empty(len(slices), dtype=object)
+    for i, group in enumerate(slices):  # one by one: numpy would broadcast a list of arrays
+        blocks[i] = _slice_mesh(ici, group)
+    return np.block(blocks.reshape(tuple(dcn)).tolist())
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build the device mesh with axes (data, fsdp, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
@@ -117,17 +177,10 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     sizes = axis_sizes(cfg, len(devices))
     dcn = [getattr(cfg, f"dcn_{a}") for a in AXIS_NAMES]
     if math.prod(dcn) > 1:
-        from jax.experimental import mesh_utils
-
         ici = [sizes[a] // d for a, d in zip(AXIS_NAMES, dcn)]
-        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+        arr = hybrid_device_array(ici, dcn, devices)
     else:
-        try:
-            from jax.experimental import mesh_utils
-
-            arr = mesh_utils.create_device_mesh([sizes[a] for a in AXIS_NAMES], devices=devices)
-        except Exception:  # noqa: BLE001 - CPU/odd topologies: plain order is fine
-            arr = np.asarray(devices).reshape([sizes[a] for a in AXIS_NAMES])
+        arr = _slice_mesh([sizes[a] for a in AXIS_NAMES], devices)
     return Mesh(arr, AXIS_NAMES)
 
 

@@ -175,6 +175,20 @@ def test_query_blocked_attention_equals_full(tiny_model):
                                atol=1e-5)
 
 
+def test_auto_query_block_is_64_on_cpu_one_block_elsewhere_and_exact():
+    from jaxalign.models.llama import resolve_query_block
+
+    assert [resolve_query_block("auto", b) for b in ("cpu", "gpu", "tpu")] == [64, 0, 0]
+    assert resolve_query_block(16, "gpu") == 16
+    auto = Transformer(ModelConfig(**TINY_MODEL, attention_query_block="auto"), nnx.Rngs(0))
+    full = Transformer(ModelConfig(**TINY_MODEL, attention_query_block=0), nnx.Rngs(0))
+    assert auto.cfg.attention_query_block == 64  # resolved when built (tests run on CPU)
+    tokens = jnp.arange(2 * 150, dtype=jnp.int32).reshape(2, 150) % 64  # 3 query blocks
+    segment_ids = jnp.concatenate([jnp.ones((2, 100), jnp.int32), jnp.full((2, 50), 2)], 1)
+    np.testing.assert_allclose(np.asarray(auto(tokens, segment_ids=segment_ids)),
+                               np.asarray(full(tokens, segment_ids=segment_ids)), atol=1e-5)
+
+
 def test_chunked_cross_entropy_matches_float64_reference():
     rng = np.random.default_rng(1)
     hidden = rng.normal(size=(3, 7, 16)).astype(np.float32)
@@ -225,3 +239,96 @@ def test_configuration_reference_is_up_to_date():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_config_docs.py"),
                            "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# -- multi-slice (DCN) meshes ---------------------------------------------------------------------
+
+
+class FakeDevice:
+    """Enough of a jax.Device for building device arrays: an id, a process and maybe a slice."""
+
+    platform = device_kind = "cpu"
+
+    def __init__(self, id, process_index=0, slice_index=None):
+        self.id, self.process_index = id, process_index
+        if slice_index is not None:
+            self.slice_index = slice_index
+
+    def __repr__(self):
+        return f"D{self.id}"
+
+
+def device_ids(arr) -> list:
+    return np.vectorize(lambda d: d.id)(np.asarray(arr)).tolist()
+
+
+def test_hybrid_mesh_groups_by_slice_index_like_jax():
+    """Slices interleaved in the device list (even ids on slice 0): the same array as JAX's
+    create_hybrid_device_mesh, with each slice's devices contiguous along the DCN axis."""
+    from jax.experimental import mesh_utils
+
+    devices = [FakeDevice(i, slice_index=i % 2) for i in range(8)]
+    for ici, dcn in [([2, 2, 1], [2, 1, 1]), ([1, 2, 2], [1, 2, 1]), ([2, 1, 2], [1, 1, 2])]:
+        ours = shd.hybrid_device_array(ici, dcn, devices)
+        theirs = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+        assert device_ids(ours) == device_ids(theirs)
+    assert device_ids(shd.hybrid_device_array([2, 2, 1], [2, 1, 1], devices)) == [
+        [[0], [2]],
+        [[4], [6]],
+        [[1], [3]],
+        [[5], [7]],
+    ]
+
+
+def test_slices_are_processes_when_devices_have_no_slice_index():
+    devices = [FakeDevice(i, process_index=i // 2) for i in range(8)]  # 4 hosts x 2 devices
+    groups = shd.slice_groups(devices, 2)
+    assert [[d.id for d in g] for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(
+        ConfigError,
+        match=r"= 3 slices, but the devices form 2 slice\(s\) by "
+        r"slice_index \(devices per slice: 0: 4, 1: 4\)",
+    ):
+        shd.slice_groups([FakeDevice(i, slice_index=i // 4) for i in range(8)], 3)
+
+
+@pytest.mark.parametrize(
+    ("mesh", "slice_along_axis"),
+    [
+        ({"data": 2, "fsdp": 2, "dcn_data": 2}, [[0, 0], [0, 0], [1, 1], [1, 1]]),
+        ({"data": 2, "fsdp": 2, "dcn_fsdp": 2}, [[0, 0, 1, 1], [0, 0, 1, 1]]),
+    ],
+    ids=["dcn_data", "dcn_fsdp"],
+)
+def test_simulated_slices_are_contiguous_on_the_dcn_axis(mesh, slice_along_axis):
+    """One process, 8 CPU devices without slice_index: devices 0-3 are slice 0, 4-7 slice 1; the
+    DCN axis is outermost, the ICI part of the axis stays within a slice."""
+    from jaxalign.config import MeshConfig
+
+    built = shd.make_mesh(MeshConfig(**mesh))
+    expected = {"data": 4, "fsdp": 2} if "dcn_data" in mesh else {"data": 2, "fsdp": 4}
+    assert dict(built.shape) == {**expected, "tensor": 1}
+    slice_of = np.asarray(built.device_ids)[..., 0] // 4
+    assert slice_of.tolist() == slice_along_axis
+
+
+def test_multi_slice_training_equals_single_slice(tmp_path):
+    """Five SFT steps on four simulated slices of two devices (dcn_data=2 x dcn_fsdp=2), whose
+    device order differs from the plain one, give the losses of one slice with the same axis
+    sizes."""
+    from toy import ToyAlgorithm, losses, toy_config
+
+    from jaxalign.trainers.loop import Trainer
+
+    results = {}
+    for name, mesh in {
+        "single": {"mesh.data": 4, "mesh.fsdp": 2},
+        "multi": {"mesh.data": 2, "mesh.fsdp": 1, "mesh.dcn_data": 2, "mesh.dcn_fsdp": 2},
+    }.items():
+        cfg = toy_config(tmp_path / name, **mesh)
+        trainer = Trainer(cfg, ToyAlgorithm(cfg))
+        assert dict(trainer.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+        results[name] = (trainer.mesh.device_ids[..., 0].tolist(), losses(trainer.run()))
+    assert results["single"][0] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert results["multi"][0] == [[0, 2], [1, 3], [4, 6], [5, 7]]  # slice s: devices 2s, 2s+1
+    np.testing.assert_allclose(results["multi"][1], results["single"][1], atol=1e-5, rtol=0)

@@ -4,8 +4,10 @@ one process with 8 devices: same losses, and checkpoints that move between the t
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +15,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = [
-    "train.steps=5", "train.batch_size=16", "train.seq_len=64", "train.log_every=1",
-    "train.eval_every=0", "train.progress=false", "train.peak_flops_per_device=1e9",
-    "checkpoint.every=3", "model.num_layers=2", "model.hidden_size=64",
-    "model.intermediate_size=128", "logging.tensorboard=false", "mesh.data=2", "mesh.fsdp=-1",
+    "train.steps=5",
+    "train.batch_size=16",
+    "train.seq_len=64",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.progress=false",
+    "train.peak_flops_per_device=1e9",
+    "checkpoint.every=3",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "logging.tensorboard=false",
+    "mesh.data=2",
+    "mesh.fsdp=-1",
 ]
 
 pytestmark = pytest.mark.slow
@@ -24,28 +36,50 @@ pytestmark = pytest.mark.slow
 
 def _env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAXALIGN_CPU_DEVICES=str(devices),
-               JAXALIGN_COMPILATION_CACHE="off")
+    env.update(
+        JAX_PLATFORMS="cpu", JAXALIGN_CPU_DEVICES=str(devices), JAXALIGN_COMPILATION_CACHE="off"
+    )
     return env
 
 
-def _train_args(run_dir: Path) -> list[str]:
-    sets = [a for o in OVERRIDES + [f"run_dir={run_dir}"] for a in ("--set", o)]
-    return [sys.executable, "-m", "jaxalign.cli", "train", str(REPO / "configs/sft_tiny.yaml"),
-            *sets]
+def _train_args(run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    sets = [a for o in [*OVERRIDES, f"run_dir={run_dir}", *extra] for a in ("--set", o)]
+    return [
+        sys.executable,
+        "-m",
+        "jaxalign.cli",
+        "train",
+        str(REPO / "configs/sft_tiny.yaml"),
+        *sets,
+    ]
 
 
 def one_process(run_dir: Path) -> None:
-    subprocess.run(_train_args(run_dir), cwd=REPO, env=_env(8), check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        _train_args(run_dir), cwd=REPO, env=_env(8), check=True, capture_output=True, timeout=300
+    )
 
 
-def two_processes(run_dir: Path, tmp: Path) -> None:
-    env = _env(4) | {"RUN_LOGS": str(tmp / "logs")}
-    proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--devices-per-process",
-                           "4", "--", *_train_args(run_dir)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    logs = "".join(p.read_text() for p in sorted((tmp / "logs").glob("*.log")))
+def two_processes(run_dir: Path, tmp: Path, extra: tuple[str, ...] = ()) -> None:
+    logs_dir = tmp / f"logs_{run_dir.name}"
+    env = _env(4) | {"RUN_LOGS": str(logs_dir)}
+    proc = subprocess.run(
+        [
+            "bash",
+            "launch/local_multiprocess.sh",
+            "2",
+            "--devices-per-process",
+            "4",
+            "--",
+            *_train_args(run_dir, extra),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    logs = "".join(p.read_text() for p in sorted(logs_dir.glob("*.log")))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-3000:]
 
 
@@ -65,8 +99,9 @@ def runs(tmp_path_factory):
 def test_two_processes_give_the_single_process_losses(runs):
     single, multi = losses(runs / "single"), losses(runs / "multi")
     assert sorted(multi) == [1, 2, 3, 4, 5]
-    np.testing.assert_allclose([multi[s] for s in range(1, 6)],
-                               [single[s] for s in range(1, 6)], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        [multi[s] for s in range(1, 6)], [single[s] for s in range(1, 6)], atol=1e-5, rtol=0
+    )
 
 
 def test_only_process_zero_writes_metrics(runs):
@@ -87,14 +122,33 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
     np.testing.assert_allclose([resumed[4], resumed[5]], [single[4], single[5]], atol=1e-5)
 
 
-def test_unreachable_coordinator_fails_in_bounded_time_naming_the_setting():
-    import time
+def test_each_process_a_slice_gives_the_single_process_losses(runs):
+    """mesh.dcn_data=2 across two processes (CPU devices have no slice_index, so each process is
+    a slice): data=1 x 2 slices, fsdp=4 within a process; the losses of the 8-device run."""
+    two_processes(runs / "slices", runs, ("mesh.data=1", "mesh.dcn_data=2"))
+    slices, single = losses(runs / "slices"), losses(runs / "single")
+    assert sorted(slices) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(
+        [slices[s] for s in range(1, 6)], [single[s] for s in range(1, 6)], atol=1e-5, rtol=0
+    )
 
-    env = _env(4) | {"JAXALIGN_COORDINATOR": "127.0.0.1:1", "JAXALIGN_NUM_PROCESSES": "2",
-                     "JAXALIGN_PROCESS_ID": "1", "JAXALIGN_INIT_TIMEOUT": "5"}
+
+def test_unreachable_coordinator_fails_in_bounded_time_naming_the_setting():
+    env = _env(4) | {
+        "JAXALIGN_COORDINATOR": "127.0.0.1:1",
+        "JAXALIGN_NUM_PROCESSES": "2",
+        "JAXALIGN_PROCESS_ID": "1",
+        "JAXALIGN_INIT_TIMEOUT": "5",
+    }
     start = time.time()
-    proc = subprocess.run(_train_args(Path("/tmp/unused_run")), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        _train_args(Path("/tmp/unused_run")),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert time.time() - start < 60
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
@@ -103,10 +157,117 @@ def test_unreachable_coordinator_fails_in_bounded_time_naming_the_setting():
 
 
 def test_process_id_outside_the_count_is_one_line():
-    env = _env(4) | {"JAXALIGN_COORDINATOR": "127.0.0.1:1", "JAXALIGN_NUM_PROCESSES": "2",
-                     "JAXALIGN_PROCESS_ID": "2"}
-    proc = subprocess.run(_train_args(Path("/tmp/unused_run")), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = _env(4) | {
+        "JAXALIGN_COORDINATOR": "127.0.0.1:1",
+        "JAXALIGN_NUM_PROCESSES": "2",
+        "JAXALIGN_PROCESS_ID": "2",
+    }
+    proc = subprocess.run(
+        _train_args(Path("/tmp/unused_run")),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: JAXALIGN_PROCESS_ID=2 is outside 0..1 (JAXALIGN_NUM_PROCESSES=2)")
+        "error: JAXALIGN_PROCESS_ID=2 is outside 0..1 (JAXALIGN_NUM_PROCESSES=2)"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(counts: list[int], timeout_s: int = 5) -> tuple[float, list[int], list[str]]:
+    """Start one process per entry of `counts` (its JAXALIGN_NUM_PROCESSES; process ids 0, 1,
+    ...) on a fresh localhost coordinator; the seconds until all ended, their exit codes and the
+    last stderr line of each."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            _train_args(Path("/tmp/unused_run")),
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=_env(2)
+            | {
+                "JAXALIGN_COORDINATOR": coordinator,
+                "JAXALIGN_NUM_PROCESSES": str(num),
+                "JAXALIGN_PROCESS_ID": str(pid),
+                "JAXALIGN_INIT_TIMEOUT": str(timeout_s),
+            },
+        )
+        for pid, num in enumerate(counts)
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    last = [(e.strip().splitlines() or [""])[-1].replace(coordinator, "HOST:PORT") for e in errs]
+    return time.monotonic() - start, [p.returncode for p in procs], last
+
+
+def test_process_zero_expecting_more_processes_fails_in_bounded_time_naming_the_settings():
+    """Process 0 (the coordinator) waits for a third process that never comes: JAX would abort
+    after its own deadline; jaxalign's watchdog reports first, on both processes."""
+    seconds, codes, last = _join([3, 2])
+    assert seconds < 30 and codes == [2, 2]
+    for pid, num in enumerate([3, 2]):
+        assert last[pid] == (
+            f"error: cannot join the cluster (JAXALIGN_COORDINATOR=HOST:PORT, "
+            f"JAXALIGN_NUM_PROCESSES={num}, JAXALIGN_PROCESS_ID={pid}) within 5s: not every "
+            f"process registered with the coordinator; check that all processes use the same "
+            f"coordinator address and number of processes, each with its own process id "
+            f"(or raise JAXALIGN_INIT_TIMEOUT)"
+        )
+
+
+def test_worker_expecting_more_processes_fails_naming_both_counts():
+    """The coordinator service knows only process 0's count, so JAX lets process 1 (which says 3)
+    join a cluster of 2; jaxalign compares the counts after joining."""
+    seconds, codes, last = _join([2, 3])
+    assert seconds < 30 and codes == [2, 2]
+    assert last[0] == (
+        "error: cannot join the cluster (JAXALIGN_COORDINATOR=HOST:PORT, JAXALIGN_NUM_PROCESSES=2, "
+        "JAXALIGN_PROCESS_ID=0): this is process 0 of 2 but process 1 says 3 processes; every "
+        "process needs the same number of processes and its own process id"
+    )
+    assert last[1].startswith(
+        "error: cannot join the cluster (JAXALIGN_COORDINATOR=HOST:PORT, "
+        "JAXALIGN_NUM_PROCESSES=3, JAXALIGN_PROCESS_ID=1): this is process "
+        "1 of 3 but process 0 says 2 processes"
+    )
+
+
+def test_error_messages_name_the_variables_of_each_environment():
+    from jaxalign import distributed
+    from jaxalign.errors import UserError
+
+    slurm = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NODELIST": "node[01-04]",
+    }
+    assert distributed.detect(slurm) == "slurm"
+    assert distributed.settings("slurm", slurm) == (
+        "SLURM_STEP_NODELIST=node[01-04], SLURM_NTASKS=4, SLURM_PROCID=1"
+    )
+    tpu = {"TPU_WORKER_HOSTNAMES": "a,b", "TPU_WORKER_ID": "1"}
+    assert distributed.detect(tpu) == "tpu"
+    assert distributed.settings("tpu", tpu) == (
+        "TPU_WORKER_HOSTNAMES=a,b, TPU_WORKER_ID=1, MEGASCALE_COORDINATOR_ADDRESS=<unset>"
+    )
+    assert (
+        distributed.init_timeout({}) == 120
+        and distributed.init_timeout({"JAXALIGN_INIT_TIMEOUT": "2.5"}) == 2.5
+    )
+    with pytest.raises(
+        UserError,
+        match=r"^JAXALIGN_INIT_TIMEOUT must be a positive number of "
+        r"seconds \(got 'soon'\)$",
+    ):
+        distributed.init_timeout({"JAXALIGN_INIT_TIMEOUT": "soon"})

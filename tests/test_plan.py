@@ -11,7 +11,8 @@ from jaxalign.config import load_config
 from jaxalign.errors import ConfigError
 from jaxalign.plan import GIB, check_fits, make_plan
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "configs" / "recipes").glob("*.yaml"))
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
 
 
 def _target(path: Path) -> tuple[int, float]:
@@ -22,8 +23,7 @@ def _target(path: Path) -> tuple[int, float]:
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_fits_its_hardware(recipe, capsys):
     devices, hbm = _target(recipe)
-    assert cli.main(["plan", str(recipe), "--devices", str(devices), "--hbm-gib",
-                     str(hbm)]) == 0
+    assert cli.main(["plan", str(recipe), "--devices", str(devices), "--hbm-gib", str(hbm)]) == 0
     out = capsys.readouterr().out
     trained = "16.06B" if recipe.stem.startswith("ppo") else "8.03B"  # PPO: policy + value
     assert f"{trained} parameters" in out and f"of {hbm:g} GiB" in out
@@ -45,8 +45,84 @@ def test_ppo_plan_counts_policy_value_and_reference():
     recipe = next(p for p in RECIPES if p.stem == "ppo_8b_v5p64")  # reference kept on device
     ppo = make_plan(load_config(recipe), 32)
     sft = make_plan(load_config(next(p for p in RECIPES if p.stem == "sft_8b_v5p64")), 32)
-    assert ppo.params == 3 * sft.params and ppo.optimizer == 2 * sft.optimizer
-    assert ppo.num_params == 2 * sft.num_params
+    score = 4096 // 32 * 4  # the value head: [D] float32, split over fsdp
+    assert ppo.params == sft.params and ppo.optimizer == sft.optimizer
+    assert ppo.parts["value model"] == 2 * (sft.params + score)  # parameters and gradients
+    assert ppo.parts["value optimizer"] == sft.optimizer + 2 * score
+    assert ppo.parts["reference"] == sft.params
+    assert ppo.parts["reward model"] == sft.params + score  # no RM run here: the policy's shape
+    assert ppo.num_params == 2 * sft.num_params + 4096
+
+
+def tiny_policy_params(vocab, d, f, layers, heads, kv_heads, head_dim) -> tuple[int, int]:
+    """Parameter count of a tied-embedding Llama and how many of them are norm weights."""
+    attention = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
+    per_layer = attention + 3 * d * f + 2 * d
+    return vocab * d + layers * per_layer + d, (2 * layers + 1) * d
+
+
+def test_ppo_tiny_plan_matches_hand_count():
+    """configs/ppo_tiny.yaml on 8 devices, FSDP rules (every matrix split 8 ways along `embed`,
+    norms replicated, kv heads and vocab unsplit, rows over data x fsdp = 8)."""
+    plan = make_plan(load_config(CONFIGS / "ppo_tiny.yaml"), 8)
+    total, norms = tiny_policy_params(512, 128, 352, 4, 4, 2, 32)
+    assert total == 803_968
+    policy = ((total - norms) // 8 + norms) * 4
+    score = 128 // 8 * 4
+    rows = 64 // 8  # min(64 rows per rollout, sampling.batch_size 64 x 1 generation) / 8
+    slots = 32 + 24 - 1  # the prompt bucket + max_new_tokens - 1
+    assert plan.parts == {
+        "params": policy,
+        "optimizer": 2 * policy,
+        "gradients": policy,
+        "activations": plan.activations,
+        "value model": 2 * (policy + score),
+        "value optimizer": 2 * (policy + score),
+        "reference": policy,
+        "rollout KV cache": rows * slots * 4 * 2 * 32 * 2 * 4,  # layers, kv heads, hd, k+v, f32
+        "rollout logits": rows * 24 * 512 * 4 * 2,  # logits and log-softmax, float32
+    }
+    assert plan.parts["rollout KV cache"] == 901_120 and plan.host == {}
+    assert plan.total == sum(plan.parts.values())
+
+
+def test_ppo_8b_rollout_memory_matches_hand_count(capsys):
+    """ppo_8b_v5p64 on 32 chips: 512 rows per generate call, 16 per chip; bfloat16 cache."""
+    recipe = next(p for p in RECIPES if p.stem == "ppo_8b_v5p64")
+    plan = make_plan(load_config(recipe), 32)
+    rows, slots = 512 // 32, 1024 + 1024 - 1
+    assert plan.parts["rollout KV cache"] == rows * slots * 32 * 8 * 128 * 2 * 2 == 4_292_870_144
+    assert plan.parts["rollout logits"] == rows * 1024 * 128_256 * 4 * 2
+    assert cli.main(["plan", str(recipe), "--devices", "32", "--hbm-gib", "95"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "  rollout KV cache      4.00 GiB" in lines and "  reference             0.94 GiB" in lines
+    )
+    assert "  rollout logits       15.66 GiB" in lines
+
+
+def test_offloaded_reference_and_reward_model_are_shown_but_not_counted(capsys):
+    recipe = next(p for p in RECIPES if p.stem == "ppo_8b_h100x8")  # rl.offload_frozen: true
+    plan = make_plan(load_config(recipe), 8)
+    assert set(plan.host) == {"reference", "reward model"} and plan.host["reference"] == plan.params
+    assert "reference" not in plan.parts and plan.total == sum(plan.parts.values())
+    assert cli.main(["plan", str(recipe), "--devices", "8", "--hbm-gib", "80"]) == 0
+    assert (
+        "  reference             3.74 GiB  in host memory between uses (rl.offload_frozen): "
+        "not counted"
+    ) in capsys.readouterr().out.splitlines()
+
+
+def test_grpo_has_no_value_model_and_dpo_a_reference_unless_precomputed():
+    grpo = make_plan(load_config(CONFIGS / "grpo_tiny.yaml"), 8)
+    assert "value model" not in grpo.parts and grpo.parts["reference"] == grpo.params
+    assert grpo.parts["rollout KV cache"] > 0
+    recipe = next(p for p in RECIPES if p.stem == "dpo_8b_h100x8")  # precompute_ref: true
+    assert "reference" not in make_plan(load_config(recipe), 8).parts
+    dpo = make_plan(load_config(recipe, ["dpo.precompute_ref=false"]), 8)
+    assert dpo.parts["reference"] == dpo.params
+    simpo = make_plan(load_config(recipe, ["dpo.precompute_ref=false", "dpo.loss_type=simpo"]), 8)
+    assert "reference" not in simpo.parts
 
 
 def test_plan_that_does_not_fit_fails_naming_the_sizes():
