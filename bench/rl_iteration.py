@@ -33,8 +33,14 @@ def run(config: str, rollouts: int, run_dir: str) -> dict:
     from jaxalign.trainers.loop import Trainer
     from jaxalign.trainers.rollout import steps_per_rollout
 
-    sets = [f"run_dir={run_dir}", "rl.eval_every=0", "train.log_every=1", "train.progress=false",
-            "checkpoint.every=0", "logging.tensorboard=false"]
+    sets = [
+        f"run_dir={run_dir}",
+        "rl.eval_every=0",
+        "train.log_every=1",
+        "train.progress=false",
+        "checkpoint.every=0",
+        "logging.tensorboard=false",
+    ]
     if not (ROOT / "runs/sft_tiny/checkpoints").is_dir():
         sets.append("init_from=null")
     cfg = load_config(ROOT / config, sets)
@@ -50,31 +56,49 @@ def run(config: str, rollouts: int, run_dir: str) -> dict:
     phases = {p: sum(r[f"time/{p}"] for r in steady) / len(steady) for p in PHASES}
     total = sum(phases.values())
     return {
-        "config": config, "trainer": cfg.trainer, "rows_per_rollout":
-            cfg.rl.prompts_per_rollout * cfg.rl.num_generations,
-        "steps_per_rollout": per, "max_new_tokens": cfg.sampling.max_new_tokens,
+        "config": config,
+        "trainer": cfg.trainer,
+        "rows_per_rollout": cfg.rl.prompts_per_rollout * cfg.rl.num_generations,
+        "steps_per_rollout": per,
+        "max_new_tokens": cfg.sampling.max_new_tokens,
         "mean_response_length": sum(r["rollout/response_length"] for r in steady) / len(steady),
-        "iteration_s": total, **{f"{p}_s": v for p, v in phases.items()},
-        "generate_fraction": phases["generate"] / total, "iterations_measured": len(steady),
+        "iteration_s": total,
+        **{f"{p}_s": v for p, v in phases.items()},
+        "generate_fraction": phases["generate"] / total,
+        "iterations_measured": len(steady),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rollouts", type=int, default=4)
-    parser.add_argument("--out", default=str(ROOT / "bench/results/rl_iteration.json"))
+    parser.add_argument(
+        "--json", "--out", dest="out", default=str(ROOT / "bench/results/rl_iteration.json")
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in ("configs/ppo_tiny.yaml", "configs/grpo_tiny.yaml"):
             rows.append(run(config, args.rollouts, str(Path(tmp) / Path(config).stem)))
-    columns = [("trainer", "trainer", "s"), ("rows", "rows_per_rollout", "d"),
-               ("steps", "steps_per_rollout", "d"), ("resp len", "mean_response_length", ".1f"),
-               *[(f"{p} s", f"{p}_s", ".3f") for p in PHASES],
-               ("iteration s", "iteration_s", ".3f"), ("generate share", "generate_fraction",
-                                                        ".0%")]
-    print(format_table(rows, columns))
-    write_json(args.out, {"machine": machine_info(), "results": rows})
+    data = {"benchmark": "rl_iteration", "machine": machine_info(), "results": rows}
+    print(markdown(data))
+    write_json(args.out, data)
+
+
+COLUMNS = [
+    ("trainer", "trainer", "s"),
+    ("rows", "rows_per_rollout", "d"),
+    ("steps", "steps_per_rollout", "d"),
+    ("resp len", "mean_response_length", ".1f"),
+    *[(f"{p} s", f"{p}_s", ".3f") for p in PHASES],
+    ("iteration s", "iteration_s", ".3f"),
+    ("generate share", "generate_fraction", ".0%"),
+]
+
+
+def markdown(data: dict) -> str:
+    """This benchmark's table from its JSON."""
+    return format_table(data["results"], COLUMNS)
 
 
 if __name__ == "__main__":

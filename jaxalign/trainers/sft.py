@@ -8,7 +8,6 @@ import jax
 from flax import nnx
 
 from jaxalign.config import Config
-from jaxalign.data import load_tokenizer, sft_iterator_from_config
 from jaxalign.losses import token_cross_entropy_sum
 
 
@@ -16,6 +15,8 @@ class SFT:
     """The SFT algorithm: a loss over packed rows and the data that feeds it."""
 
     def __init__(self, cfg: Config):
+        from jaxalign.data import load_tokenizer  # data (Grain) only when reading data
+
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -43,6 +44,8 @@ class SFT:
         return loss_sum, num_tokens, {}
 
     def _iterator(self, path, process_index, process_count, **kwargs):
+        from jaxalign.data import sft_iterator_from_config
+
         t = self.cfg.train
         return sft_iterator_from_config(
             self.cfg.data, self.tokenizer, seq_len=t.seq_len, global_batch_size=t.batch_size,
