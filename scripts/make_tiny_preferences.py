@@ -4,8 +4,10 @@
 
 Writes pref_train.jsonl (2000 pairs) and pref_eval.jsonl (200 pairs, prompts disjoint from train
 and from data/tiny/sft_eval.jsonl) from the task families of scripts/make_tiny_data.py: `chosen`
-is the correct answer, `rejected` a plausible wrong one (a number off by a little, a wrong letter,
-two letters swapped) or an off-format one (wrong case, the word not reversed). Records mix three
+is the correct answer, `rejected` a plausible wrong one (for addition and subtraction a number
+copied from the prompt; a product or letter count off by a little; the letter at the other end of
+the word, or another of its letters; two letters swapped) or an off-format one (wrong case, the
+word not reversed). Records mix three
 formats: text prompt/chosen/rejected (some with a system prompt), message-list prompt with
 assistant-message answers, and two full conversations sharing their leading messages. Running it
 twice gives byte-identical files. The tokenizer (data/tiny/tokenizer.model) is not retrained.
@@ -47,7 +49,16 @@ def _shift_number(text: str, rng: random.Random) -> str:
 
 def corrupt(task: str, prompt: str, answer: str, rng: random.Random) -> str:
     """A plausible but wrong (or off-format) answer to `prompt`."""
-    if task in ("add", "subtract", "multiply", "count_letters"):
+    if task in ("add", "subtract"):
+        # A number copied from the prompt: a tiny model's typical slip, and one it can learn to
+        # avoid. (A result off by a little needs exact two-digit arithmetic to rank, which the
+        # bundled SFT model does at chance, before and after DPO, on train pairs as well.)
+        value = re.search(r"\d+", answer).group()
+        operands = [n for n in re.findall(r"\d+", prompt) if n != value]
+        if operands:
+            return answer.replace(value, rng.choice(operands))
+        return _shift_number(answer, rng)
+    if task in ("multiply", "count_letters"):
         return _shift_number(answer, rng)
     if task == "largest":
         numbers = [int(n) for n in re.findall(r"\d+", prompt)]
@@ -68,6 +79,9 @@ def corrupt(task: str, prompt: str, answer: str, rng: random.Random) -> str:
         return answer.upper() if rng.random() < 0.5 else answer.title()
     if task == "first_letter":
         word = re.search(r"'(\w+)'", prompt).group(1)
+        other_end = word[-1] if "first" in prompt else word[0]  # first and last confused
+        if other_end != answer and rng.random() < 0.5:
+            return other_end
         other = [c for c in sorted(set(word)) if c != answer] or ["x"]
         return rng.choice(other)
     raise ValueError(task)

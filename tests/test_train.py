@@ -4,7 +4,9 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from toy import ToyAlgorithm, losses, toy_config
 
@@ -200,3 +202,85 @@ def test_nan_skip_drops_that_update_and_goes_on(tmp_path, single_device_losses):
     assert [h["nonfinite"] for h in result.history] == [0.0, 1.0, 0.0, 0.0, 0.0]
     # Step 3 sees the parameters after step 1 (step 2 changed nothing) on batch 3.
     assert got[2] != single_device_losses[2] and np.isfinite(got[2])
+
+
+# -- max/min-reduced metrics (trainers/step.py) -------------------------------------------------
+
+
+def _extreme_metrics_setup():
+    """A linear scorer and a loss emitting a sum metric and max:/min:-tagged metrics of the
+    per-example scores over real examples (mask 1)."""
+    from flax import nnx
+
+    from jaxalign.trainers.step import init_state
+
+    graphdef, params = nnx.split(nnx.Linear(3, 1, rngs=nnx.Rngs(0)))
+    params = params.to_pure_dict()
+
+    def loss_fn(model, batch, rng, frozen):
+        scores = model(batch["x"])[:, 0]
+        real = batch["mask"] > 0
+        metrics = {
+            "score/sum": jnp.sum(batch["mask"] * scores),
+            "max:score/max": jnp.max(jnp.where(real, scores, -jnp.inf)),
+            "min:score/min": jnp.min(jnp.where(real, scores, jnp.inf)),
+        }
+        return jnp.sum(batch["mask"] * scores**2), batch["mask"].sum(), metrics
+
+    tx = optax.sgd(0.1)
+    return graphdef, params, loss_fn, tx, init_state(params, tx, 0)
+
+
+def _scores(params, x):
+    return x @ np.asarray(params["kernel"])[:, 0] + np.asarray(params["bias"])[0]
+
+
+def test_max_min_metrics_over_micro_batches_equal_one_batch():
+    from jaxalign.trainers.step import make_train_step
+
+    graphdef, params, loss_fn, tx, state = _extreme_metrics_setup()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    mask = np.ones(8, np.float32)
+    mask[[1, 6, 7]] = 0.0  # the extremes of the masked rows must not count...
+    x[1], x[6] = 100.0, -100.0
+    step = jax.jit(make_train_step(graphdef, loss_fn, tx, optax.constant_schedule(0.1)))
+    _, one = step(state, {"x": x[None], "mask": mask[None]})
+    _, four = step(state, {"x": x.reshape(4, 2, 3), "mask": mask.reshape(4, 2)})
+    scores = _scores(params, x.astype(np.float64))[mask > 0]
+    for metrics in (one, four):  # ...and micro-batch 3 has no real example at all
+        assert float(metrics["score/max"]) == pytest.approx(scores.max(), rel=1e-6)
+        assert float(metrics["score/min"]) == pytest.approx(scores.min(), rel=1e-6)
+        assert float(metrics["score/sum"]) == pytest.approx(scores.mean(), rel=1e-5)
+        assert not any(k.startswith(("max:", "min:")) for k in metrics)
+    assert float(four["score/max"]) == float(one["score/max"])
+    assert float(four["score/min"]) == float(one["score/min"])
+    np.testing.assert_allclose(float(four["loss"]), float(one["loss"]), rtol=1e-6)
+
+
+def test_eval_max_min_metrics_are_over_every_batch():
+    from jaxalign.trainers.step import combine_metrics, eval_metrics, make_eval_step
+
+    graphdef, params, loss_fn, _, _ = _extreme_metrics_setup()
+    rng = np.random.default_rng(1)
+    batches = [
+        {"x": rng.normal(size=(2, 3, 3)).astype(np.float32), "mask": np.ones((2, 3), np.float32)}
+        for _ in range(3)
+    ]
+    batches[2]["mask"][1] = 0.0  # a last, partly filled batch
+    eval_fn = jax.jit(make_eval_step(graphdef, loss_fn))
+    totals = {}
+    for batch in batches:
+        out = {k: float(v) for k, v in jax.device_get(eval_fn(params, batch)).items()}
+        totals = combine_metrics(totals, out) if totals else out
+    got = eval_metrics(totals)
+    x = np.concatenate([b["x"].reshape(-1, 3) for b in batches]).astype(np.float64)
+    real = np.concatenate([b["mask"].reshape(-1) for b in batches]) > 0
+    scores = _scores(params, x)[real]
+    assert got["score/max"] == pytest.approx(scores.max(), rel=1e-6)
+    assert got["score/min"] == pytest.approx(scores.min(), rel=1e-6)
+    assert got["score/sum"] == pytest.approx(scores.mean(), rel=1e-5)
+    assert got["loss"] == pytest.approx(np.mean(scores**2), rel=1e-5)
+    # Averaging per-batch extremes (the old behaviour) would give something else here.
+    batch_max = [_scores(params, b["x"].reshape(-1, 3)).max() for b in batches]
+    assert abs(np.mean(batch_max) - scores.max()) > 1e-3

@@ -30,7 +30,7 @@ from jaxalign.losses import (
     sequence_logprobs,
     simpo_loss,
 )
-from jaxalign.trainers.rm import check_vocab, pairs_to_rows
+from jaxalign.trainers.rm import check_vocab, pair_tokens, pairs_to_rows
 
 REFERENCE_FREE = ("simpo", "orpo")
 LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")
@@ -137,6 +137,11 @@ class DPO:
 
     # -- data ----------------------------------------------------------------------------------
 
+    def batch_tokens(self, local: dict) -> int:
+        """Tokens/s counts the real tokens of chosen and rejected, once (not the reference's
+        forward pass over them)."""
+        return pair_tokens(local)
+
     def _iterator(self, path, process_index, process_count, **kwargs):
         return preference_iterator_from_config(
             self.cfg,
@@ -223,9 +228,8 @@ class DPO:
             flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
             return policy_statistics(model, flat, chunks)["logps"].reshape(accum, -1, 2)
 
-        # Every process runs the same number of batches (shards differ by at most one pair).
-        total_pairs = iterator.stats.get("total_pairs", len(examples) * pc)
-        num_batches = math.ceil(math.ceil(total_pairs / pc) / rows)
+        # Every process runs the same number of batches: enough for the most pairs any holds.
+        num_batches = math.ceil(iterator.max_local_pairs / rows)
         out = np.zeros((num_batches * rows, 2), np.float32)
         for b in range(num_batches):
             padded = pad_pairs(

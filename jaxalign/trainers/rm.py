@@ -38,6 +38,12 @@ def pairs_to_rows(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0] * 2, *x.shape[2:])
 
 
+def pair_tokens(local: dict) -> int:
+    """Real tokens of both the chosen and the rejected rows of a process's preference batch
+    (padding and filler pairs excluded): what tokens/s counts for preference trainers."""
+    return int(np.count_nonzero(local["segment_ids"]))
+
+
 def check_vocab(cfg: Config, tokenizer) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -83,22 +89,22 @@ class RewardModelAlgorithm:
         losses = reward_model_pair_losses(
             chosen, rejected, margin=batch["margin"], center_coef=self.cfg.rm.center_coef
         )
-        pairs = mask.sum()
         real = mask[:, None] > 0
-        # min/max are per micro-batch; scaled by the pair count so the step's division by the
-        # total count returns them (averaged over micro-batches when there are several).
-        low = jnp.min(jnp.where(real, rewards, jnp.inf))
-        high = jnp.max(jnp.where(real, rewards, -jnp.inf))
         metrics = {
             "accuracy": jnp.sum(mask * (chosen > rejected)),
             "margin": jnp.sum(mask * (chosen - rejected)),
             "reward/chosen": jnp.sum(mask * chosen),
             "reward/rejected": jnp.sum(mask * rejected),
             "reward/mean": jnp.sum(mask * (chosen + rejected)) / 2,
-            "reward/min": jnp.where(pairs > 0, low * pairs, 0.0),
-            "reward/max": jnp.where(pairs > 0, high * pairs, 0.0),
+            # Reduced by min/max over the whole batch and eval split (trainers/step.py).
+            "min:reward/min": jnp.min(jnp.where(real, rewards, jnp.inf)),
+            "max:reward/max": jnp.max(jnp.where(real, rewards, -jnp.inf)),
         }
-        return jnp.sum(mask * losses), pairs, metrics
+        return jnp.sum(mask * losses), mask.sum(), metrics
+
+    def batch_tokens(self, local: dict) -> int:
+        """Tokens/s counts the real tokens of chosen and rejected (see `pair_tokens`)."""
+        return pair_tokens(local)
 
     def _iterator(self, path, process_index, process_count, **kwargs):
         return preference_iterator_from_config(

@@ -9,6 +9,11 @@ that returns an *unnormalized* sum over its examples (tokens, pairs, ...) and ho
 Over `grad_accum` micro-batches the step sums losses, gradients and denominators, then divides
 once by the total denominator: the loss is normalized by the number of targets in the whole batch,
 not averaged over per-micro-batch means.
+
+Metrics are sums divided the same way, except those whose name starts with `max:` or `min:`
+(e.g. `max:reward/max`): these are reduced by max or min over micro-batches (and, in evals, over
+batches), reported as they are under the name without the tag. A micro-batch without examples
+returns the reduction's identity (-inf for max, +inf for min).
 """
 
 from __future__ import annotations
@@ -22,6 +27,48 @@ import optax
 from flax import nnx
 
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, jax.Array, dict]]
+
+# Metric-name tags for max/min reduction instead of the default sum.
+REDUCTIONS = {"max:": (jnp.maximum, -jnp.inf, max), "min:": (jnp.minimum, jnp.inf, min)}
+
+
+def metric_reduction(name: str) -> str | None:
+    """The tag (`"max:"` or `"min:"`) of a max/min-reduced metric name, None for a sum."""
+    return next((tag for tag in REDUCTIONS if name.startswith(tag)), None)
+
+
+def metric_name(name: str) -> str:
+    """The reported name: without its `max:`/`min:` tag."""
+    tag = metric_reduction(name)
+    return name[len(tag) :] if tag else name
+
+
+def combine_metrics(totals: dict, metrics: dict) -> dict:
+    """Fold one (micro-)batch's metrics into running totals: sums add, tagged metrics take the
+    max or min. Works on arrays (in a jitted step) and on Python floats (on the host)."""
+    out = {}
+    for name, value in metrics.items():
+        tag = metric_reduction(name)
+        if tag is None:
+            out[name] = totals[name] + value
+        else:
+            reduce = REDUCTIONS[tag][0] if isinstance(value, jax.Array) else REDUCTIONS[tag][2]
+            out[name] = reduce(totals[name], value)
+    return out
+
+
+def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """Held-out metrics from the totals of every eval batch (`combine_metrics` of
+    `make_eval_step` outputs): sums divided by the total denominator, max/min as they are."""
+    totals = dict(totals)
+    denom = max(totals.pop("denominator", 0.0), 1.0)
+    out = {}
+    for name, value in totals.items():
+        if metric_reduction(name) is None:
+            out[name.removesuffix("_sum")] = value / denom
+        else:
+            out[metric_name(name)] = value
+    return out
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
@@ -39,7 +86,11 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict
 
 
 def accumulate_gradients(
-    graphdef: nnx.GraphDef, loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array,
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    params: Any,
+    batch: dict,
+    rng: jax.Array,
     frozen: Any = None,
 ) -> tuple[Any, jax.Array, jax.Array, dict]:
     """Sum of gradients, loss sums, denominators and metric sums over the leading micro-batch
@@ -64,14 +115,19 @@ def accumulate_gradients(
     first = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], batch), rngs[0])
     (_, (_, metric_shapes)), _ = first
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, metric_shapes))
+    metric_init = {
+        name: jnp.full(shape.shape, REDUCTIONS[tag][1] if tag else 0, shape.dtype)
+        for name, shape in metric_shapes.items()
+        for tag in [metric_reduction(name)]
+    }
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), metric_init)
 
     def body(carry, xs):
         micro_batch, micro_rng = xs
         g_acc, l_acc, d_acc, m_acc = carry
         (loss_sum, (denom, metric_sums)), grads = grads_of(micro_batch, micro_rng)
         g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
-        m_acc = jax.tree.map(jnp.add, m_acc, metric_sums)
+        m_acc = combine_metrics(m_acc, metric_sums)
         return (g_acc, l_acc + loss_sum, d_acc + denom, m_acc), None
 
     (grads, loss_sum, denom, metric_sums), _ = jax.lax.scan(body, init, (batch, rngs))
@@ -102,8 +158,7 @@ def make_train_step(
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
         step = state["step"] + 1
-        first_bad = jnp.where(finite | (state["first_bad_step"] > 0), state["first_bad_step"],
-                              step)
+        first_bad = jnp.where(finite | (state["first_bad_step"] > 0), state["first_bad_step"], step)
         consecutive = jnp.where(finite, 0, state["consecutive_bad"] + 1)
         metrics = {
             "loss": loss_sum * scale,
@@ -111,18 +166,28 @@ def make_train_step(
             "nonfinite": (~finite).astype(jnp.float32),
             "lr": schedule(state["step"]),
             "denominator": denom,
-            **{k: v * scale for k, v in metric_sums.items()},
+            **{
+                metric_name(k): v if metric_reduction(k) else v * scale
+                for k, v in metric_sums.items()
+            },
         }
-        new_state = {"step": step, "params": params, "opt_state": opt_state, "rng": rng,
-                     "first_bad_step": first_bad.astype(jnp.int32),
-                     "consecutive_bad": consecutive.astype(jnp.int32)}
+        new_state = {
+            "step": step,
+            "params": params,
+            "opt_state": opt_state,
+            "rng": rng,
+            "first_bad_step": first_bad.astype(jnp.int32),
+            "consecutive_bad": consecutive.astype(jnp.int32),
+        }
         return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, dict], dict]:
-    """Loss sums of one batch ([A, micro_batch, ...]) without gradients, for held-out evals."""
+    """Loss sums of one batch ([A, micro_batch, ...]) without gradients, for held-out evals:
+    `loss_sum`, `denominator` and the metric sums, max/min-tagged metrics reduced over the
+    micro-batches and still tagged (`eval_metrics` turns the totals of all batches into means)."""
 
     def eval_step(params: Any, batch: dict, frozen: Any = None) -> dict:
         def one(carry, micro_batch):
@@ -132,7 +197,11 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, di
             return carry, (loss_sum, denom, metric_sums)
 
         _, (loss_sum, denom, metric_sums) = jax.lax.scan(one, None, batch)
-        return {"loss_sum": loss_sum.sum(), "denominator": denom.sum(),
-                **{k: v.sum() for k, v in metric_sums.items()}}
+        reduce = {None: jnp.sum, "max:": jnp.max, "min:": jnp.min}
+        return {
+            "loss_sum": loss_sum.sum(),
+            "denominator": denom.sum(),
+            **{k: reduce[metric_reduction(k)](v) for k, v in metric_sums.items()},
+        }
 
     return eval_step
