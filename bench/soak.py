@@ -3,7 +3,8 @@ process's resident memory, to show it stays flat after warm-up.
 
     python bench/soak.py [--steps 2000] [--every 200] [--json bench/results/soak.json]
 
-Prints RSS at each tenth of the run and the growth between the first checkpoint and the end.
+Prints RSS at each tenth of the run, the growth between the first checkpoint and the end, and
+the slope of a least-squares line through the samples after warm-up (MiB per 1,000 steps).
 """
 
 from __future__ import annotations
@@ -16,9 +17,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def rss_slope_mib_per_1000_steps(samples: list[tuple[float, int, int]]) -> float:
+    """Least-squares slope of RSS against steps logged, in MiB per 1,000 steps (0 if the
+    samples span fewer than two distinct step counts)."""
+    steps = np.array([s[2] for s in samples], np.float64)
+    rss = np.array([s[1] for s in samples], np.float64) / 2**20
+    if len(np.unique(steps)) < 2:
+        return 0.0
+    return float(np.polyfit(steps, rss, 1)[0] * 1000)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +40,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "soak.json")
     args = parser.parse_args(argv)
     run_dir = Path(tempfile.mkdtemp(prefix="jaxalign_soak_"))
-    cmd = [sys.executable, "-m", "jaxalign.cli", "train", str(REPO / "configs/sft_tiny.yaml"),
-           "--set", f"run_dir={run_dir}", "--set", f"train.steps={args.steps}",
-           "--set", f"checkpoint.every={args.every}", "--set", f"train.eval_every={args.every}",
-           "--set", "train.log_every=50", "--set", "train.progress=false",
-           "--set", "train.warmup_steps=50"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxalign.cli",
+        "train",
+        str(REPO / "configs/sft_tiny.yaml"),
+        "--set",
+        f"run_dir={run_dir}",
+        "--set",
+        f"train.steps={args.steps}",
+        "--set",
+        f"checkpoint.every={args.every}",
+        "--set",
+        f"train.eval_every={args.every}",
+        "--set",
+        "train.log_every=50",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.warmup_steps=50",
+    ]
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    # stderr goes to a file: a pipe nobody reads would block the run once it fills.
+    stderr_path = run_dir / "stderr.log"
+    stderr_file = stderr_path.open("w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file)
     ps = psutil.Process(proc.pid)
     samples: list[tuple[float, int, int]] = []  # (seconds, rss bytes, steps logged)
     metrics = run_dir / "metrics.jsonl"
@@ -47,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         steps = len(metrics.read_text().splitlines()) * 50 if metrics.exists() else 0
         samples.append((time.time() - start, rss, steps))
         time.sleep(1.0)
+    proc.wait()
+    stderr_file.close()
     if proc.returncode != 0:
-        print(proc.stderr.read()[-3000:], file=sys.stderr)
+        print(stderr_path.read_text()[-3000:], file=sys.stderr)
         return 1
     # Warm-up ends with the first checkpoint + eval (every compiled function exists by then).
     warm = [s for s in samples if s[2] >= args.every + 50] or samples
@@ -59,16 +91,30 @@ def main(argv: list[str] | None = None) -> int:
         t, rss, steps = samples[i]
         print(f"{t:8.0f} {steps:6d} {rss / 2**20:8.0f}")
     growth = (last[1] - first[1]) / 2**20
-    print(f"after warm-up (step ~{first[2]}): {first[1] / 2**20:.0f} MiB -> "
-          f"{last[1] / 2**20:.0f} MiB at the end (growth {growth:+.0f} MiB, "
-          f"peak {peak / 2**20:.0f} MiB) over {samples[-1][0]:.0f} s")
+    slope = rss_slope_mib_per_1000_steps(warm)
+    print(
+        f"after warm-up (step ~{first[2]}): {first[1] / 2**20:.0f} MiB -> "
+        f"{last[1] / 2**20:.0f} MiB at the end (growth {growth:+.0f} MiB, "
+        f"peak {peak / 2**20:.0f} MiB, slope {slope:+.1f} MiB per 1000 steps) over "
+        f"{samples[-1][0]:.0f} s"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "steps": args.steps, "every": args.every, "seconds": samples[-1][0],
-        "rss_after_warmup_mib": first[1] / 2**20, "rss_end_mib": last[1] / 2**20,
-        "growth_mib": growth, "peak_mib": peak / 2**20,
-        "samples": [{"s": t, "rss_mib": r / 2**20, "steps": n} for t, r, n in samples],
-    }, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "steps": args.steps,
+                "every": args.every,
+                "seconds": samples[-1][0],
+                "rss_after_warmup_mib": first[1] / 2**20,
+                "rss_end_mib": last[1] / 2**20,
+                "growth_mib": growth,
+                "peak_mib": peak / 2**20,
+                "slope_mib_per_1000_steps": slope,
+                "samples": [{"s": t, "rss_mib": r / 2**20, "steps": n} for t, r, n in samples],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -2,11 +2,16 @@
 the resolved config, saved asynchronously and collectively by every process.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a save
-interrupted by a crash is never seen by `latest_step` or `restore`.
+interrupted by a crash is never seen by `latest_step` or `restore`. A save that fails (a full
+disk, a file size limit) raises one UserError naming the step, the directory and the OS error;
+the earlier complete checkpoints are left as they were.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,37 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxalign.errors import UserError
+
+
+def os_error_text(error: BaseException) -> str:
+    """The OS error behind a failed write ("No space left on device", "File too large"), from
+    an OSError in the exception's chain or the `os_error_code` TensorStore puts in its message;
+    else the first line of the message."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        code = re.search(r"os_error_code='?(\d+)", str(seen))
+        if code:
+            return os.strerror(int(code.group(1)))
+        seen = seen.__cause__ or seen.__context__
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+class _HoldOrbaxErrors(logging.Filter):
+    """Holds back the tracebacks Orbax logs from its background save threads: a failed save is
+    reported once, as a UserError, by the thread that waits for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            self.held.append(record)
+            return False
+        return True
 
 
 class Checkpointer:
@@ -30,6 +66,9 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config")
         )
+        self._in_flight: int | None = None  # the step of the save not yet known to be complete
+        self._failed = False
+        self._held = _HoldOrbaxErrors()  # installed by the first save, removed by close()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -38,15 +77,44 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, config: dict, *, force=False) -> bool:
-        """Start an (asynchronous) save of `step`; returns whether a save was started."""
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config),
-            ),
-            force=force,
+        """Start an (asynchronous) save of `step`; returns whether a save was started. Waits for
+        the previous save first; UserError if that one or this one failed."""
+        self.wait()
+        logging.getLogger("absl").addFilter(self._held)  # once: a logger keeps a set of filters
+        try:
+            started = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    config=ocp.args.JsonSave(config),
+                ),
+                force=force,
+            )
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+        if started:
+            self._in_flight = step
+        return started
+
+    def _save_failed(self, step: int, error: BaseException) -> UserError:
+        self._failed = True
+        # From the directory, not Orbax's list: a step renamed into place is complete.
+        complete = (
+            [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
+            if self.directory.is_dir()
+            else []
+        )
+        latest = max((s for s in complete if s != step), default=None)
+        kept = (
+            f"latest complete checkpoint: step {latest}"
+            if latest is not None
+            else "no complete checkpoint"
+        )
+        return UserError(
+            f"{self.directory / str(step)}: saving the checkpoint of step {step} "
+            f"failed ({os_error_text(error)}); earlier checkpoints are untouched "
+            f"({kept})"
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
@@ -69,11 +137,30 @@ class Checkpointer:
         return out["state"], out["data"], out["config"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the save in flight is complete; UserError if it failed."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(step if step is not None else -1, e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the save in flight (UserError if it failed) and release Orbax's threads.
+        After a failed save, Orbax's further complaints stay held back: it was reported."""
+        if self._failed:
+            try:
+                self.manager.close()
+            except Exception:
+                pass  # the failure this repeats was raised already
+            return
+        try:
+            self.wait()
+            self.manager.close()
+        finally:
+            if not self._failed:
+                logging.getLogger("absl").removeFilter(self._held)
+                for record in self._held.held:  # errors that failed no save: shown after all
+                    logging.getLogger("absl").handle(record)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -91,8 +178,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         p = p / "checkpoints"
     if (p / "state").is_dir():
         return p
-    complete = (c for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()) \
-        if p.is_dir() else ()
+    complete = (
+        (c for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir())
+        if p.is_dir()
+        else ()
+    )
     steps = sorted((int(c.name) for c in complete), reverse=True)
     if not steps:
         raise UserError(f"{path}: no complete checkpoint found")

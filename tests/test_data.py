@@ -419,8 +419,11 @@ def sharded(tok, process_index=0, process_count=1, **kwargs):
     args = dict(seq_len=64, global_batch_size=16, grad_accum=2, seed=7, shards=4)
     args.update(kwargs)
     return SFTBatchIterator(
-        str(TINY / "sft_train.jsonl"), tok, process_index=process_index,
-        process_count=process_count, **args,
+        str(TINY / "sft_train.jsonl"),
+        tok,
+        process_index=process_index,
+        process_count=process_count,
+        **args,
     )
 
 
@@ -453,8 +456,12 @@ def test_state_has_no_process_count_and_resumes_under_another_count(tok):
     for _ in range(2):
         next(single)
     state = json.loads(json.dumps(single.get_state()))
-    assert "process_index" not in state["fingerprint"] and set(state["shards"]) == {"0", "1", "2",
-                                                                                     "3"}
+    assert "process_index" not in state["fingerprint"] and set(state["shards"]) == {
+        "0",
+        "1",
+        "2",
+        "3",
+    }
     expected = [next(single) for _ in range(3)]
     resumed, iterators = global_batches(tok, 2, 3, state=state)
     for want, got in zip(expected, resumed, strict=False):
@@ -503,15 +510,18 @@ def test_prefetch_state_follows_consumed_batches_not_prepared_ones(tok):
 
 def test_mixture_follows_the_weights_and_resumes_exactly(tmp_path, tok):
     # Component A's completions are all "a...", component B's all "b...": count them by segment.
-    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"q{i}", "completion": "aaaa"}
-                                           for i in range(40)])
-    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"q{i}", "completion": "bbbb"}
-                                           for i in range(40)])
+    a = write_jsonl(
+        tmp_path / "a.jsonl", [{"prompt": f"q{i}", "completion": "aaaa"} for i in range(40)]
+    )
+    b = write_jsonl(
+        tmp_path / "b.jsonl", [{"prompt": f"q{i}", "completion": "bbbb"} for i in range(40)]
+    )
     mixture = [{"path": a, "weight": 3.0}, {"path": b, "weight": 1.0}]
 
     def make():
-        return SFTBatchIterator(None, tok, mixture=mixture, seq_len=32, global_batch_size=8,
-                                shards=4, seed=1)
+        return SFTBatchIterator(
+            None, tok, mixture=mixture, seq_len=32, global_batch_size=8, shards=4, seed=1
+        )
 
     it = make()
     assert [c["examples"] for c in it.stats["components"]] == [40, 40]
@@ -532,8 +542,15 @@ def test_mixture_follows_the_weights_and_resumes_exactly(tmp_path, tok):
         for k in KEYS:
             np.testing.assert_array_equal(got[k], want[k])
     with pytest.raises(DataError, match="weights: saved"):
-        SFTBatchIterator(None, tok, seq_len=32, global_batch_size=8, shards=4, seed=1,
-                         mixture=[(a, 1.0), (b, 1.0)]).set_state(state)
+        SFTBatchIterator(
+            None,
+            tok,
+            seq_len=32,
+            global_batch_size=8,
+            shards=4,
+            seed=1,
+            mixture=[(a, 1.0), (b, 1.0)],
+        ).set_state(state)
 
 
 # --- more templates ------------------------------------------------------------------------------
@@ -569,8 +586,11 @@ CHATML_JINJA = (
 
 def write_tokenizer_config(tmp_path, template: str) -> str:
     path = tmp_path / "tokenizer_config.json"
-    path.write_text(json.dumps({"chat_template": template, "bos_token": "<s>",
-                                "eos_token": {"content": "</s>"}}))
+    path.write_text(
+        json.dumps(
+            {"chat_template": template, "bos_token": "<s>", "eos_token": {"content": "</s>"}}
+        )
+    )
     return str(path)
 
 
@@ -581,12 +601,14 @@ def test_jinja_chat_template_masks_from_prefix_spans_and_matches_builtin(tmp_pat
     # the template's `{{ bos_token }}` becomes the one BOS id, never a second BOS
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(mask, want_mask)
-    np.testing.assert_array_equal(render_prompt(CONVERSATION[:4], tok, path),
-                                  render_prompt(CONVERSATION[:4], tok, "chatml"))
+    np.testing.assert_array_equal(
+        render_prompt(CONVERSATION[:4], tok, path), render_prompt(CONVERSATION[:4], tok, "chatml")
+    )
     assert stop_token_ids(tok, path) == [tok.token_id("<|im_end|>"), tok.eos_id]
     # {% generation %} blocks (HF's assistant markers) render their body
-    generation = CHATML_JINJA.replace("{{ m['content'] }}", "{% generation %}{{ m['content'] }}"
-                                      "{% endgeneration %}")
+    generation = CHATML_JINJA.replace(
+        "{{ m['content'] }}", "{% generation %}{{ m['content'] }}{% endgeneration %}"
+    )
     gen_ids, gen_mask = render(CONVERSATION, tok, write_tokenizer_config(tmp_path, generation))
     np.testing.assert_array_equal(gen_ids, want_ids)
     np.testing.assert_array_equal(gen_mask, want_mask)
@@ -624,8 +646,10 @@ def prompt_records(n: int) -> list[dict]:
     for i in range(n):
         question = "Add " + " and ".join(str(j) for j in range(1 + i % 9)) + "."
         if i % 3 == 0:
-            messages = [{"role": "user", "content": question},
-                        {"role": "assistant", "content": "dropped"}]
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": "dropped"},
+            ]
             records.append({"messages": messages, "answer": str(i), "id": i})
         else:
             records.append({"prompt": question, "answer": str(i), "id": i})
@@ -636,8 +660,9 @@ def test_prompt_batches_are_left_padded_bucketed_and_carry_extra_fields(tok):
     from jaxalign.data import PromptBatchIterator
 
     records = prompt_records(40)
-    it = PromptBatchIterator(records, tok, global_batch_size=8, buckets=[16, 32, 64],
-                             shuffle=False, template="chatml")
+    it = PromptBatchIterator(
+        records, tok, global_batch_size=8, buckets=[16, 32, 64], shuffle=False, template="chatml"
+    )
     batch = next(it)
     assert sorted(batch) == ["answer", "id", "lengths", "tokens"]
     assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape[1] in (16, 32, 64)
@@ -664,8 +689,16 @@ def test_prompt_batches_are_process_invariant_resumable_and_truncate_long_prompt
     records = prompt_records(40) + [{"prompt": "word " * 80, "answer": "long", "id": 99}]
 
     def make(p=0, count=1):
-        return PromptBatchIterator(records, tok, global_batch_size=8, buckets=[32, 64],
-                                   shards=4, seed=3, process_index=p, process_count=count)
+        return PromptBatchIterator(
+            records,
+            tok,
+            global_batch_size=8,
+            buckets=[32, 64],
+            shards=4,
+            seed=3,
+            process_index=p,
+            process_count=count,
+        )
 
     single = make()
     assert single.stats["truncated"] == 1
@@ -701,7 +734,354 @@ def test_template_failures_are_skipped_and_counted_not_batched(tmp_path, tok):
     records = [GOOD, {"system": "S", **GOOD}, GOOD]
     with pytest.raises(DataError, match=r"<memory>: record 1: .*no system"):
         SFTBatchIterator(records, tok, seq_len=32, global_batch_size=2, template=template)
-    it = SFTBatchIterator(records, tok, seq_len=32, global_batch_size=2, template=template,
-                          on_error="skip")
+    it = SFTBatchIterator(
+        records, tok, seq_len=32, global_batch_size=2, template=template, on_error="skip"
+    )
     assert (it.stats["records"], it.stats["skipped"], it.stats["examples"]) == (2, 1, 2)
     assert "1 bad records skipped" in it.report()
+
+
+# --- preference pairs on logical shards ----------------------------------------------------------
+
+PAIR_KEYS = ("tokens", "loss_mask", "segment_ids", "positions", "margin", "pair_mask")
+
+
+def pair_records(n: int) -> list[dict]:
+    """n distinct preference records in the three record formats; every 20th is too long for
+    64 tokens."""
+    records = []
+    for i in range(n):
+        question = f"What is {i} plus {i % 7}?" + (" Think about it." * 12 if i % 20 == 19 else "")
+        chosen, rejected = f"It is {i + i % 7}.", f"Maybe {i + i % 7 + 1 + i % 3}."
+        if i % 3 == 0:
+            records.append({"prompt": question, "chosen": chosen, "rejected": rejected})
+        else:
+            user = [{"role": "user", "content": question}]
+            answers = [[{"role": "assistant", "content": a}] for a in (chosen, rejected)]
+            if i % 3 == 1:
+                records.append({"prompt": user, "chosen": answers[0], "rejected": answers[1]})
+            else:
+                records.append({"chosen": user + answers[0], "rejected": user + answers[1]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def pairs_path(tmp_path_factory):
+    """200 records, 190 pairs that fit in 64 tokens (shards of 48, 48, 47, 47)."""
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", pair_records(200))
+
+
+def preference(tok, path, process_index=0, process_count=1, **kwargs):
+    from jaxalign.data import PreferenceBatchIterator
+
+    args = dict(seq_len=64, global_batch_size=16, grad_accum=2, seed=7, shards=4)
+    args.update(kwargs)
+    return PreferenceBatchIterator(
+        path,
+        tok,
+        process_index=process_index,
+        process_count=process_count,
+        **args,
+    )
+
+
+def global_pairs(iterators, steps):
+    """`steps` global batches: the process-local batches concatenated process-major."""
+    out = []
+    for _ in range(steps):
+        local = [next(it) for it in iterators]
+        out.append({k: np.concatenate([b[k] for b in local], axis=1) for k in local[0]})
+    return out
+
+
+def test_preference_global_batches_are_the_same_for_1_2_and_4_processes(tok, pairs_path):
+    # 190 pairs: 12 global batches of 16 make one epoch, so 14 cross into the second
+    # (reshuffled) epoch.
+    reference = global_pairs([preference(tok, pairs_path)], 14)
+    assert reference[0]["tokens"].shape == (2, 8, 2, 64)
+    # each shard holds 47 or 48 pairs, 4 per step: the first 11 steps show 176 different pairs
+    first_epoch = {tuple(pair) for b in reference[:11] for pair in b["tokens"].reshape(-1, 128)}
+    assert len(first_epoch) == 176
+    for process_count in (2, 4):
+        iterators = [preference(tok, pairs_path, p, process_count) for p in range(process_count)]
+        assert next(preference(tok, pairs_path, 1, process_count))["tokens"].shape == (
+            2,
+            8 // process_count,
+            2,
+            64,
+        )
+        for want, got in zip(reference, global_pairs(iterators, 14), strict=True):
+            for k in PAIR_KEYS:
+                np.testing.assert_array_equal(got[k], want[k])
+        # the processes hold disjoint pairs that together are all of them
+        held = [it.examples for it in iterators]
+        assert sum(map(len, held)) == 190 == iterators[0].stats["total_pairs"]
+
+
+def test_preference_state_resumes_mid_epoch_under_any_process_count(tok, pairs_path):
+    from jaxalign.data import merge_states
+
+    single = preference(tok, pairs_path)
+    global_pairs([single], 5)
+    state = json.loads(json.dumps(single.get_state()))
+    assert state["batches"] == 5 and "process_index" not in state["fingerprint"]
+    expected = global_pairs([single], 9)  # through the end of the epoch and into the next
+    for process_count in (1, 2, 4):
+        iterators = [preference(tok, pairs_path, p, process_count) for p in range(process_count)]
+        for it in iterators:
+            it.set_state(state)
+        for want, got in zip(expected, global_pairs(iterators, 9), strict=True):
+            for k in PAIR_KEYS:
+                np.testing.assert_array_equal(got[k], want[k])
+    # The states of 2 processes merge into the single-process state (and refuse to if they differ)
+    pair = [preference(tok, pairs_path, p, 2) for p in range(2)]
+    global_pairs(pair, 5)
+    merged = merge_states([it.get_state() for it in pair])
+    again = preference(tok, pairs_path)
+    again.set_state(merged)
+    np.testing.assert_array_equal(next(again)["tokens"], expected[0]["tokens"])
+    next(pair[0])
+    with pytest.raises(DataError, match="different runs or steps"):
+        merge_states([it.get_state() for it in pair])
+    with pytest.raises(DataError, match="seed: saved 7, now 8"):
+        preference(tok, pairs_path, seed=8).set_state(state)
+
+
+def test_preference_reference_logps_follow_their_pairs_on_every_process(tok, pairs_path):
+    """Precomputed reference log-probs are attached by pair: give each pair a value computed
+    from its tokens and check every row of every process's batches carries its own."""
+
+    def tag(example):
+        return [float(example["ids"][0].sum()), float(example["ids"][1].sum())]
+
+    for process_index in (0, 1):
+        it = preference(tok, pairs_path, process_index, 2)
+        it.set_reference_logps(np.asarray([tag(e) for e in it.examples], np.float32))
+        for batch in global_pairs([it], 13):
+            real = batch["pair_mask"] > 0
+            sums = (batch["tokens"] * batch["segment_ids"]).sum(-1)  # [A, rows, 2]
+            np.testing.assert_array_equal(batch["ref_logps"][real], sums[real])
+    assert it.max_local_pairs == 96  # shards 0 and 1: 48 + 48
+
+
+def test_preference_counts_report_dropped_truncated_and_skipped_pairs(tmp_path, tok):
+    from jaxalign.data import PreferenceBatchIterator
+
+    good = {"prompt": "Add 2 and 3.", "chosen": "5", "rejected": "6"}
+    long = {"prompt": "word " * 40, "chosen": "5", "rejected": "6"}
+    records = [good, {"prompt": "x", "chosen": "", "rejected": "y"}, long, good]
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    with pytest.raises(DataError, match=r"p.jsonl:2: field 'chosen'"):
+        PreferenceBatchIterator(path, tok, seq_len=32, global_batch_size=2)
+
+    def make(**kwargs):
+        return PreferenceBatchIterator(
+            path, tok, seq_len=32, global_batch_size=2, on_error="skip", **kwargs
+        )
+
+    dropping, cutting = make(), make(too_long="truncate")
+    assert {k: dropping.stats[k] for k in ("records", "skipped", "dropped", "truncated")} == {
+        "records": 3,
+        "skipped": 1,
+        "dropped": 1,
+        "truncated": 0,
+    }
+    assert (cutting.stats["dropped"], cutting.stats["truncated"]) == (0, 1)
+    assert "3 records (1 bad records skipped), 2 pairs, 1 dropped" in dropping.report()
+    assert "0 dropped (too long or nothing to score), 1 truncated" in cutting.report()
+
+
+# --- finite (eval) passes ---------------------------------------------------------------------
+
+
+def test_finite_preference_pass_gives_every_process_the_same_batches_and_the_exact_mean(
+    tok, pairs_path
+):
+    """190 pairs, global batches of 24: every process runs 8 batches (the last ones partly
+    masked pairs), and the masked mean of a per-pair loss equals its plain mean over the pairs."""
+    from jaxalign.data.preference import read_preference_jsonl, tokenize_preferences
+
+    records, _ = read_preference_jsonl(pairs_path)
+    pairs, _ = tokenize_preferences(records, tok, template="plain", seq_len=64, where="eval")
+
+    def pair_loss(ids, masks):  # any per-pair number: mean chosen minus mean rejected token id
+        return np.mean(ids[0][masks[0]]) - np.mean(ids[1][masks[1]])
+
+    exact = np.mean([pair_loss(p["ids"], [m.astype(bool) for m in p["masks"]]) for p in pairs])
+    reference = None
+    for process_count in (1, 2, 4):
+        per_process = [
+            list(
+                preference(
+                    tok,
+                    pairs_path,
+                    p,
+                    process_count,
+                    global_batch_size=24,
+                    shuffle=False,
+                    num_epochs=1,
+                )
+            )
+            for p in range(process_count)
+        ]
+        assert [len(b) for b in per_process] == [8] * process_count
+        batches = [
+            {k: np.concatenate([b[k] for b in step], axis=1) for k in PAIR_KEYS}
+            for step in zip(*per_process, strict=True)
+        ]
+        total = weight = 0.0
+        for batch in batches:
+            ids = batch["tokens"].reshape(-1, 2, 64).astype(np.float64)
+            masks = batch["loss_mask"].reshape(-1, 2, 64) > 0
+            for row, w in enumerate(batch["pair_mask"].reshape(-1)):
+                if w:
+                    total += w * pair_loss(ids[row], masks[row])
+                weight += w
+        assert weight == 190
+        np.testing.assert_allclose(total / weight, exact, rtol=1e-12)
+        if reference is None:
+            reference = batches
+        for want, got in zip(reference, batches, strict=True):
+            np.testing.assert_array_equal(got["tokens"], want["tokens"])
+
+
+def test_finite_packed_pass_gives_every_process_the_same_batches_and_the_exact_mean(tok):
+    """Shard 0 holds long examples, the others short ones: packed, shard 0 runs for more batches
+    than the rest. Every process still runs as many batches as the longest shard (padding-only
+    rows after its own shards end), so the global batches and the token-mean loss are the
+    single-process ones."""
+    records = []
+    for i in range(26):
+        answer = "9" * (40 if i % 4 == 0 else 2)
+        records.append({"prompt": f"Add {i} and {i % 5}.", "completion": answer})
+    examples, _ = tokenize_records(records, tok, template="plain", seq_len=64, where="x")
+
+    def token_loss(targets):  # any per-token number, float64
+        return np.log1p(targets.astype(np.float64))
+
+    exact = sum((token_loss(e["targets"]) * e["loss_mask"]).sum() for e in examples) / sum(
+        e["loss_mask"].sum() for e in examples
+    )
+
+    def make(p, count):
+        return SFTBatchIterator(
+            records,
+            tok,
+            seq_len=64,
+            global_batch_size=8,
+            grad_accum=2,
+            shards=4,
+            shuffle=False,
+            num_epochs=1,
+            num_packing_bins=2,
+            process_index=p,
+            process_count=count,
+        )
+
+    reference = None
+    for count in (1, 2, 4):
+        per_process = [list(make(p, count)) for p in range(count)]
+        lengths = [len(b) for b in per_process]
+        assert lengths == [lengths[0]] * count
+        batches = [
+            {k: np.concatenate([b[k] for b in step], axis=1) for k in KEYS}
+            for step in zip(*per_process, strict=True)
+        ]
+        if reference is None:
+            reference = batches
+            # shard 0 (the long examples) outlasts the others: the last batch is mostly padding
+            assert batches[-1]["segment_ids"][:, 1:].sum() == 0
+            assert batches[-1]["segment_ids"][:, 0].sum() > 0
+        assert len(batches) == len(reference)
+        for want, got in zip(reference, batches, strict=True):
+            for k in KEYS:
+                np.testing.assert_array_equal(got[k], want[k])
+        loss = sum((token_loss(b["targets"]) * b["loss_mask"]).sum() for b in batches)
+        np.testing.assert_allclose(
+            loss / sum(b["loss_mask"].sum() for b in batches), exact, rtol=1e-12
+        )
+
+
+# --- counts reported at the end of training ------------------------------------------------------
+
+
+def test_training_result_and_last_log_line_carry_the_skipped_and_dropped_counts(tmp_path, capsys):
+    import jax
+
+    from jaxalign.config import load_config
+    from jaxalign.trainers.dpo import DPO
+    from jaxalign.trainers.loop import Trainer
+
+    good = {"prompt": "Add 2 and 3.", "chosen": "The answer is 5.", "rejected": "It is 6."}
+    records = [good] * 6 + [
+        {"prompt": "x", "chosen": 3, "rejected": "y"},
+        {"prompt": "word " * 60, "chosen": "5", "rejected": "6"},
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    sets = {
+        "trainer": "dpo",
+        "dpo.loss_type": "simpo",
+        "run_dir": str(tmp_path / "run"),
+        "data.train_file": path,
+        "data.tokenizer": str(TINY / "tokenizer.model"),
+        "data.on_error": "skip",
+        "train.steps": 1,
+        "train.batch_size": 2,
+        "train.seq_len": 32,
+        "train.warmup_steps": 1,
+        "train.progress": False,
+        "train.peak_flops_per_device": 1e9,
+        "checkpoint.every": 0,
+        "logging.tensorboard": False,
+    }
+    model = {
+        "vocab_size": 512,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()], base={"model": model})
+    result = Trainer(cfg, DPO(cfg), devices=jax.devices()[:1]).run()
+    assert result.final_step == 1
+    counts = {k: result.data_stats[k] for k in ("records", "skipped", "dropped", "total_pairs")}
+    assert counts == {"records": 7, "skipped": 1, "dropped": 1, "total_pairs": 6}
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(
+        f"[jaxalign] end of training: preference data {path}: 7 records "
+        "(1 bad records skipped), 6 pairs, 1 dropped"
+    )
+
+
+def test_prompt_batches_are_the_same_for_1_2_and_4_processes_and_end_together(tok):
+    from jaxalign.data import PromptBatchIterator
+
+    records = prompt_records(50)  # shards of 13, 13, 12, 12 prompts: 6 finite batches of 2 x 4
+
+    def make(p, count, **kwargs):
+        return PromptBatchIterator(
+            records,
+            tok,
+            global_batch_size=8,
+            buckets=[32, 64],
+            shards=4,
+            seed=5,
+            process_index=p,
+            process_count=count,
+            **kwargs,
+        )
+
+    single = make(0, 1)
+    reference = [next(single) for _ in range(8)]  # past one epoch (50 prompts)
+    finite = list(make(0, 1, num_epochs=1))
+    assert len(finite) == 6
+    for count in (2, 4):
+        iterators = [make(p, count) for p in range(count)]
+        for want in reference:
+            got = [next(it) for it in iterators]
+            np.testing.assert_array_equal(
+                np.concatenate([g["tokens"] for g in got]), want["tokens"]
+            )
+            assert [i for g in got for i in g["id"]] == want["id"]
+        assert [len(list(make(p, count, num_epochs=1))) for p in range(count)] == [6] * count

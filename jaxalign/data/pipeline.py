@@ -47,7 +47,8 @@ def tokenize_records(
     where: str,
     on_error: str = "raise",
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
-    """Shifted examples (inputs, targets int32 [n]; loss_mask float32 [n]; n <= seq_len).
+    """Shifted examples (inputs, targets int32 [n]; loss_mask float32 [n]; n <= seq_len; and
+    `record`, the index in `records` it came from).
 
     Examples longer than seq_len + 1 tokens are truncated; ones left with no trained-on target
     (the completion was cut off entirely) are dropped. A record the template cannot render raises
@@ -74,18 +75,42 @@ def tokenize_records(
                 "inputs": ids[:-1],
                 "targets": ids[1:],
                 "loss_mask": mask[1:].astype(np.float32),
+                "record": i,
             }
         )
     return examples, {"truncated": truncated, "dropped": dropped, "skipped": skipped}
 
 
-def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def read_records_with_ids(
+    spec: Any, *, on_error: str, data_dir: str | None
+) -> tuple[list[dict], int, list[str]]:
+    """`read_records` of SFT records plus each valid record's id (`path:LINE` for JSONL,
+    `path:record N`, `<memory>[N]`), for naming the records of a batch in errors."""
+    ids: list[str] = []
+
+    def validate(record: Any, where: str) -> None:
+        to_messages(record, where=where)  # raises DataError for a bad record: no id kept
+        ids.append(where)
+
+    records, skipped = read_records(spec, validate=validate, on_error=on_error, data_dir=data_dir)
+    return records, skipped, ids
+
+
+def _record_slots(records: list[int], seq_len: int) -> np.ndarray:
+    """The record numbers of one row's segments, in order, padded with -1: int32 [seq_len]."""
+    slots = np.full(seq_len, -1, np.int32)
+    slots[: len(records)] = records
+    return slots
+
+
+def _rename_packed(row: dict[str, Any]) -> dict[str, np.ndarray]:
     return {
         "inputs": row["inputs"],
         "targets": row["targets"],
         "loss_mask": row["loss_mask"],
         "segment_ids": row["inputs_segment_ids"],
         "positions": row["inputs_positions"],
+        "record": _record_slots(row["record"], len(row["inputs"])),
     }
 
 
@@ -99,17 +124,19 @@ def _pad_example(
     row["loss_mask"][:n] = example["loss_mask"]
     row["segment_ids"][:n] = 1
     row["positions"][:n] = np.arange(n, dtype=np.int32)
+    row["record"][0] = example["record"]
     return row
 
 
 def _empty_rows(rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Padding-only rows: segment id 0, loss mask 0."""
+    """Padding-only rows: segment id 0, loss mask 0, no record (-1)."""
     return {
         "inputs": np.full((rows, seq_len), pad_id, np.int32),
         "targets": np.full((rows, seq_len), pad_id, np.int32),
         "loss_mask": np.zeros((rows, seq_len), np.float32),
         "segment_ids": np.zeros((rows, seq_len), np.int32),
         "positions": np.zeros((rows, seq_len), np.int32),
+        "record": np.full((rows, seq_len), -1, np.int32),
     }
 
 
@@ -138,8 +165,14 @@ class _ShardStreams:
     """The Grain iterators of this process's shards and how one batch is cut from them."""
 
     def __init__(self, iterators: list, shard_ids: range, rows_per_step: int,
-                 shape: tuple[int, int, int], pad_id: int, fingerprint: dict):
+                 shape: tuple[int, int, int], pad_id: int, fingerprint: dict,
+                 other_shards_batches: Callable[[], int] | None = None):
         self.iterators = iterators
+        # A finite run lasts as long as its longest shard on any process, so every process runs
+        # the same number of batches (collectives stay matched) and those after its own shards
+        # end are padding-only: the global batches are the single-process ones.
+        self.other_shards_batches = other_shards_batches
+        self.total_batches: int | None = None  # known once this process's shards are exhausted
         self.shard_ids = shard_ids
         self.fingerprint = fingerprint
         self.batches = 0
@@ -148,7 +181,9 @@ class _ShardStreams:
         self.shape = shape  # (grad_accum, rows_per_shard, seq_len)
         self.pad_id = pad_id
 
-    def next_batch(self) -> dict[str, np.ndarray]:
+    def next_batch(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """One batch and the record numbers of its segments, int32 [grad_accum, rows, seq_len]
+        (-1: no record); the record numbers stay on the host, never in the batch."""
         parts = []
         for i, iterator in enumerate(self.iterators):
             batch = None
@@ -159,7 +194,11 @@ class _ShardStreams:
                     self.exhausted[i] = True
             parts.append(batch)
         if all(self.exhausted):
-            raise StopIteration
+            if self.total_batches is None:
+                others = self.other_shards_batches
+                self.total_batches = others() if others is not None else 0
+            if self.batches >= self.total_batches:
+                raise StopIteration
         grad_accum, rows_per_shard, seq_len = self.shape
         local = []
         for batch in parts:
@@ -169,9 +208,12 @@ class _ShardStreams:
                 batch = empty if batch is None else {
                     k: np.concatenate([batch[k], empty[k]]) for k in empty
                 }
-            local.append({k: np.asarray(batch[k]).reshape(self.shape) for k in BATCH_KEYS})
+            local.append({k: np.asarray(batch[k]).reshape(self.shape)
+                          for k in (*BATCH_KEYS, "record")})
         # [grad_accum, rows_per_shard * local shards, seq_len]: shard order within each micro-batch
-        return {k: np.concatenate([part[k] for part in local], axis=1) for k in BATCH_KEYS}
+        out = {k: np.concatenate([part[k] for part in local], axis=1)
+               for k in (*BATCH_KEYS, "record")}
+        return {k: out[k] for k in BATCH_KEYS}, out["record"]
 
     def state(self) -> dict:
         return {
@@ -182,15 +224,15 @@ class _ShardStreams:
                        for s, it in zip(self.shard_ids, self.iterators, strict=False)},
         }
 
-    def produce(self) -> tuple[dict[str, np.ndarray], dict]:
-        """The next batch and the state right after it."""
-        batch = self.next_batch()
+    def produce(self) -> tuple[dict[str, np.ndarray], dict, np.ndarray]:
+        """The next batch, the state right after it, and its record numbers."""
+        batch, records = self.next_batch()
         self.batches += 1
-        return batch, self.state()
+        return batch, self.state(), records
 
 
 class _Prefetcher:
-    """Produces (batch, state after it) on a background thread, `depth` batches ahead."""
+    """Produces (batch, state after it, ...) on a background thread, `depth` batches ahead."""
 
     def __init__(self, produce: Callable[[], tuple], depth: int):
         self._produce = produce
@@ -296,15 +338,20 @@ class SFTBatchIterator:
                                "tokens"), 0)
         per_component = []
         component_examples = []
+        self._record_ids: list[str] = []  # every component's record ids, end to end
         for spec, _ in components:
             name = source_name(spec)
-            records, skipped = read_records(spec, on_error=on_error, data_dir=data_dir)
+            records, skipped, ids = read_records_with_ids(spec, on_error=on_error,
+                                                          data_dir=data_dir)
             examples, counts = tokenize_records(
                 records, tokenizer, template=template, seq_len=seq_len, where=name,
                 on_error=on_error,
             )
             if not examples:
                 raise DataError("no examples left after tokenizing and truncating", where=name)
+            for example in examples:  # a number into self._record_ids
+                example["record"] += len(self._record_ids)
+            self._record_ids.extend(ids)
             part = {
                 "source": name,
                 "records": len(records) - counts["skipped"],
@@ -335,13 +382,13 @@ class SFTBatchIterator:
         }
 
         weights = [w for _, w in components]
-        iterators = []
-        local_examples = 0
-        for s in self.plan.local:
+        rows_per_step = grad_accum * self.plan.rows_per_shard
+
+        def shard_batches(s: int) -> grain.IterDataset:
+            """Shard s's stream of batches of `rows_per_step` rows (fewer at the end)."""
             parts = []
             for c, examples in enumerate(component_examples):
                 mine = shard_items(examples, s, self.plan.shards, per_component[c]["source"])
-                local_examples += len(mine)
                 ds = grain.MapDataset.source(mine)
                 if shuffle:
                     ds = ds.shuffle(shard_seed(seed, c, s))
@@ -356,24 +403,39 @@ class SFTBatchIterator:
                     shuffle_bins=shuffle,
                     padding_struct={"inputs": self.pad_id, "targets": self.pad_id,
                                     "loss_mask": 0.0},
+                    meta_features=("record",),  # kept as a list per packed row
                 ).map(_rename_packed)
             else:
                 ds = ds.map(lambda example: _pad_example(example, seq_len, self.pad_id))
-            rows_per_step = grad_accum * self.plan.rows_per_shard
-            iterators.append(ds.batch(rows_per_step, drop_remainder=False).__iter__())
-        self.stats["local_examples"] = local_examples
+            return ds.batch(rows_per_step, drop_remainder=False)
+
+        iterators = [shard_batches(s).__iter__() for s in self.plan.local]
+        self.stats["local_examples"] = sum(
+            len(examples[s :: self.plan.shards])
+            for s in self.plan.local
+            for examples in component_examples
+        )
+        others = [s for s in range(self.plan.shards) if s not in self.plan.local]
+
+        def other_shards_batches() -> int:
+            """Batches of the longest shard another process runs (finite runs only)."""
+            return max((sum(1 for _ in shard_batches(s)) for s in others), default=0)
+
         # The prefetch thread holds only the streams, so dropping the iterator stops it.
         self._streams = _ShardStreams(
             iterators,
             self.plan.local,
-            grad_accum * self.plan.rows_per_shard,
+            rows_per_step,
             (grad_accum, self.plan.rows_per_shard, seq_len),
             self.pad_id,
             self._fingerprint,
+            # Only a finite run ends, and only then is every example kept for the count.
+            other_shards_batches if num_epochs is not None else None,
         )
         self._prefetch = prefetch
         self._prefetcher: _Prefetcher | None = None
         self._state = self._streams.state()
+        self._last_records = np.zeros((0,), np.int32)
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -384,10 +446,16 @@ class SFTBatchIterator:
         if self._prefetch:
             if self._prefetcher is None:
                 self._prefetcher = _Prefetcher(self._streams.produce, self._prefetch)
-            batch, self._state = self._prefetcher.get()
+            batch, self._state, self._last_records = self._prefetcher.get()
         else:
-            batch, self._state = self._streams.produce()
+            batch, self._state, self._last_records = self._streams.produce()
         return batch
+
+    def record_ids(self) -> list[str]:
+        """Ids of the records in the batch last returned (`path:LINE`, `<memory>[N]`, ...),
+        micro-batch by micro-batch, row by row, in packing order. Host-side only."""
+        numbers = self._last_records[self._last_records >= 0]
+        return [self._record_ids[i] for i in numbers.tolist()]
 
     def close(self) -> None:
         """Stop the prefetch thread (if any)."""

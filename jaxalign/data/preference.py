@@ -11,7 +11,9 @@ A batch holds this process's pairs of one global batch of `global_batch_size` pa
 [grad_accum, pairs, 2, seq_len] (index 0: chosen, 1: rejected) for `tokens`, `loss_mask`,
 `segment_ids` (1 real, 0 padding; right padding) and `positions`; [grad_accum, pairs] for
 `margin` and `pair_mask` (0 for the filler pairs of a last, partial batch), and
-[grad_accum, pairs, 2] `ref_logps` once `set_reference_logps` has been called.
+[grad_accum, pairs, 2] `ref_logps` once `set_reference_logps` has been called. Like SFT
+batches, the pairs are split into logical shards (`data/shards.py`), so the global batches are
+the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -21,13 +23,19 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxalign.data.shards import check_resume_state
+from jaxalign.data.shards import (
+    check_resume_state,
+    merge_states,
+    plan_shards,
+    shard_items,
+    shard_seed,
+)
 from jaxalign.data.sources import read_records, to_messages
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 ROW_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
 BATCH_KEYS = (*ROW_KEYS, "margin", "pair_mask")
 
@@ -108,8 +116,22 @@ def read_preference_jsonl(path: str, *, on_error: str = "raise") -> tuple[list[d
     """Valid preference records of a source (any format `sources.read_records` reads) and how
     many were skipped. With on_error="raise" the first bad record raises DataError
     `path:line: ...`."""
-    return read_records(path, validate=lambda record, where: to_preference(record, where=where),
-                        on_error=on_error)
+    return read_records(
+        path, validate=lambda record, where: to_preference(record, where=where), on_error=on_error
+    )
+
+
+def read_preferences_with_ids(path: str, *, on_error: str) -> tuple[list[dict], int, list[str]]:
+    """`read_preference_jsonl` plus each valid record's id (`path:LINE`, ...), for naming the
+    records of a batch in errors."""
+    ids: list[str] = []
+
+    def validate(record: Any, where: str) -> None:
+        to_preference(record, where=where)  # raises DataError for a bad record: no id kept
+        ids.append(where)
+
+    records, skipped = read_records(path, validate=validate, on_error=on_error)
+    return records, skipped, ids
 
 
 def tokenize_pair(
@@ -128,6 +150,30 @@ def tokenize_pair(
     Returns None when the pair is too long and too_long="drop". Truncation keeps the prompt's end
     (and BOS), then cuts completions at the end.
     """
+    return _tokenize_pair(
+        prompt,
+        chosen,
+        rejected,
+        tokenizer,
+        template=template,
+        seq_len=seq_len,
+        max_prompt_length=max_prompt_length,
+        too_long=too_long,
+    )[0]
+
+
+def _tokenize_pair(
+    prompt: list[dict],
+    chosen: list[dict],
+    rejected: list[dict],
+    tokenizer: Tokenizer,
+    *,
+    template: str,
+    seq_len: int,
+    max_prompt_length: int | None,
+    too_long: str,
+) -> tuple[tuple[list[np.ndarray], list[np.ndarray]] | None, bool]:
+    """`tokenize_pair`'s result and whether any of the pair's tokens were cut off."""
     has_bos = tokenizer.bos_id >= 0
     if prompt:
         prompt_ids, _ = render(prompt, tokenizer, template)
@@ -142,6 +188,7 @@ def tokenize_pair(
         assert np.array_equal(ids[:n], prompt_ids), "template rendering is not prefix-stable"
         completions.append((ids[n:], mask[n:]))
     keep = 1 if has_bos else 0  # BOS stays first when the prompt is truncated
+    full_length = len(prompt_ids) + sum(len(c[0]) for c in completions)
 
     def cut_prompt(ids: np.ndarray, limit: int) -> np.ndarray:
         limit = max(limit, keep + 1)
@@ -156,7 +203,7 @@ def tokenize_pair(
     longest = max(len(c[0]) for c in completions)
     if len(prompt_ids) + longest > seq_len:
         if too_long == "drop":
-            return None
+            return None, False
         prompt_ids = cut_prompt(prompt_ids, seq_len - longest)
     ids_out, masks_out = [], []
     for ids, mask in completions:
@@ -165,8 +212,10 @@ def tokenize_pair(
         ids_out.append(np.concatenate([prompt_ids, ids]).astype(np.int32))
         masks_out.append(np.concatenate([np.zeros(len(prompt_ids), bool), mask]))
     if not all(m.any() for m in masks_out):
-        return None
-    return ids_out, masks_out
+        return None, False
+    # Both sides share the prompt: the pair lost tokens iff the kept total is smaller.
+    truncated = len(ids_out[0]) + len(ids_out[1]) - len(prompt_ids) < full_length
+    return (ids_out, masks_out), truncated
 
 
 def tokenize_preferences(
@@ -178,26 +227,37 @@ def tokenize_preferences(
     where: str,
     max_prompt_length: int | None = None,
     too_long: str = "drop",
+    on_error: str = "raise",
 ) -> tuple[list[dict], dict[str, int]]:
-    """Pair examples {ids: [chosen, rejected], masks: [...], margin} and counts (dropped, ...)."""
-    examples, dropped = [], 0
+    """Pair examples {ids: [chosen, rejected], masks: [...], margin} and counts: `dropped` (too
+    long, or nothing left to score), `truncated` (kept, with tokens cut off: the prompt by
+    max_prompt_length, or the pair with too_long="truncate") and `skipped` (the template failed
+    on the record; raised unless on_error="skip")."""
+    examples, dropped, truncated, skipped = [], 0, 0, 0
     for i, record in enumerate(records):
         prompt, chosen, rejected, margin = to_preference(record, where=f"{where}[{i}]")
-        pair = tokenize_pair(
-            prompt,
-            chosen,
-            rejected,
-            tokenizer,
-            template=template,
-            seq_len=seq_len,
-            max_prompt_length=max_prompt_length,
-            too_long=too_long,
-        )
+        try:
+            pair, cut = _tokenize_pair(
+                prompt,
+                chosen,
+                rejected,
+                tokenizer,
+                template=template,
+                seq_len=seq_len,
+                max_prompt_length=max_prompt_length,
+                too_long=too_long,
+            )
+        except DataError as e:
+            if on_error == "raise":
+                raise DataError(f"record {i}: {e}", where=where) from None
+            skipped += 1
+            continue
         if pair is None:
             dropped += 1
             continue
-        examples.append({"ids": pair[0], "masks": pair[1], "margin": margin})
-    return examples, {"dropped": dropped}
+        truncated += cut
+        examples.append({"ids": pair[0], "masks": pair[1], "margin": margin, "record": i})
+    return examples, {"dropped": dropped, "truncated": truncated, "skipped": skipped}
 
 
 def pad_pairs(examples: list[dict], seq_len: int, pad_id: int, rows: int | None = None) -> dict:
@@ -227,21 +287,19 @@ def pad_pairs(examples: list[dict], seq_len: int, pad_id: int, rows: int | None 
     return out
 
 
-def _jsonable(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {str(k): _jsonable(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_jsonable(v) for v in tree]
-    if isinstance(tree, np.generic):
-        return tree.item()
-    return tree
-
-
 class PreferenceBatchIterator:
     """Infinite (or `num_epochs`-long) iterator of preference batches for one process.
 
-    `get_state()` is JSON; `set_state()` on an iterator built with the same arguments resumes
-    with exactly the same batches. `examples` is this process's shard, in file order.
+    The pairs are split into `shards` logical shards (shard s: pairs [s::shards], default: the
+    largest divisor <= 8 of the global micro-batch), each shuffled on its own; every global
+    micro-batch takes `rows_per_shard` pairs from each shard in shard order and process p runs
+    shards [p*k, (p+1)*k) (see `data/shards.py`). So the global batches are the same for any
+    process count that divides `shards`. A finite run gives every process the same number of
+    batches (the longest shard's), the last ones filled with masked pairs (`pair_mask` 0).
+
+    `get_state()` is JSON: the number of batches taken, the same on every process; `set_state()`
+    on an iterator over the same data and settings, under any process count, resumes with exactly
+    the same batches. `examples` are this process's pairs (its shards, in shard then file order).
     """
 
     def __init__(
@@ -261,22 +319,26 @@ class PreferenceBatchIterator:
         num_epochs: int | None = None,
         max_prompt_length: int | None = None,
         too_long: str = "drop",
+        shards: int | None = None,
     ):
-        if global_batch_size < 1 or global_batch_size % (grad_accum * process_count):
-            raise ConfigError(
-                f"global batch size {global_batch_size} must divide by grad_accum ({grad_accum})"
-                f" x process count ({process_count})"
-            )
-        if not 0 <= process_index < process_count:
-            raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
+        if num_epochs is not None and num_epochs < 1:
+            raise ConfigError(f"num_epochs must be positive or None, got {num_epochs}")
+        self.plan = plan_shards(
+            shards,
+            global_rows=global_batch_size,
+            grad_accum=grad_accum,
+            process_index=process_index,
+            process_count=process_count,
+        )
         get_template(template)
         self.path = path
         self.seq_len = seq_len
         self.grad_accum = grad_accum
         self.micro_batch = global_batch_size // grad_accum // process_count
         self.pad_id = tokenizer.pad_id
-        records, skipped = read_preference_jsonl(path, on_error=on_error)
-        examples, counts = tokenize_preferences(
+        records, skipped, self._record_ids = read_preferences_with_ids(path, on_error=on_error)
+        self._last_index = np.zeros((0,), np.int32)  # positions in `examples` of the last batch
+        pairs, counts = tokenize_preferences(
             records,
             tokenizer,
             template=template,
@@ -284,44 +346,55 @@ class PreferenceBatchIterator:
             where=path,
             max_prompt_length=max_prompt_length,
             too_long=too_long,
+            on_error=on_error,
         )
-        shard = examples[process_index::process_count]
-        if not shard:
-            raise DataError(
-                f"no pairs for process {process_index} of {process_count} "
-                f"({len(examples)} pairs fit in seq_len {seq_len})",
-                where=path,
-            )
-        for i, example in enumerate(shard):
-            example["index"] = i
-        self.examples = shard
+        if not pairs:
+            raise DataError(f"no pairs fit in seq_len {seq_len}", where=path)
+        shard_pairs = [
+            shard_items(list(range(len(pairs))), s, self.plan.shards, path)
+            for s in range(self.plan.shards)
+        ]
+        self.examples = [pairs[i] for s in self.plan.local for i in shard_pairs[s]]
+        k = self.plan.shards // process_count
+        # The most pairs any process holds (DPO precomputes reference log-probs in step).
+        self.max_local_pairs = max(
+            sum(len(shard_pairs[s]) for s in range(p * k, (p + 1) * k))
+            for p in range(process_count)
+        )
         self.stats = {
-            "records": len(records),
-            "skipped": skipped,
+            "records": len(records) - counts["skipped"],
+            "skipped": skipped + counts["skipped"],
             "dropped": counts["dropped"],
-            "pairs": len(shard),
-            "total_pairs": len(examples),
+            "truncated": counts["truncated"],
+            "pairs": len(self.examples),
+            "total_pairs": len(pairs),
         }
         self._fingerprint = {
-            "pairs": len(shard),
-            "tokens": int(sum(len(e["ids"][0]) + len(e["ids"][1]) for e in shard)),
+            "pairs": len(pairs),
+            "tokens": int(sum(len(e["ids"][0]) + len(e["ids"][1]) for e in pairs)),
+            "shards": self.plan.shards,
             "seq_len": seq_len,
             "shuffle": shuffle,
             "seed": seed,
-            "process_index": process_index,
-            "process_count": process_count,
         }
+        self._rows_per_step = grad_accum * self.plan.rows_per_shard
+        # Each shard is a (shuffled, repeated) random-access dataset of positions in `examples`,
+        # so a batch is just a step number: nothing else to checkpoint.
+        self._shards = []
+        offset = 0
+        for s in self.plan.local:
+            ds = grain.MapDataset.source(range(offset, offset + len(shard_pairs[s])))
+            if shuffle:
+                ds = ds.shuffle(shard_seed(seed, 0, s))
+            self._shards.append(ds.repeat(num_epochs))
+            offset += len(shard_pairs[s])
+        self.num_batches: int | None = None  # per process, of a finite run
+        if num_epochs is not None:
+            self.num_batches = max(
+                -(-len(ids) * num_epochs // self._rows_per_step) for ids in shard_pairs
+            )
+        self.batches = 0
         self.ref_logps: np.ndarray | None = None
-        dataset = grain.MapDataset.source(shard)
-        if shuffle:
-            dataset = dataset.shuffle(seed)
-        dataset = dataset.repeat(num_epochs)
-        ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        ds = ds.map(
-            lambda example: {k: v[0] for k, v in pad_pairs([example], seq_len, self.pad_id).items()}
-        )
-        self._rows = self.grad_accum * self.micro_batch
-        self._iterator = ds.batch(self._rows, drop_remainder=False).__iter__()
 
     def set_reference_logps(self, ref_logps: np.ndarray) -> None:
         """Attach precomputed reference log-probs [pairs, 2] (in `examples` order) to batches."""
@@ -337,32 +410,65 @@ class PreferenceBatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
-        have = batch["tokens"].shape[0]
-        if have < self._rows:  # last batch of a finite run: filler pairs
-            empty = pad_pairs([], self.seq_len, self.pad_id, rows=self._rows - have)
-            batch = {k: np.concatenate([batch[k], empty[k]]) for k in empty}
-        lead = (self.grad_accum, self.micro_batch)
-        out = {k: np.asarray(batch[k]).reshape(*lead, *batch[k].shape[1:]) for k in BATCH_KEYS}
+        if self.num_batches is not None and self.batches >= self.num_batches:
+            raise StopIteration
+        rows = self._rows_per_step
+        start = self.batches * rows
+        lead = (self.grad_accum, self.plan.rows_per_shard)
+        parts = []
+        for ds in self._shards:
+            index = [ds[j] for j in range(start, min(start + rows, len(ds)))]
+            # Past the end of a finite shard: filler pairs (pair_mask 0, index -1).
+            batch = pad_pairs([self.examples[i] for i in index], self.seq_len, self.pad_id, rows)
+            batch["index"][: len(index)] = index
+            parts.append({k: v.reshape(*lead, *v.shape[1:]) for k, v in batch.items()})
+        out = {k: np.concatenate([p[k] for p in parts], axis=1) for k in BATCH_KEYS}
+        index = np.concatenate([p["index"] for p in parts], axis=1)
+        self._last_index = index  # host-side only: record_ids() names the batch's records
         if self.ref_logps is not None:
-            index = np.asarray(batch["index"])
-            ref = np.where((index >= 0)[:, None], self.ref_logps[np.maximum(index, 0)], 0.0)
-            out["ref_logps"] = ref.astype(np.float32).reshape(*lead, 2)
+            ref = np.where((index >= 0)[..., None], self.ref_logps[np.maximum(index, 0)], 0.0)
+            out["ref_logps"] = ref.astype(np.float32)
+        self.batches += 1
         return out
 
+    def record_ids(self) -> list[str]:
+        """Ids of the records of the pairs in the batch last returned (`path:LINE`, ...)."""
+        index = self._last_index[self._last_index >= 0]
+        return [self._record_ids[self.examples[i]["record"]] for i in index.tolist()]
+
+    def report(self) -> str:
+        """One line: records read, bad records skipped, pairs kept, dropped and truncated."""
+        s = self.stats
+        return (
+            f"preference data {self.path}: {s['records']} records ({s['skipped']} bad records "
+            f"skipped), {s['total_pairs']} pairs, {s['dropped']} dropped (too long or nothing to "
+            f"score), {s['truncated']} truncated, {self.plan.shards} shards"
+        )
+
+    # -- state -------------------------------------------------------------------------------
+
+    # Every process holds the same state; merging checks that they agree (trainers/loop.py).
+    merge_states = staticmethod(merge_states)
+
     def get_state(self) -> dict:
-        """JSON-serializable position in the stream."""
+        """JSON-serializable: the number of batches taken (the same on every process)."""
         return {
             "version": STATE_VERSION,
             "fingerprint": dict(self._fingerprint),
-            "grain": _jsonable(self._iterator.get_state()),
+            "batches": self.batches,
         }
 
     def set_state(self, state: dict) -> None:
-        """Resume from `get_state()` of an iterator built with the same data and arguments."""
-        check_resume_state(state, version=STATE_VERSION, fingerprint=self._fingerprint,
-                           where=self.path, what="data iterator")
-        self._iterator.set_state(state["grain"])
+        """Resume from `get_state()` (or merged states) of an iterator over the same data and
+        settings, under any process count."""
+        check_resume_state(
+            state,
+            version=STATE_VERSION,
+            fingerprint=self._fingerprint,
+            where=self.path,
+            what="data iterator",
+        )
+        self.batches = int(state["batches"])
 
 
 def preference_iterator_from_config(
@@ -376,7 +482,7 @@ def preference_iterator_from_config(
     num_epochs: int | None = None,
 ) -> PreferenceBatchIterator:
     """A PreferenceBatchIterator over `path` (default data.train_file) with a Config's options;
-    train.batch_size counts pairs."""
+    train.batch_size counts pairs, data.shards splits them."""
     d, t, p = cfg.data, cfg.train, cfg.preference
     return PreferenceBatchIterator(
         path if path is not None else d.train_file,
@@ -393,4 +499,5 @@ def preference_iterator_from_config(
         num_epochs=num_epochs,
         max_prompt_length=p.max_prompt_length,
         too_long=p.too_long,
+        shards=d.shards,
     )

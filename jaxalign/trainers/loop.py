@@ -27,15 +27,23 @@ from jaxalign.errors import UserError
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
 from jaxalign.models.llama import Transformer, logical_axes
 from jaxalign.optim import make_optimizer
-from jaxalign.trainers.step import init_state, make_eval_step, make_train_step
+from jaxalign.trainers.step import (
+    combine_metrics,
+    eval_metrics,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
 
 
 class DataIterator(Protocol):
     """Yields this process's part of each global batch: arrays [grad_accum, local_batch, ...].
 
     Optional: `observe_state(state, trainer)` is called before each `next()` with the current
-    train state (on-policy data such as RL rollouts generate from `state["params"]`), and
-    `pop_metrics() -> dict` is merged into each logged record.
+    train state (on-policy data such as RL rollouts generate from `state["params"]`),
+    `pop_metrics() -> dict` is merged into each logged record, and `record_ids() -> list[str]`
+    names the records of the batch last returned (host-side only; errors such as a NaN halt
+    name them).
     """
 
     def __next__(self) -> dict[str, np.ndarray]: ...
@@ -65,6 +73,7 @@ class RunResult:
     preempted: bool = False
     state: Any = None
     extras: Any = None  # what the algorithm's optional on_train_end(trainer, result) returned
+    data_stats: dict | None = None  # the train data's `stats`: records, bad ones skipped, dropped
 
 
 def is_main_process() -> bool:
@@ -102,8 +111,9 @@ def init_params(cfg: Config, shardings: Any, seed: int, make_model=None) -> Any:
 
 def batch_sharding(mesh: Mesh, rules: shd.Rules, ndim: int) -> NamedSharding:
     """[grad_accum, batch, ...]: batch over the batch axes, the rest replicated."""
-    return NamedSharding(mesh, P(None, shd.logical_to_spec(("batch",), rules)[0],
-                                 *([None] * (ndim - 2))))
+    return NamedSharding(
+        mesh, P(None, shd.logical_to_spec(("batch",), rules)[0], *([None] * (ndim - 2)))
+    )
 
 
 def _allgather_json(obj: Any) -> list[Any]:
@@ -137,14 +147,23 @@ def global_data_state(data: DataIterator) -> dict:
     return {"per_process": states}
 
 
+def describe_records(ids: list[str], limit: int = 10) -> str:
+    """`N records: a, b, ... and M more` (the first `limit` ids), for one-line errors."""
+    shown = ", ".join(ids[:limit])
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return f"{len(ids)} record{'s' if len(ids) != 1 else ''}: {shown}{more}"
+
+
 def local_data_state(state: dict) -> dict:
     """This process's part of a `global_data_state`."""
     if "per_process" in state:
         states = state["per_process"]
         if len(states) != jax.process_count():
-            raise UserError(f"the checkpoint's data state was saved by {len(states)} processes; "
-                            f"this data source resumes only with that many "
-                            f"(now {jax.process_count()})")
+            raise UserError(
+                f"the checkpoint's data state was saved by {len(states)} processes; "
+                f"this data source resumes only with that many "
+                f"(now {jax.process_count()})"
+            )
         return states[jax.process_index()]
     return state
 
@@ -197,13 +216,16 @@ class Trainer:
         if custom is not None and (params := custom(self)) is not None:
             return params
         if self.cfg.init_from:
-            return load_params(self.cfg.init_from,
-                               abstract_with_shardings(self.abstract_params, self.param_shardings))
+            return load_params(
+                self.cfg.init_from,
+                abstract_with_shardings(self.abstract_params, self.param_shardings),
+            )
         if self.cfg.model.from_hf:  # a Hugging Face model directory, streamed into shardings
             from jaxalign import hf
 
-            return hf.load_params(self.cfg.model.from_hf, self.cfg.model, self.abstract_params,
-                                  self.param_shardings)
+            return hf.load_params(
+                self.cfg.model.from_hf, self.cfg.model, self.abstract_params, self.param_shardings
+            )
         return init_params(self.cfg, self.param_shardings, self.cfg.train.seed, self.make_model)
 
     def fresh_state(self, params: Any | None = None) -> dict:
@@ -266,8 +288,11 @@ class Trainer:
         """Train to `train.steps`, resuming from RUN_DIR's latest checkpoint when asked or found."""
         cfg = self.cfg
         self._preflight()
-        ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
-                            async_save=cfg.checkpoint.async_save)
+        ckpt = Checkpointer(
+            self.run_dir / "checkpoints",
+            keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
+        )
         data = self.algorithm.train_data(jax.process_index(), jax.process_count())
         latest = ckpt.latest_step()
         if cfg.resume is True and latest is None:
@@ -292,14 +317,22 @@ class Trainer:
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
-                               wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+        writer = MetricsWriter(
+            self.run_dir,
+            tensorboard=cfg.logging.tensorboard,
+            wandb_project=cfg.logging.wandb_project,
+            config=to_dict(cfg),
+        )
         try:
             with self._sigterm_saves(), shd.activation_sharding(self.mesh, self.rules):
                 result = self._loop(state, data, ckpt, writer)
                 on_end = getattr(self.algorithm, "on_train_end", None)
                 if on_end is not None and not result.preempted:
                     result.extras = on_end(self, result)
+                # Skipped, dropped and truncated counts again at the end, where they are seen.
+                result.data_stats = getattr(data, "stats", None)
+                if getattr(data, "report", None) is not None:
+                    self._log(f"end of training: {data.report()}")
         finally:
             writer.close()
             ckpt.close()
@@ -315,13 +348,15 @@ class Trainer:
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise UserError(f"{self.run_dir}: run directory is not writable ({e.strerror})") \
-                from None
+            raise UserError(
+                f"{self.run_dir}: run directory is not writable ({e.strerror})"
+            ) from None
 
     def compile_step(self, batch: dict) -> Any:
         step = make_train_step(self.graphdef, self.algorithm.loss_fn, self.tx, self.schedule)
-        batch_shardings = {k: batch_sharding(self.mesh, self.rules, v.ndim) for k, v in
-                           batch.items()}
+        batch_shardings = {
+            k: batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()
+        }
         frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
         return jax.jit(
             step,
@@ -335,6 +370,10 @@ class Trainer:
         start = int(jax.device_get(state["step"]))
         total = train.steps
         tokens_per_step = train.batch_size * train.seq_len
+        # Optional: the tokens of this process's rows of a batch (preference trainers count the
+        # real tokens of chosen and rejected); default: every position of batch_size rows.
+        batch_tokens = getattr(self.algorithm, "batch_tokens", None)
+        interval_tokens = 0
         flops_per_token = train_flops_per_token(cfg.model, train.seq_len)
         peak = self._peak_flops()
         history: list[dict] = []
@@ -353,11 +392,16 @@ class Trainer:
         compile_s = None
         observe = getattr(data, "observe_state", None)
         pop_metrics = getattr(data, "pop_metrics", None)
+        record_ids = getattr(data, "record_ids", None)
+        # Steps since the last finiteness check -> the ids of their batches' records (host-side).
+        recent_ids: dict[int, list[str]] = {}
         for done in range(start + 1, total + 1):
             t0 = time.perf_counter()
             if observe is not None:
                 observe(state, self)  # on-policy data (RL rollouts) reads the current params
             local = next(data)
+            if record_ids is not None:
+                recent_ids[done] = record_ids()
             data_wait += time.perf_counter() - t0
             batch = self.to_global(local)
             if step_fn is None:
@@ -367,12 +411,15 @@ class Trainer:
                 interval_start += compile_s
             state, metrics = step_fn(state, batch, self.frozen)
             interval_steps += 1
+            interval_tokens += (
+                batch_tokens(local) * jax.process_count() if batch_tokens else tokens_per_step
+            )
             is_last = done == total
             record: dict[str, float] = {}
             if done % train.log_every == 0 or is_last or done == start + 1:
                 metrics = jax.device_get(metrics)
                 elapsed = max(time.perf_counter() - interval_start, 1e-9)
-                tokens_per_s = interval_steps * tokens_per_step / elapsed
+                tokens_per_s = interval_tokens / elapsed
                 record = {k: float(v) for k, v in metrics.items()}
                 record.update(
                     tokens_per_s=tokens_per_s,
@@ -383,16 +430,14 @@ class Trainer:
                 if compile_s is not None:
                     record["compile_s"] = compile_s
                     compile_s = None
-                self._check_finite(state, ckpt)
+                self._check_finite(state, ckpt, recent_ids)
                 if pop_metrics is not None:
                     record.update(pop_metrics())  # e.g. rollout statistics and phase times
                 if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.4f}",
-                                         tok_s=f"{tokens_per_s:,.0f}")
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (done % train.eval_every == 0 or is_last):
                 t_eval = time.perf_counter()
-                eval_fn = eval_fn or jax.jit(make_eval_step(self.graphdef,
-                                                            self.algorithm.loss_fn))
+                eval_fn = eval_fn or jax.jit(make_eval_step(self.graphdef, self.algorithm.loss_fn))
                 record.update(self._evaluate(eval_fn, state["params"]))
                 interval_start += time.perf_counter() - t_eval  # not part of the train speed
             if record:
@@ -400,11 +445,12 @@ class Trainer:
                 writer.write(done, record)
                 if "loss" in record:
                     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+                    interval_tokens = 0
             if progress is not None:
                 progress.update(1)
             stop = self._should_stop()
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
-                self._check_finite(state, ckpt)  # never checkpoint past a halting fault
+                self._check_finite(state, ckpt, recent_ids)  # never save past a halting fault
                 ckpt.save(done, state, global_data_state(data), to_dict(cfg), force=True)
             if stop and not is_last:
                 preempted = True
@@ -416,34 +462,56 @@ class Trainer:
         ckpt.wait()
         return RunResult(final_step=done, history=history, preempted=preempted, state=state)
 
-    def _check_finite(self, state, ckpt: Checkpointer) -> None:
+    def _check_finite(self, state, ckpt: Checkpointer, recent_ids: dict[int, list[str]]) -> None:
         """Apply train.nan_policy: halt on the first non-finite step, or after too many in a
-        row with "skip". Non-finite updates were never applied (see trainers/step.py)."""
-        step, first_bad, consecutive = (int(x) for x in jax.device_get(
-            (state["step"], state["first_bad_step"], state["consecutive_bad"])))
+        row with "skip". Non-finite updates were never applied (see trainers/step.py).
+
+        `recent_ids` maps the steps since the last check to their batches' record ids; the
+        halt message names those of the step at fault. Emptied when the run goes on.
+        """
+        step, first_bad, consecutive = (
+            int(x)
+            for x in jax.device_get(
+                (state["step"], state["first_bad_step"], state["consecutive_bad"])
+            )
+        )
         train = self.cfg.train
-        if first_bad == 0:
+        halt = first_bad != 0 and (
+            train.nan_policy == "halt" or consecutive > train.max_consecutive_skips
+        )
+        if not halt:
+            recent_ids.clear()
             return
         latest = ckpt.latest_step()
         kept = f"last good checkpoint: step {latest}" if latest else "no checkpoint yet"
         if train.nan_policy == "halt":
-            raise UserError(f"step {first_bad}: loss or gradients became NaN/Inf; halting "
-                            f"({kept}, {ckpt.directory})")
-        if consecutive > train.max_consecutive_skips:
-            raise UserError(f"step {step}: {consecutive} non-finite steps in a row (max "
-                            f"{train.max_consecutive_skips}); halting ({kept}, {ckpt.directory})")
+            message = f"step {first_bad}: loss or gradients became NaN/Inf; halting"
+            at = first_bad
+        else:
+            message = (
+                f"step {step}: {consecutive} non-finite steps in a row (max "
+                f"{train.max_consecutive_skips}); halting"
+            )
+            at = step
+        message += f" ({kept}, {ckpt.directory})"
+        ids = recent_ids.get(at)
+        if jax.process_count() > 1:  # every process halts here: name every process's records
+            gathered = _allgather_json(ids)
+            ids = None if any(g is None for g in gathered) else [i for g in gathered for i in g]
+        if ids is not None:
+            message += f"; step {at}'s batch had {describe_records(ids)}"
+        raise UserError(message)
 
     def _evaluate(self, eval_fn, params) -> dict[str, float]:
         batches = self.algorithm.eval_data(jax.process_index(), jax.process_count())
         if batches is None:
             return {}
-        sums: dict[str, float] = {}
+        totals: dict[str, float] = {}
         for local in batches:
             out = jax.device_get(eval_fn(params, self.to_global(local), self.frozen))
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        denom = max(sums.pop("denominator", 0.0), 1.0)
-        return {f"eval/{k.removesuffix('_sum')}": v / denom for k, v in sums.items()}
+            out = {k: float(v) for k, v in out.items()}
+            totals = combine_metrics(totals, out) if totals else out
+        return {f"eval/{k}": v for k, v in eval_metrics(totals).items()}
 
     def _log(self, message: str) -> None:
         if is_main_process():
