@@ -13,6 +13,12 @@ Each side runs in its own long-lived subprocess with the same allocator (`--allo
 tcmalloc when installed); the parent asks them in turns so the repeats interleave in time, and
 reports medians. Results: a table on stdout and JSON (`--json`, default
 bench/results/decode.json).
+
+`--sides` picks what runs: `jax`, `torch`, and `jax@DIR`, jaxalign imported from another
+checkout (e.g. `git worktree add /tmp/base HEAD~1`), to compare code versions interleaved on a
+busy machine: `--sides jax@/tmp/base,jax`. Ratios are against torch when it runs, else against
+the first side. Each row also records CPU seconds per call (`*_cpu_s`), which competing processes
+distort less than wall time.
 """
 
 from __future__ import annotations
@@ -91,8 +97,15 @@ def jax_worker(size: str) -> None:
     )
     params = jax.device_put(params, jax.devices()[0])
     samplers: dict[int, Sampler] = {}
+    import jaxalign
+
     common.emit(
-        {"ready": True, "device": str(jax.devices()[0]), "allocator": common.loaded_allocator()}
+        {
+            "ready": True,
+            "device": str(jax.devices()[0]),
+            "allocator": common.loaded_allocator(),
+            "jaxalign": str(Path(jaxalign.__file__).parent),
+        }
     )
     for cmd in common.commands():
         n, b, p = cmd["new_tokens"], cmd["batch"], cmd["prompt_len"]
@@ -178,6 +191,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--allocator", default=common.default_allocator(), choices=common.ALLOCATORS)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "decode.json"))
+    ap.add_argument(
+        "--sides",
+        default="jax,torch",
+        help="comma-separated: jax, torch, jax@DIR (jaxalign from another checkout)",
+    )
     ap.add_argument("--worker", choices=("jax", "torch"))
     ap.add_argument("--size")
     args = ap.parse_args()
@@ -185,27 +203,28 @@ def main() -> None:
         (jax_worker if args.worker == "jax" else torch_worker)(args.size)
         return
 
-    env = common.allocator_env(args.allocator)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    sides = args.sides.split(",")
+    for side in sides:
+        if side not in ("jax", "torch") and not (side.startswith("jax@") and len(side) > 4):
+            raise SystemExit(f"--sides: unknown side {side!r} (jax, torch or jax@DIR)")
+    if len(set(sides)) != len(sides):
+        raise SystemExit(f"--sides: {args.sides!r} names a side twice")
+    base_env = common.allocator_env(args.allocator)
+    base_env.setdefault("JAX_PLATFORMS", "cpu")
+    reference = "torch" if "torch" in sides else sides[0]
     rows, info = [], {}
     started = time.perf_counter()
     for size in args.sizes.split(","):
-        workers = {
-            side: common.Worker(
-                side, [sys.executable, __file__, "--worker", side, "--size", size], env
-            )
-            for side in ("jax", "torch")
-        }
+        workers = {side: start_worker(side, size, base_env) for side in sides}
         try:
             info[size] = {side: w.read() for side, w in workers.items()}
             n = args.new_tokens_100m if size == "100m" else args.new_tokens
             for b in (int(x) for x in args.batches.split(",")):
                 cmd = {"batch": b, "prompt_len": args.prompt_len, "new_tokens": n}
-                times: dict[str, list[float]] = {"jax": [], "torch": []}
+                answers: dict[str, list[dict]] = {side: [] for side in sides}
                 for rep in range(args.repeats):
                     for side, w in workers.items():
-                        times[side].append(w.request({**cmd, "warmup": rep == 0})["seconds"])
+                        answers[side].append(w.request({**cmd, "warmup": rep == 0}))
                 row = {
                     "size": size,
                     "params_m": num_params(SIZES[size]) / 1e6,
@@ -213,17 +232,23 @@ def main() -> None:
                     "prompt_len": args.prompt_len,
                     "new_tokens": n,
                 }
-                for side in ("jax", "torch"):
-                    row[f"{side}_s"] = common.median(times[side])
+                for side in sides:
+                    row[f"{side}_s"] = common.median([a["seconds"] for a in answers[side]])
                     row[f"{side}_tok_s"] = b * n / row[f"{side}_s"]
-                    row[f"{side}_all_s"] = times[side]
-                row["ratio"] = row["jax_tok_s"] / row["torch_tok_s"]
+                    row[f"{side}_all_s"] = [a["seconds"] for a in answers[side]]
+                    row[f"{side}_cpu_s"] = common.median([a["cpu_s"] for a in answers[side]])
+                for side in sides:
+                    if side != reference:
+                        row[f"{side}_ratio"] = row[f"{side}_tok_s"] / row[f"{reference}_tok_s"]
+                if "jax" in sides and "torch" in sides:
+                    row["ratio"] = row["jax_ratio"]
                 rows.append(row)
-                print(
-                    f"{size} batch {b}: jaxalign {row['jax_tok_s']:,.0f} tok/s, transformers "
-                    f"{row['torch_tok_s']:,.0f} tok/s ({row['ratio']:.2f}x)",
-                    flush=True,
+                speeds = ", ".join(
+                    f"{side} {row[f'{side}_tok_s']:,.0f} tok/s"
+                    + (f" ({row[f'{side}_ratio']:.2f}x)" if side != reference else "")
+                    for side in sides
                 )
+                print(f"{size} batch {b}: {speeds}", flush=True)
                 write_result(args, info, rows, started)  # partial results survive an abort
         finally:
             for w in workers.values():
@@ -233,14 +258,27 @@ def main() -> None:
         ("params (M)", "params_m", ".1f"),
         ("batch", "batch", "d"),
         ("new tokens", "new_tokens", "d"),
-        ("jaxalign tok/s", "jax_tok_s", ",.0f"),
-        ("transformers tok/s", "torch_tok_s", ",.0f"),
-        ("ratio", "ratio", ".2f"),
     ]
+    for side in sides:
+        title = {"jax": "jaxalign", "torch": "transformers"}.get(side, side)
+        columns.append((f"{title} tok/s", f"{side}_tok_s", ",.0f"))
+    for side in sides:
+        if side != reference:
+            columns.append((f"{side} / {reference}", f"{side}_ratio", ".2f"))
     print()
     print(common.format_table(rows, columns))
     write_result(args, info, rows, started)
     print(f"\nwrote {args.json}")
+
+
+def start_worker(side: str, size: str, base_env: dict[str, str]) -> common.Worker:
+    """A worker subprocess for `side` (jax, torch, or jax@DIR: jaxalign imported from DIR)."""
+    root = side.split("@", 1)[1] if side.startswith("jax@") else str(ROOT)
+    env = dict(base_env)
+    env["PYTHONPATH"] = os.path.abspath(root) + os.pathsep + env.get("PYTHONPATH", "")
+    kind = "torch" if side == "torch" else "jax"
+    argv = [sys.executable, __file__, "--worker", kind, "--size", size]
+    return common.Worker(side, argv, env)
 
 
 def write_result(args: argparse.Namespace, info: dict, rows: list[dict], started: float) -> None:
@@ -248,6 +286,7 @@ def write_result(args: argparse.Namespace, info: dict, rows: list[dict], started
         "benchmark": "decode",
         "machine": common.machine_info(),
         "allocator": args.allocator,
+        "sides": args.sides.split(","),
         "workers": info,
         "load_average": common.load_average(),
         "total_s": time.perf_counter() - started,

@@ -14,7 +14,8 @@ from toy import TINY_MODEL
 
 from jaxalign import sharding as shd
 from jaxalign.config import SamplingConfig, load_config
-from jaxalign.generate import FINISH_REASONS, Sampler
+from jaxalign.errors import DataError, UserError
+from jaxalign.generate import FINISH_REASONS, Sampler, process_logits, read_prompts
 from jaxalign.losses import target_logprobs
 from jaxalign.models.llama import Transformer, logical_axes, stack_layers
 
@@ -97,8 +98,9 @@ def test_greedy_equals_stepwise_argmax_of_full_forward(setup, greedy_out):
 def _np_processed_logprobs(logits, temperature, top_k, top_p):
     """float64 reference of the sampling distribution: temperature, then top-k, then top-p."""
     x = logits.astype(np.float64) / temperature
-    kth = np.sort(x)[-top_k]
-    x = np.where(x < kth, -np.inf, x)
+    if 0 < top_k < x.shape[-1]:
+        kth = np.sort(x)[-top_k]
+        x = np.where(x < kth, -np.inf, x)
     order = np.argsort(-x, kind="stable")
     probs = np.exp(x[order] - x.max())
     probs /= probs.sum()
@@ -142,6 +144,57 @@ def test_sampler_logprobs_equal_training_forward_logprobs(setup, sampled):
             token = seqs[r][len(p) + t]
             assert np.isfinite(ref[token])  # never outside the top-k / nucleus
             np.testing.assert_allclose(out.sampling_logprobs[r, t], ref[token], atol=1e-4)
+
+
+def test_process_logits_with_traced_settings_matches_float64_reference():
+    """Temperature, top-k and top-p are run-time inputs of one compiled function."""
+    rng = np.random.default_rng(5)
+    logits = (2.0 * rng.standard_normal((3, 64))).astype(np.float32)
+    logits[1, [3, 9, 20]] = logits[1].max() + 0.5  # a three-way tie at the top
+    fn = jax.jit(lambda x, t, k, p: jax.nn.log_softmax(process_logits(x, t, k, p), axis=-1))
+    for temperature, top_k, top_p in [
+        (1.0, 0, 1.0),
+        (0.7, 5, 1.0),
+        (1.3, 0, 0.8),
+        (0.5, 10, 0.6),
+        (1.0, 2, 1.0),  # ties at the k-th value are kept
+        (2.0, 64, 0.999),
+        (1.0, 0, 1e-6),  # only the most likely tokens
+    ]:
+        got = np.asarray(fn(logits, temperature, top_k, top_p))
+        for r in range(len(logits)):
+            if r == 1 and top_p < 1.0:
+                continue  # the reference cuts a tie in the nucleus; process_logits keeps it
+            ref = _np_processed_logprobs(logits[r], temperature, top_k, top_p)
+            np.testing.assert_array_equal(np.isfinite(got[r]), np.isfinite(ref))
+            kept = np.isfinite(ref)
+            np.testing.assert_allclose(got[r][kept], ref[kept], atol=1e-5)
+    assert fn._cache_size() == 1
+
+
+def test_sampling_settings_change_at_run_time_without_recompiling(setup, sampled, greedy_out):
+    _, _, params, prompts, _, _ = setup
+    sampler, _, first = sampled
+    # Temperature 0: the exact argmax, a point mass.
+    greedy = jax.device_get(sampler.generate(params, prompts, temperature=0.0))
+    np.testing.assert_array_equal(greedy.tokens, greedy_out.tokens)
+    np.testing.assert_allclose(greedy.model_logprobs, greedy_out.model_logprobs, atol=1e-6)
+    np.testing.assert_array_equal(greedy.sampling_logprobs, 0.0)
+    # Top-k 1 and a tiny top-p leave only the most likely token: greedy's tokens again.
+    for settings in ({"top_k": 1}, {"top_k": 0, "top_p": 1e-6}):
+        narrow = jax.device_get(sampler.generate(params, prompts, temperature=1.3, **settings))
+        np.testing.assert_array_equal(narrow.tokens, greedy_out.tokens)
+        np.testing.assert_allclose(narrow.sampling_logprobs, 0.0, atol=1e-6)
+    # Temperature 1, no filters: the sampling distribution is the model's.
+    plain = jax.device_get(sampler.generate(params, prompts, temperature=1.0, top_k=0, top_p=1.0))
+    assert not np.array_equal(plain.tokens, first.tokens)
+    np.testing.assert_allclose(plain.sampling_logprobs, plain.model_logprobs, atol=1e-6)
+    # And back to the config's settings: the first samples.
+    again = jax.device_get(sampler.generate(params, prompts))
+    np.testing.assert_array_equal(again.tokens, first.tokens)
+    assert sampler.compiled_count() == 1
+    with pytest.raises(UserError, match="top_p"):
+        sampler.generate(params, prompts, top_p=0.0)
 
 
 def test_fixed_seed_reproduces_and_batch_composition_does_not_matter(setup, sampled):
@@ -371,3 +424,147 @@ def test_rejection_sampling_writes_best_for_sft_and_best_worst_for_dpo(run_dir, 
         2,
     )
     assert best_and_worst(np.array([1.0, 5.0]), np.array([False, False])) is None
+
+
+def test_read_prompts_reads_gzipped_jsonl_and_names_the_bad_line(run_dir, tmp_path):
+    import gzip
+
+    from jaxalign.data import load_tokenizer, render_prompt
+
+    _, prompts, records = run_dir
+    tok = load_tokenizer(TOKENIZER)
+    gz = tmp_path / "prompts.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(prompts.read_text())
+    got_records, messages, ids = read_prompts(gz, tok, "plain", 64)
+    assert got_records == records
+    assert messages[2] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Spell cat."},
+    ]
+    assert [list(i) for i in ids] == [list(render_prompt(m, tok)) for m in messages]
+    with gzip.open(gz, "wt") as f:
+        f.write(json.dumps(records[0]) + "\n\n" + json.dumps({"promt": "typo"}) + "\n")
+    with pytest.raises(DataError) as e:
+        read_prompts(gz, tok, "plain", 64)
+    assert str(e.value).startswith(f"{gz}:3: ") and "'prompt'" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=r"prompts\.jsonl\.gz:1: prompt has \d+ tokens"):
+        read_prompts(gz, tok, "plain", 2)
+
+
+def test_load_policy_restores_the_policy_of_a_ppo_run(setup, tmp_path):
+    """A PPO checkpoint holds {"policy", "value"}; `load_policy` (and so `jaxalign generate`
+    and the eval suite) restores the policy part."""
+    from jaxalign.checkpoint import Checkpointer
+    from jaxalign.config import save_config, to_dict
+    from jaxalign.generate import load_policy
+    from jaxalign.models.actor_critic import ActorCritic
+
+    cfg, _, params, _, _, _ = setup
+    run = tmp_path / "ppo_run"
+    ppo_cfg = make_cfg(**{"run_dir": str(run), "trainer": "ppo", "data.tokenizer": TOKENIZER})
+    abstract = nnx.split(nnx.eval_shape(lambda: ActorCritic(ppo_cfg.model, nnx.Rngs(0))))[1]
+    rng = np.random.default_rng(7)
+    value = jax.tree.map(
+        lambda x: rng.standard_normal(x.shape).astype(np.float32),
+        abstract.to_pure_dict()["value"],
+    )
+    ckpt = Checkpointer(run / "checkpoints", keep=1, async_save=False)
+    ckpt.save(3, {"params": {"policy": params, "value": value}}, {}, to_dict(ppo_cfg), force=True)
+    ckpt.close()
+    save_config(ppo_cfg, run / "config.yaml")
+    policy = load_policy(run, ["sampling.temperature=0"])
+    assert policy.cfg.trainer == "ppo" and policy.cfg.sampling.temperature == 0
+    loaded = jax.device_get(policy.params)
+    assert jax.tree.structure(loaded) == jax.tree.structure(jax.device_get(params))
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
+@pytest.mark.slow
+def test_rejection_sampling_with_a_reward_model_writes_its_scores(run_dir, tmp_path):
+    """K = 4 samples per prompt scored by a reward-model run: the written scores are that RM's
+    scores of the pairs (as `jaxalign score` computes them), the SFT record is the argmax and
+    the DPO pair the argmax/argmin of all K samples."""
+    from jaxalign.checkpoint import Checkpointer
+    from jaxalign.cli import main
+    from jaxalign.config import save_config, to_dict
+    from jaxalign.models.reward import RewardModel
+    from jaxalign.trainers.rm import score_file
+
+    root, prompts, records = run_dir
+    # A reward-model run directory as the RM trainer writes it (random weights).
+    rm_run = tmp_path / "rm_run"
+    rm_cfg = make_cfg(
+        **{
+            "run_dir": str(rm_run),
+            "trainer": "rm",
+            "data.tokenizer": TOKENIZER,
+            "train.seq_len": 128,
+        }
+    )
+    abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(rm_cfg.model, nnx.Rngs(0))))[1]
+    rng = np.random.default_rng(11)
+    rm_params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            np.ones(x.shape, np.float32)
+            if "norm" in jax.tree_util.keystr(path)
+            else (0.25 * rng.standard_normal(x.shape)).astype(np.float32)
+        ),
+        abstract.to_pure_dict(),
+    )
+    ckpt = Checkpointer(rm_run / "checkpoints", keep=1, async_save=False)
+    ckpt.save(2, {"params": rm_params}, {}, to_dict(rm_cfg), force=True)
+    ckpt.close()
+    save_config(rm_cfg, rm_run / "config.yaml")
+
+    k = 4
+    settings = ["--set", f"sampling.num_samples={k}", "--set", "sampling.temperature=1.5"]
+    sft, dpo, samples = tmp_path / "sft.jsonl", tmp_path / "dpo.jsonl", tmp_path / "all.jsonl"
+    common = ["--model", str(root / "run"), "--input", str(prompts), *settings, "--no-progress"]
+    outputs = ["--output-sft", str(sft), "--output-dpo", str(dpo)]
+    assert main(["rejection-sample", *common, "--reward-model", str(rm_run), *outputs]) == 0
+    # All K samples (same seed and sample ids, so the same completions), scored by the RM
+    # through `jaxalign score`.
+    assert main(["generate", *common, "--output", str(samples)]) == 0
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    to_score = tmp_path / "to_score.jsonl"
+    with to_score.open("w") as f:
+        for record, row in zip(records, rows, strict=True):
+            prompt = (
+                {k_: record[k_] for k_ in ("prompt", "system") if k_ in record}
+                if "prompt" in record
+                else {"prompt": record["messages"][:-1]}
+            )
+            for c in row["completions"]:
+                f.write(json.dumps({**prompt, "completion": c["completion"]}) + "\n")
+    scored_path = tmp_path / "scored.jsonl"
+    score_file(str(rm_run), str(to_score), str(scored_path))
+    rewards = np.array(
+        [json.loads(line)["reward"] for line in scored_path.read_text().splitlines()]
+    ).reshape(len(records), k)
+    texts = [[c["completion"] for c in row["completions"]] for row in rows]
+
+    sft_rows = [json.loads(line) for line in sft.read_text().splitlines()]
+    dpo_rows = [json.loads(line) for line in dpo.read_text().splitlines()]
+    assert len(sft_rows) == len(records)
+    pairs = iter(dpo_rows)
+    for i, sft_row in enumerate(sft_rows):
+        eligible = np.array([bool(t.strip()) for t in texts[i]])
+        best = int(np.argmax(np.where(eligible, rewards[i], -np.inf)))
+        worst = int(np.argmin(np.where(eligible, rewards[i], np.inf)))
+        completion = sft_row.get("completion") or sft_row["messages"][-1]["content"]
+        assert completion == texts[i][best]
+        np.testing.assert_allclose(sft_row["score"], rewards[i, best], rtol=1e-5, atol=1e-5)
+        if rewards[i, best] > rewards[i, worst]:
+            pair = next(pairs)
+            assert (pair["chosen"], pair["rejected"]) == (texts[i][best], texts[i][worst])
+            np.testing.assert_allclose(
+                [pair["chosen_score"], pair["rejected_score"]],
+                [rewards[i, best], rewards[i, worst]],
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    assert next(pairs, None) is None
+    assert len(set(rewards.ravel().round(6))) > len(records)  # the scores really differ

@@ -102,34 +102,14 @@ def sequence_logprobs(graphdef, params, sequences: Sequence[np.ndarray],
     return out
 
 
-def load_eval_policy(model_dir: str | Path, overrides: Sequence[str] = ()):
-    """`generate.load_policy`, also for runs whose checkpoint holds more than the policy (PPO's
-    `{"policy", "value"}`: the policy part is restored)."""
-    from jaxalign import sharding as shd
-    from jaxalign.checkpoint import abstract_with_shardings, load_params
-    from jaxalign.config import load_config
-    from jaxalign.generate import Policy, find_run_config, load_policy
-    from jaxalign.trainers.loop import build_model
-
-    cfg = load_config(find_run_config(model_dir), list(overrides))
-    if cfg.trainer != "ppo":
-        return load_policy(model_dir, overrides)
-    mesh = shd.make_mesh(cfg.mesh)
-    rules = shd.resolve_rules(cfg.sharding)
-    graphdef, abstract, shardings = build_model(cfg, mesh, rules)
-    target = {"policy": abstract_with_shardings(abstract, shardings)}
-    params = load_params(Path(model_dir).absolute(), target)["policy"]
-    return Policy(cfg, mesh, rules, graphdef, params)
-
-
 def generate_answers(model_dir: str | Path, records: Sequence[dict], *, max_new_tokens: int = 48,
                      batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
     """Greedy answers of the policy in `model_dir` to `records`: texts, prompt and completion
     token ids, and the loaded policy and tokenizer."""
     from jaxalign.data import load_tokenizer, render_prompt
-    from jaxalign.generate import completion_text, generate_all, policy_sampler
+    from jaxalign.generate import completion_text, generate_all, load_policy, policy_sampler
 
-    policy = load_eval_policy(model_dir, [
+    policy = load_policy(model_dir, [
         "sampling.temperature=0", f"sampling.max_new_tokens={max_new_tokens}",
         f"sampling.batch_size={batch_size}", "sampling.num_samples=1",
     ])
@@ -150,12 +130,14 @@ def generate_answers(model_dir: str | Path, records: Sequence[dict], *, max_new_
 
 def kl_to_reference(answers: dict, reference_dir: str | Path) -> float:
     """Mean over prompts of the summed per-token log-ratio policy/reference of the answers."""
+    from jaxalign.generate import load_policy
+
     sequences, masks = [], []
     for prompt, completion in zip(answers["prompt_ids"], answers["completion_ids"], strict=True):
         sequences.append(np.concatenate([prompt, np.asarray(completion, np.int32)]))
         masks.append(np.concatenate([np.zeros(len(prompt)), np.ones(len(completion))]))
     policy = answers["policy"]
-    reference = load_eval_policy(reference_dir)
+    reference = load_policy(reference_dir)
     policy_lp = sequence_logprobs(policy.graphdef, policy.params, sequences, masks)
     reference_lp = sequence_logprobs(reference.graphdef, reference.params, sequences, masks)
     return float(np.mean(policy_lp - reference_lp))
