@@ -52,8 +52,8 @@ class ModelConfig:
     remat: Literal["none", "full", "save_dots"] = "none"  # per-block rematerialization policy
     scan_layers: bool = False  # stack blocks and lax.scan over them (one compiled block)
     # Queries are processed in blocks of this many positions (0: one block). Keeps the score matrix
-    # in cache on CPU and skips fully masked key blocks.
-    attention_query_block: int = 0
+    # in cache on CPU and skips fully masked key blocks. auto: 64 on CPU, 0 on GPU/TPU.
+    attention_query_block: int | Literal["auto"] = "auto"
     initializer_range: float = 0.02  # std of the normal init of weight matrices
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).
@@ -133,6 +133,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     seq_len: int = 256  # tokens per row
     lr: float = 1e-3  # peak learning rate
+    # PPO: peak learning rate of the value model (params['value']; same warmup and decay, its own
+    # AdamW state and global-norm clip); None: one optimizer for policy and value at `lr`.
+    value_lr: float | None = None
     warmup_steps: int = 10  # linear warmup: step i uses lr * (i + 1) / warmup_steps
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
@@ -487,8 +490,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         missing = need - set(m.rope_scaling)
         if missing:
             fail(f"model.rope_scaling is missing {sorted(missing)}")
-    if m.attention_query_block < 0:
-        fail("model.attention_query_block must be >= 0")
+    if m.attention_query_block != "auto" and m.attention_query_block < 0:
+        fail("model.attention_query_block must be >= 0 or auto")
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 1 or t.steps < 0:
         fail("train.batch_size, train.grad_accum, train.steps must be positive and seq_len > 1")
     if t.batch_size % t.grad_accum:

@@ -6,6 +6,7 @@ import jax
 import optax
 
 from jaxalign.config import TrainConfig
+from jaxalign.errors import ConfigError
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -37,16 +38,62 @@ def weight_decay_mask(params) -> object:
     )
 
 
-def make_optimizer(cfg: TrainConfig, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (decoupled weight decay, masked) after global-norm clipping."""
-    schedule = learning_rate_schedule(cfg)
-    parts = []
-    if cfg.max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(
+def _adamw(cfg: TrainConfig, schedule: optax.Schedule, params) -> list:
+    """AdamW (decoupled weight decay, masked) as a list of transformations."""
+    return [
         optax.adamw(
-            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
             mask=weight_decay_mask(params),
         )
-    )
+    ]
+
+
+def clip_by_global_norm_per_role(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` applied to each top-level entry of the update dict on its own
+    (PPO: the policy's and the value model's norms). Stateless."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        return {role: clip.update(u, optax.EmptyState())[0] for role, u in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def scale_role(role: str, factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of `updates[role]` by `factor` (the others unchanged). Stateless."""
+
+    def update(updates, state, params=None):
+        out = dict(updates)
+        out[role] = jax.tree.map(lambda u: u * factor, updates[role])
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decoupled weight decay, masked) after global-norm clipping; returns it and the
+    (policy's) schedule.
+
+    With `cfg.value_lr` (PPO: `params` is `{"policy": ..., "value": ...}`), the policy and the
+    value model are optimized as by two separate optimizers: each gets its own global-norm clip,
+    and the value model's AdamW updates are scaled by `value_lr / lr`. AdamW is elementwise and
+    its update is linear in the learning rate, so this is exactly AdamW at `value_lr` with the
+    same warmup and decay shape, while the optimizer state keeps the layout of one AdamW (the
+    loop's sharding of the state and checkpoints are unchanged).
+    """
+    schedule = learning_rate_schedule(cfg)
+    if cfg.value_lr is None:
+        parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+        return optax.chain(*parts, *_adamw(cfg, schedule, params)), schedule
+    if not (isinstance(params, dict) and set(params) == {"policy", "value"}):
+        raise ConfigError("train.value_lr needs a model with a value model (trainer: ppo)")
+    if cfg.value_lr <= 0:
+        raise ConfigError(f"train.value_lr must be positive, got {cfg.value_lr}")
+    parts = [clip_by_global_norm_per_role(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+    parts += _adamw(cfg, schedule, params)
+    parts.append(scale_role("value", cfg.value_lr / cfg.lr))
     return optax.chain(*parts), schedule

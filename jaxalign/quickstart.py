@@ -59,12 +59,34 @@ FAST: dict[str, list[str]] = {
     "sft": ["train.steps=150", "train.warmup_steps=15", "train.eval_every=0"],
     "rm": ["train.steps=20", "train.warmup_steps=2", "train.eval_every=0"],
     "dpo": ["train.steps=20", "train.warmup_steps=2", "train.eval_every=0"],
-    "ppo": ["train.steps=8", "rl.eval_every=0"],
-    "grpo": ["train.steps=8", "rl.eval_every=0"],
+    # RL: two (PPO) or four (GRPO) rollouts of 64 rows, whatever the full configs' sizes.
+    "ppo": [
+        "rl.prompts_per_rollout=16",
+        "rl.num_generations=4",
+        "rl.epochs=2",
+        "sampling.batch_size=16",
+        "train.batch_size=64",
+        "train.steps=4",
+        "rl.eval_every=0",
+    ],
+    "grpo": [
+        "rl.prompts_per_rollout=8",
+        "rl.num_generations=8",
+        "rl.epochs=1",
+        "sampling.batch_size=8",
+        "train.batch_size=64",
+        "train.steps=4",
+        "rl.eval_every=0",
+    ],
 }
 # Config keys holding repository-relative paths (made absolute so any working directory works).
-PATH_KEYS = ("data.train_file", "data.eval_file", "data.tokenizer", "sharding.rules_file",
-             "rm.stats_file")
+PATH_KEYS = (
+    "data.train_file",
+    "data.eval_file",
+    "data.tokenizer",
+    "sharding.rules_file",
+    "rm.stats_file",
+)
 
 
 def log(message: str) -> None:
@@ -90,8 +112,12 @@ def tokenizer_texts(data_dir: str | Path = DATA_DIR) -> list[str]:
     return texts
 
 
-def train_quickstart_tokenizer(output_prefix: str | Path, data_dir: str | Path = DATA_DIR,
-                               vocab_size: int = TOKENIZER_VOCAB, seed: int = 0) -> str:
+def train_quickstart_tokenizer(
+    output_prefix: str | Path,
+    data_dir: str | Path = DATA_DIR,
+    vocab_size: int = TOKENIZER_VOCAB,
+    seed: int = 0,
+) -> str:
     """Train the quickstart's SentencePiece tokenizer (deterministic); returns the .model path."""
     import tempfile
 
@@ -136,8 +162,10 @@ def stage_overrides(stage: Stage, run_dir: Path, fast: bool) -> list[str]:
         overrides.append(f"data.mixture=[{', '.join(parts)}]")
     functions = _get(raw, "rl.reward_functions") or []
     if any(".py:" in f for f in functions):
-        fixed = [_absolute(f.split(":")[0]) + ":" + f.split(":")[1] if ".py:" in f else f
-                 for f in functions]
+        fixed = [
+            _absolute(f.split(":")[0]) + ":" + f.split(":")[1] if ".py:" in f else f
+            for f in functions
+        ]
         overrides.append(f"rl.reward_functions={json.dumps(fixed)}")
     overrides.append(f"run_dir={run_dir / stage.name}")
     overrides.append(f"data.tokenizer={run_dir / 'tokenizer' / 'tokenizer.model'}")
@@ -154,8 +182,11 @@ def stage_overrides(stage: Stage, run_dir: Path, fast: bool) -> list[str]:
 def final_step(stage_dir: Path) -> int | None:
     """The last complete checkpoint step of a run directory, or None."""
     ckpts = stage_dir / "checkpoints"
-    steps = [int(c.name) for c in ckpts.iterdir() if c.name.isdigit() and (c / "state").is_dir()] \
-        if ckpts.is_dir() else []
+    steps = (
+        [int(c.name) for c in ckpts.iterdir() if c.name.isdigit() and (c / "state").is_dir()]
+        if ckpts.is_dir()
+        else []
+    )
     return max(steps) if steps else None
 
 
@@ -192,8 +223,10 @@ def run_training_stage(stage: Stage, run_dir: Path, fast: bool) -> None:
     """`jaxalign train configs/quickstart/<stage>.yaml --set ...` (the CLI's own function)."""
     from jaxalign.cli import cmd_train
 
-    args = argparse.Namespace(config=str(CONFIG_DIR / f"{stage.name}.yaml"),
-                              overrides=stage_overrides(stage, run_dir, fast))
+    args = argparse.Namespace(
+        config=str(CONFIG_DIR / f"{stage.name}.yaml"),
+        overrides=stage_overrides(stage, run_dir, fast),
+    )
     cmd_train(args)
 
 
@@ -231,20 +264,38 @@ def evaluate_stages(run_dir: Path, fast: bool) -> tuple[dict, dict]:
         baseline_file = out / "sft.generations.jsonl"
         baseline = read_generations(baseline_file) if baseline_file.is_file() else None
         t0 = time.perf_counter()
-        metrics = evaluate(stage_dir, eval_files(), reference=reference,
-                           reward_model=reward_model if baseline else None, baseline=baseline,
-                           limit_per_family=limit, max_new_tokens=MAX_NEW_TOKENS,
-                           generations_path=out / f"{row}.generations.jsonl")
+        metrics = evaluate(
+            stage_dir,
+            eval_files(),
+            reference=reference,
+            reward_model=reward_model if baseline else None,
+            baseline=baseline,
+            limit_per_family=limit,
+            max_new_tokens=MAX_NEW_TOKENS,
+            generations_path=out / f"{row}.generations.jsonl",
+        )
         if row == "sft" and reward_model is not None:
             metrics["rm_win_rate"] = 50.0  # its own answers are the baseline: every pair ties
         seconds = time.perf_counter() - t0
-        result.write_text(json.dumps({"model": str(stage_dir), "eval_files": eval_files(),
-                                      "limit_per_family": limit, "seconds": seconds,
-                                      "metrics": metrics}, indent=1) + "\n")
+        result.write_text(
+            json.dumps(
+                {
+                    "model": str(stage_dir),
+                    "eval_files": eval_files(),
+                    "limit_per_family": limit,
+                    "seconds": seconds,
+                    "metrics": metrics,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         rows[row] = metrics
-        log(f"evaluated {row} in {seconds:.0f}s: pass rate {metrics.get('pass_rate', 0):.1f}%, "
+        log(
+            f"evaluated {row} in {seconds:.0f}s: pass rate {metrics.get('pass_rate', 0):.1f}%, "
             f"refusal {metrics.get('refusal_rate', 0):.1f}%, over-refusal "
-            f"{metrics.get('over_refusal_rate', 0):.1f}%")
+            f"{metrics.get('over_refusal_rate', 0):.1f}%"
+        )
     return {r: rows[r] for r in EVAL_ROWS}, notes
 
 
@@ -253,12 +304,15 @@ def _machine() -> str:
     import platform
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
-            f"(1-minute load average {load:.1f} at the end)")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
+        f"(1-minute load average {load:.1f} at the end)"
+    )
 
 
-def write_quickstart_report(run_dir: Path, rows: dict, notes: dict, timings: dict,
-                            fast: bool) -> str:
+def write_quickstart_report(
+    run_dir: Path, rows: dict, notes: dict, timings: dict, fast: bool
+) -> str:
     """Write RUN_DIR/report.md and the plots; returns the table."""
     from jaxalign.eval.report import make_plots, markdown_table, write_report
 
@@ -275,8 +329,13 @@ def write_quickstart_report(run_dir: Path, rows: dict, notes: dict, timings: dic
         "answer; RM win rate: the reward model prefers the row's answer to the SFT model's "
         "(ties count half).",
     ]
-    write_report(run_dir / "report.md", table, preamble=preamble, plots=plots,
-                 notes=[plot_note] if plot_note else [])
+    write_report(
+        run_dir / "report.md",
+        table,
+        preamble=preamble,
+        plots=plots,
+        notes=[plot_note] if plot_note else [],
+    )
     return table
 
 
@@ -287,12 +346,17 @@ def selected_stages(stages: list[str] | None, from_stage: str | None) -> list[st
     if stages and from_stage:
         raise UserError("give --stages or --from-stage, not both")
     if from_stage:
-        return list(STAGES[STAGES.index(from_stage):])
+        return list(STAGES[STAGES.index(from_stage) :])
     return [s for s in STAGES if s in stages] if stages else list(STAGES)
 
 
-def run(run_dir: str | Path | None = None, *, fast: bool = False,
-        stages: list[str] | None = None, from_stage: str | None = None) -> int:
+def run(
+    run_dir: str | Path | None = None,
+    *,
+    fast: bool = False,
+    stages: list[str] | None = None,
+    from_stage: str | None = None,
+) -> int:
     """Run the selected stages under `run_dir`; returns an exit status."""
     mode = "fast" if fast else "full"
     run_dir = Path(run_dir or f"runs/quickstart{'_fast' if fast else ''}").absolute()
@@ -300,8 +364,9 @@ def run(run_dir: str | Path | None = None, *, fast: bool = False,
     marker = run_dir / "quickstart.json"
     state = json.loads(marker.read_text()) if marker.is_file() else {"mode": mode, "timings": {}}
     if state["mode"] != mode:
-        raise UserError(f"{run_dir} holds a {state['mode']} quickstart; use another --run-dir "
-                        f"for {mode}")
+        raise UserError(
+            f"{run_dir} holds a {state['mode']} quickstart; use another --run-dir for {mode}"
+        )
 
     def save_state() -> None:
         marker.write_text(json.dumps(state, indent=1) + "\n")

@@ -18,25 +18,49 @@ from jaxalign.trainers.rollout import response_logprobs
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 REQUIRED_METRICS = (
-    "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
-    "policy/approxkl", "policy/clipfrac", "loss/policy", "kl_coef", "rollout/response_length",
-    "rollout/eos_fraction", "time/generate", "time/score", "time/forward", "time/advantages",
+    "objective/kl",
+    "objective/entropy",
+    "objective/scores",
+    "objective/rlhf_reward",
+    "policy/approxkl",
+    "policy/clipfrac",
+    "loss/policy",
+    "kl_coef",
+    "rollout/response_length",
+    "rollout/eos_fraction",
+    "time/generate",
+    "time/score",
+    "time/forward",
+    "time/advantages",
 )
 PPO_METRICS = ("loss/value", "val/clipfrac", "val/explained_var")
 
 
 def rl_config(tmp_path, trainer="ppo", **overrides):
     sets = {
-        "trainer": trainer, "run_dir": str(tmp_path / "run"),
+        "trainer": trainer,
+        "run_dir": str(tmp_path / "run"),
         "data.train_file": str(DATA / "rl_prompts_train.jsonl"),
-        "data.tokenizer": str(DATA / "tokenizer.model"), "data.prompt_buckets": "[32]",
-        "sampling.max_new_tokens": 8, "sampling.max_prompt_len": 32, "sampling.batch_size": 8,
-        "rl.prompts_per_rollout": 8, "rl.num_generations": 2, "rl.epochs": 1,
+        "data.tokenizer": str(DATA / "tokenizer.model"),
+        "data.prompt_buckets": "[32]",
+        "sampling.max_new_tokens": 8,
+        "sampling.max_prompt_len": 32,
+        "sampling.batch_size": 8,
+        "rl.prompts_per_rollout": 8,
+        "rl.num_generations": 2,
+        "rl.epochs": 1,
         "rl.reward_functions": '["jaxalign.rewards:shaped_answer"]',
-        "train.steps": 2, "train.batch_size": 8, "train.seq_len": 40, "train.lr": 1e-3,
-        "train.warmup_steps": 0, "train.log_every": 1, "train.progress": False,
-        "train.peak_flops_per_device": 1e9, "checkpoint.every": 0,
-        "logging.tensorboard": False, **overrides,
+        "train.steps": 2,
+        "train.batch_size": 8,
+        "train.seq_len": 40,
+        "train.lr": 1e-3,
+        "train.warmup_steps": 0,
+        "train.log_every": 1,
+        "train.progress": False,
+        "train.peak_flops_per_device": 1e9,
+        "checkpoint.every": 0,
+        "logging.tensorboard": False,
+        **overrides,
     }
     base = {"model": {**TINY_MODEL, "vocab_size": 512, "num_layers": 1}}  # compiles faster
     return load_config(None, [f"{k}={v}" for k, v in sets.items()], base=base)
@@ -84,8 +108,7 @@ def test_ppo_resume_at_rollout_boundary_reproduces_uninterrupted_run(tmp_path):
     """Two rollouts (2 steps each) straight through, or stopped after the first rollout and
     resumed: same losses and metrics (policy, value, both optimizer states, the adaptive KL
     coefficient and the prompt iterator are restored)."""
-    overrides = {"train.steps": 4, "rl.kl_target": 0.5, "rl.kl_horizon": 100,
-                 "rl.kl_coef": 0.1}
+    overrides = {"train.steps": 4, "rl.kl_target": 0.5, "rl.kl_horizon": 100, "rl.kl_coef": 0.1}
     cfg = rl_config(tmp_path / "straight", **overrides)
     algo, trainer, init = start(cfg)
     straight = trainer.run(init_params=init).history
@@ -123,15 +146,15 @@ def test_ppo_resume_at_rollout_boundary_reproduces_uninterrupted_run(tmp_path):
     for got, want in zip(resumed, straight[2:], strict=True):
         for key in ("loss", "loss/policy", "loss/value", "kl_coef", "objective/scores"):
             if key in want:
-                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
-                                           err_msg=key)
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow
 def test_grpo_logs_its_metrics_and_group_advantages(tmp_path):
     trainer_name = "grpo"
-    cfg = rl_config(tmp_path, trainer_name, **{"rl.num_generations": 4,
-                                               "rl.prompts_per_rollout": 4})
+    cfg = rl_config(
+        tmp_path, trainer_name, **{"rl.num_generations": 4, "rl.prompts_per_rollout": 4}
+    )
     algo, trainer, init = start(cfg)
     history = trainer.run(init_params=init).history
     assert history[0]["policy/approxkl"] < 1e-6
@@ -150,8 +173,9 @@ def test_rl_config_errors_name_the_keys(tmp_path):
     with pytest.raises(ConfigError, match="train.seq_len must be .* = 40"):
         make_algorithm(rl_config(tmp_path, **{"train.seq_len": 64}))
     with pytest.raises(ConfigError, match="group size"):
-        make_algorithm(rl_config(tmp_path, "grpo", **{"rl.num_generations": 1,
-                                                      "rl.prompts_per_rollout": 8}))
+        make_algorithm(
+            rl_config(tmp_path, "grpo", **{"rl.num_generations": 1, "rl.prompts_per_rollout": 8})
+        )
     with pytest.raises(ConfigError, match="checkpoint.every"):
         make_algorithm(rl_config(tmp_path, **{"checkpoint.every": 3, "train.steps": 4}))
 
@@ -159,9 +183,65 @@ def test_rl_config_errors_name_the_keys(tmp_path):
 def test_exact_answer_reward():
     from jaxalign.rewards import exact_answer, shaped_answer
 
-    got = exact_answer(["p"] * 3, ["The answer is 5.", " 12 ", "x"],
-                       answer=["The answer is 5.", "12", "y"])
+    got = exact_answer(
+        ["p"] * 3, ["The answer is 5.", " 12 ", "x"], answer=["The answer is 5.", "12", "y"]
+    )
     np.testing.assert_array_equal(got, [1.0, 1.0, 0.0])
     got = shaped_answer(["p"] * 2, ["The answer is 7", "9"], answer=["The answer is 7.", "8"])
     np.testing.assert_array_equal(got, [0.2, 0.0])
     assert jnp.asarray(got).shape == (2,)
+
+
+def test_family_scores_are_per_family_means():
+    from jaxalign.trainers.rollout import family_scores
+
+    records = [
+        {"family": "json"},
+        {"family": "arithmetic"},
+        {"family": "json"},
+        {"family": "arithmetic"},
+        {"family": "json"},
+    ]
+    got = family_scores(records, np.asarray([1.0, 0.0, 0.0, 1.0, 1.0]))
+    assert got == {"rollout/score/arithmetic": 0.5, "rollout/score/json": pytest.approx(2 / 3)}
+    assert family_scores([{"answer": "1"}, {"family": "json"}], np.zeros(2)) == {}
+
+
+@pytest.mark.slow
+def test_ppo_value_lr_moves_the_value_model_at_its_own_rate(tmp_path):
+    """train.value_lr through the trainer (sharded optimizer state): AdamW's first step moves a
+    parameter by lr * |g| / (|g| + eps), so the largest change is the learning rate itself:
+    train.lr for the policy, train.value_lr for the value model."""
+    cfg = rl_config(
+        tmp_path,
+        **{
+            "train.value_lr": 1e-2,
+            "train.weight_decay": 0.0,
+            "train.lr": 1e-4,
+            "rl.missing_eos_penalty": 1.0,
+            "rl.entropy_coef": 0.01,
+        },
+    )  # nonzero gradients for both
+    algo, trainer, init = start(cfg)
+    algo.frozen_params(trainer, init)
+    before = jax.device_get(init)
+    state = trainer.fresh_state(init)
+    data = algo.train_data(0, 1)
+    data.observe_state(state, trainer)
+    batch = next(data)
+    trainer.frozen = None
+    step = trainer.compile_step(batch)
+    state, metrics = step(state, batch, None)
+    after = jax.device_get(state["params"])
+
+    def largest_change(role):
+        return max(
+            float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for a, b in zip(
+                jax.tree.leaves(after[role]), jax.tree.leaves(before[role]), strict=True
+            )
+        )
+
+    assert largest_change("policy") == pytest.approx(1e-4, rel=1e-3)
+    assert largest_change("value") == pytest.approx(1e-2, rel=1e-3)
+    assert float(metrics["lr"]) == pytest.approx(1e-4)

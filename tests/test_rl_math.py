@@ -99,8 +99,7 @@ def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
     values = np.array([[1.0, 2.0, 3.0, 9.0]])
     mask = prefix_mask([3], 4)  # the value after the last real token counts as 0
     adv, ret = rl.compute_gae(rewards, values, mask, gamma=1.0, lam=1.0)
-    np.testing.assert_allclose(np.asarray(adv), [[2.5 - 1.0, 2.5 - 2.0, 2.0 - 3.0, 0.0]],
-                               atol=ATOL)
+    np.testing.assert_allclose(np.asarray(adv), [[2.5 - 1.0, 2.5 - 2.0, 2.0 - 3.0, 0.0]], atol=ATOL)
     np.testing.assert_allclose(np.asarray(ret), [[2.5, 2.5, 2.0, 0.0]], atol=ATOL)
 
 
@@ -120,10 +119,12 @@ def test_gae_gradients_equal_reference():
         return np.sum(w1 * adv) + np.sum(w2 * ret)
 
     g_r, g_v = jax.grad(objective, argnums=(0, 1))(rewards, values)
-    np.testing.assert_allclose(np.asarray(g_r), numeric_grad(lambda r: objective_ref(r, values),
-                                                             rewards), atol=ATOL)
-    np.testing.assert_allclose(np.asarray(g_v), numeric_grad(lambda v: objective_ref(rewards, v),
-                                                             values), atol=ATOL)
+    np.testing.assert_allclose(
+        np.asarray(g_r), numeric_grad(lambda r: objective_ref(r, values), rewards), atol=ATOL
+    )
+    np.testing.assert_allclose(
+        np.asarray(g_v), numeric_grad(lambda v: objective_ref(rewards, v), values), atol=ATOL
+    )
 
 
 # -- KL estimators ------------------------------------------------------------------------------
@@ -169,12 +170,14 @@ def test_masked_whiten_and_gradient_equal_reference(shift_mean, unbiased):
     sel = np.asarray(got)[mask > 0]
     np.testing.assert_allclose(sel.std(ddof=1 if unbiased else 0), 1.0, atol=1e-6)
     w = rng.normal(size=x.shape)
-    grad = jax.grad(lambda y: jnp.sum(w * rl.masked_whiten(y, mask, shift_mean=shift_mean,
-                                                           unbiased=unbiased)))(x)
+    grad = jax.grad(
+        lambda y: jnp.sum(w * rl.masked_whiten(y, mask, shift_mean=shift_mean, unbiased=unbiased))
+    )(x)
     np.testing.assert_allclose(
         np.asarray(grad),
         numeric_grad(lambda y: np.sum(w * whiten_ref(y, mask, shift_mean, unbiased)), x),
-        atol=ATOL)
+        atol=ATOL,
+    )
 
 
 # -- clipped losses -----------------------------------------------------------------------------
@@ -197,8 +200,10 @@ def test_clipped_policy_loss_stats_and_gradient_equal_reference():
     np.testing.assert_allclose(np.asarray(stats["approxkl"]), 0.5 * (logp - old) ** 2, atol=ATOL)
     grad = jax.grad(lambda x: jnp.sum(rl.clipped_policy_loss(x, old, adv, eps)[0]))(logp)
     np.testing.assert_allclose(
-        np.asarray(grad), numeric_grad(lambda x: np.sum(policy_loss_ref(x, old, adv, eps)), logp),
-        atol=ATOL)
+        np.asarray(grad),
+        numeric_grad(lambda x: np.sum(policy_loss_ref(x, old, adv, eps)), logp),
+        atol=ATOL,
+    )
     # Where the clipped term wins, the token contributes no gradient.
     assert np.all(np.asarray(grad)[clipped] == 0)
 
@@ -216,8 +221,10 @@ def test_clipped_value_loss_and_gradient_equal_reference():
     np.testing.assert_array_equal(np.asarray(clipped), want_clipped.astype(np.float64))
     grad = jax.grad(lambda x: jnp.sum(rl.clipped_value_loss(x, old_v, ret, 0.2)[0]))(v)
     np.testing.assert_allclose(
-        np.asarray(grad), numeric_grad(lambda x: np.sum(value_loss_ref(x, old_v, ret, 0.2)), v),
-        atol=ATOL)
+        np.asarray(grad),
+        numeric_grad(lambda x: np.sum(value_loss_ref(x, old_v, ret, 0.2)), v),
+        atol=ATOL,
+    )
 
 
 def test_entropy_from_logits_and_gradient_equal_reference():
@@ -232,8 +239,9 @@ def test_entropy_from_logits_and_gradient_equal_reference():
     np.testing.assert_allclose(np.asarray(rl.entropy_from_logits(logits)), ref(logits), atol=ATOL)
     w = rng.normal(size=(3, 4))
     grad = jax.grad(lambda x: jnp.sum(w * rl.entropy_from_logits(x)))(logits)
-    np.testing.assert_allclose(np.asarray(grad), numeric_grad(lambda x: np.sum(w * ref(x)), logits),
-                               atol=ATOL)
+    np.testing.assert_allclose(
+        np.asarray(grad), numeric_grad(lambda x: np.sum(w * ref(x)), logits), atol=ATOL
+    )
 
 
 # -- critic-free advantages, reward placement, aggregation --------------------------------------
@@ -283,11 +291,89 @@ def test_adaptive_kl_controller_follows_ziegler():
     ctl.update(9.0, 64)  # error clip(9/6 - 1, -0.2, 0.2) = 0.2
     np.testing.assert_allclose(ctl.kl_coef, 0.1 * (1 + 0.2 * 64 / 1000), rtol=1e-12)
     ctl.update(5.4, 64)  # error -0.1
-    np.testing.assert_allclose(ctl.kl_coef, 0.1 * (1 + 0.2 * 0.064) * (1 - 0.1 * 0.064),
-                               rtol=1e-12)
+    np.testing.assert_allclose(ctl.kl_coef, 0.1 * (1 + 0.2 * 0.064) * (1 - 0.1 * 0.064), rtol=1e-12)
     fixed = rl.KLController(0.1)
     fixed.update(100.0, 64)
     assert fixed.kl_coef == 0.1
     restored = rl.KLController(0.5, target=6.0)
     restored.set_state(ctl.get_state())
     assert restored.kl_coef == ctl.kl_coef
+
+
+def adamw_reference(params, grads_seq, lr, *, b1=0.9, b2=0.95, eps=1e-8, clip=1.0):
+    """float64 AdamW (no weight decay) with global-norm clipping, over a list of gradients."""
+    p = {k: np.asarray(v, np.float64).copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    for t, grads in enumerate(grads_seq, start=1):
+        norm = np.sqrt(sum(np.sum(np.square(g)) for g in grads.values()))
+        scale = min(1.0, clip / norm) if clip > 0 else 1.0
+        for k, g in grads.items():
+            g = g * scale
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v2[k] = b2 * v2[k] + (1 - b2) * g * g
+            p[k] -= lr * (m[k] / (1 - b1**t)) / (np.sqrt(v2[k] / (1 - b2**t)) + eps)
+    return p
+
+
+@pytest.mark.parametrize("value_lr", [None, 3e-2])
+def test_value_lr_updates_value_params_with_their_own_lr_and_clip(value_lr):
+    """train.value_lr: policy and value model each follow AdamW at their own learning rate with
+    their own global-norm clip; without it, one AdamW (one clip) over both at train.lr."""
+    import optax
+
+    from jaxalign.config import TrainConfig
+    from jaxalign.optim import make_optimizer
+
+    rng = np.random.default_rng(0)
+    params = {"policy": {"w": rng.normal(size=(3, 2))}, "value": {"w": rng.normal(size=(2,))}}
+    grads = [
+        {
+            "policy": {"w": rng.normal(size=(3, 2)) * s},
+            "value": {"w": rng.normal(size=(2,)) * 3 * s},
+        }
+        for s in (0.2, 2.0, 0.5)
+    ]
+    cfg = TrainConfig(
+        lr=1e-3,
+        value_lr=value_lr,
+        warmup_steps=0,
+        lr_schedule="constant",
+        steps=3,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+    )
+    tx, schedule = make_optimizer(cfg, params)
+    state = tx.init(params)
+    p = params
+    for g in grads:
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    if value_lr is None:
+        flat = {"policy": params["policy"]["w"], "value": params["value"]["w"]}
+        want = adamw_reference(
+            flat, [{"policy": g["policy"]["w"], "value": g["value"]["w"]} for g in grads], 1e-3
+        )
+        want_policy, want_value = want["policy"], want["value"]
+    else:
+        want_policy = adamw_reference(
+            {"w": params["policy"]["w"]}, [g["policy"] for g in grads], 1e-3
+        )["w"]
+        want_value = adamw_reference(
+            {"w": params["value"]["w"]}, [g["value"] for g in grads], value_lr
+        )["w"]
+    np.testing.assert_allclose(p["policy"]["w"], want_policy, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(p["value"]["w"], want_value, atol=ATOL, rtol=0)
+    # The value model really moved by ~value_lr per step (Adam's step is ~lr * sign(g)).
+    moved = np.abs(p["value"]["w"] - params["value"]["w"]).max()
+    assert moved > 2 * (value_lr or 1e-3)
+    assert float(schedule(0)) == pytest.approx(1e-3)
+
+
+def test_value_lr_without_a_value_model_is_a_config_error():
+    from jaxalign.config import TrainConfig
+    from jaxalign.errors import ConfigError
+    from jaxalign.optim import make_optimizer
+
+    with pytest.raises(ConfigError, match="train.value_lr"):
+        make_optimizer(TrainConfig(value_lr=1e-3), {"w": np.zeros(2)})

@@ -46,7 +46,10 @@ STATE_VERSION = 1
 
 
 def response_logprobs(
-    policy: Transformer, batch: dict, prompt_width: int, temperature: float,
+    policy: Transformer,
+    batch: dict,
+    prompt_width: int,
+    temperature: float,
     with_entropy: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs [B, N] of the response tokens and the policy's entropy at each of them.
@@ -79,8 +82,14 @@ def response_values(model, batch: dict, prompt_width: int) -> jax.Array:
 # Building rows and scoring.
 
 
-def build_rows(prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, response: np.ndarray,
-               response_lengths: np.ndarray, prompt_width: int, pad_id: int) -> dict:
+def build_rows(
+    prompt_tokens: np.ndarray,
+    prompt_lengths: np.ndarray,
+    response: np.ndarray,
+    response_lengths: np.ndarray,
+    prompt_width: int,
+    pad_id: int,
+) -> dict:
     """Training rows [R, P + N] from left-padded prompts [R, L] (L <= P) and responses [R, N]:
     tokens, positions (0 at each row's first real token), segment_ids (1 on real tokens) and
     the response mask [R, N] (float32, 1 up to and including the stop token)."""
@@ -95,8 +104,12 @@ def build_rows(prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, response: 
     real = (idx[None] >= start) & (idx[None] < end)
     positions = np.where(real, idx[None] - start, 0).astype(np.int32)
     mask = (np.arange(n)[None] < response_lengths[:, None]).astype(np.float32)
-    return {"tokens": tokens, "positions": positions, "segment_ids": real.astype(np.int32),
-            "mask": mask}
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "segment_ids": real.astype(np.int32),
+        "mask": mask,
+    }
 
 
 class Scorer:
@@ -112,24 +125,32 @@ class Scorer:
 
             rm_cfg, self.reward_model, stats = load_reward_model(rl.reward_model)
             if Path(rm_cfg.data.tokenizer).resolve() != Path(cfg.data.tokenizer).resolve():
-                raise ConfigError(f"rl.reward_model {rl.reward_model}: its tokenizer "
-                                  f"({rm_cfg.data.tokenizer}) differs from data.tokenizer")
+                raise ConfigError(
+                    f"rl.reward_model {rl.reward_model}: its tokenizer "
+                    f"({rm_cfg.data.tokenizer}) differs from data.tokenizer"
+                )
             self.rm_stats = stats if rl.normalize_reward_model else None
             self._rm_host = None
         if not self.functions and self.reward_model is None:
             raise ConfigError("RL needs rl.reward_functions and/or rl.reward_model")
         self.offload = rl.offload_frozen
 
-    def functions_score(self, prompts: list[str], completions: list[str],
-                        records: list[dict]) -> np.ndarray:
+    def functions_score(
+        self, prompts: list[str], completions: list[str], records: list[dict]
+    ) -> np.ndarray:
         """The sum of the reward functions alone (held-out pass rates)."""
         scores = np.zeros(len(completions), np.float64)
         for fn in self.functions:
             scores += fn(prompts, completions, records)
         return scores
 
-    def __call__(self, prompts: list[str], completions: list[str], records: list[dict],
-                 sequences: list[np.ndarray]) -> np.ndarray:
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        records: list[dict],
+        sequences: list[np.ndarray],
+    ) -> np.ndarray:
         scores = self.functions_score(prompts, completions, records)
         if self.reward_model is not None:
             rm = self.reward_model
@@ -149,30 +170,50 @@ class Scorer:
 # Held-out pass rate.
 
 
-def read_prompt_file(path: str, tokenizer, template: str, buckets: Sequence[int],
-                     limit: int = 0) -> tuple[list[np.ndarray], list[dict]]:
+def read_prompt_file(
+    path: str, tokenizer, template: str, buckets: Sequence[int], limit: int = 0
+) -> tuple[list[np.ndarray], list[dict]]:
     """Prompt token ids and extra fields of every record of a prompts file, in file order."""
-    it = PromptBatchIterator(path, tokenizer, global_batch_size=1, template=template,
-                             buckets=buckets, shuffle=False, num_epochs=1, shards=1)
+    it = PromptBatchIterator(
+        path,
+        tokenizer,
+        global_batch_size=1,
+        template=template,
+        buckets=buckets,
+        shuffle=False,
+        num_epochs=1,
+        shards=1,
+    )
     count = it.stats["records"] if not limit else min(limit, it.stats["records"])
     ids, extras = [], []
     for _ in range(count):
         batch = next(it)
-        ids.append(batch["tokens"][0, -int(batch["lengths"][0]):])
+        ids.append(batch["tokens"][0, -int(batch["lengths"][0]) :])
         extras.append({k: v[0] for k, v in batch.items() if k not in ("tokens", "lengths")})
     return ids, extras
 
 
-def completion_texts(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
-                     stopped: np.ndarray) -> list[str]:
+def completion_texts(
+    tokenizer, tokens: np.ndarray, lengths: np.ndarray, stopped: np.ndarray
+) -> list[str]:
     """Decoded completions [R] without their stop token."""
-    return [tokenizer.decode(tokens[r, : int(lengths[r]) - int(stopped[r])].tolist())
-            for r in range(len(lengths))]
+    return [
+        tokenizer.decode(tokens[r, : int(lengths[r]) - int(stopped[r])].tolist())
+        for r in range(len(lengths))
+    ]
 
 
-def pass_rate(sampler: Sampler, params: Any, prompt_ids: Sequence[np.ndarray],
-              records: Sequence[dict], score: Callable, tokenizer, *, rows: int = 256,
-              threshold: float = 1.0) -> dict:
+def pass_rate(
+    sampler: Sampler,
+    params: Any,
+    prompt_ids: Sequence[np.ndarray],
+    records: Sequence[dict],
+    score: Callable,
+    tokenizer,
+    *,
+    rows: int = 256,
+    threshold: float = 1.0,
+) -> dict:
     """Greedy-decode (with `sampler`, temperature 0) every prompt and score it: the fraction
     with score >= threshold (`pass_rate`), the mean score, and the completions."""
     texts, stopped_all = [], []
@@ -186,8 +227,12 @@ def pass_rate(sampler: Sampler, params: Any, prompt_ids: Sequence[np.ndarray],
         stopped_all += list(finish[: len(chunk)])
     prompts = [tokenizer.decode(p.tolist()) for p in prompt_ids]
     scores = np.asarray(score(prompts, texts, list(records)), np.float64)
-    return {"pass_rate": float(np.mean(scores >= threshold)), "mean_score": float(scores.mean()),
-            "stop_fraction": float(np.mean(stopped_all)), "completions": texts}
+    return {
+        "pass_rate": float(np.mean(scores >= threshold)),
+        "mean_score": float(scores.mean()),
+        "stop_fraction": float(np.mean(stopped_all)),
+        "completions": texts,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +265,9 @@ class RolloutData:
         self.process_index, self.process_count = process_index, process_count
         self.tokenizer = algorithm.tokenizer
         # Every process reads the whole global batch of prompts (see the module docstring).
-        self.prompts = prompt_iterator_from_config(cfg.data, self.tokenizer,
-                                                   global_batch_size=self.rl.prompts_per_rollout)
+        self.prompts = prompt_iterator_from_config(
+            cfg.data, self.tokenizer, global_batch_size=self.rl.prompts_per_rollout
+        )
         self.prompt_width = max(cfg.data.prompt_buckets)
         self.rows = self.rl.prompts_per_rollout * self.rl.num_generations
         self.steps_per_rollout = steps_per_rollout(cfg)
@@ -283,13 +329,20 @@ class RolloutData:
     def _build(self, trainer) -> None:
         cfg, rl = self.cfg, self.rl
         self.mesh, self.rules = trainer.mesh, trainer.rules
-        self.row_sharding = NamedSharding(self.mesh, shd.logical_to_spec(("batch", None),
-                                                                         self.rules))
+        self.row_sharding = NamedSharding(
+            self.mesh, shd.logical_to_spec(("batch", None), self.rules)
+        )
         self.vec_sharding = NamedSharding(self.mesh, shd.logical_to_spec(("batch",), self.rules))
         stops = stop_token_ids(self.tokenizer, cfg.data.template)
         self.stop_ids = stops
-        self.sampler = Sampler(cfg.model, cfg.sampling, stop_token_ids=stops,
-                               pad_id=self.tokenizer.pad_id, mesh=self.mesh, rules=self.rules)
+        self.sampler = Sampler(
+            cfg.model,
+            cfg.sampling,
+            stop_token_ids=stops,
+            pad_id=self.tokenizer.pad_id,
+            mesh=self.mesh,
+            rules=self.rules,
+        )
         graphdef, algo, width = trainer.graphdef, self.algorithm, self.prompt_width
         temperature = cfg.sampling.temperature
         recompute = rl.old_logprobs == "recompute"
@@ -297,8 +350,7 @@ class RolloutData:
         def policy_forward(params, batch):
             model = nnx.merge(graphdef, params)
             out = {}
-            logp, entropy = response_logprobs(algo.policy_module(model), batch, width,
-                                              temperature)
+            logp, entropy = response_logprobs(algo.policy_module(model), batch, width, temperature)
             out["entropy"] = entropy
             if recompute:
                 out["old_logprobs"] = logp
@@ -318,12 +370,21 @@ class RolloutData:
         self.eval_sampler = None
         if rl.eval_every and cfg.data.eval_file:
             greedy = dataclasses.replace(cfg.sampling, temperature=0.0)
-            self.eval_sampler = Sampler(cfg.model, greedy, stop_token_ids=stops,
-                                        pad_id=self.tokenizer.pad_id, mesh=self.mesh,
-                                        rules=self.rules)
-            self.eval_prompts = read_prompt_file(cfg.data.eval_file, self.tokenizer,
-                                                 cfg.data.template, cfg.data.prompt_buckets,
-                                                 rl.eval_prompts)
+            self.eval_sampler = Sampler(
+                cfg.model,
+                greedy,
+                stop_token_ids=stops,
+                pad_id=self.tokenizer.pad_id,
+                mesh=self.mesh,
+                rules=self.rules,
+            )
+            self.eval_prompts = read_prompt_file(
+                cfg.data.eval_file,
+                self.tokenizer,
+                cfg.data.template,
+                cfg.data.prompt_buckets,
+                rl.eval_prompts,
+            )
         self._built = True
 
     def _put(self, x: np.ndarray) -> jax.Array:
@@ -335,9 +396,15 @@ class RolloutData:
         ids, records = self.eval_prompts
 
         rows = shd.batch_divisor(self.mesh, self.rules) * 32
-        out = pass_rate(self.eval_sampler, params, ids, records, self.scorer.functions_score,
-                        self.tokenizer,
-                        rows=rows)
+        out = pass_rate(
+            self.eval_sampler,
+            params,
+            ids,
+            records,
+            self.scorer.functions_score,
+            self.tokenizer,
+            rows=rows,
+        )
         return {"eval/pass_rate": out["pass_rate"], "eval/mean_score": out["mean_score"]}
 
     def _rollout(self) -> None:
@@ -372,26 +439,33 @@ class RolloutData:
         outs = []
         for s in range(0, rows, per_call):
             sl = slice(s, s + per_call)
-            outs.append(self.sampler.generate_padded(policy_params, prompt_tokens[sl],
-                                                     prompt_lengths[sl], sample_ids[sl]))
-        gens = jax.device_get([(o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs)
-                               for o in outs])
+            outs.append(
+                self.sampler.generate_padded(
+                    policy_params, prompt_tokens[sl], prompt_lengths[sl], sample_ids[sl]
+                )
+            )
+        gens = jax.device_get(
+            [(o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs) for o in outs]
+        )
         response, lengths, finish, sampling_lp = (
-            np.concatenate(x) for x in zip(*gens, strict=True))
+            np.concatenate(x) for x in zip(*gens, strict=True)
+        )
         timings["time/generate"] = time.perf_counter() - t
 
         # 2. Score the decoded completions.
         t = time.perf_counter()
         stopped = finish.astype(bool)
         texts = completion_texts(self.tokenizer, response, lengths, stopped)
-        prompt_texts = [self.tokenizer.decode(p[-n:].tolist())
-                        for p, n in zip(batch["tokens"], batch["lengths"], strict=True)]
+        prompt_texts = [
+            self.tokenizer.decode(p[-n:].tolist())
+            for p, n in zip(batch["tokens"], batch["lengths"], strict=True)
+        ]
         prompt_texts = [prompt_texts[i // g] for i in range(rows)]
         eos = self.tokenizer.eos_id
         sequences = []
         if self.scorer.reward_model is not None:
             for r in range(rows):
-                seq = [*prompt_tokens[r, -prompt_lengths[r]:], *response[r, : lengths[r]]]
+                seq = [*prompt_tokens[r, -prompt_lengths[r] :], *response[r, : lengths[r]]]
                 sequences.append(np.asarray(seq if seq[-1] == eos else [*seq, eos], np.int32))
         raw_scores = self.scorer(prompt_texts, texts, records, sequences)
         scores = raw_scores.copy()
@@ -403,17 +477,26 @@ class RolloutData:
 
         # 3. Reference (and policy / value) forwards over the rows.
         t = time.perf_counter()
-        rows_np = build_rows(prompt_tokens, prompt_lengths, response, lengths, self.prompt_width,
-                             self.tokenizer.pad_id)
+        rows_np = build_rows(
+            prompt_tokens,
+            prompt_lengths,
+            response,
+            lengths,
+            self.prompt_width,
+            self.tokenizer.pad_id,
+        )
         seq = {k: self._put(rows_np[k]) for k in ("tokens", "positions", "segment_ids")}
         forward = self._policy_forward(state["params"], seq)
         ref_params = self.algorithm.reference_on_device()
         ref_logprobs = self._reference_forward(ref_params, seq)
         self.algorithm.reference_release()
-        rollout = {"scores": self._put(scores.astype(np.float32)),
-                   "stopped": self._put(stopped.astype(np.float32)),
-                   "mask": self._put(rows_np["mask"]), "ref_logprobs": ref_logprobs,
-                   "entropy": forward["entropy"]}
+        rollout = {
+            "scores": self._put(scores.astype(np.float32)),
+            "stopped": self._put(stopped.astype(np.float32)),
+            "mask": self._put(rows_np["mask"]),
+            "ref_logprobs": ref_logprobs,
+            "entropy": forward["entropy"],
+        }
         if rl.old_logprobs == "recompute":
             rollout["old_logprobs"] = forward["old_logprobs"]
         else:
@@ -439,22 +522,30 @@ class RolloutData:
         self.position = self.skip
         self.skip = 0
         metrics.update(post_metrics)
-        metrics.update({
-            "objective/scores": float(scores.mean()),
-            "objective/raw_scores": float(raw_scores.mean()),
-            "rollout/response_length": float(lengths.mean()),
-            "rollout/eos_fraction": float(stopped.mean()),
-            "rollout/index": float(self.rollouts),
-            "kl_coef": kl_coef,
-        })
+        metrics.update(family_scores(records, raw_scores))
+        metrics.update(
+            {
+                "objective/scores": float(scores.mean()),
+                "objective/raw_scores": float(raw_scores.mean()),
+                "rollout/response_length": float(lengths.mean()),
+                "rollout/eos_fraction": float(stopped.mean()),
+                "rollout/index": float(self.rollouts),
+                "kl_coef": kl_coef,
+            }
+        )
         end = time.perf_counter()
         timings["time/rollout"] = end - t_start
         if "time/train" in timings:
             timings["time/iteration"] = timings["time/train"] + timings["time/rollout"]
         metrics.update(timings)
         self._metrics.append(metrics)
-        self.last_rollout = {"texts": texts, "scores": scores, "records": records,
-                             "buffer": buffer, "metrics": metrics}
+        self.last_rollout = {
+            "texts": texts,
+            "scores": scores,
+            "records": records,
+            "buffer": buffer,
+            "metrics": metrics,
+        }
         self._last_rollout_end = end
 
     def _enqueue(self, buffer: dict[str, np.ndarray]) -> None:
@@ -466,12 +557,26 @@ class RolloutData:
         queue = []
         for epoch in range(self.rl.epochs):
             order = np.random.default_rng([self.cfg.data.seed, self.rollouts, epoch]).permutation(
-                self.rows)
+                self.rows
+            )
             for k in range(self.rows // batch):
                 idx = order[k * batch : (k + 1) * batch].reshape(accum, batch // accum)
                 idx = idx[:, self.process_index * local : (self.process_index + 1) * local]
                 queue.append({name: v[idx] for name, v in buffer.items()})
         self.queue = queue[self.skip :]
+
+
+def family_scores(records: Sequence[dict], scores: np.ndarray) -> dict[str, float]:
+    """`rollout/score/<family>`: the mean raw score of each prompt family in the rollout, for
+    prompt records with a string `family` field (the quickstart's); {} otherwise."""
+    families = [r.get("family") for r in records]
+    if not families or not all(isinstance(f, str) for f in families):
+        return {}
+    out = {}
+    for family in sorted(set(families)):
+        rows = [i for i, f in enumerate(families) if f == family]
+        out[f"rollout/score/{family}"] = float(np.mean(scores[rows]))
+    return out
 
 
 def steps_per_rollout(cfg: Config) -> int:
@@ -485,33 +590,46 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
     rows = rl.prompts_per_rollout * rl.num_generations
     width = max(cfg.data.prompt_buckets) + sp.max_new_tokens
     if rl.prompts_per_rollout <= 0 or rl.num_generations <= 0 or rl.epochs <= 0:
-        raise ConfigError("rl.prompts_per_rollout, rl.num_generations and rl.epochs must be "
-                          "positive")
+        raise ConfigError(
+            "rl.prompts_per_rollout, rl.num_generations and rl.epochs must be positive"
+        )
     if trainer in ("grpo", "rloo") and rl.num_generations < 2:
         raise ConfigError(f"trainer {trainer}: rl.num_generations (the group size) must be >= 2")
     if rows % t.batch_size:
-        raise ConfigError(f"rl.prompts_per_rollout * rl.num_generations ({rows} rows per "
-                          f"rollout) must divide by train.batch_size ({t.batch_size})")
+        raise ConfigError(
+            f"rl.prompts_per_rollout * rl.num_generations ({rows} rows per "
+            f"rollout) must divide by train.batch_size ({t.batch_size})"
+        )
     per_rollout = steps_per_rollout(cfg)
     if t.steps % per_rollout:
-        raise ConfigError(f"train.steps ({t.steps}) must be a multiple of the optimizer steps per "
-                          f"rollout (rl.epochs * rows / train.batch_size = {per_rollout})")
+        raise ConfigError(
+            f"train.steps ({t.steps}) must be a multiple of the optimizer steps per "
+            f"rollout (rl.epochs * rows / train.batch_size = {per_rollout})"
+        )
     if cfg.checkpoint.every % per_rollout:
-        raise ConfigError(f"checkpoint.every ({cfg.checkpoint.every}) must be a multiple of the "
-                          f"optimizer steps per rollout ({per_rollout}): checkpoints are taken "
-                          "at rollout boundaries")
+        raise ConfigError(
+            f"checkpoint.every ({cfg.checkpoint.every}) must be a multiple of the "
+            f"optimizer steps per rollout ({per_rollout}): checkpoints are taken "
+            "at rollout boundaries"
+        )
     if t.seq_len != width:
-        raise ConfigError(f"train.seq_len must be max(data.prompt_buckets) + "
-                          f"sampling.max_new_tokens = {width} for RL, got {t.seq_len}")
+        raise ConfigError(
+            f"train.seq_len must be max(data.prompt_buckets) + "
+            f"sampling.max_new_tokens = {width} for RL, got {t.seq_len}"
+        )
     if sp.temperature <= 0:
         raise ConfigError("RL samples from the policy: sampling.temperature must be > 0")
     if rl.old_logprobs == "sampler" and (sp.top_k or sp.top_p < 1):
-        raise ConfigError("rl.old_logprobs: sampler needs sampling.top_k = 0 and top_p = 1 (the "
-                          "sampled distribution must be the policy's)")
+        raise ConfigError(
+            "rl.old_logprobs: sampler needs sampling.top_k = 0 and top_p = 1 (the "
+            "sampled distribution must be the policy's)"
+        )
     per_call = min(rows, sp.batch_size * rl.num_generations)
     if rows % per_call:
-        raise ConfigError(f"rows per rollout ({rows}) must divide by sampling.batch_size * "
-                          f"rl.num_generations ({per_call})")
+        raise ConfigError(
+            f"rows per rollout ({rows}) must divide by sampling.batch_size * "
+            f"rl.num_generations ({per_call})"
+        )
     if rl.kl_target is not None and rl.kl_target <= 0:
         raise ConfigError("rl.kl_target must be positive (or null: a fixed coefficient)")
     if rl.kl_coef < 0 or rl.clip_eps <= 0 or rl.value_clip <= 0:
@@ -521,4 +639,3 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
 def load_data_state(path: str) -> dict:
     """The data state of a checkpoint step directory (for tools and tests)."""
     return json.loads((Path(path) / "data" / "metadata").read_text())
-
