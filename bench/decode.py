@@ -45,14 +45,7 @@ SIZES: dict[str, dict] = {
         "num_kv_heads": 2,
     },
     # The 7.1M model of /work/shared/PERFORMANCE-NOTES.md.
-    "7m": {
-        "vocab_size": 8192,
-        "hidden_size": 256,
-        "intermediate_size": 704,
-        "num_layers": 4,
-        "num_heads": 8,
-        "num_kv_heads": 4,
-    },
+    "7m": common.MODELS["7m"],
     # About 100M parameters (25M embedding + 25M output + 12 x 4.2M blocks).
     "100m": {
         "vocab_size": 16384,
