@@ -19,6 +19,12 @@ checkout (e.g. `git worktree add /tmp/base HEAD~1`), to compare code versions in
 busy machine: `--sides jax@/tmp/base,jax`. Ratios are against torch when it runs, else against
 the first side. Each row also records CPU seconds per call (`*_cpu_s`), which competing processes
 distort less than wall time.
+
+The floor columns say how fast any implementation could go on this machine (`decode_floor_s`):
+the prefill's FLOPs at the matmul peak plus, per decode step, the longer of reading every weight
+once at the measured weight-streaming bandwidth and the step's FLOPs at the peak (both measured
+by the JAX worker at start-up). "floor / transformers" is the largest speed-up over transformers
+the machine allows at that shape; at ~100M parameters decode is bound by reading the weights.
 """
 
 from __future__ import annotations
@@ -65,6 +71,31 @@ def num_params(m: dict) -> int:
     return 2 * v * d + d + layers * (attn + 3 * d * f + 2 * d)
 
 
+def decode_floor_s(m: dict, batch: int, prompt_len: int, new_tokens: int, peak_flops: float,
+                   bandwidth: float) -> float:
+    """The fastest any implementation could run one call on this machine (f32 weights): the
+    prefill's matmul FLOPs at the measured matmul peak, plus, for each of the new_tokens - 1
+    decode steps, the longer of reading every matmul weight once (at the measured bandwidth)
+    and the step's FLOPs at the peak. Attention over the cache is counted as FLOPs; norms,
+    sampling and the cache's own traffic are left out, so this is a lower bound."""
+    d, f, v, layers = m["hidden_size"], m["intermediate_size"], m["vocab_size"], m["num_layers"]
+    hd = d // m["num_heads"]
+    layer_params = layers * (d * hd * (2 * m["num_heads"] + 2 * m["num_kv_heads"]) + 3 * d * f)
+    head_params = v * d  # the LM head; the embedding is a lookup
+    q_width = m["num_heads"] * hd
+    # Prefill: every prompt position through the layers, causal attention (QK^T and PV, half
+    # the square), the LM head on the last position only.
+    prefill = 2 * batch * prompt_len * layer_params + 2 * batch * head_params
+    prefill += layers * 2 * batch * prompt_len * prompt_len * q_width
+    total = prefill / peak_flops
+    weight_bytes = 4 * (layer_params + head_params)
+    for t in range(new_tokens - 1):
+        context = prompt_len + t + 1
+        flops = 2 * batch * (layer_params + head_params) + layers * 4 * batch * context * q_width
+        total += max(weight_bytes / bandwidth, flops / peak_flops)
+    return total
+
+
 # -- workers -----------------------------------------------------------------------------------
 
 
@@ -91,6 +122,7 @@ def jax_worker(size: str) -> None:
     params = jax.device_put(params, jax.devices()[0])
     samplers: dict[int, Sampler] = {}
     import jaxalign
+    from jaxalign.metrics import measure_matmul_peak
 
     common.emit(
         {
@@ -101,6 +133,10 @@ def jax_worker(size: str) -> None:
         }
     )
     for cmd in common.commands():
+        if cmd.get("calibrate"):  # asked while the other side idles
+            peak = max(measure_matmul_peak(n) for n in (512, 1024, 2048))
+            common.emit({"matmul_peak_flops": peak, "weight_bandwidth": measure_weight_bandwidth()})
+            continue
         n, b, p = cmd["new_tokens"], cmd["batch"], cmd["prompt_len"]
         if n not in samplers:
             samplers[n] = Sampler(
@@ -118,6 +154,25 @@ def jax_worker(size: str) -> None:
             jax.block_until_ready(out.tokens)
         assert int(out.lengths.min()) == n
         common.emit({"seconds": t.wall_s, **t.as_dict()})
+
+
+def measure_weight_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s at which XLA streams f32 weights (256 MiB, far larger than any cache) through a
+    one-row matmul, as a decode step at batch 1 does, or through a sum: the practical bandwidth
+    for reading weights (the best of both, best of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jnp.full((4096, 16384), 0.5, jnp.float32)
+    x = jnp.ones((1, 4096), jnp.float32)
+    best = float("inf")
+    for f, args in ((jax.jit(lambda a, b: a @ b), (x, w)), (jax.jit(jnp.sum), (w,))):
+        f(*args).block_until_ready()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(*args).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+    return w.size * 4 / best
 
 
 def torch_worker(size: str) -> None:
@@ -211,6 +266,10 @@ def main() -> None:
         workers = {side: start_worker(side, size, base_env) for side in sides}
         try:
             info[size] = {side: w.read() for side, w in workers.items()}
+            for side, w in workers.items():  # the machine's peak, with every worker idle
+                if side.startswith("jax"):
+                    info[size][side].update(w.request({"calibrate": True}))
+                    break
             n = args.new_tokens_100m if size == "100m" else args.new_tokens
             for b in (int(x) for x in args.batches.split(",")):
                 cmd = {"batch": b, "prompt_len": args.prompt_len, "new_tokens": n}
@@ -233,6 +292,15 @@ def main() -> None:
                 for side in sides:
                     if side != reference:
                         row[f"{side}_ratio"] = row[f"{side}_tok_s"] / row[f"{reference}_tok_s"]
+                jax_info = next((info[size][x] for x in sides if x.startswith("jax")), None)
+                if jax_info and "matmul_peak_flops" in jax_info:
+                    row["floor_s"] = decode_floor_s(
+                        SIZES[size], b, args.prompt_len, n, jax_info["matmul_peak_flops"],
+                        jax_info["weight_bandwidth"],
+                    )
+                    row["floor_tok_s"] = b * n / row["floor_s"]
+                    if "torch" in sides:  # the most any implementation could beat it by here
+                        row["floor_ratio"] = row["floor_tok_s"] / row["torch_tok_s"]
                 if "jax" in sides and "torch" in sides:
                     row["ratio"] = row["jax_ratio"]
                 rows.append(row)
@@ -258,6 +326,9 @@ def main() -> None:
     for side in sides:
         if side != reference:
             columns.append((f"{side} / {reference}", f"{side}_ratio", ".2f"))
+    columns.append(("floor tok/s", "floor_tok_s", ",.0f"))
+    if "torch" in sides:
+        columns.append(("floor / transformers", "floor_ratio", ".2f"))
     print()
     print(common.format_table(rows, columns))
     write_result(args, info, rows, started)

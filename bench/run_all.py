@@ -94,6 +94,8 @@ def decode_markdown(data: dict) -> str:
         ("jaxalign tok/s", "jax_tok_s", ",.0f"),
         ("transformers tok/s", "torch_tok_s", ",.0f"),
         ("x transformers", "ratio", ".2f"),
+        ("floor tok/s", "floor_tok_s", ",.0f"),
+        ("floor / transformers", "floor_ratio", ".2f"),
     ]
     rows = data.get("rows", [])
     lines = [common.format_table(rows, columns)]

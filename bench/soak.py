@@ -38,7 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=200, help="checkpoint and eval interval")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "soak.json")
+    parser.add_argument("--save-every", type=int, default=None,
+                        help="checkpoint interval (default: --every; 0: only at the end)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="eval interval (default: --every; 0: no evals)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides (e.g. train.batch_size=4)")
     args = parser.parse_args(argv)
+    save_every = args.every if args.save_every is None else args.save_every
+    eval_every = args.every if args.eval_every is None else args.eval_every
     run_dir = Path(tempfile.mkdtemp(prefix="jaxalign_soak_"))
     cmd = [
         sys.executable,
@@ -51,15 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         "--set",
         f"train.steps={args.steps}",
         "--set",
-        f"checkpoint.every={args.every}",
+        f"checkpoint.every={save_every}",
         "--set",
-        f"train.eval_every={args.every}",
+        f"train.eval_every={eval_every}",
         "--set",
         "train.log_every=50",
         "--set",
         "train.progress=false",
         "--set",
         "train.warmup_steps=50",
+        *(x for kv in args.set for x in ("--set", kv)),
     ]
     start = time.time()
     # stderr goes to a file: a pipe nobody reads would block the run once it fills.
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(stderr_path.read_text()[-3000:], file=sys.stderr)
         return 1
     # Warm-up ends with the first checkpoint + eval (every compiled function exists by then).
-    warm = [s for s in samples if s[2] >= args.every + 50] or samples
+    warm = [s for s in samples if s[2] >= max(save_every, eval_every) + 50] or samples
     first, last = warm[0], warm[-1]
     peak = max(s[1] for s in warm)
     print(f"{'seconds':>8} {'steps':>6} {'RSS MiB':>8}")
@@ -103,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "steps": args.steps,
-                "every": args.every,
+                "save_every": save_every,
+                "eval_every": eval_every,
+                "overrides": args.set,
                 "seconds": samples[-1][0],
                 "rss_after_warmup_mib": first[1] / 2**20,
                 "rss_end_mib": last[1] / 2**20,

@@ -78,8 +78,16 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk or a directory that went away: one line, no traceback
+            from jaxalign.errors import UserError
+
+            raise UserError(
+                f"{self.path}: cannot write the metrics of step {step} "
+                f"({e.strerror or e}); earlier lines and checkpoints are kept"
+            ) from e
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 if self._tb is not None:

@@ -270,3 +270,28 @@ def test_gpu_script_cpu_smoke_runs_without_grain_and_reports_consistent_numbers(
     assert decode["tokens_per_s"] == pytest.approx(2 * 4 / decode["seconds"])
     assert data["card_peak_flops"] is None and data["platform"] == "cpu"
     assert "torch" not in data["machine"]["versions"]  # never loaded next to jax's CUDA libs
+
+
+def test_decode_floor_matches_a_hand_count():
+    """bench/decode.py's lower bound on a call's time, recomputed from the shapes by hand: the
+    prefill's FLOPs at the peak, then per step the longer of the weight read and the FLOPs."""
+    import decode
+
+    m = {"vocab_size": 100, "hidden_size": 8, "intermediate_size": 16, "num_layers": 2,
+         "num_heads": 2, "num_kv_heads": 1}
+    # Per layer: q 8x8, k and v 8x4 each, o 8x8, MLP 3 x 8x16 -> 192 + 384 = 576 weights.
+    layer, head = 2 * 576, 100 * 8
+    batch, prompt, new = 3, 5, 4
+    peak, bandwidth = 1e6, 1e5
+    prefill = 2 * batch * prompt * layer + 2 * batch * head + 2 * (2 * batch * prompt**2 * 8)
+    expected = prefill / peak
+    for t in range(new - 1):
+        flops = 2 * batch * (layer + head) + 2 * 4 * batch * (prompt + t + 1) * 8
+        expected += max(4 * (layer + head) / bandwidth, flops / peak)
+    got = decode.decode_floor_s(m, batch, prompt, new, peak, bandwidth)
+    assert abs(got - expected) < 1e-12 * expected
+    # With a vast bandwidth the floor is the FLOPs alone; with a slow one, the weight reads.
+    fast = decode.decode_floor_s(m, batch, prompt, new, peak, 1e30)
+    slow = decode.decode_floor_s(m, batch, prompt, new, 1e30, bandwidth)
+    assert fast < got and slow < got
+    assert abs(slow - (new - 1) * 4 * (layer + head) / bandwidth) < 1e-9 * slow

@@ -371,3 +371,32 @@ def test_preference_record_ids_name_each_pair_of_the_batch():
             for side in range(2):  # chosen and rejected are that record's tokens
                 n = len(pair["ids"][side])
                 np.testing.assert_array_equal(row[side, :n], pair["ids"][side])
+
+
+def test_metrics_write_failing_for_lack_of_space_is_one_line_and_keeps_earlier_lines(tmp_path):
+    import errno
+
+    from jaxalign.errors import UserError
+    from jaxalign.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer.write(1, {"loss": 2.0})
+    real = writer._file
+
+    class Full:  # the file object of a disk that just filled up
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+    writer._file = Full()
+    with pytest.raises(UserError) as info:
+        writer.write(2, {"loss": 1.0})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'metrics.jsonl'}: cannot write the metrics of step 2")
+    assert os.strerror(errno.ENOSPC) in message
+    writer._file = real
+    writer.close()
+    assert _logged_steps(tmp_path) == [1]
