@@ -33,6 +33,18 @@ def rss_slope_mib_per_1000_steps(samples: list[tuple[float, int, int]]) -> float
     return float(np.polyfit(steps, rss, 1)[0] * 1000)
 
 
+def last_logged_step(metrics: Path) -> int:
+    """The step of the last complete line of metrics.jsonl (0 before the first)."""
+    if not metrics.exists():
+        return 0
+    for line in reversed(metrics.read_text().splitlines()):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue  # a line being written
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
@@ -83,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             rss = ps.memory_info().rss
         except psutil.NoSuchProcess:
             break
-        steps = len(metrics.read_text().splitlines()) * 50 if metrics.exists() else 0
+        steps = last_logged_step(metrics)
         samples.append((time.time() - start, rss, steps))
         time.sleep(1.0)
     proc.wait()

@@ -271,6 +271,9 @@ class RLConfig:
     scale_rewards: bool = True  # GRPO: divide by the group's std (false: Dr. GRPO)
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"  # GRPO/RLOO
     offload_frozen: bool = False  # keep the reference in host memory between rollouts
+    # Rows per log-prob forward (policy, reference, values) after generation; 0: all rows in one.
+    # The [rows, N, V] float32 logits of that forward dominate a large model's rollout memory.
+    forward_batch_size: int = 0
     eval_every: int = 0  # held-out greedy pass rate on data.eval_file every N rollouts (0: off)
     eval_prompts: int = 0  # how many eval prompts (0: all)
 

@@ -169,11 +169,13 @@ def rollout_kv_cache_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules)
 
 
 def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
-    """The float32 logits and log-softmax [rows, N, V] of the log-prob forward that scores all of
-    a rollout's response tokens at once (rows split over the batch axes, V over `vocab`'s)."""
+    """The float32 logits and log-softmax [rows, N, V] of the log-prob forward that scores a
+    rollout's response tokens, rl.forward_batch_size rows at a time (0: all at once; rows split
+    over the batch axes, V over `vocab`'s)."""
     m, rl = cfg.model, cfg.rl
     rows = _rows_per_device(
-        rl.prompts_per_rollout * rl.num_generations, _axis_split(sizes, rules, "batch")
+        rl.forward_batch_size or rl.prompts_per_rollout * rl.num_generations,
+        _axis_split(sizes, rules, "batch"),
     )
     vocab_div = _axis_split(sizes, rules, "vocab")
     vocab = m.vocab_size // vocab_div if m.vocab_size % vocab_div == 0 else m.vocab_size

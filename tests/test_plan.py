@@ -87,18 +87,19 @@ def test_ppo_tiny_plan_matches_hand_count():
 
 
 def test_ppo_8b_rollout_memory_matches_hand_count(capsys):
-    """ppo_8b_v5p64 on 32 chips: 512 rows per generate call, 16 per chip; bfloat16 cache."""
+    """ppo_8b_v5p64 on 32 chips: 512 rows per generate call, 16 per chip; bfloat16 cache; the
+    log-prob forwards take rl.forward_batch_size = 128 rows at a time, 4 per chip."""
     recipe = next(p for p in RECIPES if p.stem == "ppo_8b_v5p64")
     plan = make_plan(load_config(recipe), 32)
     rows, slots = 512 // 32, 1024 + 1024 - 1
     assert plan.parts["rollout KV cache"] == rows * slots * 32 * 8 * 128 * 2 * 2 == 4_292_870_144
-    assert plan.parts["rollout logits"] == rows * 1024 * 128_256 * 4 * 2
+    assert plan.parts["rollout logits"] == (128 // 32) * 1024 * 128_256 * 4 * 2
     assert cli.main(["plan", str(recipe), "--devices", "32", "--hbm-gib", "95"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert (
         "  rollout KV cache      4.00 GiB" in lines and "  reference             0.94 GiB" in lines
     )
-    assert "  rollout logits       15.66 GiB" in lines
+    assert "  rollout logits        3.91 GiB" in lines
 
 
 def test_offloaded_reference_and_reward_model_are_shown_but_not_counted(capsys):

@@ -245,3 +245,33 @@ def test_ppo_value_lr_moves_the_value_model_at_its_own_rate(tmp_path):
     assert largest_change("policy") == pytest.approx(1e-4, rel=1e-3)
     assert largest_change("value") == pytest.approx(1e-2, rel=1e-3)
     assert float(metrics["lr"]) == pytest.approx(1e-4)
+
+
+def test_rollout_forward_in_chunks_equals_one_forward(tmp_path):
+    """rl.forward_batch_size: the log-prob / value forwards after generation, run 8 rows at a
+    time on the 8-device mesh, give the rollout buffer of one forward over all 16 rows."""
+    buffers = []
+    for chunk in (0, 8):
+        cfg = rl_config(tmp_path / str(chunk), "ppo", **{"rl.forward_batch_size": chunk})
+        algo, trainer, init = start(cfg)
+        params = init if init is not None else trainer.initial_params()
+        algo.frozen_params(trainer, params)
+        state = trainer.fresh_state(params)
+        data = algo.train_data(0, 1)
+        data.observe_state(state, trainer)
+        next(data)  # the first rollout
+        buffers.append(data.last_rollout["buffer"])
+    whole, chunked = buffers
+    assert set(whole) == set(chunked) and "old_logprobs" in whole and "returns" in whole
+    for key in whole:
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert np.abs(whole["old_logprobs"]).sum() > 0
+
+    bad = rl_config(tmp_path / "bad", "ppo", **{"rl.forward_batch_size": 4})
+    with pytest.raises(ConfigError, match="rl.forward_batch_size"):
+        algo, trainer, init = start(bad)
+        params = init if init is not None else trainer.initial_params()
+        algo.frozen_params(trainer, params)
+        data = algo.train_data(0, 1)
+        data.observe_state(trainer.fresh_state(params), trainer)
+        next(data)

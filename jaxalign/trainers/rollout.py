@@ -367,6 +367,13 @@ class RolloutData:
         self._policy_forward = jax.jit(policy_forward)
         self._reference_forward = jax.jit(reference_forward)
         self._postprocess = jax.jit(algo.postprocess)
+        self._concat = None
+        divisor = shd.batch_divisor(self.mesh, self.rules)
+        if rl.forward_batch_size % divisor:
+            raise ConfigError(
+                f"rl.forward_batch_size ({rl.forward_batch_size}) must be a multiple of the "
+                f"devices the batch is split over ({divisor})"
+            )
         self.eval_sampler = None
         if rl.eval_every and cfg.data.eval_file:
             greedy = dataclasses.replace(cfg.sampling, temperature=0.0)
@@ -386,6 +393,16 @@ class RolloutData:
                 rl.eval_prompts,
             )
         self._built = True
+
+    def _concat_rows(self, *parts: jax.Array) -> jax.Array:
+        """The [rows, ...] concatenation of per-chunk results, rows over the batch axes."""
+        if len(parts) == 1:
+            return parts[0]
+        if self._concat is None:
+            self._concat = jax.jit(
+                lambda *xs: jnp.concatenate(xs, axis=0), out_shardings=self.row_sharding
+            )
+        return self._concat(*parts)
 
     def _put(self, x: np.ndarray) -> jax.Array:
         sharding = self.row_sharding if x.ndim == 2 else self.vec_sharding
@@ -485,11 +502,20 @@ class RolloutData:
             self.prompt_width,
             self.tokenizer.pad_id,
         )
-        seq = {k: self._put(rows_np[k]) for k in ("tokens", "positions", "segment_ids")}
-        forward = self._policy_forward(state["params"], seq)
+        # In chunks of rl.forward_batch_size rows: the float32 logits of a chunk are live at once.
+        chunk = rl.forward_batch_size or rows
+        forwards, refs = [], []
         ref_params = self.algorithm.reference_on_device()
-        ref_logprobs = self._reference_forward(ref_params, seq)
+        for s in range(0, rows, chunk):
+            seq = {
+                k: self._put(rows_np[k][s : s + chunk])
+                for k in ("tokens", "positions", "segment_ids")
+            }
+            forwards.append(self._policy_forward(state["params"], seq))
+            refs.append(self._reference_forward(ref_params, seq))
         self.algorithm.reference_release()
+        forward = {k: self._concat_rows(*(f[k] for f in forwards)) for k in forwards[0]}
+        ref_logprobs = self._concat_rows(*refs)
         rollout = {
             "scores": self._put(scores.astype(np.float32)),
             "stopped": self._put(stopped.astype(np.float32)),
@@ -629,6 +655,11 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         raise ConfigError(
             f"rows per rollout ({rows}) must divide by sampling.batch_size * "
             f"rl.num_generations ({per_call})"
+        )
+    if rl.forward_batch_size < 0 or (rl.forward_batch_size and rows % rl.forward_batch_size):
+        raise ConfigError(
+            f"rl.forward_batch_size ({rl.forward_batch_size}) must divide the rows per rollout "
+            f"({rows}), or be 0 (all rows in one forward)"
         )
     if rl.kl_target is not None and rl.kl_target <= 0:
         raise ConfigError("rl.kl_target must be positive (or null: a fixed coefficient)")
