@@ -155,6 +155,9 @@ class TrainConfig:
     # (the last good checkpoint is kept); "skip" goes on and halts after `max_consecutive_skips`.
     nan_policy: Literal["halt", "skip"] = "halt"
     max_consecutive_skips: int = 5  # with nan_policy "skip"
+    # After each checkpoint save and held-out evaluation, hand the allocator's free memory back to
+    # the OS (glibc malloc_trim / tcmalloc), so resident memory tracks the memory in use.
+    release_memory: bool = True
 
 
 @dataclass

@@ -275,3 +275,35 @@ def test_rollout_forward_in_chunks_equals_one_forward(tmp_path):
         data = algo.train_data(0, 1)
         data.observe_state(trainer.fresh_state(params), trainer)
         next(data)
+
+
+def test_minibatch_record_ids_name_the_prompt_of_each_row(tmp_path):
+    """RolloutData.record_ids() (what a NaN halt names) gives, row by row, the `path:LINE` of
+    the prompt each row of the minibatch was generated from."""
+    import json
+
+    from jaxalign.data import load_tokenizer, render_prompt
+
+    cfg = rl_config(tmp_path, "grpo")
+    algo, trainer, init = start(cfg)
+    params = init if init is not None else trainer.initial_params()
+    algo.frozen_params(trainer, params)
+    data = algo.train_data(0, 1)
+    data.observe_state(trainer.fresh_state(params), trainer)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    path = cfg.data.train_file
+    lines = Path(path).read_text().splitlines()
+    for _ in range(2):  # both minibatches of the rollout
+        batch = next(data)
+        ids = data.record_ids()
+        tokens = batch["tokens"].reshape(-1, batch["tokens"].shape[-1])
+        assert len(ids) == len(tokens) == cfg.train.batch_size
+        for row, rid in zip(tokens, ids, strict=True):
+            file, line = rid.rsplit(":", 1)
+            assert file == path
+            prompt = json.loads(lines[int(line) - 1])["prompt"]
+            expected = render_prompt([{"role": "user", "content": prompt}], tok, "plain")
+            assert row[32 - len(expected) : 32].tolist() == list(expected)
+    assert data.stats["records"] == len(lines) and data.stats["rollouts"] == 1
+    assert data.report().startswith(f"prompts {path}: {len(lines)} prompts (0 bad records")
+    assert data.report().endswith("1 batches taken; 1 rollouts of 16 rows")

@@ -284,3 +284,18 @@ def test_eval_max_min_metrics_are_over_every_batch():
     # Averaging per-batch extremes (the old behaviour) would give something else here.
     batch_max = [_scores(params, b["x"].reshape(-1, 3)).max() for b in batches]
     assert abs(np.mean(batch_max) - scores.max()) > 1e-3
+
+
+def test_free_memory_is_handed_back_after_each_save_unless_disabled(tmp_path, monkeypatch):
+    import jaxalign.trainers.loop as loop_module
+
+    calls = []
+    monkeypatch.setattr(loop_module, "release_free_memory", lambda: calls.append(1) or True)
+    run(toy_config(tmp_path / "on", **{"mesh.fsdp": 1, "checkpoint.every": 2}),
+        devices=jax.devices()[:1])
+    assert len(calls) == 3  # saves at steps 2, 4 and 5 (the last)
+    calls.clear()
+    off = toy_config(tmp_path / "off", **{"mesh.fsdp": 1, "checkpoint.every": 2,
+                                           "train.release_memory": False})
+    run(off, devices=jax.devices()[:1])
+    assert calls == []

@@ -103,11 +103,19 @@ class PromptBatchIterator:
         self.path = source_name(source)
         self.buckets = buckets
         self.pad_id = tokenizer.pad_id
-        records, skipped = read_records(source, validate=_validate, on_error=on_error,
+        record_ids: list[str] = []  # each valid record's id (`path:LINE`, ...), for errors
+
+        def validate(record: Any, where: str) -> None:
+            _validate(record, where)
+            record_ids.append(where)
+
+        records, skipped = read_records(source, validate=validate, on_error=on_error,
                                         data_dir=data_dir)
         longest = buckets[-1]
         self._tokens: list[np.ndarray] = []
         self._extras: list[dict[str, Any]] = []
+        self._record_ids: list[str] = []
+        self._last: list[int] = []  # the prompts of the batch last returned
         truncated = 0
         for i, record in enumerate(records):
             messages, extras = to_prompt(record, where=f"{self.path}[{i}]")
@@ -125,6 +133,7 @@ class PromptBatchIterator:
                 truncated += 1
             self._tokens.append(ids)
             self._extras.append(extras)
+            self._record_ids.append(record_ids[i])
         if not self._tokens:
             raise DataError("no prompts left after rendering", where=self.path)
         self._lengths = np.asarray([len(t) for t in self._tokens], np.int32)
@@ -170,8 +179,23 @@ class PromptBatchIterator:
             if key in batch:
                 raise DataError(f"extra field {key!r} clashes with a batch key", where=self.path)
             batch[key] = [self._extras[i].get(key) for i in local]
+        self._last = local
         self.step += 1
         return batch
+
+    def report(self) -> str:
+        """One line on what was read: prompts kept, bad records skipped, prompts truncated."""
+        s = self.stats
+        return (
+            f"prompts {self.path}: {s['records']} prompts ({s['skipped']} bad records skipped, "
+            f"{s['truncated']} truncated to {self.buckets[-1]} tokens), {s['tokens']} tokens, "
+            f"{self.step} batches taken"
+        )
+
+    def record_ids(self) -> list[str]:
+        """Ids of the prompt records of the batch last returned, row by row (`path:LINE`,
+        `<memory>[N]`, ...). Host-side only."""
+        return [self._record_ids[i] for i in self._last]
 
     def get_state(self) -> dict:
         """JSON-serializable: the number of batches consumed (the same on every process)."""

@@ -24,6 +24,7 @@ from jaxalign import sharding as shd
 from jaxalign.checkpoint import Checkpointer, abstract_with_shardings, load_params
 from jaxalign.config import Config, save_config, to_dict
 from jaxalign.errors import UserError
+from jaxalign.memory import release_free_memory
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
 from jaxalign.models.llama import Transformer, logical_axes
 from jaxalign.optim import make_optimizer
@@ -449,9 +450,12 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
             stop = self._should_stop()
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
+            saving = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop
+            if saving:
                 self._check_finite(state, ckpt, recent_ids)  # never save past a halting fault
                 ckpt.save(done, state, global_data_state(data), to_dict(cfg), force=True)
+            if train.release_memory and (saving or any(k.startswith("eval/") for k in record)):
+                release_free_memory()  # see jaxalign/memory.py
             if stop and not is_last:
                 preempted = True
                 ckpt.wait()

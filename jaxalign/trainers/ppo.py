@@ -103,6 +103,8 @@ class RLAlgorithm:
 
     def train_data(self, process_index: int, process_count: int) -> RolloutData:
         self.data = RolloutData(self.cfg, self, process_index, process_count)
+        if process_index == 0:  # prompts read, bad records skipped, truncated
+            print(f"[jaxalign] {self.data.prompts.report()}", flush=True)
         return self.data
 
     def eval_data(self, process_index: int, process_count: int):

@@ -276,6 +276,8 @@ class RolloutData:
         self.position = 0  # minibatches of the current rollout already yielded
         self.skip = 0  # after a resume inside a rollout: its minibatches already trained on
         self.queue: list[dict] = []
+        self.queue_ids: list[list[str]] = []  # the prompt record ids of each queued minibatch
+        self._last_ids: list[str] = []
         self._state = None
         self._trainer = None
         self._metrics: list[dict] = []
@@ -294,7 +296,22 @@ class RolloutData:
         if not self.queue:
             self._rollout()
         self.position += 1
+        self._last_ids = self.queue_ids.pop(0)
         return self.queue.pop(0)
+
+    @property
+    def stats(self) -> dict:
+        """The prompt data's counts (records, skipped, truncated, tokens) and the rollouts run."""
+        return {**self.prompts.stats, "rollouts": self.rollouts}
+
+    def report(self) -> str:
+        """One line: the prompts read, skipped and truncated, and the rollouts generated."""
+        return f"{self.prompts.report()}; {self.rollouts} rollouts of {self.rows} rows"
+
+    def record_ids(self) -> list[str]:
+        """The prompt record ids (`path:LINE`, ...) of the rows of the minibatch last returned
+        (this process's rows), for the NaN halt message. Host-side only."""
+        return list(self._last_ids)
 
     def pop_metrics(self) -> dict[str, float]:
         """The mean of each rollout metric over the rollouts since the last call."""
@@ -322,7 +339,7 @@ class RolloutData:
         self.algorithm.kl_controller.set_state(state["kl_controller"])
         self.skip = int(state["position"])
         self.position = 0
-        self.queue = []
+        self.queue, self.queue_ids = [], []
 
     # -- the rollout ----------------------------------------------------------------------------
 
@@ -447,6 +464,8 @@ class RolloutData:
         t = time.perf_counter()
         batch = next(self.prompts)
         g, rows = rl.num_generations, self.rows
+        prompt_ids = self.prompts.record_ids()
+        row_ids = [prompt_ids[i // g] for i in range(rows)]
         prompt_tokens = np.repeat(batch["tokens"], g, axis=0)
         prompt_lengths = np.repeat(batch["lengths"], g, axis=0)
         extras = {k: v for k, v in batch.items() if k not in ("tokens", "lengths")}
@@ -543,7 +562,7 @@ class RolloutData:
         timings["time/advantages"] = time.perf_counter() - t
         buffer.update({k: rows_np[k] for k in ("tokens", "positions", "segment_ids", "mask")})
 
-        self._enqueue(buffer)
+        self._enqueue(buffer, row_ids)
         self.rollouts += 1
         self.position = self.skip
         self.skip = 0
@@ -574,13 +593,14 @@ class RolloutData:
         }
         self._last_rollout_end = end
 
-    def _enqueue(self, buffer: dict[str, np.ndarray]) -> None:
+    def _enqueue(self, buffer: dict[str, np.ndarray], row_ids: list[str]) -> None:
         """Queue `epochs` shuffled passes of minibatches, this process's rows of each, shaped
-        [grad_accum, rows / grad_accum / process_count, ...]; drop those a resume skips."""
+        [grad_accum, rows / grad_accum / process_count, ...], with the prompt record ids of
+        their rows; drop those a resume skips."""
         t = self.cfg.train
         batch, accum = t.batch_size, t.grad_accum
         local = batch // accum // self.process_count
-        queue = []
+        queue, queue_ids = [], []
         for epoch in range(self.rl.epochs):
             order = np.random.default_rng([self.cfg.data.seed, self.rollouts, epoch]).permutation(
                 self.rows
@@ -589,7 +609,9 @@ class RolloutData:
                 idx = order[k * batch : (k + 1) * batch].reshape(accum, batch // accum)
                 idx = idx[:, self.process_index * local : (self.process_index + 1) * local]
                 queue.append({name: v[idx] for name, v in buffer.items()})
+                queue_ids.append([row_ids[i] for i in idx.reshape(-1).tolist()])
         self.queue = queue[self.skip :]
+        self.queue_ids = queue_ids[self.skip :]
 
 
 def family_scores(records: Sequence[dict], scores: np.ndarray) -> dict[str, float]:
