@@ -33,6 +33,19 @@ def rss_slope_mib_per_1000_steps(samples: list[tuple[float, int, int]]) -> float
     return float(np.polyfit(steps, rss, 1)[0] * 1000)
 
 
+def windows(samples: list[tuple[float, int, int]], every: int) -> list[dict]:
+    """RSS (MiB) min / median / max over each `every`-step window of the samples: one save and
+    eval cycle each, so a window's max is that cycle's peak."""
+    out = []
+    last = max((s[2] for s in samples), default=0)
+    for start in range(0, last, every):
+        rss = [s[1] / 2**20 for s in samples if start <= s[2] < start + every]
+        if rss:
+            out.append({"steps": [start, start + every - 1], "min_mib": min(rss),
+                        "median_mib": float(np.median(rss)), "max_mib": max(rss)})
+    return out
+
+
 def last_logged_step(metrics: Path) -> int:
     """The step of the last complete line of metrics.jsonl (0 before the first)."""
     if not metrics.exists():
@@ -119,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         f"peak {peak / 2**20:.0f} MiB, slope {slope:+.1f} MiB per 1000 steps) over "
         f"{samples[-1][0]:.0f} s"
     )
+    cycle = max(save_every, eval_every) or 200
+    per_window = windows(samples, cycle)
+    print(f"RSS per {cycle}-step window (min / median / max MiB):")
+    for w in per_window:
+        print(f"  steps {w['steps'][0]:5d}-{w['steps'][1]:5d}: {w['min_mib']:6.0f} "
+              f"{w['median_mib']:6.0f} {w['max_mib']:6.0f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -133,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 "growth_mib": growth,
                 "peak_mib": peak / 2**20,
                 "slope_mib_per_1000_steps": slope,
+                "windows": per_window,
                 "samples": [{"s": t, "rss_mib": r / 2**20, "steps": n} for t, r, n in samples],
             },
             indent=1,
