@@ -42,25 +42,30 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _train_args(run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    sets = [a for o in [*OVERRIDES, f"run_dir={run_dir}", *extra] for a in ("--set", o)]
+def _train_args(
+    run_dir: Path, extra: tuple[str, ...] = (), config: str = "configs/sft_tiny.yaml",
+    overrides: list[str] = OVERRIDES,
+) -> list[str]:
+    sets = [a for o in [*overrides, f"run_dir={run_dir}", *extra] for a in ("--set", o)]
     return [
         sys.executable,
         "-m",
         "jaxalign.cli",
         "train",
-        str(REPO / "configs/sft_tiny.yaml"),
+        str(REPO / config),
         *sets,
     ]
 
 
-def one_process(run_dir: Path) -> None:
-    subprocess.run(
-        _train_args(run_dir), cwd=REPO, env=_env(8), check=True, capture_output=True, timeout=300
+def one_process(run_dir: Path, **kwargs) -> None:
+    proc = subprocess.run(
+        _train_args(run_dir, **kwargs), cwd=REPO, env=_env(8), capture_output=True, text=True,
+        timeout=300,
     )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def two_processes(run_dir: Path, tmp: Path, extra: tuple[str, ...] = ()) -> None:
+def two_processes(run_dir: Path, tmp: Path, extra: tuple[str, ...] = (), **kwargs) -> None:
     logs_dir = tmp / f"logs_{run_dir.name}"
     env = _env(4) | {"RUN_LOGS": str(logs_dir)}
     proc = subprocess.run(
@@ -71,7 +76,7 @@ def two_processes(run_dir: Path, tmp: Path, extra: tuple[str, ...] = ()) -> None
             "--devices-per-process",
             "4",
             "--",
-            *_train_args(run_dir, extra),
+            *_train_args(run_dir, extra, **kwargs),
         ],
         cwd=REPO,
         env=env,
@@ -130,6 +135,59 @@ def test_each_process_a_slice_gives_the_single_process_losses(runs):
     assert sorted(slices) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose(
         [slices[s] for s in range(1, 6)], [single[s] for s in range(1, 6)], atol=1e-5, rtol=0
+    )
+
+
+PPO_OVERRIDES = [
+    "init_from=null",  # a fresh policy; the value model starts from it with a zero head
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "rl.prompts_per_rollout=16",
+    "rl.epochs=2",
+    "rl.eval_every=0",
+    "sampling.batch_size=16",
+    "sampling.max_new_tokens=8",
+    "train.seq_len=40",
+    "train.batch_size=8",
+    "train.steps=8",  # 2 rollouts x 2 epochs x 2 minibatches
+    "train.log_every=1",
+    "train.progress=false",
+    "train.peak_flops_per_device=1e9",
+    "checkpoint.every=0",
+    "logging.tensorboard=false",
+    "mesh.data=2",
+    "mesh.fsdp=-1",
+]
+
+
+def test_two_process_ppo_gives_the_single_process_run(runs):
+    """PPO across two processes x 4 devices (rollouts generated and scored on every process,
+    each training its share of each minibatch) equals one process with 8 devices: the same
+    sampled rollouts (scores, lengths) and the same losses."""
+    kwargs = {"config": "configs/ppo_tiny.yaml", "overrides": PPO_OVERRIDES}
+    one_process(runs / "ppo_single", **kwargs)
+    two_processes(runs / "ppo_multi", runs, **kwargs)
+
+    def records(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines)}
+
+    single, multi = records(runs / "ppo_single"), records(runs / "ppo_multi")
+    assert sorted(multi) == sorted(single) == list(range(1, 9))
+    for key in ("loss", "loss/policy", "loss/value"):
+        np.testing.assert_allclose(
+            [multi[s][key] for s in range(1, 9)], [single[s][key] for s in range(1, 9)],
+            atol=1e-5, rtol=1e-5, err_msg=key,
+        )
+    # Rollout statistics, logged with the first step after each rollout.
+    rollout_steps = [s for s in range(1, 9) if "objective/scores" in single[s]]
+    assert len(rollout_steps) == 2
+    for key in ("objective/scores", "rollout/response_length", "rollout/eos_fraction"):
+        assert [multi[s][key] for s in rollout_steps] == [single[s][key] for s in rollout_steps]
+    np.testing.assert_allclose(
+        [multi[s]["objective/kl"] for s in rollout_steps],
+        [single[s]["objective/kl"] for s in rollout_steps], atol=1e-5, rtol=1e-5,
     )
 
 

@@ -480,9 +480,11 @@ class RolloutData:
                     policy_params, prompt_tokens[sl], prompt_lengths[sl], sample_ids[sl]
                 )
             )
-        gens = jax.device_get(
-            [(o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs) for o in outs]
-        )
+        # Every process needs every row (it scores them all): gather across processes.
+        gens = [
+            tuple(_to_host(x) for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs))
+            for o in outs
+        ]
         response, lengths, finish, sampling_lp = (
             np.concatenate(x) for x in zip(*gens, strict=True)
         )
