@@ -73,17 +73,23 @@ def start(cfg):
     return algo, trainer, init
 
 
-@pytest.mark.parametrize("trainer_name", ["ppo", "rloo"])
-def test_first_minibatch_ratio_is_one(tmp_path, trainer_name):
-    """Old log-probs straight from the sampler (KV-cache decoding) equal the training forward's
-    on the first minibatch of a fresh rollout: ratio 1 and approxkl 0 up to 1e-6."""
-    cfg = rl_config(tmp_path, trainer_name, **{"rl.old_logprobs": "sampler"})
+def rollout_data(cfg):
+    """The algorithm, trainer, a fresh train state and the RL data iterator watching it."""
     algo, trainer, init = start(cfg)
     params = init if init is not None else trainer.initial_params()
     algo.frozen_params(trainer, params)
     state = trainer.fresh_state(params)
     data = algo.train_data(0, 1)
     data.observe_state(state, trainer)
+    return algo, trainer, state, data
+
+
+@pytest.mark.parametrize("trainer_name", ["ppo", "rloo"])
+def test_first_minibatch_ratio_is_one(tmp_path, trainer_name):
+    """Old log-probs straight from the sampler (KV-cache decoding) equal the training forward's
+    on the first minibatch of a fresh rollout: ratio 1 and approxkl 0 up to 1e-6."""
+    cfg = rl_config(tmp_path, trainer_name, **{"rl.old_logprobs": "sampler"})
+    algo, trainer, state, data = rollout_data(cfg)
     local = next(data)
     micro = {k: v[0] for k, v in local.items()}
 
@@ -253,12 +259,7 @@ def test_rollout_forward_in_chunks_equals_one_forward(tmp_path):
     buffers = []
     for chunk in (0, 8):
         cfg = rl_config(tmp_path / str(chunk), "ppo", **{"rl.forward_batch_size": chunk})
-        algo, trainer, init = start(cfg)
-        params = init if init is not None else trainer.initial_params()
-        algo.frozen_params(trainer, params)
-        state = trainer.fresh_state(params)
-        data = algo.train_data(0, 1)
-        data.observe_state(state, trainer)
+        data = rollout_data(cfg)[3]
         next(data)  # the first rollout
         buffers.append(data.last_rollout["buffer"])
     whole, chunked = buffers
@@ -269,12 +270,7 @@ def test_rollout_forward_in_chunks_equals_one_forward(tmp_path):
 
     bad = rl_config(tmp_path / "bad", "ppo", **{"rl.forward_batch_size": 4})
     with pytest.raises(ConfigError, match="rl.forward_batch_size"):
-        algo, trainer, init = start(bad)
-        params = init if init is not None else trainer.initial_params()
-        algo.frozen_params(trainer, params)
-        data = algo.train_data(0, 1)
-        data.observe_state(trainer.fresh_state(params), trainer)
-        next(data)
+        next(rollout_data(bad)[3])
 
 
 def test_minibatch_record_ids_name_the_prompt_of_each_row(tmp_path):
@@ -285,11 +281,7 @@ def test_minibatch_record_ids_name_the_prompt_of_each_row(tmp_path):
     from jaxalign.data import load_tokenizer, render_prompt
 
     cfg = rl_config(tmp_path, "grpo")
-    algo, trainer, init = start(cfg)
-    params = init if init is not None else trainer.initial_params()
-    algo.frozen_params(trainer, params)
-    data = algo.train_data(0, 1)
-    data.observe_state(trainer.fresh_state(params), trainer)
+    data = rollout_data(cfg)[3]
     tok = load_tokenizer(cfg.data.tokenizer)
     path = cfg.data.train_file
     lines = Path(path).read_text().splitlines()
