@@ -12,7 +12,6 @@ moments — after a checkpoint save or a held-out evaluation (`train.release_mem
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 
