@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,31 @@ class _HoldOrbaxErrors(logging.Filter):
         return True
 
 
+def _drop_closed_event_loop_noise() -> None:
+    """Silence one known, harmless report: after a failed asynchronous save, Orbax's event loop
+    is closed while TensorStore still completes the save's other writes; their callbacks raise
+    RuntimeError("Event loop is closed") in a TensorStore thread, which Python reports through
+    `sys.unraisablehook` as a bare traceback after the run's one-line error. Every other
+    unraisable exception still reaches the previous hook."""
+    if getattr(sys.unraisablehook, "_jaxalign", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxalign = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Saves and restores {state, data, config} under RUN_DIR/checkpoints/<step>."""
 
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
+        _drop_closed_event_loop_noise()
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -148,6 +170,11 @@ class Checkpointer:
         """Wait for the save in flight (UserError if it failed) and release Orbax's threads.
         After a failed save, Orbax's further complaints stay held back: it was reported."""
         if self._failed:
+            # Closing Orbax's event loop collects the failed save's other write tasks, which
+            # asyncio would log one by one ("Task exception was never retrieved").
+            logging.getLogger("asyncio").addFilter(
+                lambda record: "exception was never retrieved" not in str(record.msg)
+            )
             try:
                 self.manager.close()
             except Exception:
