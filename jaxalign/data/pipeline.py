@@ -26,7 +26,7 @@ from jaxalign.data.shards import (
     shard_items,
     shard_seed,
 )
-from jaxalign.data.sources import read_records, source_name, to_messages
+from jaxalign.data.sources import read_records_with_ids, source_name, to_messages
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
@@ -81,19 +81,15 @@ def tokenize_records(
     return examples, {"truncated": truncated, "dropped": dropped, "skipped": skipped}
 
 
-def read_records_with_ids(
+def read_sft_records_with_ids(
     spec: Any, *, on_error: str, data_dir: str | None
 ) -> tuple[list[dict], int, list[str]]:
-    """`read_records` of SFT records plus each valid record's id (`path:LINE` for JSONL,
-    `path:record N`, `<memory>[N]`), for naming the records of a batch in errors."""
-    ids: list[str] = []
-
-    def validate(record: Any, where: str) -> None:
-        to_messages(record, where=where)  # raises DataError for a bad record: no id kept
-        ids.append(where)
-
-    records, skipped = read_records(spec, validate=validate, on_error=on_error, data_dir=data_dir)
-    return records, skipped, ids
+    """`read_records` of SFT records plus each valid record's id (see
+    `sources.read_records_with_ids`)."""
+    return read_records_with_ids(
+        spec, validate=lambda r, where: to_messages(r, where=where), on_error=on_error,
+        data_dir=data_dir,
+    )
 
 
 def _record_slots(records: list[int], seq_len: int) -> np.ndarray:
@@ -341,7 +337,7 @@ class SFTBatchIterator:
         self._record_ids: list[str] = []  # every component's record ids, end to end
         for spec, _ in components:
             name = source_name(spec)
-            records, skipped, ids = read_records_with_ids(spec, on_error=on_error,
+            records, skipped, ids = read_sft_records_with_ids(spec, on_error=on_error,
                                                           data_dir=data_dir)
             examples, counts = tokenize_records(
                 records, tokenizer, template=template, seq_len=seq_len, where=name,

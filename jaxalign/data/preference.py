@@ -30,7 +30,7 @@ from jaxalign.data.shards import (
     shard_items,
     shard_seed,
 )
-from jaxalign.data.sources import read_records, to_messages
+from jaxalign.data.sources import read_records, read_records_with_ids, to_messages
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
@@ -122,16 +122,11 @@ def read_preference_jsonl(path: str, *, on_error: str = "raise") -> tuple[list[d
 
 
 def read_preferences_with_ids(path: str, *, on_error: str) -> tuple[list[dict], int, list[str]]:
-    """`read_preference_jsonl` plus each valid record's id (`path:LINE`, ...), for naming the
-    records of a batch in errors."""
-    ids: list[str] = []
-
-    def validate(record: Any, where: str) -> None:
-        to_preference(record, where=where)  # raises DataError for a bad record: no id kept
-        ids.append(where)
-
-    records, skipped = read_records(path, validate=validate, on_error=on_error)
-    return records, skipped, ids
+    """`read_preference_jsonl` plus each valid record's id (see
+    `sources.read_records_with_ids`)."""
+    return read_records_with_ids(
+        path, validate=lambda r, where: to_preference(r, where=where), on_error=on_error
+    )
 
 
 def tokenize_pair(

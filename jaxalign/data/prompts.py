@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxalign.config import DataConfig
 from jaxalign.data.shards import check_resume_state, plan_shards, shard_items, shard_seed
-from jaxalign.data.sources import _messages_from_list, read_records, source_name
+from jaxalign.data.sources import _messages_from_list, read_records_with_ids, source_name
 from jaxalign.data.templates import get_template, render_prompt
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
@@ -103,14 +103,9 @@ class PromptBatchIterator:
         self.path = source_name(source)
         self.buckets = buckets
         self.pad_id = tokenizer.pad_id
-        record_ids: list[str] = []  # each valid record's id (`path:LINE`, ...), for errors
-
-        def validate(record: Any, where: str) -> None:
-            _validate(record, where)
-            record_ids.append(where)
-
-        records, skipped = read_records(source, validate=validate, on_error=on_error,
-                                        data_dir=data_dir)
+        records, skipped, record_ids = read_records_with_ids(
+            source, validate=_validate, on_error=on_error, data_dir=data_dir
+        )
         longest = buckets[-1]
         self._tokens: list[np.ndarray] = []
         self._extras: list[dict[str, Any]] = []

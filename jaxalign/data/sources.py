@@ -277,6 +277,27 @@ def read_records(
     return records, skipped
 
 
+def read_records_with_ids(
+    spec: Any,
+    *,
+    validate: Validate,
+    on_error: str = "raise",
+    data_dir: str | None = None,
+) -> tuple[list[Any], int, list[str]]:
+    """`read_records` plus each valid record's id (`path:LINE` for JSONL, `path:record N`,
+    `<memory>[N]`), aligned with the records, for naming the records of a batch in errors."""
+    ids: list[str] = []
+
+    def check_and_keep_id(record: Any, where: str) -> None:
+        validate(record, where)  # raises DataError for a bad record: no id kept
+        ids.append(where)
+
+    records, skipped = read_records(
+        spec, validate=check_and_keep_id, on_error=on_error, data_dir=data_dir
+    )
+    return records, skipped, ids
+
+
 def record_dataset(
     spec: Any,
     *,
