@@ -144,6 +144,11 @@ class TrainConfig:
     b2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # global-norm clipping (0: off)
+    # Parameters left as they are: regular expressions searched in each parameter's path
+    # ('/'-joined, e.g. 'embed', 'blocks/0/', 'lm_head'; PPO prefixes 'policy/' or 'value/').
+    # Matching parameters get no updates, no optimizer state and are left out of the gradient
+    # clipping norm (`jaxalign plan` counts their parameters, no moments and no gradients).
+    freeze: list[str] = field(default_factory=list)
     log_every: int = 10  # steps between metrics records (and step 1)
     eval_every: int = 0  # 0: no held-out evaluation (needs data.eval_file)
     eval_batches: int = 4  # batches of the held-out split per evaluation

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
+
 import jax
 import optax
 
-from jaxalign.config import TrainConfig
+from jaxalign.config import Config, TrainConfig
 from jaxalign.errors import ConfigError
 
 
@@ -47,7 +50,7 @@ def _adamw(cfg: TrainConfig, schedule: optax.Schedule, params) -> list:
             b2=cfg.b2,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            mask=weight_decay_mask(params),
+            mask=weight_decay_mask,  # a function: under `train.freeze` it sees the trained part
         )
     ]
 
@@ -74,7 +77,62 @@ def scale_role(role: str, factor: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def param_path(path) -> str:
+    """A parameter's '/'-joined path in the parameter dict, as `train.freeze` matches it:
+    'embed', 'blocks/0/attn/wq' (PPO: 'policy/embed', 'value/score')."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def frozen_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """A predicate on `param_path` strings: whether any of `patterns` (regular expressions,
+    searched) matches."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ConfigError(f"train.freeze: {pattern!r} is not a regular expression: {e}") from e
+    return lambda path: any(c.search(path) for c in compiled)
+
+
+def freeze_labels(patterns: Sequence[str], params) -> object:
+    """'frozen' or 'trained' per leaf of `params`; every pattern must match some parameter and
+    some parameter must stay trained (a ConfigError names the pattern otherwise)."""
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in patterns:
+        if not any(frozen_matcher([pattern])(path) for path in paths):
+            shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+            raise ConfigError(f"train.freeze: {pattern!r} matches no parameter (paths: {shown})")
+    is_frozen = frozen_matcher(patterns)
+    if all(is_frozen(path) for path in paths):
+        raise ConfigError(f"train.freeze: {list(patterns)} freezes every parameter")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if is_frozen(param_path(path)) else "trained", params
+    )
+
+
+def unused_params(cfg: Config) -> list[str]:
+    """`train.freeze` patterns a trainer adds on its own: parameters it holds but no loss reads,
+    the untied LM head of a reward model (`trainer: rm`) and of PPO's value model. Frozen, they
+    get no AdamW moments and no weight decay."""
+    if cfg.model.tie_embeddings:
+        return []
+    return {"rm": ["^backbone/lm_head$"], "ppo": ["^value/backbone/lm_head$"]}.get(cfg.trainer, [])
+
+
 def make_optimizer(cfg: TrainConfig, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`_make_optimizer` for the parameters `cfg.freeze` leaves trained; the frozen ones get
+    `optax.set_to_zero` (no state; XLA drops their now unused gradients)."""
+    tx, schedule = _make_optimizer(cfg, params)
+    if not cfg.freeze:
+        return tx, schedule
+    labels = freeze_labels(cfg.freeze, params)
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def _make_optimizer(
+    cfg: TrainConfig, params
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (decoupled weight decay, masked) after global-norm clipping; returns it and the
     (policy's) schedule.
 

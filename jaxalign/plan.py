@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from jaxalign.config import Config, ModelConfig, load_config
 from jaxalign.errors import ConfigError
 from jaxalign.models.llama import DTYPES, Transformer, logical_axes
 from jaxalign.models.reward import RewardModel
+from jaxalign.optim import frozen_matcher, param_path, unused_params
 
 GIB = 1024**3
 RL_TRAINERS = ("ppo", "grpo", "rloo")
@@ -72,11 +74,13 @@ class Plan:
 
 @dataclass
 class ModelBytes:
-    """Per-device bytes of one model's parameters (in their dtype) and of its AdamW moments."""
+    """Per-device bytes of one model's parameters (in their dtype), of its AdamW moments and of
+    the gradients of the trained ones (`train.freeze`: frozen parameters have neither)."""
 
     params: int
     optimizer: int
     num_params: int
+    gradients: int
 
 
 def _shard_elems(shape: tuple[int, ...], spec, sizes: dict[str, int], path: str) -> int:
@@ -93,22 +97,30 @@ def _shard_elems(shape: tuple[int, ...], spec, sizes: dict[str, int], path: str)
     return n
 
 
-def model_bytes(module: Any, sizes: dict[str, int], rules: shd.Rules) -> ModelBytes:
-    """Bytes per device of `module`'s parameters (an abstract nnx.Module) on a mesh of `sizes`."""
+def model_bytes(
+    module: Any, sizes: dict[str, int], rules: shd.Rules, frozen: Sequence[str] = (),
+    prefix: str = "",
+) -> ModelBytes:
+    """Bytes per device of `module`'s parameters (an abstract nnx.Module) on a mesh of `sizes`;
+    `frozen`: `train.freeze` patterns, matched against `prefix` + each parameter's path."""
     _, state = nnx.split(module)
     names = logical_axes(state).to_pure_dict()
     shapes = state.to_pure_dict()
-    param_bytes = opt_bytes = num_params = 0
+    is_frozen = frozen_matcher(frozen)
+    param_bytes = opt_bytes = grad_bytes = num_params = 0
     for (path, leaf), axes in zip(
         jax.tree_util.tree_leaves_with_path(shapes),
         jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)),
     ):
         key = jax.tree_util.keystr(path, simple=True, separator=".")
         elems = _shard_elems(tuple(leaf.shape), shd.logical_to_spec(axes, rules), sizes, key)
-        param_bytes += elems * np.dtype(leaf.dtype).itemsize
-        opt_bytes += elems * 4 * 2  # AdamW: two float32 moments per parameter
+        nbytes = elems * np.dtype(leaf.dtype).itemsize
+        param_bytes += nbytes
+        if not is_frozen(prefix + param_path(path)):
+            opt_bytes += elems * 4 * 2  # AdamW: two float32 moments per parameter
+            grad_bytes += nbytes
         num_params += math.prod(leaf.shape)
-    return ModelBytes(param_bytes, opt_bytes, num_params)
+    return ModelBytes(param_bytes, opt_bytes, num_params, grad_bytes)
 
 
 def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
@@ -211,18 +223,24 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
             f"train.batch_size: micro-batch of {micro} rows does not divide by the "
             f"batch mesh axes (size {batch_div})"
         )
-    policy = model_bytes(_abstract(Transformer, cfg.model), sizes, rules)
+    freeze = [*cfg.train.freeze, *unused_params(cfg)]
+    if cfg.trainer == "ppo":
+        policy = model_bytes(_abstract(Transformer, cfg.model), sizes, rules, freeze, "policy/")
+    elif cfg.trainer == "rm":
+        policy = model_bytes(_abstract(RewardModel, cfg.model), sizes, rules, freeze)
+    else:
+        policy = model_bytes(_abstract(Transformer, cfg.model), sizes, rules, freeze)
     parts = {
         "params": policy.params,
         "optimizer": policy.optimizer,
-        "gradients": policy.params,
+        "gradients": policy.gradients,
         "activations": activation_bytes(cfg, sizes, rules),
     }
     host: dict[str, int] = {}
     num_params = policy.num_params
     if cfg.trainer == "ppo":
-        value = model_bytes(_abstract(RewardModel, cfg.model), sizes, rules)
-        parts["value model"] = 2 * value.params  # parameters and their gradients
+        value = model_bytes(_abstract(RewardModel, cfg.model), sizes, rules, freeze, "value/")
+        parts["value model"] = value.params + value.gradients  # parameters and their gradients
         parts["value optimizer"] = value.optimizer
         num_params += value.num_params
     # Frozen copies of the initial policy: RL's reference; DPO's unless its log-probs are

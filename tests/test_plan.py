@@ -47,8 +47,10 @@ def test_ppo_plan_counts_policy_value_and_reference():
     sft = make_plan(load_config(next(p for p in RECIPES if p.stem == "sft_8b_v5p64")), 32)
     score = 4096 // 32 * 4  # the value head: [D] float32, split over fsdp
     assert ppo.params == sft.params and ppo.optimizer == sft.optimizer
-    assert ppo.parts["value model"] == 2 * (sft.params + score)  # parameters and gradients
-    assert ppo.parts["value optimizer"] == sft.optimizer + 2 * score
+    # The value model's untied LM head is held but never trained: no gradients, no moments.
+    head = 128256 * 4096 // 32  # elements per device of the [D, V] head, split over fsdp
+    assert ppo.parts["value model"] == 2 * (sft.params + score) - 4 * head  # float32 params
+    assert ppo.parts["value optimizer"] == sft.optimizer + 2 * score - 8 * head
     assert ppo.parts["reference"] == sft.params
     assert ppo.parts["reward model"] == sft.params + score  # no RM run here: the policy's shape
     assert ppo.num_params == 2 * sft.num_params + 4096

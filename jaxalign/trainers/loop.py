@@ -4,6 +4,7 @@ preemption, metrics and progress. An algorithm only supplies a loss and its data
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import threading
@@ -27,7 +28,7 @@ from jaxalign.errors import UserError
 from jaxalign.memory import release_free_memory
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
 from jaxalign.models.llama import Transformer, logical_axes
-from jaxalign.optim import make_optimizer
+from jaxalign.optim import make_optimizer, unused_params
 from jaxalign.trainers.step import (
     combine_metrics,
     eval_metrics,
@@ -182,17 +183,21 @@ class Trainer:
         self.graphdef, self.abstract_params, self.param_shardings = build_model(
             cfg, self.mesh, self.rules, self.make_model
         )
-        self.tx, self.schedule = make_optimizer(cfg.train, self.abstract_params)
+        freeze = [*cfg.train.freeze, *unused_params(cfg)]
+        self.tx, self.schedule = make_optimizer(
+            dataclasses.replace(cfg.train, freeze=freeze), self.abstract_params
+        )
         abstract_state = jax.eval_shape(
             lambda p: init_state(p, self.tx, cfg.train.seed), self.abstract_params
         )
         replicated = NamedSharding(self.mesh, P())
-        opt_shardings = optax.tree_map_params(
+        opt_shardings = optax.tree_map_params(  # moments like their parameters
             self.tx,
-            lambda _, s: s,
+            lambda v, s: v if isinstance(v, optax.MaskedNode) else s,  # frozen: no state
             abstract_state["opt_state"],
             self.param_shardings,
             transform_non_params=lambda _: replicated,
+            is_leaf=lambda v: isinstance(v, optax.MaskedNode),
         )
         self.state_shardings = {
             "step": replicated,
