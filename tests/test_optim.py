@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from toy import ToyAlgorithm, losses, toy_config
+from toy import ToyAlgorithm, losses, run_toy, toy_config
 
 from jaxalign.config import TrainConfig
 from jaxalign.errors import ConfigError
@@ -148,18 +148,9 @@ def test_frozen_run_keeps_those_parameters_and_resumes_bitwise(tmp_path):
             raise RuntimeError("simulated crash")
 
     cfg = toy_config(tmp_path / "crash", **over, **{"checkpoint.every": 2})
-    algo = ToyAlgorithm(cfg)
-    original = algo.train_data
-
-    def with_hook(*a):
-        data = original(*a)
-        data.on_batch = crash_after_three
-        return data
-
-    algo.train_data = with_hook
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(cfg, algo, devices=devices).run()
-    resumed = Trainer(cfg, ToyAlgorithm(cfg), devices=devices).run()
+        run_toy(cfg, devices, hook=crash_after_three)
+    _, resumed = run_toy(cfg, devices)
     assert [h["step"] for h in resumed.history] == [3, 4, 5]
     assert losses(resumed) == losses(result)[2:]
     np.testing.assert_array_equal(np.asarray(resumed.state["params"]["embed"]), start["embed"])

@@ -8,24 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from toy import ToyAlgorithm, losses, toy_config
+from toy import ToyAlgorithm, losses, run_toy, toy_config
 
 from jaxalign.trainers.loop import Trainer
 
-
-def run(cfg, devices=None, hook=None):
-    algo = ToyAlgorithm(cfg)
-    trainer = Trainer(cfg, algo, devices=devices)
-    if hook is not None:
-        original = algo.train_data
-
-        def with_hook(*a):
-            data = original(*a)
-            data.on_batch = hook
-            return data
-
-        algo.train_data = with_hook
-    return trainer, trainer.run()
+run = run_toy
 
 
 @pytest.fixture(scope="module")

@@ -105,3 +105,22 @@ class ToyAlgorithm:
 
 def losses(result) -> list[float]:
     return [h["loss"] for h in result.history]
+
+
+def run_toy(cfg: Config, devices=None, hook=None):
+    """Train ToyAlgorithm under `cfg`; `hook(batch_index)` runs before each training batch (e.g.
+    raises to simulate a crash). Returns (trainer, result)."""
+    from jaxalign.trainers.loop import Trainer
+
+    algo = ToyAlgorithm(cfg)
+    trainer = Trainer(cfg, algo, devices=devices)
+    if hook is not None:
+        original = algo.train_data
+
+        def with_hook(*a):
+            data = original(*a)
+            data.on_batch = hook
+            return data
+
+        algo.train_data = with_hook
+    return trainer, trainer.run()
