@@ -111,22 +111,24 @@ def freeze_labels(patterns: Sequence[str], params) -> object:
     )
 
 
-def unused_params(cfg: Config) -> list[str]:
-    """`train.freeze` patterns a trainer adds on its own: parameters it holds but no loss reads,
-    the untied LM head of a reward model (`trainer: rm`) and of PPO's value model. Frozen, they
-    get no AdamW moments and no weight decay."""
-    if cfg.model.tie_embeddings:
-        return []
-    return {"rm": ["^backbone/lm_head$"], "ppo": ["^value/backbone/lm_head$"]}.get(cfg.trainer, [])
+def freeze_patterns(cfg: Config) -> list[str]:
+    """`train.freeze` and what the trainer freezes on its own: parameters it holds but no loss
+    reads, the untied LM head of a reward model (`trainer: rm`) and of PPO's value model."""
+    unused = {"rm": ["^backbone/lm_head$"], "ppo": ["^value/backbone/lm_head$"]}
+    return [*cfg.train.freeze, *([] if cfg.model.tie_embeddings else unused.get(cfg.trainer, []))]
 
 
-def make_optimizer(cfg: TrainConfig, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`_make_optimizer` for the parameters `cfg.freeze` leaves trained; the frozen ones get
-    `optax.set_to_zero` (no state; XLA drops their now unused gradients)."""
+def make_optimizer(
+    cfg: TrainConfig, params, freeze: Sequence[str] | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`_make_optimizer` for the parameters that `freeze` (default: `cfg.freeze`) leaves
+    trained; the frozen ones get `optax.set_to_zero` (no state; XLA drops their unused
+    gradients)."""
     tx, schedule = _make_optimizer(cfg, params)
-    if not cfg.freeze:
+    freeze = cfg.freeze if freeze is None else freeze
+    if not freeze:
         return tx, schedule
-    labels = freeze_labels(cfg.freeze, params)
+    labels = freeze_labels(freeze, params)
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels), schedule
 
 

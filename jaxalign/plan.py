@@ -30,7 +30,7 @@ from jaxalign.config import Config, ModelConfig, load_config
 from jaxalign.errors import ConfigError
 from jaxalign.models.llama import DTYPES, Transformer, logical_axes
 from jaxalign.models.reward import RewardModel
-from jaxalign.optim import frozen_matcher, param_path, unused_params
+from jaxalign.optim import freeze_patterns, frozen_matcher, param_path
 
 GIB = 1024**3
 RL_TRAINERS = ("ppo", "grpo", "rloo")
@@ -98,7 +98,10 @@ def _shard_elems(shape: tuple[int, ...], spec, sizes: dict[str, int], path: str)
 
 
 def model_bytes(
-    module: Any, sizes: dict[str, int], rules: shd.Rules, frozen: Sequence[str] = (),
+    module: Any,
+    sizes: dict[str, int],
+    rules: shd.Rules,
+    frozen: Sequence[str] = (),
     prefix: str = "",
 ) -> ModelBytes:
     """Bytes per device of `module`'s parameters (an abstract nnx.Module) on a mesh of `sizes`;
@@ -223,7 +226,7 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
             f"train.batch_size: micro-batch of {micro} rows does not divide by the "
             f"batch mesh axes (size {batch_div})"
         )
-    freeze = [*cfg.train.freeze, *unused_params(cfg)]
+    freeze = freeze_patterns(cfg)
     if cfg.trainer == "ppo":
         policy = model_bytes(_abstract(Transformer, cfg.model), sizes, rules, freeze, "policy/")
     elif cfg.trainer == "rm":

@@ -4,7 +4,6 @@ preemption, metrics and progress. An algorithm only supplies a loss and its data
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import signal
 import threading
@@ -28,7 +27,7 @@ from jaxalign.errors import UserError
 from jaxalign.memory import release_free_memory
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
 from jaxalign.models.llama import Transformer, logical_axes
-from jaxalign.optim import make_optimizer, unused_params
+from jaxalign.optim import freeze_patterns, make_optimizer
 from jaxalign.trainers.step import (
     combine_metrics,
     eval_metrics,
@@ -183,9 +182,8 @@ class Trainer:
         self.graphdef, self.abstract_params, self.param_shardings = build_model(
             cfg, self.mesh, self.rules, self.make_model
         )
-        freeze = [*cfg.train.freeze, *unused_params(cfg)]
         self.tx, self.schedule = make_optimizer(
-            dataclasses.replace(cfg.train, freeze=freeze), self.abstract_params
+            cfg.train, self.abstract_params, freeze_patterns(cfg)
         )
         abstract_state = jax.eval_shape(
             lambda p: init_state(p, self.tx, cfg.train.seed), self.abstract_params
