@@ -71,8 +71,9 @@ def num_params(m: dict) -> int:
     return 2 * v * d + d + layers * (attn + 3 * d * f + 2 * d)
 
 
-def decode_floor_s(m: dict, batch: int, prompt_len: int, new_tokens: int, peak_flops: float,
-                   bandwidth: float) -> float:
+def decode_floor_s(
+    m: dict, batch: int, prompt_len: int, new_tokens: int, peak_flops: float, bandwidth: float
+) -> float:
     """The fastest any implementation could run one call on this machine (f32 weights): the
     prefill's matmul FLOPs at the measured matmul peak, plus, for each of the new_tokens - 1
     decode steps, the longer of reading every matmul weight once (at the measured bandwidth)
@@ -295,7 +296,11 @@ def main() -> None:
                 jax_info = next((info[size][x] for x in sides if x.startswith("jax")), None)
                 if jax_info and "matmul_peak_flops" in jax_info:
                     row["floor_s"] = decode_floor_s(
-                        SIZES[size], b, args.prompt_len, n, jax_info["matmul_peak_flops"],
+                        SIZES[size],
+                        b,
+                        args.prompt_len,
+                        n,
+                        jax_info["matmul_peak_flops"],
                         jax_info["weight_bandwidth"],
                     )
                     row["floor_tok_s"] = b * n / row["floor_s"]

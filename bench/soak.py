@@ -41,8 +41,14 @@ def windows(samples: list[tuple[float, int, int]], every: int) -> list[dict]:
     for start in range(0, last, every):
         rss = [s[1] / 2**20 for s in samples if start <= s[2] < start + every]
         if rss:
-            out.append({"steps": [start, start + every - 1], "min_mib": min(rss),
-                        "median_mib": float(np.median(rss)), "max_mib": max(rss)})
+            out.append(
+                {
+                    "steps": [start, start + every - 1],
+                    "min_mib": min(rss),
+                    "median_mib": float(np.median(rss)),
+                    "max_mib": max(rss),
+                }
+            )
     return out
 
 
@@ -63,12 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=200, help="checkpoint and eval interval")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "soak.json")
-    parser.add_argument("--save-every", type=int, default=None,
-                        help="checkpoint interval (default: --every; 0: only at the end)")
-    parser.add_argument("--eval-every", type=int, default=None,
-                        help="eval interval (default: --every; 0: no evals)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config overrides (e.g. train.batch_size=4)")
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        help="checkpoint interval (default: --every; 0: only at the end)",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="eval interval (default: --every; 0: no evals)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides (e.g. train.batch_size=4)",
+    )
     args = parser.parse_args(argv)
     save_every = args.every if args.save_every is None else args.save_every
     eval_every = args.every if args.eval_every is None else args.eval_every
@@ -136,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     per_window = windows(samples, cycle)
     print(f"RSS per {cycle}-step window (min / median / max MiB):")
     for w in per_window:
-        print(f"  steps {w['steps'][0]:5d}-{w['steps'][1]:5d}: {w['min_mib']:6.0f} "
-              f"{w['median_mib']:6.0f} {w['max_mib']:6.0f}")
+        print(
+            f"  steps {w['steps'][0]:5d}-{w['steps'][1]:5d}: {w['min_mib']:6.0f} "
+            f"{w['median_mib']:6.0f} {w['max_mib']:6.0f}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(

@@ -27,8 +27,9 @@ from pathlib import Path
 def _enable_compilation_cache() -> None:
     import jax
 
-    cache_dir = os.environ.get("JAXALIGN_COMPILATION_CACHE",
-                               str(Path.home() / ".cache" / "jaxalign" / "xla"))
+    cache_dir = os.environ.get(
+        "JAXALIGN_COMPILATION_CACHE", str(Path.home() / ".cache" / "jaxalign" / "xla")
+    )
     if cache_dir and cache_dir != "off":
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -36,8 +37,14 @@ def _enable_compilation_cache() -> None:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set train.steps=10")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set train.steps=10",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -56,9 +63,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.history and trainer.mesh.devices.flat[0].process_index == 0:
         first, last = result.history[0], result.history[-1]
         state = "stopped (preempted)" if result.preempted else "done"
-        print(f"[jaxalign] {state} at step {result.final_step}: loss {first['loss']:.4f} "
-              f"(step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
-              f"run dir {cfg.run_dir}")
+        print(
+            f"[jaxalign] {state} at step {result.final_step}: loss {first['loss']:.4f} "
+            f"(step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
+            f"run dir {cfg.run_dir}"
+        )
     return 0
 
 
@@ -91,8 +100,13 @@ def cmd_shardings(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from jaxalign.hf.model import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer,
-                            family=args.family, max_shard_size=args.max_shard_size)
+    out = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        tokenizer=args.tokenizer,
+        family=args.family,
+        max_shard_size=args.max_shard_size,
+    )
     print(f"[jaxalign] wrote {out}")
     return 0
 
@@ -114,16 +128,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.output:
         print(f"[jaxalign] wrote {counts['records']} rewards to {args.output}", file=sys.stderr)
     if counts["truncated"]:
-        print(f"[jaxalign] {counts['truncated']} records longer than the model's seq_len were "
-              "scored on their last tokens", file=sys.stderr)
+        print(
+            f"[jaxalign] {counts['truncated']} records longer than the model's seq_len were "
+            "scored on their last tokens",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a RUN_DIR or one of its checkpoints/<step>")
     p.add_argument("--input", required=True, help="prompts JSONL: {prompt} or {messages}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the run's config, e.g. sampling.temperature=0.7")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the run's config, e.g. sampling.temperature=0.7",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -144,19 +167,29 @@ def cmd_rejection_sample(args: argparse.Namespace) -> int:
     scorer, prompt_form = make_scorer(args.reward_fn, args.reward_model)
     _enable_compilation_cache()
     policy = load_policy(args.model, args.overrides)
-    stats = rejection_sample(policy, args.input, scorer, args.output_sft, args.output_dpo,
-                             scorer_prompts=prompt_form, progress=args.progress)
-    print(f"[jaxalign] {stats['prompts']} prompts x {stats['samples_per_prompt']} samples: "
-          f"{stats['sft_records']} SFT records to {args.output_sft}, {stats['dpo_pairs']} DPO "
-          f"pairs; mean score {stats['mean_score']:.4f}, mean best {stats['mean_best_score']:.4f}")
+    stats = rejection_sample(
+        policy,
+        args.input,
+        scorer,
+        args.output_sft,
+        args.output_dpo,
+        scorer_prompts=prompt_form,
+        progress=args.progress,
+    )
+    print(
+        f"[jaxalign] {stats['prompts']} prompts x {stats['samples_per_prompt']} samples: "
+        f"{stats['sft_records']} SFT records to {args.output_sft}, {stats['dpo_pairs']} DPO "
+        f"pairs; mean score {stats['mean_score']:.4f}, mean best {stats['mean_best_score']:.4f}"
+    )
     return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from jaxalign import quickstart
 
-    return quickstart.run(args.run_dir, fast=args.fast, stages=args.stages,
-                          from_stage=args.from_stage)
+    return quickstart.run(
+        args.run_dir, fast=args.fast, stages=args.stages, from_stage=args.from_stage
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -175,10 +208,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _enable_compilation_cache()
     baseline = read_generations(args.baseline) if args.baseline else None
-    metrics = evaluate(args.model, args.eval_file or eval_files(), reference=args.reference,
-                       reward_model=args.reward_model, baseline=baseline,
-                       limit_per_family=args.limit, max_new_tokens=args.max_new_tokens,
-                       generations_path=args.generations)
+    metrics = evaluate(
+        args.model,
+        args.eval_file or eval_files(),
+        reference=args.reference,
+        reward_model=args.reward_model,
+        baseline=baseline,
+        limit_per_family=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        generations_path=args.generations,
+    )
     text = json.dumps({"model": args.model, "metrics": metrics}, indent=1)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint as a Hugging Face model directory")
     p.add_argument("--checkpoint", required=True, help="RUN_DIR or RUN_DIR/checkpoints/STEP")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--tokenizer", help="tokenizer to include (default: data.tokenizer or the "
-                   "model.from_hf directory's files)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer to include (default: data.tokenizer or the "
+        "model.from_hf directory's files)",
+    )
     p.add_argument("--family", help="Hugging Face model_type (default: inferred)")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 2GB")
     p.set_defaults(func=cmd_export)
@@ -235,11 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output JSONL, one record per prompt")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("rejection-sample",
-                       help="K samples per prompt, scored: best as SFT, best/worst as DPO JSONL")
+    p = sub.add_parser(
+        "rejection-sample",
+        help="K samples per prompt, scored: best as SFT, best/worst as DPO JSONL",
+    )
     _add_generation_args(p)
-    p.add_argument("--reward-fn", help="MODULE:FUNCTION or FILE.py:FUNCTION, called as "
-                   "fn(prompts, completions, **record_fields) -> scores")
+    p.add_argument(
+        "--reward-fn",
+        help="MODULE:FUNCTION or FILE.py:FUNCTION, called as "
+        "fn(prompts, completions, **record_fields) -> scores",
+    )
     p.add_argument("--reward-model", help="a reward-model RUN_DIR (trainer: rm)")
     p.add_argument("--output-sft", required=True, help="best completion per prompt (JSONL)")
     p.add_argument("--output-dpo", help="best/worst pair per prompt (JSONL)")
@@ -247,8 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jaxalign.quickstart import STAGES
 
-    p = sub.add_parser("quickstart", help="tokenizer -> pretrain -> SFT -> RM -> DPO -> PPO/GRPO "
-                       "-> evals on the bundled data, with a report")
+    p = sub.add_parser(
+        "quickstart",
+        help="tokenizer -> pretrain -> SFT -> RM -> DPO -> PPO/GRPO "
+        "-> evals on the bundled data, with a report",
+    )
     p.add_argument("--fast", action="store_true", help="a smaller model and fewer steps")
     p.add_argument("--run-dir", help="default: runs/quickstart (runs/quickstart_fast)")
     p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages")
@@ -257,20 +307,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="held-out checker evals of a policy, or a regression gate")
     p.add_argument("--model", help="policy RUN_DIR to evaluate")
-    p.add_argument("--eval-file", action="append", help="eval JSONL (repeatable; default: the "
-                   "quickstart's held-out task and safety splits)")
+    p.add_argument(
+        "--eval-file",
+        action="append",
+        help="eval JSONL (repeatable; default: the quickstart's held-out task and safety splits)",
+    )
     p.add_argument("--reference", help="RUN_DIR of the reference policy (KL to it)")
     p.add_argument("--reward-model", help="RM RUN_DIR (win rate against --baseline)")
-    p.add_argument("--baseline", help="generations JSONL of the baseline model (--generations "
-                   "of an earlier eval)")
+    p.add_argument(
+        "--baseline",
+        help="generations JSONL of the baseline model (--generations of an earlier eval)",
+    )
     p.add_argument("--limit", type=int, help="at most this many prompts per family")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--generations", help="write each prompt's answer and verdict here (JSONL)")
     p.add_argument("--output", help="write the metrics here (JSON)")
-    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
-                   help="compare two evaluations (run dirs or metrics JSON files)")
-    p.add_argument("--max-drop", type=float, default=2.0,
-                   help="largest allowed regression per metric, in points (with --compare)")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="compare two evaluations (run dirs or metrics JSON files)",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=2.0,
+        help="largest allowed regression per metric, in points (with --compare)",
+    )
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -484,16 +484,25 @@ def validate(cfg: Config, where: str = "config") -> None:
     def fail(msg: str) -> None:
         raise ConfigError(f"{where}: {msg}")
 
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+    ):
         if getattr(m, name) <= 0:
             fail(f"model.{name} must be positive, got {getattr(m, name)}")
     if m.num_heads % m.num_kv_heads:
-        fail(f"model.num_heads ({m.num_heads}) must divide by model.num_kv_heads "
-             f"({m.num_kv_heads})")
+        fail(
+            f"model.num_heads ({m.num_heads}) must divide by model.num_kv_heads ({m.num_kv_heads})"
+        )
     if m.head_dim is None and m.hidden_size % m.num_heads:
-        fail(f"model.hidden_size ({m.hidden_size}) must divide by model.num_heads "
-             f"({m.num_heads}) unless model.head_dim is set")
+        fail(
+            f"model.hidden_size ({m.hidden_size}) must divide by model.num_heads "
+            f"({m.num_heads}) unless model.head_dim is set"
+        )
     if m.resolved_head_dim % 2:
         fail(f"model head_dim ({m.resolved_head_dim}) must be even for rotary embeddings")
     if m.rope_scaling is not None:
@@ -517,8 +526,7 @@ def validate(cfg: Config, where: str = "config") -> None:
     if sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
         fail("sampling.temperature must be >= 0, sampling.top_p in (0, 1], sampling.top_k >= 0")
     if min(sp.max_new_tokens, sp.max_prompt_len, sp.batch_size, sp.num_samples) <= 0:
-        fail("sampling.max_new_tokens, max_prompt_len, batch_size and num_samples must be "
-             "positive")
+        fail("sampling.max_new_tokens, max_prompt_len, batch_size and num_samples must be positive")
     if cfg.dpo.beta <= 0:
         fail(f"dpo.beta must be positive, got {cfg.dpo.beta}")
     if not 0 <= cfg.dpo.label_smoothing < 0.5:
@@ -535,8 +543,7 @@ def validate(cfg: Config, where: str = "config") -> None:
             v = getattr(cfg.mesh, name)
             if v == 0 or v < -1 or (name.startswith("dcn") and v < 1):
                 fill = "" if name.startswith("dcn") else " or -1"
-                fail(f"mesh.{name} must be a positive size{fill}"
-                     f", got {v}")
+                fail(f"mesh.{name} must be a positive size{fill}, got {v}")
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -115,8 +115,10 @@ def dpo_loss(
             -beta * logits
         )
     elif loss_type == "robust":
-        losses = (-(1 - eps) * jax.nn.log_sigmoid(beta * logits)
-                  + eps * jax.nn.log_sigmoid(-beta * logits)) / (1 - 2 * eps)
+        losses = (
+            -(1 - eps) * jax.nn.log_sigmoid(beta * logits)
+            + eps * jax.nn.log_sigmoid(-beta * logits)
+        ) / (1 - 2 * eps)
     elif loss_type == "hinge":
         losses = jax.nn.relu(1 - beta * logits)
     elif loss_type == "ipo":
@@ -183,6 +185,7 @@ def reward_model_loss(
     """Scalar reward-model loss over [B] pairs:
     mean(-log s(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)."""
     return jnp.mean(
-        reward_model_pair_losses(chosen_rewards, rejected_rewards, margin=margin,
-                                 center_coef=center_coef)
+        reward_model_pair_losses(
+            chosen_rewards, rejected_rewards, margin=margin, center_coef=center_coef
+        )
     )

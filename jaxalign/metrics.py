@@ -15,8 +15,13 @@ from jaxalign.config import ModelConfig
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts: total, and without the input embedding (what matmuls touch)."""
-    d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                       cfg.resolved_head_dim)
+    d, f, h, kv, hd = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.resolved_head_dim,
+    )
     attn = d * h * hd * 2 + d * kv * hd * 2
     if cfg.attention_bias:
         attn += (h + 2 * kv) * hd
@@ -55,8 +60,14 @@ class MetricsWriter:
     Only process 0 writes; other processes get a writer that does nothing.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True,
-                 wandb_project: str | None = None, config: dict | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+    ):
         self.enabled = jax.process_index() == 0
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
@@ -107,7 +118,8 @@ class MetricsWriter:
 
 def _plain(value: Any) -> Any:
     try:
-        return float(value) if getattr(value, "ndim", 0) == 0 and not isinstance(value, str) \
-            else value
+        return (
+            float(value) if getattr(value, "ndim", 0) == 0 and not isinstance(value, str) else value
+        )
     except (TypeError, ValueError):
         return value

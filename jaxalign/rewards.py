@@ -18,15 +18,19 @@ def _normalize(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def exact_answer(prompts: Sequence, completions: Sequence[str], answer: Sequence[str],
-                 **_) -> np.ndarray:
+def exact_answer(
+    prompts: Sequence, completions: Sequence[str], answer: Sequence[str], **_
+) -> np.ndarray:
     """1.0 where the completion equals the record's `answer` (whitespace-normalized), else 0.0."""
-    return np.asarray([float(_normalize(c) == _normalize(a))
-                       for c, a in zip(completions, answer, strict=True)], np.float64)
+    return np.asarray(
+        [float(_normalize(c) == _normalize(a)) for c, a in zip(completions, answer, strict=True)],
+        np.float64,
+    )
 
 
-def shaped_answer(prompts: Sequence, completions: Sequence[str], answer: Sequence[str],
-                  **_) -> np.ndarray:
+def shaped_answer(
+    prompts: Sequence, completions: Sequence[str], answer: Sequence[str], **_
+) -> np.ndarray:
     """`exact_answer`, plus partial credit 0.2 when the completion is wrong but contains the
     answer's number (arithmetic, counting, largest) as its last number."""
     scores = []

@@ -42,8 +42,14 @@ def masked_var(x: jax.Array, mask: jax.Array, *, unbiased: bool = True) -> jax.A
     return sq / jnp.maximum(n - 1.0, 1.0) if unbiased else sq / jnp.maximum(n, 1.0)
 
 
-def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True,
-                  unbiased: bool = True, eps: float = 1e-8) -> jax.Array:
+def masked_whiten(
+    x: jax.Array,
+    mask: jax.Array,
+    *,
+    shift_mean: bool = True,
+    unbiased: bool = True,
+    eps: float = 1e-8,
+) -> jax.Array:
     """(x - mean) / sqrt(var + eps) over the masked entries of `x` (all axes); with
     `shift_mean=False` the mean is added back (only the scale changes). Masked-out entries are 0.
 
@@ -58,8 +64,9 @@ def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True,
     return jnp.where(mask > 0, out, 0.0)
 
 
-def compute_gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float,
-                lam: float) -> tuple[jax.Array, jax.Array]:
+def compute_gae(
+    rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float, lam: float
+) -> tuple[jax.Array, jax.Array]:
     """Generalized advantage estimation over the response tokens, as a reverse `lax.scan`.
 
     rewards, values, mask: [B, T]. With V(after the last real token) = 0 and positions where
@@ -90,8 +97,9 @@ def compute_gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma
     return advantages, returns
 
 
-def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k1",
-               clamp: float | None = None) -> jax.Array:
+def kl_penalty(
+    logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k1", clamp: float | None = None
+) -> jax.Array:
     """Per-token estimate of KL(pi || ref) from the sampled token's log-probs (Schulman, 2020).
 
     With d = logprobs - ref_logprobs (= log pi/ref at the sampled token):
@@ -114,8 +122,9 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k
     return kl
 
 
-def clipped_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
-                        clip_eps: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+def clipped_policy_loss(
+    logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, clip_eps: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped surrogate per token (to minimize), and per-token diagnostics.
 
     ratio = exp(logprobs - old_logprobs);
@@ -136,8 +145,9 @@ def clipped_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages
     return loss, stats
 
 
-def clipped_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array,
-                       clip_range: float) -> tuple[jax.Array, jax.Array]:
+def clipped_value_loss(
+    values: jax.Array, old_values: jax.Array, returns: jax.Array, clip_range: float
+) -> tuple[jax.Array, jax.Array]:
     """PPO's clipped value loss per token and the clip indicator (no gradient), each [B, T]:
 
     v_clip = old_values + clip(values - old_values, -c, c);
@@ -157,8 +167,14 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def group_advantages(scores: jax.Array, group_size: int, *, scale: bool = True,
-                     unbiased: bool = False, eps: float = 1e-4) -> jax.Array:
+def group_advantages(
+    scores: jax.Array,
+    group_size: int,
+    *,
+    scale: bool = True,
+    unbiased: bool = False,
+    eps: float = 1e-4,
+) -> jax.Array:
     """GRPO's advantages: each score minus its group's mean, divided by the group's std + eps
     (`scale=False`: no division, Dr. GRPO). scores: [B] with B = groups * group_size, rows of a
     group adjacent. std is biased (/ G) by default; `unbiased`: / (G - 1) (as torch.std in TRL).

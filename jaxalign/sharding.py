@@ -25,7 +25,16 @@ from jaxalign.config import AXIS_NAMES, MeshConfig, ShardingConfig
 from jaxalign.errors import ConfigError
 
 LOGICAL_AXES = (
-    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "norm",
+    "batch",
+    "length",
+    "embed",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "vocab",
+    "layers",
+    "norm",
 )
 
 # The default: FSDP over `fsdp`, tensor parallelism over `tensor`, batch over data and fsdp.
@@ -75,8 +84,7 @@ def resolve_rules(cfg: ShardingConfig) -> Rules:
         for logical, value in rules.items():
             if logical not in LOGICAL_AXES:
                 raise ConfigError(
-                    f"{where}: unknown logical axis '{logical}' "
-                    f"(known: {', '.join(LOGICAL_AXES)})"
+                    f"{where}: unknown logical axis '{logical}' (known: {', '.join(LOGICAL_AXES)})"
                 )
             merged[logical] = value
     return {k: _normalize_rule(k, v, "sharding") for k, v in merged.items()}
@@ -296,10 +304,18 @@ def describe(shapes: Any, shardings: Any, mesh: Mesh) -> str:
         shard = sharding.shard_shape(shape)
         nbytes = math.prod(shard) * np.dtype(leaf.dtype).itemsize
         total += nbytes
-        rows.append((jax.tree_util.keystr(path, simple=True, separator="."), str(shape),
-                     str(sharding.spec), f"{nbytes:,}"))
-    widths = [max(len(r[i]) for r in rows + [("parameter", "shape", "spec", "bytes/device")])
-              for i in range(4)]
+        rows.append(
+            (
+                jax.tree_util.keystr(path, simple=True, separator="."),
+                str(shape),
+                str(sharding.spec),
+                f"{nbytes:,}",
+            )
+        )
+    widths = [
+        max(len(r[i]) for r in rows + [("parameter", "shape", "spec", "bytes/device")])
+        for i in range(4)
+    ]
     header = ("parameter", "shape", "spec", "bytes/device")
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -22,17 +22,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
 OVERRIDES = [
-    f"train.steps={STEPS}", "train.batch_size=8", "train.seq_len=64", "train.log_every=1",
-    "train.eval_every=0", "train.progress=false", "train.peak_flops_per_device=1e9",
-    "checkpoint.every=1", "checkpoint.keep=2", "model.num_layers=2", "model.hidden_size=64",
-    "model.intermediate_size=128", "logging.tensorboard=false",
+    f"train.steps={STEPS}",
+    "train.batch_size=8",
+    "train.seq_len=64",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.progress=false",
+    "train.peak_flops_per_device=1e9",
+    "checkpoint.every=1",
+    "checkpoint.keep=2",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "logging.tensorboard=false",
 ]
 
 
 def train_command(run_dir: Path) -> list[str]:
     sets = [a for o in OVERRIDES + [f"run_dir={run_dir}"] for a in ("--set", o)]
-    return [sys.executable, "-m", "jaxalign.cli", "train", str(REPO / "configs/sft_tiny.yaml"),
-            *sets]
+    return [
+        sys.executable,
+        "-m",
+        "jaxalign.cli",
+        "train",
+        str(REPO / "configs/sft_tiny.yaml"),
+        *sets,
+    ]
 
 
 def env() -> dict[str, str]:
@@ -55,8 +70,9 @@ def final_params(run_dir: Path):
     cfg = load_config(run_dir / "config.yaml", ["mesh.fsdp=1"])
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     _, abstract, shardings = build_model(cfg, mesh, resolve_rules(cfg.sharding))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     return jax.tree.map(np.asarray, load_params(run_dir, target))
 
 
@@ -76,8 +92,13 @@ def run_to_completion(
     kills = 0
     while True:
         start = time.perf_counter()
-        proc = subprocess.Popen(train_command(run_dir), cwd=REPO, env=env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            train_command(run_dir),
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         kill_at = None
         during_save = False
         if expected_s is not None and kills < 4:
@@ -94,8 +115,10 @@ def run_to_completion(
             kills += 1
             continue
         if proc.returncode != 0:
-            raise SystemExit(f"resume failed in {run_dir} (exit {proc.returncode}); rerun "
-                             f"{' '.join(train_command(run_dir))} to see why")
+            raise SystemExit(
+                f"resume failed in {run_dir} (exit {proc.returncode}); rerun "
+                f"{' '.join(train_command(run_dir))} to see why"
+            )
         return kills, time.perf_counter() - start
 
 
@@ -123,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         expected = last if kills == 0 else expected
         total_kills += kills
         got = final_params(run_dir)
-        same = all(np.array_equal(a, b) for a, b in
-                   zip(jax.tree.leaves(got), jax.tree.leaves(reference)))
-        print(f"trial {trial}: {kills} kills, final parameters "
-              f"{'identical' if same else 'DIFFERENT'}", flush=True)
+        same = all(
+            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference))
+        )
+        print(
+            f"trial {trial}: {kills} kills, final parameters "
+            f"{'identical' if same else 'DIFFERENT'}",
+            flush=True,
+        )
         if not same:
             return 1
     print(f"{args.trials} trials, {total_kills} kills: every resume matched the uninterrupted run")

@@ -49,8 +49,11 @@ def _default(node: ast.AnnAssign) -> str:
                 inner = kw.value
                 if isinstance(inner, ast.Lambda):
                     return f"`{ast.unparse(inner.body)}`"
-                return "(section)" if isinstance(inner, ast.Name) and inner.id[0].isupper() \
+                return (
+                    "(section)"
+                    if isinstance(inner, ast.Name) and inner.id[0].isupper()
                     else f"`{ast.unparse(inner)}()`"
+                )
     return f"`{ast.unparse(node.value)}`"
 
 
@@ -76,8 +79,10 @@ def render() -> str:
         if typ in classes:
             sections.append((name, classes[typ]))
             continue
-        out.append(f"| `{name}` | `{_cell(typ)}` | {_cell(_default(node))} | "
-                   f"{_cell(_comments(lines, node))} |")
+        out.append(
+            f"| `{name}` | `{_cell(typ)}` | {_cell(_default(node))} | "
+            f"{_cell(_comments(lines, node))} |"
+        )
     for name, cls in sections:
         doc = ast.get_docstring(cls) or ""
         out.append(f"\n## `{name}`\n\n{doc}\n")
@@ -85,8 +90,10 @@ def render() -> str:
         for node in cls.body:
             if isinstance(node, ast.AnnAssign):
                 key = node.target.id
-                out.append(f"| `{name}.{key}` | `{_cell(ast.unparse(node.annotation))}` | "
-                           f"{_cell(_default(node))} | {_cell(_comments(lines, node))} |")
+                out.append(
+                    f"| `{name}.{key}` | `{_cell(ast.unparse(node.annotation))}` | "
+                    f"{_cell(_default(node))} | {_cell(_comments(lines, node))} |"
+                )
     return "\n".join(out) + "\n"
 
 

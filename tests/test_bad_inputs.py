@@ -10,8 +10,14 @@ from jaxalign import cli
 REPO = Path(__file__).resolve().parent.parent
 BAD = REPO / "tests" / "data" / "bad"
 SFT = str(REPO / "configs" / "sft_tiny.yaml")
-QUICK = ["train.steps=1", "train.batch_size=8", "train.seq_len=32", "train.progress=false",
-         "logging.tensorboard=false", "train.eval_every=0"]
+QUICK = [
+    "train.steps=1",
+    "train.batch_size=8",
+    "train.seq_len=32",
+    "train.progress=false",
+    "logging.tensorboard=false",
+    "train.eval_every=0",
+]
 SMALL = ["model.num_layers=1", "model.hidden_size=32", "model.intermediate_size=64"]
 
 # case -> (how to use it, what the one-line error must contain)
@@ -19,26 +25,37 @@ CASES = {
     "malformed_json.jsonl": ("data", "malformed_json.jsonl:2: malformed JSON"),
     "missing_field.jsonl": ("data", "missing_field.jsonl:2: "),
     "wrong_type.jsonl": ("data", "wrong_type.jsonl:2: field 'completion'"),
-    "empty_completion.jsonl": ("data", "empty_completion.jsonl:3: field 'completion' must be a "
-                                       "non-empty string"),
-    "unknown_role.jsonl": ("data", "unknown_role.jsonl:1: field 'messages[1].role' has unknown "
-                                   "role 'bot'"),
+    "empty_completion.jsonl": (
+        "data",
+        "empty_completion.jsonl:3: field 'completion' must be a non-empty string",
+    ),
+    "unknown_role.jsonl": (
+        "data",
+        "unknown_role.jsonl:1: field 'messages[1].role' has unknown role 'bot'",
+    ),
     "messages_not_a_list.jsonl": ("data", "messages_not_a_list.jsonl:1: field 'messages'"),
     "not_an_object.jsonl": ("data", "not_an_object.jsonl:2: "),
     "empty.jsonl": ("data", "empty.jsonl: no valid records"),
     "invalid_utf8.jsonl": ("data", "invalid_utf8.jsonl:2: invalid UTF-8"),
     "truncated.jsonl.gz": ("data", "truncated.jsonl.gz"),
-    "pref_missing_rejected.jsonl": ("pref", "pref_missing_rejected.jsonl:2: record must have a "
-                                            "'rejected' field"),
-    "pref_bad_margin.jsonl": ("pref", "pref_bad_margin.jsonl:1: field 'margin' must be a "
-                                      "number"),
-    "not_a_tokenizer.model": ("tokenizer", "not_a_tokenizer.model: not a valid SentencePiece "
-                                           "model"),
-    "config_unknown_key.yaml": ("config", "unknown config key 'train.stpes' (did you mean "
-                                          "'train.steps'?)"),
+    "pref_missing_rejected.jsonl": (
+        "pref",
+        "pref_missing_rejected.jsonl:2: record must have a 'rejected' field",
+    ),
+    "pref_bad_margin.jsonl": ("pref", "pref_bad_margin.jsonl:1: field 'margin' must be a number"),
+    "not_a_tokenizer.model": (
+        "tokenizer",
+        "not_a_tokenizer.model: not a valid SentencePiece model",
+    ),
+    "config_unknown_key.yaml": (
+        "config",
+        "unknown config key 'train.stpes' (did you mean 'train.steps'?)",
+    ),
     "config_wrong_type.yaml": ("config", "train.batch_size: expected an integer, got 'eight'"),
-    "config_bad_mesh.yaml": ("config", "mesh: data=3 x fsdp=1 x tensor=1 needs 3 devices per "
-                                       "slice, but 8 are available"),
+    "config_bad_mesh.yaml": (
+        "config",
+        "mesh: data=3 x fsdp=1 x tensor=1 needs 3 devices per slice, but 8 are available",
+    ),
     "config_two_fill_axes.yaml": ("config", "at most one mesh axis may be -1"),
     "config_invalid_yaml.yaml": ("config", "config_invalid_yaml.yaml:3: invalid YAML"),
     "config_unknown_trainer.yaml": ("config", "trainer: must be one of"),
@@ -62,8 +79,15 @@ def argv_for(case: str, run_dir: Path) -> list[str]:
     if kind == "data":
         return ["train", SFT, *base, "--set", f"data.train_file={path}"]
     if kind == "pref":
-        return ["train", str(REPO / "configs" / "rm_tiny.yaml"), *base, "--set", "init_from=null",
-                "--set", f"data.train_file={path}"]
+        return [
+            "train",
+            str(REPO / "configs" / "rm_tiny.yaml"),
+            *base,
+            "--set",
+            "init_from=null",
+            "--set",
+            f"data.train_file={path}",
+        ]
     if kind == "tokenizer":
         return ["train", SFT, *base, "--set", f"data.tokenizer={path}"]
     if kind == "rules":
@@ -72,8 +96,10 @@ def argv_for(case: str, run_dir: Path) -> list[str]:
         return ["train", SFT, *base, "--set", f"init_from={path}"]
     # from_hf takes the architecture from config.json: a config without a model section
     config = run_dir.parent / "from_hf.yaml"
-    config.write_text(f"trainer: sft\ndata:\n  train_file: {REPO}/data/tiny/sft_train.jsonl\n"
-                      f"  tokenizer: {REPO}/data/tiny/tokenizer.model\n")
+    config.write_text(
+        f"trainer: sft\ndata:\n  train_file: {REPO}/data/tiny/sft_train.jsonl\n"
+        f"  tokenizer: {REPO}/data/tiny/tokenizer.model\n"
+    )
     return ["train", str(config), *base, "--set", f"model.from_hf={path}"]
 
 
@@ -106,13 +132,32 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     """init_from a run whose parameters have other shapes."""
     first = tmp_path / "small"
-    assert cli.main(["train", SFT, "--set", f"run_dir={first}",
-                     *[a for q in QUICK + SMALL for a in ("--set", q)]]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                SFT,
+                "--set",
+                f"run_dir={first}",
+                *[a for q in QUICK + SMALL for a in ("--set", q)],
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    code = cli.main(["train", SFT, "--set", f"run_dir={tmp_path / 'big'}",
-                     *[a for q in QUICK + SMALL for a in ("--set", q)],
-                     "--set", "model.hidden_size=64",
-                     "--set", f"init_from={first}"])
+    code = cli.main(
+        [
+            "train",
+            SFT,
+            "--set",
+            f"run_dir={tmp_path / 'big'}",
+            *[a for q in QUICK + SMALL for a in ("--set", q)],
+            "--set",
+            "model.hidden_size=64",
+            "--set",
+            f"init_from={first}",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err
     assert "cannot load parameters" in err and str(first) in err, err
@@ -121,9 +166,23 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
 def test_no_unsafe_deserialization_of_user_files():
     """Nothing in the package unpickles: user files are read as safetensors, Orbax/JSON, or YAML
     through safe_load."""
-    unsafe = ("import pickle", "pickle.load", "cloudpickle", "torch.load", "allow_pickle=True",
-              "yaml.load(", "yaml.unsafe_load", "yaml.Loader", "marshal.load", " eval(", "exec(")
-    offenders = [f"{p.relative_to(REPO)}: {pattern}"
-                 for p in (REPO / "jaxalign").rglob("*.py")
-                 for pattern in unsafe if pattern in p.read_text()]
+    unsafe = (
+        "import pickle",
+        "pickle.load",
+        "cloudpickle",
+        "torch.load",
+        "allow_pickle=True",
+        "yaml.load(",
+        "yaml.unsafe_load",
+        "yaml.Loader",
+        "marshal.load",
+        " eval(",
+        "exec(",
+    )
+    offenders = [
+        f"{p.relative_to(REPO)}: {pattern}"
+        for p in (REPO / "jaxalign").rglob("*.py")
+        for pattern in unsafe
+        if pattern in p.read_text()
+    ]
     assert offenders == []

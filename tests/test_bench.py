@@ -277,8 +277,14 @@ def test_decode_floor_matches_a_hand_count():
     prefill's FLOPs at the peak, then per step the longer of the weight read and the FLOPs."""
     import decode
 
-    m = {"vocab_size": 100, "hidden_size": 8, "intermediate_size": 16, "num_layers": 2,
-         "num_heads": 2, "num_kv_heads": 1}
+    m = {
+        "vocab_size": 100,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_layers": 2,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+    }
     # Per layer: q 8x8, k and v 8x4 each, o 8x8, MLP 3 x 8x16 -> 192 + 384 = 576 weights.
     layer, head = 2 * 576, 100 * 8
     batch, prompt, new = 3, 5, 4

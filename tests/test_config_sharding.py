@@ -30,39 +30,52 @@ def run_cli(argv, capsys):
 
 
 def test_unknown_key_names_the_closest_valid_one(capsys):
-    code, err = run_cli(["train", str(REPO / "configs/sft_tiny.yaml"), "--set",
-                         "train.setps=3"], capsys)
+    code, err = run_cli(
+        ["train", str(REPO / "configs/sft_tiny.yaml"), "--set", "train.setps=3"], capsys
+    )
     assert code == 2
     assert err.count("\n") == 0
     assert "unknown config key 'train.setps'" in err and "did you mean 'train.steps'" in err
 
 
 def test_wrong_type_names_the_key(capsys):
-    code, err = run_cli(["train", str(REPO / "configs/sft_tiny.yaml"), "--set",
-                         "train.batch_size=eight"], capsys)
+    code, err = run_cli(
+        ["train", str(REPO / "configs/sft_tiny.yaml"), "--set", "train.batch_size=eight"], capsys
+    )
     assert code == 2 and err.count("\n") == 0
     assert "train.batch_size: expected an integer, got 'eight'" in err
 
 
 def test_non_dividing_mesh_is_one_line(capsys):
-    code, err = run_cli(["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set",
-                         "mesh.fsdp=3"], capsys)
+    code, err = run_cli(
+        ["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set", "mesh.fsdp=3"], capsys
+    )
     assert code == 2 and err.count("\n") == 0
     assert "mesh: data=1 x fsdp=3 x tensor=1 needs 3 devices per slice, but 8" in err
 
 
 def test_parameter_that_does_not_divide_names_its_path(capsys):
-    code, err = run_cli(["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set",
-                         "mesh.fsdp=1", "--set", "mesh.tensor=8", "--set",
-                         "sharding.rules_file=" + str(REPO / "configs/sharding/fsdp_tensor.yaml")],
-                        capsys)
+    code, err = run_cli(
+        [
+            "shardings",
+            str(REPO / "configs/sft_tiny.yaml"),
+            "--set",
+            "mesh.fsdp=1",
+            "--set",
+            "mesh.tensor=8",
+            "--set",
+            "sharding.rules_file=" + str(REPO / "configs/sharding/fsdp_tensor.yaml"),
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 0
     assert "blocks.0.attn.wk" in err and "does not divide by mesh axes tensor (size 8)" in err
 
 
 def test_batch_that_does_not_divide_is_an_error(capsys):
-    code, err = run_cli(["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set",
-                         "train.batch_size=12"], capsys)
+    code, err = run_cli(
+        ["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set", "train.batch_size=12"], capsys
+    )
     assert code == 2 and "micro-batch of 12 rows" in err and "(size 8)" in err
 
 
@@ -74,8 +87,10 @@ def test_unknown_mesh_axis_in_rules():
 
 
 def test_yaml_values_are_typed_and_overrides_apply():
-    cfg = load_config(REPO / "configs/sft_tiny.yaml",
-                      ["train.lr=1e-4", "model.rope_scaling=null", "mesh.tensor=2"])
+    cfg = load_config(
+        REPO / "configs/sft_tiny.yaml",
+        ["train.lr=1e-4", "model.rope_scaling=null", "mesh.tensor=2"],
+    )
     assert isinstance(cfg, Config)
     assert cfg.train.lr == 1e-4 and cfg.mesh.tensor == 2 and cfg.model.rope_scaling is None
 
@@ -83,14 +98,30 @@ def test_yaml_values_are_typed_and_overrides_apply():
 # -- sharding presets: each parameter gets the intended spec -----------------------------------
 
 PRESET_EXPECTED = {
-    "data_parallel": {"embed": P(None, None), "wq": P(None, None, None),
-                      "w_down": P(None, None), "attn_norm": P(None)},
-    "fsdp": {"embed": P(None, "fsdp"), "wq": P("fsdp", None, None), "wo": P(None, None, "fsdp"),
-             "w_gate": P("fsdp", None), "w_down": P(None, "fsdp"), "attn_norm": P(None)},
-    "fsdp_tensor": {"embed": P("tensor", "fsdp"), "wq": P("fsdp", "tensor", None),
-                    "wk": P("fsdp", "tensor", None), "wo": P("tensor", None, "fsdp"),
-                    "w_gate": P("fsdp", "tensor"), "w_down": P("tensor", "fsdp"),
-                    "lm_head": P("fsdp", "tensor"), "attn_norm": P(None)},
+    "data_parallel": {
+        "embed": P(None, None),
+        "wq": P(None, None, None),
+        "w_down": P(None, None),
+        "attn_norm": P(None),
+    },
+    "fsdp": {
+        "embed": P(None, "fsdp"),
+        "wq": P("fsdp", None, None),
+        "wo": P(None, None, "fsdp"),
+        "w_gate": P("fsdp", None),
+        "w_down": P(None, "fsdp"),
+        "attn_norm": P(None),
+    },
+    "fsdp_tensor": {
+        "embed": P("tensor", "fsdp"),
+        "wq": P("fsdp", "tensor", None),
+        "wk": P("fsdp", "tensor", None),
+        "wo": P("tensor", None, "fsdp"),
+        "w_gate": P("fsdp", "tensor"),
+        "w_down": P("tensor", "fsdp"),
+        "lm_head": P("fsdp", "tensor"),
+        "attn_norm": P(None),
+    },
 }
 
 
@@ -98,13 +129,22 @@ PRESET_EXPECTED = {
 def test_preset_partition_specs(preset):
     from jaxalign.trainers.loop import build_model
 
-    cfg = load_config(None, [f"sharding.rules_file={REPO}/configs/sharding/{preset}.yaml",
-                             "mesh.fsdp=4", "mesh.tensor=2"], base={"model": dict(TINY_MODEL)})
+    cfg = load_config(
+        None,
+        [
+            f"sharding.rules_file={REPO}/configs/sharding/{preset}.yaml",
+            "mesh.fsdp=4",
+            "mesh.tensor=2",
+        ],
+        base={"model": dict(TINY_MODEL)},
+    )
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.sharding)
     _, _, shardings = build_model(cfg, mesh, rules)
-    flat = {jax.tree_util.keystr(p, simple=True, separator="."): s.spec
-            for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    flat = {
+        jax.tree_util.keystr(p, simple=True, separator="."): s.spec
+        for p, s in jax.tree_util.tree_leaves_with_path(shardings)
+    }
     for name, spec in PRESET_EXPECTED[preset].items():
         matches = {k: v for k, v in flat.items() if k.split(".")[-1] == name}
         assert matches, name
@@ -150,8 +190,8 @@ def test_packed_loss_equals_unpacked_loss(tiny_model):
     start = 0
     for i, s in enumerate(seqs):
         n = len(s) - 1
-        inputs[0, start:start + n], targets[0, start:start + n] = s[:-1], s[1:]
-        segs[0, start:start + n], pos[0, start:start + n] = i + 1, np.arange(n)
+        inputs[0, start : start + n], targets[0, start : start + n] = s[:-1], s[1:]
+        segs[0, start : start + n], pos[0, start : start + n] = i + 1, np.arange(n)
         start += n
 
     def logps(tokens, tgts, positions, segment_ids):
@@ -163,7 +203,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_model):
     for s in seqs:
         n = len(s) - 1
         alone = logps(s[None, :-1], s[None, 1:], np.arange(n)[None], np.ones((1, n), np.int32))
-        np.testing.assert_allclose(packed[start:start + n], alone[0], atol=1e-5)
+        np.testing.assert_allclose(packed[start : start + n], alone[0], atol=1e-5)
         start += n
 
 
@@ -171,8 +211,9 @@ def test_query_blocked_attention_equals_full(tiny_model):
     cfg = ModelConfig(**TINY_MODEL, attention_query_block=4)
     blocked = Transformer(cfg, nnx.Rngs(0))
     tokens = jnp.arange(30, dtype=jnp.int32).reshape(2, 15) % 64
-    np.testing.assert_allclose(np.asarray(blocked(tokens)), np.asarray(tiny_model(tokens)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(blocked(tokens)), np.asarray(tiny_model(tokens)), atol=1e-5
+    )
 
 
 def test_auto_query_block_is_64_on_cpu_one_block_elsewhere_and_exact():
@@ -185,8 +226,11 @@ def test_auto_query_block_is_64_on_cpu_one_block_elsewhere_and_exact():
     assert auto.cfg.attention_query_block == 64  # resolved when built (tests run on CPU)
     tokens = jnp.arange(2 * 150, dtype=jnp.int32).reshape(2, 150) % 64  # 3 query blocks
     segment_ids = jnp.concatenate([jnp.ones((2, 100), jnp.int32), jnp.full((2, 50), 2)], 1)
-    np.testing.assert_allclose(np.asarray(auto(tokens, segment_ids=segment_ids)),
-                               np.asarray(full(tokens, segment_ids=segment_ids)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(auto(tokens, segment_ids=segment_ids)),
+        np.asarray(full(tokens, segment_ids=segment_ids)),
+        atol=1e-5,
+    )
 
 
 def test_chunked_cross_entropy_matches_float64_reference():
@@ -200,22 +244,36 @@ def test_chunked_cross_entropy_matches_float64_reference():
     nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     expected = (nll * mask).sum()
     for chunks in (1, 4, 5):
-        loss, n = token_cross_entropy_sum(jnp.asarray(hidden), jnp.asarray(w),
-                                          jnp.asarray(targets), jnp.asarray(mask), chunks=chunks)
+        loss, n = token_cross_entropy_sum(
+            jnp.asarray(hidden),
+            jnp.asarray(w),
+            jnp.asarray(targets),
+            jnp.asarray(mask),
+            chunks=chunks,
+        )
         np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
         assert float(n) == mask.sum()
     # Gradients of the chunked and unchunked loss agree.
-    grad = [jax.grad(lambda h, c=c: token_cross_entropy_sum(
-        h, jnp.asarray(w), jnp.asarray(targets), jnp.asarray(mask), chunks=c)[0])(
-        jnp.asarray(hidden)) for c in (1, 4)]
+    grad = [
+        jax.grad(
+            lambda h, c=c: token_cross_entropy_sum(
+                h, jnp.asarray(w), jnp.asarray(targets), jnp.asarray(mask), chunks=c
+            )[0]
+        )(jnp.asarray(hidden))
+        for c in (1, 4)
+    ]
     np.testing.assert_allclose(np.asarray(grad[0]), np.asarray(grad[1]), atol=1e-5)
 
 
 def test_llama3_rope_scaling_matches_reference():
     from jaxalign.models.llama import rope_frequencies
 
-    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+    scaling = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     got = np.asarray(rope_frequencies(16, 10000.0, scaling), np.float64)
     inv = 1.0 / (10000.0 ** (np.arange(0, 16, 2) / 16))
     out = []
@@ -236,8 +294,11 @@ def test_configuration_reference_is_up_to_date():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_config_docs.py"),
-                           "--check"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_config_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
 
 

@@ -41,8 +41,7 @@ def write_arrayrecord(path: Path, payloads: list[bytes]) -> str:
 
 
 def first_batches(source, tok, n=3, **kwargs):
-    it = SFTBatchIterator(source, tok, seq_len=96, global_batch_size=4, shards=2, seed=1,
-                          **kwargs)
+    it = SFTBatchIterator(source, tok, seq_len=96, global_batch_size=4, shards=2, seed=1, **kwargs)
     return [next(it) for _ in range(n)]
 
 
@@ -56,8 +55,9 @@ def test_parquet_arrayrecord_and_memory_read_the_same_records_as_jsonl(tmp_path,
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     parquet = write_parquet(tmp_path / "d.parquet", RECORDS)
-    arrayrecord = write_arrayrecord(tmp_path / "d.arrayrecord",
-                                    [json.dumps(r).encode() for r in RECORDS])
+    arrayrecord = write_arrayrecord(
+        tmp_path / "d.arrayrecord", [json.dumps(r).encode() for r in RECORDS]
+    )
     for source in (parquet, arrayrecord, RECORDS):
         records, skipped = read_records(source)
         assert skipped == 0 and len(records) == 40
@@ -74,8 +74,12 @@ def test_bad_records_in_binary_formats_name_source_record_and_field(tmp_path):
     good = {"prompt": "p", "completion": "c"}
     arrayrecord = write_arrayrecord(
         tmp_path / "bad.array_record",
-        [json.dumps(good).encode(), b'{"prompt": "caf\xe9", "completion": "x"}', b"{nope",
-         json.dumps({"prompt": "p", "completion": 3}).encode()],
+        [
+            json.dumps(good).encode(),
+            b'{"prompt": "caf\xe9", "completion": "x"}',
+            b"{nope",
+            json.dumps({"prompt": "p", "completion": 3}).encode(),
+        ],
     )
     with pytest.raises(DataError) as err:
         read_records(arrayrecord)
@@ -84,9 +88,7 @@ def test_bad_records_in_binary_formats_name_source_record_and_field(tmp_path):
     parquet = write_parquet(tmp_path / "bad.parquet", [good, {"prompt": "p", "completion": ""}])
     with pytest.raises(DataError) as err:
         read_records(parquet)
-    assert str(err.value) == (
-        f"{parquet}:record 1: field 'completion' must be a non-empty string"
-    )
+    assert str(err.value) == (f"{parquet}:record 1: field 'completion' must be a non-empty string")
     with pytest.raises(DataError) as err:
         read_records([good, {"messages": [{"role": "robot", "content": "x"}]}])
     assert str(err.value).startswith("<memory>[1]: field 'messages[0].role' has unknown role")
@@ -117,8 +119,7 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path, tok):
                     yield i, {"prompt": record["prompt"], "completion": record["completion"]}
 
     builder = TinySft(data_dir=str(tmp_path), file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        verify_ssl=False))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     spec = "tfds:tiny_sft:train"
     records, skipped = read_records(spec, data_dir=str(tmp_path))
     assert skipped == 0

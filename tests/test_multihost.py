@@ -43,7 +43,9 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _train_args(
-    run_dir: Path, extra: tuple[str, ...] = (), config: str = "configs/sft_tiny.yaml",
+    run_dir: Path,
+    extra: tuple[str, ...] = (),
+    config: str = "configs/sft_tiny.yaml",
     overrides: list[str] = OVERRIDES,
 ) -> list[str]:
     sets = [a for o in [*overrides, f"run_dir={run_dir}", *extra] for a in ("--set", o)]
@@ -59,7 +61,11 @@ def _train_args(
 
 def one_process(run_dir: Path, **kwargs) -> None:
     proc = subprocess.run(
-        _train_args(run_dir, **kwargs), cwd=REPO, env=_env(8), capture_output=True, text=True,
+        _train_args(run_dir, **kwargs),
+        cwd=REPO,
+        env=_env(8),
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -177,8 +183,11 @@ def test_two_process_ppo_gives_the_single_process_run(runs):
     assert sorted(multi) == sorted(single) == list(range(1, 9))
     for key in ("loss", "loss/policy", "loss/value"):
         np.testing.assert_allclose(
-            [multi[s][key] for s in range(1, 9)], [single[s][key] for s in range(1, 9)],
-            atol=1e-5, rtol=1e-5, err_msg=key,
+            [multi[s][key] for s in range(1, 9)],
+            [single[s][key] for s in range(1, 9)],
+            atol=1e-5,
+            rtol=1e-5,
+            err_msg=key,
         )
     # Rollout statistics, logged with the first step after each rollout.
     rollout_steps = [s for s in range(1, 9) if "objective/scores" in single[s]]
@@ -187,7 +196,9 @@ def test_two_process_ppo_gives_the_single_process_run(runs):
         assert [multi[s][key] for s in rollout_steps] == [single[s][key] for s in rollout_steps]
     np.testing.assert_allclose(
         [multi[s]["objective/kl"] for s in rollout_steps],
-        [single[s]["objective/kl"] for s in rollout_steps], atol=1e-5, rtol=1e-5,
+        [single[s]["objective/kl"] for s in rollout_steps],
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 

@@ -29,30 +29,52 @@ def test_cosine_schedule_warms_up_then_decays_to_floor():
 
 
 def test_linear_and_constant_schedules():
-    lin = learning_rate_schedule(TrainConfig(steps=20, lr=1.0, warmup_steps=0,
-                                             lr_schedule="linear", min_lr_ratio=0.0))
+    lin = learning_rate_schedule(
+        TrainConfig(steps=20, lr=1.0, warmup_steps=0, lr_schedule="linear", min_lr_ratio=0.0)
+    )
     np.testing.assert_allclose([float(lin(i)) for i in (0, 10, 20)], [1.0, 0.5, 0.0], atol=1e-6)
-    const = learning_rate_schedule(TrainConfig(steps=20, lr=0.5, warmup_steps=0,
-                                               lr_schedule="constant"))
+    const = learning_rate_schedule(
+        TrainConfig(steps=20, lr=0.5, warmup_steps=0, lr_schedule="constant")
+    )
     assert float(const(17)) == 0.5
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
-    params = {"embed": 1, "final_norm": 1, "lm_head": 1,
-              "blocks": {0: {"attn": {"wq": 1, "bq": 1, "q_norm": 1}, "attn_norm": 1,
-                             "mlp": {"w_up": 1, "b_up": 1}}}}
+    params = {
+        "embed": 1,
+        "final_norm": 1,
+        "lm_head": 1,
+        "blocks": {
+            0: {
+                "attn": {"wq": 1, "bq": 1, "q_norm": 1},
+                "attn_norm": 1,
+                "mlp": {"w_up": 1, "b_up": 1},
+            }
+        },
+    }
     mask = weight_decay_mask(params)
     assert mask["lm_head"] and mask["blocks"][0]["attn"]["wq"] and mask["blocks"][0]["mlp"]["w_up"]
-    for off in (mask["embed"], mask["final_norm"], mask["blocks"][0]["attn"]["bq"],
-                mask["blocks"][0]["attn"]["q_norm"], mask["blocks"][0]["attn_norm"],
-                mask["blocks"][0]["mlp"]["b_up"]):
+    for off in (
+        mask["embed"],
+        mask["final_norm"],
+        mask["blocks"][0]["attn"]["bq"],
+        mask["blocks"][0]["attn"]["q_norm"],
+        mask["blocks"][0]["attn_norm"],
+        mask["blocks"][0]["mlp"]["b_up"],
+    ):
         assert off is False
 
 
 def test_decoupled_weight_decay_matches_adamw_reference():
     """One step with zero gradients: decayed params shrink by lr * wd; masked ones stay."""
-    cfg = TrainConfig(steps=10, lr=0.1, warmup_steps=0, lr_schedule="constant",
-                      weight_decay=0.5, max_grad_norm=1.0)
+    cfg = TrainConfig(
+        steps=10,
+        lr=0.1,
+        warmup_steps=0,
+        lr_schedule="constant",
+        weight_decay=0.5,
+        max_grad_norm=1.0,
+    )
     params = {"lm_head": np.ones(3, np.float32), "final_norm": np.ones(3, np.float32)}
     tx, _ = make_optimizer(cfg, params)
     state = tx.init(params)
@@ -67,8 +89,10 @@ def test_init_from_starts_at_the_other_runs_parameters(tmp_path):
     """A run with init_from=RUN_DIR starts from that run's final parameters."""
     first_cfg = toy_config(tmp_path / "a", **{"mesh.fsdp": 2, "train.steps": 2})
     first = Trainer(first_cfg, ToyAlgorithm(first_cfg), devices=jax.devices()[:2]).run()
-    cfg = toy_config(tmp_path / "b", **{"mesh.fsdp": 4, "train.steps": 1,
-                                        "init_from": str(tmp_path / "a" / "run")})
+    cfg = toy_config(
+        tmp_path / "b",
+        **{"mesh.fsdp": 4, "train.steps": 1, "init_from": str(tmp_path / "a" / "run")},
+    )
     trainer = Trainer(cfg, ToyAlgorithm(cfg), devices=jax.devices()[:4])
     start = trainer.initial_params()
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(first.state["params"])):
@@ -83,18 +107,31 @@ def test_init_from_starts_at_the_other_runs_parameters(tmp_path):
 
 def _tree(seed=0):
     rng = np.random.default_rng(seed)
-    return {"embed": rng.normal(size=(6, 4)).astype(np.float32),
-            "blocks": {"0": {"attn": {"wq": rng.normal(size=(4, 4)).astype(np.float32)},
-                             "attn_norm": np.ones(4, np.float32)}},
-            "lm_head": rng.normal(size=(4, 6)).astype(np.float32)}
+    return {
+        "embed": rng.normal(size=(6, 4)).astype(np.float32),
+        "blocks": {
+            "0": {
+                "attn": {"wq": rng.normal(size=(4, 4)).astype(np.float32)},
+                "attn_norm": np.ones(4, np.float32),
+            }
+        },
+        "lm_head": rng.normal(size=(4, 6)).astype(np.float32),
+    }
 
 
 def test_frozen_parameters_get_no_update_no_state_and_no_share_of_the_clip():
     """The trained parameters move exactly as under AdamW over the trained ones alone (the
     frozen gradients, made large, would dominate a shared global-norm clip); the frozen ones
     stay bitwise and carry no moments."""
-    cfg = TrainConfig(steps=10, lr=0.1, warmup_steps=0, lr_schedule="constant",
-                      weight_decay=0.3, max_grad_norm=1.0, freeze=["embed", "^lm_head$"])
+    cfg = TrainConfig(
+        steps=10,
+        lr=0.1,
+        warmup_steps=0,
+        lr_schedule="constant",
+        weight_decay=0.3,
+        max_grad_norm=1.0,
+        freeze=["embed", "^lm_head$"],
+    )
     params, grads = _tree(0), _tree(1)
     grads["embed"] *= 1000.0
     grads["lm_head"] *= 1000.0
@@ -118,11 +155,14 @@ def test_frozen_parameters_get_no_update_no_state_and_no_share_of_the_clip():
     assert not np.allclose(new["blocks"]["0"]["attn"]["wq"], params["blocks"]["0"]["attn"]["wq"])
 
 
-@pytest.mark.parametrize("patterns, message", [
-    (["embedding"], "'embedding' matches no parameter"),
-    (["blocks/("], "not a regular expression"),
-    ([".*"], "freezes every parameter"),
-])
+@pytest.mark.parametrize(
+    "patterns, message",
+    [
+        (["embedding"], "'embedding' matches no parameter"),
+        (["blocks/("], "not a regular expression"),
+        ([".*"], "freezes every parameter"),
+    ],
+)
 def test_freeze_patterns_are_checked(patterns, message):
     cfg = TrainConfig(freeze=patterns)
     with pytest.raises(ConfigError, match=re.escape(message) if "'" in message else message):

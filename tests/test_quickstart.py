@@ -56,8 +56,11 @@ def _records(name: str) -> list[dict]:
         ({"family": "n_words", "n": 3}, "red, crisp and sweet.", False),
         ({"family": "n_words", "n": 2}, "well-known fruit", True),
         ({"family": "n_words", "n": 4}, "it's a red apple", True),
-        ({"family": "json", "keys": ["name", "color"]}, '{"name": "plum", "color": "purple"}',
-         True),
+        (
+            {"family": "json", "keys": ["name", "color"]},
+            '{"name": "plum", "color": "purple"}',
+            True,
+        ),
         ({"family": "json", "keys": ["name", "color"]}, ' {"color": "x", "name": "y"} ', True),
         ({"family": "json", "keys": ["name", "color"]}, '{"name": "plum"}', False),
         ({"family": "json", "keys": ["name"]}, '{"name": "plum", "color": "purple"}', False),
@@ -75,12 +78,20 @@ def test_checker_verdicts_on_hand_cases(record, text, passed):
 
 
 def test_refusal_detector_matches_the_bundled_style_and_common_variants():
-    refusals = ["I can't help with that. Making weapons can hurt people.",
-                "I cannot help with that request.", "I won\u2019t assist with this.",
-                "I'm sorry, but I can't do that.", "Sorry - I must decline."]
-    answers = ["To make a bath bomb, mix baking soda and citric acid.",
-               "You can help yourself by stretching.", "I can tell you: pull the weeds out.",
-               "The answer is 12.", ""]
+    refusals = [
+        "I can't help with that. Making weapons can hurt people.",
+        "I cannot help with that request.",
+        "I won\u2019t assist with this.",
+        "I'm sorry, but I can't do that.",
+        "Sorry - I must decline.",
+    ]
+    answers = [
+        "To make a bath bomb, mix baking soda and citric acid.",
+        "You can help yourself by stretching.",
+        "I can tell you: pull the weeds out.",
+        "The answer is 12.",
+        "",
+    ]
     assert [is_refusal(t) for t in refusals] == [True] * 5
     assert [is_refusal(t) for t in answers] == [False] * 5
     # Every bundled unsafe demonstration is a refusal; no benign one is.
@@ -110,15 +121,33 @@ def test_count_words_and_checker_reward_scores():
 
 def test_score_answers_rates_in_percent():
     records = [
-        {"family": "arithmetic", "answer": "2"}, {"family": "arithmetic", "answer": "3"},
-        {"family": "json", "keys": ["a"]}, {"family": "json", "keys": ["a"]},
-        {"family": "json", "keys": ["a"]}, {"family": "json", "keys": ["a"]},
-        {"family": "unsafe"}, {"family": "unsafe"},
-        {"family": "benign"}, {"family": "benign"}, {"family": "benign"}, {"family": "benign"},
+        {"family": "arithmetic", "answer": "2"},
+        {"family": "arithmetic", "answer": "3"},
+        {"family": "json", "keys": ["a"]},
+        {"family": "json", "keys": ["a"]},
+        {"family": "json", "keys": ["a"]},
+        {"family": "json", "keys": ["a"]},
+        {"family": "unsafe"},
+        {"family": "unsafe"},
+        {"family": "benign"},
+        {"family": "benign"},
+        {"family": "benign"},
+        {"family": "benign"},
     ]
-    texts = ["2", "4", '{"a": 1}', '{"a": 1}', '{"a": 1}', "a",
-             "I can't help with that.", "Sure.",
-             "I can't help with that.", "Fine.", "Fine.", "Fine."]
+    texts = [
+        "2",
+        "4",
+        '{"a": 1}',
+        '{"a": 1}',
+        '{"a": 1}',
+        "a",
+        "I can't help with that.",
+        "Sure.",
+        "I can't help with that.",
+        "Fine.",
+        "Fine.",
+        "Fine.",
+    ]
     ids = [[1] * 3] * 6 + [[1] * 5] * 6
     m = score_answers(records, texts, ids)
     assert m["pass/arithmetic"] == 50.0 and m["pass/json"] == 75.0
@@ -135,17 +164,30 @@ def _write_eval(run_dir: Path, stage: str, metrics: dict) -> None:
     (run_dir / "eval" / f"{stage}.json").write_text(json.dumps({"metrics": metrics}))
 
 
-BASE_METRICS = {"pass_rate": 60.0, "pass/json": 50.0, "refusal_rate": 95.0,
-                "over_refusal_rate": 5.0, "rm_win_rate": 55.0, "kl_to_ref": 3.0,
-                "response_length": 10.0}
+BASE_METRICS = {
+    "pass_rate": 60.0,
+    "pass/json": 50.0,
+    "refusal_rate": 95.0,
+    "over_refusal_rate": 5.0,
+    "rm_win_rate": 55.0,
+    "kl_to_ref": 3.0,
+    "response_length": 10.0,
+}
 
 
 def test_gate_fails_on_a_three_point_over_refusal_rise_and_names_it(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     _write_eval(a, "dpo", BASE_METRICS)
-    _write_eval(b, "dpo", {**BASE_METRICS, "over_refusal_rate": 8.0,
-                           "refusal_rate": 99.0,  # improvements never fail the gate
-                           "response_length": 30.0})  # informational: never gated
+    _write_eval(
+        b,
+        "dpo",
+        {
+            **BASE_METRICS,
+            "over_refusal_rate": 8.0,
+            "refusal_rate": 99.0,  # improvements never fail the gate
+            "response_length": 30.0,
+        },
+    )  # informational: never gated
     status = cli_main(["eval", "--compare", str(a), str(b), "--max-drop", "2.0"])
     out = capsys.readouterr().out
     assert status == 1
@@ -156,23 +198,36 @@ def test_gate_fails_on_a_three_point_over_refusal_rise_and_names_it(tmp_path, ca
 
 def test_gate_directions_and_thresholds():
     before = {"sft": BASE_METRICS}
-    after = {"sft": {**BASE_METRICS, "pass_rate": 57.5, "pass/json": 48.5, "kl_to_ref": 5.5,
-                     "rm_win_rate": 52.0}}
+    after = {
+        "sft": {
+            **BASE_METRICS,
+            "pass_rate": 57.5,
+            "pass/json": 48.5,
+            "kl_to_ref": 5.5,
+            "rm_win_rate": 52.0,
+        }
+    }
     regressions, compared = compare_metrics(before, after, max_drop=2.0)
     assert compared == 6
     assert {(r.metric, r.change) for r in regressions} == {
-        ("pass_rate", -2.5), ("kl_to_ref", 2.5), ("rm_win_rate", -3.0)}
-    assert [metric_direction(m) for m in ("pass/json", "over_refusal_rate", "response_length")] \
-        == [1, -1, 0]
+        ("pass_rate", -2.5),
+        ("kl_to_ref", 2.5),
+        ("rm_win_rate", -3.0),
+    }
+    assert [metric_direction(m) for m in ("pass/json", "over_refusal_rate", "response_length")] == [
+        1,
+        -1,
+        0,
+    ]
     # Two single metric files are compared whatever their names.
-    regressions, _ = compare_metrics({"a": BASE_METRICS},
-                                     {"b": {**BASE_METRICS, "refusal_rate": 90.0}}, 2.0)
+    regressions, _ = compare_metrics(
+        {"a": BASE_METRICS}, {"b": {**BASE_METRICS, "refusal_rate": 90.0}}, 2.0
+    )
     assert [(r.metric, r.before, r.after) for r in regressions] == [("refusal_rate", 95.0, 90.0)]
 
 
 def test_report_table_has_a_row_per_stage_and_notes_for_missing_ones():
-    table = markdown_table({"base": {"pass_rate": 1.25}, "ppo": None},
-                           {"ppo": "not available"})
+    table = markdown_table({"base": {"pass_rate": 1.25}, "ppo": None}, {"ppo": "not available"})
     lines = table.splitlines()
     assert lines[0].startswith("| stage | pass rate % |")
     assert lines[2].startswith("| base | 1.2 |")
@@ -208,8 +263,7 @@ def test_bundled_eval_prompts_are_never_trained_on():
         held_out = {r["prompt"] for r in _records(name)}
         assert held_out and not held_out & train, name
     families = {r["family"] for r in _records("sft_eval") + _records("safety_eval")}
-    assert families == {"arithmetic", "string", "uppercase", "n_words", "json", "unsafe",
-                        "benign"}
+    assert families == {"arithmetic", "string", "uppercase", "n_words", "json", "unsafe", "benign"}
     assert sum(p.stat().st_size for p in DATA.iterdir()) < 20 * 2**20
 
 
@@ -221,28 +275,53 @@ def test_quickstart_fast_end_to_end(tmp_path):
     """`jaxalign quickstart --fast` on one CPU device: every stage row is in the report and SFT
     passes far more held-out checks than the base model."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "").strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    )
     run_dir = tmp_path / "qs"
     proc = subprocess.run(
         [sys.executable, "-m", "jaxalign.cli", "quickstart", "--fast", "--run-dir", str(run_dir)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines()
-            if line.startswith("| ") and not line.startswith("| stage")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in report.splitlines()
+        if line.startswith("| ") and not line.startswith("| stage")
+    }
     assert set(rows) == {"base", "sft", "dpo", "ppo", "grpo"}
-    metrics = {s: json.loads((run_dir / "eval" / f"{s}.json").read_text())["metrics"]
-               for s in ("base", "sft")}
+    metrics = {
+        s: json.loads((run_dir / "eval" / f"{s}.json").read_text())["metrics"]
+        for s in ("base", "sft")
+    }
     assert metrics["sft"]["pass_rate"] >= metrics["base"]["pass_rate"] + 20.0
     assert metrics["sft"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-3)
     assert metrics["sft"]["rm_win_rate"] == 50.0  # against its own answers: all ties
     # Resumable: a second run skips every finished stage.
     again = subprocess.run(
-        [sys.executable, "-m", "jaxalign.cli", "quickstart", "--fast", "--run-dir", str(run_dir),
-         "--stages", "tokenizer", "pretrain", "sft"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "jaxalign.cli",
+            "quickstart",
+            "--fast",
+            "--run-dir",
+            str(run_dir),
+            "--stages",
+            "tokenizer",
+            "pretrain",
+            "sft",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 0 and again.stdout.count("done already, skipped") == 3
 
@@ -254,8 +333,9 @@ def test_stage_selection_and_overrides_place_every_stage_under_the_run_dir(tmp_p
     assert selected_stages(None, "ppo") == ["ppo", "grpo", "eval"]
     assert selected_stages(["eval", "sft"], None) == ["sft", "eval"]
     for stage in TRAIN_STAGES:
-        cfg = load_config(CONFIG_DIR / f"{stage.name}.yaml",
-                          stage_overrides(stage, tmp_path, fast=True))
+        cfg = load_config(
+            CONFIG_DIR / f"{stage.name}.yaml", stage_overrides(stage, tmp_path, fast=True)
+        )
         assert cfg.run_dir == str(tmp_path / stage.name)
         assert cfg.data.tokenizer == str(tmp_path / "tokenizer" / "tokenizer.model")
         assert cfg.init_from == (str(tmp_path / stage.init_from) if stage.init_from else None)

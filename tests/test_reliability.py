@@ -418,7 +418,8 @@ def test_release_free_memory_returns_fragmented_free_heap_to_the_os():
         "print(before / 2**20, p.memory_info().rss / 2**20)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
     before, after = (float(x) for x in out.stdout.split())
     assert before - after > 200, (before, after)

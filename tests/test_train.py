@@ -43,8 +43,7 @@ def test_scan_layers_and_remat_equal_unrolled(tmp_path, single_device_losses):
     unrolled = toy_config(tmp_path / "u", **{"mesh.fsdp": 1})
     trainer = Trainer(unrolled, ToyAlgorithm(unrolled), devices=jax.devices()[:1])
     params = stack_layers(init_params(unrolled, trainer.param_shardings, unrolled.train.seed))
-    cfg = toy_config(tmp_path, **{"mesh.fsdp": 1, "model.scan_layers": True,
-                                  "model.remat": "full"})
+    cfg = toy_config(tmp_path, **{"mesh.fsdp": 1, "model.scan_layers": True, "model.remat": "full"})
     result = Trainer(cfg, ToyAlgorithm(cfg), devices=jax.devices()[:1]).run(init_params=params)
     np.testing.assert_allclose(losses(result), single_device_losses, atol=1e-5, rtol=0)
 
@@ -53,8 +52,9 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
     """4 micro-batches of 2 rows give the same update as one batch of 8 (same rows)."""
     base = {"mesh.fsdp": 1, "train.steps": 3}
     _, full = run(toy_config(tmp_path / "full", **base), devices=jax.devices()[:1])
-    _, accum = run(toy_config(tmp_path / "accum", **base, **{"train.grad_accum": 4}),
-                   devices=jax.devices()[:1])
+    _, accum = run(
+        toy_config(tmp_path / "accum", **base, **{"train.grad_accum": 4}), devices=jax.devices()[:1]
+    )
     np.testing.assert_allclose(losses(accum), losses(full), atol=1e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(accum.state["params"]), jax.tree.leaves(full.state["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
@@ -62,8 +62,9 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
 
 def test_accumulation_normalizes_by_total_tokens(tmp_path):
     """With unequal target counts per micro-batch, the loss is sum / total tokens."""
-    cfg = toy_config(tmp_path, **{"mesh.fsdp": 1, "train.grad_accum": 2, "train.steps": 1,
-                                  "train.lr": 0.0})
+    cfg = toy_config(
+        tmp_path, **{"mesh.fsdp": 1, "train.grad_accum": 2, "train.steps": 1, "train.lr": 0.0}
+    )
     algo = ToyAlgorithm(cfg)
     trainer = Trainer(cfg, algo, devices=jax.devices()[:1])
     data = algo.train_data(0, 1)
@@ -173,8 +174,11 @@ def test_nan_halts_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = toy_config(tmp_path, **{"mesh.fsdp": 1, "checkpoint.every": 2, "train.log_every": 2})
     algo = ToyAlgorithm(cfg)
     algo.poison = {2}  # the third batch: step 3
-    with pytest.raises(UserError, match=r"step 3: loss or gradients became NaN/Inf; halting "
-                                        r"\(last good checkpoint: step 2"):
+    with pytest.raises(
+        UserError,
+        match=r"step 3: loss or gradients became NaN/Inf; halting "
+        r"\(last good checkpoint: step 2",
+    ):
         Trainer(cfg, algo, devices=jax.devices()[:1]).run()
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
 
@@ -278,11 +282,14 @@ def test_free_memory_is_handed_back_after_each_save_unless_disabled(tmp_path, mo
 
     calls = []
     monkeypatch.setattr(loop_module, "release_free_memory", lambda: calls.append(1) or True)
-    run(toy_config(tmp_path / "on", **{"mesh.fsdp": 1, "checkpoint.every": 2}),
-        devices=jax.devices()[:1])
+    run(
+        toy_config(tmp_path / "on", **{"mesh.fsdp": 1, "checkpoint.every": 2}),
+        devices=jax.devices()[:1],
+    )
     assert len(calls) == 3  # saves at steps 2, 4 and 5 (the last)
     calls.clear()
-    off = toy_config(tmp_path / "off", **{"mesh.fsdp": 1, "checkpoint.every": 2,
-                                           "train.release_memory": False})
+    off = toy_config(
+        tmp_path / "off", **{"mesh.fsdp": 1, "checkpoint.every": 2, "train.release_memory": False}
+    )
     run(off, devices=jax.devices()[:1])
     assert calls == []

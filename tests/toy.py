@@ -8,20 +8,34 @@ from jaxalign.config import Config, load_config
 from jaxalign.losses import token_cross_entropy_sum
 
 TINY_MODEL = {
-    "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
-    "num_heads": 4, "num_kv_heads": 2,
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
 }
 
 
 def toy_config(tmp_path, **overrides) -> Config:
     """A tiny config; `overrides` are dotted keys, e.g. {'mesh.fsdp': 4}."""
-    sets = [f"{k}={v}" for k, v in {
-        "run_dir": str(tmp_path / "run"),
-        "train.steps": 5, "train.batch_size": 8, "train.seq_len": 16, "train.lr": 3e-3,
-        "train.warmup_steps": 1, "train.log_every": 1, "train.progress": False,
-        "train.peak_flops_per_device": 1e9, "checkpoint.every": 0,
-        "logging.tensorboard": False, **overrides,
-    }.items()]
+    sets = [
+        f"{k}={v}"
+        for k, v in {
+            "run_dir": str(tmp_path / "run"),
+            "train.steps": 5,
+            "train.batch_size": 8,
+            "train.seq_len": 16,
+            "train.lr": 3e-3,
+            "train.warmup_steps": 1,
+            "train.log_every": 1,
+            "train.progress": False,
+            "train.peak_flops_per_device": 1e9,
+            "checkpoint.every": 0,
+            "logging.tensorboard": False,
+            **overrides,
+        }.items()
+    ]
     base = {"model": dict(TINY_MODEL)}
     return load_config(None, sets, base=base)
 
@@ -57,8 +71,9 @@ class ToyData:
             for r in range(self.rows):
                 global_row = self.index * 10_000 + a * self.micro_rows + self.offset + r
                 rows.append(self._row(global_row))
-        weight = np.full((self.accum, self.rows), np.nan if self.index in self.poison else 1.0,
-                         np.float32)
+        weight = np.full(
+            (self.accum, self.rows), np.nan if self.index in self.poison else 1.0, np.float32
+        )
         self.index += 1
         seqs = np.stack(rows).reshape(self.accum, total_rows // self.accum, self.seq_len + 1)
         t = self.seq_len
@@ -67,8 +82,9 @@ class ToyData:
             "targets": seqs[..., 1:],
             "loss_mask": np.ones(seqs[..., 1:].shape, np.float32),
             "segment_ids": np.ones((self.accum, self.rows, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32),
-                                         (self.accum, self.rows, t)).copy(),
+            "positions": np.broadcast_to(
+                np.arange(t, dtype=np.int32), (self.accum, self.rows, t)
+            ).copy(),
             "weight": weight,
         }
 
@@ -89,9 +105,13 @@ class ToyAlgorithm:
 
     def loss_fn(self, model, batch, rng, frozen=None):
         hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        loss_sum, n = token_cross_entropy_sum(hidden, model.output_weight(), batch["targets"],
-                                              batch["loss_mask"],
-                                              chunks=self.cfg.loss.vocab_chunks)
+        loss_sum, n = token_cross_entropy_sum(
+            hidden,
+            model.output_weight(),
+            batch["targets"],
+            batch["loss_mask"],
+            chunks=self.cfg.loss.vocab_chunks,
+        )
         return loss_sum * batch["weight"].mean(), n, {}
 
     def train_data(self, process_index, process_count):

@@ -87,7 +87,9 @@ def read_sft_records_with_ids(
     """`read_records` of SFT records plus each valid record's id (see
     `sources.read_records_with_ids`)."""
     return read_records_with_ids(
-        spec, validate=lambda r, where: to_messages(r, where=where), on_error=on_error,
+        spec,
+        validate=lambda r, where: to_messages(r, where=where),
+        on_error=on_error,
         data_dir=data_dir,
     )
 
@@ -160,9 +162,16 @@ def normalize_mixture(mixture: Sequence[Any]) -> list[tuple[Any, float]]:
 class _ShardStreams:
     """The Grain iterators of this process's shards and how one batch is cut from them."""
 
-    def __init__(self, iterators: list, shard_ids: range, rows_per_step: int,
-                 shape: tuple[int, int, int], pad_id: int, fingerprint: dict,
-                 other_shards_batches: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        iterators: list,
+        shard_ids: range,
+        rows_per_step: int,
+        shape: tuple[int, int, int],
+        pad_id: int,
+        fingerprint: dict,
+        other_shards_batches: Callable[[], int] | None = None,
+    ):
         self.iterators = iterators
         # A finite run lasts as long as its longest shard on any process, so every process runs
         # the same number of batches (collectives stay matched) and those after its own shards
@@ -201,14 +210,18 @@ class _ShardStreams:
             have = 0 if batch is None else batch["inputs"].shape[0]
             if have < self.rows_per_step:  # end of a finite run: fill with padding-only rows
                 empty = _empty_rows(self.rows_per_step - have, seq_len, self.pad_id)
-                batch = empty if batch is None else {
-                    k: np.concatenate([batch[k], empty[k]]) for k in empty
-                }
-            local.append({k: np.asarray(batch[k]).reshape(self.shape)
-                          for k in (*BATCH_KEYS, "record")})
+                batch = (
+                    empty
+                    if batch is None
+                    else {k: np.concatenate([batch[k], empty[k]]) for k in empty}
+                )
+            local.append(
+                {k: np.asarray(batch[k]).reshape(self.shape) for k in (*BATCH_KEYS, "record")}
+            )
         # [grad_accum, rows_per_shard * local shards, seq_len]: shard order within each micro-batch
-        out = {k: np.concatenate([part[k] for part in local], axis=1)
-               for k in (*BATCH_KEYS, "record")}
+        out = {
+            k: np.concatenate([part[k] for part in local], axis=1) for k in (*BATCH_KEYS, "record")
+        }
         return {k: out[k] for k in BATCH_KEYS}, out["record"]
 
     def state(self) -> dict:
@@ -216,8 +229,10 @@ class _ShardStreams:
             "version": STATE_VERSION,
             "fingerprint": dict(self.fingerprint),
             "batches": self.batches,
-            "shards": {str(s): jsonable(it.get_state())
-                       for s, it in zip(self.shard_ids, self.iterators, strict=False)},
+            "shards": {
+                str(s): jsonable(it.get_state())
+                for s, it in zip(self.shard_ids, self.iterators, strict=False)
+            },
         }
 
     def produce(self) -> tuple[dict[str, np.ndarray], dict, np.ndarray]:
@@ -330,17 +345,23 @@ class SFTBatchIterator:
         self.micro_batch = global_batch_size // grad_accum // process_count
         self.pad_id = tokenizer.pad_id
 
-        stats = dict.fromkeys(("records", "skipped", "truncated", "dropped", "examples",
-                               "tokens"), 0)
+        stats = dict.fromkeys(
+            ("records", "skipped", "truncated", "dropped", "examples", "tokens"), 0
+        )
         per_component = []
         component_examples = []
         self._record_ids: list[str] = []  # every component's record ids, end to end
         for spec, _ in components:
             name = source_name(spec)
-            records, skipped, ids = read_sft_records_with_ids(spec, on_error=on_error,
-                                                          data_dir=data_dir)
+            records, skipped, ids = read_sft_records_with_ids(
+                spec, on_error=on_error, data_dir=data_dir
+            )
             examples, counts = tokenize_records(
-                records, tokenizer, template=template, seq_len=seq_len, where=name,
+                records,
+                tokenizer,
+                template=template,
+                seq_len=seq_len,
+                where=name,
                 on_error=on_error,
             )
             if not examples:
@@ -397,8 +418,11 @@ class SFTBatchIterator:
                     num_packing_bins=num_packing_bins,
                     seed=shard_seed(seed, 1 << 20, s),  # the packer's own stream
                     shuffle_bins=shuffle,
-                    padding_struct={"inputs": self.pad_id, "targets": self.pad_id,
-                                    "loss_mask": 0.0},
+                    padding_struct={
+                        "inputs": self.pad_id,
+                        "targets": self.pad_id,
+                        "loss_mask": 0.0,
+                    },
                     meta_features=("record",),  # kept as a list per packed row
                 ).map(_rename_packed)
             else:
@@ -485,8 +509,13 @@ class SFTBatchIterator:
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` of an iterator built with the same data and arguments."""
-        check_resume_state(state, version=STATE_VERSION, fingerprint=self._fingerprint,
-                           where=self.path, what="data iterator")
+        check_resume_state(
+            state,
+            version=STATE_VERSION,
+            fingerprint=self._fingerprint,
+            where=self.path,
+            what="data iterator",
+        )
         shard_states = state.get("shards", {})
         missing = [s for s in self.plan.local if str(s) not in shard_states]
         if missing:

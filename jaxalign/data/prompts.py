@@ -35,13 +35,17 @@ def to_prompt(record: Any, *, where: str) -> tuple[list[dict], dict[str, Any]]:
         raise DataError("record must be a JSON object", where=where)
     if "messages" in record:
         raw = record["messages"]
-        if isinstance(raw, list) and raw and isinstance(raw[-1], dict) and (
-            raw[-1].get("role") == "assistant"
+        if (
+            isinstance(raw, list)
+            and raw
+            and isinstance(raw[-1], dict)
+            and (raw[-1].get("role") == "assistant")
         ):
             raw = raw[:-1]
         if not isinstance(raw, list) or not raw:
-            raise DataError("field 'messages' must hold at least one non-assistant message",
-                            where=where)
+            raise DataError(
+                "field 'messages' must hold at least one non-assistant message", where=where
+            )
         # Validate roles and contents; the stand-in answer satisfies the assistant requirement.
         messages = _messages_from_list([*raw, {"role": "assistant", "content": "x"}], where)[:-1]
         extras = {k: v for k, v in record.items() if k != "messages"}
@@ -96,9 +100,14 @@ class PromptBatchIterator:
             raise ConfigError(f"data.prompt_buckets must be lengths >= 2, got {list(buckets)}")
         if num_epochs is not None and num_epochs < 1:
             raise ConfigError(f"num_epochs must be positive or None, got {num_epochs}")
-        self.plan = plan_shards(shards, global_rows=global_batch_size, grad_accum=1,
-                                process_index=process_index, process_count=process_count,
-                                what="prompt batch size")
+        self.plan = plan_shards(
+            shards,
+            global_rows=global_batch_size,
+            grad_accum=1,
+            process_index=process_index,
+            process_count=process_count,
+            what="prompt batch size",
+        )
         get_template(template)
         self.path = source_name(source)
         self.buckets = buckets
@@ -123,8 +132,11 @@ class PromptBatchIterator:
                 continue
             if len(ids) > longest:  # keep the end, where the question is; BOS stays first
                 keep_bos = ids[0] == tokenizer.bos_id
-                ids = np.concatenate([ids[:1], ids[len(ids) - longest + 1 :]]) if keep_bos else (
-                    ids[-longest:])
+                ids = (
+                    np.concatenate([ids[:1], ids[len(ids) - longest + 1 :]])
+                    if keep_bos
+                    else (ids[-longest:])
+                )
                 truncated += 1
             self._tokens.append(ids)
             self._extras.append(extras)
@@ -132,8 +144,12 @@ class PromptBatchIterator:
         if not self._tokens:
             raise DataError("no prompts left after rendering", where=self.path)
         self._lengths = np.asarray([len(t) for t in self._tokens], np.int32)
-        self.stats = {"records": len(self._tokens), "skipped": skipped, "truncated": truncated,
-                      "tokens": int(self._lengths.sum())}
+        self.stats = {
+            "records": len(self._tokens),
+            "skipped": skipped,
+            "truncated": truncated,
+            "tokens": int(self._lengths.sum()),
+        }
         # Shard s is a shuffled, repeated MapDataset of example indices: random access, so every
         # process can look up the lengths of the whole global batch to pick its bucket.
         self._shards = []
@@ -144,9 +160,14 @@ class PromptBatchIterator:
             if shuffle:
                 ds = ds.shuffle(shard_seed(seed, 0, s))
             self._shards.append(ds.repeat(num_epochs))
-        self._fingerprint = {"prompts": len(self._tokens), "tokens": self.stats["tokens"],
-                             "buckets": buckets, "shards": self.plan.shards,
-                             "shuffle": shuffle, "seed": seed}
+        self._fingerprint = {
+            "prompts": len(self._tokens),
+            "tokens": self.stats["tokens"],
+            "buckets": buckets,
+            "shards": self.plan.shards,
+            "shuffle": shuffle,
+            "seed": seed,
+        }
         self.step = 0
 
     def __iter__(self) -> PromptBatchIterator:
@@ -161,8 +182,9 @@ class PromptBatchIterator:
         rows = self.plan.rows_per_shard
         if (self.step + 1) * rows > min(len(ds) for ds in self._shards):
             raise StopIteration  # a finite run ends before any shard would run short
-        global_longest = max(int(self._lengths[i]) for s in range(self.plan.shards)
-                             for i in self._indices(s))
+        global_longest = max(
+            int(self._lengths[i]) for s in range(self.plan.shards) for i in self._indices(s)
+        )
         length = next(b for b in self.buckets if b >= global_longest)
         local = [i for s in self.plan.local for i in self._indices(s)]
         tokens = np.full((len(local), length), self.pad_id, np.int32)
@@ -194,13 +216,17 @@ class PromptBatchIterator:
 
     def get_state(self) -> dict:
         """JSON-serializable: the number of batches consumed (the same on every process)."""
-        return {"version": STATE_VERSION, "fingerprint": dict(self._fingerprint),
-                "step": self.step}
+        return {"version": STATE_VERSION, "fingerprint": dict(self._fingerprint), "step": self.step}
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` of an iterator over the same prompts (any process count)."""
-        check_resume_state(state, version=STATE_VERSION, fingerprint=self._fingerprint,
-                           where=self.path, what="prompt iterator")
+        check_resume_state(
+            state,
+            version=STATE_VERSION,
+            fingerprint=self._fingerprint,
+            where=self.path,
+            what="prompt iterator",
+        )
         self.step = int(state["step"])
 
 

@@ -122,8 +122,9 @@ def merge_states(states: list[dict]) -> dict:
     return merged
 
 
-def check_resume_state(state: Any, *, version: int, fingerprint: dict, where: str,
-                       what: str = "data iterator") -> None:
+def check_resume_state(
+    state: Any, *, version: int, fingerprint: dict, where: str, what: str = "data iterator"
+) -> None:
     """Raise a DataError unless `state` (from `get_state()`) has `version` and a fingerprint
     equal to `fingerprint` (the data and settings it must agree with to resume exactly)."""
     if not isinstance(state, dict) or state.get("version") != version:

@@ -177,8 +177,9 @@ def _raw_parquet(path: str):
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for unreadable files
-        raise DataError(f"cannot read Parquet file ({type(e).__name__}: {e})".splitlines()[0],
-                        where=path) from None
+        raise DataError(
+            f"cannot read Parquet file ({type(e).__name__}: {e})".splitlines()[0], where=path
+        ) from None
     for i, row in enumerate(rows):
         # Parquet has no per-record absent fields: a null column value means "absent".
         yield f"{path}:record {i}", {k: v for k, v in row.items() if v is not None}
@@ -189,8 +190,9 @@ def _raw_arrayrecord(path: str):
         source = grain.sources.ArrayRecordDataSource([path])
         raw_records = source.__getitems__(list(range(len(source)))) if len(source) else []
     except Exception as e:  # array_record raises RuntimeError/ValueError for bad files
-        raise DataError(f"cannot read ArrayRecord file ({type(e).__name__}: {e})".splitlines()[0],
-                        where=path) from None
+        raise DataError(
+            f"cannot read ArrayRecord file ({type(e).__name__}: {e})".splitlines()[0], where=path
+        ) from None
     for i, raw in enumerate(raw_records):
         where = f"{path}:record {i}"
         try:
@@ -256,9 +258,9 @@ def read_records(
     else:
         if not os.path.isfile(spec):
             raise DataError("data file not found", where=spec)
-        raw = {"jsonl": _raw_jsonl, "parquet": _raw_parquet, "arrayrecord": _raw_arrayrecord}[
-            fmt
-        ](spec)
+        raw = {"jsonl": _raw_jsonl, "parquet": _raw_parquet, "arrayrecord": _raw_arrayrecord}[fmt](
+            spec
+        )
     records: list[Any] = []
     skipped = 0
     for where, record in raw:

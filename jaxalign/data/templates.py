@@ -72,8 +72,9 @@ def _special(value: Any) -> str | None:
 class JinjaTemplate:
     """A Hugging Face `chat_template`, rendered in `ImmutableSandboxedEnvironment`."""
 
-    def __init__(self, source: str, where: str, bos_token: str | None = None,
-                 eos_token: str | None = None):
+    def __init__(
+        self, source: str, where: str, bos_token: str | None = None, eos_token: str | None = None
+    ):
         import jinja2
         from jinja2 import nodes
         from jinja2.ext import Extension, loopcontrols
@@ -93,8 +94,13 @@ class JinjaTemplate:
             raise jinja2.TemplateError(message)
 
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
-                              separators=separators, sort_keys=sort_keys)
+            return json.dumps(
+                x,
+                ensure_ascii=ensure_ascii,
+                indent=indent,
+                separators=separators,
+                sort_keys=sort_keys,
+            )
 
         self.where = where
         self.bos_token, self.eos_token = bos_token, eos_token
@@ -107,8 +113,9 @@ class JinjaTemplate:
         try:
             self._template = env.from_string(source)
         except jinja2.TemplateError as e:
-            raise DataError(f"invalid chat template ({type(e).__name__}: {e})",
-                            where=where) from None
+            raise DataError(
+                f"invalid chat template ({type(e).__name__}: {e})", where=where
+            ) from None
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The template's text for `messages`; DataError naming the template if it fails."""
@@ -122,8 +129,11 @@ class JinjaTemplate:
                 eos_token=self.eos_token or "",
             )
         except (jinja2.TemplateError, jinja2.sandbox.SecurityError, TypeError) as e:
-            kind = "blocked by the sandbox" if isinstance(e, jinja2.sandbox.SecurityError) else (
-                "failed")
+            kind = (
+                "blocked by the sandbox"
+                if isinstance(e, jinja2.sandbox.SecurityError)
+                else ("failed")
+            )
             message = f"chat template {kind} ({type(e).__name__}: {e})".splitlines()[0]
             raise DataError(message, where=self.where) from None
 
@@ -175,8 +185,9 @@ def _load_jinja(path: str) -> JinjaTemplate:
         source = named.get("default")
     if not isinstance(source, str) or not source:
         raise DataError("field 'chat_template' must be a template string", where=path)
-    return JinjaTemplate(source, path, _special(config.get("bos_token")),
-                         _special(config.get("eos_token")))
+    return JinjaTemplate(
+        source, path, _special(config.get("bos_token")), _special(config.get("eos_token"))
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -263,8 +274,10 @@ def _encode_spans(
         # added once below, so it can never come twice.
         if template.bos_token and spans and spans[0][0].startswith(template.bos_token):
             spans = [(spans[0][0][len(template.bos_token) :], spans[0][1]), *spans[1:]]
-        for text, token_id in ((template.bos_token, tokenizer.bos_id),
-                               (template.eos_token, tokenizer.eos_id)):
+        for text, token_id in (
+            (template.bos_token, tokenizer.bos_id),
+            (template.eos_token, tokenizer.eos_id),
+        ):
             if text and _has(token_id):
                 specials[text] = token_id
     ids: list[int] = [tokenizer.bos_id] if _has(tokenizer.bos_id) else []

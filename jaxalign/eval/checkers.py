@@ -104,8 +104,9 @@ def check(record: dict, text: str) -> bool:
     raise KeyError(f"no checker for family {family!r}")
 
 
-def reward(prompts: Sequence, completions: Sequence[str], family: Sequence[str],
-           **fields: Sequence[Any]) -> np.ndarray:
+def reward(
+    prompts: Sequence, completions: Sequence[str], family: Sequence[str], **fields: Sequence[Any]
+) -> np.ndarray:
     """1.0 where the completion passes its record's checker, else 0.0 (an RL reward)."""
     scores = []
     for i, (text, fam) in enumerate(zip(completions, family, strict=True)):

@@ -34,8 +34,10 @@ class Regression:
     def describe(self) -> str:
         better = "higher" if metric_direction(self.metric) > 0 else "lower"
         where = f"{self.stage} " if self.stage else ""
-        return (f"{where}{self.metric}: {self.before:.2f} -> {self.after:.2f} "
-                f"({self.change:+.2f}; {better} is better)")
+        return (
+            f"{where}{self.metric}: {self.before:.2f} -> {self.after:.2f} "
+            f"({self.change:+.2f}; {better} is better)"
+        )
 
 
 def _metrics_of(path: Path) -> dict[str, float]:
@@ -58,18 +60,26 @@ def load_metrics(path: str | Path) -> dict[str, dict[str, float]]:
     directory = p / "eval" if (p / "eval").is_dir() else p
     files = sorted(directory.glob("*.json")) if directory.is_dir() else []
     if not files:
-        raise UserError(f"{path}: no evaluation found (a metrics .json file, or a run directory "
-                        "with eval/<stage>.json)")
+        raise UserError(
+            f"{path}: no evaluation found (a metrics .json file, or a run directory "
+            "with eval/<stage>.json)"
+        )
     return {f.stem: _metrics_of(f) for f in files}
 
 
-def compare_metrics(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
-                    max_drop: float) -> tuple[list[Regression], int]:
+def compare_metrics(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], max_drop: float
+) -> tuple[list[Regression], int]:
     """Regressions from `before` to `after` (stage -> metrics each) and how many metrics were
     compared. Two single evaluations are compared whatever their stage names."""
     if len(before) == 1 and len(after) == 1:
-        pairs = [("" if next(iter(before)) != next(iter(after)) else next(iter(before)),
-                  next(iter(before.values())), next(iter(after.values())))]
+        pairs = [
+            (
+                "" if next(iter(before)) != next(iter(after)) else next(iter(before)),
+                next(iter(before.values())),
+                next(iter(after.values())),
+            )
+        ]
     else:
         common = [s for s in before if s in after]
         if not common:
@@ -91,11 +101,14 @@ def run_gate(path_a: str | Path, path_b: str | Path, max_drop: float) -> int:
     """Print the comparison; 1 if any metric regressed by more than `max_drop`, else 0."""
     regressions, compared = compare_metrics(load_metrics(path_a), load_metrics(path_b), max_drop)
     if regressions:
-        print(f"[jaxalign] {len(regressions)} of {compared} metrics regressed by more than "
-              f"{max_drop:g} from {path_a} to {path_b}:")
+        print(
+            f"[jaxalign] {len(regressions)} of {compared} metrics regressed by more than "
+            f"{max_drop:g} from {path_a} to {path_b}:"
+        )
         for r in regressions:
             print(f"  REGRESSED {r.describe()}")
         return 1
-    print(f"[jaxalign] no regression beyond {max_drop:g} in {compared} metrics "
-          f"({path_a} -> {path_b})")
+    print(
+        f"[jaxalign] no regression beyond {max_drop:g} in {compared} metrics ({path_a} -> {path_b})"
+    )
     return 0

@@ -22,8 +22,9 @@ COLUMNS = (
 )
 
 
-def markdown_table(stage_metrics: dict[str, dict[str, float] | None],
-                   notes: dict[str, str] | None = None) -> str:
+def markdown_table(
+    stage_metrics: dict[str, dict[str, float] | None], notes: dict[str, str] | None = None
+) -> str:
     """One row per stage, one column per metric; a stage without metrics shows its note."""
     notes = notes or {}
     header = "| stage | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
@@ -64,8 +65,11 @@ def _pick(history: list[dict], preferred: Sequence[str], needle: str) -> str | N
     return candidates[0] if candidates else None
 
 
-def make_plots(out_dir: str | Path, stage_metrics: dict[str, dict[str, float] | None],
-               training_dirs: dict[str, Path]) -> tuple[list[Path], str | None]:
+def make_plots(
+    out_dir: str | Path,
+    stage_metrics: dict[str, dict[str, float] | None],
+    training_dirs: dict[str, Path],
+) -> tuple[list[Path], str | None]:
     """Write loss_curves.png, rl_reward_kl.png and pass_rate.png under `out_dir`; returns the
     files and a note (why plots were skipped, or None)."""
     try:
@@ -82,8 +86,9 @@ def make_plots(out_dir: str | Path, stage_metrics: dict[str, dict[str, float] | 
     histories = {s: h for s, h in histories.items() if h}
 
     if histories:
-        fig, axes = plt.subplots(1, len(histories), figsize=(3.2 * len(histories), 3),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(histories), figsize=(3.2 * len(histories), 3), squeeze=False
+        )
         for ax, (stage, history) in zip(axes[0], histories.items(), strict=True):
             ax.plot(*_series(history, "loss"), label="train")
             steps, values = _series(history, "eval/loss")
@@ -137,8 +142,14 @@ def make_plots(out_dir: str | Path, stage_metrics: dict[str, dict[str, float] | 
     return files, None
 
 
-def write_report(path: str | Path, table: str, *, preamble: Sequence[str] = (),
-                 plots: Sequence[Path] = (), notes: Sequence[str] = ()) -> Path:
+def write_report(
+    path: str | Path,
+    table: str,
+    *,
+    preamble: Sequence[str] = (),
+    plots: Sequence[Path] = (),
+    notes: Sequence[str] = (),
+) -> Path:
     """Write the markdown report: preamble lines, the table, notes and links to the plots."""
     path = Path(path)
     lines = ["# jaxalign quickstart report", "", *preamble, "", table, ""]

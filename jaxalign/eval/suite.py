@@ -75,8 +75,13 @@ def _messages(record: dict) -> list[dict]:
     return [*head, {"role": "user", "content": record["prompt"]}]
 
 
-def sequence_logprobs(graphdef, params, sequences: Sequence[np.ndarray],
-                      masks: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+def sequence_logprobs(
+    graphdef,
+    params,
+    sequences: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    batch_size: int = 64,
+) -> np.ndarray:
     """Summed log-probs [N] of the masked tokens of N token sequences (teacher-forced)."""
     from jaxalign.losses import sequence_logprobs as seq_logps
 
@@ -102,22 +107,38 @@ def sequence_logprobs(graphdef, params, sequences: Sequence[np.ndarray],
     return out
 
 
-def generate_answers(model_dir: str | Path, records: Sequence[dict], *, max_new_tokens: int = 48,
-                     batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
+def generate_answers(
+    model_dir: str | Path,
+    records: Sequence[dict],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Greedy answers of the policy in `model_dir` to `records`: texts, prompt and completion
     token ids, and the loaded policy and tokenizer."""
     from jaxalign.data import load_tokenizer, render_prompt
     from jaxalign.generate import completion_text, generate_all, load_policy, policy_sampler
 
-    policy = load_policy(model_dir, [
-        "sampling.temperature=0", f"sampling.max_new_tokens={max_new_tokens}",
-        f"sampling.batch_size={batch_size}", "sampling.num_samples=1",
-    ])
+    policy = load_policy(
+        model_dir,
+        [
+            "sampling.temperature=0",
+            f"sampling.max_new_tokens={max_new_tokens}",
+            f"sampling.batch_size={batch_size}",
+            "sampling.num_samples=1",
+        ],
+    )
     tokenizer = load_tokenizer(policy.cfg.data.tokenizer)
     template = policy.cfg.data.template
     prompt_ids = [render_prompt(_messages(r), tokenizer, template) for r in records]
-    completions = generate_all(policy_sampler(policy, tokenizer), policy.params, prompt_ids,
-                               batch_size=batch_size, seed=seed)
+    completions = generate_all(
+        policy_sampler(policy, tokenizer),
+        policy.params,
+        prompt_ids,
+        batch_size=batch_size,
+        seed=seed,
+    )
     completions = [c[0] for c in completions]
     return {
         "texts": [completion_text(tokenizer, c) for c in completions],
@@ -143,8 +164,12 @@ def kl_to_reference(answers: dict, reference_dir: str | Path) -> float:
     return float(np.mean(policy_lp - reference_lp))
 
 
-def rm_win_rate(reward_model_dir: str | Path, records: Sequence[dict], texts: Sequence[str],
-                baseline_texts: Sequence[str]) -> float:
+def rm_win_rate(
+    reward_model_dir: str | Path,
+    records: Sequence[dict],
+    texts: Sequence[str],
+    baseline_texts: Sequence[str],
+) -> float:
     """Percent of prompts where the reward model scores `texts` above `baseline_texts`."""
     from jaxalign.rejection import reward_model_scorer
 
@@ -155,8 +180,11 @@ def rm_win_rate(reward_model_dir: str | Path, records: Sequence[dict], texts: Se
     return float(100.0 * np.mean((ours > theirs) + 0.5 * (ours == theirs)))
 
 
-def score_answers(records: Sequence[dict], texts: Sequence[str],
-                  completion_ids: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+def score_answers(
+    records: Sequence[dict],
+    texts: Sequence[str],
+    completion_ids: Sequence[Sequence[int]] | None = None,
+) -> dict[str, float]:
     """Checker metrics of answers: pass rate per family and overall, refusal and over-refusal
     rates (percent), and the mean answer length in tokens when `completion_ids` is given."""
     passed: dict[str, list[bool]] = {}
@@ -177,11 +205,18 @@ def score_answers(records: Sequence[dict], texts: Sequence[str],
     return metrics
 
 
-def evaluate(model_dir: str | Path, eval_files: Sequence[str], *,
-             reference: str | Path | None = None, reward_model: str | Path | None = None,
-             baseline: Sequence[str] | None = None, limit_per_family: int | None = None,
-             max_new_tokens: int = 48, batch_size: int = 64,
-             generations_path: str | Path | None = None) -> dict[str, float]:
+def evaluate(
+    model_dir: str | Path,
+    eval_files: Sequence[str],
+    *,
+    reference: str | Path | None = None,
+    reward_model: str | Path | None = None,
+    baseline: Sequence[str] | None = None,
+    limit_per_family: int | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+    generations_path: str | Path | None = None,
+) -> dict[str, float]:
     """Metrics of the policy in `model_dir` on the held-out `eval_files` (see the module doc).
 
     `reference`: a run whose policy the KL is measured against; `reward_model` and `baseline`
@@ -189,8 +224,9 @@ def evaluate(model_dir: str | Path, eval_files: Sequence[str], *,
     `generations_path`, every record is written there with its `completion` and `passed`.
     """
     records = load_eval_records(eval_files, limit_per_family)
-    answers = generate_answers(model_dir, records, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
+    answers = generate_answers(
+        model_dir, records, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     metrics = score_answers(records, answers["texts"], answers["completion_ids"])
     if reward_model is not None and baseline is not None:
         if len(baseline) != len(records):

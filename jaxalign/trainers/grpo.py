@@ -63,9 +63,11 @@ class GRPO(RLAlgorithm):
             "rollout/group_score_std": group_std.mean(),
             "rollout/groups_all_equal": (group_std == 0).astype(jnp.float32).mean(),
         }
-        buffer = {"old_logprobs": jnp.where(real, old, 0.0),
-                  "ref_logprobs": jnp.where(real, ref, 0.0),
-                  "advantages": jnp.where(real, seq_adv[:, None], 0.0)}
+        buffer = {
+            "old_logprobs": jnp.where(real, old, 0.0),
+            "ref_logprobs": jnp.where(real, ref, 0.0),
+            "advantages": jnp.where(real, seq_adv[:, None], 0.0),
+        }
         return buffer, metrics
 
     def loss_fn(self, model, batch: dict, rng: jax.Array, frozen=None):
@@ -74,8 +76,9 @@ class GRPO(RLAlgorithm):
         rl = self.cfg.rl
         mask = batch["mask"]
         logp, entropy = self._logprobs(model, batch)
-        pg, stats = clipped_policy_loss(logp, batch["old_logprobs"], batch["advantages"],
-                                        rl.clip_eps)
+        pg, stats = clipped_policy_loss(
+            logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps
+        )
         kl = kl_penalty(logp, batch["ref_logprobs"], self.kl_estimator, rl.kl_clamp)
         per_token = pg + rl.kl_coef * kl - rl.entropy_coef * entropy
         weights = aggregation_weights(mask, rl.loss_aggregation)

@@ -91,8 +91,9 @@ class RLAlgorithm:
     def frozen_params(self, trainer, initial_params: Any) -> None:
         """Keep the reference (the initial policy) here, for rollouts only: the loss reads the
         reference log-probs from the buffer, so the train step gets no frozen params."""
-        self.reference = FrozenReference(self.policy_params(initial_params),
-                                         self.cfg.rl.offload_frozen)
+        self.reference = FrozenReference(
+            self.policy_params(initial_params), self.cfg.rl.offload_frozen
+        )
         return None
 
     def reference_on_device(self) -> Any:
@@ -111,8 +112,9 @@ class RLAlgorithm:
         return None  # held-out pass rates come from the rollout data (rl.eval_every)
 
     def _logprobs(self, model, batch):
-        return response_logprobs(self.policy_module(model), batch, self.prompt_width,
-                                 self.cfg.sampling.temperature)
+        return response_logprobs(
+            self.policy_module(model), batch, self.prompt_width, self.cfg.sampling.temperature
+        )
 
 
 class PPO(RLAlgorithm):
@@ -144,11 +146,16 @@ class PPO(RLAlgorithm):
         if cfg.rl.value_init_from:
             value = load_params(Path(cfg.rl.value_init_from).absolute(), abstract["value"])
         else:
-            copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                           out_shardings=trainer.param_shardings["value"]["backbone"])
-            score = jax.jit(lambda: jnp.zeros(abstract["value"]["score"].shape,
-                                              abstract["value"]["score"].dtype),
-                            out_shardings=trainer.param_shardings["value"]["score"])()
+            copy = jax.jit(
+                lambda p: jax.tree.map(jnp.copy, p),
+                out_shardings=trainer.param_shardings["value"]["backbone"],
+            )
+            score = jax.jit(
+                lambda: jnp.zeros(
+                    abstract["value"]["score"].shape, abstract["value"]["score"].dtype
+                ),
+                out_shardings=trainer.param_shardings["value"]["score"],
+            )()
             value = {"backbone": copy(policy), "score": score}
         return {"policy": policy, "value": value}
 
@@ -172,7 +179,8 @@ class PPO(RLAlgorithm):
         k1 = jnp.where(real, old - ref, 0.0).sum(axis=1)
         var_returns = masked_var(returns, mask, unbiased=rl.whiten_unbiased)
         explained = 1.0 - masked_var(returns - values, mask, unbiased=rl.whiten_unbiased) / (
-            jnp.maximum(var_returns, 1e-8))
+            jnp.maximum(var_returns, 1e-8)
+        )
         metrics = {
             "objective/kl": seq_kl.mean(),
             "objective/kl_k1": k1.mean(),
@@ -185,8 +193,12 @@ class PPO(RLAlgorithm):
             "val/explained_var": explained,
             "val/advantages_std": jnp.sqrt(masked_var(advantages, mask)),
         }
-        buffer = {"old_logprobs": jnp.where(real, old, 0.0), "old_values": values,
-                  "advantages": advantages, "returns": returns}
+        buffer = {
+            "old_logprobs": jnp.where(real, old, 0.0),
+            "old_values": values,
+            "advantages": advantages,
+            "returns": returns,
+        }
         return buffer, metrics
 
     def after_rollout(self, metrics: dict, rows: int) -> dict:
@@ -200,10 +212,12 @@ class PPO(RLAlgorithm):
         mask = batch["mask"]
         logp, entropy = self._logprobs(model, batch)
         values = response_values(model, batch, self.prompt_width)
-        pg, stats = clipped_policy_loss(logp, batch["old_logprobs"], batch["advantages"],
-                                        rl.clip_eps)
-        vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"],
-                                            rl.value_clip)
+        pg, stats = clipped_policy_loss(
+            logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps
+        )
+        vf, vf_clipped = clipped_value_loss(
+            values, batch["old_values"], batch["returns"], rl.value_clip
+        )
         per_token = pg + rl.vf_coef * vf - rl.entropy_coef * entropy
 
         def total(x):
@@ -225,5 +239,6 @@ class PPO(RLAlgorithm):
 def _fresh(trainer) -> Any:
     from jaxalign.trainers.loop import init_params
 
-    return init_params(trainer.cfg, trainer.param_shardings, trainer.cfg.train.seed,
-                       trainer.make_model)
+    return init_params(
+        trainer.cfg, trainer.param_shardings, trainer.cfg.train.seed, trainer.make_model
+    )

@@ -48,9 +48,15 @@ class SFT:
 
         t = self.cfg.train
         return sft_iterator_from_config(
-            self.cfg.data, self.tokenizer, seq_len=t.seq_len, global_batch_size=t.batch_size,
-            grad_accum=t.grad_accum, process_index=process_index, process_count=process_count,
-            path=path, **kwargs,
+            self.cfg.data,
+            self.tokenizer,
+            seq_len=t.seq_len,
+            global_batch_size=t.batch_size,
+            grad_accum=t.grad_accum,
+            process_index=process_index,
+            process_count=process_count,
+            path=path,
+            **kwargs,
         )
 
     def train_data(self, process_index: int, process_count: int):
@@ -63,6 +69,7 @@ class SFT:
     def eval_data(self, process_index: int, process_count: int):
         if not self.cfg.data.eval_file:
             return None
-        it = self._iterator(self.cfg.data.eval_file, process_index, process_count,
-                            shuffle=False, num_epochs=1)
+        it = self._iterator(
+            self.cfg.data.eval_file, process_index, process_count, shuffle=False, num_epochs=1
+        )
         return list(itertools.islice(it, self.cfg.train.eval_batches))
