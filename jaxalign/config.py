@@ -284,6 +284,12 @@ class RLConfig:
     forward_batch_size: int = 0
     eval_every: int = 0  # held-out greedy pass rate on data.eval_file every N rollouts (0: off)
     eval_prompts: int = 0  # how many eval prompts (0: all)
+    # PPO-ptx (InstructGPT): every optimizer step adds ptx_coef x the mean next-token loss of
+    # ptx_batch_size rows of ptx_file (SFT-format records: text, prompt/completion or messages;
+    # packed to train.seq_len like SFT data), so the policy keeps what RL would otherwise erode.
+    ptx_coef: float = 0.0  # 0: off
+    ptx_file: str | None = None  # any source data.train_file accepts
+    ptx_batch_size: int = 0  # global rows per optimizer step (0: train.batch_size)
 
 
 @dataclass

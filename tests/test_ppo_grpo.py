@@ -299,3 +299,133 @@ def test_minibatch_record_ids_name_the_prompt_of_each_row(tmp_path):
     assert data.stats["records"] == len(lines) and data.stats["rollouts"] == 1
     assert data.report().startswith(f"prompts {path}: {len(lines)} prompts (0 bad records")
     assert data.report().endswith("1 batches taken; 1 rollouts of 16 rows")
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO-ptx: a supervised next-token term on another dataset in every RL minibatch.
+
+PTX = {
+    "rl.ptx_coef": 0.5,
+    "rl.ptx_file": str(DATA / "sft_train.jsonl"),
+    "rl.ptx_batch_size": 16,
+}
+
+
+@pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
+def test_ptx_term_is_coef_times_mean_nll(tmp_path, trainer_name):
+    """loss_fn = rl_loss + ptx_coef x mean NLL of the ptx rows, normalized by the RL
+    denominator (float64 NumPy reference for the value; the gradient against an independent
+    full-softmax JAX NLL); `loss/ptx` is the mean NLL."""
+    cfg = rl_config(tmp_path, trainer_name, **PTX)
+    algo, trainer, state, data = rollout_data(cfg)
+    local = next(data)
+    assert local["ptx_inputs"].shape == (1, 16, cfg.train.seq_len)
+    micro = {k: v[0] for k, v in local.items()}
+    ptx = {k[4:]: v for k, v in micro.items() if k.startswith("ptx_")}
+    assert set(ptx) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    assert ptx["loss_mask"].sum() > 100
+
+    def policy(params):
+        return algo.policy_module(nnx.merge(trainer.graphdef, params))
+
+    @jax.jit
+    def parts(params):
+        model = nnx.merge(trainer.graphdef, params)
+        with_ptx = algo.loss_fn(model, micro, jax.random.PRNGKey(0))
+        rl_only = algo.rl_loss(model, micro, jax.random.PRNGKey(0))
+        net = policy(params)
+        hidden = net(ptx["inputs"], ptx["positions"], ptx["segment_ids"])
+        return with_ptx, rl_only, net.logits(hidden).astype(jnp.float32)
+
+    (loss, denom, metrics), (rl_loss, rl_denom, _), logits = jax.device_get(parts(state["params"]))
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ptx["targets"][..., None], -1)[..., 0]
+    mask = ptx["loss_mask"] > 0
+    mean_nll = nll[mask].mean()
+    assert denom == rl_denom
+    np.testing.assert_allclose((loss - rl_loss) / denom, 0.5 * mean_nll, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/ptx"] / denom, mean_nll, rtol=1e-5)
+
+    def full_softmax_nll(params):
+        net = policy(params)
+        hidden = net(ptx["inputs"], ptx["positions"], ptx["segment_ids"])
+        lp = jax.nn.log_softmax(net.logits(hidden).astype(jnp.float32), -1)
+        tok = jnp.take_along_axis(lp, ptx["targets"][..., None], -1)[..., 0]
+        return -jnp.sum(jnp.where(ptx["loss_mask"] > 0, tok, 0.0)) / mask.sum()
+
+    def normalized(fn):
+        def f(params):
+            value, d, _ = fn(nnx.merge(trainer.graphdef, params), micro, jax.random.PRNGKey(0))
+            return value / jax.lax.stop_gradient(d)
+
+        return f
+
+    g_all, g_rl, g_nll = jax.device_get(
+        jax.jit(
+            lambda p: [
+                jax.grad(f)(p)
+                for f in (normalized(algo.loss_fn), normalized(algo.rl_loss), full_softmax_nll)
+            ]
+        )(state["params"])
+    )
+    g_policy = algo.policy_params(g_all)
+    want = jax.tree.map(
+        lambda r, n: r + 0.5 * n, algo.policy_params(g_rl), algo.policy_params(g_nll)
+    )
+    for got, ref in zip(jax.tree.leaves(g_policy), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_ptx_data_state_resumes_and_merges_across_processes(tmp_path):
+    """The ptx iterator's position is in the RL data state: a fresh iterator set to it yields
+    the next ptx rows; the states of two processes merge into one that resumes on one."""
+    cfg = rl_config(tmp_path, "ppo", **PTX)
+    algo = make_algorithm(cfg)
+    halves = [algo.train_data(p, 2) for p in (0, 1)]
+    for d in halves:
+        for _ in range(3):
+            next(d.ptx)
+    merged = type(halves[0]).merge_states([d.get_state() for d in halves])
+    assert merged["prompts"] == halves[0].get_state()["prompts"]
+    single = make_algorithm(cfg).train_data(0, 1)
+    single.set_state(merged)
+    want = [next(d.ptx) for d in halves]
+    got = next(single.ptx)
+    for key in ("inputs", "targets", "loss_mask"):
+        np.testing.assert_array_equal(
+            got[key], np.concatenate([w[key] for w in want], axis=1), err_msg=key
+        )
+    assert single.stats["ptx"]["records"] == 3000
+
+
+@pytest.mark.slow
+def test_ptx_run_on_8_devices_equals_one_device(tmp_path):
+    """A PPO-ptx run (one rollout, two steps) on fsdp 8 and on one device: the same losses,
+    ptx term included; the NLL of the ptx data falls."""
+    histories = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        cfg = rl_config(tmp_path / str(len(devices)), "ppo", **{**PTX, "rl.ptx_coef": 2.0})
+        algo = make_algorithm(cfg)
+        trainer = Trainer(cfg, algo, devices=devices)
+        histories.append(trainer.run(init_params=algo.initial_params(trainer)).history)
+    sharded, single = histories
+    for a, b in zip(sharded, single, strict=True):
+        for key in ("loss", "loss/ptx", "loss/policy", "loss/value"):
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    assert sharded[1]["loss/ptx"] < sharded[0]["loss/ptx"]
+
+
+def test_ptx_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="rl.ptx_coef > 0 needs rl.ptx_file"):
+        make_algorithm(rl_config(tmp_path, **{"rl.ptx_coef": 0.1}))
+    with pytest.raises(ConfigError, match="rl.ptx_coef and rl.ptx_batch_size must be >= 0"):
+        make_algorithm(rl_config(tmp_path, **{**PTX, "rl.ptx_coef": -1}))
+    with pytest.raises(ConfigError, match="rl.ptx_batch_size .* train.grad_accum"):
+        make_algorithm(
+            rl_config(tmp_path, **{**PTX, "rl.ptx_batch_size": 6, "train.grad_accum": 4})
+        )
+    bad = rl_config(tmp_path, **{**PTX, "rl.ptx_batch_size": 4})
+    with pytest.raises(ConfigError, match="rl.ptx_batch_size: 4 rows"):
+        next(rollout_data(bad)[3])

@@ -70,7 +70,7 @@ class GRPO(RLAlgorithm):
         }
         return buffer, metrics
 
-    def loss_fn(self, model, batch: dict, rng: jax.Array, frozen=None):
+    def rl_loss(self, model, batch: dict, rng: jax.Array):
         """Weighted sum of per-token losses (clipped surrogate + kl_coef * KL - entropy bonus),
         the sum of weights, and metric sums (see `aggregation_weights`)."""
         rl = self.cfg.rl

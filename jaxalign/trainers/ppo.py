@@ -17,6 +17,7 @@ from flax import nnx
 from jaxalign.checkpoint import abstract_with_shardings, load_params
 from jaxalign.config import Config
 from jaxalign.data import load_tokenizer
+from jaxalign.losses import token_cross_entropy_sum
 from jaxalign.models.actor_critic import ActorCritic
 from jaxalign.rl import (
     KLController,
@@ -30,6 +31,7 @@ from jaxalign.rl import (
 )
 from jaxalign.trainers.rm import check_vocab, checkpoint_trainer
 from jaxalign.trainers.rollout import (
+    PTX_PREFIX,
     RolloutData,
     response_logprobs,
     response_values,
@@ -115,6 +117,33 @@ class RLAlgorithm:
         return response_logprobs(
             self.policy_module(model), batch, self.prompt_width, self.cfg.sampling.temperature
         )
+
+    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, frozen=None):
+        """The algorithm's `rl_loss` plus, with `rl.ptx_coef`, the PPO-ptx term.
+
+        PPO-ptx (Ouyang et al. 2022, eq. 2): ptx_coef x the mean next-token NLL of the
+        minibatch's `ptx_*` rows under the policy. The step divides the returned sum by the RL
+        denominator D, so the term enters as ptx_coef x nll_sum x D / ptx_tokens: exactly
+        ptx_coef x mean NLL without gradient accumulation (with it, a D-weighted mean of the
+        micro-batches' mean NLLs). `loss/ptx` reports the mean NLL the same way.
+        """
+        loss_sum, denom, metrics = self.rl_loss(model, batch, rng)
+        coef = self.cfg.rl.ptx_coef
+        if not coef:
+            return loss_sum, denom, metrics
+        ptx = {k.removeprefix(PTX_PREFIX): v for k, v in batch.items() if k.startswith(PTX_PREFIX)}
+        policy = self.policy_module(model)
+        hidden = policy(ptx["inputs"], ptx["positions"], ptx["segment_ids"])
+        nll_sum, tokens = token_cross_entropy_sum(
+            hidden,
+            policy.output_weight(),
+            ptx["targets"],
+            ptx["loss_mask"],
+            chunks=self.cfg.loss.vocab_chunks,
+        )
+        per_rl_unit = jax.lax.stop_gradient(denom / jnp.maximum(tokens, 1.0))
+        metrics = {**metrics, "loss/ptx": jax.lax.stop_gradient(nll_sum) * per_rl_unit}
+        return loss_sum + coef * nll_sum * per_rl_unit, denom, metrics
 
 
 class PPO(RLAlgorithm):
@@ -206,7 +235,7 @@ class PPO(RLAlgorithm):
         self.kl_controller.update(metrics["objective/kl"], rows)
         return {}
 
-    def loss_fn(self, model: ActorCritic, batch: dict, rng: jax.Array, frozen=None):
+    def rl_loss(self, model: ActorCritic, batch: dict, rng: jax.Array):
         """Summed per-token PPO loss over response tokens, the token count, metric sums."""
         rl = self.cfg.rl
         mask = batch["mask"]

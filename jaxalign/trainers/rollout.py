@@ -11,6 +11,11 @@ whitening are global; each process then yields its own rows of every minibatch.
 Resume is exact at rollout boundaries (RL configs require `checkpoint.every` and `train.steps`
 to be multiples of the steps per rollout). A run stopped inside a rollout (SIGTERM) resumes with
 a new rollout from the next prompts and yields only the minibatches that rollout had left.
+
+With `rl.ptx_coef > 0` every minibatch also carries `ptx_*` arrays (inputs, targets, loss_mask,
+segment_ids, positions: `rl.ptx_batch_size` packed rows of `rl.ptx_file`, read like SFT data)
+for the PPO-ptx term of the loss (`RLAlgorithm.loss_fn`); their iterator's position is part of
+the data state.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from jaxalign.rejection import function_scorer, load_reward_function
 from jaxalign.rl import entropy_from_logits
 
 STATE_VERSION = 1
+PTX_PREFIX = "ptx_"  # minibatch keys of the PPO-ptx rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +278,7 @@ class RolloutData:
         self.rows = self.rl.prompts_per_rollout * self.rl.num_generations
         self.steps_per_rollout = steps_per_rollout(cfg)
         self.scorer = Scorer(cfg, self.tokenizer)
+        self.ptx = ptx_iterator(cfg, self.tokenizer, process_index, process_count)
         self.rollouts = 0  # rollouts started
         self.position = 0  # minibatches of the current rollout already yielded
         self.skip = 0  # after a resume inside a rollout: its minibatches already trained on
@@ -297,12 +304,20 @@ class RolloutData:
             self._rollout()
         self.position += 1
         self._last_ids = self.queue_ids.pop(0)
-        return self.queue.pop(0)
+        batch = self.queue.pop(0)
+        if self.ptx is not None:
+            batch = {**batch, **{PTX_PREFIX + k: v for k, v in next(self.ptx).items()}}
+            self._last_ids = self._last_ids + self.ptx.record_ids()
+        return batch
 
     @property
     def stats(self) -> dict:
-        """The prompt data's counts (records, skipped, truncated, tokens) and the rollouts run."""
-        return {**self.prompts.stats, "rollouts": self.rollouts}
+        """The prompt data's counts (records, skipped, truncated, tokens) and the rollouts run
+        (and the PPO-ptx data's counts under `ptx`)."""
+        out = {**self.prompts.stats, "rollouts": self.rollouts}
+        if self.ptx is not None:
+            out["ptx"] = self.ptx.stats
+        return out
 
     def report(self) -> str:
         """One line: the prompts read, skipped and truncated, and the rollouts generated."""
@@ -310,7 +325,8 @@ class RolloutData:
 
     def record_ids(self) -> list[str]:
         """The prompt record ids (`path:LINE`, ...) of the rows of the minibatch last returned
-        (this process's rows), for the NaN halt message. Host-side only."""
+        (this process's rows), then those of its PPO-ptx records, for the NaN halt message.
+        Host-side only."""
         return list(self._last_ids)
 
     def pop_metrics(self) -> dict[str, float]:
@@ -329,12 +345,28 @@ class RolloutData:
             "rollouts": self.rollouts,
             "position": self.position % self.steps_per_rollout if self.rollouts else 0,
             "kl_controller": self.algorithm.kl_controller.get_state(),
+            **({"ptx": self.ptx.get_state()} if self.ptx is not None else {}),
         }
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """One state from every process's (the trainer's `global_data_state`): the prompts, the
+        rollout position and the KL controller are the same on every process; the PPO-ptx
+        iterators' shards are merged, so the run resumes under any process count."""
+        from jaxalign.data import merge_states
+
+        out = dict(states[0])
+        if "ptx" in out:
+            out["ptx"] = merge_states([s["ptx"] for s in states])
+        return out
 
     def set_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ConfigError("RL data state has an unknown format")
         self.prompts.set_state(state["prompts"])
+        # A run that did not use rl.ptx_file before starts reading it from the beginning.
+        if self.ptx is not None and "ptx" in state:
+            self.ptx.set_state(state["ptx"])
         self.rollouts = int(state["rollouts"])
         self.algorithm.kl_controller.set_state(state["kl_controller"])
         self.skip = int(state["position"])
@@ -386,6 +418,12 @@ class RolloutData:
         self._postprocess = jax.jit(algo.postprocess)
         self._concat = None
         divisor = shd.batch_divisor(self.mesh, self.rules)
+        if self.ptx is not None and ptx_rows(cfg) // cfg.train.grad_accum % divisor:
+            raise ConfigError(
+                f"rl.ptx_batch_size: {ptx_rows(cfg)} rows / train.grad_accum "
+                f"{cfg.train.grad_accum} do not divide by the devices the batch is split over "
+                f"({divisor})"
+            )
         if rl.forward_batch_size % divisor:
             raise ConfigError(
                 f"rl.forward_batch_size ({rl.forward_batch_size}) must be a multiple of the "
@@ -629,6 +667,33 @@ def family_scores(records: Sequence[dict], scores: np.ndarray) -> dict[str, floa
     return out
 
 
+def ptx_rows(cfg: Config) -> int:
+    """Global PPO-ptx rows per optimizer step."""
+    return cfg.rl.ptx_batch_size or cfg.train.batch_size
+
+
+def ptx_iterator(cfg: Config, tokenizer, process_index: int, process_count: int):
+    """The PPO-ptx data (`rl.ptx_file`, packed SFT-style rows of train.seq_len tokens), or None
+    when `rl.ptx_coef` is 0."""
+    if not cfg.rl.ptx_coef:
+        return None
+    from jaxalign.data import sft_iterator_from_config
+
+    data = sft_iterator_from_config(
+        cfg.data,
+        tokenizer,
+        seq_len=cfg.train.seq_len,
+        global_batch_size=ptx_rows(cfg),
+        grad_accum=cfg.train.grad_accum,
+        process_index=process_index,
+        process_count=process_count,
+        path=cfg.rl.ptx_file,
+    )
+    if process_index == 0:
+        print(f"[jaxalign] rl.ptx_file: {data.report()}", flush=True)
+    return data
+
+
 def steps_per_rollout(cfg: Config) -> int:
     rl = cfg.rl
     return rl.epochs * rl.prompts_per_rollout * rl.num_generations // cfg.train.batch_size
@@ -689,6 +754,15 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         raise ConfigError("rl.kl_target must be positive (or null: a fixed coefficient)")
     if rl.kl_coef < 0 or rl.clip_eps <= 0 or rl.value_clip <= 0:
         raise ConfigError("rl.kl_coef must be >= 0, rl.clip_eps and rl.value_clip positive")
+    if rl.ptx_coef < 0 or rl.ptx_batch_size < 0:
+        raise ConfigError("rl.ptx_coef and rl.ptx_batch_size must be >= 0")
+    if rl.ptx_coef and not rl.ptx_file:
+        raise ConfigError("rl.ptx_coef > 0 needs rl.ptx_file (the PPO-ptx data)")
+    if rl.ptx_coef and ptx_rows(cfg) % (t.grad_accum * jax.process_count()):
+        raise ConfigError(
+            f"rl.ptx_batch_size ({ptx_rows(cfg)} rows) must divide by train.grad_accum x "
+            f"processes ({t.grad_accum} x {jax.process_count()})"
+        )
 
 
 def load_data_state(path: str) -> dict:
