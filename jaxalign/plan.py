@@ -130,8 +130,11 @@ def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
     return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
-def activation_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
-    """Activations kept for the backward pass, per device (an estimate, not a measurement).
+def activation_bytes(
+    cfg: Config, sizes: dict[str, int], rules: shd.Rules, batch_size: int | None = None
+) -> int:
+    """Activations kept for the backward pass, per device (an estimate, not a measurement), of
+    `batch_size` rows per step (default train.batch_size) of train.seq_len tokens.
 
     Per layer and token: with remat "full" only the layer input (D); "save_dots" the matmul
     outputs (q, k, v, attention output, gate, up, down); "none" those plus norms, activations and
@@ -141,7 +144,7 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> in
     m, t = cfg.model, cfg.train
     batch_div = _axis_split(sizes, rules, "batch")
     tensor = sizes.get("tensor", 1) if rules.get("mlp") == ("tensor",) else 1
-    rows = max(t.batch_size // t.grad_accum // batch_div, 1)
+    rows = max((batch_size or t.batch_size) // t.grad_accum // batch_div, 1)
     tokens = rows * t.seq_len
     d, f, h, kv, hd = (
         m.hidden_size,
@@ -250,6 +253,9 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
     # precomputed (or the loss has no reference).
     if cfg.trainer in RL_TRAINERS:
         (host if cfg.rl.offload_frozen else parts)["reference"] = policy.params
+        if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
+            ptx = cfg.rl.ptx_batch_size or cfg.train.batch_size
+            parts["ptx activations"] = activation_bytes(cfg, sizes, rules, ptx)
         if cfg.rl.reward_model:
             rm = reward_model_bytes(cfg, num_devices)
             (host if cfg.rl.offload_frozen else parts)["reward model"] = rm

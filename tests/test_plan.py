@@ -128,6 +128,22 @@ def test_grpo_has_no_value_model_and_dpo_a_reference_unless_precomputed():
     assert "reference" not in simpo.parts
 
 
+def test_ppo_ptx_rows_add_their_activations():
+    """rl.ptx_coef: the ptx rows' activations (rl.ptx_batch_size rows, default train.batch_size)
+    come on top of the RL rows'; the estimate is linear in the rows."""
+    cfg = load_config(CONFIGS / "grpo_tiny.yaml")
+    plain = make_plan(cfg, 8)
+    assert "ptx activations" not in plain.parts
+    same = make_plan(load_config(CONFIGS / "grpo_tiny.yaml", ["rl.ptx_coef=0.1"]), 8)
+    assert same.parts["ptx activations"] == plain.parts["activations"]
+    rows = 2 * cfg.train.batch_size
+    double = make_plan(
+        load_config(CONFIGS / "grpo_tiny.yaml", ["rl.ptx_coef=0.1", f"rl.ptx_batch_size={rows}"]),
+        8,
+    )
+    assert double.parts["ptx activations"] == 2 * plain.parts["activations"]
+
+
 def test_plan_that_does_not_fit_fails_naming_the_sizes():
     recipe = next(p for p in RECIPES if p.stem == "sft_8b_v5e256")
     cfg = load_config(recipe, ["mesh.data=-1", "mesh.fsdp=1"])  # pure data parallel: no sharding
