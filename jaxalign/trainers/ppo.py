@@ -17,7 +17,6 @@ from flax import nnx
 from jaxalign.checkpoint import abstract_with_shardings, load_params
 from jaxalign.config import Config
 from jaxalign.data import load_tokenizer
-from jaxalign.losses import token_cross_entropy_sum
 from jaxalign.models.actor_critic import ActorCritic
 from jaxalign.rl import (
     KLController,
@@ -37,6 +36,7 @@ from jaxalign.trainers.rollout import (
     response_values,
     validate_rl_config,
 )
+from jaxalign.trainers.sft import next_token_loss
 
 
 def last_token_rewards(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -132,15 +132,7 @@ class RLAlgorithm:
         if not coef:
             return loss_sum, denom, metrics
         ptx = {k.removeprefix(PTX_PREFIX): v for k, v in batch.items() if k.startswith(PTX_PREFIX)}
-        policy = self.policy_module(model)
-        hidden = policy(ptx["inputs"], ptx["positions"], ptx["segment_ids"])
-        nll_sum, tokens = token_cross_entropy_sum(
-            hidden,
-            policy.output_weight(),
-            ptx["targets"],
-            ptx["loss_mask"],
-            chunks=self.cfg.loss.vocab_chunks,
-        )
+        nll_sum, tokens = next_token_loss(self.policy_module(model), ptx, self.cfg.loss)
         per_rl_unit = jax.lax.stop_gradient(denom / jnp.maximum(tokens, 1.0))
         metrics = {**metrics, "loss/ptx": jax.lax.stop_gradient(nll_sum) * per_rl_unit}
         return loss_sum + coef * nll_sum * per_rl_unit, denom, metrics

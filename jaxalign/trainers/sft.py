@@ -7,8 +7,23 @@ import itertools
 import jax
 from flax import nnx
 
-from jaxalign.config import Config
+from jaxalign.config import Config, LossConfig
 from jaxalign.losses import token_cross_entropy_sum
+
+
+def next_token_loss(model: nnx.Module, batch: dict, loss_cfg: LossConfig):
+    """(summed cross-entropy over target tokens, number of target tokens) of a Transformer on
+    packed rows: inputs, targets, loss_mask, segment_ids, positions, each [B, T]. The SFT loss,
+    and RL's PPO-ptx term."""
+    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return token_cross_entropy_sum(
+        hidden,
+        model.output_weight(),
+        batch["targets"],
+        batch["loss_mask"],
+        chunks=loss_cfg.vocab_chunks,
+        z_loss=loss_cfg.z_loss,
+    )
 
 
 class SFT:
@@ -28,20 +43,8 @@ class SFT:
             )
 
     def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, frozen=None):
-        """Summed cross-entropy over target tokens, the number of target tokens, no extras.
-
-        batch: inputs, targets, loss_mask, segment_ids, positions, each [B, T].
-        """
-        hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        loss_sum, num_tokens = token_cross_entropy_sum(
-            hidden,
-            model.output_weight(),
-            batch["targets"],
-            batch["loss_mask"],
-            chunks=self.cfg.loss.vocab_chunks,
-            z_loss=self.cfg.loss.z_loss,
-        )
-        return loss_sum, num_tokens, {}
+        """Summed cross-entropy over target tokens, the number of target tokens, no extras."""
+        return (*next_token_loss(model, batch, self.cfg.loss), {})
 
     def _iterator(self, path, process_index, process_count, **kwargs):
         from jaxalign.data import sft_iterator_from_config
