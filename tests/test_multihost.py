@@ -157,6 +157,10 @@ PPO_OVERRIDES = [
     "train.seq_len=40",
     "train.batch_size=8",
     "train.steps=8",  # 2 rollouts x 2 epochs x 2 minibatches
+    # PPO-ptx: its rows are sharded over the processes like SFT data, its state merged.
+    "rl.ptx_coef=0.5",
+    "rl.ptx_file=data/tiny/sft_train.jsonl",
+    "rl.ptx_batch_size=8",
     "train.log_every=1",
     "train.progress=false",
     "train.peak_flops_per_device=1e9",
@@ -168,12 +172,15 @@ PPO_OVERRIDES = [
 
 
 def test_two_process_ppo_gives_the_single_process_run(runs):
-    """PPO across two processes x 4 devices (rollouts generated and scored on every process,
-    each training its share of each minibatch) equals one process with 8 devices: the same
-    sampled rollouts (scores, lengths) and the same losses."""
+    """PPO (with a PPO-ptx term) across two processes x 4 devices (rollouts generated and scored
+    on every process, each training its share of each minibatch and reading its share of the
+    ptx rows) equals one process with 8 devices: the same sampled rollouts (scores, lengths),
+    the same losses and the same data state in the final checkpoint (the two processes' ptx
+    iterator states merged into one)."""
     kwargs = {"config": "configs/ppo_tiny.yaml", "overrides": PPO_OVERRIDES}
-    one_process(runs / "ppo_single", **kwargs)
-    two_processes(runs / "ppo_multi", runs, **kwargs)
+    single_dir, multi_dir = runs / "ppo_single", runs / "ppo_multi"
+    one_process(single_dir, **kwargs)
+    two_processes(multi_dir, runs, **kwargs)
 
     def records(run_dir):
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -181,7 +188,7 @@ def test_two_process_ppo_gives_the_single_process_run(runs):
 
     single, multi = records(runs / "ppo_single"), records(runs / "ppo_multi")
     assert sorted(multi) == sorted(single) == list(range(1, 9))
-    for key in ("loss", "loss/policy", "loss/value"):
+    for key in ("loss", "loss/policy", "loss/value", "loss/ptx"):
         np.testing.assert_allclose(
             [multi[s][key] for s in range(1, 9)],
             [single[s][key] for s in range(1, 9)],
@@ -200,6 +207,10 @@ def test_two_process_ppo_gives_the_single_process_run(runs):
         atol=1e-5,
         rtol=1e-5,
     )
+    from jaxalign.trainers.rollout import load_data_state
+
+    states = [load_data_state(r / "checkpoints" / "8") for r in (single_dir, multi_dir)]
+    assert "ptx" in states[0] and states[1] == states[0]
 
 
 def test_unreachable_coordinator_fails_in_bounded_time_naming_the_setting():

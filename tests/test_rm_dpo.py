@@ -327,10 +327,12 @@ def test_reward_model_learns_preferences_saves_statistics_and_scores(tmp_path):
         tmp_path,
         "rm",
         **{
-            "train.steps": 120,
-            "train.lr": 3e-3,
+            # lr 3e-3 is at the edge of stability here (120 steps: held-out over 0.6 on an AMD EPYC
+            # VM, 0.59 on an Intel Xeon; 4e-3 stays at 0.55); 2e-3 rises steadily (0.71 at 160).
+            "train.steps": 160,
+            "train.lr": 2e-3,
             "train.warmup_steps": 10,
-            "train.eval_every": 120,
+            "train.eval_every": 160,
             "rm.center_coef": 0.01,
             "model.tie_embeddings": "false",
             "train.weight_decay": 0.1,
