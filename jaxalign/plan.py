@@ -254,8 +254,9 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
     if cfg.trainer in RL_TRAINERS:
         (host if cfg.rl.offload_frozen else parts)["reference"] = policy.params
         if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
-            ptx = cfg.rl.ptx_batch_size or cfg.train.batch_size
-            parts["ptx activations"] = activation_bytes(cfg, sizes, rules, ptx)
+            from jaxalign.trainers.rollout import ptx_rows
+
+            parts["ptx activations"] = activation_bytes(cfg, sizes, rules, ptx_rows(cfg))
         if cfg.rl.reward_model:
             rm = reward_model_bytes(cfg, num_devices)
             (host if cfg.rl.offload_frozen else parts)["reward model"] = rm

@@ -249,13 +249,17 @@ def batch_divisor(mesh: Mesh, rules: Rules) -> int:
     return math.prod(mesh.shape[a] for a in rules.get("batch", ()))
 
 
-def validate_batch(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> None:
+def validate_batch(
+    batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules, key: str = "train.batch_size"
+) -> None:
+    """ConfigError naming `key` unless a micro-batch (batch_size / grad_accum rows) splits
+    evenly over the batch mesh axes."""
     micro = batch_size // grad_accum
     n = batch_divisor(mesh, rules)
     if micro % n:
         axes = "x".join(rules.get("batch", ()))
         raise ConfigError(
-            f"train.batch_size: micro-batch of {micro} rows (batch_size {batch_size} / grad_accum "
+            f"{key}: micro-batch of {micro} rows ({batch_size} / grad_accum "
             f"{grad_accum}) does not divide by the batch mesh axes {axes} (size {n})"
         )
 

@@ -427,5 +427,5 @@ def test_ptx_config_errors(tmp_path):
             rl_config(tmp_path, **{**PTX, "rl.ptx_batch_size": 6, "train.grad_accum": 4})
         )
     bad = rl_config(tmp_path, **{**PTX, "rl.ptx_batch_size": 4})
-    with pytest.raises(ConfigError, match="rl.ptx_batch_size: 4 rows"):
+    with pytest.raises(ConfigError, match="rl.ptx_batch_size: micro-batch of 4 rows"):
         next(rollout_data(bad)[3])

@@ -418,11 +418,9 @@ class RolloutData:
         self._postprocess = jax.jit(algo.postprocess)
         self._concat = None
         divisor = shd.batch_divisor(self.mesh, self.rules)
-        if self.ptx is not None and ptx_rows(cfg) // cfg.train.grad_accum % divisor:
-            raise ConfigError(
-                f"rl.ptx_batch_size: {ptx_rows(cfg)} rows / train.grad_accum "
-                f"{cfg.train.grad_accum} do not divide by the devices the batch is split over "
-                f"({divisor})"
+        if self.ptx is not None:
+            shd.validate_batch(
+                ptx_rows(cfg), cfg.train.grad_accum, self.mesh, self.rules, "rl.ptx_batch_size"
             )
         if rl.forward_batch_size % divisor:
             raise ConfigError(
