@@ -2,8 +2,12 @@
 
     python bench/decode.py                          # sizes tiny,100m; batches 1,8,64
     python bench/decode.py --sizes 7m --batches 8 --new-tokens 128 --repeats 5
+    python bench/decode.py --dtype bfloat16 --json bench/results/decode_bf16.json
 
-Both sides decode greedily from random-weight models of the same Llama config (f32), with prompts
+Both sides decode greedily from random-weight models of the same Llama config, with weights and
+compute in `--dtype` on both sides (default float32; bfloat16 uses the CPU's AVX512-BF16 / AMX
+units where it has them: jaxalign's `model.param_dtype` and `model.dtype`, torch's
+`model.to(torch.bfloat16)`), with prompts
 of `--prompt-len` random tokens (no padding) and exactly `--new-tokens` new tokens (jaxalign: no
 stop tokens; transformers: `min_new_tokens = max_new_tokens`, KV cache on). The time of one call
 includes the prefill on both sides; tokens/s = batch * new tokens / seconds. JAX compiles once per
@@ -72,9 +76,16 @@ def num_params(m: dict) -> int:
 
 
 def decode_floor_s(
-    m: dict, batch: int, prompt_len: int, new_tokens: int, peak_flops: float, bandwidth: float
+    m: dict,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    peak_flops: float,
+    bandwidth: float,
+    bytes_per_param: int = 4,
 ) -> float:
-    """The fastest any implementation could run one call on this machine (f32 weights): the
+    """The fastest any implementation could run one call on this machine (weights of
+    `bytes_per_param` bytes: 4 for f32, 2 for bf16, with peak_flops measured in that dtype): the
     prefill's matmul FLOPs at the measured matmul peak, plus, for each of the new_tokens - 1
     decode steps, the longer of reading every matmul weight once (at the measured bandwidth)
     and the step's FLOPs at the peak. Attention over the cache is counted as FLOPs; norms,
@@ -89,7 +100,7 @@ def decode_floor_s(
     prefill = 2 * batch * prompt_len * layer_params + 2 * batch * head_params
     prefill += layers * 2 * batch * prompt_len * prompt_len * q_width
     total = prefill / peak_flops
-    weight_bytes = 4 * (layer_params + head_params)
+    weight_bytes = bytes_per_param * (layer_params + head_params)
     for t in range(new_tokens - 1):
         context = prompt_len + t + 1
         flops = 2 * batch * (layer_params + head_params) + layers * 4 * batch * context * q_width
@@ -100,8 +111,9 @@ def decode_floor_s(
 # -- workers -----------------------------------------------------------------------------------
 
 
-def jax_worker(size: str) -> None:
+def jax_worker(size: str, dtype: str) -> None:
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -109,7 +121,8 @@ def jax_worker(size: str) -> None:
     from jaxalign.generate import Sampler
     from jaxalign.models.llama import Transformer
 
-    cfg = load_config(None, [], base={"model": dict(SIZES[size])})
+    model = {**SIZES[size], "param_dtype": dtype, "dtype": dtype}
+    cfg = load_config(None, [], base={"model": model})
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
@@ -117,7 +130,7 @@ def jax_worker(size: str) -> None:
             np.ones(x.shape, np.float32)
             if "norm" in jax.tree_util.keystr(path)
             else (0.02 * rng.standard_normal(x.shape, np.float32))
-        ),
+        ).astype(x.dtype),
         state.to_pure_dict(),
     )
     params = jax.device_put(params, jax.devices()[0])
@@ -135,7 +148,7 @@ def jax_worker(size: str) -> None:
     )
     for cmd in common.commands():
         if cmd.get("calibrate"):  # asked while the other side idles
-            peak = max(measure_matmul_peak(n) for n in (512, 1024, 2048))
+            peak = max(measure_matmul_peak(n, jnp.dtype(dtype)) for n in (512, 1024, 2048))
             common.emit({"matmul_peak_flops": peak, "weight_bandwidth": measure_weight_bandwidth()})
             continue
         n, b, p = cmd["new_tokens"], cmd["batch"], cmd["prompt_len"]
@@ -176,7 +189,7 @@ def measure_weight_bandwidth(repeats: int = 5) -> float:
     return w.size * 4 / best
 
 
-def torch_worker(size: str) -> None:
+def torch_worker(size: str, dtype: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -196,7 +209,7 @@ def torch_worker(size: str) -> None:
         pad_token_id=0,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
     common.emit(
         {"ready": True, "threads": torch.get_num_threads(), "allocator": common.loaded_allocator()}
     )
@@ -238,6 +251,12 @@ def main() -> None:
         help="new tokens for the 100m size (keeps the run to a few minutes)",
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="weights and compute on both sides",
+    )
     ap.add_argument("--allocator", default=common.default_allocator(), choices=common.ALLOCATORS)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "decode.json"))
     ap.add_argument(
@@ -249,7 +268,7 @@ def main() -> None:
     ap.add_argument("--size")
     args = ap.parse_args()
     if args.worker:
-        (jax_worker if args.worker == "jax" else torch_worker)(args.size)
+        (jax_worker if args.worker == "jax" else torch_worker)(args.size, args.dtype)
         return
 
     sides = args.sides.split(",")
@@ -264,7 +283,7 @@ def main() -> None:
     rows, info = [], {}
     started = time.perf_counter()
     for size in args.sizes.split(","):
-        workers = {side: start_worker(side, size, base_env) for side in sides}
+        workers = {side: start_worker(side, size, args.dtype, base_env) for side in sides}
         try:
             info[size] = {side: w.read() for side, w in workers.items()}
             for side, w in workers.items():  # the machine's peak, with every worker idle
@@ -284,6 +303,7 @@ def main() -> None:
                     "batch": b,
                     "prompt_len": args.prompt_len,
                     "new_tokens": n,
+                    "dtype": args.dtype,
                 }
                 for side in sides:
                     row[f"{side}_s"] = common.median([a["seconds"] for a in answers[side]])
@@ -302,6 +322,7 @@ def main() -> None:
                         n,
                         jax_info["matmul_peak_flops"],
                         jax_info["weight_bandwidth"],
+                        bytes_per_param=2 if args.dtype == "bfloat16" else 4,
                     )
                     row["floor_tok_s"] = b * n / row["floor_s"]
                     if "torch" in sides:  # the most any implementation could beat it by here
@@ -340,13 +361,13 @@ def main() -> None:
     print(f"\nwrote {args.json}")
 
 
-def start_worker(side: str, size: str, base_env: dict[str, str]) -> common.Worker:
+def start_worker(side: str, size: str, dtype: str, base_env: dict[str, str]) -> common.Worker:
     """A worker subprocess for `side` (jax, torch, or jax@DIR: jaxalign imported from DIR)."""
     root = side.split("@", 1)[1] if side.startswith("jax@") else str(ROOT)
     env = dict(base_env)
     env["PYTHONPATH"] = os.path.abspath(root) + os.pathsep + env.get("PYTHONPATH", "")
     kind = "torch" if side == "torch" else "jax"
-    argv = [sys.executable, __file__, "--worker", kind, "--size", size]
+    argv = [sys.executable, __file__, "--worker", kind, "--size", size, "--dtype", dtype]
     return common.Worker(side, argv, env)
 
 
@@ -356,6 +377,7 @@ def write_result(args: argparse.Namespace, info: dict, rows: list[dict], started
         "machine": common.machine_info(),
         "allocator": args.allocator,
         "sides": args.sides.split(","),
+        "dtype": args.dtype,
         "workers": info,
         "load_average": common.load_average(),
         "total_s": time.perf_counter() - started,

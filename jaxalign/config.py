@@ -245,8 +245,10 @@ class RLConfig:
     A rollout samples `num_generations` completions for each of `prompts_per_rollout` prompts
     (data.train_file) = R rows, then trains `epochs` passes over them in shuffled minibatches of
     train.batch_size rows: one rollout is epochs * R / train.batch_size optimizer steps, and
-    train.steps counts optimizer steps. Rows are [max(data.prompt_buckets) prompt tokens, left
-    padded | sampling.max_new_tokens response tokens]; train.seq_len must equal that width.
+    train.steps counts optimizer steps. Rows are [P prompt tokens, left padded | N response
+    tokens], P the data.prompt_buckets entry of the rollout's prompts and N the response_buckets
+    entry that fits its longest response; train.seq_len must equal the widest row,
+    max(data.prompt_buckets) + sampling.max_new_tokens.
     """
 
     prompts_per_rollout: int = 16  # prompts sampled per rollout (global)
@@ -282,6 +284,11 @@ class RLConfig:
     # Rows per log-prob forward (policy, reference, values) after generation; 0: all rows in one.
     # The [rows, N, V] float32 logits of that forward dominate a large model's rollout memory.
     forward_batch_size: int = 0
+    # Response widths a rollout's rows are trimmed to: the smallest that fits its longest
+    # response (sampling.max_new_tokens is always one). Fewer padded tokens in the log-prob
+    # forwards and train steps, at one compilation per (prompt bucket, response bucket) shape.
+    # None: 16, 32, 64, ... below max_new_tokens; [] or [max_new_tokens]: no trimming.
+    response_buckets: list[int] | None = None
     eval_every: int = 0  # held-out greedy pass rate on data.eval_file every N rollouts (0: off)
     eval_prompts: int = 0  # how many eval prompts (0: all)
     # PPO-ptx (InstructGPT): every optimizer step adds ptx_coef x the mean next-token loss of

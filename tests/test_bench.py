@@ -301,3 +301,6 @@ def test_decode_floor_matches_a_hand_count():
     slow = decode.decode_floor_s(m, batch, prompt, new, 1e30, bandwidth)
     assert fast < got and slow < got
     assert abs(slow - (new - 1) * 4 * (layer + head) / bandwidth) < 1e-9 * slow
+    # bf16 weights: half the bytes per decode step.
+    half = decode.decode_floor_s(m, batch, prompt, new, 1e30, bandwidth, bytes_per_param=2)
+    assert abs(half - slow / 2) < 1e-9 * slow

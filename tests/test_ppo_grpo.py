@@ -1,6 +1,7 @@
 """PPO, GRPO and RLOO through the one loop: rollout/training log-prob parity (ratio 1 on the first
 minibatch), the logged metrics, exact resume at a rollout boundary, and config checks."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -12,9 +13,10 @@ from toy import TINY_MODEL
 
 from jaxalign.config import load_config
 from jaxalign.errors import ConfigError
+from jaxalign.generate import Sampler
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers.loop import Trainer
-from jaxalign.trainers.rollout import response_logprobs
+from jaxalign.trainers.rollout import response_buckets, response_logprobs, response_width
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 REQUIRED_METRICS = (
@@ -96,7 +98,7 @@ def test_first_minibatch_ratio_is_one(tmp_path, trainer_name):
     @jax.jit
     def check(params, batch):
         model = nnx.merge(trainer.graphdef, params)
-        logp, _ = response_logprobs(algo.policy_module(model), batch, 32, 1.0)
+        logp, _ = response_logprobs(algo.policy_module(model), batch, 1.0)
         loss, denom, metrics = algo.loss_fn(model, batch, jax.random.PRNGKey(0))
         return logp, {k: v / denom for k, v in metrics.items()}
 
@@ -184,6 +186,8 @@ def test_rl_config_errors_name_the_keys(tmp_path):
         )
     with pytest.raises(ConfigError, match="checkpoint.every"):
         make_algorithm(rl_config(tmp_path, **{"checkpoint.every": 3, "train.steps": 4}))
+    with pytest.raises(ConfigError, match="rl.response_buckets must be positive"):
+        make_algorithm(rl_config(tmp_path, **{"rl.response_buckets": "[0, 4]"}))
 
 
 def test_exact_answer_reward():
@@ -271,6 +275,92 @@ def test_rollout_forward_in_chunks_equals_one_forward(tmp_path):
     bad = rl_config(tmp_path / "bad", "ppo", **{"rl.forward_batch_size": 4})
     with pytest.raises(ConfigError, match="rl.forward_batch_size"):
         next(rollout_data(bad)[3])
+
+
+def short_responses(monkeypatch, cuts):
+    """Make every Sampler.generate_padded call end each row after at most cuts[call] tokens (the
+    rest padding, finish reason "stop"; None: unchanged), as a trained policy's early stops do,
+    so a random-weight model's rollouts have short responses to trim."""
+    real = Sampler.generate_padded
+    calls = iter(cuts)
+
+    def generate_padded(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        cut = next(calls)
+        if cut is None:
+            return out
+        lengths = jnp.minimum(out.lengths, cut)
+        keep = jnp.arange(out.tokens.shape[1])[None] < lengths[:, None]
+        return dataclasses.replace(
+            out,
+            tokens=jnp.where(keep, out.tokens, self.pad_id),
+            lengths=lengths,
+            finish_reasons=jnp.ones_like(out.finish_reasons),
+            model_logprobs=jnp.where(keep, out.model_logprobs, 0.0),
+            sampling_logprobs=jnp.where(keep, out.sampling_logprobs, 0.0),
+        )
+
+    monkeypatch.setattr(Sampler, "generate_padded", generate_padded)
+
+
+@pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
+def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, trainer_name):
+    """Rows trimmed to the rollout's prompt bucket and the response bucket of its longest
+    response (rl.response_buckets) carry the same per-token values as full-width rows and give
+    the same loss and gradients: the columns cut are padding in every row."""
+    short_responses(monkeypatch, [3, 3])
+    runs = {}
+    for name, sets in {
+        "full": {"data.prompt_buckets": "[48]", "rl.response_buckets": "[]"},
+        "trim": {"data.prompt_buckets": "[32, 48]", "rl.response_buckets": "[2, 4]"},
+    }.items():
+        sets = {**sets, "sampling.max_prompt_len": 48, "train.seq_len": 56}
+        cfg = rl_config(tmp_path / name, trainer_name, **sets)
+        algo, trainer, state, data = rollout_data(cfg)
+        local = next(data)
+        micro = {k: v[0] for k, v in local.items()}
+
+        def loss(params, algo=algo, trainer=trainer, micro=micro):
+            value, denom, metrics = algo.loss_fn(
+                nnx.merge(trainer.graphdef, params), micro, jax.random.PRNGKey(0)
+            )
+            return value / denom, {k: v / denom for k, v in metrics.items()}
+
+        (value, metrics), grads = jax.device_get(
+            jax.jit(jax.value_and_grad(loss, has_aux=True))(state["params"])
+        )
+        runs[name] = micro, value, metrics, grads
+    (full, full_loss, full_metrics, full_grads) = runs["full"]
+    (trim, trim_loss, trim_metrics, trim_grads) = runs["trim"]
+    assert full["tokens"].shape[-1] == 48 + 8 and trim["tokens"].shape[-1] == 32 + 4
+    assert full["mask"].sum(-1).max() == 3 and full["mask"][:, 4:].sum() == 0
+    for key in ("tokens", "positions", "segment_ids"):
+        np.testing.assert_array_equal(trim[key], full[key][:, 16:52], err_msg=key)
+        assert not full[key][:, :16].any() and not full[key][:, 52:].any()
+    for key, value in full.items():
+        if value.shape[-1] == 8:  # per response token: old/ref log-probs, advantages, ...
+            np.testing.assert_allclose(trim[key], value[:, :4], rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(trim_loss, full_loss, rtol=1e-5, atol=1e-6)
+    for key in full_metrics:
+        np.testing.assert_allclose(
+            trim_metrics[key], full_metrics[key], rtol=1e-4, atol=1e-6, err_msg=key
+        )
+    for got, want in zip(jax.tree.leaves(trim_grads), jax.tree.leaves(full_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_rollouts_of_other_widths_compile_a_step_each_once(tmp_path, monkeypatch):
+    """The loop compiles one train step per row shape: rollouts trimmed to 4 response tokens,
+    then full width (8), then 4 again compile twice, and train with finite losses."""
+    short_responses(monkeypatch, [3, None, 3])
+    cfg = rl_config(tmp_path, "ppo", **{"train.steps": 6, "rl.response_buckets": "[4]"})
+    algo, trainer, init = start(cfg)
+    history = trainer.run(init_params=init).history
+    widths = [r["rollout/row_width"] for r in history if "rollout/row_width" in r]
+    assert widths == [36.0, 40.0, 36.0]
+    assert sum("compile_s" in r for r in history) == 2
+    assert all(np.isfinite(r["loss"]) for r in history)
 
 
 def test_minibatch_record_ids_name_the_prompt_of_each_row(tmp_path):
@@ -429,3 +519,23 @@ def test_ptx_config_errors(tmp_path):
     bad = rl_config(tmp_path, **{**PTX, "rl.ptx_batch_size": 4})
     with pytest.raises(ConfigError, match="rl.ptx_batch_size: micro-batch of 4 rows"):
         next(rollout_data(bad)[3])
+
+
+@pytest.mark.parametrize(
+    "max_new, given, want",
+    [(40, None, [16, 32, 40]), (8, None, [8]), (128, None, [16, 32, 64, 128]), (40, [], [40])]
+    + [(40, [64, 8, 8], [8, 40])],
+)
+def test_response_buckets_end_at_max_new_tokens(tmp_path, max_new, given, want):
+    """The default buckets are 16, 32, ... below sampling.max_new_tokens, which always ends the
+    list; a rollout's rows take the smallest that fits its longest response."""
+    sets = {"sampling.max_new_tokens": max_new, "train.seq_len": 32 + max_new}
+    if given is not None:
+        sets["rl.response_buckets"] = str(given)
+    buckets = response_buckets(rl_config(tmp_path, **sets))
+    assert buckets == want
+    assert response_width(1, buckets) == want[0]
+    assert response_width(max_new, buckets) == max_new
+    if len(want) > 1:
+        assert response_width(want[0], buckets) == want[0]
+        assert response_width(want[0] + 1, buckets) == want[1]

@@ -386,7 +386,9 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        step_fn = None
+        # One compiled step per batch shape: RL rollouts trim their rows to a few widths
+        # (rl.response_buckets); every other trainer's batches have one shape.
+        step_fns: dict = {}
         eval_fn = None
         interval_start = time.perf_counter()
         interval_steps = 0
@@ -408,11 +410,14 @@ class Trainer:
                 recent_ids[done] = record_ids()
             data_wait += time.perf_counter() - t0
             batch = self.to_global(local)
+            shape_key = tuple((k, v.shape, v.dtype) for k, v in sorted(batch.items()))
+            step_fn = step_fns.get(shape_key)
             if step_fn is None:
                 t_compile = time.perf_counter()
                 step_fn = self.compile_step(batch).lower(state, batch, self.frozen).compile()
-                compile_s = time.perf_counter() - t_compile
-                interval_start += compile_s
+                step_fns[shape_key] = step_fn
+                compile_s = (compile_s or 0.0) + time.perf_counter() - t_compile
+                interval_start += time.perf_counter() - t_compile
             state, metrics = step_fn(state, batch, self.frozen)
             interval_steps += 1
             interval_tokens += (

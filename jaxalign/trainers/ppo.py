@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxalign.checkpoint import abstract_with_shardings, load_params
@@ -80,7 +81,6 @@ class RLAlgorithm:
         rl = cfg.rl
         self.kl_estimator = rl.kl_estimator or self.default_kl_estimator
         self.kl_controller = KLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
-        self.prompt_width = max(cfg.data.prompt_buckets)
         self.reference: FrozenReference | None = None
         self.data: RolloutData | None = None
 
@@ -113,10 +113,14 @@ class RLAlgorithm:
     def eval_data(self, process_index: int, process_count: int):
         return None  # held-out pass rates come from the rollout data (rl.eval_every)
 
+    def batch_tokens(self, local: dict) -> int:
+        """Positions in this process's rows of a minibatch (trimmed to the rollout's widths) and
+        its PPO-ptx rows: what `tokens_per_s` counts."""
+        counted = ("tokens", PTX_PREFIX + "inputs")
+        return sum(int(np.prod(v.shape)) for k, v in local.items() if k in counted)
+
     def _logprobs(self, model, batch):
-        return response_logprobs(
-            self.policy_module(model), batch, self.prompt_width, self.cfg.sampling.temperature
-        )
+        return response_logprobs(self.policy_module(model), batch, self.cfg.sampling.temperature)
 
     def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, frozen=None):
         """The algorithm's `rl_loss` plus, with `rl.ptx_coef`, the PPO-ptx term.
@@ -232,7 +236,7 @@ class PPO(RLAlgorithm):
         rl = self.cfg.rl
         mask = batch["mask"]
         logp, entropy = self._logprobs(model, batch)
-        values = response_values(model, batch, self.prompt_width)
+        values = response_values(model, batch)
         pg, stats = clipped_policy_loss(
             logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps
         )

@@ -51,37 +51,60 @@ PTX_PREFIX = "ptx_"  # minibatch keys of the PPO-ptx rows
 # Log-probs of response tokens under a model (the same function in rollout and loss).
 
 
+def prompt_width(batch: dict) -> int:
+    """P of rows [B, P + N] whose response mask is [B, N] (static: read from the shapes, so one
+    function serves every trimmed width; see `response_width`)."""
+    return batch["tokens"].shape[-1] - batch["mask"].shape[-1]
+
+
+def response_width(longest: int, buckets: Sequence[int]) -> int:
+    """The smallest of `buckets` (sorted; the last is sampling.max_new_tokens) that fits the
+    longest response of a rollout."""
+    return next(b for b in buckets if b >= longest)
+
+
+def response_buckets(cfg: Config) -> list[int]:
+    """rl.response_buckets, sorted, capped at and ending with sampling.max_new_tokens; by
+    default 16, 32, 64, ... below it."""
+    n = cfg.sampling.max_new_tokens
+    given = cfg.rl.response_buckets
+    if given is None:
+        given = [16 << k for k in range(max(n.bit_length() - 4, 0))]
+    return sorted({b for b in given if b < n} | {n})
+
+
 def response_logprobs(
     policy: Transformer,
     batch: dict,
-    prompt_width: int,
     temperature: float,
     with_entropy: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs [B, N] of the response tokens and the policy's entropy at each of them.
 
-    batch: tokens, positions, segment_ids [B, P + N] (prompt left-padded to P = prompt_width,
-    response from P on). Token P + t is scored from the hidden state at P + t - 1, with logits
-    divided by `temperature` (the distribution the rollout sampled from).
+    batch: tokens, positions, segment_ids [B, P + N] (prompt left-padded to P, response from P
+    on) and the response mask [B, N]. Token P + t is scored from the hidden state at P + t - 1,
+    with logits divided by `temperature` (the distribution the rollout sampled from).
     """
     tokens = batch["tokens"]
-    n = tokens.shape[1] - prompt_width
+    width = prompt_width(batch)
+    n = tokens.shape[1] - width
     hidden = policy(tokens, batch["positions"], batch["segment_ids"])
-    h = hidden[:, prompt_width - 1 : prompt_width - 1 + n]
+    h = hidden[:, width - 1 : width - 1 + n]
     logits = policy.logits(h).astype(jnp.float32) / temperature  # [B, N, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
-    targets = tokens[:, prompt_width:]
+    targets = tokens[:, width:]
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     entropy = entropy_from_logits(logits) if with_entropy else None
     return token_logp, entropy
 
 
-def response_values(model, batch: dict, prompt_width: int) -> jax.Array:
+def response_values(model, batch: dict) -> jax.Array:
     """An ActorCritic's values [B, N]: V of the state before each response token (read at the
-    same position as that token's logits)."""
-    n = batch["tokens"].shape[1] - prompt_width
+    same position as that token's logits); batch as for `response_logprobs`."""
+    width = prompt_width(batch)
+    n = batch["tokens"].shape[1] - width
     values = model.values(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return values[:, prompt_width - 1 : prompt_width - 1 + n]
+    return values[:, width - 1 : width - 1 + n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +297,7 @@ class RolloutData:
         self.prompts = prompt_iterator_from_config(
             cfg.data, self.tokenizer, global_batch_size=self.rl.prompts_per_rollout
         )
-        self.prompt_width = max(cfg.data.prompt_buckets)
+        self.response_buckets = response_buckets(cfg)
         self.rows = self.rl.prompts_per_rollout * self.rl.num_generations
         self.steps_per_rollout = steps_per_rollout(cfg)
         self.scorer = Scorer(cfg, self.tokenizer)
@@ -392,26 +415,26 @@ class RolloutData:
             mesh=self.mesh,
             rules=self.rules,
         )
-        graphdef, algo, width = trainer.graphdef, self.algorithm, self.prompt_width
+        graphdef, algo = trainer.graphdef, self.algorithm
         temperature = cfg.sampling.temperature
         recompute = rl.old_logprobs == "recompute"
 
         def policy_forward(params, batch):
             model = nnx.merge(graphdef, params)
             out = {}
-            logp, entropy = response_logprobs(algo.policy_module(model), batch, width, temperature)
+            logp, entropy = response_logprobs(algo.policy_module(model), batch, temperature)
             out["entropy"] = entropy
             if recompute:
                 out["old_logprobs"] = logp
             if algo.needs_values:
-                out["values"] = response_values(model, batch, width)
+                out["values"] = response_values(model, batch)
             return out
 
         ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
 
         def reference_forward(params, batch):
             ref = nnx.merge(ref_graphdef, params)
-            return response_logprobs(ref, batch, width, temperature, with_entropy=False)[0]
+            return response_logprobs(ref, batch, temperature, with_entropy=False)[0]
 
         self._policy_forward = jax.jit(policy_forward)
         self._reference_forward = jax.jit(reference_forward)
@@ -524,6 +547,10 @@ class RolloutData:
         response, lengths, finish, sampling_lp = (
             np.concatenate(x) for x in zip(*gens, strict=True)
         )
+        # Trim the rows to the rollout's prompt bucket (the prompts' own width) and the response
+        # bucket of its longest response: the columns cut are padding in every row.
+        n = response_width(int(lengths.max()), self.response_buckets)
+        response, sampling_lp = response[:, :n], sampling_lp[:, :n]
         timings["time/generate"] = time.perf_counter() - t
 
         # 2. Score the decoded completions.
@@ -556,7 +583,7 @@ class RolloutData:
             prompt_lengths,
             response,
             lengths,
-            self.prompt_width,
+            prompt_tokens.shape[1],
             self.tokenizer.pad_id,
         )
         # In chunks of rl.forward_batch_size rows: the float32 logits of a chunk are live at once.
@@ -566,7 +593,7 @@ class RolloutData:
         for s in range(0, rows, chunk):
             seq = {
                 k: self._put(rows_np[k][s : s + chunk])
-                for k in ("tokens", "positions", "segment_ids")
+                for k in ("tokens", "positions", "segment_ids", "mask")
             }
             forwards.append(self._policy_forward(state["params"], seq))
             refs.append(self._reference_forward(ref_params, seq))
@@ -611,6 +638,7 @@ class RolloutData:
                 "objective/scores": float(scores.mean()),
                 "objective/raw_scores": float(raw_scores.mean()),
                 "rollout/response_length": float(lengths.mean()),
+                "rollout/row_width": float(rows_np["tokens"].shape[1]),
                 "rollout/eos_fraction": float(stopped.mean()),
                 "rollout/index": float(self.rollouts),
                 "kl_coef": kl_coef,
@@ -748,6 +776,8 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rl.forward_batch_size ({rl.forward_batch_size}) must divide the rows per rollout "
             f"({rows}), or be 0 (all rows in one forward)"
         )
+    if rl.response_buckets is not None and any(b <= 0 for b in rl.response_buckets):
+        raise ConfigError(f"rl.response_buckets must be positive, got {rl.response_buckets}")
     if rl.kl_target is not None and rl.kl_target <= 0:
         raise ConfigError("rl.kl_target must be positive (or null: a fixed coefficient)")
     if rl.kl_coef < 0 or rl.clip_eps <= 0 or rl.value_clip <= 0:
