@@ -86,8 +86,7 @@ def response_logprobs(
     with logits divided by `temperature` (the distribution the rollout sampled from).
     """
     tokens = batch["tokens"]
-    width = prompt_width(batch)
-    n = tokens.shape[1] - width
+    width, n = prompt_width(batch), batch["mask"].shape[-1]
     hidden = policy(tokens, batch["positions"], batch["segment_ids"])
     h = hidden[:, width - 1 : width - 1 + n]
     logits = policy.logits(h).astype(jnp.float32) / temperature  # [B, N, V]
@@ -101,8 +100,7 @@ def response_logprobs(
 def response_values(model, batch: dict) -> jax.Array:
     """An ActorCritic's values [B, N]: V of the state before each response token (read at the
     same position as that token's logits); batch as for `response_logprobs`."""
-    width = prompt_width(batch)
-    n = batch["tokens"].shape[1] - width
+    width, n = prompt_width(batch), batch["mask"].shape[-1]
     values = model.values(batch["tokens"], batch["positions"], batch["segment_ids"])
     return values[:, width - 1 : width - 1 + n]
 
