@@ -504,12 +504,12 @@ class RolloutData:
             raise RuntimeError("RolloutData needs observe_state(state, trainer) before next()")
         if not self._built:
             self._build(trainer)
-        t_start = time.perf_counter()
         jax.block_until_ready(state["params"])  # finish the previous rollout's training first
-        now = time.perf_counter()
+        # time/train ends and time/rollout starts here: the wait above is training, not rollout.
+        t_start = time.perf_counter()
         timings = {}
         if self._last_rollout_end is not None:
-            timings["time/train"] = now - self._last_rollout_end
+            timings["time/train"] = t_start - self._last_rollout_end
         metrics: dict[str, float] = {}
         policy_params = self.algorithm.policy_params(state["params"])
         if self.eval_sampler is not None and self.rollouts % rl.eval_every == 0:
