@@ -49,7 +49,7 @@ STAGES = ("tokenizer", *(s.name for s in TRAIN_STAGES), "eval")
 EVAL_ROWS = {"base": "pretrain", "sft": "sft", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
 TOKENIZER_VOCAB = 1024
 # Held-out prompts per family (task families, unsafe, benign) and the longest answer.
-EVAL_LIMIT = {"full": 40, "fast": 12}
+EVAL_LIMIT = {"full": 60, "fast": 12}  # per family; 60 = every held-out prompt
 MAX_NEW_TOKENS = 48
 
 # --fast: a smaller model and far fewer steps (about 4 minutes on a 2-core CPU).
