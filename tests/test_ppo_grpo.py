@@ -16,7 +16,12 @@ from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers.loop import Trainer
-from jaxalign.trainers.rollout import response_buckets, response_logprobs, response_width
+from jaxalign.trainers.rollout import (
+    pack_plan,
+    response_buckets,
+    response_logprobs,
+    response_width,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 REQUIRED_METRICS = (
@@ -347,6 +352,68 @@ def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, 
         )
     for got, want in zip(jax.tree.leaves(trim_grads), jax.tree.leaves(full_grads), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
+def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name):
+    """rl.pack_rows: short sequences share rows (each its own segment), and the minibatch gives
+    the same loss, metrics and gradients as one sequence per row; GRPO with sequence-mean
+    aggregation, so the empty slots must weigh nothing."""
+    short_responses(monkeypatch, [3, 3])
+    runs = {}
+    for name, pack in {"plain": 0, "packed": 4}.items():
+        sets = {
+            "rl.pack_rows": pack,
+            "rl.prompts_per_rollout": 8,
+            "rl.num_generations": 4,
+            "train.batch_size": 32,
+            "rl.response_buckets": "[]",
+            "rl.loss_aggregation": "sequence_mean",
+        }
+        cfg = rl_config(tmp_path / name, trainer_name, **sets)
+        algo, trainer, state, data = rollout_data(cfg)
+        local = next(data)
+        micro = {k: v[0] for k, v in local.items()}
+
+        def loss(params, algo=algo, trainer=trainer, micro=micro):
+            value, denom, metrics = algo.loss_fn(
+                nnx.merge(trainer.graphdef, params), micro, jax.random.PRNGKey(0)
+            )
+            return value / denom, {k: v / denom for k, v in metrics.items()}
+
+        (value, metrics), grads = jax.device_get(
+            jax.jit(jax.value_and_grad(loss, has_aux=True))(state["params"])
+        )
+        runs[name] = micro, value, metrics, grads, data.pop_metrics()
+    plain, plain_loss, plain_metrics, plain_grads, _ = runs["plain"]
+    packed, packed_loss, packed_metrics, packed_grads, rollout_metrics = runs["packed"]
+    rows = packed["tokens"].shape[0]
+    assert rows % 8 == 0 and rows < plain["tokens"].shape[0] == 32
+    assert rollout_metrics["rollout/packed_rows"] == rows
+    assert packed["mask"].shape == (rows * 4, 8) and packed["mask"].sum() == plain["mask"].sum()
+    # Every sequence's tokens and positions are in some packed row, in a segment of its own.
+    seqs = lambda b: sorted(  # noqa: E731
+        (tuple(t[s == g]), tuple(p[s == g]))
+        for t, p, s in zip(b["tokens"], b["positions"], b["segment_ids"], strict=True)
+        for g in range(1, int(s.max()) + 1)
+    )
+    assert seqs(packed) == seqs(plain)
+    np.testing.assert_allclose(packed_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for key in plain_metrics:
+        np.testing.assert_allclose(
+            packed_metrics[key], plain_metrics[key], rtol=1e-4, atol=1e-6, err_msg=key
+        )
+    for got, want in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_pack_plan_fills_rows_first_fit_decreasing():
+    """At most `per_row` sequences per row, never wider than the row, every sequence once."""
+    lengths = np.array([30, 5, 12, 25, 8, 8, 40, 3])
+    plan = pack_plan(lengths, 40, 3)
+    assert sorted(i for row in plan for i in row) == list(range(8))
+    assert all(len(row) <= 3 and lengths[row].sum() <= 40 for row in plan)
+    assert plan == [[6], [0, 4], [3, 2, 7], [5, 1]]
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,12 +87,11 @@ def response_logprobs(
     with logits divided by `temperature` (the distribution the rollout sampled from).
     """
     tokens = batch["tokens"]
-    width, n = prompt_width(batch), batch["mask"].shape[-1]
     hidden = policy(tokens, batch["positions"], batch["segment_ids"])
-    h = hidden[:, width - 1 : width - 1 + n]
+    h = at_response(batch, hidden)
     logits = policy.logits(h).astype(jnp.float32) / temperature  # [B, N, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
-    targets = tokens[:, width:]
+    targets = at_response(batch, tokens, shift=1)
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     entropy = entropy_from_logits(logits) if with_entropy else None
     return token_logp, entropy
@@ -100,9 +100,95 @@ def response_logprobs(
 def response_values(model, batch: dict) -> jax.Array:
     """An ActorCritic's values [B, N]: V of the state before each response token (read at the
     same position as that token's logits); batch as for `response_logprobs`."""
-    width, n = prompt_width(batch), batch["mask"].shape[-1]
     values = model.values(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return values[:, width - 1 : width - 1 + n]
+    return at_response(batch, values)
+
+
+def at_response(batch: dict, array: jax.Array, shift: int = 0) -> jax.Array:
+    """`array` [B, W, ...] (per row position) at the position scoring each response token
+    (`shift` 1: at the token itself) -> [S, N, ...], S response rows (slots).
+
+    Plain rows (S = B): response token t sits at P + t and is scored from P + t - 1. Packed rows
+    (`rl.pack_rows`; see `pack_micro_batch`): each row holds up to K = S / B sequences and
+    `response_index` [S, N] names, per slot, the row position scoring each response token; the
+    gather stays within each row, so it is local to the row's shard."""
+    n = batch["mask"].shape[-1]
+    if "response_index" not in batch:
+        width = prompt_width(batch)
+        return array[:, width - 1 + shift : width - 1 + shift + n]
+    index = batch["response_index"] + shift
+    rows = array.shape[0]
+    slots = index.shape[0]
+    flat = index.reshape((rows, (slots // rows) * n) + (1,) * (array.ndim - 2))
+    picked = jnp.take_along_axis(array, flat, axis=1)
+    return picked.reshape((slots, n) + array.shape[2:])
+
+
+def pack_plan(lengths: np.ndarray, width: int, per_row: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices grouped into rows of at most `per_row` sequences
+    whose lengths sum to at most `width` (every length is <= width)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        ln = int(lengths[i])
+        for r, free in enumerate(room):
+            if free >= ln and len(rows[r]) < per_row:
+                rows[r].append(i)
+                room[r] -= ln
+                break
+        else:
+            rows.append([i])
+            room.append(width - ln)
+    return rows
+
+
+ROW_KEYS = ("tokens", "positions", "segment_ids")
+
+
+def sequence_spans(segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of the real tokens (prompt + response) of plain rollout rows [R, W]."""
+    real = segment_ids > 0
+    return real.argmax(axis=-1), real.sum(axis=-1)
+
+
+def pack_micro_batch(
+    micro: dict[str, np.ndarray], plan: list[list[int]], rows: int, per_row: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Plain rollout rows (tokens, positions, segment_ids [L, P + N]; per response token arrays
+    [L, N]) -> `rows` packed rows [rows, P + N] (sequence j of a row is segment j + 1, its
+    positions its own) and `rows * per_row` response slots [S, N] in row order (slot
+    r * per_row + j is sequence j of row r; empty slots are all zero, mask included), plus
+    `response_index` [S, N]: the packed row position scoring each response token."""
+    tokens = micro["tokens"]
+    width = tokens.shape[-1]
+    n = micro["mask"].shape[-1]
+    start, length = sequence_spans(micro["segment_ids"])
+    out = {
+        "tokens": np.full((rows, width), pad_id, tokens.dtype),
+        "positions": np.zeros((rows, width), micro["positions"].dtype),
+        "segment_ids": np.zeros((rows, width), micro["segment_ids"].dtype),
+    }
+    slot_keys = [k for k in micro if k not in ROW_KEYS]
+    for k in slot_keys:
+        out[k] = np.zeros((rows * per_row,) + micro[k].shape[1:], micro[k].dtype)
+    index = np.zeros((rows * per_row, n), np.int32)
+    t = np.arange(n)
+    for r, seqs in enumerate(plan):
+        offset = 0
+        for j, i in enumerate(seqs):
+            s0, ln = int(start[i]), int(length[i])
+            for k in ROW_KEYS:
+                out[k][r, offset : offset + ln] = micro[k][i, s0 : s0 + ln]
+            out["segment_ids"][r, offset : offset + ln] = j + 1
+            slot = r * per_row + j
+            for k in slot_keys:
+                out[k][slot] = micro[k][i]
+            # Response token t is at plain column P + t, scored from P + t - 1.
+            at = offset + (width - n) - s0 - 1 + t
+            index[slot] = np.where(micro["mask"][i] > 0, at, 0)
+            offset += ln
+    out["response_index"] = index
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +391,7 @@ class RolloutData:
         self.skip = 0  # after a resume inside a rollout: its minibatches already trained on
         self.queue: list[dict] = []
         self.queue_ids: list[list[str]] = []  # the prompt record ids of each queued minibatch
+        self.packed_rows: list[int] = []  # rl.pack_rows: rows of each packed minibatch queued
         self._last_ids: list[str] = []
         self._state = None
         self._trainer = None
@@ -625,7 +712,10 @@ class RolloutData:
         timings["time/advantages"] = time.perf_counter() - t
         buffer.update({k: rows_np[k] for k in ("tokens", "positions", "segment_ids", "mask")})
 
+        self.packed_rows = []
         self._enqueue(buffer, row_ids)
+        if self.packed_rows:
+            metrics["rollout/packed_rows"] = float(np.mean(self.packed_rows))
         self.rollouts += 1
         self.position = self.skip
         self.skip = 0
@@ -671,11 +761,37 @@ class RolloutData:
             )
             for k in range(self.rows // batch):
                 idx = order[k * batch : (k + 1) * batch].reshape(accum, batch // accum)
-                idx = idx[:, self.process_index * local : (self.process_index + 1) * local]
-                queue.append({name: v[idx] for name, v in buffer.items()})
-                queue_ids.append([row_ids[i] for i in idx.reshape(-1).tolist()])
+                mine = idx[:, self.process_index * local : (self.process_index + 1) * local]
+                if self.rl.pack_rows > 1:
+                    queue.append(self._packed(buffer, idx, local))
+                else:
+                    queue.append({name: v[mine] for name, v in buffer.items()})
+                queue_ids.append([row_ids[i] for i in mine.reshape(-1).tolist()])
         self.queue = queue[self.skip :]
         self.queue_ids = queue_ids[self.skip :]
+
+    def _packed(self, buffer: dict[str, np.ndarray], idx: np.ndarray, local: int) -> dict:
+        """This process's micro-batches of one minibatch (global row indices `idx` [accum,
+        rows]), packed (`pack_micro_batch`) into as many rows as the fullest micro-batch of any
+        process needs, rounded up to a multiple of 8 and of the local devices: one shape for
+        every process, and few shapes (compilations) over a run."""
+        per_row = self.rl.pack_rows
+        width = buffer["tokens"].shape[-1]
+        _, length = sequence_spans(buffer["segment_ids"])
+        plans = [
+            [pack_plan(length[part], width, per_row) for part in np.split(m, self.process_count)]
+            for m in idx
+        ]
+        most = max(len(plan) for micro in plans for plan in micro)
+        step = math.lcm(8, jax.local_device_count())
+        rows = min(-(-most // step) * step, -(-local // step) * step)
+        packed, pad_id = [], self.tokenizer.pad_id
+        for a, micro in enumerate(plans):
+            mine = idx[a, self.process_index * local : (self.process_index + 1) * local]
+            part = {name: v[mine] for name, v in buffer.items()}
+            packed.append(pack_micro_batch(part, micro[self.process_index], rows, per_row, pad_id))
+        self.packed_rows.append(rows)
+        return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
 
 
 def family_scores(records: Sequence[dict], scores: np.ndarray) -> dict[str, float]:
@@ -774,6 +890,8 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rl.forward_batch_size ({rl.forward_batch_size}) must divide the rows per rollout "
             f"({rows}), or be 0 (all rows in one forward)"
         )
+    if rl.pack_rows < 0:
+        raise ConfigError(f"rl.pack_rows must be >= 0 (0 or 1: no packing), got {rl.pack_rows}")
     if rl.response_buckets is not None and any(b <= 0 for b in rl.response_buckets):
         raise ConfigError(f"rl.response_buckets must be positive, got {rl.response_buckets}")
     if rl.kl_target is not None and rl.kl_target <= 0:
