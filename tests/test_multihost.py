@@ -161,6 +161,8 @@ PPO_OVERRIDES = [
     "rl.ptx_coef=0.5",
     "rl.ptx_file=data/tiny/sft_train.jsonl",
     "rl.ptx_batch_size=8",
+    # Packed train rows: each process packs its own rows, in as many rows as any process needs.
+    "rl.pack_rows=2",
     "train.log_every=1",
     "train.progress=false",
     "train.peak_flops_per_device=1e9",
@@ -172,11 +174,11 @@ PPO_OVERRIDES = [
 
 
 def test_two_process_ppo_gives_the_single_process_run(runs):
-    """PPO (with a PPO-ptx term) across two processes x 4 devices (rollouts generated and scored
-    on every process, each training its share of each minibatch and reading its share of the
-    ptx rows) equals one process with 8 devices: the same sampled rollouts (scores, lengths),
-    the same losses and the same data state in the final checkpoint (the two processes' ptx
-    iterator states merged into one)."""
+    """PPO (with a PPO-ptx term, on packed rows) across two processes x 4 devices (rollouts
+    generated and scored on every process, each packing and training its share of each
+    minibatch and reading its share of the ptx rows) equals one process with 8 devices: the
+    same sampled rollouts (scores, lengths), the same losses and the same data state in the
+    final checkpoint (the two processes' ptx iterator states merged into one)."""
     kwargs = {"config": "configs/ppo_tiny.yaml", "overrides": PPO_OVERRIDES}
     single_dir, multi_dir = runs / "ppo_single", runs / "ppo_multi"
     one_process(single_dir, **kwargs)

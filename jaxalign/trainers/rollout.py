@@ -773,8 +773,8 @@ class RolloutData:
     def _packed(self, buffer: dict[str, np.ndarray], idx: np.ndarray, local: int) -> dict:
         """This process's micro-batches of one minibatch (global row indices `idx` [accum,
         rows]), packed (`pack_micro_batch`) into as many rows as the fullest micro-batch of any
-        process needs, rounded up to a multiple of 8 and of the local devices: one shape for
-        every process, and few shapes (compilations) over a run."""
+        process needs, rounded up to a multiple of 8 and of the local devices (at most the plain
+        row count): one shape for every process, and few shapes (compilations) over a run."""
         per_row = self.rl.pack_rows
         width = buffer["tokens"].shape[-1]
         _, length = sequence_spans(buffer["segment_ids"])
@@ -784,7 +784,7 @@ class RolloutData:
         ]
         most = max(len(plan) for micro in plans for plan in micro)
         step = math.lcm(8, jax.local_device_count())
-        rows = min(-(-most // step) * step, -(-local // step) * step)
+        rows = min(-(-most // step) * step, local)  # never more rows than plain ones
         packed, pad_id = [], self.tokenizer.pad_id
         for a, micro in enumerate(plans):
             mine = idx[a, self.process_index * local : (self.process_index + 1) * local]
