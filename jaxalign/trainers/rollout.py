@@ -755,6 +755,7 @@ class RolloutData:
         batch, accum = t.batch_size, t.grad_accum
         local = batch // accum // self.process_count
         queue, queue_ids = [], []
+        lengths = sequence_spans(buffer["segment_ids"])[1] if self.rl.pack_rows > 1 else None
         for epoch in range(self.rl.epochs):
             order = np.random.default_rng([self.cfg.data.seed, self.rollouts, epoch]).permutation(
                 self.rows
@@ -762,34 +763,40 @@ class RolloutData:
             for k in range(self.rows // batch):
                 idx = order[k * batch : (k + 1) * batch].reshape(accum, batch // accum)
                 mine = idx[:, self.process_index * local : (self.process_index + 1) * local]
-                if self.rl.pack_rows > 1:
-                    queue.append(self._packed(buffer, idx, local))
+                if lengths is not None:
+                    queue.append(self._packed(buffer, lengths, idx, mine))
                 else:
                     queue.append({name: v[mine] for name, v in buffer.items()})
                 queue_ids.append([row_ids[i] for i in mine.reshape(-1).tolist()])
         self.queue = queue[self.skip :]
         self.queue_ids = queue_ids[self.skip :]
 
-    def _packed(self, buffer: dict[str, np.ndarray], idx: np.ndarray, local: int) -> dict:
-        """This process's micro-batches of one minibatch (global row indices `idx` [accum,
-        rows]), packed (`pack_micro_batch`) into as many rows as the fullest micro-batch of any
-        process needs, rounded up to a multiple of 8 and of the local devices (at most the plain
-        row count): one shape for every process, and few shapes (compilations) over a run."""
-        per_row = self.rl.pack_rows
-        width = buffer["tokens"].shape[-1]
-        _, length = sequence_spans(buffer["segment_ids"])
+    def _packed(
+        self, buffer: dict[str, np.ndarray], lengths: np.ndarray, idx: np.ndarray, mine: np.ndarray
+    ) -> dict:
+        """This process's micro-batches (its rows `mine` [accum, local] of the minibatch's global
+        rows `idx` [accum, rows]), packed (`pack_micro_batch`) into as many rows as the fullest
+        micro-batch of any process needs, rounded up to a multiple of 8 and of the local devices
+        (at most the plain row count): one shape for every process, and few shapes
+        (compilations) over a run. `lengths`: every buffer row's real tokens."""
+        per_row, width = self.rl.pack_rows, buffer["tokens"].shape[-1]
         plans = [
-            [pack_plan(length[part], width, per_row) for part in np.split(m, self.process_count)]
+            [pack_plan(lengths[part], width, per_row) for part in np.split(m, self.process_count)]
             for m in idx
         ]
         most = max(len(plan) for micro in plans for plan in micro)
         step = math.lcm(8, jax.local_device_count())
-        rows = min(-(-most // step) * step, local)  # never more rows than plain ones
-        packed, pad_id = [], self.tokenizer.pad_id
-        for a, micro in enumerate(plans):
-            mine = idx[a, self.process_index * local : (self.process_index + 1) * local]
-            part = {name: v[mine] for name, v in buffer.items()}
-            packed.append(pack_micro_batch(part, micro[self.process_index], rows, per_row, pad_id))
+        rows = min(-(-most // step) * step, mine.shape[1])  # never more rows than plain ones
+        packed = [
+            pack_micro_batch(
+                {name: v[m] for name, v in buffer.items()},
+                micro[self.process_index],
+                rows,
+                per_row,
+                self.tokenizer.pad_id,
+            )
+            for m, micro in zip(mine, plans, strict=True)
+        ]
         self.packed_rows.append(rows)
         return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
 
