@@ -308,6 +308,33 @@ def short_responses(monkeypatch, cuts):
     monkeypatch.setattr(Sampler, "generate_padded", generate_padded)
 
 
+def first_minibatch_loss(cfg):
+    """The first minibatch of a fresh rollout under `cfg` (its first micro-batch), the loss,
+    metrics and gradients of the fresh state on it, and the rollout's metrics."""
+    algo, trainer, state, data = rollout_data(cfg)
+    micro = {k: v[0] for k, v in next(data).items()}
+
+    def loss(params):
+        value, denom, metrics = algo.loss_fn(
+            nnx.merge(trainer.graphdef, params), micro, jax.random.PRNGKey(0)
+        )
+        return value / denom, {k: v / denom for k, v in metrics.items()}
+
+    (value, metrics), grads = jax.device_get(
+        jax.jit(jax.value_and_grad(loss, has_aux=True))(state["params"])
+    )
+    return micro, value, metrics, grads, data.pop_metrics()
+
+
+def assert_same_loss(got, want):
+    """(loss, metrics, grads) of two layouts of the same minibatch agree to float rounding."""
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for key in want[1]:
+        np.testing.assert_allclose(got[1][key], want[1][key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for g, w in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
 def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, trainer_name):
     """Rows trimmed to the rollout's prompt bucket and the response bucket of its longest
@@ -320,23 +347,8 @@ def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, 
         "trim": {"data.prompt_buckets": "[32, 48]", "rl.response_buckets": "[2, 4]"},
     }.items():
         sets = {**sets, "sampling.max_prompt_len": 48, "train.seq_len": 56}
-        cfg = rl_config(tmp_path / name, trainer_name, **sets)
-        algo, trainer, state, data = rollout_data(cfg)
-        local = next(data)
-        micro = {k: v[0] for k, v in local.items()}
-
-        def loss(params, algo=algo, trainer=trainer, micro=micro):
-            value, denom, metrics = algo.loss_fn(
-                nnx.merge(trainer.graphdef, params), micro, jax.random.PRNGKey(0)
-            )
-            return value / denom, {k: v / denom for k, v in metrics.items()}
-
-        (value, metrics), grads = jax.device_get(
-            jax.jit(jax.value_and_grad(loss, has_aux=True))(state["params"])
-        )
-        runs[name] = micro, value, metrics, grads
-    (full, full_loss, full_metrics, full_grads) = runs["full"]
-    (trim, trim_loss, trim_metrics, trim_grads) = runs["trim"]
+        runs[name] = first_minibatch_loss(rl_config(tmp_path / name, trainer_name, **sets))[:4]
+    full, trim = runs["full"][0], runs["trim"][0]
     assert full["tokens"].shape[-1] == 48 + 8 and trim["tokens"].shape[-1] == 32 + 4
     assert full["mask"].sum(-1).max() == 3 and full["mask"][:, 4:].sum() == 0
     for key in ("tokens", "positions", "segment_ids"):
@@ -345,13 +357,7 @@ def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, 
     for key, value in full.items():
         if value.shape[-1] == 8:  # per response token: old/ref log-probs, advantages, ...
             np.testing.assert_allclose(trim[key], value[:, :4], rtol=1e-5, atol=1e-5, err_msg=key)
-    np.testing.assert_allclose(trim_loss, full_loss, rtol=1e-5, atol=1e-6)
-    for key in full_metrics:
-        np.testing.assert_allclose(
-            trim_metrics[key], full_metrics[key], rtol=1e-4, atol=1e-6, err_msg=key
-        )
-    for got, want in zip(jax.tree.leaves(trim_grads), jax.tree.leaves(full_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert_same_loss(runs["trim"][1:4], runs["full"][1:4])
 
 
 @pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
@@ -370,23 +376,8 @@ def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name):
             "rl.response_buckets": "[]",
             "rl.loss_aggregation": "sequence_mean",
         }
-        cfg = rl_config(tmp_path / name, trainer_name, **sets)
-        algo, trainer, state, data = rollout_data(cfg)
-        local = next(data)
-        micro = {k: v[0] for k, v in local.items()}
-
-        def loss(params, algo=algo, trainer=trainer, micro=micro):
-            value, denom, metrics = algo.loss_fn(
-                nnx.merge(trainer.graphdef, params), micro, jax.random.PRNGKey(0)
-            )
-            return value / denom, {k: v / denom for k, v in metrics.items()}
-
-        (value, metrics), grads = jax.device_get(
-            jax.jit(jax.value_and_grad(loss, has_aux=True))(state["params"])
-        )
-        runs[name] = micro, value, metrics, grads, data.pop_metrics()
-    plain, plain_loss, plain_metrics, plain_grads, _ = runs["plain"]
-    packed, packed_loss, packed_metrics, packed_grads, rollout_metrics = runs["packed"]
+        runs[name] = first_minibatch_loss(rl_config(tmp_path / name, trainer_name, **sets))
+    plain, (packed, *_, rollout_metrics) = runs["plain"][0], runs["packed"]
     rows = packed["tokens"].shape[0]
     assert rows % 8 == 0 and rows < plain["tokens"].shape[0] == 32
     assert rollout_metrics["rollout/packed_rows"] == rows
@@ -398,13 +389,7 @@ def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name):
         for g in range(1, int(s.max()) + 1)
     )
     assert seqs(packed) == seqs(plain)
-    np.testing.assert_allclose(packed_loss, plain_loss, rtol=1e-5, atol=1e-6)
-    for key in plain_metrics:
-        np.testing.assert_allclose(
-            packed_metrics[key], plain_metrics[key], rtol=1e-4, atol=1e-6, err_msg=key
-        )
-    for got, want in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(plain_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert_same_loss(runs["packed"][1:4], runs["plain"][1:4])
 
 
 def test_pack_plan_fills_rows_first_fit_decreasing():
