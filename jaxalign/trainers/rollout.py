@@ -676,10 +676,7 @@ class RolloutData:
         forwards, refs = [], []
         ref_params = self.algorithm.reference_on_device()
         for s in range(0, rows, chunk):
-            seq = {
-                k: self._put(rows_np[k][s : s + chunk])
-                for k in ("tokens", "positions", "segment_ids", "mask")
-            }
+            seq = {k: self._put(rows_np[k][s : s + chunk]) for k in (*ROW_KEYS, "mask")}
             forwards.append(self._policy_forward(state["params"], seq))
             refs.append(self._reference_forward(ref_params, seq))
         self.algorithm.reference_release()
@@ -710,7 +707,7 @@ class RolloutData:
         if hasattr(self.algorithm, "after_rollout"):
             post_metrics.update(self.algorithm.after_rollout(post_metrics, rows))
         timings["time/advantages"] = time.perf_counter() - t
-        buffer.update({k: rows_np[k] for k in ("tokens", "positions", "segment_ids", "mask")})
+        buffer.update({k: rows_np[k] for k in (*ROW_KEYS, "mask")})
 
         self.packed_rows = []
         self._enqueue(buffer, row_ids)
