@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One H100 / H200: jaxalign's SFT step on a ~1B Llama in bf16 (MFU, tokens/s) and KV-cache
-# decoding on the same model, then bench/decode.py's jaxalign side, in under 8 minutes.
+# One H100 / H200, under 9 minutes: jaxalign's SFT step on a ~1B Llama in bf16 (MFU, tokens/s)
+# with each attention kernel and KV-cache decoding on the same model (bench/gpu_step.py); the
+# cuDNN-vs-einsum attention check (bench/gpu_check.py); the sampler's correctness tests
+# (greedy = full-forward argmax, train/rollout log-prob parity, seeds, stop tokens) run on the
+# GPU; then bench/decode.py's jaxalign side.
 # Installs nothing: runs this checkout through PYTHONPATH with the machine's python3 (jax with the
-# CUDA plugin, flax, optax, orbax; no Grain needed). Results: $OUT/gpu_step.json,
-# $OUT/decode_gpu.json and their .log files (OUT defaults to bench/results).
+# CUDA plugin, flax, optax, orbax; no Grain needed). Results in $OUT (default bench/results):
+# gpu_step.json, gpu_check.json, decode_gpu.json and a .log per part.
 #
 #     bash bench/gpu.sh                    # everything
 #     bash bench/gpu.sh --only sft         # extra arguments go to bench/gpu_step.py
-#     bash bench/gpu.sh --only sft --attention cudnn   # with cuDNN flash attention patched in
+#     bash bench/gpu.sh --only sft --attention cudnn   # one attention kernel
 #
 # What it measures and how: see bench/gpu_step.py's docstring. Check the plumbing on a CPU with
 # `python bench/gpu_step.py --cpu-smoke` (tests/test_bench.py does).
@@ -23,14 +26,23 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
-"optax", optax.__version__, jax.devices())'
-# About 7.5 minutes in all. gpu_step.json is rewritten after each part, so a timeout still
-# leaves what finished; `set -e` is off for the runs so the second runs even if the first fails.
+"$PY" -c 'from importlib.metadata import version as v; import jax
+print(*(f"{n} {v(n)}" for n in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")), jax.devices())'
+# Each part has its own time limit and `set -e` is off for them, so one failing or running long
+# never loses the others; gpu_step.json is rewritten after each kernel.
 set +e
-timeout 370 "$PY" bench/gpu_step.py --json "$OUT/gpu_step.json" "$@" 2>&1 | tee "$OUT/gpu_step.log"
+timeout 330 "$PY" bench/gpu_step.py --json "$OUT/gpu_step.json" "$@" 2>&1 | tee "$OUT/gpu_step.log"
 status=${PIPESTATUS[0]}
+# The checks share the GPU with nothing else now; they need little of its memory.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+timeout 70 "$PY" bench/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
+check=${PIPESTATUS[0]}
+timeout 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k \
+    "greedy_equals or logprobs_equal or run_time or fixed_seed or stop_tokens or scan_layers" \
+    2>&1 | tee "$OUT/pytest_gpu.log"
+tests=${PIPESTATUS[0]}
 # bench/decode.py's jaxalign side on the GPU (f32 weights, its 100m model; transformers not run).
-timeout 80 "$PY" bench/decode.py --sides jax --sizes 100m --batches 1,8,64 --repeats 3 \
+timeout 45 "$PY" bench/decode.py --sides jax --sizes 100m --batches 1,8,64 --repeats 3 \
     --json "$OUT/decode_gpu.json" 2>&1 | tee "$OUT/decode_gpu.log"
-exit "$status"
+echo "gpu_step exit $status, gpu_check exit $check, GPU sampler tests exit $tests"
+[ "$status" -eq 0 ] && [ "$check" -eq 0 ] && [ "$tests" -eq 0 ]

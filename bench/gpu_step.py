@@ -8,10 +8,12 @@ SFT: the real step (`Trainer(cfg, SFT loss)`, `compile_step`, donated state; as
 bench/sft_step.py) on synthetic rows, no packing. Model `1b` is Llama-3.2-1B's shape (vocab
 128,256, hidden 2,048, MLP 8,192, 16 layers, 32 heads, 8 KV heads, tied embeddings, 1.24B
 parameters): compute in bfloat16 (`model.dtype`), parameters and AdamW state in float32
-(`model.param_dtype`: mixed precision with f32 master weights). Attention is jaxalign's own
-(`attend`: grouped-query einsums + softmax; `model.attention_query_block: auto` = one block on
-GPU); it does not call `jax.nn.dot_product_attention` (`--attention cudnn` patches that in, to
-measure what cuDNN flash attention would add). Candidate settings (batch, remat, loss
+(`model.param_dtype`: mixed precision with f32 master weights). The step is timed once per
+attention kernel in `--attention` (one process, each compiled afresh): `cudnn` (the option for GPUs,
+`model.attention_kernel: cudnn`: `jax.nn.dot_product_attention`'s cuDNN flash attention with the
+segment mask), `einsum` (jaxalign's grouped-query einsums + softmax, one query block on GPU) and
+`cudnn-nomask` (cuDNN flash attention with the causal flag alone, patched in: what the segment
+mask costs; exact only for unpacked rows like these). Candidate settings (batch, remat, loss
 chunks) are compiled in order and the first whose compiled memory fits the device is timed (XLA's
 `memory_analysis`, so nothing runs out of memory). MFU = tokens/s x `train_flops_per_token` (6 N
 + causal attention; recomputation under remat not counted) / peak, against the card's dense bf16
@@ -29,6 +31,7 @@ bench/results/gpu_step.json). Installs nothing and never imports Grain.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -75,10 +78,16 @@ def card_peak(device_kind: str) -> float | None:
     return None
 
 
-def sft_config(args, batch: int, remat: str, chunks: int):
+def sft_config(args, batch: int, remat: str, chunks: int, kernel: str = "einsum"):
     from jaxalign.config import load_config
 
-    model = dict(MODELS[args.model], dtype=args.dtype, param_dtype=args.param_dtype, remat=remat)
+    model = dict(
+        MODELS[args.model],
+        dtype=args.dtype,
+        param_dtype=args.param_dtype,
+        remat=remat,
+        attention_kernel=kernel,
+    )
     sets = [
         f"run_dir={args.run_dir}",
         "mesh.data=1",
@@ -118,10 +127,10 @@ def device_limit() -> int | None:
         return None
 
 
-def use_cudnn_attention() -> None:
-    """Patch the model's training attention to `jax.nn.dot_product_attention(implementation=
-    "cudnn")` (flash attention), to measure what it would add. Causal only: segment ids are
-    ignored, which is exact for this benchmark's unpacked rows and wrong for packed ones."""
+def cudnn_without_mask():
+    """Patch the einsum kernel's whole-sequence attention to cuDNN flash attention with the causal
+    flag alone (segment ids ignored: exact for this benchmark's unpacked rows, wrong for packed
+    ones); returns a function that undoes the patch."""
     import jax
 
     from jaxalign.models import llama
@@ -134,22 +143,33 @@ def use_cudnn_attention() -> None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
     llama.attend = attend
+    return lambda: setattr(llama, "attend", original)
 
 
-def bench_sft(args) -> dict:
+def bench_sft(args, attention: str) -> dict:
+    """Time the SFT step with one attention kernel (see the module docstring)."""
+    kernel = "einsum" if attention == "cudnn-nomask" else attention
+    undo = cudnn_without_mask() if attention == "cudnn-nomask" else None
+    try:
+        return _bench_sft(args, attention, kernel)
+    finally:
+        if undo is not None:
+            undo()
+        gc.collect()  # the last kernel's device buffers go before the next one's
+
+
+def _bench_sft(args, attention: str, kernel: str) -> dict:
     import jax
     import sft_step
 
     from jaxalign import sharding as shd
     from jaxalign.metrics import param_count, train_flops_per_token
 
-    if args.attention == "cudnn":
-        use_cudnn_attention()
     limit = device_limit()
     candidates = SFT_CANDIDATES if args.batch is None else [(args.batch, args.remat, args.chunks)]
     tried = []
     for batch, remat, chunks in candidates:
-        cfg = sft_config(args, batch, remat, chunks)
+        cfg = sft_config(args, batch, remat, chunks, kernel)
         trainer, state, data, info = sft_step.build_jax(args, cfg)
         with shd.activation_sharding(trainer.mesh, trainer.rules):
             t0 = time.perf_counter()
@@ -166,7 +186,7 @@ def bench_sft(args) -> dict:
                 }
             )
             print(
-                f"sft candidate B={batch} remat={remat} chunks={chunks}: compiled in "
+                f"sft {attention}: candidate B={batch} remat={remat} chunks={chunks}: compiled in "
                 f"{compile_s:.1f} s, needs {need / 2**30 if need else float('nan'):.1f} GiB of "
                 f"{limit / 2**30 if limit else float('nan'):.1f}",
                 flush=True,
@@ -201,7 +221,8 @@ def bench_sft(args) -> dict:
             "seq_len": args.seq_len,
             "remat": remat,
             "vocab_chunks": chunks,
-            "attention": args.attention,
+            "attention": attention,
+            "attention_kernel": kernel,
             "attention_query_block": info["model"]["attention_query_block"],
             "candidates_tried": tried,
             "compile_s": compile_s,
@@ -305,9 +326,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument(
         "--attention",
-        choices=("jaxalign", "cudnn"),
-        default="jaxalign",
-        help="cudnn: patch in jax.nn.dot_product_attention(implementation='cudnn') (SFT only)",
+        type=lambda text: text.split(","),
+        default=None,
+        help="SFT attention kernels to time, comma-separated, from cudnn, einsum, cudnn-nomask "
+        "(default: cudnn,einsum,cudnn-nomask; einsum with --cpu-smoke)",
     )
     p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=3)
@@ -326,6 +348,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch = args.batch or 2
         args.seq_len, args.steps, args.repeats = 96, 2, 2  # 96: two query blocks on CPU
         args.decode_batches, args.prompt_len, args.new_tokens = [2], 16, 4
+        args.attention = args.attention or ["einsum"]
+    args.attention = args.attention or ["cudnn", "einsum", "cudnn-nomask"]
+    unknown = set(args.attention) - {"cudnn", "einsum", "cudnn-nomask"}
+    if unknown:
+        p.error(f"unknown --attention kernels: {sorted(unknown)}")
     if args.json is None:
         out_dir = os.environ.get("OUT")
         args.json = (
@@ -366,22 +393,34 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     if args.only in (None, "sft"):
-        sft = bench_sft(args)
-        sft["mfu_vs_measured"] = sft["model_flops_per_s"] / measured
-        if spec_peak:
-            sft["mfu"] = sft["model_flops_per_s"] / spec_peak
-        result["sft"] = sft
-        common.write_json(args.json, result)
-        print(
-            f"SFT {args.model} ({args.attention} attention) B={sft['batch_size']} "
-            f"T={sft['seq_len']} remat={sft['remat']} "
-            f"chunks={sft['vocab_chunks']}: step {sft['step_s'] * 1e3:.1f} ms, "
-            f"{sft['tokens_per_s']:,.0f} tokens/s, MFU "
-            + (f"{sft['mfu'] * 100:.1f}% of {spec_peak / 1e12:.0f} TFLOP/s, " if spec_peak else "")
-            + f"{sft['mfu_vs_measured'] * 100:.1f}% of the measured matmul; compile "
-            f"{sft['compile_s']:.1f} s",
-            flush=True,
-        )
+        result["sft"] = []
+        for attention in args.attention:
+            try:
+                sft = bench_sft(args, attention)
+            except Exception as e:  # noqa: BLE001 - one kernel failing must not lose the others
+                print(f"SFT {attention}: failed: {type(e).__name__}: {e}", flush=True)
+                result["sft"].append({"attention": attention, "error": f"{type(e).__name__}: {e}"})
+                common.write_json(args.json, result)
+                continue
+            sft["mfu_vs_measured"] = sft["model_flops_per_s"] / measured
+            if spec_peak:
+                sft["mfu"] = sft["model_flops_per_s"] / spec_peak
+            result["sft"].append(sft)
+            common.write_json(args.json, result)
+            print(
+                f"SFT {args.model} ({attention} attention) B={sft['batch_size']} "
+                f"T={sft['seq_len']} remat={sft['remat']} "
+                f"chunks={sft['vocab_chunks']}: step {sft['step_s'] * 1e3:.1f} ms, "
+                f"{sft['tokens_per_s']:,.0f} tokens/s, MFU "
+                + (
+                    f"{sft['mfu'] * 100:.1f}% of {spec_peak / 1e12:.0f} TFLOP/s, "
+                    if spec_peak
+                    else ""
+                )
+                + f"{sft['mfu_vs_measured'] * 100:.1f}% of the measured matmul; compile "
+                f"{sft['compile_s']:.1f} s",
+                flush=True,
+            )
     if args.only in (None, "decode"):
         result["decode"] = bench_decode(args)
         common.write_json(args.json, result)

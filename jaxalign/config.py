@@ -54,6 +54,10 @@ class ModelConfig:
     # Queries are processed in blocks of this many positions (0: one block). Keeps the score matrix
     # in cache on CPU and skips fully masked key blocks. auto: 64 on CPU, 0 on GPU/TPU.
     attention_query_block: int | Literal["auto"] = "auto"
+    # Training/prefill attention: einsum (jaxalign's grouped-query einsums + softmax, in query
+    # blocks; any backend) or cudnn (jax.nn.dot_product_attention's cuDNN flash attention: NVIDIA
+    # GPU, bfloat16 compute; not yet measured on a GPU here, see docs/performance.md).
+    attention_kernel: Literal["einsum", "cudnn"] = "einsum"
     initializer_range: float = 0.02  # std of the normal init of weight matrices
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).
@@ -529,6 +533,8 @@ def validate(cfg: Config, where: str = "config") -> None:
             fail(f"model.rope_scaling is missing {sorted(missing)}")
     if m.attention_query_block != "auto" and m.attention_query_block < 0:
         fail("model.attention_query_block must be >= 0 or auto")
+    if m.attention_kernel == "cudnn" and m.dtype != "bfloat16":
+        fail("model.attention_kernel=cudnn needs model.dtype=bfloat16 (cuDNN flash attention)")
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 1 or t.steps < 0:
         fail("train.batch_size, train.grad_accum, train.steps must be positive and seq_len > 1")
     if t.batch_size % t.grad_accum:

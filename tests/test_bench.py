@@ -250,7 +250,8 @@ def test_gpu_script_cpu_smoke_runs_without_grain_and_reports_consistent_numbers(
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    sft = data["sft"]
+    (sft,) = data["sft"]  # one kernel on CPU: einsum
+    assert (sft["attention"], sft["attention_kernel"]) == ("einsum", "einsum")
     import gpu_step
 
     from jaxalign.config import ModelConfig
@@ -270,6 +271,27 @@ def test_gpu_script_cpu_smoke_runs_without_grain_and_reports_consistent_numbers(
     assert decode["tokens_per_s"] == pytest.approx(2 * 4 / decode["seconds"])
     assert data["card_peak_flops"] is None and data["platform"] == "cpu"
     assert "torch" not in data["machine"]["versions"]  # never loaded next to jax's CUDA libs
+
+
+def test_gpu_check_cpu_smoke_compares_the_attention_kernels(tmp_path):
+    """bench/gpu_check.py (the cuDNN-vs-einsum check bench/gpu.sh runs first) on CPU, where the
+    XLA implementation stands in for cuDNN: every error is reported and small, nothing fails."""
+    out = tmp_path / "check.json"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench/gpu_check.py"), "--cpu-smoke", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == [] and [r["window"] for r in data["attention"]] == [None, 16]
+    for row in data["attention"]:
+        assert set(row["cudnn"]) == {"out", "dq", "dk", "dv"}
+        assert all(0 < err < 1e-2 for err in row["cudnn"].values())  # bf16 rounding, not zero
+    assert data["model"]["grads"] < 1e-2
 
 
 def test_decode_floor_matches_a_hand_count():

@@ -233,6 +233,41 @@ def test_auto_query_block_is_64_on_cpu_one_block_elsewhere_and_exact():
     )
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_dot_product_attention_call_equals_einsum_attention(window):
+    """The cudnn kernel's call (jax.nn.dot_product_attention with our segment mask, causal flag
+    and window; its XLA implementation here on CPU) computes what the einsum attention does,
+    values and gradients: packed segments, padding, grouped-query heads. bench/gpu_check.py runs
+    the same comparison with implementation="cudnn" on a GPU."""
+    from jaxalign.models.llama import blocked_causal_attention, cudnn_causal_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 24, h, 8)), jnp.float32) for h in (4, 2, 2))
+    segments = jnp.asarray(np.repeat([[1, 2, 0], [1, 1, 0]], [10, 9, 5], axis=1), jnp.int32)
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    einsum = lambda q, k, v: blocked_causal_attention(q, k, v, segments, 8, window)  # noqa: E731
+    flash = lambda q, k, v: cudnn_causal_attention(q, k, v, segments, window, "xla")  # noqa: E731
+    (_, want), want_grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(
+        einsum, q, k, v
+    )
+    (_, got), got_grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(flash, q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+
+
+def test_attention_kernel_cudnn_needs_bfloat16():
+    assert load_config(None, []).model.attention_kernel == "einsum"
+    with pytest.raises(ConfigError, match="attention_kernel=cudnn needs model.dtype=bfloat16"):
+        load_config(None, ["model.attention_kernel=cudnn"])
+    cfg = load_config(None, ["model.attention_kernel=cudnn", "model.dtype=bfloat16"])
+    assert cfg.model.attention_kernel == "cudnn"
+
+
 def test_chunked_cross_entropy_matches_float64_reference():
     rng = np.random.default_rng(1)
     hidden = rng.normal(size=(3, 7, 16)).astype(np.float32)

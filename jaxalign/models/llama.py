@@ -129,6 +129,37 @@ def resolve_query_block(block: int | str, backend: str | None = None) -> int:
     return AUTO_QUERY_BLOCK.get(backend or jax.default_backend(), 0)
 
 
+def cudnn_causal_attention(
+    q, k, v, segment_ids, sliding_window=None, implementation="cudnn"
+) -> jax.Array:
+    """`blocked_causal_attention`'s result through `jax.nn.dot_product_attention` (cuDNN flash
+    attention on GPU: the [T, T] scores never reach device memory and blocks above the diagonal
+    are skipped). Same shapes and masking: causal, within a segment (the [B, 1, T, T] segment mask
+    is broadcast over heads), keys with index > query index - sliding_window; grouped-query heads
+    as they are. `implementation="xla"` runs the same call anywhere (tests compare it on CPU).
+    """
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        is_causal=True,
+        local_window_size=window,
+        implementation=implementation,
+    )
+
+
+def causal_attention(q, k, v, segment_ids, cfg) -> jax.Array:
+    """Self-attention over a whole sequence by `cfg.attention_kernel` (einsum or cudnn)."""
+    if cfg.attention_kernel == "cudnn":
+        return cudnn_causal_attention(q, k, v, segment_ids, cfg.sliding_window)
+    return blocked_causal_attention(
+        q, k, v, segment_ids, cfg.attention_query_block, cfg.sliding_window
+    )
+
+
 def blocked_causal_attention(q, k, v, segment_ids, block, sliding_window=None) -> jax.Array:
     """Causal self-attention computed in query blocks; block i only reads keys [0, end of i].
 
@@ -248,9 +279,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, segment_ids, inv_freq):
         q, k, v = self.qkv(x, positions, inv_freq)
-        attn = blocked_causal_attention(
-            q, k, v, segment_ids, self.cfg.attention_query_block, self.cfg.sliding_window
-        )
+        attn = causal_attention(q, k, v, segment_ids, self.cfg)
         return self.out(attn)
 
     def with_cache(self, x, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids):
@@ -283,9 +312,7 @@ class Attention(nnx.Module):
             ),
         }
         if index is None:
-            attn = blocked_causal_attention(
-                q, k, v, segment_ids, self.cfg.attention_query_block, self.cfg.sliding_window
-            )
+            attn = causal_attention(q, k, v, segment_ids, self.cfg)
         else:
             keys, values = cache["k"], cache["v"]
             if layer is not None:
