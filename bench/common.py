@@ -7,15 +7,18 @@ Benchmarks are not tests: they print tables and write JSON; nothing here asserts
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
 import platform
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +39,13 @@ TCMALLOC_CANDIDATES = (
 GLIBC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 
 ALLOCATORS = ("tcmalloc", "glibc", "glibc-tuned")
+
+
+def scratch_dir(prefix: str) -> str:
+    """A temporary run directory for a benchmark's trainer, removed when the process exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def median(xs: Sequence[float]) -> float:

@@ -21,7 +21,6 @@ Workers, allocators, turns and `--variant`: as bench/sft_step.py.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +48,7 @@ def build_jax(args):
             self._train = self._eval = self._eval_ref = None
 
     sets = ["dpo.loss_type=sigmoid", "dpo.precompute_ref=false", *args.set]
-    cfg = common.step_config(SIZES[args.size], sets, tempfile.mkdtemp(prefix="bench_dpo_"), ROOT)
+    cfg = common.step_config(SIZES[args.size], sets, common.scratch_dir("bench_dpo_"), ROOT)
     t, m = cfg.train, cfg.model
     algorithm = SyntheticDPO(cfg)
     trainer = Trainer(cfg, algorithm, devices=jax.devices()[:1])

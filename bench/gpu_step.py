@@ -361,9 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
             else str(ROOT / "bench/results/gpu_step.json")
         )
     if args.run_dir is None:
-        import tempfile
-
-        args.run_dir = tempfile.mkdtemp(prefix="bench_gpu_")
+        args.run_dir = common.scratch_dir("bench_gpu_")
 
     import jax
 

@@ -19,7 +19,6 @@ Workers, allocators, turns and `--variant`: as bench/sft_step.py.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +45,7 @@ def build_jax(args):
         def initial_params(self, trainer):
             return None
 
-    cfg = common.step_config(SIZES[args.size], args.set, tempfile.mkdtemp(prefix="bench_rm_"), ROOT)
+    cfg = common.step_config(SIZES[args.size], args.set, common.scratch_dir("bench_rm_"), ROOT)
     t, m = cfg.train, cfg.model
     trainer = Trainer(cfg, SyntheticRM(cfg), devices=jax.devices()[:1])
     state = trainer.fresh_state()

@@ -26,7 +26,6 @@ model or step code without editing it).
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,7 +79,7 @@ def build_jax(args, cfg=None):
     from jaxalign.trainers.loop import Trainer
 
     if cfg is None:
-        run_dir = tempfile.mkdtemp(prefix="bench_sft_")
+        run_dir = common.scratch_dir("bench_sft_")
         cfg = common.step_config(SIZES[args.size], args.set, run_dir, ROOT)
     t = cfg.train
     trainer = Trainer(cfg, synthetic_sft(cfg), devices=jax.devices()[:1])
