@@ -293,9 +293,9 @@ class RLConfig:
     # forwards and train steps, at one compilation per (prompt bucket, response bucket) shape.
     # None: 16, 32, 64, ... below max_new_tokens; [] or [max_new_tokens]: no trimming.
     response_buckets: list[int] | None = None
-    # Train steps on packed rows: up to this many rollout sequences (prompt + response, without
-    # their padding) share one row of the minibatch, each its own attention segment; fewer rows
-    # per step where responses are short. 0 or 1: one sequence per row (no packing).
+    # Train steps and the rollout's log-prob/value forwards on packed rows: up to this many
+    # rollout sequences (prompt + response, without their padding) share one row, each its own
+    # attention segment; fewer rows where responses are short. 0 or 1: one sequence per row.
     pack_rows: int = 0
     eval_every: int = 0  # held-out greedy pass rate on data.eval_file every N rollouts (0: off)
     eval_prompts: int = 0  # how many eval prompts (0: all)

@@ -323,7 +323,7 @@ def first_minibatch_loss(cfg):
     (value, metrics), grads = jax.device_get(
         jax.jit(jax.value_and_grad(loss, has_aux=True))(state["params"])
     )
-    return micro, value, metrics, grads, data.pop_metrics()
+    return micro, value, metrics, grads, data.pop_metrics(), data.last_rollout["buffer"]
 
 
 def assert_same_loss(got, want):
@@ -362,9 +362,11 @@ def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
 def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name):
-    """rl.pack_rows: short sequences share rows (each its own segment), and the minibatch gives
-    the same loss, metrics and gradients as one sequence per row; GRPO with sequence-mean
-    aggregation, so the empty slots must weigh nothing."""
+    """rl.pack_rows: short sequences share rows (each its own segment), in the rollout's
+    forwards (old and reference log-probs, values, entropy: the same per-token values as plain
+    rows) and in training (the minibatch gives the same loss, metrics and gradients as one
+    sequence per row); GRPO with sequence-mean aggregation, so the empty slots must weigh
+    nothing."""
     short_responses(monkeypatch, [3, 3])
     runs = {}
     for name, pack in {"plain": 0, "packed": 4}.items():
@@ -377,7 +379,11 @@ def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name):
             "rl.loss_aggregation": "sequence_mean",
         }
         runs[name] = first_minibatch_loss(rl_config(tmp_path / name, trainer_name, **sets))
-    plain, (packed, *_, rollout_metrics) = runs["plain"][0], runs["packed"]
+    plain, (packed, *_, rollout_metrics, packed_buffer) = runs["plain"][0], runs["packed"]
+    plain_buffer = runs["plain"][5]
+    assert set(packed_buffer) == set(plain_buffer)
+    for key, value in plain_buffer.items():  # rollout buffers: plain row order in both
+        np.testing.assert_allclose(packed_buffer[key], value, rtol=1e-5, atol=2e-6, err_msg=key)
     rows = packed["tokens"].shape[0]
     assert rows % 8 == 0 and rows < plain["tokens"].shape[0] == 32
     assert rollout_metrics["rollout/packed_rows"] == rows

@@ -525,6 +525,7 @@ class RolloutData:
         self._reference_forward = jax.jit(reference_forward)
         self._postprocess = jax.jit(algo.postprocess)
         self._concat = None
+        self._take_slots = None
         divisor = shd.batch_divisor(self.mesh, self.rules)
         if self.ptx is not None:
             shd.validate_batch(
@@ -554,6 +555,35 @@ class RolloutData:
                 rl.eval_prompts,
             )
         self._built = True
+
+    def _forward_rows(self, plain: dict[str, np.ndarray]) -> tuple[dict, np.ndarray | None]:
+        """The rows a rollout forward runs on: `plain` itself, or (rl.pack_rows > 1) its
+        sequences packed as `pack_micro_batch` does for training, into as many rows as they
+        need rounded up to a multiple of 8 and of the devices the batch is split over (at most
+        the plain row count), with each plain row's slot in the packed result."""
+        per_row = self.rl.pack_rows
+        if per_row <= 1:
+            return plain, None
+        count, width = plain["tokens"].shape
+        plan = pack_plan(sequence_spans(plain["segment_ids"])[1], width, per_row)
+        step = math.lcm(8, shd.batch_divisor(self.mesh, self.rules))
+        packed_rows = min(-(-len(plan) // step) * step, count)
+        packed = pack_micro_batch(plain, plan, packed_rows, per_row, self.tokenizer.pad_id)
+        slots = np.zeros(count, np.int32)
+        for r, seqs in enumerate(plan):
+            for j, i in enumerate(seqs):
+                slots[i] = r * per_row + j
+        return packed, slots
+
+    def _unpack(self, policy_out: dict, ref_out: jax.Array, slots: np.ndarray):
+        """Packed forward results [S, N] back in plain row order [rows, N] (`slots`: each plain
+        row's slot), rows over the batch axes."""
+        if self._take_slots is None:
+            self._take_slots = jax.jit(
+                lambda tree, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree),
+                out_shardings=self.row_sharding,
+            )
+        return self._take_slots((policy_out, ref_out), slots)
 
     def _concat_rows(self, *parts: jax.Array) -> jax.Array:
         """The [rows, ...] concatenation of per-chunk results, rows over the batch axes."""
@@ -672,13 +702,21 @@ class RolloutData:
             self.tokenizer.pad_id,
         )
         # In chunks of rl.forward_batch_size rows: the float32 logits of a chunk are live at once.
+        # With rl.pack_rows, each chunk's sequences are packed as for training and the results
+        # gathered back to one row per sequence.
         chunk = rl.forward_batch_size or rows
         forwards, refs = [], []
         ref_params = self.algorithm.reference_on_device()
         for s in range(0, rows, chunk):
-            seq = {k: self._put(rows_np[k][s : s + chunk]) for k in (*ROW_KEYS, "mask")}
-            forwards.append(self._policy_forward(state["params"], seq))
-            refs.append(self._reference_forward(ref_params, seq))
+            plain = {k: rows_np[k][s : s + chunk] for k in (*ROW_KEYS, "mask")}
+            seq, slots = self._forward_rows(plain)
+            seq = {k: self._put(v) for k, v in seq.items()}
+            policy_out = self._policy_forward(state["params"], seq)
+            ref_out = self._reference_forward(ref_params, seq)
+            if slots is not None:
+                policy_out, ref_out = self._unpack(policy_out, ref_out, slots)
+            forwards.append(policy_out)
+            refs.append(ref_out)
         self.algorithm.reference_release()
         forward = {k: self._concat_rows(*(f[k] for f in forwards)) for k in forwards[0]}
         ref_logprobs = self._concat_rows(*refs)
