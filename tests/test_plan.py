@@ -102,6 +102,9 @@ def test_ppo_8b_rollout_memory_matches_hand_count(capsys):
         "  rollout KV cache      4.00 GiB" in lines and "  reference             0.94 GiB" in lines
     )
     assert "  rollout logits        3.91 GiB" in lines
+    # Packed rows: up to K slots of logits per packed row, never more rows than plain ones.
+    packed = make_plan(load_config(recipe, ["rl.pack_rows=3"]), 32)
+    assert packed.parts["rollout logits"] == 3 * plan.parts["rollout logits"]
 
 
 def test_offloaded_reference_and_reward_model_are_shown_but_not_counted(capsys):
