@@ -140,6 +140,8 @@ def loaded_allocator() -> str:
 
 
 VERSION_PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy")
+# For benchmarks with no PyTorch side: torch is never imported next to jax's CUDA libraries.
+JAX_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 
 
 def machine_info(packages: Sequence[str] = VERSION_PACKAGES) -> dict[str, Any]:

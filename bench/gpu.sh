@@ -3,10 +3,14 @@
 # with each attention kernel and KV-cache decoding on the same model (bench/gpu_step.py); the
 # cuDNN-vs-einsum attention check (bench/gpu_check.py); the sampler's correctness tests
 # (greedy = full-forward argmax, train/rollout log-prob parity, seeds, stop tokens) run on the
-# GPU; then bench/decode.py's jaxalign side.
-# Installs nothing: runs this checkout through PYTHONPATH with the machine's python3 (jax with the
-# CUDA plugin, flax, optax, orbax; no Grain needed). Results in $OUT (default bench/results):
-# gpu_step.json, gpu_check.json, decode_gpu.json and a .log per part.
+# GPU; then three PPO and three GRPO iterations of the tiny configs through the real RL loop.
+# Installs nothing from anywhere: runs this checkout through PYTHONPATH with the machine's python3
+# (jax with the CUDA plugin, flax, optax, orbax). Only the RL loop needs Grain, which the GPU image
+# lacks: `bash bench/gpu_wheels.sh` here downloads it into .whl/, and with .whl carried along this
+# script puts those wheels on PYTHONPATH (unpacked into /tmp/site); without them the RL part fails
+# alone. Results in $OUT (default bench/results):
+# gpu_step.json, gpu_check.json, rl_iteration_gpu.json and a .log per part (7 files: the
+# device tool returns at most 8).
 #
 #     bash bench/gpu.sh                    # everything
 #     bash bench/gpu.sh --only sft         # extra arguments go to bench/gpu_step.py
@@ -26,6 +30,10 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if ! "$PY" -c 'import grain' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 "$PY" -c 'from importlib.metadata import version as v; import jax
 print(*(f"{n} {v(n)}" for n in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")), jax.devices())'
 # Each part has its own time limit and `set -e` is off for them, so one failing or running long
@@ -41,8 +49,10 @@ timeout 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k \
     "greedy_equals or logprobs_equal or run_time or fixed_seed or stop_tokens or scan_layers" \
     2>&1 | tee "$OUT/pytest_gpu.log"
 tests=${PIPESTATUS[0]}
-# bench/decode.py's jaxalign side on the GPU (f32 weights, its 100m model; transformers not run).
-timeout 45 "$PY" bench/decode.py --sides jax --sizes 100m --batches 1,8,64 --repeats 3 \
-    --json "$OUT/decode_gpu.json" 2>&1 | tee "$OUT/decode_gpu.log"
-echo "gpu_step exit $status, gpu_check exit $check, GPU sampler tests exit $tests"
-[ "$status" -eq 0 ] && [ "$check" -eq 0 ] && [ "$tests" -eq 0 ]
+# The RL loop on the GPU: bench/rl_iteration.py's PPO and GRPO tiny configs (sampler, rollout
+# forwards, train steps; seeded init) with the time per phase.
+timeout 60 "$PY" bench/rl_iteration.py --rollouts 3 --json "$OUT/rl_iteration_gpu.json" 2>&1 |
+    tee "$OUT/rl_iteration_gpu.log"
+rl=${PIPESTATUS[0]}
+echo "gpu_step exit $status, gpu_check exit $check, GPU sampler tests exit $tests, RL loop exit $rl"
+[ "$status" -eq 0 ] && [ "$check" -eq 0 ] && [ "$tests" -eq 0 ] && [ "$rl" -eq 0 ]

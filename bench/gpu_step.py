@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "gpu_step",
         # torch is not imported next to jax's CUDA libraries (its own CUDA/cuDNN may clash).
-        "machine": common.machine_info(("jax", "jaxlib", "flax", "optax", "numpy")),
+        "machine": common.machine_info(common.JAX_PACKAGES),
         "device": kind,
         "platform": device.platform,
         "command": " ".join(["python", "bench/gpu_step.py", *(argv or sys.argv[1:])]),

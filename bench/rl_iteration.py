@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import format_table, machine_info, write_json  # noqa: E402
+from common import JAX_PACKAGES, format_table, machine_info, write_json  # noqa: E402
 
 PHASES = ("generate", "score", "forward", "advantages", "train")
 
@@ -80,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for config in ("configs/ppo_tiny.yaml", "configs/grpo_tiny.yaml"):
             rows.append(run(config, args.rollouts, str(Path(tmp) / Path(config).stem)))
-    data = {"benchmark": "rl_iteration", "machine": machine_info(), "results": rows}
+    data = {"benchmark": "rl_iteration", "machine": machine_info(JAX_PACKAGES), "results": rows}
     print(markdown(data))
     write_json(args.out, data)
 
