@@ -276,6 +276,7 @@ class RLConfig:
     whiten_advantages: bool = True  # PPO: masked whitening over the whole rollout
     whiten_unbiased: bool = True  # whitening variance: / (n - 1) (true) or / n
     clip_eps: float = 0.2  # policy ratio clip
+    clip_eps_high: float | None = None  # upper ratio clip 1 + this (DAPO); None: clip_eps
     value_clip: float = 0.2  # PPO value clip around the rollout's values
     vf_coef: float = 0.1  # PPO value-loss weight
     entropy_coef: float = 0.0  # entropy bonus weight (subtracted from the loss)

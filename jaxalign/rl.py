@@ -123,19 +123,26 @@ def kl_penalty(
 
 
 def clipped_policy_loss(
-    logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, clip_eps: float
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped surrogate per token (to minimize), and per-token diagnostics.
 
     ratio = exp(logprobs - old_logprobs);
-    loss  = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+    loss  = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)),
+    eps_high = `clip_eps_high` (DAPO's "clip-higher": more room for raising unlikely tokens),
+    default `clip_eps`.
     Diagnostics (each [B, T]): `ratio`, `clipped` (1 where the clipped term is the larger),
     `approxkl` = (logprobs - old_logprobs)^2 / 2 (TRL's), all without gradient.
     """
     log_ratio = logprobs - old_logprobs
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
     loss = jnp.maximum(unclipped, clipped)
     stats = {
         "ratio": jax.lax.stop_gradient(ratio),

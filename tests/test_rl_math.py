@@ -68,9 +68,10 @@ def kl_ref(logp, ref, estimator, clamp=None):
     return kl if clamp is None else np.clip(kl, -clamp, clamp)
 
 
-def policy_loss_ref(logp, old, adv, eps):
+def policy_loss_ref(logp, old, adv, eps, eps_high=None):
     ratio = np.exp(logp - old)
-    return np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + eps))
+    high = eps if eps_high is None else eps_high
+    return np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + high))
 
 
 def value_loss_ref(v, old_v, ret, c):
@@ -183,25 +184,33 @@ def test_masked_whiten_and_gradient_equal_reference(shift_mean, unbiased):
 # -- clipped losses -----------------------------------------------------------------------------
 
 
-def test_clipped_policy_loss_stats_and_gradient_equal_reference():
+@pytest.mark.parametrize("eps_high", [None, 0.28])
+def test_clipped_policy_loss_stats_and_gradient_equal_reference(eps_high):
+    """Symmetric clipping, and DAPO's clip-higher (rl.clip_eps_high: 1 + 0.28 above)."""
     rng = np.random.default_rng(5)
     shape = (6, 8)
     old = rng.normal(-1.5, 0.5, size=shape)
     logp = old + rng.normal(0, 0.3, size=shape)  # ratios on both sides of the clip range
     adv = rng.normal(size=shape)
     eps = 0.2
-    loss, stats = rl.clipped_policy_loss(logp, old, adv, eps)
-    np.testing.assert_allclose(np.asarray(loss), policy_loss_ref(logp, old, adv, eps), atol=ATOL)
+    loss, stats = rl.clipped_policy_loss(logp, old, adv, eps, eps_high)
+    np.testing.assert_allclose(
+        np.asarray(loss), policy_loss_ref(logp, old, adv, eps, eps_high), atol=ATOL
+    )
     ratio = np.exp(logp - old)
-    clipped = -adv * np.clip(ratio, 1 - eps, 1 + eps) > -adv * ratio
+    high = eps if eps_high is None else eps_high
+    clipped = -adv * np.clip(ratio, 1 - eps, 1 + high) > -adv * ratio
+    if eps_high is not None:  # some ratios in (1.2, 1.28] are clipped only symmetrically
+        between = (ratio > 1 + eps) & (ratio <= 1 + eps_high) & (adv > 0)
+        assert between.any() and not clipped[between].any()
     assert 0 < clipped.mean() < 1
     np.testing.assert_array_equal(np.asarray(stats["clipped"]), clipped.astype(np.float64))
     np.testing.assert_allclose(np.asarray(stats["ratio"]), ratio, atol=ATOL)
     np.testing.assert_allclose(np.asarray(stats["approxkl"]), 0.5 * (logp - old) ** 2, atol=ATOL)
-    grad = jax.grad(lambda x: jnp.sum(rl.clipped_policy_loss(x, old, adv, eps)[0]))(logp)
+    grad = jax.grad(lambda x: jnp.sum(rl.clipped_policy_loss(x, old, adv, eps, eps_high)[0]))(logp)
     np.testing.assert_allclose(
         np.asarray(grad),
-        numeric_grad(lambda x: np.sum(policy_loss_ref(x, old, adv, eps)), logp),
+        numeric_grad(lambda x: np.sum(policy_loss_ref(x, old, adv, eps, eps_high)), logp),
         atol=ATOL,
     )
     # Where the clipped term wins, the token contributes no gradient.

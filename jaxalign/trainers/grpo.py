@@ -77,7 +77,7 @@ class GRPO(RLAlgorithm):
         mask = batch["mask"]
         logp, entropy = self._logprobs(model, batch)
         pg, stats = clipped_policy_loss(
-            logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps
+            logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps, rl.clip_eps_high
         )
         kl = kl_penalty(logp, batch["ref_logprobs"], self.kl_estimator, rl.kl_clamp)
         per_token = pg + rl.kl_coef * kl - rl.entropy_coef * entropy

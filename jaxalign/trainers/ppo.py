@@ -238,7 +238,7 @@ class PPO(RLAlgorithm):
         logp, entropy = self._logprobs(model, batch)
         values = response_values(model, batch)
         pg, stats = clipped_policy_loss(
-            logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps
+            logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps, rl.clip_eps_high
         )
         vf, vf_clipped = clipped_value_loss(
             values, batch["old_values"], batch["returns"], rl.value_clip

@@ -940,6 +940,10 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         raise ConfigError("rl.kl_target must be positive (or null: a fixed coefficient)")
     if rl.kl_coef < 0 or rl.clip_eps <= 0 or rl.value_clip <= 0:
         raise ConfigError("rl.kl_coef must be >= 0, rl.clip_eps and rl.value_clip positive")
+    if rl.clip_eps_high is not None and rl.clip_eps_high < rl.clip_eps:
+        raise ConfigError(
+            f"rl.clip_eps_high ({rl.clip_eps_high}) must be >= rl.clip_eps ({rl.clip_eps})"
+        )
     if rl.ptx_coef < 0 or rl.ptx_batch_size < 0:
         raise ConfigError("rl.ptx_coef and rl.ptx_batch_size must be >= 0")
     if rl.ptx_coef and not rl.ptx_file:
