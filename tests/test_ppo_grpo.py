@@ -15,6 +15,7 @@ from jaxalign.config import load_config
 from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler
 from jaxalign.trainers import make_algorithm
+from jaxalign.trainers import rollout as rollout_mod
 from jaxalign.trainers.loop import Trainer
 from jaxalign.trainers.rollout import (
     pack_plan,
@@ -264,19 +265,31 @@ def test_ppo_value_lr_moves_the_value_model_at_its_own_rate(tmp_path):
     assert float(metrics["lr"]) == pytest.approx(1e-4)
 
 
-def test_rollout_forward_in_chunks_equals_one_forward(tmp_path):
+def test_rollout_forward_in_chunks_equals_one_forward(tmp_path, monkeypatch):
     """rl.forward_batch_size: the log-prob / value forwards after generation, run 8 rows at a
-    time on the 8-device mesh, give the rollout buffer of one forward over all 16 rows."""
+    time on the 8-device mesh, give the rollout buffer of one forward over all 16 rows, also
+    when each chunk is packed (rl.pack_rows; responses cut short so that sequences share rows)."""
+    short_responses(monkeypatch, [3, 3, 3])
+    plans = []
+    real_plan = rollout_mod.pack_plan
+    monkeypatch.setattr(
+        rollout_mod, "pack_plan", lambda *a: plans.append(real_plan(*a)) or plans[-1]
+    )
     buffers = []
-    for chunk in (0, 8):
-        cfg = rl_config(tmp_path / str(chunk), "ppo", **{"rl.forward_batch_size": chunk})
+    for chunk, pack in ((0, 0), (8, 0), (8, 3)):
+        sets = {"rl.forward_batch_size": chunk, "rl.pack_rows": pack}
+        cfg = rl_config(tmp_path / f"{chunk}_{pack}", "ppo", **sets)
         data = rollout_data(cfg)[3]
         next(data)  # the first rollout
         buffers.append(data.last_rollout["buffer"])
-    whole, chunked = buffers
-    assert set(whole) == set(chunked) and "old_logprobs" in whole and "returns" in whole
-    for key in whole:
-        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    whole, *chunked = buffers
+    # The packed run's first two plans are its forward chunks' (training's follow): really packed.
+    assert len(plans) > 2 and all(len(plan) < 8 for plan in plans[:2])
+    assert "old_logprobs" in whole and "returns" in whole
+    for other in chunked:
+        assert set(other) == set(whole)
+        for key in whole:
+            np.testing.assert_allclose(other[key], whole[key], rtol=1e-5, atol=1e-5, err_msg=key)
     assert np.abs(whole["old_logprobs"]).sum() > 0
 
     bad = rl_config(tmp_path / "bad", "ppo", **{"rl.forward_batch_size": 4})
