@@ -285,6 +285,10 @@ class RLConfig:
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     scale_rewards: bool = True  # GRPO: divide by the group's std (false: Dr. GRPO)
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"  # GRPO/RLOO
+    # GRPO/RLOO: responses that never emitted a stop token (cut at sampling.max_new_tokens) get
+    # no loss (their tokens weigh 0; they still count in their group's statistics). TRL's
+    # mask_truncated_completions, DAPO's overlong filtering.
+    mask_truncated_completions: bool = False
     offload_frozen: bool = False  # keep the reference in host memory between rollouts
     # Rows per log-prob forward (policy, reference, values) after generation; 0: all rows in one.
     # The [rows, N, V] float32 logits of that forward dominate a large model's rollout memory.

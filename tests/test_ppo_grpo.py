@@ -413,6 +413,52 @@ def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name):
     assert_same_loss(runs["packed"][1:4], runs["plain"][1:4])
 
 
+@pytest.mark.parametrize("trainer_name", ["grpo", "rloo"])
+def test_truncated_completions_weigh_nothing_when_masked(tmp_path, monkeypatch, trainer_name):
+    """rl.mask_truncated_completions: every other row ends with a stop token, the rest are cut
+    at max_new_tokens; the first minibatch's loss and gradients then equal those of the
+    minibatch without its truncated rows (and differ from the unmasked loss)."""
+    real = Sampler.generate_padded
+
+    def generate_padded(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        stop = (jnp.arange(out.finish_reasons.shape[0]) % 2).astype(out.finish_reasons.dtype)
+        return dataclasses.replace(out, finish_reasons=stop)
+
+    monkeypatch.setattr(Sampler, "generate_padded", generate_padded)
+    reward = tmp_path / "varied.py"  # scores that differ within groups: nonzero advantages
+    reward.write_text(
+        "def reward(prompts, completions, **fields):\n"
+        "    return [float(sum(map(ord, c)) % 7) for c in completions]\n"
+    )
+    sets = {"rl.mask_truncated_completions": True, "rl.reward_functions": f'["{reward}:reward"]'}
+    cfg = rl_config(tmp_path, trainer_name, **sets)
+    algo, trainer, state, data = rollout_data(cfg)
+    micro = {k: v[0] for k, v in next(data).items()}
+    stopped = micro["loss_mask"].any(axis=1)
+    assert 0 < stopped.sum() < len(stopped)
+    np.testing.assert_array_equal(micro["loss_mask"], micro["mask"] * stopped[:, None])
+    kept = {k: v[stopped] for k, v in micro.items() if k != "loss_mask"}
+    unmasked = {k: v for k, v in micro.items() if k != "loss_mask"}
+
+    def loss_and_grads(batch):
+        def loss(params):
+            value, denom, _ = algo.loss_fn(
+                nnx.merge(trainer.graphdef, params), batch, jax.random.PRNGKey(0)
+            )
+            return value / denom
+
+        return jax.device_get(jax.value_and_grad(loss)(state["params"]))
+
+    masked, without, everything = (loss_and_grads(b) for b in (micro, kept, unmasked))
+    np.testing.assert_allclose(masked[0], without[0], rtol=1e-5, atol=1e-7)
+    for g, w in zip(jax.tree.leaves(masked[1]), jax.tree.leaves(without[1]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+    assert not np.isclose(masked[0], everything[0], rtol=1e-3)
+    with pytest.raises(ConfigError, match="rl.mask_truncated_completions is for grpo and rloo"):
+        make_algorithm(rl_config(tmp_path, "ppo", **{"rl.mask_truncated_completions": True}))
+
+
 def test_pack_plan_fills_rows_first_fit_decreasing():
     """At most `per_row` sequences per row, never wider than the row, every sequence once."""
     lengths = np.array([30, 5, 12, 25, 8, 8, 40, 3])

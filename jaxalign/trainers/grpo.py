@@ -68,13 +68,17 @@ class GRPO(RLAlgorithm):
             "ref_logprobs": jnp.where(real, ref, 0.0),
             "advantages": jnp.where(real, seq_adv[:, None], 0.0),
         }
+        if rl.mask_truncated_completions:  # per response token, so packing carries it as is
+            buffer["loss_mask"] = jnp.where(real, rollout["stopped"][:, None], 0.0)
         return buffer, metrics
 
     def rl_loss(self, model, batch: dict, rng: jax.Array):
         """Weighted sum of per-token losses (clipped surrogate + kl_coef * KL - entropy bonus),
         the sum of weights, and metric sums (see `aggregation_weights`)."""
         rl = self.cfg.rl
-        mask = batch["mask"]
+        # Tokens in the loss: the response's, less truncated responses' with
+        # rl.mask_truncated_completions (batch["loss_mask"]).
+        mask = batch.get("loss_mask", batch["mask"])
         logp, entropy = self._logprobs(model, batch)
         pg, stats = clipped_policy_loss(
             logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps, rl.clip_eps_high

@@ -890,6 +890,10 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         raise ConfigError(
             "rl.prompts_per_rollout, rl.num_generations and rl.epochs must be positive"
         )
+    if trainer == "ppo" and rl.mask_truncated_completions:
+        raise ConfigError(
+            "rl.mask_truncated_completions is for grpo and rloo (PPO: rl.missing_eos_penalty)"
+        )
     if trainer in ("grpo", "rloo") and rl.num_generations < 2:
         raise ConfigError(f"trainer {trainer}: rl.num_generations (the group size) must be >= 2")
     if rows % t.batch_size:
