@@ -253,10 +253,11 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
     # Frozen copies of the initial policy: RL's reference; DPO's unless its log-probs are
     # precomputed (or the loss has no reference).
     if cfg.trainer in RL_TRAINERS:
-        (host if cfg.rl.offload_frozen else parts)["reference"] = policy.params
-        if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
-            from jaxalign.trainers.rollout import ptx_rows
+        from jaxalign.trainers.rollout import ptx_rows, uses_reference
 
+        if uses_reference(cfg):  # no reference without a KL term
+            (host if cfg.rl.offload_frozen else parts)["reference"] = policy.params
+        if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
             parts["ptx activations"] = activation_bytes(cfg, sizes, rules, ptx_rows(cfg))
         if cfg.rl.reward_model:
             rm = reward_model_bytes(cfg, num_devices)

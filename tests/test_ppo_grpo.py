@@ -459,6 +459,36 @@ def test_truncated_completions_weigh_nothing_when_masked(tmp_path, monkeypatch, 
         make_algorithm(rl_config(tmp_path, "ppo", **{"rl.mask_truncated_completions": True}))
 
 
+def test_grpo_without_kl_keeps_no_reference(tmp_path, monkeypatch):
+    """rl.kl_coef 0 (DAPO / Dr. GRPO, TRL's default beta): no reference forward (its log-probs
+    are the rollout policy's, so every KL is 0) and the first minibatch trains as with a
+    reference whose KL term weighs nothing; `jaxalign plan` counts no reference."""
+    from jaxalign.plan import make_plan
+
+    traced = []  # with_entropy of each traced rollout forward: False is the reference's
+    real = rollout_mod.response_logprobs
+
+    def spy(policy, batch, temperature, with_entropy=True):
+        traced.append(with_entropy)
+        return real(policy, batch, temperature, with_entropy)
+
+    monkeypatch.setattr(rollout_mod, "response_logprobs", spy)
+    runs = {}
+    for name, kl_coef in {"with_ref": 1e-30, "no_ref": 0.0}.items():
+        traced.clear()
+        runs[name] = first_minibatch_loss(
+            rl_config(tmp_path / name, "grpo", **{"rl.kl_coef": kl_coef})
+        )
+        assert (False in traced) == (name == "with_ref") and True in traced, name
+    no_ref, with_ref = runs["no_ref"], runs["with_ref"]
+    np.testing.assert_array_equal(no_ref[5]["ref_logprobs"], no_ref[5]["old_logprobs"])
+    assert no_ref[4]["objective/kl"] == 0.0  # (at the fresh state the reference's is ~0 too)
+    assert_same_loss(no_ref[1:4], with_ref[1:4])
+    plan = make_plan(rl_config(tmp_path / "plan", "grpo", **{"rl.kl_coef": 0.0}), 8)
+    assert "reference" not in plan.parts and "reference" not in plan.host
+    assert "reference" in make_plan(rl_config(tmp_path / "plan2", "grpo"), 8).parts
+
+
 def test_pack_plan_fills_rows_first_fit_decreasing():
     """At most `per_row` sequences per row, never wider than the row, every sequence once."""
     lengths = np.array([30, 5, 12, 25, 8, 8, 40, 3])

@@ -35,6 +35,7 @@ from jaxalign.trainers.rollout import (
     RolloutData,
     response_logprobs,
     response_values,
+    uses_reference,
     validate_rl_config,
 )
 from jaxalign.trainers.sft import next_token_loss
@@ -92,17 +93,21 @@ class RLAlgorithm:
 
     def frozen_params(self, trainer, initial_params: Any) -> None:
         """Keep the reference (the initial policy) here, for rollouts only: the loss reads the
-        reference log-probs from the buffer, so the train step gets no frozen params."""
-        self.reference = FrozenReference(
-            self.policy_params(initial_params), self.cfg.rl.offload_frozen
-        )
+        reference log-probs from the buffer, so the train step gets no frozen params. No
+        reference without a KL term (`uses_reference`)."""
+        if uses_reference(self.cfg):
+            self.reference = FrozenReference(
+                self.policy_params(initial_params), self.cfg.rl.offload_frozen
+            )
         return None
 
     def reference_on_device(self) -> Any:
-        return self.reference.on_device()
+        """The reference's parameters on device, or None when the run keeps no reference."""
+        return None if self.reference is None else self.reference.on_device()
 
     def reference_release(self) -> None:
-        self.reference.release()
+        if self.reference is not None:
+            self.reference.release()
 
     def train_data(self, process_index: int, process_count: int) -> RolloutData:
         self.data = RolloutData(self.cfg, self, process_index, process_count)

@@ -706,31 +706,33 @@ class RolloutData:
         # gathered back to one row per sequence.
         chunk = rl.forward_batch_size or rows
         forwards, refs = [], []
-        ref_params = self.algorithm.reference_on_device()
+        ref_params = self.algorithm.reference_on_device()  # None: no reference (uses_reference)
         for s in range(0, rows, chunk):
             plain = {k: rows_np[k][s : s + chunk] for k in (*ROW_KEYS, "mask")}
             seq, slots = self._forward_rows(plain)
             seq = {k: self._put(v) for k, v in seq.items()}
             policy_out = self._policy_forward(state["params"], seq)
-            ref_out = self._reference_forward(ref_params, seq)
+            ref_out = None if ref_params is None else self._reference_forward(ref_params, seq)
             if slots is not None:
                 policy_out, ref_out = self._unpack(policy_out, ref_out, slots)
             forwards.append(policy_out)
             refs.append(ref_out)
         self.algorithm.reference_release()
         forward = {k: self._concat_rows(*(f[k] for f in forwards)) for k in forwards[0]}
-        ref_logprobs = self._concat_rows(*refs)
         rollout = {
             "scores": self._put(scores.astype(np.float32)),
             "stopped": self._put(stopped.astype(np.float32)),
             "mask": self._put(rows_np["mask"]),
-            "ref_logprobs": ref_logprobs,
             "entropy": forward["entropy"],
         }
         if rl.old_logprobs == "recompute":
             rollout["old_logprobs"] = forward["old_logprobs"]
         else:
             rollout["old_logprobs"] = self._put(sampling_lp.astype(np.float32))
+        # Without a reference its log-probs are the rollout policy's: every KL term is 0.
+        rollout["ref_logprobs"] = (
+            rollout["old_logprobs"] if refs[0] is None else self._concat_rows(*refs)
+        )
         if self.algorithm.needs_values:
             rollout["values"] = forward["values"]
         jax.block_until_ready(rollout)
@@ -879,6 +881,13 @@ def ptx_iterator(cfg: Config, tokenizer, process_index: int, process_count: int)
 def steps_per_rollout(cfg: Config) -> int:
     rl = cfg.rl
     return rl.epochs * rl.prompts_per_rollout * rl.num_generations // cfg.train.batch_size
+
+
+def uses_reference(cfg: Config) -> bool:
+    """Whether an RL run keeps a frozen reference policy: only for a KL term (rl.kl_coef > 0, or
+    PPO's adaptive controller). GRPO with kl_coef 0 (as DAPO and Dr. GRPO train, and TRL's
+    default beta) holds no reference copy and runs no reference forward."""
+    return cfg.rl.kl_coef > 0 or cfg.rl.kl_target is not None
 
 
 def validate_rl_config(cfg: Config, trainer: str) -> None:
