@@ -189,16 +189,19 @@ def rollout_kv_cache_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules)
 def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
     """The float32 logits and log-softmax [rows, N, V] of the log-prob forward that scores a
     rollout's response tokens, rl.forward_batch_size rows at a time (0: all at once; rows split
-    over the batch axes, V over `vocab`'s). With rl.pack_rows K > 1 the logits are per slot, K
-    per packed row, and a chunk packs into at most its plain row count: up to K x rows."""
+    over the batch axes, V over `vocab`'s). With rl.pack_rows K > 1 a chunk packs into at most
+    its plain row count, and each packed row's logits are taken at min(K x N, W) positions (its
+    slots' response positions or its own W = P + N; `response_logprobs`)."""
     m, rl = cfg.model, cfg.rl
     rows = _rows_per_device(
         rl.forward_batch_size or rl.prompts_per_rollout * rl.num_generations,
         _axis_split(sizes, rules, "batch"),
-    ) * max(rl.pack_rows, 1)
+    )
+    n = cfg.sampling.max_new_tokens
+    positions = min(rl.pack_rows * n, max(cfg.data.prompt_buckets) + n) if rl.pack_rows > 1 else n
     vocab_div = _axis_split(sizes, rules, "vocab")
     vocab = m.vocab_size // vocab_div if m.vocab_size % vocab_div == 0 else m.vocab_size
-    return rows * cfg.sampling.max_new_tokens * vocab * 4 * 2
+    return rows * positions * vocab * 4 * 2
 
 
 def reward_model_bytes(cfg: Config, num_devices: int) -> int:

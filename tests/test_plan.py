@@ -102,9 +102,10 @@ def test_ppo_8b_rollout_memory_matches_hand_count(capsys):
         "  rollout KV cache      4.00 GiB" in lines and "  reference             0.94 GiB" in lines
     )
     assert "  rollout logits        3.91 GiB" in lines
-    # Packed rows: up to K slots of logits per packed row, never more rows than plain ones.
-    packed = make_plan(load_config(recipe, ["rl.pack_rows=3"]), 32)
-    assert packed.parts["rollout logits"] == 3 * plan.parts["rollout logits"]
+    # Packed rows, never more than plain ones: logits at min(K x N, P + N) positions per row.
+    for per_row, positions in ((2, 2 * 1024), (3, 1024 + 1024)):
+        packed = make_plan(load_config(recipe, [f"rl.pack_rows={per_row}"]), 32)
+        assert packed.parts["rollout logits"] == (128 // 32) * positions * 128_256 * 4 * 2
 
 
 def test_offloaded_reference_and_reward_model_are_shown_but_not_counted(capsys):

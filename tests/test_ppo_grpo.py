@@ -375,16 +375,17 @@ def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, 
     assert_same_loss(runs["trim"][1:4], runs["full"][1:4])
 
 
-@pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
-def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name):
+@pytest.mark.parametrize("trainer_name, per_row", [("ppo", 4), ("ppo", 6), ("grpo", 6)])
+def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name, per_row):
     """rl.pack_rows: short sequences share rows (each its own segment), in the rollout's
     forwards (old and reference log-probs, values, entropy: the same per-token values as plain
     rows) and in training (the minibatch gives the same loss, metrics and gradients as one
     sequence per row); GRPO with sequence-mean aggregation, so the empty slots must weigh
-    nothing."""
+    nothing. 4 per row: the logits are taken at the slots' 4 x 8 response positions; 6: at the
+    rows' 40 positions (fewer than 6 x 8) and the response tokens' scores gathered."""
     short_responses(monkeypatch, [3, 3])
     runs = {}
-    for name, pack in {"plain": 0, "packed": 4}.items():
+    for name, pack in {"plain": 0, "packed": per_row}.items():
         sets = {
             "rl.pack_rows": pack,
             "rl.prompts_per_rollout": 8,
@@ -402,7 +403,8 @@ def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name):
     rows = packed["tokens"].shape[0]
     assert rows % 8 == 0 and rows < plain["tokens"].shape[0] == 32
     assert rollout_metrics["rollout/packed_rows"] == rows
-    assert packed["mask"].shape == (rows * 4, 8) and packed["mask"].sum() == plain["mask"].sum()
+    assert packed["mask"].shape == (rows * per_row, 8)
+    assert packed["mask"].sum() == plain["mask"].sum()
     # Every sequence's tokens and positions are in some packed row, in a segment of its own.
     seqs = lambda b: sorted(  # noqa: E731
         (tuple(t[s == g]), tuple(p[s == g]))

@@ -84,14 +84,32 @@ def response_logprobs(
 
     batch: tokens, positions, segment_ids [B, P + N] (prompt left-padded to P, response from P
     on) and the response mask [B, N]. Token P + t is scored from the hidden state at P + t - 1,
-    with logits divided by `temperature` (the distribution the rollout sampled from).
+    with logits divided by `temperature` (the distribution the rollout sampled from). Packed
+    rows (see `at_response`): [S, N] per slot, the logits computed at whichever is fewer, the
+    slots' response positions or the rows' positions.
     """
     tokens = batch["tokens"]
     hidden = policy(tokens, batch["positions"], batch["segment_ids"])
-    h = at_response(batch, hidden)
-    logits = policy.logits(h).astype(jnp.float32) / temperature  # [B, N, V]
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    rows, width = tokens.shape
+    slots, n = batch["mask"].shape
+    if rows * width < slots * n:
+        # Packed rows (rl.pack_rows): the row positions are fewer than the slots' response
+        # positions, so score every position of the rows (position p predicts token p + 1)
+        # and gather the response tokens' scores from there.
+        targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+        token_logp, entropy = _scores(policy, hidden, targets, temperature, with_entropy)
+        token_logp = at_response(batch, token_logp)
+        entropy = at_response(batch, entropy) if with_entropy else None
+        return token_logp, entropy
     targets = at_response(batch, tokens, shift=1)
+    return _scores(policy, at_response(batch, hidden), targets, temperature, with_entropy)
+
+
+def _scores(policy, hidden, targets, temperature, with_entropy):
+    """Log-probs of `targets` [..] under the logits of `hidden` [.., D] / temperature, and the
+    entropy there (or None)."""
+    logits = policy.logits(hidden).astype(jnp.float32) / temperature  # [.., V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     entropy = entropy_from_logits(logits) if with_entropy else None
     return token_logp, entropy
