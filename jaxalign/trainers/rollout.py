@@ -160,6 +160,14 @@ def pack_plan(lengths: np.ndarray, width: int, per_row: int) -> list[list[int]]:
     return rows
 
 
+def packed_row_count(needed: int, devices: int, plain_rows: int) -> int:
+    """Packed rows for `needed` rows of a pack plan: rounded up to a multiple of 8 and of the
+    `devices` they are split over (few distinct shapes, so few compilations), never more than
+    the `plain_rows` they replace (a multiple of `devices` too)."""
+    step = math.lcm(8, devices)
+    return min(-(-needed // step) * step, plain_rows)
+
+
 ROW_KEYS = ("tokens", "positions", "segment_ids")
 
 
@@ -584,8 +592,8 @@ class RolloutData:
             return plain, None
         count, width = plain["tokens"].shape
         plan = pack_plan(sequence_spans(plain["segment_ids"])[1], width, per_row)
-        step = math.lcm(8, shd.batch_divisor(self.mesh, self.rules))
-        packed_rows = min(-(-len(plan) // step) * step, count)
+        divisor = shd.batch_divisor(self.mesh, self.rules)
+        packed_rows = packed_row_count(len(plan), divisor, count)
         packed = pack_micro_batch(plain, plan, packed_rows, per_row, self.tokenizer.pad_id)
         slots = np.zeros(count, np.int32)
         for r, seqs in enumerate(plan):
@@ -840,8 +848,7 @@ class RolloutData:
             for m in idx
         ]
         most = max(len(plan) for micro in plans for plan in micro)
-        step = math.lcm(8, jax.local_device_count())
-        rows = min(-(-most // step) * step, mine.shape[1])  # never more rows than plain ones
+        rows = packed_row_count(most, jax.local_device_count(), mine.shape[1])
         packed = [
             pack_micro_batch(
                 {name: v[m] for name, v in buffer.items()},
