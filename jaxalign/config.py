@@ -289,6 +289,12 @@ class RLConfig:
     # no loss (their tokens weigh 0; they still count in their group's statistics). TRL's
     # mask_truncated_completions, DAPO's overlong filtering.
     mask_truncated_completions: bool = False
+    # GRPO/RLOO, DAPO's dynamic sampling: groups whose scores are all equal (zero advantage, no
+    # policy gradient) are left out and more batches of prompts sampled until the rollout has
+    # prompts_per_rollout groups with a spread, at most max_generate_rounds batches; short of
+    # that, left-out groups fill the rest.
+    filter_groups: bool = False
+    max_generate_rounds: int = 4
     offload_frozen: bool = False  # keep the reference in host memory between rollouts
     # Rows per log-prob forward (policy, reference, values) after generation; 0: all rows in one.
     # The [rows, N, V] float32 logits of that forward dominate a large model's rollout memory.

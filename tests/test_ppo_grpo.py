@@ -2,7 +2,9 @@
 minibatch), the logged metrics, exact resume at a rollout boundary, and config checks."""
 
 import dataclasses
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ from jaxalign.trainers.rollout import (
     response_buckets,
     response_logprobs,
     response_width,
+    select_groups,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
@@ -690,3 +693,69 @@ def test_response_buckets_end_at_max_new_tokens(tmp_path, max_new, given, want):
     if len(want) > 1:
         assert response_width(want[0], buckets) == want[0]
         assert response_width(want[0] + 1, buckets) == want[1]
+
+
+def test_select_groups_puts_groups_with_a_spread_first():
+    rounds = [np.array([1.0, 1.0, 0.0, 1.0, 2.0, 2.0]), np.array([0.0, 0.5, 3.0, 3.0, 1.0, 0.0])]
+    assert select_groups(rounds, 2, 3) == ([(0, 1), (1, 0), (1, 2)], 3)
+    assert select_groups(rounds[:1], 2, 3) == ([(0, 1), (0, 0), (0, 2)], 1)
+    assert select_groups(rounds, 2, 6)[1] == 3
+    # Rounds of other prompt buckets join left-padded to the widest.
+    fake = SimpleNamespace(
+        rl=SimpleNamespace(num_generations=2), tokenizer=SimpleNamespace(pad_id=0)
+    )
+    sampled = [
+        {"prompt_tokens": np.full((4, w), w), "texts": [f"{w}-{i}" for i in range(4)]}
+        for w in (2, 3)
+    ]
+    joined = rollout_mod.RolloutData._join(fake, sampled, [(1, 1), (0, 0)])
+    np.testing.assert_array_equal(joined["prompt_tokens"], [[3, 3, 3]] * 2 + [[0, 2, 2]] * 2)
+    assert joined["texts"] == ["3-2", "3-3", "2-0", "2-1"]
+
+
+@pytest.mark.slow
+def test_filter_groups_samples_until_every_group_has_a_spread(tmp_path):
+    """rl.filter_groups (DAPO's dynamic sampling): prompts of the `add` task score 1 whatever
+    the answer (groups of equal scores); the rollout then holds only other prompts' groups,
+    each row still with its own prompt, record and completion, gathered over several sampling
+    rounds; with one round allowed, equal groups fill the rollout instead."""
+    reward = tmp_path / "flat.py"
+    reward.write_text(
+        "def reward(prompts, completions, task, **fields):\n"
+        "    return [1.0 if t == 'add' else float(sum(map(ord, c)) % 7)\n"
+        "            for c, t in zip(completions, task)]\n"
+    )
+    lines = (DATA / "rl_prompts_train.jsonl").read_text().splitlines()
+    for rounds in (4, 1):
+        sets = {
+            "rl.reward_functions": f'["{reward}:reward"]',
+            "rl.filter_groups": True,
+            "rl.max_generate_rounds": rounds,
+        }
+        cfg = rl_config(tmp_path / str(rounds), "grpo", **sets)
+        algo, trainer, state, data = rollout_data(cfg)
+        next(data)
+        metrics, last = data.pop_metrics(), data.last_rollout
+        tasks = [r["task"] for r in last["records"]]
+        scores = last["scores"].reshape(-1, 2)
+        buffer = last["buffer"]
+        tokenizer = algo.tokenizer
+        for r, row_id in enumerate(last["row_ids"]):  # each row's prompt is its record's
+            record = json.loads(lines[int(row_id.rsplit(":", 1)[1]) - 1])
+            assert record["task"] == tasks[r]
+            prompt = buffer["tokens"][r][buffer["segment_ids"][r] > 0]
+            assert record["prompt"] in tokenizer.decode(prompt.tolist())
+        rescored = [
+            1.0 if t == "add" else sum(map(ord, c)) % 7 for c, t in zip(last["texts"], tasks)
+        ]
+        np.testing.assert_array_equal(last["scores"], rescored)
+        assert metrics["rollout/generate_rounds"] <= rounds
+        assert metrics["rollout/groups_filtered"] > 0
+        if rounds == 4:
+            assert metrics["rollout/generate_rounds"] >= 2
+            assert (scores.max(1) > scores.min(1)).all() and "add" not in tasks
+            assert metrics["rollout/groups_all_equal"] == 0
+        else:
+            assert metrics["rollout/groups_all_equal"] > 0 and "add" in tasks
+    with pytest.raises(ConfigError, match="rl.filter_groups is for grpo and rloo"):
+        make_algorithm(rl_config(tmp_path, "ppo", **{"rl.filter_groups": True}))

@@ -582,6 +582,95 @@ class RolloutData:
             )
         self._built = True
 
+    def _sample(self, policy_params, round_: int, timings: dict) -> dict:
+        """The next global batch of prompts, `rl.num_generations` samples each (round_ > 0:
+        another random stream), decoded and scored: per-row arrays and lists, responses at
+        the sampler's full width. Adds to time/generate and time/score in `timings`."""
+        cfg, rl = self.cfg, self.rl
+        t = time.perf_counter()
+        batch = next(self.prompts)
+        g, rows = rl.num_generations, self.rows
+        prompt_ids = self.prompts.record_ids()
+        row_ids = [prompt_ids[i // g] for i in range(rows)]
+        prompt_tokens = np.repeat(batch["tokens"], g, axis=0)
+        prompt_lengths = np.repeat(batch["lengths"], g, axis=0)
+        extras = {k: v for k, v in batch.items() if k not in ("tokens", "lengths")}
+        records = [{k: v[i // g] for k, v in extras.items()} for i in range(rows)]
+        sample_ids = (self.rollouts * rows + np.arange(rows)).astype(np.int32)
+        seed = None if round_ == 0 else round_seed(cfg.sampling.seed, round_)
+        per_call = min(rows, cfg.sampling.batch_size * g)
+        outs = []
+        for s in range(0, rows, per_call):
+            sl = slice(s, s + per_call)
+            outs.append(
+                self.sampler.generate_padded(
+                    policy_params, prompt_tokens[sl], prompt_lengths[sl], sample_ids[sl], seed
+                )
+            )
+        # Every process needs every row (it scores them all): gather across processes.
+        gens = [
+            tuple(_to_host(x) for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs))
+            for o in outs
+        ]
+        response, lengths, finish, sampling_lp = (
+            np.concatenate(x) for x in zip(*gens, strict=True)
+        )
+        timings["time/generate"] = timings.get("time/generate", 0.0) + time.perf_counter() - t
+
+        t = time.perf_counter()
+        stopped = finish.astype(bool)
+        texts = completion_texts(self.tokenizer, response, lengths, stopped)
+        prompt_texts = [
+            self.tokenizer.decode(p[-n:].tolist())
+            for p, n in zip(batch["tokens"], batch["lengths"], strict=True)
+        ]
+        prompt_texts = [prompt_texts[i // g] for i in range(rows)]
+        eos = self.tokenizer.eos_id
+        sequences = []
+        if self.scorer.reward_model is not None:
+            for r in range(rows):
+                seq = [*prompt_tokens[r, -prompt_lengths[r] :], *response[r, : lengths[r]]]
+                sequences.append(np.asarray(seq if seq[-1] == eos else [*seq, eos], np.int32))
+        raw_scores = self.scorer(prompt_texts, texts, records, sequences)
+        scores = raw_scores.copy()
+        if rl.missing_eos_penalty is not None:
+            scores = np.where(stopped, scores, scores - rl.missing_eos_penalty)
+        if rl.reward_clip is not None:
+            scores = np.clip(scores, -rl.reward_clip, rl.reward_clip)
+        timings["time/score"] = timings.get("time/score", 0.0) + time.perf_counter() - t
+        return {
+            "prompt_tokens": prompt_tokens,
+            "prompt_lengths": prompt_lengths,
+            "response": response,
+            "lengths": lengths,
+            "stopped": stopped,
+            "sampling_lp": sampling_lp,
+            "raw_scores": raw_scores,
+            "scores": scores,
+            "texts": texts,
+            "records": records,
+            "row_ids": row_ids,
+        }
+
+    def _join(self, rounds: list[dict], picks: list[tuple[int, int]]) -> dict:
+        """One rollout from the groups `picks` ((round, group) pairs) of `_sample` results;
+        prompts left-padded to the widest prompt bucket among them."""
+        g = self.rl.num_generations
+        width = max(rounds[r]["prompt_tokens"].shape[1] for r, _ in picks)
+        out = {}
+        for key, first in rounds[0].items():
+            parts = [rounds[r][key][i * g : (i + 1) * g] for r, i in picks]
+            if key == "prompt_tokens":
+                pad = self.tokenizer.pad_id
+                parts = [
+                    np.pad(p, ((0, 0), (width - p.shape[1], 0)), constant_values=pad) for p in parts
+                ]
+            if isinstance(first, np.ndarray):
+                out[key] = np.concatenate(parts)
+            else:
+                out[key] = [x for part in parts for x in part]
+        return out
+
     def _forward_rows(self, plain: dict[str, np.ndarray]) -> tuple[dict, np.ndarray | None]:
         """The rows a rollout forward runs on: `plain` itself, or (rl.pack_rows > 1) its
         sequences packed as `pack_micro_batch` does for training, into as many rows as they
@@ -642,7 +731,7 @@ class RolloutData:
         return {"eval/pass_rate": out["pass_rate"], "eval/mean_score": out["mean_score"]}
 
     def _rollout(self) -> None:
-        cfg, rl, trainer, state = self.cfg, self.rl, self._trainer, self._state
+        rl, trainer, state = self.rl, self._trainer, self._state
         if state is None:
             raise RuntimeError("RolloutData needs observe_state(state, trainer) before next()")
         if not self._built:
@@ -660,62 +749,34 @@ class RolloutData:
             metrics.update(self.evaluate(policy_params))
             timings["time/eval"] = time.perf_counter() - t
 
-        # 1. Generate G samples per prompt.
-        t = time.perf_counter()
-        batch = next(self.prompts)
+        # 1-2. Generate G samples per prompt and score them. rl.filter_groups (DAPO's dynamic
+        # sampling): more batches of prompts until the rollout's groups all have a spread of
+        # scores (select_groups), at most rl.max_generate_rounds batches.
         g, rows = rl.num_generations, self.rows
-        prompt_ids = self.prompts.record_ids()
-        row_ids = [prompt_ids[i // g] for i in range(rows)]
-        prompt_tokens = np.repeat(batch["tokens"], g, axis=0)
-        prompt_lengths = np.repeat(batch["lengths"], g, axis=0)
-        extras = {k: v for k, v in batch.items() if k not in ("tokens", "lengths")}
-        records = [{k: v[i // g] for k, v in extras.items()} for i in range(rows)]
-        sample_ids = (self.rollouts * rows + np.arange(rows)).astype(np.int32)
-        per_call = min(rows, cfg.sampling.batch_size * g)
-        outs = []
-        for s in range(0, rows, per_call):
-            sl = slice(s, s + per_call)
-            outs.append(
-                self.sampler.generate_padded(
-                    policy_params, prompt_tokens[sl], prompt_lengths[sl], sample_ids[sl]
-                )
+        rounds = [self._sample(policy_params, 0, timings)]
+        if rl.filter_groups:
+            want = rl.prompts_per_rollout
+            picks, spread = select_groups([r["scores"] for r in rounds], g, want)
+            while spread < want and len(rounds) < rl.max_generate_rounds:
+                rounds.append(self._sample(policy_params, len(rounds), timings))
+                picks, spread = select_groups([r["scores"] for r in rounds], g, want)
+            sampled = self._join(rounds, picks)
+            generated = sum(len(r["scores"]) for r in rounds) // g
+            metrics["rollout/generate_rounds"] = float(len(rounds))
+            metrics["rollout/groups_filtered"] = 1.0 - spread / generated
+            metrics["rollout/sampled_scores"] = float(
+                np.mean(np.concatenate([r["raw_scores"] for r in rounds]))
             )
-        # Every process needs every row (it scores them all): gather across processes.
-        gens = [
-            tuple(_to_host(x) for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs))
-            for o in outs
-        ]
-        response, lengths, finish, sampling_lp = (
-            np.concatenate(x) for x in zip(*gens, strict=True)
-        )
-        # Trim the rows to the rollout's prompt bucket (the prompts' own width) and the response
-        # bucket of its longest response: the columns cut are padding in every row.
+        else:
+            sampled = rounds[0]
+        prompt_tokens, prompt_lengths = sampled["prompt_tokens"], sampled["prompt_lengths"]
+        row_ids, records = sampled["row_ids"], sampled["records"]
+        texts, raw_scores, scores = sampled["texts"], sampled["raw_scores"], sampled["scores"]
+        stopped, lengths = sampled["stopped"], sampled["lengths"]
+        # Trim the rows to the response bucket of the longest response: the columns cut are
+        # padding in every row.
         n = response_width(int(lengths.max()), self.response_buckets)
-        response, sampling_lp = response[:, :n], sampling_lp[:, :n]
-        timings["time/generate"] = time.perf_counter() - t
-
-        # 2. Score the decoded completions.
-        t = time.perf_counter()
-        stopped = finish.astype(bool)
-        texts = completion_texts(self.tokenizer, response, lengths, stopped)
-        prompt_texts = [
-            self.tokenizer.decode(p[-n:].tolist())
-            for p, n in zip(batch["tokens"], batch["lengths"], strict=True)
-        ]
-        prompt_texts = [prompt_texts[i // g] for i in range(rows)]
-        eos = self.tokenizer.eos_id
-        sequences = []
-        if self.scorer.reward_model is not None:
-            for r in range(rows):
-                seq = [*prompt_tokens[r, -prompt_lengths[r] :], *response[r, : lengths[r]]]
-                sequences.append(np.asarray(seq if seq[-1] == eos else [*seq, eos], np.int32))
-        raw_scores = self.scorer(prompt_texts, texts, records, sequences)
-        scores = raw_scores.copy()
-        if rl.missing_eos_penalty is not None:
-            scores = np.where(stopped, scores, scores - rl.missing_eos_penalty)
-        if rl.reward_clip is not None:
-            scores = np.clip(scores, -rl.reward_clip, rl.reward_clip)
-        timings["time/score"] = time.perf_counter() - t
+        response, sampling_lp = sampled["response"][:, :n], sampled["sampling_lp"][:, :n]
 
         # 3. Reference (and policy / value) forwards over the rows.
         t = time.perf_counter()
@@ -803,6 +864,7 @@ class RolloutData:
         self._metrics.append(metrics)
         self.last_rollout = {
             "texts": texts,
+            "row_ids": row_ids,
             "scores": scores,
             "records": records,
             "buffer": buffer,
@@ -861,6 +923,27 @@ class RolloutData:
         ]
         self.packed_rows.append(rows)
         return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
+
+
+def select_groups(
+    scores: Sequence[np.ndarray], group: int, want: int
+) -> tuple[list[tuple[int, int]], int]:
+    """DAPO's dynamic sampling. `scores`: each sampling round's row scores [rows], `group`
+    consecutive rows per prompt. Returns `want` (round, group) pairs, the groups whose scores
+    are not all equal first (in order), then, if there are too few, the others in order; and
+    how many groups have a spread. A group of equal scores has zero advantage everywhere: no
+    policy gradient, only its tokens in the loss's denominator."""
+    spread, flat = [], []
+    for r, round_scores in enumerate(scores):
+        for i, g in enumerate(np.asarray(round_scores).reshape(-1, group)):
+            (spread if g.max() > g.min() else flat).append((r, i))
+    return (spread + flat)[:want], len(spread)
+
+
+def round_seed(seed: int, round_: int) -> int:
+    """The sampling seed of a rollout's extra sampling round (rl.filter_groups): a stream of
+    its own, not the first round's (`sampling.seed`)."""
+    return int(np.random.SeedSequence([seed, round_]).generate_state(1)[0] >> 1)
 
 
 def family_scores(records: Sequence[dict], scores: np.ndarray) -> dict[str, float]:
@@ -965,6 +1048,10 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rows per rollout ({rows}) must divide by sampling.batch_size * "
             f"rl.num_generations ({per_call})"
         )
+    if rl.filter_groups and trainer not in ("grpo", "rloo"):
+        raise ConfigError("rl.filter_groups is for grpo and rloo (groups of samples per prompt)")
+    if rl.max_generate_rounds < 1:
+        raise ConfigError(f"rl.max_generate_rounds must be >= 1, got {rl.max_generate_rounds}")
     if rl.forward_batch_size < 0 or (rl.forward_batch_size and rows % rl.forward_batch_size):
         raise ConfigError(
             f"rl.forward_batch_size ({rl.forward_batch_size}) must divide the rows per rollout "
