@@ -19,13 +19,13 @@ from jaxalign.generate import Sampler
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers import rollout as rollout_mod
 from jaxalign.trainers.loop import Trainer
-from jaxalign.trainers.rollout import (
+from jaxalign.trainers.rl_rows import (
     pack_plan,
     response_buckets,
     response_logprobs,
     response_width,
-    select_groups,
 )
+from jaxalign.trainers.rollout import select_groups
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 REQUIRED_METRICS = (
@@ -214,7 +214,7 @@ def test_exact_answer_reward():
 
 
 def test_family_scores_are_per_family_means():
-    from jaxalign.trainers.rollout import family_scores
+    from jaxalign.trainers.scoring import family_scores
 
     records = [
         {"family": "json"},

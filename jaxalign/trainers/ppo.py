@@ -29,12 +29,11 @@ from jaxalign.rl import (
     masked_var,
     masked_whiten,
 )
+from jaxalign.trainers.rl_rows import response_logprobs, response_values
 from jaxalign.trainers.rm import check_vocab, checkpoint_trainer
 from jaxalign.trainers.rollout import (
     PTX_PREFIX,
     RolloutData,
-    response_logprobs,
-    response_values,
     uses_reference,
     validate_rl_config,
 )

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,342 +34,33 @@ from jax.sharding import NamedSharding
 
 from jaxalign import sharding as shd
 from jaxalign.config import Config
-from jaxalign.data.prompts import PromptBatchIterator, prompt_iterator_from_config
+from jaxalign.data.prompts import prompt_iterator_from_config
 from jaxalign.data.templates import stop_token_ids
 from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler
 from jaxalign.models.llama import Transformer
-from jaxalign.rejection import function_scorer, load_reward_function
-from jaxalign.rl import entropy_from_logits
+from jaxalign.trainers.rl_rows import (
+    ROW_KEYS,
+    build_rows,
+    pack_micro_batch,
+    pack_plan,
+    packed_row_count,
+    response_buckets,
+    response_logprobs,
+    response_values,
+    response_width,
+    sequence_spans,
+)
+from jaxalign.trainers.scoring import (
+    Scorer,
+    completion_texts,
+    family_scores,
+    pass_rate,
+    read_prompt_file,
+)
 
 STATE_VERSION = 1
 PTX_PREFIX = "ptx_"  # minibatch keys of the PPO-ptx rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs of response tokens under a model (the same function in rollout and loss).
-
-
-def prompt_width(batch: dict) -> int:
-    """P of rows [B, P + N] whose response mask is [B, N] (static: read from the shapes, so one
-    function serves every trimmed width; see `response_width`)."""
-    return batch["tokens"].shape[-1] - batch["mask"].shape[-1]
-
-
-def response_width(longest: int, buckets: Sequence[int]) -> int:
-    """The smallest of `buckets` (sorted; the last is sampling.max_new_tokens) that fits the
-    longest response of a rollout."""
-    return next(b for b in buckets if b >= longest)
-
-
-def response_buckets(cfg: Config) -> list[int]:
-    """rl.response_buckets, sorted, capped at and ending with sampling.max_new_tokens; by
-    default 16, 32, 64, ... below it."""
-    n = cfg.sampling.max_new_tokens
-    given = cfg.rl.response_buckets
-    if given is None:
-        given = [16 << k for k in range(max(n.bit_length() - 4, 0))]
-    return sorted({b for b in given if b < n} | {n})
-
-
-def response_logprobs(
-    policy: Transformer,
-    batch: dict,
-    temperature: float,
-    with_entropy: bool = True,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Log-probs [B, N] of the response tokens and the policy's entropy at each of them.
-
-    batch: tokens, positions, segment_ids [B, P + N] (prompt left-padded to P, response from P
-    on) and the response mask [B, N]. Token P + t is scored from the hidden state at P + t - 1,
-    with logits divided by `temperature` (the distribution the rollout sampled from). Packed
-    rows (see `at_response`): [S, N] per slot, the logits computed at whichever is fewer, the
-    slots' response positions or the rows' positions.
-    """
-    tokens = batch["tokens"]
-    hidden = policy(tokens, batch["positions"], batch["segment_ids"])
-    rows, width = tokens.shape
-    slots, n = batch["mask"].shape
-    if rows * width < slots * n:
-        # Packed rows (rl.pack_rows): the row positions are fewer than the slots' response
-        # positions, so score every position of the rows (position p predicts token p + 1)
-        # and gather the response tokens' scores from there.
-        targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-        token_logp, entropy = _scores(policy, hidden, targets, temperature, with_entropy)
-        token_logp = at_response(batch, token_logp)
-        entropy = at_response(batch, entropy) if with_entropy else None
-        return token_logp, entropy
-    targets = at_response(batch, tokens, shift=1)
-    return _scores(policy, at_response(batch, hidden), targets, temperature, with_entropy)
-
-
-def _scores(policy, hidden, targets, temperature, with_entropy):
-    """Log-probs of `targets` [..] under the logits of `hidden` [.., D] / temperature, and the
-    entropy there (or None)."""
-    logits = policy.logits(hidden).astype(jnp.float32) / temperature  # [.., V]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    entropy = entropy_from_logits(logits) if with_entropy else None
-    return token_logp, entropy
-
-
-def response_values(model, batch: dict) -> jax.Array:
-    """An ActorCritic's values [B, N]: V of the state before each response token (read at the
-    same position as that token's logits); batch as for `response_logprobs`."""
-    values = model.values(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return at_response(batch, values)
-
-
-def at_response(batch: dict, array: jax.Array, shift: int = 0) -> jax.Array:
-    """`array` [B, W, ...] (per row position) at the position scoring each response token
-    (`shift` 1: at the token itself) -> [S, N, ...], S response rows (slots).
-
-    Plain rows (S = B): response token t sits at P + t and is scored from P + t - 1. Packed rows
-    (`rl.pack_rows`; see `pack_micro_batch`): each row holds up to K = S / B sequences and
-    `response_index` [S, N] names, per slot, the row position scoring each response token; the
-    gather stays within each row, so it is local to the row's shard."""
-    n = batch["mask"].shape[-1]
-    if "response_index" not in batch:
-        width = prompt_width(batch)
-        return array[:, width - 1 + shift : width - 1 + shift + n]
-    index = batch["response_index"] + shift
-    rows = array.shape[0]
-    slots = index.shape[0]
-    flat = index.reshape((rows, (slots // rows) * n) + (1,) * (array.ndim - 2))
-    picked = jnp.take_along_axis(array, flat, axis=1)
-    return picked.reshape((slots, n) + array.shape[2:])
-
-
-def pack_plan(lengths: np.ndarray, width: int, per_row: int) -> list[list[int]]:
-    """First-fit decreasing: sequence indices grouped into rows of at most `per_row` sequences
-    whose lengths sum to at most `width` (every length is <= width)."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in np.argsort(-lengths, kind="stable").tolist():
-        ln = int(lengths[i])
-        for r, free in enumerate(room):
-            if free >= ln and len(rows[r]) < per_row:
-                rows[r].append(i)
-                room[r] -= ln
-                break
-        else:
-            rows.append([i])
-            room.append(width - ln)
-    return rows
-
-
-def packed_row_count(needed: int, devices: int, plain_rows: int) -> int:
-    """Packed rows for `needed` rows of a pack plan: rounded up to a multiple of 8 and of the
-    `devices` they are split over (few distinct shapes, so few compilations), never more than
-    the `plain_rows` they replace (a multiple of `devices` too)."""
-    step = math.lcm(8, devices)
-    return min(-(-needed // step) * step, plain_rows)
-
-
-ROW_KEYS = ("tokens", "positions", "segment_ids")
-
-
-def sequence_spans(segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(start, length) of the real tokens (prompt + response) of plain rollout rows [R, W]."""
-    real = segment_ids > 0
-    return real.argmax(axis=-1), real.sum(axis=-1)
-
-
-def pack_micro_batch(
-    micro: dict[str, np.ndarray], plan: list[list[int]], rows: int, per_row: int, pad_id: int
-) -> dict[str, np.ndarray]:
-    """Plain rollout rows (tokens, positions, segment_ids [L, P + N]; per response token arrays
-    [L, N]) -> `rows` packed rows [rows, P + N] (sequence j of a row is segment j + 1, its
-    positions its own) and `rows * per_row` response slots [S, N] in row order (slot
-    r * per_row + j is sequence j of row r; empty slots are all zero, mask included), plus
-    `response_index` [S, N]: the packed row position scoring each response token."""
-    tokens = micro["tokens"]
-    width = tokens.shape[-1]
-    n = micro["mask"].shape[-1]
-    start, length = sequence_spans(micro["segment_ids"])
-    out = {
-        "tokens": np.full((rows, width), pad_id, tokens.dtype),
-        "positions": np.zeros((rows, width), micro["positions"].dtype),
-        "segment_ids": np.zeros((rows, width), micro["segment_ids"].dtype),
-    }
-    slot_keys = [k for k in micro if k not in ROW_KEYS]
-    for k in slot_keys:
-        out[k] = np.zeros((rows * per_row,) + micro[k].shape[1:], micro[k].dtype)
-    index = np.zeros((rows * per_row, n), np.int32)
-    t = np.arange(n)
-    for r, seqs in enumerate(plan):
-        offset = 0
-        for j, i in enumerate(seqs):
-            s0, ln = int(start[i]), int(length[i])
-            for k in ROW_KEYS:
-                out[k][r, offset : offset + ln] = micro[k][i, s0 : s0 + ln]
-            out["segment_ids"][r, offset : offset + ln] = j + 1
-            slot = r * per_row + j
-            for k in slot_keys:
-                out[k][slot] = micro[k][i]
-            # Response token t is at plain column P + t, scored from P + t - 1.
-            at = offset + (width - n) - s0 - 1 + t
-            index[slot] = np.where(micro["mask"][i] > 0, at, 0)
-            offset += ln
-    out["response_index"] = index
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Building rows and scoring.
-
-
-def build_rows(
-    prompt_tokens: np.ndarray,
-    prompt_lengths: np.ndarray,
-    response: np.ndarray,
-    response_lengths: np.ndarray,
-    prompt_width: int,
-    pad_id: int,
-) -> dict:
-    """Training rows [R, P + N] from left-padded prompts [R, L] (L <= P) and responses [R, N]:
-    tokens, positions (0 at each row's first real token), segment_ids (1 on real tokens) and
-    the response mask [R, N] (float32, 1 up to and including the stop token)."""
-    r, width = prompt_tokens.shape
-    n = response.shape[1]
-    tokens = np.full((r, prompt_width + n), pad_id, np.int32)
-    tokens[:, prompt_width - width : prompt_width] = prompt_tokens
-    tokens[:, prompt_width:] = response
-    idx = np.arange(prompt_width + n)
-    start = prompt_width - prompt_lengths[:, None]
-    end = prompt_width + response_lengths[:, None]
-    real = (idx[None] >= start) & (idx[None] < end)
-    positions = np.where(real, idx[None] - start, 0).astype(np.int32)
-    mask = (np.arange(n)[None] < response_lengths[:, None]).astype(np.float32)
-    return {
-        "tokens": tokens,
-        "positions": positions,
-        "segment_ids": real.astype(np.int32),
-        "mask": mask,
-    }
-
-
-class Scorer:
-    """Scores of completions: the sum of `rl.reward_functions` and the `rl.reward_model`."""
-
-    def __init__(self, cfg: Config, tokenizer):
-        rl = cfg.rl
-        self.tokenizer = tokenizer
-        self.functions = [function_scorer(load_reward_function(s), s) for s in rl.reward_functions]
-        self.reward_model = None
-        if rl.reward_model:
-            from jaxalign.trainers.rm import load_reward_model
-
-            rm_cfg, self.reward_model, stats = load_reward_model(rl.reward_model)
-            if Path(rm_cfg.data.tokenizer).resolve() != Path(cfg.data.tokenizer).resolve():
-                raise ConfigError(
-                    f"rl.reward_model {rl.reward_model}: its tokenizer "
-                    f"({rm_cfg.data.tokenizer}) differs from data.tokenizer"
-                )
-            self.rm_stats = stats if rl.normalize_reward_model else None
-            self._rm_host = None
-        if not self.functions and self.reward_model is None:
-            raise ConfigError("RL needs rl.reward_functions and/or rl.reward_model")
-        self.offload = rl.offload_frozen
-
-    def functions_score(
-        self, prompts: list[str], completions: list[str], records: list[dict]
-    ) -> np.ndarray:
-        """The sum of the reward functions alone (held-out pass rates)."""
-        scores = np.zeros(len(completions), np.float64)
-        for fn in self.functions:
-            scores += fn(prompts, completions, records)
-        return scores
-
-    def __call__(
-        self,
-        prompts: list[str],
-        completions: list[str],
-        records: list[dict],
-        sequences: list[np.ndarray],
-    ) -> np.ndarray:
-        scores = self.functions_score(prompts, completions, records)
-        if self.reward_model is not None:
-            rm = self.reward_model
-            if self._rm_host is not None:  # back from host memory
-                rm.params = jax.device_put(self._rm_host, self._rm_shardings)
-            rewards = rm.score(sequences).astype(np.float64)
-            if self.offload:
-                self._rm_shardings = jax.tree.map(lambda x: x.sharding, rm.params)
-                self._rm_host, rm.params = jax.device_get(rm.params), None
-            if self.rm_stats is not None:
-                rewards = (rewards - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-8)
-            scores += rewards
-        return scores
-
-
-# ---------------------------------------------------------------------------------------------
-# Held-out pass rate.
-
-
-def read_prompt_file(
-    path: str, tokenizer, template: str, buckets: Sequence[int], limit: int = 0
-) -> tuple[list[np.ndarray], list[dict]]:
-    """Prompt token ids and extra fields of every record of a prompts file, in file order."""
-    it = PromptBatchIterator(
-        path,
-        tokenizer,
-        global_batch_size=1,
-        template=template,
-        buckets=buckets,
-        shuffle=False,
-        num_epochs=1,
-        shards=1,
-    )
-    count = it.stats["records"] if not limit else min(limit, it.stats["records"])
-    ids, extras = [], []
-    for _ in range(count):
-        batch = next(it)
-        ids.append(batch["tokens"][0, -int(batch["lengths"][0]) :])
-        extras.append({k: v[0] for k, v in batch.items() if k not in ("tokens", "lengths")})
-    return ids, extras
-
-
-def completion_texts(
-    tokenizer, tokens: np.ndarray, lengths: np.ndarray, stopped: np.ndarray
-) -> list[str]:
-    """Decoded completions [R] without their stop token."""
-    return [
-        tokenizer.decode(tokens[r, : int(lengths[r]) - int(stopped[r])].tolist())
-        for r in range(len(lengths))
-    ]
-
-
-def pass_rate(
-    sampler: Sampler,
-    params: Any,
-    prompt_ids: Sequence[np.ndarray],
-    records: Sequence[dict],
-    score: Callable,
-    tokenizer,
-    *,
-    rows: int = 256,
-    threshold: float = 1.0,
-) -> dict:
-    """Greedy-decode (with `sampler`, temperature 0) every prompt and score it: the fraction
-    with score >= threshold (`pass_rate`), the mean score, and the completions."""
-    texts, stopped_all = [], []
-    rows = min(rows, len(prompt_ids))
-    for start in range(0, len(prompt_ids), rows):
-        chunk = list(prompt_ids[start : start + rows])
-        padded = chunk + [chunk[0]] * (rows - len(chunk))  # one compiled shape
-        out = sampler.generate(params, padded)
-        tokens, lengths, finish = jax.device_get((out.tokens, out.lengths, out.finish_reasons))
-        texts += completion_texts(tokenizer, tokens, lengths, finish)[: len(chunk)]
-        stopped_all += list(finish[: len(chunk)])
-    prompts = [tokenizer.decode(p.tolist()) for p in prompt_ids]
-    scores = np.asarray(score(prompts, texts, list(records)), np.float64)
-    return {
-        "pass_rate": float(np.mean(scores >= threshold)),
-        "mean_score": float(scores.mean()),
-        "stop_fraction": float(np.mean(stopped_all)),
-        "completions": texts,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -944,19 +633,6 @@ def round_seed(seed: int, round_: int) -> int:
     """The sampling seed of a rollout's extra sampling round (rl.filter_groups): a stream of
     its own, not the first round's (`sampling.seed`)."""
     return int(np.random.SeedSequence([seed, round_]).generate_state(1)[0] >> 1)
-
-
-def family_scores(records: Sequence[dict], scores: np.ndarray) -> dict[str, float]:
-    """`rollout/score/<family>`: the mean raw score of each prompt family in the rollout, for
-    prompt records with a string `family` field (the quickstart's); {} otherwise."""
-    families = [r.get("family") for r in records]
-    if not families or not all(isinstance(f, str) for f in families):
-        return {}
-    out = {}
-    for family in sorted(set(families)):
-        rows = [i for i, f in enumerate(families) if f == family]
-        out[f"rollout/score/{family}"] = float(np.mean(scores[rows]))
-    return out
 
 
 def ptx_rows(cfg: Config) -> int:
