@@ -284,7 +284,9 @@ class RLConfig:
     # PPO/GRPO ratio denominator: a training-forward pass after the rollout, or the sampler's
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     scale_rewards: bool = True  # GRPO: divide by the group's std (false: Dr. GRPO)
-    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"  # GRPO/RLOO
+    # GRPO/RLOO: a mean over the minibatch's tokens, of per-sequence means, or (Dr. GRPO) the
+    # token sum over sequences x sampling.max_new_tokens (docs/trainers/grpo.md).
+    loss_aggregation: Literal["token_mean", "sequence_mean", "token_sum_norm"] = "token_mean"
     # GRPO/RLOO: responses that never emitted a stop token (cut at sampling.max_new_tokens) get
     # no loss (their tokens weigh 0; they still count in their group's statistics). TRL's
     # mask_truncated_completions, DAPO's overlong filtering.

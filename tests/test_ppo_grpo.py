@@ -378,14 +378,25 @@ def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, 
     assert_same_loss(runs["trim"][1:4], runs["full"][1:4])
 
 
-@pytest.mark.parametrize("trainer_name, per_row", [("ppo", 4), ("ppo", 6), ("grpo", 6)])
-def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name, per_row):
+@pytest.mark.parametrize(
+    "trainer_name, per_row, aggregation",
+    [
+        ("ppo", 4, None),
+        ("ppo", 6, None),
+        ("grpo", 6, "sequence_mean"),
+        ("rloo", 6, "token_sum_norm"),
+    ],
+)
+def test_packed_rows_train_like_plain_rows(
+    tmp_path, monkeypatch, trainer_name, per_row, aggregation
+):
     """rl.pack_rows: short sequences share rows (each its own segment), in the rollout's
     forwards (old and reference log-probs, values, entropy: the same per-token values as plain
     rows) and in training (the minibatch gives the same loss, metrics and gradients as one
-    sequence per row); GRPO with sequence-mean aggregation, so the empty slots must weigh
-    nothing. 4 per row: the logits are taken at the slots' 4 x 8 response positions; 6: at the
-    rows' 40 positions (fewer than 6 x 8) and the response tokens' scores gathered."""
+    sequence per row); GRPO and RLOO with per-sequence aggregations, so the empty slots must
+    weigh and count nothing. 4 per row: the logits are taken at the slots' 4 x 8 response
+    positions; 6: at the rows' 40 positions (fewer than 6 x 8) and the response tokens' scores
+    gathered."""
     short_responses(monkeypatch, [3, 3])
     runs = {}
     for name, pack in {"plain": 0, "packed": per_row}.items():
@@ -395,7 +406,7 @@ def test_packed_rows_train_like_plain_rows(tmp_path, monkeypatch, trainer_name, 
             "rl.num_generations": 4,
             "train.batch_size": 32,
             "rl.response_buckets": "[]",
-            "rl.loss_aggregation": "sequence_mean",
+            **({"rl.loss_aggregation": aggregation} if aggregation else {}),
         }
         runs[name] = first_minibatch_loss(rl_config(tmp_path / name, trainer_name, **sets))
     plain, (packed, *_, rollout_metrics, packed_buffer) = runs["plain"][0], runs["packed"]

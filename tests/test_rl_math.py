@@ -287,12 +287,26 @@ def test_score_lands_on_the_last_response_token():
     np.testing.assert_array_equal(got, want)
 
 
-def test_aggregation_weights_token_and_sequence_mean():
-    mask = jnp.asarray(prefix_mask([4, 1], 4))
-    losses = np.array([[1.0, 2.0, 3.0, 4.0], [10.0, 0.0, 0.0, 0.0]])
-    for aggregation, want in [("token_mean", (10 + 10) / 5), ("sequence_mean", (2.5 + 10) / 2)]:
-        w = np.asarray(aggregation_weights(mask, aggregation))
-        np.testing.assert_allclose((w * losses).sum() / w.sum(), want, atol=ATOL)
+def test_aggregation_weights_token_sequence_and_dr_grpo():
+    """The minibatch loss sum(w * l) / denominator of each rl.loss_aggregation against its
+    formula in float64; a sequence whose tokens all weigh 0 (masked truncation) still counts in
+    Dr. GRPO's B; padding rows (no response) count nowhere."""
+    rows = prefix_mask([4, 1, 3, 0], 4)
+    loss_mask = rows * np.array([1, 1, 0, 0])[:, None]  # the third row's tokens weigh 0
+    losses = np.array([[1.0, 2.0, 3.0, 4.0], [10.0, 0.0, 0.0, 0.0], [5.0] * 4, [7.0] * 4])
+    metric = losses[::-1].copy()
+    want = {  # (loss, metric)
+        "token_mean": ((1 + 2 + 3 + 4 + 10) / 5, (7 * 4 + 5) / 5),
+        "sequence_mean": ((2.5 + 10) / 2, (7 + 5) / 2),
+        "token_sum_norm": ((1 + 2 + 3 + 4 + 10) / (3 * 4), (7 + 5) / 3),
+    }
+    for aggregation, (want_loss, want_metric) in want.items():
+        w = aggregation_weights(jnp.asarray(loss_mask), aggregation, 4, jnp.asarray(rows))
+        denominator = float(w.denominator)
+        got_loss = (np.asarray(w.loss, np.float64) * losses).sum() / denominator
+        got_metric = (np.asarray(w.metrics, np.float64) * metric).sum() / denominator
+        np.testing.assert_allclose(got_loss, want_loss, atol=ATOL, err_msg=aggregation)
+        np.testing.assert_allclose(got_metric, want_metric, atol=ATOL, err_msg=aggregation)
 
 
 def test_adaptive_kl_controller_follows_ziegler():

@@ -8,6 +8,8 @@ default), aggregated per token or per sequence. Formulas: docs/trainers/grpo.md.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -22,14 +24,36 @@ from jaxalign.rl import (
 from jaxalign.trainers.ppo import RLAlgorithm
 
 
-def aggregation_weights(mask: jax.Array, aggregation: str) -> jax.Array:
-    """Per-token loss weights [B, N]: 1 on response tokens (token_mean: the loss is a mean over
-    all tokens of the batch) or 1 / length (sequence_mean: a mean over sequences of each
-    sequence's token mean). The loss is sum(w * l) / sum(w)."""
+class Aggregation(NamedTuple):
+    """How per-token losses [B, N] become a minibatch's loss: sum(loss * l) / denominator,
+    the sums (and the denominator) added over micro-batches before the one division, so
+    gradient accumulation is exact. Metrics are sum(metrics * x) / the same denominator."""
+
+    loss: jax.Array  # [B, N] weights of the per-token losses
+    metrics: jax.Array  # [B, N] weights of the per-token metrics
+    denominator: jax.Array  # scalar
+
+
+def aggregation_weights(
+    mask: jax.Array, aggregation: str, max_length: int = 0, rows: jax.Array | None = None
+) -> Aggregation:
+    """The weights of `rl.loss_aggregation` for the loss tokens `mask` [B, N]:
+
+    - token_mean: 1 per token over the number of tokens (a mean over every token);
+    - sequence_mean: 1 / |o_i| over the number of sequences (a mean of per-sequence means);
+    - token_sum_norm (Dr. GRPO): 1 / max_length over the number of sequences, counted from
+      `rows` (the response mask, default `mask`: a sequence whose tokens all weigh 0 still
+      counts), so the normalizer does not depend on the lengths; its metrics are
+      per-sequence means.
+    """
     real = (mask > 0).astype(jnp.float32)
     if aggregation == "token_mean":
-        return real
-    return real / jnp.maximum(real.sum(axis=1, keepdims=True), 1.0)
+        return Aggregation(real, real, real.sum())
+    per_sequence = real / jnp.maximum(real.sum(axis=1, keepdims=True), 1.0)
+    if aggregation == "sequence_mean":
+        return Aggregation(per_sequence, per_sequence, per_sequence.sum())
+    sequences = ((mask if rows is None else rows) > 0).any(axis=1).sum().astype(jnp.float32)
+    return Aggregation(real / max_length, per_sequence, sequences)
 
 
 class GRPO(RLAlgorithm):
@@ -85,10 +109,12 @@ class GRPO(RLAlgorithm):
         )
         kl = kl_penalty(logp, batch["ref_logprobs"], self.kl_estimator, rl.kl_clamp)
         per_token = pg + rl.kl_coef * kl - rl.entropy_coef * entropy
-        weights = aggregation_weights(mask, rl.loss_aggregation)
+        weights = aggregation_weights(
+            mask, rl.loss_aggregation, self.cfg.sampling.max_new_tokens, batch["mask"]
+        )
 
-        def total(x):
-            return jnp.sum(weights * jnp.where(mask > 0, x, 0.0))
+        def total(x, w=weights.metrics):
+            return jnp.sum(w * jnp.where(mask > 0, x, 0.0))
 
         metrics = {
             "loss/policy": total(jax.lax.stop_gradient(pg)),
@@ -98,4 +124,4 @@ class GRPO(RLAlgorithm):
             "policy/ratio": total(stats["ratio"]),
             "policy/entropy": total(jax.lax.stop_gradient(entropy)),
         }
-        return total(per_token), jnp.sum(weights), metrics
+        return total(per_token, weights.loss), weights.denominator, metrics
