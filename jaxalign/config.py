@@ -284,6 +284,9 @@ class RLConfig:
     # PPO/GRPO ratio denominator: a training-forward pass after the rollout, or the sampler's
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     scale_rewards: bool = True  # GRPO: divide by the group's std (false: Dr. GRPO)
+    # GRPO/RLOO importance ratio: per token, or GSPO's one length-normalized ratio per sequence
+    # (clipped as a whole; GSPO clips at ~3e-4 / 4e-4: rl.clip_eps / rl.clip_eps_high).
+    importance_sampling: Literal["token", "sequence"] = "token"
     # GRPO/RLOO: a mean over the minibatch's tokens, of per-sequence means, or (Dr. GRPO) the
     # token sum over sequences x sampling.max_new_tokens (docs/trainers/grpo.md).
     loss_aggregation: Literal["token_mean", "sequence_mean", "token_sum_norm"] = "token_mean"

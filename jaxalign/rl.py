@@ -152,6 +152,24 @@ def clipped_policy_loss(
     return loss, stats
 
 
+def ratio_logprobs(
+    logprobs: jax.Array, old_logprobs: jax.Array, mask: jax.Array, level: str = "token"
+) -> jax.Array:
+    """The log-probs [B, T] whose ratio to `old_logprobs` `clipped_policy_loss` clips.
+
+    level "token": `logprobs` itself (PPO, GRPO: one ratio per token);
+    level "sequence" (GSPO, Zheng et al. 2025): old_logprobs + s_i on every token of sequence i,
+        s_i = (1/|y_i|) sum_t mask_it * (logprobs_it - old_logprobs_it),
+    the length-normalized sequence log-ratio, so each sequence has one ratio exp(s_i), clipped
+    as a whole, whose gradient is exp(s_i) times the mean of its tokens' log-prob gradients.
+    """
+    if level == "token":
+        return logprobs
+    real = mask > 0
+    total = jnp.where(real, logprobs - old_logprobs, 0.0).sum(axis=1, keepdims=True)
+    return old_logprobs + total / jnp.maximum(real.sum(axis=1, keepdims=True), 1)
+
+
 def clipped_value_loss(
     values: jax.Array, old_values: jax.Array, returns: jax.Array, clip_range: float
 ) -> tuple[jax.Array, jax.Array]:

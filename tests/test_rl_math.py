@@ -217,6 +217,42 @@ def test_clipped_policy_loss_stats_and_gradient_equal_reference(eps_high):
     assert np.all(np.asarray(grad)[clipped] == 0)
 
 
+def test_sequence_level_ratio_is_gspo():
+    """rl.importance_sampling: sequence. With sequence-mean aggregation the loss is GSPO's
+    (1/B) sum_i max(-A_i s_i, -A_i clip(s_i, 1 - eps, 1 + eps_h)), s_i = exp of the mean
+    token log-ratio over the sequence's response tokens; loss and gradient against float64."""
+    rng = np.random.default_rng(8)
+    mask = prefix_mask([6, 2, 4, 5, 1], 6)
+    old = rng.normal(-1.5, 0.5, size=mask.shape)
+    logp = old + rng.normal(0, 0.15, size=mask.shape)
+    adv = np.repeat(rng.normal(size=(5, 1)), 6, axis=1)
+    eps, eps_high = 0.02, 0.03  # some sequences clipped
+
+    def reference(x):
+        s = np.exp(((x - old) * mask).sum(1) / mask.sum(1))
+        a = adv[:, 0]
+        return np.mean(np.maximum(-a * s, -a * np.clip(s, 1 - eps, 1 + eps_high)))
+
+    def loss(x):
+        ratio_logp = rl.ratio_logprobs(x, old, jnp.asarray(mask), "sequence")
+        per_token, stats = rl.clipped_policy_loss(ratio_logp, old, adv, eps, eps_high)
+        w = aggregation_weights(jnp.asarray(mask), "sequence_mean")
+        return jnp.sum(w.loss * jnp.where(mask > 0, per_token, 0.0)) / w.denominator, stats
+
+    value, stats = loss(logp)
+    np.testing.assert_allclose(float(value), reference(logp), atol=ATOL)
+    s = np.exp(((logp - old) * mask).sum(1) / mask.sum(1))
+    np.testing.assert_allclose(np.asarray(stats["ratio"])[:, 0], s, atol=ATOL)
+    clipped = np.asarray(stats["clipped"])[:, 0] > 0
+    assert 0 < clipped.sum() < len(clipped)  # one ratio per sequence, clipped as a whole
+    assert (np.asarray(stats["clipped"]) == clipped[:, None]).all()
+    grad = np.asarray(jax.grad(lambda x: loss(x)[0])(logp))
+    np.testing.assert_allclose(grad, numeric_grad(reference, logp), atol=ATOL)
+    assert np.all(grad[clipped] == 0) and np.all(grad[mask == 0] == 0)
+    token = rl.ratio_logprobs(logp, old, jnp.asarray(mask), "token")
+    np.testing.assert_array_equal(np.asarray(token), logp)
+
+
 def test_clipped_value_loss_and_gradient_equal_reference():
     rng = np.random.default_rng(6)
     shape = (5, 7)

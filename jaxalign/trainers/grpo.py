@@ -19,6 +19,7 @@ from jaxalign.rl import (
     group_advantages,
     kl_penalty,
     masked_mean,
+    ratio_logprobs,
     rloo_advantages,
 )
 from jaxalign.trainers.ppo import RLAlgorithm
@@ -104,8 +105,10 @@ class GRPO(RLAlgorithm):
         # rl.mask_truncated_completions (batch["loss_mask"]).
         mask = batch.get("loss_mask", batch["mask"])
         logp, entropy = self._logprobs(model, batch)
+        old = batch["old_logprobs"]
+        ratio_logp = ratio_logprobs(logp, old, batch["mask"], rl.importance_sampling)
         pg, stats = clipped_policy_loss(
-            logp, batch["old_logprobs"], batch["advantages"], rl.clip_eps, rl.clip_eps_high
+            ratio_logp, old, batch["advantages"], rl.clip_eps, rl.clip_eps_high
         )
         kl = kl_penalty(logp, batch["ref_logprobs"], self.kl_estimator, rl.kl_clamp)
         per_token = pg + rl.kl_coef * kl - rl.entropy_coef * entropy

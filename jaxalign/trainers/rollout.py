@@ -724,6 +724,10 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rows per rollout ({rows}) must divide by sampling.batch_size * "
             f"rl.num_generations ({per_call})"
         )
+    if rl.importance_sampling == "sequence" and trainer not in ("grpo", "rloo"):
+        raise ConfigError(
+            "rl.importance_sampling: sequence (GSPO) is for grpo and rloo (sequence advantages)"
+        )
     if rl.filter_groups and trainer not in ("grpo", "rloo"):
         raise ConfigError("rl.filter_groups is for grpo and rloo (groups of samples per prompt)")
     if rl.max_generate_rounds < 1:
