@@ -263,6 +263,8 @@ class RLConfig:
     reward_functions: list[str] = field(default_factory=list)
     reward_model: str | None = None  # an RM run directory (same tokenizer as the policy)
     normalize_reward_model: bool = True  # (r - mean) / std with the run's reward_stats.json
+    # Weights of rl.reward_functions, then the reward model (TRL's reward_weights); None: 1 each.
+    reward_weights: list[float] | None = None
     missing_eos_penalty: float | None = None  # subtracted from the score of rows with no stop
     reward_clip: float | None = None  # scores clipped to [-c, c] (after the penalty)
     whiten_rewards: bool = False  # PPO: scale per-token rewards to unit variance (mean kept)

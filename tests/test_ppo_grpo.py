@@ -772,3 +772,31 @@ def test_filter_groups_samples_until_every_group_has_a_spread(tmp_path):
             assert metrics["rollout/groups_all_equal"] > 0 and "add" in tasks
     with pytest.raises(ConfigError, match="rl.filter_groups is for grpo and rloo"):
         make_algorithm(rl_config(tmp_path, "ppo", **{"rl.filter_groups": True}))
+
+
+def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path):
+    """rl.reward_weights: the rollout's scores are the weighted sum of the reward functions'
+    (recomputed here from the decoded completions), each function's own mean is logged under
+    rollout/reward/<name>, and a weight count that does not match is a config error."""
+    reward = tmp_path / "two.py"
+    reward.write_text(
+        "def length(prompts, completions, **fields):\n"
+        "    return [len(c) % 3 for c in completions]\n"
+        "def chars(prompts, completions, **fields):\n"
+        "    return [sum(map(ord, c)) % 5 for c in completions]\n"
+    )
+    sets = {
+        "rl.reward_functions": f'["{reward}:length", "{reward}:chars"]',
+        "rl.reward_weights": "[2.0, -0.5]",
+    }
+    algo, trainer, state, data = rollout_data(rl_config(tmp_path, "grpo", **sets))
+    next(data)
+    texts, metrics = data.last_rollout["texts"], data.pop_metrics()
+    length = np.array([len(c) % 3 for c in texts], np.float64)
+    chars = np.array([sum(map(ord, c)) % 5 for c in texts], np.float64)
+    assert length.std() > 0 and chars.std() > 0
+    np.testing.assert_allclose(data.last_rollout["scores"], 2.0 * length - 0.5 * chars)
+    np.testing.assert_allclose(metrics["rollout/reward/length"], length.mean())
+    np.testing.assert_allclose(metrics["rollout/reward/chars"], chars.mean())
+    with pytest.raises(ConfigError, match="rl.reward_weights has 1 weights for 2 rewards"):
+        make_algorithm(rl_config(tmp_path, "grpo", **{**sets, "rl.reward_weights": "[1.0]"}))

@@ -57,10 +57,12 @@ from jaxalign.trainers.scoring import (
     family_scores,
     pass_rate,
     read_prompt_file,
+    reward_names,
 )
 
 STATE_VERSION = 1
 PTX_PREFIX = "ptx_"  # minibatch keys of the PPO-ptx rows
+REWARD_PREFIX = "rollout/reward/"  # each reward's own mean score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ class RolloutData:
             for r in range(rows):
                 seq = [*prompt_tokens[r, -prompt_lengths[r] :], *response[r, : lengths[r]]]
                 sequences.append(np.asarray(seq if seq[-1] == eos else [*seq, eos], np.int32))
-        raw_scores = self.scorer(prompt_texts, texts, records, sequences)
+        raw_scores, rewards = self.scorer(prompt_texts, texts, records, sequences)
         scores = raw_scores.copy()
         if rl.missing_eos_penalty is not None:
             scores = np.where(stopped, scores, scores - rl.missing_eos_penalty)
@@ -339,6 +341,7 @@ class RolloutData:
             "texts": texts,
             "records": records,
             "row_ids": row_ids,
+            **{REWARD_PREFIX + name: part for name, part in rewards.items()},
         }
 
     def _join(self, rounds: list[dict], picks: list[tuple[int, int]]) -> dict:
@@ -534,6 +537,10 @@ class RolloutData:
         self.skip = 0
         metrics.update(post_metrics)
         metrics.update(family_scores(records, raw_scores))
+        if len(self.scorer.names) > 1:
+            metrics.update(
+                {k: float(v.mean()) for k, v in sampled.items() if k.startswith(REWARD_PREFIX)}
+            )
         metrics.update(
             {
                 "objective/scores": float(scores.mean()),
@@ -727,6 +734,12 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
     if rl.importance_sampling == "sequence" and trainer not in ("grpo", "rloo"):
         raise ConfigError(
             "rl.importance_sampling: sequence (GSPO) is for grpo and rloo (sequence advantages)"
+        )
+    names = reward_names(rl.reward_functions, bool(rl.reward_model))
+    if rl.reward_weights is not None and len(rl.reward_weights) != len(names):
+        raise ConfigError(
+            f"rl.reward_weights has {len(rl.reward_weights)} weights for {len(names)} "
+            f"rewards ({', '.join(names)}: rl.reward_functions, then rl.reward_model)"
         )
     if rl.filter_groups and trainer not in ("grpo", "rloo"):
         raise ConfigError("rl.filter_groups is for grpo and rloo (groups of samples per prompt)")

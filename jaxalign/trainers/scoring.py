@@ -18,7 +18,8 @@ from jaxalign.rejection import function_scorer, load_reward_function
 
 
 class Scorer:
-    """Scores of completions: the sum of `rl.reward_functions` and the `rl.reward_model`."""
+    """Scores of completions: the weighted sum (`rl.reward_weights`, default 1 each) of the
+    `rl.reward_functions` and the `rl.reward_model`, in that order."""
 
     def __init__(self, cfg: Config, tokenizer):
         rl = cfg.rl
@@ -38,15 +39,17 @@ class Scorer:
             self._rm_host = None
         if not self.functions and self.reward_model is None:
             raise ConfigError("RL needs rl.reward_functions and/or rl.reward_model")
+        self.names = reward_names(rl.reward_functions, self.reward_model is not None)
+        self.weights = list(rl.reward_weights or [1.0] * len(self.names))
         self.offload = rl.offload_frozen
 
     def functions_score(
         self, prompts: list[str], completions: list[str], records: list[dict]
     ) -> np.ndarray:
-        """The sum of the reward functions alone (held-out pass rates)."""
+        """The weighted sum of the reward functions alone (held-out pass rates)."""
         scores = np.zeros(len(completions), np.float64)
-        for fn in self.functions:
-            scores += fn(prompts, completions, records)
+        for fn, weight in zip(self.functions, self.weights, strict=False):
+            scores += weight * fn(prompts, completions, records)
         return scores
 
     def __call__(
@@ -55,8 +58,9 @@ class Scorer:
         completions: list[str],
         records: list[dict],
         sequences: list[np.ndarray],
-    ) -> np.ndarray:
-        scores = self.functions_score(prompts, completions, records)
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The scores [R] and each reward's own, unweighted, by name ({name: [R]})."""
+        parts = [fn(prompts, completions, records) for fn in self.functions]
         if self.reward_model is not None:
             rm = self.reward_model
             if self._rm_host is not None:  # back from host memory
@@ -67,8 +71,19 @@ class Scorer:
                 self._rm_host, rm.params = jax.device_get(rm.params), None
             if self.rm_stats is not None:
                 rewards = (rewards - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-8)
-            scores += rewards
-        return scores
+            parts.append(rewards)
+        scores = np.zeros(len(completions), np.float64)
+        for part, weight in zip(parts, self.weights, strict=True):
+            scores += weight * part
+        return scores, dict(zip(self.names, parts, strict=True))
+
+
+def reward_names(functions: Sequence[str], reward_model: bool) -> list[str]:
+    """Metric names of the rewards: each function's own name ("module:fn" -> "fn"; repeated
+    names numbered), then "reward_model"."""
+    names = [spec.rsplit(":", 1)[-1] for spec in functions]
+    names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return names + (["reward_model"] if reward_model else [])
 
 
 # ---------------------------------------------------------------------------------------------
