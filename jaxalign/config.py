@@ -193,6 +193,7 @@ class SamplingConfig:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off; drop tokens below min_p x the most likely one's probability
     max_new_tokens: int = 128  # response length limit (tokens)
     # Longest prompt in tokens. Prompts are left-padded to the smallest bucket that fits (powers
     # of two from 16, capped at this), so a handful of shapes is ever compiled.
@@ -564,8 +565,11 @@ def validate(cfg: Config, where: str = "config") -> None:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep <= 0:
         fail("checkpoint.every must be >= 0 and checkpoint.keep positive")
     sp = cfg.sampling
-    if sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
-        fail("sampling.temperature must be >= 0, sampling.top_p in (0, 1], sampling.top_k >= 0")
+    if sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0 or not 0 <= sp.min_p <= 1:
+        fail(
+            "sampling.temperature must be >= 0, sampling.top_p in (0, 1], sampling.top_k >= 0, "
+            "sampling.min_p in [0, 1]"
+        )
     if min(sp.max_new_tokens, sp.max_prompt_len, sp.batch_size, sp.num_samples) <= 0:
         fail("sampling.max_new_tokens, max_prompt_len, batch_size and num_samples must be positive")
     if cfg.dpo.beta <= 0:

@@ -45,15 +45,21 @@ MIN_BUCKET = 16
 
 
 def process_logits(
-    logits: jax.Array, temperature: ArrayLike, top_k: ArrayLike, top_p: ArrayLike
+    logits: jax.Array,
+    temperature: ArrayLike,
+    top_k: ArrayLike,
+    top_p: ArrayLike,
+    min_p: ArrayLike = 0.0,
 ) -> jax.Array:
     """Logits of the sampling distribution. logits: [B, V] f32 -> [B, V] f32; temperature (> 0),
-    top_k, top_p: scalars, Python or traced (changing them never recompiles).
+    top_k, top_p, min_p: scalars, Python or traced (changing them never recompiles).
 
     Divided by `temperature`, then tokens outside the `top_k` largest (0: off) and outside the
     smallest set whose probability reaches `top_p` (1: off) are set to -inf (Hugging Face's
-    order). Ties at a threshold are kept. The one sort both filters need runs only when one of
-    them is on.
+    order), and so are those whose probability is below `min_p` times the most likely token's
+    (0: off; Nguyen et al. 2024). Ties at a threshold are kept. The one sort top-k and top-p
+    need runs only when one of them is on; min-p needs none (a ratio of probabilities, the same
+    before and after the other filters renormalize).
     """
     x = logits / temperature
     vocab = x.shape[-1]
@@ -73,7 +79,9 @@ def process_logits(
         threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(x < threshold, -jnp.inf, x)
 
-    return jax.lax.cond(k_on | p_on, filtered, lambda x: x, x)
+    x = jax.lax.cond(k_on | p_on, filtered, lambda x: x, x)
+    floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(jnp.asarray(min_p, jnp.float32))
+    return jnp.where(x < floor, -jnp.inf, x)  # min_p 0: log 0 = -inf, nothing below it
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -92,11 +100,16 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def sample_tokens(
-    logits: jax.Array, keys: jax.Array, temperature: ArrayLike, top_k: ArrayLike, top_p: ArrayLike
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: ArrayLike,
+    top_k: ArrayLike,
+    top_p: ArrayLike,
+    min_p: ArrayLike = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row. logits: [B, V] f32, keys: [B] PRNG keys (one per row, so a row's
-    sample does not depend on the rest of the batch); temperature, top_k, top_p: scalars, may
-    be traced. Returns (tokens [B] int32, model_logprobs [B], sampling_logprobs [B]);
+    sample does not depend on the rest of the batch); temperature, top_k, top_p, min_p: scalars,
+    may be traced. Returns (tokens [B] int32, model_logprobs [B], sampling_logprobs [B]);
     temperature 0 is greedy (the exact argmax; only that branch runs)."""
 
     def greedy(_):
@@ -104,7 +117,7 @@ def sample_tokens(
         return tokens, jnp.zeros(tokens.shape, jnp.float32)
 
     def sampled(_):
-        processed = process_logits(logits, temperature, top_k, top_p)
+        processed = process_logits(logits, temperature, top_k, top_p, min_p)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
         tokens = first_argmax(processed + gumbel)
         return tokens, token_logprobs(processed, tokens)
@@ -148,7 +161,7 @@ def _generate(
     pad_id: int,
 ) -> dict:
     """Prefill + `lax.while_loop` decode. prompt_tokens: [B, P] left-padded; prompt_lengths,
-    sample_ids: [B]; settings: {'temperature', 'top_k', 'top_p'} scalar arrays (traced, so
+    sample_ids: [B]; settings: {'temperature', 'top_k', 'top_p', 'min_p'} scalar arrays (traced, so
     other values never recompile). The loop exits as soon as every row has stopped."""
     model = nnx.merge(graphdef, params)
     cfg: ModelConfig = model.cfg
@@ -171,6 +184,7 @@ def _generate(
             settings["temperature"],
             settings["top_k"],
             settings["top_p"],
+            settings["min_p"],
         )
 
     hidden, cache = model.with_cache(
@@ -320,16 +334,17 @@ class Sampler:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
     ) -> Generation:
         """Generate from left-padded prompts [B, P] with lengths [B]. `sample_ids` [B] (default
         0..B-1) pick each row's random stream, so a row's samples do not depend on its batch.
-        `seed`, `temperature`, `top_k`, `top_p` default to the `SamplingConfig`'s; they are
+        `seed`, `temperature`, `top_k`, `top_p`, `min_p` default to the `SamplingConfig`'s; they are
         run-time inputs, so changing them never recompiles."""
         b = prompt_tokens.shape[0]
         if sample_ids is None:
             sample_ids = np.arange(b, dtype=np.int32)
         seed = self.sampling.seed if seed is None else seed
-        settings = self.settings(temperature, top_k, top_p)
+        settings = self.settings(temperature, top_k, top_p, min_p)
         inputs = [
             np.asarray(prompt_tokens, np.int32),
             np.asarray(prompt_lengths, np.int32),
@@ -346,22 +361,28 @@ class Sampler:
         return Generation(**out)
 
     def settings(
-        self, temperature: float | None, top_k: int | None, top_p: float | None
+        self,
+        temperature: float | None,
+        top_k: int | None,
+        top_p: float | None,
+        min_p: float | None = None,
     ) -> dict[str, np.ndarray]:
         """The sampling settings as the compiled function's scalar inputs (None: the config's)."""
         sp = self.sampling
         temperature = float(sp.temperature if temperature is None else temperature)
         top_k = int(sp.top_k if top_k is None else top_k)
         top_p = float(sp.top_p if top_p is None else top_p)
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        min_p = float(sp.min_p if min_p is None else min_p)
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1:
             raise UserError(
                 f"sampling settings out of range: temperature {temperature} (>= 0), "
-                f"top_k {top_k} (>= 0), top_p {top_p} (in (0, 1])"
+                f"top_k {top_k} (>= 0), top_p {top_p} (in (0, 1]), min_p {min_p} (in [0, 1])"
             )
         return {
             "temperature": np.float32(temperature),
             "top_k": np.int32(top_k),
             "top_p": np.float32(top_p),
+            "min_p": np.float32(min_p),
         }
 
     def generate(
@@ -373,7 +394,7 @@ class Sampler:
         **settings,
     ) -> Generation:
         """Generate from a list of token-id prompts of any lengths (left-padded to a bucket).
-        `settings`: temperature, top_k, top_p overrides (see `generate_padded`)."""
+        `settings`: temperature, top_k, top_p, min_p overrides (see `generate_padded`)."""
         length = prompt_bucket(max(len(p) for p in prompts), self.sampling.max_prompt_len)
         tokens, lengths = left_pad(prompts, length, self.pad_id)
         return self.generate_padded(params, tokens, lengths, sample_ids, seed, **settings)

@@ -95,8 +95,9 @@ def test_greedy_equals_stepwise_argmax_of_full_forward(setup, greedy_out):
     np.testing.assert_array_equal(greedy_out.sampling_logprobs, 0.0)  # a point mass
 
 
-def _np_processed_logprobs(logits, temperature, top_k, top_p):
-    """float64 reference of the sampling distribution: temperature, then top-k, then top-p."""
+def _np_processed_logprobs(logits, temperature, top_k, top_p, min_p=0.0):
+    """float64 reference of the sampling distribution: temperature, then top-k, then top-p,
+    then min-p (relative to the most likely token's probability after renormalizing)."""
     x = logits.astype(np.float64) / temperature
     if 0 < top_k < x.shape[-1]:
         kth = np.sort(x)[-top_k]
@@ -108,6 +109,8 @@ def _np_processed_logprobs(logits, temperature, top_k, top_p):
     keep = np.zeros(x.shape, bool)
     keep[order[before < top_p]] = True
     x = np.where(keep, x, -np.inf)
+    probs = np.exp(x - x.max()) / np.sum(np.exp(x - x.max()))
+    x = np.where(probs < min_p * probs.max(), -np.inf, x)
     return x - x.max() - np.log(np.sum(np.exp(x - x.max())))
 
 
@@ -147,25 +150,28 @@ def test_sampler_logprobs_equal_training_forward_logprobs(setup, sampled):
 
 
 def test_process_logits_with_traced_settings_matches_float64_reference():
-    """Temperature, top-k and top-p are run-time inputs of one compiled function."""
+    """Temperature, top-k, top-p and min-p are run-time inputs of one compiled function."""
     rng = np.random.default_rng(5)
     logits = (2.0 * rng.standard_normal((3, 64))).astype(np.float32)
     logits[1, [3, 9, 20]] = logits[1].max() + 0.5  # a three-way tie at the top
-    fn = jax.jit(lambda x, t, k, p: jax.nn.log_softmax(process_logits(x, t, k, p), axis=-1))
-    for temperature, top_k, top_p in [
-        (1.0, 0, 1.0),
-        (0.7, 5, 1.0),
-        (1.3, 0, 0.8),
-        (0.5, 10, 0.6),
-        (1.0, 2, 1.0),  # ties at the k-th value are kept
-        (2.0, 64, 0.999),
-        (1.0, 0, 1e-6),  # only the most likely tokens
+    fn = jax.jit(lambda x, t, k, p, m: jax.nn.log_softmax(process_logits(x, t, k, p, m), axis=-1))
+    for temperature, top_k, top_p, min_p in [
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 5, 1.0, 0.0),
+        (1.3, 0, 0.8, 0.0),
+        (0.5, 10, 0.6, 0.0),
+        (1.0, 2, 1.0, 0.0),  # ties at the k-th value are kept
+        (2.0, 64, 0.999, 0.0),
+        (1.0, 0, 1e-6, 0.0),  # only the most likely tokens
+        (1.0, 0, 1.0, 0.1),  # min-p alone
+        (0.7, 20, 0.9, 0.05),  # all four
+        (1.0, 0, 1.0, 1.0),  # only the most likely tokens (and ties)
     ]:
-        got = np.asarray(fn(logits, temperature, top_k, top_p))
+        got = np.asarray(fn(logits, temperature, top_k, top_p, min_p))
         for r in range(len(logits)):
             if r == 1 and top_p < 1.0:
                 continue  # the reference cuts a tie in the nucleus; process_logits keeps it
-            ref = _np_processed_logprobs(logits[r], temperature, top_k, top_p)
+            ref = _np_processed_logprobs(logits[r], temperature, top_k, top_p, min_p)
             np.testing.assert_array_equal(np.isfinite(got[r]), np.isfinite(ref))
             kept = np.isfinite(ref)
             np.testing.assert_allclose(got[r][kept], ref[kept], atol=1e-5)
@@ -180,8 +186,8 @@ def test_sampling_settings_change_at_run_time_without_recompiling(setup, sampled
     np.testing.assert_array_equal(greedy.tokens, greedy_out.tokens)
     np.testing.assert_allclose(greedy.model_logprobs, greedy_out.model_logprobs, atol=1e-6)
     np.testing.assert_array_equal(greedy.sampling_logprobs, 0.0)
-    # Top-k 1 and a tiny top-p leave only the most likely token: greedy's tokens again.
-    for settings in ({"top_k": 1}, {"top_k": 0, "top_p": 1e-6}):
+    # Top-k 1, a tiny top-p and min-p 1 leave only the most likely token: greedy's tokens.
+    for settings in ({"top_k": 1}, {"top_k": 0, "top_p": 1e-6}, {"top_p": 1.0, "min_p": 1.0}):
         narrow = jax.device_get(sampler.generate(params, prompts, temperature=1.3, **settings))
         np.testing.assert_array_equal(narrow.tokens, greedy_out.tokens)
         np.testing.assert_allclose(narrow.sampling_logprobs, 0.0, atol=1e-6)
@@ -195,6 +201,8 @@ def test_sampling_settings_change_at_run_time_without_recompiling(setup, sampled
     assert sampler.compiled_count() == 1
     with pytest.raises(UserError, match="top_p"):
         sampler.generate(params, prompts, top_p=0.0)
+    with pytest.raises(UserError, match="min_p"):
+        sampler.generate(params, prompts, min_p=1.5)
 
 
 def test_fixed_seed_reproduces_and_batch_composition_does_not_matter(setup, sampled):

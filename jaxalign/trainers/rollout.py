@@ -720,9 +720,9 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         )
     if sp.temperature <= 0:
         raise ConfigError("RL samples from the policy: sampling.temperature must be > 0")
-    if rl.old_logprobs == "sampler" and (sp.top_k or sp.top_p < 1):
+    if rl.old_logprobs == "sampler" and (sp.top_k or sp.top_p < 1 or sp.min_p > 0):
         raise ConfigError(
-            "rl.old_logprobs: sampler needs sampling.top_k = 0 and top_p = 1 (the "
+            "rl.old_logprobs: sampler needs sampling.top_k = 0, top_p = 1 and min_p = 0 (the "
             "sampled distribution must be the policy's)"
         )
     per_call = min(rows, sp.batch_size * rl.num_generations)
