@@ -15,6 +15,9 @@ from jaxalign.config import Config
 from jaxalign.models.llama import Transformer
 from jaxalign.rl import entropy_from_logits
 
+# ---------------------------------------------------------------------------------------------
+# The row layout and the response tokens' log-probs (the same functions in rollout and loss).
+
 
 def prompt_width(batch: dict) -> int:
     """P of rows [B, P + N] whose response mask is [B, N] (static: read from the shapes, so one
@@ -106,6 +109,10 @@ def at_response(batch: dict, array: jax.Array, shift: int = 0) -> jax.Array:
     return picked.reshape((slots, n) + array.shape[2:])
 
 
+# ---------------------------------------------------------------------------------------------
+# Packing several sequences into one row (rl.pack_rows).
+
+
 def pack_plan(lengths: np.ndarray, width: int, per_row: int) -> list[list[int]]:
     """First-fit decreasing: sequence indices grouped into rows of at most `per_row` sequences
     whose lengths sum to at most `width` (every length is <= width)."""
@@ -182,6 +189,7 @@ def pack_micro_batch(
 
 
 # ---------------------------------------------------------------------------------------------
+# Rows from a rollout's prompts and responses.
 
 
 def build_rows(
