@@ -245,7 +245,8 @@ class DPOConfig:
 
 @dataclass
 class RLConfig:
-    """On-policy RL (`trainer: ppo | grpo | rloo`); formulas in docs/trainers/{ppo,grpo}.md.
+    """On-policy RL (`trainer: ppo | grpo | rloo | reinforce_pp`); formulas in
+    docs/trainers/{ppo,grpo}.md.
 
     A rollout samples `num_generations` completions for each of `prompts_per_rollout` prompts
     (data.train_file) = R rows, then trains `epochs` passes over them in shuffled minibatches of
@@ -287,6 +288,8 @@ class RLConfig:
     # PPO/GRPO ratio denominator: a training-forward pass after the rollout, or the sampler's
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     scale_rewards: bool = True  # GRPO: divide by the group's std (false: Dr. GRPO)
+    # reinforce_pp: center each score on its group's mean first (REINFORCE++-baseline; G >= 2)
+    reinforce_baseline: bool = False
     # GRPO/RLOO importance ratio: per token, or GSPO's one length-normalized ratio per sequence
     # (clipped as a whole; GSPO clips at ~3e-4 / 4e-4: rl.clip_eps / rl.clip_eps_high).
     importance_sampling: Literal["token", "sequence"] = "token"
@@ -330,7 +333,8 @@ class RLConfig:
 class Config:
     """A whole run."""
 
-    trainer: Literal["sft", "rm", "dpo", "ppo", "grpo", "rloo"] = "sft"  # which algorithm trains
+    # which algorithm trains
+    trainer: Literal["sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce_pp"] = "sft"
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml, TensorBoard
     resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
     # Start from the parameters of another run's latest checkpoint (a RUN_DIR or its

@@ -33,7 +33,7 @@ from jaxalign.models.reward import RewardModel
 from jaxalign.optim import freeze_patterns, frozen_matcher, param_path
 
 GIB = 1024**3
-RL_TRAINERS = ("ppo", "grpo", "rloo")
+RL_TRAINERS = ("ppo", "grpo", "rloo", "reinforce_pp")
 REFERENCE_FREE_DPO = ("simpo", "orpo")
 
 

@@ -95,7 +95,7 @@ def rollout_data(cfg):
     return algo, trainer, state, data
 
 
-@pytest.mark.parametrize("trainer_name", ["ppo", "rloo"])
+@pytest.mark.parametrize("trainer_name", ["ppo", "rloo", "reinforce_pp"])
 def test_first_minibatch_ratio_is_one(tmp_path, trainer_name):
     """Old log-probs straight from the sampler (KV-cache decoding) equal the training forward's
     on the first minibatch of a fresh rollout: ratio 1 and approxkl 0 up to 1e-6."""
@@ -473,7 +473,7 @@ def test_truncated_completions_weigh_nothing_when_masked(tmp_path, monkeypatch, 
     for g, w in zip(jax.tree.leaves(masked[1]), jax.tree.leaves(without[1]), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
     assert not np.isclose(masked[0], everything[0], rtol=1e-3)
-    with pytest.raises(ConfigError, match="rl.mask_truncated_completions is for grpo and rloo"):
+    with pytest.raises(ConfigError, match="rl.mask_truncated_completions is for grpo, rloo"):
         make_algorithm(rl_config(tmp_path, "ppo", **{"rl.mask_truncated_completions": True}))
 
 
@@ -800,3 +800,45 @@ def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path):
     np.testing.assert_allclose(metrics["rollout/reward/chars"], chars.mean())
     with pytest.raises(ConfigError, match="rl.reward_weights has 1 weights for 2 rewards"):
         make_algorithm(rl_config(tmp_path, "grpo", **{**sets, "rl.reward_weights": "[1.0]"}))
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_reinforce_pp_advantages_equal_float64_reference(tmp_path, baseline):
+    """REINFORCE++ (trainer reinforce_pp): per-token rewards -kl_coef * k1 plus the score (with
+    rl.reinforce_baseline, minus its group's mean) on the last response token, discounted
+    returns without a critic, whitened over every response token of the rollout."""
+    gamma, kl_coef, g = 0.9, 0.1, 2
+    sets = {"rl.gamma": gamma, "rl.num_generations": g, "rl.reinforce_baseline": baseline}
+    algo = make_algorithm(rl_config(tmp_path, "reinforce_pp", **sets))
+    assert algo.kl_estimator == "k1"
+    rng = np.random.default_rng(3)
+    lengths = np.array([3, 5, 1, 4])
+    mask = (np.arange(5)[None] < lengths[:, None]).astype(np.float64)
+    old = rng.normal(-1.0, 0.3, (4, 5)) * mask
+    ref = rng.normal(-1.0, 0.3, (4, 5)) * mask
+    scores = np.array([1.0, 0.0, 0.5, 2.0])
+    rollout = {
+        "mask": mask,
+        "scores": scores,
+        "old_logprobs": old,
+        "ref_logprobs": ref,
+        "entropy": np.ones((4, 5)),
+        "stopped": np.ones(4),
+    }
+    rollout = {k: jnp.asarray(v, jnp.float32) for k, v in rollout.items()}
+    buffer, metrics = jax.device_get(algo.postprocess(rollout, jnp.float32(kl_coef)))
+    centered = scores - np.repeat(scores.reshape(-1, g).mean(1), g) if baseline else scores
+    rewards = -kl_coef * (old - ref) * mask
+    rewards[np.arange(4), lengths - 1] += centered
+    returns = np.zeros((4, 5))
+    for t in reversed(range(5)):
+        after = returns[:, t + 1] if t + 1 < 5 else 0.0
+        returns[:, t] = (rewards[:, t] + gamma * after) * mask[:, t]
+    real = mask > 0
+    want = (returns - returns[real].mean()) / np.sqrt(returns[real].var(ddof=1) + 1e-8) * mask
+    np.testing.assert_allclose(buffer["advantages"], want, atol=1e-5)
+    np.testing.assert_allclose(
+        metrics["objective/kl"], ((old - ref) * mask).sum(1).mean(), atol=1e-5
+    )
+    with pytest.raises(ConfigError, match="rl.reinforce_baseline is for trainer reinforce_pp"):
+        make_algorithm(rl_config(tmp_path, "grpo", **{"rl.reinforce_baseline": True}))

@@ -23,8 +23,8 @@ def make_algorithm(cfg: Config):
         from jaxalign.trainers.ppo import PPO
 
         return PPO(cfg)
-    if cfg.trainer in ("grpo", "rloo"):
+    if cfg.trainer in ("grpo", "rloo", "reinforce_pp"):
         from jaxalign.trainers.grpo import GRPO
 
-        return GRPO(cfg, leave_one_out=cfg.trainer == "rloo")
+        return GRPO(cfg, estimator=cfg.trainer)
     raise ValueError(f"unknown trainer {cfg.trainer!r}")

@@ -1,9 +1,13 @@
-"""Critic-free policy optimization: GRPO (`trainer: grpo`) and RLOO (`trainer: rloo`).
+"""Critic-free policy optimization: GRPO (`trainer: grpo`), RLOO (`trainer: rloo`) and
+REINFORCE++ (`trainer: reinforce_pp`).
 
-G samples per prompt; a sequence's advantage is its score against its group's (GRPO: minus the
-group mean, over the group std; RLOO: minus the mean of the other G - 1), on every response
-token. The loss is the clipped surrogate plus kl_coef * KL(policy || reference) per token (k3 by
-default), aggregated per token or per sequence. Formulas: docs/trainers/grpo.md.
+GRPO and RLOO: G samples per prompt; a sequence's advantage is its score against its group's
+(GRPO: minus the group mean, over the group std; RLOO: minus the mean of the other G - 1), on
+every response token; the loss is the clipped surrogate plus kl_coef * KL(policy || reference)
+per token (k3 by default), aggregated per token or per sequence. REINFORCE++: PPO's per-token
+rewards (the KL penalty on every token, the score on the last) summed into returns without a
+critic and whitened over the whole rollout; the KL is in the reward, not in the loss. Formulas:
+docs/trainers/grpo.md.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import jax.numpy as jnp
 from jaxalign.config import Config
 from jaxalign.rl import (
     clipped_policy_loss,
+    compute_gae,
     group_advantages,
     kl_penalty,
     masked_mean,
+    masked_whiten,
     ratio_logprobs,
     rloo_advantages,
 )
-from jaxalign.trainers.ppo import RLAlgorithm
+from jaxalign.trainers.ppo import RLAlgorithm, last_token_rewards
 
 
 class Aggregation(NamedTuple):
@@ -58,22 +64,29 @@ def aggregation_weights(
 
 
 class GRPO(RLAlgorithm):
-    """GRPO (group-normalized advantages) or, with `leave_one_out`, RLOO."""
+    """GRPO (group-normalized advantages), RLOO (leave-one-out) or REINFORCE++ (whitened
+    returns of per-token rewards): `estimator` "grpo", "rloo" or "reinforce_pp"."""
 
-    default_kl_estimator = "k3"
-
-    def __init__(self, cfg: Config, leave_one_out: bool = False):
+    def __init__(self, cfg: Config, estimator: str = "grpo"):
+        self.estimator = estimator
         super().__init__(cfg)
-        self.leave_one_out = leave_one_out
+
+    @property
+    def default_kl_estimator(self) -> str:
+        """k1 where the KL is a reward penalty (REINFORCE++, as PPO), k3 in the loss."""
+        return "k1" if self.estimator == "reinforce_pp" else "k3"
 
     def postprocess(self, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
-        """Sequence advantages from the group's scores, broadcast over response tokens."""
+        """Sequence advantages from the group's scores, broadcast over response tokens
+        (REINFORCE++: `reinforce_postprocess`)."""
+        if self.estimator == "reinforce_pp":
+            return self.reinforce_postprocess(rollout, kl_coef)
         rl = self.cfg.rl
         g = rl.num_generations
         mask = rollout["mask"]
         real = mask > 0
         scores = rollout["scores"]
-        if self.leave_one_out:
+        if self.estimator == "rloo":
             seq_adv = rloo_advantages(scores, g)
         else:
             seq_adv = group_advantages(scores, g, scale=rl.scale_rewards)
@@ -97,6 +110,49 @@ class GRPO(RLAlgorithm):
             buffer["loss_mask"] = jnp.where(real, rollout["stopped"][:, None], 0.0)
         return buffer, metrics
 
+    def reinforce_postprocess(self, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
+        """REINFORCE++ (Hu 2025): per-token rewards r_t = -kl_coef * KL_t + [t = last] * score
+        (the score first centered on its group's mean with rl.reinforce_baseline), returns
+        G_t = sum_{s >= t} gamma^(s - t) r_s (GAE with V = 0 and lambda = 1), and advantages the
+        returns whitened over every response token of the rollout (rl.whiten_advantages)."""
+        rl = self.cfg.rl
+        mask = rollout["mask"]
+        real = mask > 0
+        scores = rollout["scores"]
+        if rl.reinforce_baseline:
+            groups = scores.reshape(-1, rl.num_generations)
+            scores = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)
+        old, ref = rollout["old_logprobs"], rollout["ref_logprobs"]
+        kl = jnp.where(real, kl_penalty(old, ref, self.kl_estimator, rl.kl_clamp), 0.0)
+        non_score = -kl_coef * kl
+        rewards = non_score + last_token_rewards(scores, mask)
+        returns, _ = compute_gae(rewards, jnp.zeros_like(rewards), mask, gamma=rl.gamma, lam=1.0)
+        advantages = returns
+        if rl.whiten_advantages:
+            advantages = masked_whiten(returns, mask, unbiased=rl.whiten_unbiased)
+        metrics = {
+            "objective/kl": kl.sum(axis=1).mean(),
+            "objective/entropy": jnp.where(real, -old, 0.0).sum(axis=1).mean(),
+            "objective/token_entropy": masked_mean(rollout["entropy"], mask),
+            "objective/non_score_reward": non_score.sum(axis=1).mean(),
+            "objective/rlhf_reward": (rollout["scores"] + non_score.sum(axis=1)).mean(),
+            "val/returns": masked_mean(returns, mask),
+        }
+        buffer = {
+            "old_logprobs": jnp.where(real, old, 0.0),
+            "ref_logprobs": jnp.where(real, ref, 0.0),
+            "advantages": advantages,
+        }
+        if rl.mask_truncated_completions:
+            buffer["loss_mask"] = jnp.where(real, rollout["stopped"][:, None], 0.0)
+        return buffer, metrics
+
+    def after_rollout(self, metrics: dict, rows: int) -> dict:
+        """REINFORCE++ with rl.kl_target: the adaptive KL coefficient, as PPO's."""
+        if self.estimator == "reinforce_pp":
+            self.kl_controller.update(metrics["objective/kl"], rows)
+        return {}
+
     def rl_loss(self, model, batch: dict, rng: jax.Array):
         """Weighted sum of per-token losses (clipped surrogate + kl_coef * KL - entropy bonus),
         the sum of weights, and metric sums (see `aggregation_weights`)."""
@@ -111,7 +167,9 @@ class GRPO(RLAlgorithm):
             ratio_logp, old, batch["advantages"], rl.clip_eps, rl.clip_eps_high
         )
         kl = kl_penalty(logp, batch["ref_logprobs"], self.kl_estimator, rl.kl_clamp)
-        per_token = pg + rl.kl_coef * kl - rl.entropy_coef * entropy
+        # REINFORCE++ has the KL in its rewards: `loss/kl` still reports it, weighted 0 here.
+        kl_weight = 0.0 if self.estimator == "reinforce_pp" else rl.kl_coef
+        per_token = pg + kl_weight * kl - rl.entropy_coef * entropy
         weights = aggregation_weights(
             mask, rl.loss_aggregation, self.cfg.sampling.max_new_tokens, batch["mask"]
         )

@@ -692,10 +692,15 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         )
     if trainer == "ppo" and rl.mask_truncated_completions:
         raise ConfigError(
-            "rl.mask_truncated_completions is for grpo and rloo (PPO: rl.missing_eos_penalty)"
+            "rl.mask_truncated_completions is for grpo, rloo and reinforce_pp "
+            "(PPO: rl.missing_eos_penalty)"
         )
     if trainer in ("grpo", "rloo") and rl.num_generations < 2:
         raise ConfigError(f"trainer {trainer}: rl.num_generations (the group size) must be >= 2")
+    if rl.reinforce_baseline and (trainer != "reinforce_pp" or rl.num_generations < 2):
+        raise ConfigError(
+            "rl.reinforce_baseline is for trainer reinforce_pp with rl.num_generations >= 2"
+        )
     if rows % t.batch_size:
         raise ConfigError(
             f"rl.prompts_per_rollout * rl.num_generations ({rows} rows per "
