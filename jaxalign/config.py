@@ -273,7 +273,8 @@ class RLConfig:
     kl_estimator: Literal["k1", "k2", "k3"] | None = None  # None: ppo k1, grpo/rloo k3
     kl_clamp: float | None = None  # per-token KL estimate clipped to [-c, c]
     kl_coef: float = 0.05  # PPO: reward penalty (initial, if adaptive); GRPO/RLOO: loss weight
-    kl_target: float | None = None  # PPO adaptive KL: target per-sequence KL (None: fixed)
+    # PPO/REINFORCE++ adaptive KL: the target per-sequence KL (None: a fixed coefficient)
+    kl_target: float | None = None
     kl_horizon: float = 10000.0  # PPO adaptive KL horizon, in sequences
     gamma: float = 1.0  # GAE discount
     lam: float = 0.95  # GAE lambda

@@ -199,6 +199,8 @@ def test_rl_config_errors_name_the_keys(tmp_path):
         make_algorithm(rl_config(tmp_path, **{"rl.response_buckets": "[0, 4]"}))
     with pytest.raises(ConfigError, match=r"rl.clip_eps_high \(0.1\) must be >= rl.clip_eps"):
         make_algorithm(rl_config(tmp_path, "grpo", **{"rl.clip_eps_high": 0.1}))
+    with pytest.raises(ConfigError, match="rl.kl_target .* is for ppo and reinforce_pp"):
+        make_algorithm(rl_config(tmp_path, "rloo", **{"rl.kl_target": 6.0}))
     with pytest.raises(ConfigError, match="sequence .GSPO. is for grpo and rloo"):
         make_algorithm(rl_config(tmp_path, **{"rl.importance_sampling": "sequence"}))
 

@@ -761,6 +761,11 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         raise ConfigError(f"rl.response_buckets must be positive, got {rl.response_buckets}")
     if rl.kl_target is not None and rl.kl_target <= 0:
         raise ConfigError("rl.kl_target must be positive (or null: a fixed coefficient)")
+    if rl.kl_target is not None and trainer in ("grpo", "rloo"):
+        raise ConfigError(
+            f"rl.kl_target (an adaptive KL penalty in the reward) is for ppo and reinforce_pp; "
+            f"{trainer} weighs its KL loss term by rl.kl_coef"
+        )
     if rl.kl_coef < 0 or rl.clip_eps <= 0 or rl.value_clip <= 0:
         raise ConfigError("rl.kl_coef must be >= 0, rl.clip_eps and rl.value_clip positive")
     if rl.clip_eps_high is not None and rl.clip_eps_high < rl.clip_eps:
