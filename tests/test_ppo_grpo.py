@@ -844,3 +844,8 @@ def test_reinforce_pp_advantages_equal_float64_reference(tmp_path, baseline):
     )
     with pytest.raises(ConfigError, match="rl.reinforce_baseline is for trainer reinforce_pp"):
         make_algorithm(rl_config(tmp_path, "grpo", **{"rl.reinforce_baseline": True}))
+    # rl.kl_target adapts the reward's KL coefficient after each rollout, as PPO's does.
+    adaptive = make_algorithm(rl_config(tmp_path, "reinforce_pp", **{"rl.kl_target": 6.0}))
+    before = adaptive.kl_controller.kl_coef
+    adaptive.after_rollout({"objective/kl": 9.0}, 64)
+    assert adaptive.kl_controller.kl_coef > before
