@@ -77,53 +77,64 @@ class GRPO(RLAlgorithm):
         return "k1" if self.estimator == "reinforce_pp" else "k3"
 
     def postprocess(self, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
-        """Sequence advantages from the group's scores, broadcast over response tokens
-        (REINFORCE++: `reinforce_postprocess`)."""
-        if self.estimator == "reinforce_pp":
-            return self.reinforce_postprocess(rollout, kl_coef)
+        """The buffer's advantages (`sequence_advantages`, or REINFORCE++'s
+        `reinforce_advantages`), log-probs and loss mask, and the rollout's metrics."""
         rl = self.cfg.rl
-        g = rl.num_generations
         mask = rollout["mask"]
         real = mask > 0
-        scores = rollout["scores"]
-        if self.estimator == "rloo":
-            seq_adv = rloo_advantages(scores, g)
-        else:
-            seq_adv = group_advantages(scores, g, scale=rl.scale_rewards)
         old, ref = rollout["old_logprobs"], rollout["ref_logprobs"]
         kl = jnp.where(real, kl_penalty(old, ref, self.kl_estimator, rl.kl_clamp), 0.0)
-        group_std = scores.reshape(-1, g).std(axis=1)
-        metrics = {
-            "objective/kl": kl.sum(axis=1).mean(),
-            "objective/entropy": jnp.where(real, -old, 0.0).sum(axis=1).mean(),
-            "objective/token_entropy": masked_mean(rollout["entropy"], mask),
-            "objective/rlhf_reward": (scores - kl_coef * kl.sum(axis=1)).mean(),
-            "rollout/group_score_std": group_std.mean(),
-            "rollout/groups_all_equal": (group_std == 0).astype(jnp.float32).mean(),
-        }
+        if self.estimator == "reinforce_pp":
+            advantages, metrics = self.reinforce_advantages(rollout, kl, kl_coef)
+        else:
+            advantages, metrics = self.sequence_advantages(rollout)
+        metrics.update(
+            {
+                "objective/kl": kl.sum(axis=1).mean(),
+                "objective/entropy": jnp.where(real, -old, 0.0).sum(axis=1).mean(),
+                "objective/token_entropy": masked_mean(rollout["entropy"], mask),
+                "objective/rlhf_reward": (rollout["scores"] - kl_coef * kl.sum(axis=1)).mean(),
+            }
+        )
         buffer = {
             "old_logprobs": jnp.where(real, old, 0.0),
             "ref_logprobs": jnp.where(real, ref, 0.0),
-            "advantages": jnp.where(real, seq_adv[:, None], 0.0),
+            "advantages": jnp.where(real, advantages, 0.0),
         }
         if rl.mask_truncated_completions:  # per response token, so packing carries it as is
             buffer["loss_mask"] = jnp.where(real, rollout["stopped"][:, None], 0.0)
         return buffer, metrics
 
-    def reinforce_postprocess(self, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
+    def sequence_advantages(self, rollout: dict) -> tuple[jax.Array, dict]:
+        """GRPO's or RLOO's advantage of each sequence from its group's scores, on every
+        response token [B, N], and the group metrics."""
+        rl = self.cfg.rl
+        g = rl.num_generations
+        scores = rollout["scores"]
+        if self.estimator == "rloo":
+            seq_adv = rloo_advantages(scores, g)
+        else:
+            seq_adv = group_advantages(scores, g, scale=rl.scale_rewards)
+        group_std = scores.reshape(-1, g).std(axis=1)
+        metrics = {
+            "rollout/group_score_std": group_std.mean(),
+            "rollout/groups_all_equal": (group_std == 0).astype(jnp.float32).mean(),
+        }
+        return jnp.broadcast_to(seq_adv[:, None], rollout["mask"].shape), metrics
+
+    def reinforce_advantages(
+        self, rollout: dict, kl: jax.Array, kl_coef: jax.Array
+    ) -> tuple[jax.Array, dict]:
         """REINFORCE++ (Hu 2025): per-token rewards r_t = -kl_coef * KL_t + [t = last] * score
         (the score first centered on its group's mean with rl.reinforce_baseline), returns
         G_t = sum_{s >= t} gamma^(s - t) r_s (GAE with V = 0 and lambda = 1), and advantages the
         returns whitened over every response token of the rollout (rl.whiten_advantages)."""
         rl = self.cfg.rl
         mask = rollout["mask"]
-        real = mask > 0
         scores = rollout["scores"]
         if rl.reinforce_baseline:
             groups = scores.reshape(-1, rl.num_generations)
             scores = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)
-        old, ref = rollout["old_logprobs"], rollout["ref_logprobs"]
-        kl = jnp.where(real, kl_penalty(old, ref, self.kl_estimator, rl.kl_clamp), 0.0)
         non_score = -kl_coef * kl
         rewards = non_score + last_token_rewards(scores, mask)
         returns, _ = compute_gae(rewards, jnp.zeros_like(rewards), mask, gamma=rl.gamma, lam=1.0)
@@ -131,21 +142,10 @@ class GRPO(RLAlgorithm):
         if rl.whiten_advantages:
             advantages = masked_whiten(returns, mask, unbiased=rl.whiten_unbiased)
         metrics = {
-            "objective/kl": kl.sum(axis=1).mean(),
-            "objective/entropy": jnp.where(real, -old, 0.0).sum(axis=1).mean(),
-            "objective/token_entropy": masked_mean(rollout["entropy"], mask),
             "objective/non_score_reward": non_score.sum(axis=1).mean(),
-            "objective/rlhf_reward": (rollout["scores"] + non_score.sum(axis=1)).mean(),
             "val/returns": masked_mean(returns, mask),
         }
-        buffer = {
-            "old_logprobs": jnp.where(real, old, 0.0),
-            "ref_logprobs": jnp.where(real, ref, 0.0),
-            "advantages": advantages,
-        }
-        if rl.mask_truncated_completions:
-            buffer["loss_mask"] = jnp.where(real, rollout["stopped"][:, None], 0.0)
-        return buffer, metrics
+        return advantages, metrics
 
     def after_rollout(self, metrics: dict, rows: int) -> dict:
         """REINFORCE++ with rl.kl_target: the adaptive KL coefficient, as PPO's."""
