@@ -59,7 +59,7 @@ def process_logits(
     order), and so are those whose probability is below `min_p` times the most likely token's
     (0: off; Nguyen et al. 2024). Ties at a threshold are kept. The one sort top-k and top-p
     need runs only when one of them is on; min-p needs none (a ratio of probabilities, the same
-    before and after the other filters renormalize).
+    before and after the other filters renormalize) and runs only when on.
     """
     x = logits / temperature
     vocab = x.shape[-1]
@@ -79,9 +79,14 @@ def process_logits(
         threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(x < threshold, -jnp.inf, x)
 
+    min_p = jnp.asarray(min_p, jnp.float32)
+
+    def above_min_p(x):
+        floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(min_p)
+        return jnp.where(x < floor, -jnp.inf, x)
+
     x = jax.lax.cond(k_on | p_on, filtered, lambda x: x, x)
-    floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(jnp.asarray(min_p, jnp.float32))
-    return jnp.where(x < floor, -jnp.inf, x)  # min_p 0: log 0 = -inf, nothing below it
+    return jax.lax.cond(min_p > 0, above_min_p, lambda x: x, x)  # off: no pass over the logits
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
