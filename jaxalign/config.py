@@ -194,6 +194,16 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off; drop tokens below min_p x the most likely one's probability
+    # Penalties on the logits before temperature (vLLM's and Hugging Face's definitions): a token
+    # already in the prompt or the response has a positive logit divided by repetition_penalty
+    # and a negative one multiplied by it (1: off); a token already in the response loses
+    # presence_penalty once and frequency_penalty per occurrence (0: off).
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Stop strings: a response ends with the first token that completes one of them, and its
+    # text ends before it (as vLLM's `stop`), besides the template's end marker and EOS.
+    stop: list[str] = field(default_factory=list)
     max_new_tokens: int = 128  # response length limit (tokens)
     # Longest prompt in tokens. Prompts are left-padded to the smallest bucket that fits (powers
     # of two from 16, capped at this), so a handful of shapes is ever compiled.
@@ -575,6 +585,10 @@ def validate(cfg: Config, where: str = "config") -> None:
             "sampling.temperature must be >= 0, sampling.top_p in (0, 1], sampling.top_k >= 0, "
             "sampling.min_p in [0, 1]"
         )
+    if sp.repetition_penalty <= 0:
+        fail(f"sampling.repetition_penalty must be positive (1: off), got {sp.repetition_penalty}")
+    if any(not isinstance(s, str) or not s for s in sp.stop):
+        fail(f"sampling.stop must be a list of non-empty strings, got {sp.stop!r}")
     if min(sp.max_new_tokens, sp.max_prompt_len, sp.batch_size, sp.num_samples) <= 0:
         fail("sampling.max_new_tokens, max_prompt_len, batch_size and num_samples must be positive")
     if cfg.dpo.beta <= 0:

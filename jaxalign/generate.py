@@ -89,6 +89,28 @@ def process_logits(
     return jax.lax.cond(min_p > 0, above_min_p, lambda x: x, x)  # off: no pass over the logits
 
 
+def apply_penalties(
+    logits: jax.Array,
+    prompt_mask: jax.Array,
+    counts: jax.Array,
+    repetition: ArrayLike,
+    presence: ArrayLike,
+    frequency: ArrayLike,
+) -> jax.Array:
+    """Logits with repetition, presence and frequency penalties (vLLM's definitions; the
+    repetition penalty is Hugging Face's and CTRL's). logits: [B, V] f32; prompt_mask: [B, V]
+    bool, the tokens of each row's prompt; counts: [B, V] int32, how often each token occurs in
+    the row's response so far; the penalties: scalars (1, 0, 0: off), may be traced.
+
+    A token in the prompt or the response has a positive logit divided by `repetition` and a
+    negative one multiplied by it; then a token in the response loses `presence` once and
+    `frequency` per occurrence. Applied before temperature and the filters."""
+    in_response = counts > 0
+    seen = prompt_mask | in_response
+    x = jnp.where(seen, jnp.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return x - presence * in_response.astype(x.dtype) - frequency * counts.astype(x.dtype)
+
+
 def first_argmax(x: jax.Array) -> jax.Array:
     """`jnp.argmax(x, axis=-1)` (the first index of the maximum) as int32, for x: [B, V] without
     NaNs. Two plain reductions, which XLA:CPU vectorizes, instead of one (value, index) reduction,
@@ -111,18 +133,22 @@ def sample_tokens(
     top_k: ArrayLike,
     top_p: ArrayLike,
     min_p: ArrayLike = 0.0,
+    penalized: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row. logits: [B, V] f32, keys: [B] PRNG keys (one per row, so a row's
     sample does not depend on the rest of the batch); temperature, top_k, top_p, min_p: scalars,
-    may be traced. Returns (tokens [B] int32, model_logprobs [B], sampling_logprobs [B]);
-    temperature 0 is greedy (the exact argmax; only that branch runs)."""
+    may be traced; `penalized`: the logits after `apply_penalties` (None: no penalties), what
+    greedy decoding and the sampling distribution start from. Returns (tokens [B] int32,
+    model_logprobs [B] under the raw `logits`, sampling_logprobs [B]); temperature 0 is greedy
+    (the exact argmax; only that branch runs)."""
+    start = logits if penalized is None else penalized
 
     def greedy(_):
-        tokens = first_argmax(logits)
+        tokens = first_argmax(start)
         return tokens, jnp.zeros(tokens.shape, jnp.float32)
 
     def sampled(_):
-        processed = process_logits(logits, temperature, top_k, top_p, min_p)
+        processed = process_logits(start, temperature, top_k, top_p, min_p)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
         tokens = first_argmax(processed + gumbel)
         return tokens, token_logprobs(processed, tokens)
@@ -163,11 +189,17 @@ def _generate(
     *,
     max_new_tokens: int,
     stop_ids: tuple[int, ...],
+    stop_sequences: tuple[tuple[int, ...], ...],
     pad_id: int,
+    penalties: bool,
 ) -> dict:
     """Prefill + `lax.while_loop` decode. prompt_tokens: [B, P] left-padded; prompt_lengths,
-    sample_ids: [B]; settings: {'temperature', 'top_k', 'top_p', 'min_p'} scalar arrays (traced, so
-    other values never recompile). The loop exits as soon as every row has stopped."""
+    sample_ids: [B]; settings: {'temperature', 'top_k', 'top_p', 'min_p', 'repetition_penalty',
+    'presence_penalty', 'frequency_penalty'} scalar arrays (traced, so other values never
+    recompile). A row stops at a token of `stop_ids` or when its last tokens are one of
+    `stop_sequences`; the loop exits as soon as every row has stopped. `penalties` (static)
+    carries each row's prompt tokens and response token counts ([B, V] each) and applies the
+    penalties; without it the penalty settings are ignored."""
     model = nnx.merge(graphdef, params)
     cfg: ModelConfig = model.cfg
     b, p = prompt_tokens.shape
@@ -180,23 +212,59 @@ def _generate(
     kv_segment_ids = jnp.concatenate([segment_ids, jnp.ones((b, n - 1), jnp.int32)], axis=1)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(seed_key, i))(sample_ids)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    tail_len = max((len(q) for q in stop_sequences), default=0)
+    rows = jnp.arange(b)
 
-    def sample(logits, step):
+    def sample(logits, step, s):
         keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        logits = logits.astype(jnp.float32)
+        penalized = None
+        if penalties:
+            penalized = apply_penalties(
+                logits,
+                s["prompt_mask"],
+                s["counts"],
+                settings["repetition_penalty"],
+                settings["presence_penalty"],
+                settings["frequency_penalty"],
+            )
         return sample_tokens(
-            logits.astype(jnp.float32),
+            logits,
             keys,
             settings["temperature"],
             settings["top_k"],
             settings["top_p"],
             settings["min_p"],
+            penalized,
         )
+
+    def ends(token, s, active):
+        """Whether `token` stops its row; the updated tail and counts."""
+        out, stop = {}, jnp.any(token[:, None] == stops, axis=-1)
+        if tail_len:
+            tail = jnp.concatenate([s["tail"][:, 1:], token[:, None]], axis=1)
+            for seq in stop_sequences:
+                q = jnp.asarray(seq, jnp.int32)
+                stop |= jnp.all(tail[:, tail_len - len(seq) :] == q, axis=-1)
+            out["tail"] = tail
+        if penalties:
+            out["counts"] = s["counts"].at[rows, token].add(active.astype(jnp.int32))
+        return stop & active, out
+
+    extra = {}
+    if tail_len:
+        extra["tail"] = jnp.full((b, tail_len), -1, jnp.int32)  # the response only
+    if penalties:
+        vocab = cfg.vocab_size
+        seen = jnp.zeros((b, vocab), jnp.int32).at[rows[:, None], prompt_tokens].max(segment_ids)
+        extra["prompt_mask"] = seen > 0
+        extra["counts"] = jnp.zeros((b, vocab), jnp.int32)
 
     hidden, cache = model.with_cache(
         prompt_tokens, positions, segment_ids, init_cache(cfg, b, p + n - 1)
     )
-    token, model_lp, sampling_lp = sample(model.logits(hidden[:, -1]), 0)
-    stopped = jnp.any(token[:, None] == stops, axis=-1)
+    token, model_lp, sampling_lp = sample(model.logits(hidden[:, -1]), 0, extra)
+    stopped, updated = ends(token, extra, jnp.ones((b,), bool))
     state = {
         "step": jnp.ones((), jnp.int32),
         "tokens": jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(token),
@@ -206,6 +274,8 @@ def _generate(
         "stopped": stopped,
         "last": token,
         "cache": cache,
+        **extra,
+        **updated,
     }
 
     def cond(s):
@@ -223,8 +293,9 @@ def _generate(
             p + t - 1,
             kv_segment_ids,
         )
-        token, model_lp, sampling_lp = sample(model.logits(hidden[:, 0]), t)
+        token, model_lp, sampling_lp = sample(model.logits(hidden[:, 0]), t, s)
         token = jnp.where(active, token, pad_id)
+        stop, updated = ends(token, s, active)
 
         def put(buf, value):
             value = (
@@ -233,14 +304,16 @@ def _generate(
             return jax.lax.dynamic_update_slice(buf, value[:, None].astype(buf.dtype), (0, t))
 
         return {
+            **s,
             "step": t + 1,
             "tokens": put(s["tokens"], token),
             "model_logprobs": put(s["model_logprobs"], model_lp),
             "sampling_logprobs": put(s["sampling_logprobs"], sampling_lp),
             "lengths": s["lengths"] + active.astype(jnp.int32),
-            "stopped": s["stopped"] | (active & jnp.any(token[:, None] == stops, axis=-1)),
+            "stopped": s["stopped"] | stop,
             "last": token,
             "cache": cache,
+            **updated,
         }
 
     state = jax.lax.while_loop(cond, body, state)
@@ -280,6 +353,78 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
     return tokens, lengths
 
 
+def stop_string_sequences(tokenizer, text: str) -> list[tuple[int, ...]]:
+    """The token sequences that spell `text` where it follows other text, as far as a few
+    contexts show (a tokenizer may spell it differently at the start of the text, inside a word,
+    after a space or a newline): the sequences the compiled loop stops at. Each is checked to
+    decode, after its context, to text holding `text`."""
+    found = []
+    for context, sep in (("", ""), ("a", ""), ("a", " "), ("a.", "\n")):
+        head = tokenizer.encode(context) if context else []
+        ids = tokenizer.encode(context + sep + text)
+        if ids[: len(head)] != head or len(ids) == len(head):
+            continue
+        seq = tuple(ids[len(head) :])
+        if seq not in found and text in tokenizer.decode([*head, *seq])[len(context) :]:
+            found.append(seq)
+    # A sequence ending in another one stops no row the shorter one does not.
+    return [q for q in found if not any(len(o) < len(q) and q[-len(o) :] == o for o in found)]
+
+
+class Stops:
+    """How a generated row ends: at one of `token_ids` (the template's end marker and EOS) or at
+    the token that completes one of the stop `strings` (`sampling.stop`), whichever comes first.
+
+    The compiled loop stops a row at its stop tokens and at the usual tokenizations of each stop
+    string (`sequences`), which saves the remaining decode steps; `finish` then cuts every row
+    at its first stop string in the decoded text, however the model spelled it, so the result
+    does not depend on the tokenization. A completion's text leaves out the stop token and the
+    stop string (vLLM's default)."""
+
+    def __init__(self, tokenizer, token_ids: Sequence[int], strings: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.token_ids = tuple(int(i) for i in token_ids)
+        self.strings = tuple(strings)
+        self.sequences = tuple(q for s in self.strings for q in stop_string_sequences(tokenizer, s))
+
+    @classmethod
+    def for_config(cls, tokenizer, cfg: Config) -> Stops:
+        from jaxalign.data.templates import stop_token_ids
+
+        return cls(tokenizer, stop_token_ids(tokenizer, cfg.data.template), cfg.sampling.stop)
+
+    def _first(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+        return min(hits) if hits else None
+
+    def finish(self, ids: Sequence[int], stopped: bool) -> tuple[int, bool, str]:
+        """(tokens kept, stopped, text) of one row's generated tokens (its first `lengths`)."""
+        ids = [int(i) for i in ids]
+        stop_token = bool(stopped) and bool(ids) and ids[-1] in self.token_ids
+        body = ids[:-1] if stop_token else ids
+        text = self.tokenizer.decode(body)
+        cut = self._first(text) if self.strings else None
+        if cut is None:
+            return len(ids), bool(stopped), text
+        lo, hi = 1, len(body)  # the shortest prefix whose text holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._first(self.tokenizer.decode(body[:mid])) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo, True, text[:cut]
+
+    def finish_rows(self, tokens: np.ndarray, lengths: np.ndarray, stopped: np.ndarray):
+        """`finish` for each row of [R, N] tokens: (lengths [R], stopped [R] bool, texts)."""
+        out = [
+            self.finish(tokens[r, : int(lengths[r])], bool(stopped[r])) for r in range(len(lengths))
+        ]
+        new_lengths = np.asarray([o[0] for o in out], np.int32).reshape(len(out))
+        new_stopped = np.asarray([o[1] for o in out], bool).reshape(len(out))
+        return new_lengths, new_stopped, [o[2] for o in out]
+
+
 class Sampler:
     """Generates from a Transformer's params; one compiled function per (batch, bucket) shape.
 
@@ -294,6 +439,7 @@ class Sampler:
         sampling: SamplingConfig,
         *,
         stop_token_ids: Sequence[int] = (),
+        stop_sequences: Sequence[Sequence[int]] = (),
         pad_id: int = 0,
         mesh: Mesh | None = None,
         rules: shd.Rules | None = None,
@@ -312,8 +458,10 @@ class Sampler:
                 graphdef,
                 max_new_tokens=sampling.max_new_tokens,
                 stop_ids=tuple(int(i) for i in stop_token_ids),
+                stop_sequences=tuple(tuple(int(i) for i in q) for q in stop_sequences if q),
                 pad_id=pad_id,
-            )
+            ),
+            static_argnames=("penalties",),
         )
 
     def compiled_count(self) -> int:
@@ -340,16 +488,33 @@ class Sampler:
         top_k: int | None = None,
         top_p: float | None = None,
         min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
     ) -> Generation:
         """Generate from left-padded prompts [B, P] with lengths [B]. `sample_ids` [B] (default
         0..B-1) pick each row's random stream, so a row's samples do not depend on its batch.
-        `seed`, `temperature`, `top_k`, `top_p`, `min_p` default to the `SamplingConfig`'s; they are
-        run-time inputs, so changing them never recompiles."""
+        `seed` and the sampling settings default to the `SamplingConfig`'s; they are run-time
+        inputs, so changing them never recompiles (turning the penalties on or off compiles a
+        second variant, which carries each row's token counts)."""
         b = prompt_tokens.shape[0]
         if sample_ids is None:
             sample_ids = np.arange(b, dtype=np.int32)
         seed = self.sampling.seed if seed is None else seed
-        settings = self.settings(temperature, top_k, top_p, min_p)
+        settings = self.settings(
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+        )
+        penalties = bool(
+            settings["repetition_penalty"] != 1
+            or settings["presence_penalty"] != 0
+            or settings["frequency_penalty"] != 0
+        )
         inputs = [
             np.asarray(prompt_tokens, np.int32),
             np.asarray(prompt_lengths, np.int32),
@@ -360,9 +525,11 @@ class Sampler:
             replicated = NamedSharding(self.mesh, P())
             settings = jax.device_put(settings, replicated)
             with shd.activation_sharding(self.mesh, self.rules):
-                out = self._fn(params, *inputs, jax.random.PRNGKey(seed), settings)
+                out = self._fn(
+                    params, *inputs, jax.random.PRNGKey(seed), settings, penalties=penalties
+                )
         else:
-            out = self._fn(params, *inputs, jax.random.PRNGKey(seed), settings)
+            out = self._fn(params, *inputs, jax.random.PRNGKey(seed), settings, penalties=penalties)
         return Generation(**out)
 
     def settings(
@@ -371,23 +538,42 @@ class Sampler:
         top_k: int | None,
         top_p: float | None,
         min_p: float | None = None,
+        *,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
     ) -> dict[str, np.ndarray]:
         """The sampling settings as the compiled function's scalar inputs (None: the config's)."""
         sp = self.sampling
-        temperature = float(sp.temperature if temperature is None else temperature)
-        top_k = int(sp.top_k if top_k is None else top_k)
-        top_p = float(sp.top_p if top_p is None else top_p)
-        min_p = float(sp.min_p if min_p is None else min_p)
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1:
+
+        def pick(value, default, kind=float):
+            return kind(default if value is None else value)
+
+        temperature = pick(temperature, sp.temperature)
+        top_k = pick(top_k, sp.top_k, int)
+        top_p = pick(top_p, sp.top_p)
+        min_p = pick(min_p, sp.min_p)
+        repetition = pick(repetition_penalty, sp.repetition_penalty)
+        if (
+            temperature < 0
+            or top_k < 0
+            or not 0 < top_p <= 1
+            or not 0 <= min_p <= 1
+            or repetition <= 0
+        ):
             raise UserError(
                 f"sampling settings out of range: temperature {temperature} (>= 0), "
-                f"top_k {top_k} (>= 0), top_p {top_p} (in (0, 1]), min_p {min_p} (in [0, 1])"
+                f"top_k {top_k} (>= 0), top_p {top_p} (in (0, 1]), min_p {min_p} (in [0, 1]), "
+                f"repetition_penalty {repetition} (> 0)"
             )
         return {
             "temperature": np.float32(temperature),
             "top_k": np.int32(top_k),
             "top_p": np.float32(top_p),
             "min_p": np.float32(min_p),
+            "repetition_penalty": np.float32(repetition),
+            "presence_penalty": np.float32(pick(presence_penalty, sp.presence_penalty)),
+            "frequency_penalty": np.float32(pick(frequency_penalty, sp.frequency_penalty)),
         }
 
     def generate(
@@ -399,7 +585,7 @@ class Sampler:
         **settings,
     ) -> Generation:
         """Generate from a list of token-id prompts of any lengths (left-padded to a bucket).
-        `settings`: temperature, top_k, top_p, min_p overrides (see `generate_padded`)."""
+        `settings`: overrides of the sampling settings (see `generate_padded`)."""
         length = prompt_bucket(max(len(p) for p in prompts), self.sampling.max_prompt_len)
         tokens, lengths = left_pad(prompts, length, self.pad_id)
         return self.generate_padded(params, tokens, lengths, sample_ids, seed, **settings)
@@ -511,15 +697,17 @@ def read_prompts(path: str | Path, tokenizer, template: str, max_prompt_len: int
 class Completion:
     """One sampled completion of one prompt."""
 
-    token_ids: list[int]  # generated tokens, the stop token included
+    token_ids: list[int]  # generated tokens, the stop token (or stop string's tokens) included
     finish_reason: str
     model_logprob: float  # sum of the tokens' log-probs under the raw model
+    text: str  # decoded, without the stop token or stop string
 
 
 def generate_all(
     sampler: Sampler,
     params: Any,
     prompt_ids: Sequence[np.ndarray],
+    stops: Stops,
     *,
     num_samples: int = 1,
     batch_size: int = 8,
@@ -542,12 +730,16 @@ def generate_all(
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # keep the compiled shape
         ids = np.asarray([i * num_samples + j for i, j in padded], np.int32)
         gen = sampler.generate(params, [prompt_ids[i] for i, _ in padded], ids, seed)
-        tokens, lengths, model_lp = jax.device_get((gen.tokens, gen.lengths, gen.model_logprobs))
-        reasons = gen.finish_reason_names()
+        tokens, lengths, finish, model_lp = jax.device_get(
+            (gen.tokens, gen.lengths, gen.finish_reasons, gen.model_logprobs)
+        )
         for row, (i, j) in enumerate(chunk):
-            n = int(lengths[row])
+            n, stopped, text = stops.finish(tokens[row, : int(lengths[row])], bool(finish[row]))
             out[i][j] = Completion(
-                tokens[row, :n].tolist(), reasons[row], float(model_lp[row, :n].sum())
+                tokens[row, :n].tolist(),
+                FINISH_REASONS[int(stopped)],
+                float(model_lp[row, :n].sum()),
+                text,
             )
         if bar is not None:
             bar.update(len(chunk))
@@ -556,24 +748,15 @@ def generate_all(
     return out  # type: ignore[return-value]
 
 
-def completion_text(tokenizer, completion: Completion) -> str:
-    """The completion's text, without its stop token."""
-    ids = completion.token_ids
-    if completion.finish_reason == "stop":
-        ids = ids[:-1]
-    return tokenizer.decode(ids)
-
-
-def policy_sampler(policy: Policy, tokenizer) -> Sampler:
-    """A Sampler for `policy` that stops at its template's end marker and EOS."""
-    from jaxalign.data.templates import stop_token_ids
-
+def policy_sampler(policy: Policy, stops: Stops) -> Sampler:
+    """A Sampler for `policy` that stops where `stops` says (see `Stops.for_config`)."""
     cfg = policy.cfg
     return Sampler(
         cfg.model,
         cfg.sampling,
-        stop_token_ids=stop_token_ids(tokenizer, cfg.data.template),
-        pad_id=tokenizer.pad_id,
+        stop_token_ids=stops.token_ids,
+        stop_sequences=stops.sequences,
+        pad_id=stops.tokenizer.pad_id,
         mesh=policy.mesh,
         rules=policy.rules,
         graphdef=policy.graphdef,
@@ -594,12 +777,13 @@ def load_prompts_and_sample(policy: Policy, input_path: str | Path, *, progress:
     records, messages, prompt_ids = read_prompts(
         input_path, tokenizer, cfg.data.template, cfg.sampling.max_prompt_len
     )
-    sampler = policy_sampler(policy, tokenizer)
+    stops = Stops.for_config(tokenizer, cfg)
     sp = cfg.sampling
     completions = generate_all(
-        sampler,
+        policy_sampler(policy, stops),
         policy.params,
         prompt_ids,
+        stops,
         num_samples=sp.num_samples,
         batch_size=sp.batch_size,
         seed=sp.seed,
@@ -622,7 +806,7 @@ def generate_file(
         for record, samples in zip(records, completions, strict=True):
             items = [
                 {
-                    "completion": completion_text(tokenizer, c),
+                    "completion": c.text,
                     "num_tokens": len(c.token_ids),
                     "finish_reason": c.finish_reason,
                 }

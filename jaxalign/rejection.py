@@ -118,12 +118,10 @@ def rejection_sample(
     are never chosen. `scorer_prompts`: "text" passes a record's prompt string (its messages if
     it has none), "messages" always the message list (what a reward model needs). Returns
     counts and the mean best/mean score."""
-    from jaxalign.generate import completion_text, load_prompts_and_sample
+    from jaxalign.generate import load_prompts_and_sample
 
-    tokenizer, records, messages, samples = load_prompts_and_sample(
-        policy, input_path, progress=progress
-    )
-    texts = [[completion_text(tokenizer, c) for c in row] for row in samples]
+    _, records, messages, samples = load_prompts_and_sample(policy, input_path, progress=progress)
+    texts = [[c.text for c in row] for row in samples]
     flat_prompts, flat_completions, flat_records = [], [], []
     for record, convo, row in zip(records, messages, texts, strict=True):
         prompt = (

@@ -1,6 +1,6 @@
 """The sampler: KV-cache decoding equals full forward passes, train/rollout log-prob parity,
-sampling processors, stop tokens, seeds, sharding, scan_layers; the generate and
-rejection-sample commands."""
+sampling processors and penalties, stop tokens and stop strings, seeds, sharding, scan_layers;
+the generate and rejection-sample commands."""
 
 import json
 from pathlib import Path
@@ -15,7 +15,14 @@ from toy import TINY_MODEL
 from jaxalign import sharding as shd
 from jaxalign.config import SamplingConfig, load_config
 from jaxalign.errors import DataError, UserError
-from jaxalign.generate import FINISH_REASONS, Sampler, process_logits, read_prompts
+from jaxalign.generate import (
+    FINISH_REASONS,
+    Sampler,
+    Stops,
+    apply_penalties,
+    process_logits,
+    read_prompts,
+)
 from jaxalign.losses import target_logprobs
 from jaxalign.models.llama import Transformer, logical_axes, stack_layers
 
@@ -257,6 +264,134 @@ def test_stop_tokens_end_each_row_and_the_loop_exits_early(setup, greedy_out):
     assert int(out.num_steps) == out.lengths.max() <= 5 < N  # the loop exited early
 
 
+def _np_penalized(logits, prompt_mask, counts, repetition, presence, frequency):
+    """float64 reference of vLLM's penalties (the repetition penalty as Hugging Face's)."""
+    x = logits.astype(np.float64)
+    seen = prompt_mask | (counts > 0)
+    x = np.where(seen, np.where(x > 0, x / repetition, x * repetition), x)
+    return x - presence * (counts > 0) - frequency * counts
+
+
+def test_penalties_match_float64_reference():
+    rng = np.random.default_rng(7)
+    logits = (2.0 * rng.standard_normal((4, 64))).astype(np.float32)
+    prompt_mask = rng.random((4, 64)) < 0.2
+    counts = rng.integers(0, 4, (4, 64)) * (rng.random((4, 64)) < 0.3)
+    fn = jax.jit(apply_penalties)
+    for settings in [(1.0, 0.0, 0.0), (1.3, 0.0, 0.0), (0.8, 0.5, 0.2), (2.0, -0.4, 1.0)]:
+        got = np.asarray(fn(logits, prompt_mask, counts.astype(np.int32), *settings))
+        ref = _np_penalized(logits, prompt_mask, counts, *settings)
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-6)
+    np.testing.assert_array_equal(fn(logits, prompt_mask, counts, 1.0, 0.0, 0.0), logits)
+    assert fn._cache_size() == 1
+
+
+def test_penalties_in_the_loop_match_stepwise_reference(setup, greedy_out):
+    """Greedy decoding with penalties equals the step-by-step argmax of the full forward's
+    logits penalized in float64 by the row's prompt tokens and the response so far; sampled,
+    the sampling log-probs are the penalized distribution's and the model log-probs still the
+    raw model's. Penalty values are run-time inputs: one extra compilation for them all."""
+    cfg, _, params, prompts, reference, _ = setup
+    settings = {"repetition_penalty": 1.8, "presence_penalty": 0.7, "frequency_penalty": 0.4}
+    sampler = Sampler(cfg.model, SamplingConfig(temperature=0.0, max_new_tokens=N))
+    out = jax.device_get(sampler.generate(params, prompts, **settings))
+    seqs = [list(p) for p in prompts]
+    for _ in range(N):
+        logits, _ = reference(seqs)
+        for r, seq in enumerate(seqs):
+            prompt = np.zeros(512, bool)
+            prompt[prompts[r]] = True
+            counts = np.bincount(seq[len(prompts[r]) :], minlength=512)
+            pen = _np_penalized(logits[r, len(seq) - 1], prompt, counts, *settings.values())
+            seq.append(int(np.argmax(pen)))
+    got = completions(out)
+    assert got == [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
+    assert got != completions(greedy_out)  # the penalties changed some answers
+    # Random-weight greedy decoding repeats tokens; with the penalties it repeats fewer.
+    repeats = [sum(len(c) - len(set(c)) for c in rows) for rows in (completions(greedy_out), got)]
+    assert repeats[1] < repeats[0]
+    _, train_logps = reference([list(p) + c for p, c in zip(prompts, got, strict=True)])
+    for r, p in enumerate(prompts):
+        np.testing.assert_allclose(
+            out.model_logprobs[r], train_logps[r, len(p) - 1 : len(p) - 1 + N], atol=1e-5
+        )
+
+    hot = jax.device_get(sampler.generate(params, prompts, temperature=0.9, **settings))
+    seqs = [list(p) + c for p, c in zip(prompts, completions(hot), strict=True)]
+    logits, train_logps = reference(seqs)
+    for r, p in enumerate(prompts):
+        prompt = np.zeros(512, bool)
+        prompt[p] = True
+        for t in range(int(hot.lengths[r])):
+            counts = np.bincount(seqs[r][len(p) : len(p) + t], minlength=512)
+            pen = _np_penalized(logits[r, len(p) - 1 + t], prompt, counts, *settings.values())
+            ref = _np_processed_logprobs(pen, 0.9, 0, 1.0)
+            np.testing.assert_allclose(
+                hot.sampling_logprobs[r, t], ref[seqs[r][len(p) + t]], atol=1e-4
+            )
+        np.testing.assert_allclose(
+            hot.model_logprobs[r], train_logps[r, len(p) - 1 : len(p) - 1 + N], atol=1e-5
+        )
+    off = jax.device_get(sampler.generate(params, prompts))
+    np.testing.assert_array_equal(off.tokens, greedy_out.tokens)
+    assert sampler.compiled_count() == 2  # without and with penalties, whatever their values
+    with pytest.raises(UserError, match="repetition_penalty"):
+        sampler.generate(params, prompts, repetition_penalty=0.0)
+
+
+def test_stop_sequences_end_rows_in_the_loop(setup, greedy_out):
+    """A row stops with the last token of the first stop sequence its response spells (the
+    prompt's tokens never count)."""
+    cfg, _, params, prompts, _, _ = setup
+    free = completions(greedy_out)
+    sequences = [tuple(free[0][2:4]), tuple(free[3][1:2]), tuple(free[5][3:6])]
+    sampler = Sampler(
+        cfg.model, SamplingConfig(temperature=0.0, max_new_tokens=N), stop_sequences=sequences
+    )
+    out = jax.device_get(sampler.generate(params, prompts))
+
+    def end(row):
+        for j in range(len(row)):
+            if any(tuple(row[max(0, j + 1 - len(q)) : j + 1]) == q for q in sequences):
+                return j + 1
+        return None
+
+    for r, row in enumerate(free):
+        n = end(row)
+        want = (n, "stop") if n else (N, "length")
+        assert (int(out.lengths[r]), FINISH_REASONS[out.finish_reasons[r]]) == want
+        assert out.tokens[r, : want[0]].tolist() == row[: want[0]]
+    assert int(out.num_steps) == max(end(row) or N for row in free)
+
+
+def test_stop_strings_cut_rows_wherever_the_tokens_split_them():
+    from jaxalign.data import load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER)
+    stops = Stops(tok, [tok.eos_id], ["world", "!!"])
+    for q in stops.sequences:
+        assert any(t in tok.decode([*tok.encode("a"), *q]) for t in stops.strings)
+    ids = tok.encode("hello world and more")
+    # The loop would stop this row: its tokens of " world" are one of the sequences.
+    assert any(ids[j - len(q) : j] == list(q) for q in stops.sequences for j in range(len(ids) + 1))
+    n, stopped, text = stops.finish(ids, False)
+    assert (stopped, text) == (True, "hello ")
+    assert "world" in tok.decode(ids[:n]) and "world" not in tok.decode(ids[: n - 1])
+    # Spelled one letter at a time, as the model may: still cut there.
+    letters = [tok.token_id(c) for c in "world"]
+    spelled = [*tok.encode("hello "), *letters, *tok.encode(" more"), tok.eos_id]
+    assert stops.finish(spelled, True) == (len(tok.encode("hello ")) + 5, True, "hello ")
+    # No stop string: only the stop token leaves the text; a cut length keeps the rest.
+    plain = [*tok.encode("hello there"), tok.eos_id]
+    assert stops.finish(plain, True) == (len(plain), True, "hello there")
+    assert stops.finish(plain[:-1], False) == (len(plain) - 1, False, "hello there")
+    lengths, stopped, texts = stops.finish_rows(
+        np.asarray([plain, [*spelled[: len(plain)]]]), np.asarray([len(plain), 3]), [True, False]
+    )
+    assert lengths.tolist() == [len(plain), 3] and stopped.tolist() == [True, False]
+    assert texts[0] == "hello there"
+
+
 def test_sharded_generation_equals_single_device(setup, greedy_out):
     """fsdp=4 x tensor=2: rows over fsdp, KV heads over tensor, params used where they lie."""
     cfg, graphdef, params, prompts, _, _ = setup
@@ -374,6 +509,21 @@ def test_generate_command_writes_one_greedy_record_per_prompt(run_dir, setup):
         ids = direct.tokens[r, : n - 1 if reason == "stop" else n]
         assert (row["num_tokens"], row["finish_reason"]) == (n, reason)
         assert row["completion"] == tok.decode(ids)
+
+    # A stop string from inside the first completion: it ends there, without the string.
+    first = rows[0]["completion"]
+    assert len(first) >= 4
+    cut = json.dumps([first[2:4]])
+    stopped_path = root / "out_stop.jsonl"
+    args = ["generate", "--model", str(root / "run"), "--input", str(prompts)]
+    args += ["--output", str(stopped_path), "--set", "sampling.temperature=0"]
+    assert main([*args, "--set", f"sampling.stop={cut}", "--no-progress"]) == 0
+    again = [json.loads(line) for line in stopped_path.read_text().splitlines()]
+    assert again[0]["completion"] == first[: first.index(first[2:4])]
+    assert again[0]["finish_reason"] == "stop" and again[0]["num_tokens"] <= rows[0]["num_tokens"]
+    for before, after in zip(rows[1:], again[1:], strict=True):
+        if first[2:4] not in before["completion"]:
+            assert after == before
 
 
 @pytest.mark.slow

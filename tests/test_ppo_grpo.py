@@ -776,6 +776,34 @@ def test_filter_groups_samples_until_every_group_has_a_spread(tmp_path):
         make_algorithm(rl_config(tmp_path, "ppo", **{"rl.filter_groups": True}))
 
 
+def test_stop_strings_and_penalties_in_a_rollout(tmp_path):
+    """sampling.stop in RL: a response ends with the token that completes its first stop string
+    (that token trained on, nothing after it), and its text, what the rewards score, ends
+    before the string; the penalties run in the rollout's sampler, and rl.old_logprobs:
+    sampler refuses them."""
+    sets = {"sampling.stop": '["e"]', "sampling.repetition_penalty": 1.3}
+    algo, trainer, state, data = rollout_data(rl_config(tmp_path, "grpo", **sets))
+    next(data)
+    last, tokenizer = data.last_rollout, algo.tokenizer
+    buffer = last["buffer"]
+    n = buffer["mask"].shape[1]
+    cut = 0
+    for r, text in enumerate(last["texts"]):
+        response = buffer["tokens"][r, -n:][buffer["mask"][r] > 0].tolist()
+        assert (buffer["tokens"][r, -n:][buffer["mask"][r] == 0] == tokenizer.pad_id).all()
+        decoded = tokenizer.decode(response)
+        assert "e" not in text
+        if "e" in decoded:
+            cut += 1
+            assert text == decoded[: decoded.index("e")]
+            assert "e" not in tokenizer.decode(response[:-1])
+        else:
+            assert text == decoded
+    assert cut > 0
+    with pytest.raises(ConfigError, match="penalty"):
+        make_algorithm(rl_config(tmp_path, "grpo", **sets, **{"rl.old_logprobs": "sampler"}))
+
+
 def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path):
     """rl.reward_weights: the rollout's scores are the weighted sum of the reward functions'
     (recomputed here from the decoded completions), each function's own mean is logged under

@@ -118,7 +118,7 @@ def generate_answers(
     """Greedy answers of the policy in `model_dir` to `records`: texts, prompt and completion
     token ids, and the loaded policy and tokenizer."""
     from jaxalign.data import load_tokenizer, render_prompt
-    from jaxalign.generate import completion_text, generate_all, load_policy, policy_sampler
+    from jaxalign.generate import Stops, generate_all, load_policy, policy_sampler
 
     policy = load_policy(
         model_dir,
@@ -132,16 +132,18 @@ def generate_answers(
     tokenizer = load_tokenizer(policy.cfg.data.tokenizer)
     template = policy.cfg.data.template
     prompt_ids = [render_prompt(_messages(r), tokenizer, template) for r in records]
+    stops = Stops.for_config(tokenizer, policy.cfg)
     completions = generate_all(
-        policy_sampler(policy, tokenizer),
+        policy_sampler(policy, stops),
         policy.params,
         prompt_ids,
+        stops,
         batch_size=batch_size,
         seed=seed,
     )
     completions = [c[0] for c in completions]
     return {
-        "texts": [completion_text(tokenizer, c) for c in completions],
+        "texts": [c.text for c in completions],
         "prompt_ids": prompt_ids,
         "completion_ids": [c.token_ids for c in completions],
         "policy": policy,

@@ -35,9 +35,8 @@ from jax.sharding import NamedSharding
 from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.data.prompts import prompt_iterator_from_config
-from jaxalign.data.templates import stop_token_ids
 from jaxalign.errors import ConfigError
-from jaxalign.generate import Sampler
+from jaxalign.generate import Sampler, Stops
 from jaxalign.models.llama import Transformer
 from jaxalign.trainers.rl_rows import (
     ROW_KEYS,
@@ -53,7 +52,6 @@ from jaxalign.trainers.rl_rows import (
 )
 from jaxalign.trainers.scoring import (
     Scorer,
-    completion_texts,
     family_scores,
     pass_rate,
     read_prompt_file,
@@ -207,12 +205,12 @@ class RolloutData:
             self.mesh, shd.logical_to_spec(("batch", None), self.rules)
         )
         self.vec_sharding = NamedSharding(self.mesh, shd.logical_to_spec(("batch",), self.rules))
-        stops = stop_token_ids(self.tokenizer, cfg.data.template)
-        self.stop_ids = stops
+        self.stops = stops = Stops.for_config(self.tokenizer, cfg)
         self.sampler = Sampler(
             cfg.model,
             cfg.sampling,
-            stop_token_ids=stops,
+            stop_token_ids=stops.token_ids,
+            stop_sequences=stops.sequences,
             pad_id=self.tokenizer.pad_id,
             mesh=self.mesh,
             rules=self.rules,
@@ -259,7 +257,8 @@ class RolloutData:
             self.eval_sampler = Sampler(
                 cfg.model,
                 greedy,
-                stop_token_ids=stops,
+                stop_token_ids=stops.token_ids,
+                stop_sequences=stops.sequences,
                 pad_id=self.tokenizer.pad_id,
                 mesh=self.mesh,
                 rules=self.rules,
@@ -309,8 +308,11 @@ class RolloutData:
         timings["time/generate"] = timings.get("time/generate", 0.0) + time.perf_counter() - t
 
         t = time.perf_counter()
-        stopped = finish.astype(bool)
-        texts = completion_texts(self.tokenizer, response, lengths, stopped)
+        lengths, stopped, texts = self.stops.finish_rows(response, lengths, finish)
+        if self.stops.strings:  # rows cut at a stop string end there
+            past = np.arange(response.shape[1])[None, :] >= lengths[:, None]
+            response = np.where(past, self.tokenizer.pad_id, response)
+            sampling_lp = np.where(past, 0.0, sampling_lp).astype(sampling_lp.dtype)
         prompt_texts = [
             self.tokenizer.decode(p[-n:].tolist())
             for p, n in zip(batch["tokens"], batch["lengths"], strict=True)
@@ -417,7 +419,7 @@ class RolloutData:
             ids,
             records,
             self.scorer.functions_score,
-            self.tokenizer,
+            self.stops,
             rows=rows,
         )
         return {"eval/pass_rate": out["pass_rate"], "eval/mean_score": out["mean_score"]}
@@ -725,10 +727,12 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         )
     if sp.temperature <= 0:
         raise ConfigError("RL samples from the policy: sampling.temperature must be > 0")
-    if rl.old_logprobs == "sampler" and (sp.top_k or sp.top_p < 1 or sp.min_p > 0):
+    penalties = sp.repetition_penalty != 1 or sp.presence_penalty or sp.frequency_penalty
+    if rl.old_logprobs == "sampler" and (sp.top_k or sp.top_p < 1 or sp.min_p > 0 or penalties):
         raise ConfigError(
-            "rl.old_logprobs: sampler needs sampling.top_k = 0, top_p = 1 and min_p = 0 (the "
-            "sampled distribution must be the policy's)"
+            "rl.old_logprobs: sampler needs sampling.top_k = 0, top_p = 1, min_p = 0 and no "
+            "repetition, presence or frequency penalty (the sampled distribution must be the "
+            "policy's)"
         )
     per_call = min(rows, sp.batch_size * rl.num_generations)
     if rows % per_call:

@@ -13,7 +13,7 @@ import numpy as np
 from jaxalign.config import Config
 from jaxalign.data.prompts import PromptBatchIterator
 from jaxalign.errors import ConfigError
-from jaxalign.generate import Sampler
+from jaxalign.generate import Sampler, Stops
 from jaxalign.rejection import function_scorer, load_reward_function
 
 
@@ -113,29 +113,20 @@ def read_prompt_file(
     return ids, extras
 
 
-def completion_texts(
-    tokenizer, tokens: np.ndarray, lengths: np.ndarray, stopped: np.ndarray
-) -> list[str]:
-    """Decoded completions [R] without their stop token."""
-    return [
-        tokenizer.decode(tokens[r, : int(lengths[r]) - int(stopped[r])].tolist())
-        for r in range(len(lengths))
-    ]
-
-
 def pass_rate(
     sampler: Sampler,
     params: Any,
     prompt_ids: Sequence[np.ndarray],
     records: Sequence[dict],
     score: Callable,
-    tokenizer,
+    stops: Stops,
     *,
     rows: int = 256,
     threshold: float = 1.0,
 ) -> dict:
     """Greedy-decode (with `sampler`, temperature 0) every prompt and score it: the fraction
-    with score >= threshold (`pass_rate`), the mean score, and the completions."""
+    with score >= threshold (`pass_rate`), the mean score, and the completions (ended where
+    `stops` says)."""
     texts, stopped_all = [], []
     rows = min(rows, len(prompt_ids))
     for start in range(0, len(prompt_ids), rows):
@@ -143,9 +134,10 @@ def pass_rate(
         padded = chunk + [chunk[0]] * (rows - len(chunk))  # one compiled shape
         out = sampler.generate(params, padded)
         tokens, lengths, finish = jax.device_get((out.tokens, out.lengths, out.finish_reasons))
-        texts += completion_texts(tokenizer, tokens, lengths, finish)[: len(chunk)]
-        stopped_all += list(finish[: len(chunk)])
-    prompts = [tokenizer.decode(p.tolist()) for p in prompt_ids]
+        _, stopped, chunk_texts = stops.finish_rows(tokens, lengths, finish)
+        texts += chunk_texts[: len(chunk)]
+        stopped_all += list(stopped[: len(chunk)])
+    prompts = [stops.tokenizer.decode(p.tolist()) for p in prompt_ids]
     scores = np.asarray(score(prompts, texts, list(records)), np.float64)
     return {
         "pass_rate": float(np.mean(scores >= threshold)),
