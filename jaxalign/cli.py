@@ -35,6 +35,12 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument(
@@ -155,8 +161,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _enable_compilation_cache()
     policy = load_policy(args.model, args.overrides)
-    count = generate_file(policy, args.input, args.output, progress=args.progress)
-    print(f"[jaxalign] wrote {count} records to {args.output}")
+    count = generate_file(
+        policy, args.input, args.output, progress=args.progress, resume=args.resume
+    )
+    if _is_main_process():
+        print(f"[jaxalign] wrote {count} records to {args.output}")
     return 0
 
 
@@ -176,6 +185,8 @@ def cmd_rejection_sample(args: argparse.Namespace) -> int:
         scorer_prompts=prompt_form,
         progress=args.progress,
     )
+    if not _is_main_process():
+        return 0
     print(
         f"[jaxalign] {stats['prompts']} prompts x {stats['samples_per_prompt']} samples: "
         f"{stats['sft_records']} SFT records to {args.output_sft}, {stats['dpo_pairs']} DPO "
@@ -275,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample completions for a JSONL file of prompts")
     _add_generation_args(p)
     p.add_argument("--output", required=True, help="output JSONL, one record per prompt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from the records in OUTPUT.partial",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(

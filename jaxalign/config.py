@@ -317,7 +317,7 @@ class RLConfig:
     # that, left-out groups fill the rest.
     filter_groups: bool = False
     max_generate_rounds: int = 4
-    offload_frozen: bool = False  # keep the reference in host memory between rollouts
+    offload_frozen: bool = False  # keep the reference (and RM) in host memory between rollouts
     # Rows per log-prob forward (policy, reference, values) after generation; 0: all rows in one.
     # The [rows, N, V] float32 logits of that forward dominate a large model's rollout memory.
     forward_batch_size: int = 0

@@ -16,8 +16,10 @@ temperature, top-k, top-p; 0 for greedy decoding, a point mass).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
@@ -164,7 +167,7 @@ def sample_tokens(
 @jax.tree_util.register_dataclass
 @dataclass
 class Generation:
-    """What `Sampler.generate` returns (a pytree; `jax.device_get` gives numpy). Past a row's
+    """What `Sampler.generate` returns (a pytree; `host_array` gives numpy). Past a row's
     end, tokens are `pad_id` and log-probs 0."""
 
     tokens: jax.Array  # [B, N] int32 generated tokens (the stop token included)
@@ -325,6 +328,14 @@ def _generate(
         "sampling_logprobs": state["sampling_logprobs"],
         "num_steps": state["step"],
     }
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) array as numpy, on every process: `np.asarray`
+    where this process holds all of it, else gathered from every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def prompt_bucket(length: int, max_prompt_len: int) -> int:
@@ -713,25 +724,28 @@ def generate_all(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    first_index: int = 0,
+    bar=None,
 ) -> list[list[Completion]]:
     """`num_samples` completions for every prompt, in fixed-size batches of rows sorted by prompt
-    length (so buckets are tight); row `i * num_samples + j` samples with stream id of that
-    number, so results do not depend on batching."""
+    length (so buckets are tight); row `(first_index + i) * num_samples + j` samples with stream
+    id of that number, so results depend neither on batching nor on which slice of a prompt
+    list this call gets. `bar`: a progress bar to advance (else `progress` makes one)."""
     rows = [(i, j) for i in range(len(prompt_ids)) for j in range(num_samples)]
     rows.sort(key=lambda r: -len(prompt_ids[r[0]]))
     out: list[list[Completion | None]] = [[None] * num_samples for _ in prompt_ids]
-    bar = None
-    if progress:
+    own_bar = bar is None and progress
+    if own_bar:
         from tqdm import tqdm
 
         bar = tqdm(total=len(rows), unit="sample", dynamic_ncols=True)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # keep the compiled shape
-        ids = np.asarray([i * num_samples + j for i, j in padded], np.int32)
+        ids = np.asarray([(first_index + i) * num_samples + j for i, j in padded], np.int32)
         gen = sampler.generate(params, [prompt_ids[i] for i, _ in padded], ids, seed)
-        tokens, lengths, finish, model_lp = jax.device_get(
-            (gen.tokens, gen.lengths, gen.finish_reasons, gen.model_logprobs)
+        tokens, lengths, finish, model_lp = (
+            host_array(x) for x in (gen.tokens, gen.lengths, gen.finish_reasons, gen.model_logprobs)
         )
         for row, (i, j) in enumerate(chunk):
             n, stopped, text = stops.finish(tokens[row, : int(lengths[row])], bool(finish[row]))
@@ -743,7 +757,7 @@ def generate_all(
             )
         if bar is not None:
             bar.update(len(chunk))
-    if bar is not None:
+    if own_bar:
         bar.close()
     return out  # type: ignore[return-value]
 
@@ -763,8 +777,9 @@ def policy_sampler(policy: Policy, stops: Stops) -> Sampler:
     )
 
 
-def load_prompts_and_sample(policy: Policy, input_path: str | Path, *, progress: bool = True):
-    """Tokenizer, records, messages and completions for every prompt of `input_path`."""
+def load_prompts(policy: Policy, input_path: str | Path):
+    """The policy's tokenizer and stops, and the records, messages and prompt token ids of
+    `input_path` (every record checked before anything is generated)."""
     from jaxalign.data.tokenizer import load_tokenizer
 
     cfg = policy.cfg
@@ -777,8 +792,13 @@ def load_prompts_and_sample(policy: Policy, input_path: str | Path, *, progress:
     records, messages, prompt_ids = read_prompts(
         input_path, tokenizer, cfg.data.template, cfg.sampling.max_prompt_len
     )
-    stops = Stops.for_config(tokenizer, cfg)
-    sp = cfg.sampling
+    return tokenizer, Stops.for_config(tokenizer, cfg), records, messages, prompt_ids
+
+
+def load_prompts_and_sample(policy: Policy, input_path: str | Path, *, progress: bool = True):
+    """Tokenizer, records, messages and completions for every prompt of `input_path`."""
+    tokenizer, stops, records, messages, prompt_ids = load_prompts(policy, input_path)
+    sp = policy.cfg.sampling
     completions = generate_all(
         policy_sampler(policy, stops),
         policy.params,
@@ -792,26 +812,115 @@ def load_prompts_and_sample(policy: Policy, input_path: str | Path, *, progress:
     return tokenizer, records, messages, completions
 
 
-def generate_file(
-    policy: Policy, input_path: str | Path, output_path: str | Path, *, progress: bool = True
-) -> int:
-    """Write one JSONL record per prompt: the input record plus `completion`, `num_tokens` and
-    `finish_reason` (with num_samples > 1: `completions`, a list of such objects)."""
-    tokenizer, records, _, completions = load_prompts_and_sample(
-        policy, input_path, progress=progress
-    )
+def output_record(record: dict, samples: Sequence[Completion]) -> dict:
+    """The input record plus `completion`, `num_tokens` and `finish_reason` (several samples:
+    `completions`, a list of such objects)."""
+    items = [
+        {"completion": c.text, "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+        for c in samples
+    ]
+    return {**record, **items[0]} if len(items) == 1 else {**record, "completions": items}
+
+
+def partial_path(output_path: str | Path) -> Path:
+    """Where `generate_file` writes until it has every record: OUTPUT.partial."""
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("w", encoding="utf-8") as f:
-        for record, samples in zip(records, completions, strict=True):
-            items = [
-                {
-                    "completion": c.text,
-                    "num_tokens": len(c.token_ids),
-                    "finish_reason": c.finish_reason,
-                }
-                for c in samples
-            ]
-            out = {**record, **items[0]} if len(items) == 1 else {**record, "completions": items}
-            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+    return output_path.with_name(output_path.name + ".partial")
+
+
+def _resume_point(partial: Path, records: Sequence[dict]) -> int:
+    """How many records `partial` already holds, each checked to continue the input's record of
+    the same line; a last line cut short by a crash is dropped from the file."""
+    data = partial.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with partial.open("r+b") as f:
+            f.truncate(len(complete))
+    lines = complete.decode("utf-8").splitlines()
+    if len(lines) > len(records):
+        raise DataError(
+            f"holds {len(lines)} records, the input only {len(records)}", where=str(partial)
+        )
+    for n, (line, record) in enumerate(zip(lines, records, strict=False), start=1):
+        try:
+            written = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not JSON ({e.msg})", where=f"{partial}:{n}") from None
+        if not isinstance(written, dict) or any(written.get(k) != v for k, v in record.items()):
+            raise DataError(
+                "is not the output of the input's record on the same line (another input?)",
+                where=f"{partial}:{n}",
+            )
+    return len(lines)
+
+
+def generate_file(
+    policy: Policy,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    chunk_prompts: int | None = None,
+) -> int:
+    """Write one JSONL record per prompt, in input order (`output_record`).
+
+    Records go to OUTPUT.partial as soon as each chunk of prompts (`chunk_prompts`; default 32
+    compiled batches' worth) is done, flushed to disk, and the file becomes OUTPUT when every
+    record is in it; so a crash or an interrupt loses at most one chunk, and an existing OUTPUT
+    is replaced only by a complete one. With `resume`, a run continues the records already in
+    OUTPUT.partial (the same samples as an uninterrupted run: each row's random stream is fixed
+    by its prompt's index); without it, an existing OUTPUT.partial is an error rather than
+    overwritten. Returns the number of records."""
+    _, stops, records, _, prompt_ids = load_prompts(policy, input_path)
+    output_path = Path(output_path)
+    partial = partial_path(output_path)
+    main = jax.process_index() == 0  # every process generates; process 0 writes
+    done = 0
+    if main and partial.exists():
+        if not resume:
+            raise UserError(
+                f"{partial} holds the records of an unfinished run: pass --resume to continue "
+                "it, or delete it"
+            )
+        done = _resume_point(partial, records)
+    if jax.process_count() > 1:  # the same chunks on every process
+        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    sp = policy.cfg.sampling
+    chunk_prompts = chunk_prompts or max(1, 32 * sp.batch_size // sp.num_samples)
+    sampler = policy_sampler(policy, stops)
+    bar = None
+    if progress and main:
+        from tqdm import tqdm
+
+        total = len(records) * sp.num_samples
+        bar = tqdm(total=total, initial=done * sp.num_samples, unit="sample", dynamic_ncols=True)
+    if main:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with partial.open("a", encoding="utf-8") if main else contextlib.nullcontext() as f:
+            for start in range(done, len(records), chunk_prompts):
+                end = min(start + chunk_prompts, len(records))
+                completions = generate_all(
+                    sampler,
+                    policy.params,
+                    prompt_ids[start:end],
+                    stops,
+                    num_samples=sp.num_samples,
+                    batch_size=sp.batch_size,
+                    seed=sp.seed,
+                    first_index=start,
+                    bar=bar,
+                )
+                if f is None:
+                    continue
+                for record, samples in zip(records[start:end], completions, strict=True):
+                    f.write(json.dumps(output_record(record, samples), ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        if bar is not None:
+            bar.close()
+    if main:
+        os.replace(partial, output_path)
     return len(records)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxalign.errors import UserError
@@ -136,6 +138,8 @@ def rejection_sample(
     scores = np.asarray(scorer(flat_prompts, flat_completions, flat_records), np.float64)
     k = len(texts[0])
     scores = scores.reshape(len(records), k)
+    if jax.process_index() != 0:  # every process samples and scores; process 0 writes
+        sft_output, dpo_output = os.devnull, None if dpo_output is None else os.devnull
     sft_output, stats = (
         Path(sft_output),
         {"prompts": len(records), "samples_per_prompt": k, "sft_records": 0, "dpo_pairs": 0},

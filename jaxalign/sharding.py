@@ -325,3 +325,47 @@ def describe(shapes: Any, shardings: Any, mesh: Mesh) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.append(f"total parameter bytes per device: {total:,}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays kept in host memory between uses (rl.offload_frozen).
+
+
+@dataclasses.dataclass(frozen=True)
+class HostArray:
+    """This process's part of a jax.Array in host memory: one NumPy copy per distinct shard
+    (a replicated array is stored once, not once per device), with the array's sharding."""
+
+    shape: tuple[int, ...]
+    sharding: jax.sharding.Sharding
+    shards: dict[tuple, np.ndarray]
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def to_host(tree: Any) -> Any:
+    """Each array of `tree` as a `HostArray`. Works where an array spans several processes
+    (each keeps its own shards), unlike `jax.device_get`, which needs the whole array."""
+
+    def one(x: jax.Array) -> HostArray:
+        shards: dict[tuple, np.ndarray] = {}
+        for shard in x.addressable_shards:
+            key = _index_key(shard.index)
+            if key not in shards:
+                shards[key] = np.asarray(shard.data)
+        return HostArray(tuple(x.shape), x.sharding, shards)
+
+    return jax.tree.map(one, tree)
+
+
+def to_device(tree: Any) -> Any:
+    """The arrays `to_host` stored, back on their devices with their shardings."""
+
+    def one(h: HostArray) -> jax.Array:
+        return jax.make_array_from_callback(
+            h.shape, h.sharding, lambda index: h.shards[_index_key(index)]
+        )
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, HostArray))

@@ -428,3 +428,26 @@ def test_multi_slice_training_equals_single_slice(tmp_path):
     assert results["single"][0] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert results["multi"][0] == [[0, 2], [1, 3], [4, 6], [5, 7]]  # slice s: devices 2s, 2s+1
     np.testing.assert_allclose(results["multi"][1], results["single"][1], atol=1e-5, rtol=0)
+
+
+def test_host_copies_keep_each_shard_once_and_come_back_exactly():
+    """rl.offload_frozen's host copies: sharded, tensor-split and replicated arrays of an 8-device
+    mesh go to host memory as their distinct shards (a replicated array once) and come back
+    equal, with the same shardings."""
+    mesh = shd.make_mesh(load_config(None, ["mesh.fsdp=4", "mesh.tensor=2"]).mesh)
+    rng = np.random.default_rng(0)
+    values = {
+        "fsdp": rng.standard_normal((8, 6)).astype(np.float32),
+        "both": rng.standard_normal((4, 8)).astype(np.float32),
+        "replicated": np.arange(5, dtype=np.int32),
+    }
+    specs = {"fsdp": P("fsdp", None), "both": P("fsdp", "tensor"), "replicated": P()}
+    tree = {
+        k: jax.device_put(v, jax.sharding.NamedSharding(mesh, specs[k])) for k, v in values.items()
+    }
+    host = shd.to_host(tree)
+    assert {k: len(h.shards) for k, h in host.items()} == {"fsdp": 4, "both": 8, "replicated": 1}
+    back = shd.to_device(host)
+    for k, v in values.items():
+        assert back[k].sharding == tree[k].sharding
+        np.testing.assert_array_equal(np.asarray(back[k]), v)

@@ -526,6 +526,56 @@ def test_generate_command_writes_one_greedy_record_per_prompt(run_dir, setup):
             assert after == before
 
 
+def test_generate_file_survives_an_interrupt_and_resumes_to_the_same_output(
+    run_dir, tmp_path, monkeypatch
+):
+    """Records reach OUTPUT.partial chunk by chunk; an interrupt leaves them there (and no
+    OUTPUT); a rerun refuses to overwrite them, and --resume continues to the same file an
+    uninterrupted run writes (sampled: each row's stream is fixed by its prompt's index)."""
+    from jaxalign import generate as gen
+
+    root, prompts, records = run_dir
+    sets = ["sampling.temperature=1.0", "sampling.num_samples=2", "sampling.batch_size=2"]
+    policy = gen.load_policy(root / "run", sets)
+    straight = tmp_path / "straight.jsonl"
+    gen.generate_file(policy, prompts, straight, progress=False, chunk_prompts=1)
+    assert not gen.partial_path(straight).exists()
+    lines = straight.read_text().splitlines()
+    assert len(lines) == 3 and all(len(json.loads(x)["completions"]) == 2 for x in lines)
+    # The same in one chunk: chunking changes nothing.
+    whole = tmp_path / "whole.jsonl"
+    gen.generate_file(policy, prompts, whole, progress=False)
+    assert whole.read_text() == straight.read_text()
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("an earlier complete output\n")
+    real, calls = gen.generate_all, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["first_index"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate_file(policy, prompts, out, progress=False, chunk_prompts=1)
+    partial = gen.partial_path(out)
+    assert partial.read_text().splitlines() == lines[:2]
+    assert out.read_text() == "an earlier complete output\n"  # not replaced by a part
+    monkeypatch.setattr(gen, "generate_all", real)
+    with pytest.raises(UserError, match="--resume"):
+        gen.generate_file(policy, prompts, out, progress=False)
+    with partial.open("a") as f:
+        f.write('{"bonus": 2.0, "compl')  # a line cut short by the crash
+    assert gen.generate_file(policy, prompts, out, progress=False, resume=True) == 3
+    assert out.read_text() == straight.read_text() and not partial.exists()
+    # A partial file from another input is refused, naming its line.
+    partial.write_text(lines[1] + "\n")
+    with pytest.raises(DataError, match=r"partial:1: .*another input"):
+        gen.generate_file(policy, prompts, out, progress=False, resume=True)
+
+
 @pytest.mark.slow
 def test_rejection_sampling_writes_best_for_sft_and_best_worst_for_dpo(run_dir, tmp_path):
     from jaxalign.cli import main

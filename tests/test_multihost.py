@@ -163,12 +163,15 @@ PPO_OVERRIDES = [
     "rl.ptx_batch_size=8",
     # Packed train rows: each process packs its own rows, in as many rows as any process needs.
     "rl.pack_rows=2",
+    # The reference in host memory between rollouts: each process keeps its own shards.
+    "rl.offload_frozen=true",
     "train.log_every=1",
     "train.progress=false",
     "train.peak_flops_per_device=1e9",
     "checkpoint.every=0",
     "logging.tensorboard=false",
-    "mesh.data=2",
+    # FSDP over all 8 devices: each process holds half of every parameter.
+    "mesh.data=1",
     "mesh.fsdp=-1",
 ]
 
@@ -178,7 +181,9 @@ def test_two_process_ppo_gives_the_single_process_run(runs):
     generated and scored on every process, each packing and training its share of each
     minibatch and reading its share of the ptx rows) equals one process with 8 devices: the
     same sampled rollouts (scores, lengths), the same losses and the same data state in the
-    final checkpoint (the two processes' ptx iterator states merged into one)."""
+    final checkpoint (the two processes' ptx iterator states merged into one). FSDP spans both
+    processes and the reference lives in host memory between rollouts (rl.offload_frozen),
+    each process keeping its own half."""
     kwargs = {"config": "configs/ppo_tiny.yaml", "overrides": PPO_OVERRIDES}
     single_dir, multi_dir = runs / "ppo_single", runs / "ppo_multi"
     one_process(single_dir, **kwargs)
@@ -353,3 +358,99 @@ def test_error_messages_name_the_variables_of_each_environment():
         r"seconds \(got 'soon'\)$",
     ):
         distributed.init_timeout({"JAXALIGN_INIT_TIMEOUT": "soon"})
+
+
+def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_path):
+    """`jaxalign generate --resume` across two processes (every process generates with the
+    params sharded over both, process 0 writes) continues a partial file of the one-process
+    output to that same output, byte for byte; `jaxalign rejection-sample` on two processes
+    writes the files one process does."""
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["What is 2 plus 3?", "Name a fruit.", "Spell dog.", "Say hi.", "Count to 3."]
+    prompts.write_text(
+        "".join(json.dumps({"prompt": q, "i": i}) + "\n" for i, q in enumerate(questions))
+    )
+
+    def generate(output: Path, *extra: str) -> list[str]:
+        sets = ["sampling.temperature=1.0", "sampling.max_new_tokens=8", "sampling.batch_size=8"]
+        return [
+            sys.executable,
+            "-m",
+            "jaxalign.cli",
+            "generate",
+            "--model",
+            str(runs / "single"),
+            "--input",
+            str(prompts),
+            "--output",
+            str(output),
+            *[a for s in sets for a in ("--set", s)],
+            "--no-progress",
+            *extra,
+        ]
+
+    one = tmp_path / "one.jsonl"
+    proc = subprocess.run(
+        generate(one), cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = one.read_text().splitlines()
+    assert len(lines) == 5
+    two = tmp_path / "two.jsonl"
+    (tmp_path / "two.jsonl.partial").write_text("\n".join(lines[:2]) + "\n")
+    logs_dir = tmp_path / "logs_generate"
+    proc = subprocess.run(
+        [
+            "bash",
+            "launch/local_multiprocess.sh",
+            "2",
+            "--devices-per-process",
+            "4",
+            "--",
+            *generate(two, "--resume"),
+        ],
+        cwd=REPO,
+        env=_env(4) | {"RUN_LOGS": str(logs_dir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    logs = "".join(p.read_text() for p in sorted(logs_dir.glob("*.log")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-3000:]
+    assert two.read_text() == one.read_text()
+    assert logs.count("wrote 5 records") == 1  # only process 0 says it
+
+    # Rejection sampling on two processes writes what one process does.
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "def reward(prompts, completions, **fields):\n    return [len(c) for c in completions]\n"
+    )
+    outputs = {}
+    for name, launcher, env in (
+        ("one", [], _env(8)),
+        (
+            "two",
+            ["bash", "launch/local_multiprocess.sh", "2", "--devices-per-process", "4", "--"],
+            _env(4) | {"RUN_LOGS": str(logs_dir)},
+        ),
+    ):
+        sft, dpo = tmp_path / f"{name}_sft.jsonl", tmp_path / f"{name}_dpo.jsonl"
+        args = generate(tmp_path / "unused", "--set", "sampling.num_samples=3")
+        args[3] = "rejection-sample"
+        at = args.index("--output")
+        args[at : at + 2] = [
+            "--output-sft",
+            str(sft),
+            "--output-dpo",
+            str(dpo),
+            "--reward-fn",
+            f"{reward}:reward",
+        ]
+        proc = subprocess.run(
+            [*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        logs = "".join(p.read_text() for p in sorted(logs_dir.glob("*.log")))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-3000:]
+        outputs[name] = (sft.read_text(), dpo.read_text())
+    assert outputs["two"] == outputs["one"] and outputs["one"][0].count("\n") == 5
+    assert logs.count("5 prompts x 3 samples") == 1

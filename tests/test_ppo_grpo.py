@@ -804,6 +804,71 @@ def test_stop_strings_and_penalties_in_a_rollout(tmp_path):
         make_algorithm(rl_config(tmp_path, "grpo", **sets, **{"rl.old_logprobs": "sampler"}))
 
 
+def reward_model_run(path: Path) -> Path:
+    """A reward-model run directory as the RM trainer writes it (random weights), with reward
+    statistics to normalize by."""
+    from jaxalign.checkpoint import Checkpointer
+    from jaxalign.config import save_config, to_dict
+    from jaxalign.models.reward import RewardModel
+    from jaxalign.trainers.rm import STATS_FILE
+
+    sets = [f"run_dir={path}", "trainer=rm", f"data.tokenizer={DATA / 'tokenizer.model'}"]
+    base = {"model": {**TINY_MODEL, "vocab_size": 512, "num_layers": 1}}
+    cfg = load_config(None, [*sets, "train.seq_len=64"], base=base)
+    abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(cfg.model, nnx.Rngs(0))))[1]
+    rng = np.random.default_rng(3)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            np.ones(x.shape, np.float32)
+            if "norm" in jax.tree_util.keystr(p)
+            else (0.25 * rng.standard_normal(x.shape)).astype(np.float32)
+        ),
+        abstract.to_pure_dict(),
+    )
+    ckpt = Checkpointer(path / "checkpoints", keep=1, async_save=False)
+    ckpt.save(1, {"params": params}, {}, to_dict(cfg), force=True)
+    ckpt.close()
+    save_config(cfg, path / "config.yaml")
+    (path / STATS_FILE).write_text(json.dumps({"mean": 0.5, "std": 2.0}))
+    return path
+
+
+def test_reward_model_scores_rollouts_with_or_without_offload(tmp_path):
+    """rl.reward_model: each row's score is the RM's score of prompt + response (+ EOS where
+    the response has no EOS), normalized by the run's reward statistics; with
+    rl.offload_frozen (the RM and the reference in host memory between rollouts) the rollouts
+    are the same, the second one too (parameters brought back from host memory)."""
+    from jaxalign.trainers.rm import load_reward_model
+
+    rm_run = reward_model_run(tmp_path / "rm")
+    sets = {"rl.reward_functions": "[]", "rl.reward_model": str(rm_run), "train.steps": 4}
+    runs = []
+    for offload in (False, True):
+        cfg = rl_config(tmp_path / str(offload), "ppo", **sets, **{"rl.offload_frozen": offload})
+        algo, trainer, state, data = rollout_data(cfg)
+        rollouts = []
+        for _ in range(2):
+            for _ in range(trainer.cfg.train.steps // 2):  # one rollout's minibatches
+                next(data)
+            rollouts.append(data.last_rollout)
+        runs.append(rollouts)
+    eos = algo.tokenizer.eos_id
+    scorer = load_reward_model(str(rm_run))[1]
+    buffer, scores = runs[0][0]["buffer"], runs[0][0]["scores"]
+    sequences = []
+    for r in range(len(scores)):
+        real = buffer["tokens"][r][buffer["segment_ids"][r] > 0].tolist()
+        sequences.append(np.asarray(real if real[-1] == eos else [*real, eos], np.int32))
+    np.testing.assert_allclose(scores, (scorer.score(sequences) - 0.5) / 2.0, atol=1e-5)
+    assert np.std(scores) > 0
+    for plain, offloaded in zip(*runs, strict=True):
+        np.testing.assert_array_equal(offloaded["scores"], plain["scores"])
+        for key in plain["buffer"]:
+            np.testing.assert_allclose(
+                offloaded["buffer"][key], plain["buffer"][key], atol=1e-6, err_msg=key
+            )
+
+
 def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path):
     """rl.reward_weights: the rollout's scores are the weighted sum of the reward functions'
     (recomputed here from the decoded completions), each function's own mean is logged under

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign import sharding as shd
 from jaxalign.checkpoint import abstract_with_shardings, load_params
 from jaxalign.config import Config
 from jaxalign.data import load_tokenizer
@@ -54,14 +55,13 @@ class FrozenReference:
     def __init__(self, params: Any, offload: bool):
         # A copy: the train step donates (and overwrites) the policy's buffers.
         self.params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
-        self.shardings = jax.tree.map(lambda x: x.sharding, self.params)
         self.offload = offload
-        if offload:
-            self.params = jax.device_get(self.params)
+        if offload:  # each process keeps its own shards
+            self.params = shd.to_host(self.params)
 
     def on_device(self) -> Any:
         if self.offload:
-            return jax.device_put(self.params, self.shardings)
+            return shd.to_device(self.params)
         return self.params
 
     def release(self) -> None:

@@ -36,7 +36,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.data.prompts import prompt_iterator_from_config
 from jaxalign.errors import ConfigError
-from jaxalign.generate import Sampler, Stops
+from jaxalign.generate import Sampler, Stops, host_array
 from jaxalign.models.llama import Transformer
 from jaxalign.trainers.rl_rows import (
     ROW_KEYS,
@@ -65,14 +65,6 @@ REWARD_PREFIX = "rollout/reward/"  # each reward's own mean score
 
 # ---------------------------------------------------------------------------------------------
 # The on-policy iterator.
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class RolloutData:
@@ -299,7 +291,9 @@ class RolloutData:
             )
         # Every process needs every row (it scores them all): gather across processes.
         gens = [
-            tuple(_to_host(x) for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs))
+            tuple(
+                host_array(x) for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs)
+            )
             for o in outs
         ]
         response, lengths, finish, sampling_lp = (
@@ -523,7 +517,7 @@ class RolloutData:
         t = time.perf_counter()
         kl_coef = self.algorithm.kl_controller.kl_coef
         buffer, post_metrics = self._postprocess(rollout, jnp.float32(kl_coef))
-        buffer = {k: _to_host(v) for k, v in buffer.items()}
+        buffer = {k: host_array(v) for k, v in buffer.items()}
         post_metrics = {k: float(v) for k, v in jax.device_get(post_metrics).items()}
         if hasattr(self.algorithm, "after_rollout"):
             post_metrics.update(self.algorithm.after_rollout(post_metrics, rows))

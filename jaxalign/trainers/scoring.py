@@ -7,13 +7,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
+from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.data.prompts import PromptBatchIterator
 from jaxalign.errors import ConfigError
-from jaxalign.generate import Sampler, Stops
+from jaxalign.generate import Sampler, Stops, host_array
 from jaxalign.rejection import function_scorer, load_reward_function
 
 
@@ -64,11 +64,10 @@ class Scorer:
         if self.reward_model is not None:
             rm = self.reward_model
             if self._rm_host is not None:  # back from host memory
-                rm.params = jax.device_put(self._rm_host, self._rm_shardings)
+                rm.params = shd.to_device(self._rm_host)
             rewards = rm.score(sequences).astype(np.float64)
-            if self.offload:
-                self._rm_shardings = jax.tree.map(lambda x: x.sharding, rm.params)
-                self._rm_host, rm.params = jax.device_get(rm.params), None
+            if self.offload:  # each process keeps its own shards
+                self._rm_host, rm.params = shd.to_host(rm.params), None
             if self.rm_stats is not None:
                 rewards = (rewards - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-8)
             parts.append(rewards)
@@ -133,7 +132,9 @@ def pass_rate(
         chunk = list(prompt_ids[start : start + rows])
         padded = chunk + [chunk[0]] * (rows - len(chunk))  # one compiled shape
         out = sampler.generate(params, padded)
-        tokens, lengths, finish = jax.device_get((out.tokens, out.lengths, out.finish_reasons))
+        tokens, lengths, finish = (
+            host_array(x) for x in (out.tokens, out.lengths, out.finish_reasons)
+        )
         _, stopped, chunk_texts = stops.finish_rows(tokens, lengths, finish)
         texts += chunk_texts[: len(chunk)]
         stopped_all += list(stopped[: len(chunk)])
