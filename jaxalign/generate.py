@@ -167,7 +167,7 @@ def sample_tokens(
 @jax.tree_util.register_dataclass
 @dataclass
 class Generation:
-    """What `Sampler.generate` returns (a pytree; `host_array` gives numpy). Past a row's
+    """What `Sampler.generate` returns (a pytree; `sharding.host_array` gives numpy). Past a row's
     end, tokens are `pad_id` and log-probs 0."""
 
     tokens: jax.Array  # [B, N] int32 generated tokens (the stop token included)
@@ -328,14 +328,6 @@ def _generate(
         "sampling_logprobs": state["sampling_logprobs"],
         "num_steps": state["step"],
     }
-
-
-def host_array(x: jax.Array) -> np.ndarray:
-    """The whole of a (possibly multi-process) array as numpy, on every process: `np.asarray`
-    where this process holds all of it, else gathered from every process."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def prompt_bucket(length: int, max_prompt_len: int) -> int:
@@ -745,7 +737,8 @@ def generate_all(
         ids = np.asarray([(first_index + i) * num_samples + j for i, j in padded], np.int32)
         gen = sampler.generate(params, [prompt_ids[i] for i, _ in padded], ids, seed)
         tokens, lengths, finish, model_lp = (
-            host_array(x) for x in (gen.tokens, gen.lengths, gen.finish_reasons, gen.model_logprobs)
+            shd.host_array(x)
+            for x in (gen.tokens, gen.lengths, gen.finish_reasons, gen.model_logprobs)
         )
         for row, (i, j) in enumerate(chunk):
             n, stopped, text = stops.finish(tokens[row, : int(lengths[row])], bool(finish[row]))

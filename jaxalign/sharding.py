@@ -328,7 +328,18 @@ def describe(shapes: Any, shardings: Any, mesh: Mesh) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Arrays kept in host memory between uses (rl.offload_frozen).
+# Arrays in host memory: whole (results every process reads), or each process's own shards
+# (models kept in host memory between uses, rl.offload_frozen).
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) array as numpy, on every process: `np.asarray`
+    where this process holds all of it, else gathered from every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @dataclasses.dataclass(frozen=True)

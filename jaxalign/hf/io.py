@@ -20,6 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jaxalign import sharding as shd
 from jaxalign.errors import ConfigError, UserError
 from jaxalign.hf.convert import IGNORED_TENSOR_SUFFIXES, TensorMap
 
@@ -199,14 +200,6 @@ def load_tensors(
     return out
 
 
-def _host(x: jax.Array) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def iter_hf_tensors(
     params: dict, maps: list[TensorMap], stacked: bool
 ) -> Iterator[tuple[str, np.ndarray]]:
@@ -217,7 +210,7 @@ def iter_hf_tensors(
             value = _get_path(params, m.path[:at] + m.path[at + 1 :])[m.path[at]]
         else:
             value = _get_path(params, m.path)
-        yield m.hf_name, np.ascontiguousarray(m.to_hf(_host(value)))
+        yield m.hf_name, np.ascontiguousarray(m.to_hf(shd.host_array(value)))
 
 
 def _parse_size(size: int | str) -> int:

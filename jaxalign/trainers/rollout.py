@@ -36,7 +36,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.data.prompts import prompt_iterator_from_config
 from jaxalign.errors import ConfigError
-from jaxalign.generate import Sampler, Stops, host_array
+from jaxalign.generate import Sampler, Stops
 from jaxalign.models.llama import Transformer
 from jaxalign.trainers.rl_rows import (
     ROW_KEYS,
@@ -292,7 +292,8 @@ class RolloutData:
         # Every process needs every row (it scores them all): gather across processes.
         gens = [
             tuple(
-                host_array(x) for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs)
+                shd.host_array(x)
+                for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs)
             )
             for o in outs
         ]
@@ -517,7 +518,7 @@ class RolloutData:
         t = time.perf_counter()
         kl_coef = self.algorithm.kl_controller.kl_coef
         buffer, post_metrics = self._postprocess(rollout, jnp.float32(kl_coef))
-        buffer = {k: host_array(v) for k, v in buffer.items()}
+        buffer = {k: shd.host_array(v) for k, v in buffer.items()}
         post_metrics = {k: float(v) for k, v in jax.device_get(post_metrics).items()}
         if hasattr(self.algorithm, "after_rollout"):
             post_metrics.update(self.algorithm.after_rollout(post_metrics, rows))

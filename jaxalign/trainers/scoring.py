@@ -13,7 +13,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.data.prompts import PromptBatchIterator
 from jaxalign.errors import ConfigError
-from jaxalign.generate import Sampler, Stops, host_array
+from jaxalign.generate import Sampler, Stops
 from jaxalign.rejection import function_scorer, load_reward_function
 
 
@@ -133,7 +133,7 @@ def pass_rate(
         padded = chunk + [chunk[0]] * (rows - len(chunk))  # one compiled shape
         out = sampler.generate(params, padded)
         tokens, lengths, finish = (
-            host_array(x) for x in (out.tokens, out.lengths, out.finish_reasons)
+            shd.host_array(x) for x in (out.tokens, out.lengths, out.finish_reasons)
         )
         _, stopped, chunk_texts = stops.finish_rows(tokens, lengths, finish)
         texts += chunk_texts[: len(chunk)]
