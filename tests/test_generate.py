@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from toy import TINY_MODEL
+from toy import TINY_MODEL, random_params, reward_model_run, write_run
 
 from jaxalign import sharding as shd
 from jaxalign.config import SamplingConfig, load_config
@@ -44,16 +44,7 @@ def make_cfg(**overrides):
 def setup():
     cfg = make_cfg()
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
-    init = np.random.default_rng(0)
-    params = jax.tree_util.tree_map_with_path(  # numpy init: much faster than NNX's eager init
-        lambda path, x: (
-            np.ones(x.shape, np.float32)
-            if "norm" in jax.tree_util.keystr(path)
-            else (WEIGHT_STD * init.standard_normal(x.shape)).astype(np.float32)
-        ),
-        state.to_pure_dict(),
-    )
-    params = jax.device_put(params, jax.devices()[0])
+    params = jax.device_put(random_params(state, 0, WEIGHT_STD), jax.devices()[0])
     rng = np.random.default_rng(0)
     prompts = [rng.integers(4, 512, size=n).astype(np.int32) for n in PROMPT_LENS]
 
@@ -433,9 +424,6 @@ def test_scan_layers_equals_unrolled(setup, greedy_out):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, setup):
-    from jaxalign.checkpoint import Checkpointer
-    from jaxalign.config import save_config, to_dict
-
     _, _, params, _, _, _ = setup
     root = tmp_path_factory.mktemp("gen")
     cfg = make_cfg(
@@ -446,10 +434,7 @@ def run_dir(tmp_path_factory, setup):
             "sampling.max_prompt_len": 64,
         }
     )
-    ckpt = Checkpointer(root / "run" / "checkpoints", keep=1, async_save=False)
-    ckpt.save(1, {"params": params}, {}, to_dict(cfg), force=True)
-    ckpt.close()
-    save_config(cfg, root / "run" / "config.yaml")
+    write_run(root / "run", cfg, params)
     prompts = root / "prompts.jsonl"
     records = [
         {"prompt": "Multiply 10 by 4.", "bonus": 1.0},
@@ -695,14 +680,10 @@ def test_rejection_sampling_with_a_reward_model_writes_its_scores(run_dir, tmp_p
     """K = 4 samples per prompt scored by a reward-model run: the written scores are that RM's
     scores of the pairs (as `jaxalign score` computes them), the SFT record is the argmax and
     the DPO pair the argmax/argmin of all K samples."""
-    from jaxalign.checkpoint import Checkpointer
     from jaxalign.cli import main
-    from jaxalign.config import save_config, to_dict
-    from jaxalign.models.reward import RewardModel
     from jaxalign.trainers.rm import score_file
 
     root, prompts, records = run_dir
-    # A reward-model run directory as the RM trainer writes it (random weights).
     rm_run = tmp_path / "rm_run"
     rm_cfg = make_cfg(
         **{
@@ -712,20 +693,7 @@ def test_rejection_sampling_with_a_reward_model_writes_its_scores(run_dir, tmp_p
             "train.seq_len": 128,
         }
     )
-    abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(rm_cfg.model, nnx.Rngs(0))))[1]
-    rng = np.random.default_rng(11)
-    rm_params = jax.tree_util.tree_map_with_path(
-        lambda path, x: (
-            np.ones(x.shape, np.float32)
-            if "norm" in jax.tree_util.keystr(path)
-            else (0.25 * rng.standard_normal(x.shape)).astype(np.float32)
-        ),
-        abstract.to_pure_dict(),
-    )
-    ckpt = Checkpointer(rm_run / "checkpoints", keep=1, async_save=False)
-    ckpt.save(2, {"params": rm_params}, {}, to_dict(rm_cfg), force=True)
-    ckpt.close()
-    save_config(rm_cfg, rm_run / "config.yaml")
+    reward_model_run(rm_run, rm_cfg, seed=11)
 
     k = 4
     settings = ["--set", f"sampling.num_samples={k}", "--set", "sampling.temperature=1.5"]

@@ -59,39 +59,34 @@ def _train_args(
     ]
 
 
-def one_process(run_dir: Path, **kwargs) -> None:
-    proc = subprocess.run(
-        _train_args(run_dir, **kwargs),
-        cwd=REPO,
-        env=_env(8),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run_one(cmd: list[str]) -> None:
+    """`cmd` in one process with 8 simulated devices."""
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def two_processes(run_dir: Path, tmp: Path, extra: tuple[str, ...] = (), **kwargs) -> None:
-    logs_dir = tmp / f"logs_{run_dir.name}"
-    env = _env(4) | {"RUN_LOGS": str(logs_dir)}
+def run_two(cmd: list[str], logs_dir: Path) -> str:
+    """`cmd` in two processes x 4 simulated devices (launch/local_multiprocess.sh); their logs."""
+    launcher = ["bash", "launch/local_multiprocess.sh", "2", "--devices-per-process", "4", "--"]
     proc = subprocess.run(
-        [
-            "bash",
-            "launch/local_multiprocess.sh",
-            "2",
-            "--devices-per-process",
-            "4",
-            "--",
-            *_train_args(run_dir, extra, **kwargs),
-        ],
+        [*launcher, *cmd],
         cwd=REPO,
-        env=env,
+        env=_env(4) | {"RUN_LOGS": str(logs_dir)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     logs = "".join(p.read_text() for p in sorted(logs_dir.glob("*.log")))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-3000:]
+    return logs
+
+
+def one_process(run_dir: Path, **kwargs) -> None:
+    run_one(_train_args(run_dir, **kwargs))
+
+
+def two_processes(run_dir: Path, tmp: Path, extra: tuple[str, ...] = (), **kwargs) -> None:
+    run_two(_train_args(run_dir, extra, **kwargs), tmp / f"logs_{run_dir.name}")
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -389,34 +384,12 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
             *extra,
         ]
 
-    one = tmp_path / "one.jsonl"
-    proc = subprocess.run(
-        generate(one), cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    run_one(generate(one))
     lines = one.read_text().splitlines()
     assert len(lines) == 5
-    two = tmp_path / "two.jsonl"
     (tmp_path / "two.jsonl.partial").write_text("\n".join(lines[:2]) + "\n")
-    logs_dir = tmp_path / "logs_generate"
-    proc = subprocess.run(
-        [
-            "bash",
-            "launch/local_multiprocess.sh",
-            "2",
-            "--devices-per-process",
-            "4",
-            "--",
-            *generate(two, "--resume"),
-        ],
-        cwd=REPO,
-        env=_env(4) | {"RUN_LOGS": str(logs_dir)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    logs = "".join(p.read_text() for p in sorted(logs_dir.glob("*.log")))
-    assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-3000:]
+    logs = run_two(generate(two, "--resume"), tmp_path / "logs_generate")
     assert two.read_text() == one.read_text()
     assert logs.count("wrote 5 records") == 1  # only process 0 says it
 
@@ -426,31 +399,19 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
         "def reward(prompts, completions, **fields):\n    return [len(c) for c in completions]\n"
     )
     outputs = {}
-    for name, launcher, env in (
-        ("one", [], _env(8)),
-        (
-            "two",
-            ["bash", "launch/local_multiprocess.sh", "2", "--devices-per-process", "4", "--"],
-            _env(4) | {"RUN_LOGS": str(logs_dir)},
-        ),
-    ):
+    for name in ("one", "two"):
         sft, dpo = tmp_path / f"{name}_sft.jsonl", tmp_path / f"{name}_dpo.jsonl"
         args = generate(tmp_path / "unused", "--set", "sampling.num_samples=3")
         args[3] = "rejection-sample"
         at = args.index("--output")
         args[at : at + 2] = [
-            "--output-sft",
-            str(sft),
-            "--output-dpo",
-            str(dpo),
-            "--reward-fn",
-            f"{reward}:reward",
+            *("--output-sft", str(sft), "--output-dpo", str(dpo)),
+            *("--reward-fn", f"{reward}:reward"),
         ]
-        proc = subprocess.run(
-            [*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-        )
-        logs = "".join(p.read_text() for p in sorted(logs_dir.glob("*.log")))
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-3000:]
+        if name == "one":
+            run_one(args)
+        else:
+            logs = run_two(args, tmp_path / "logs_rejection")
         outputs[name] = (sft.read_text(), dpo.read_text())
     assert outputs["two"] == outputs["one"] and outputs["one"][0].count("\n") == 5
     assert logs.count("5 prompts x 3 samples") == 1

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from toy import TINY_MODEL
+from toy import TINY_MODEL, reward_model_run
 
 from jaxalign.config import load_config
 from jaxalign.errors import ConfigError
@@ -804,31 +804,13 @@ def test_stop_strings_and_penalties_in_a_rollout(tmp_path):
         make_algorithm(rl_config(tmp_path, "grpo", **sets, **{"rl.old_logprobs": "sampler"}))
 
 
-def reward_model_run(path: Path) -> Path:
-    """A reward-model run directory as the RM trainer writes it (random weights), with reward
-    statistics to normalize by."""
-    from jaxalign.checkpoint import Checkpointer
-    from jaxalign.config import save_config, to_dict
-    from jaxalign.models.reward import RewardModel
+def rm_run_with_stats(path: Path) -> Path:
+    """A random-weight reward-model run with reward statistics to normalize by."""
     from jaxalign.trainers.rm import STATS_FILE
 
     sets = [f"run_dir={path}", "trainer=rm", f"data.tokenizer={DATA / 'tokenizer.model'}"]
     base = {"model": {**TINY_MODEL, "vocab_size": 512, "num_layers": 1}}
-    cfg = load_config(None, [*sets, "train.seq_len=64"], base=base)
-    abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(cfg.model, nnx.Rngs(0))))[1]
-    rng = np.random.default_rng(3)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: (
-            np.ones(x.shape, np.float32)
-            if "norm" in jax.tree_util.keystr(p)
-            else (0.25 * rng.standard_normal(x.shape)).astype(np.float32)
-        ),
-        abstract.to_pure_dict(),
-    )
-    ckpt = Checkpointer(path / "checkpoints", keep=1, async_save=False)
-    ckpt.save(1, {"params": params}, {}, to_dict(cfg), force=True)
-    ckpt.close()
-    save_config(cfg, path / "config.yaml")
+    reward_model_run(path, load_config(None, [*sets, "train.seq_len=64"], base=base))
     (path / STATS_FILE).write_text(json.dumps({"mean": 0.5, "std": 2.0}))
     return path
 
@@ -840,7 +822,7 @@ def test_reward_model_scores_rollouts_with_or_without_offload(tmp_path):
     are the same, the second one too (parameters brought back from host memory)."""
     from jaxalign.trainers.rm import load_reward_model
 
-    rm_run = reward_model_run(tmp_path / "rm")
+    rm_run = rm_run_with_stats(tmp_path / "rm")
     sets = {"rl.reward_functions": "[]", "rl.reward_model": str(rm_run), "train.steps": 4}
     runs = []
     for offload in (False, True):

@@ -144,3 +144,42 @@ def run_toy(cfg: Config, devices=None, hook=None):
 
         algo.train_data = with_hook
     return trainer, trainer.run()
+
+
+def random_params(abstract_state, seed: int, std: float = 0.25) -> dict:
+    """NumPy parameters for an abstract NNX state (much faster than NNX's eager init): norms 1,
+    everything else normal(0, std); a larger std than the default init makes the distributions
+    peaked, so greedy decoding never ties."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            np.ones(x.shape, np.float32)
+            if "norm" in jax.tree_util.keystr(path)
+            else (std * rng.standard_normal(x.shape)).astype(np.float32)
+        ),
+        abstract_state.to_pure_dict(),
+    )
+
+
+def write_run(path, cfg: Config, params, step: int = 1):
+    """A run directory as the trainers write it: config.yaml and one checkpoint of `params`."""
+    from jaxalign.checkpoint import Checkpointer
+    from jaxalign.config import save_config, to_dict
+
+    ckpt = Checkpointer(path / "checkpoints", keep=1, async_save=False)
+    ckpt.save(step, {"params": params}, {}, to_dict(cfg), force=True)
+    ckpt.close()
+    save_config(cfg, path / "config.yaml")
+    return path
+
+
+def reward_model_run(path, cfg: Config, seed: int = 3):
+    """A reward-model run directory (`cfg.trainer` rm) with random weights."""
+    from flax import nnx
+
+    from jaxalign.models.reward import RewardModel
+
+    abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(cfg.model, nnx.Rngs(0))))[1]
+    return write_run(path, cfg, random_params(abstract, seed))
