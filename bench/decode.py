@@ -161,10 +161,13 @@ def jax_worker(size: str, dtype: str) -> None:
         prompts = np.random.default_rng(1).integers(4, cfg.model.vocab_size, (b, p))
         lengths = np.full((b,), p, np.int32)
         sampler = samplers[n]
+        penalty = {"repetition_penalty": cmd.get("repetition_penalty", 1.0)}
         if cmd.get("warmup"):
-            jax.block_until_ready(sampler.generate_padded(params, prompts, lengths).tokens)
+            jax.block_until_ready(
+                sampler.generate_padded(params, prompts, lengths, **penalty).tokens
+            )
         with common.Timer() as t:
-            out = sampler.generate_padded(params, prompts, lengths)
+            out = sampler.generate_padded(params, prompts, lengths, **penalty)
             jax.block_until_ready(out.tokens)
         assert int(out.lengths.min()) == n
         common.emit({"seconds": t.wall_s, **t.as_dict()})
@@ -225,6 +228,7 @@ def torch_worker(size: str, dtype: str) -> None:
             use_cache=True,
             pad_token_id=0,
             eos_token_id=None,
+            repetition_penalty=cmd.get("repetition_penalty", 1.0),
         )
         with torch.inference_mode():
             if cmd.get("warmup"):
@@ -251,6 +255,12 @@ def main() -> None:
         help="new tokens for the 100m size (keeps the run to a few minutes)",
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="both sides decode with this repetition penalty (1: off)",
+    )
     ap.add_argument(
         "--dtype",
         default="float32",
@@ -293,6 +303,7 @@ def main() -> None:
             n = args.new_tokens_100m if size == "100m" else args.new_tokens
             for b in (int(x) for x in args.batches.split(",")):
                 cmd = {"batch": b, "prompt_len": args.prompt_len, "new_tokens": n}
+                cmd["repetition_penalty"] = args.repetition_penalty
                 answers: dict[str, list[dict]] = {side: [] for side in sides}
                 for rep in range(args.repeats):
                     for side, w in workers.items():
@@ -304,6 +315,7 @@ def main() -> None:
                     "prompt_len": args.prompt_len,
                     "new_tokens": n,
                     "dtype": args.dtype,
+                    "repetition_penalty": args.repetition_penalty,
                 }
                 for side in sides:
                     row[f"{side}_s"] = common.median([a["seconds"] for a in answers[side]])
@@ -378,6 +390,7 @@ def write_result(args: argparse.Namespace, info: dict, rows: list[dict], started
         "allocator": args.allocator,
         "sides": args.sides.split(","),
         "dtype": args.dtype,
+        "repetition_penalty": args.repetition_penalty,
         "workers": info,
         "load_average": common.load_average(),
         "total_s": time.perf_counter() - started,
