@@ -154,6 +154,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="override a key of the run's config, e.g. sampling.temperature=0.7",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its .partial output files",
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -184,6 +189,7 @@ def cmd_rejection_sample(args: argparse.Namespace) -> int:
         args.output_dpo,
         scorer_prompts=prompt_form,
         progress=args.progress,
+        resume=args.resume,
     )
     if not _is_main_process():
         return 0
@@ -286,11 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample completions for a JSONL file of prompts")
     _add_generation_args(p)
     p.add_argument("--output", required=True, help="output JSONL, one record per prompt")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run from the records in OUTPUT.partial",
-    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(

@@ -16,10 +16,8 @@ temperature, top-k, top-p; 0 for greedy decoding, a point mass).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
@@ -788,23 +785,6 @@ def load_prompts(policy: Policy, input_path: str | Path):
     return tokenizer, Stops.for_config(tokenizer, cfg), records, messages, prompt_ids
 
 
-def load_prompts_and_sample(policy: Policy, input_path: str | Path, *, progress: bool = True):
-    """Tokenizer, records, messages and completions for every prompt of `input_path`."""
-    tokenizer, stops, records, messages, prompt_ids = load_prompts(policy, input_path)
-    sp = policy.cfg.sampling
-    completions = generate_all(
-        policy_sampler(policy, stops),
-        policy.params,
-        prompt_ids,
-        stops,
-        num_samples=sp.num_samples,
-        batch_size=sp.batch_size,
-        seed=sp.seed,
-        progress=progress,
-    )
-    return tokenizer, records, messages, completions
-
-
 def output_record(record: dict, samples: Sequence[Completion]) -> dict:
     """The input record plus `completion`, `num_tokens` and `finish_reason` (several samples:
     `completions`, a list of such objects)."""
@@ -815,84 +795,44 @@ def output_record(record: dict, samples: Sequence[Completion]) -> dict:
     return {**record, **items[0]} if len(items) == 1 else {**record, "completions": items}
 
 
-def partial_path(output_path: str | Path) -> Path:
-    """Where `generate_file` writes until it has every record: OUTPUT.partial."""
-    output_path = Path(output_path)
-    return output_path.with_name(output_path.name + ".partial")
-
-
-def _resume_point(partial: Path, records: Sequence[dict]) -> int:
-    """How many records `partial` already holds, each checked to continue the input's record of
-    the same line; a last line cut short by a crash is dropped from the file."""
-    data = partial.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with partial.open("r+b") as f:
-            f.truncate(len(complete))
-    lines = complete.decode("utf-8").splitlines()
-    if len(lines) > len(records):
-        raise DataError(
-            f"holds {len(lines)} records, the input only {len(records)}", where=str(partial)
-        )
-    for n, (line, record) in enumerate(zip(lines, records, strict=False), start=1):
-        try:
-            written = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not JSON ({e.msg})", where=f"{partial}:{n}") from None
-        if not isinstance(written, dict) or any(written.get(k) != v for k, v in record.items()):
-            raise DataError(
-                "is not the output of the input's record on the same line (another input?)",
-                where=f"{partial}:{n}",
-            )
-    return len(lines)
-
-
-def generate_file(
+def sample_in_chunks(
     policy: Policy,
     input_path: str | Path,
-    output_path: str | Path,
+    outputs: Sequence[str | Path],
+    write_chunk,
     *,
-    progress: bool = True,
     resume: bool = False,
+    progress: bool = True,
     chunk_prompts: int | None = None,
-) -> int:
-    """Write one JSONL record per prompt, in input order (`output_record`).
+) -> tuple[int, dict[str, float]]:
+    """Sample `sampling.num_samples` completions for every prompt of `input_path`, a chunk of
+    prompts at a time (`chunk_prompts`; default 32 compiled batches' worth), and hand each chunk
+    to `write_chunk(files, records, messages, completions, totals)`, which writes its lines to
+    `files` (the open `outputs`, None on processes other than 0; every process calls it, so it
+    may run collectives such as a reward model) and updates the running `totals` dict.
 
-    Records go to OUTPUT.partial as soon as each chunk of prompts (`chunk_prompts`; default 32
-    compiled batches' worth) is done, flushed to disk, and the file becomes OUTPUT when every
-    record is in it; so a crash or an interrupt loses at most one chunk, and an existing OUTPUT
-    is replaced only by a complete one. With `resume`, a run continues the records already in
-    OUTPUT.partial (the same samples as an uninterrupted run: each row's random stream is fixed
-    by its prompt's index); without it, an existing OUTPUT.partial is an error rather than
-    overwritten. Returns the number of records."""
-    _, stops, records, _, prompt_ids = load_prompts(policy, input_path)
-    output_path = Path(output_path)
-    partial = partial_path(output_path)
-    main = jax.process_index() == 0  # every process generates; process 0 writes
-    done = 0
-    if main and partial.exists():
-        if not resume:
-            raise UserError(
-                f"{partial} holds the records of an unfinished run: pass --resume to continue "
-                "it, or delete it"
-            )
-        done = _resume_point(partial, records)
-    if jax.process_count() > 1:  # the same chunks on every process
-        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    The outputs are `partial.PartialOutputs`: a crash or an interrupt loses at most the chunk in
+    flight, and `resume` continues an unfinished run with the samples an uninterrupted run
+    draws (each row's random stream is fixed by its prompt's index, not its batch or chunk).
+    Returns the number of input records and the totals."""
+    from jaxalign.config import to_dict
+    from jaxalign.partial import PartialOutputs, fingerprint
+
+    _, stops, records, messages, prompt_ids = load_prompts(policy, input_path)
     sp = policy.cfg.sampling
+    shape = {"sampling": to_dict(policy.cfg)["sampling"], "template": policy.cfg.data.template}
     chunk_prompts = chunk_prompts or max(1, 32 * sp.batch_size // sp.num_samples)
     sampler = policy_sampler(policy, stops)
-    bar = None
-    if progress and main:
-        from tqdm import tqdm
+    with PartialOutputs(outputs, fingerprint(records, shape), resume=resume) as out:
+        bar = None
+        if progress and out.main:
+            from tqdm import tqdm
 
-        total = len(records) * sp.num_samples
-        bar = tqdm(total=total, initial=done * sp.num_samples, unit="sample", dynamic_ncols=True)
-    if main:
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with partial.open("a", encoding="utf-8") if main else contextlib.nullcontext() as f:
-            for start in range(done, len(records), chunk_prompts):
+            total, done = len(records) * sp.num_samples, out.done * sp.num_samples
+            bar = tqdm(total=total, initial=done, unit="sample", dynamic_ncols=True)
+        totals = dict(out.totals)
+        try:
+            for start in range(out.done, len(records), chunk_prompts):
                 end = min(start + chunk_prompts, len(records))
                 completions = generate_all(
                     sampler,
@@ -905,15 +845,40 @@ def generate_file(
                     first_index=start,
                     bar=bar,
                 )
-                if f is None:
-                    continue
-                for record, samples in zip(records[start:end], completions, strict=True):
-                    f.write(json.dumps(output_record(record, samples), ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-    finally:
-        if bar is not None:
-            bar.close()
-    if main:
-        os.replace(partial, output_path)
-    return len(records)
+                write_chunk(out.files, records[start:end], messages[start:end], completions, totals)
+                out.commit(end, totals)
+        finally:
+            if bar is not None:
+                bar.close()
+        out.finish()
+    return len(records), totals
+
+
+def generate_file(
+    policy: Policy,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    chunk_prompts: int | None = None,
+) -> int:
+    """Write one JSONL record per prompt, in input order (`output_record`), chunk by chunk and
+    resumable (`sample_in_chunks`). Returns the number of records."""
+
+    def write(files, records, _, completions, totals):
+        if files[0] is not None:
+            for record, samples in zip(records, completions, strict=True):
+                line = json.dumps(output_record(record, samples), ensure_ascii=False)
+                files[0].write(line + "\n")
+
+    count, _ = sample_in_chunks(
+        policy,
+        input_path,
+        [output_path],
+        write,
+        resume=resume,
+        progress=progress,
+        chunk_prompts=chunk_prompts,
+    )
+    return count

@@ -13,11 +13,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from jaxalign.errors import UserError
@@ -112,80 +110,87 @@ def rejection_sample(
     *,
     scorer_prompts: str = "text",
     progress: bool = True,
+    resume: bool = False,
+    chunk_prompts: int | None = None,
 ) -> dict:
     """Sample `sampling.num_samples` completions per prompt of `input_path`, score them, and
     write the best per prompt as SFT JSONL (`prompt`/`system` + `completion`, or `messages`,
     with `score`) and the best/worst pair as DPO JSONL (`prompt`, `chosen`, `rejected`,
     `chosen_score`, `rejected_score`; pairs with equal scores are skipped). Empty completions
     are never chosen. `scorer_prompts`: "text" passes a record's prompt string (its messages if
-    it has none), "messages" always the message list (what a reward model needs). Returns
-    counts and the mean best/mean score."""
-    from jaxalign.generate import load_prompts_and_sample
+    it has none), "messages" always the message list (what a reward model needs). Chunk by
+    chunk and resumable, like `jaxalign generate` (`generate.sample_in_chunks`). Returns counts
+    and the mean best/mean score."""
+    from jaxalign.generate import sample_in_chunks
 
-    _, records, messages, samples = load_prompts_and_sample(policy, input_path, progress=progress)
-    texts = [[c.text for c in row] for row in samples]
-    flat_prompts, flat_completions, flat_records = [], [], []
-    for record, convo, row in zip(records, messages, texts, strict=True):
-        prompt = (
-            convo
-            if scorer_prompts == "messages" or not isinstance(record.get("prompt"), str)
-            else record["prompt"]
-        )
-        for text in row:
-            flat_prompts.append(prompt)
-            flat_completions.append(text)
-            flat_records.append(record)
-    scores = np.asarray(scorer(flat_prompts, flat_completions, flat_records), np.float64)
-    k = len(texts[0])
-    scores = scores.reshape(len(records), k)
-    if jax.process_index() != 0:  # every process samples and scores; process 0 writes
-        sft_output, dpo_output = os.devnull, None if dpo_output is None else os.devnull
-    sft_output, stats = (
-        Path(sft_output),
-        {"prompts": len(records), "samples_per_prompt": k, "sft_records": 0, "dpo_pairs": 0},
-    )
-    sft_output.parent.mkdir(parents=True, exist_ok=True)
-    dpo_file = None
-    if dpo_output is not None:
-        Path(dpo_output).parent.mkdir(parents=True, exist_ok=True)
-        dpo_file = open(dpo_output, "w", encoding="utf-8")  # noqa: SIM115
-    best_scores = []
-    try:
-        with sft_output.open("w", encoding="utf-8") as sft_file:
-            for record, convo, row, row_scores in zip(
-                records, messages, texts, scores, strict=True
-            ):
-                eligible = np.asarray([bool(t.strip()) for t in row])
-                picked = best_and_worst(row_scores, eligible)
-                if picked is None:
-                    continue
-                best, worst = picked
-                best_scores.append(row_scores[best])
-                prompt = _prompt_fields(record, convo)
-                if isinstance(prompt["prompt"], str):
-                    sft = {**prompt, "completion": row[best]}
-                else:
-                    sft = {"messages": [*convo, {"role": "assistant", "content": row[best]}]}
-                sft_file.write(
-                    json.dumps({**sft, "score": float(row_scores[best])}, ensure_ascii=False) + "\n"
-                )
-                stats["sft_records"] += 1
-                if dpo_file is not None and row_scores[best] > row_scores[worst]:
-                    pair = {
-                        **prompt,
-                        "chosen": row[best],
-                        "rejected": row[worst],
-                        "chosen_score": float(row_scores[best]),
-                        "rejected_score": float(row_scores[worst]),
-                    }
+    def write(files, records, messages, samples, totals):
+        texts = [[c.text for c in row] for row in samples]
+        flat_prompts, flat_completions, flat_records = [], [], []
+        for record, convo, row in zip(records, messages, texts, strict=True):
+            prompt = (
+                convo
+                if scorer_prompts == "messages" or not isinstance(record.get("prompt"), str)
+                else record["prompt"]
+            )
+            for text in row:
+                flat_prompts.append(prompt)
+                flat_completions.append(text)
+                flat_records.append(record)
+        scores = np.asarray(scorer(flat_prompts, flat_completions, flat_records), np.float64)
+        scores = scores.reshape(len(records), len(texts[0]))
+        for key, value in (("score_sum", scores.sum()), ("scores", scores.size)):
+            totals[key] = totals.get(key, 0.0) + float(value)
+        for key in ("best_sum", "sft_records", "dpo_pairs"):
+            totals.setdefault(key, 0.0)
+        sft_file, dpo_file = files[0], files[1] if len(files) > 1 else None
+        for record, convo, row, row_scores in zip(records, messages, texts, scores, strict=True):
+            picked = best_and_worst(row_scores, np.asarray([bool(t.strip()) for t in row]))
+            if picked is None:
+                continue
+            best, worst = picked
+            totals["best_sum"] += float(row_scores[best])
+            totals["sft_records"] += 1
+            prompt = _prompt_fields(record, convo)
+            if isinstance(prompt["prompt"], str):
+                sft = {**prompt, "completion": row[best]}
+            else:
+                sft = {"messages": [*convo, {"role": "assistant", "content": row[best]}]}
+            if sft_file is not None:
+                sft = {**sft, "score": float(row_scores[best])}
+                sft_file.write(json.dumps(sft, ensure_ascii=False) + "\n")
+            if dpo_output is not None and row_scores[best] > row_scores[worst]:
+                totals["dpo_pairs"] += 1
+                pair = {
+                    **prompt,
+                    "chosen": row[best],
+                    "rejected": row[worst],
+                    "chosen_score": float(row_scores[best]),
+                    "rejected_score": float(row_scores[worst]),
+                }
+                if dpo_file is not None:
                     dpo_file.write(json.dumps(pair, ensure_ascii=False) + "\n")
-                    stats["dpo_pairs"] += 1
-    finally:
-        if dpo_file is not None:
-            dpo_file.close()
-    stats["mean_score"] = float(scores.mean())
-    stats["mean_best_score"] = float(np.mean(best_scores)) if best_scores else float("nan")
-    return stats
+
+    outputs = [sft_output] + ([dpo_output] if dpo_output is not None else [])
+    count, totals = sample_in_chunks(
+        policy,
+        input_path,
+        outputs,
+        write,
+        resume=resume,
+        progress=progress,
+        chunk_prompts=chunk_prompts,
+    )
+    sft_records = int(totals.get("sft_records", 0))
+    return {
+        "prompts": count,
+        "samples_per_prompt": policy.cfg.sampling.num_samples,
+        "sft_records": sft_records,
+        "dpo_pairs": int(totals.get("dpo_pairs", 0)),
+        "mean_score": totals["score_sum"] / totals["scores"]
+        if totals.get("scores")
+        else float("nan"),
+        "mean_best_score": totals["best_sum"] / sft_records if sft_records else float("nan"),
+    }
 
 
 def make_scorer(reward_fn: str | None, reward_model: str | None) -> tuple[Scorer, str]:

@@ -511,20 +511,37 @@ def test_generate_command_writes_one_greedy_record_per_prompt(run_dir, setup):
             assert after == before
 
 
-def test_generate_file_survives_an_interrupt_and_resumes_to_the_same_output(
-    run_dir, tmp_path, monkeypatch
-):
-    """Records reach OUTPUT.partial chunk by chunk; an interrupt leaves them there (and no
-    OUTPUT); a rerun refuses to overwrite them, and --resume continues to the same file an
-    uninterrupted run writes (sampled: each row's stream is fixed by its prompt's index)."""
+def interrupt_on_chunk(monkeypatch, n: int) -> None:
+    """Make the n-th chunk of generation (`generate_all` call) raise KeyboardInterrupt."""
     from jaxalign import generate as gen
+
+    real, calls = gen.generate_all, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["first_index"])
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_all", interrupted)
+
+
+def test_outputs_survive_an_interrupt_and_resume_to_the_same_files(run_dir, tmp_path, monkeypatch):
+    """`jaxalign generate` and rejection sampling write chunk by chunk to OUTPUT.partial; an
+    interrupt leaves the chunks done there (and an existing OUTPUT untouched); a rerun refuses
+    to overwrite them, and --resume continues to the files an uninterrupted run writes
+    (sampled: each row's stream is fixed by its prompt's index), dropping what the crash left
+    of a chunk; a resume with other sampling settings is refused."""
+    from jaxalign import generate as gen
+    from jaxalign.partial import partial_path
+    from jaxalign.rejection import function_scorer, rejection_sample
 
     root, prompts, records = run_dir
     sets = ["sampling.temperature=1.0", "sampling.num_samples=2", "sampling.batch_size=2"]
     policy = gen.load_policy(root / "run", sets)
     straight = tmp_path / "straight.jsonl"
     gen.generate_file(policy, prompts, straight, progress=False, chunk_prompts=1)
-    assert not gen.partial_path(straight).exists()
+    assert not partial_path(straight).exists()
     lines = straight.read_text().splitlines()
     assert len(lines) == 3 and all(len(json.loads(x)["completions"]) == 2 for x in lines)
     # The same in one chunk: chunking changes nothing.
@@ -534,31 +551,51 @@ def test_generate_file_survives_an_interrupt_and_resumes_to_the_same_output(
 
     out = tmp_path / "out.jsonl"
     out.write_text("an earlier complete output\n")
-    real, calls = gen.generate_all, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(kwargs["first_index"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gen, "generate_all", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        gen.generate_file(policy, prompts, out, progress=False, chunk_prompts=1)
-    partial = gen.partial_path(out)
+    with monkeypatch.context() as m:
+        interrupt_on_chunk(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            gen.generate_file(policy, prompts, out, progress=False, chunk_prompts=1)
+    partial = partial_path(out)
     assert partial.read_text().splitlines() == lines[:2]
     assert out.read_text() == "an earlier complete output\n"  # not replaced by a part
-    monkeypatch.setattr(gen, "generate_all", real)
     with pytest.raises(UserError, match="--resume"):
         gen.generate_file(policy, prompts, out, progress=False)
+    other = gen.load_policy(root / "run", [*sets, "sampling.seed=5"])
+    with pytest.raises(UserError, match="other settings"):
+        gen.generate_file(other, prompts, out, progress=False, resume=True)
     with partial.open("a") as f:
-        f.write('{"bonus": 2.0, "compl')  # a line cut short by the crash
+        f.write('{"bonus": 2.0, "compl')  # what the crash left of the chunk in flight
     assert gen.generate_file(policy, prompts, out, progress=False, resume=True) == 3
     assert out.read_text() == straight.read_text() and not partial.exists()
-    # A partial file from another input is refused, naming its line.
-    partial.write_text(lines[1] + "\n")
-    with pytest.raises(DataError, match=r"partial:1: .*another input"):
-        gen.generate_file(policy, prompts, out, progress=False, resume=True)
+
+    # Rejection sampling: the same, with its two files and its running statistics.
+    def reward(prompts, completions, bonus, **fields):
+        return [len(c) % 5 + b for c, b in zip(completions, bonus, strict=True)]
+
+    scorer = function_scorer(reward)
+    paths = {name: tmp_path / f"{name}.jsonl" for name in ("sft", "dpo", "sft2", "dpo2")}
+    want = rejection_sample(
+        policy, prompts, scorer, paths["sft"], paths["dpo"], progress=False, chunk_prompts=1
+    )
+    with monkeypatch.context() as m:
+        interrupt_on_chunk(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            rejection_sample(
+                policy,
+                prompts,
+                scorer,
+                paths["sft2"],
+                paths["dpo2"],
+                progress=False,
+                chunk_prompts=1,
+            )
+    assert not paths["sft2"].exists() and partial_path(paths["sft2"]).exists()
+    got = rejection_sample(
+        policy, prompts, scorer, paths["sft2"], paths["dpo2"], progress=False, resume=True
+    )
+    assert got == want and want["sft_records"] == 3
+    for name in ("sft", "dpo"):
+        assert paths[name + "2"].read_text() == paths[name].read_text()
 
 
 @pytest.mark.slow

@@ -355,10 +355,14 @@ def test_error_messages_name_the_variables_of_each_environment():
         distributed.init_timeout({"JAXALIGN_INIT_TIMEOUT": "soon"})
 
 
+SAMPLING = ["sampling.temperature=1.0", "sampling.max_new_tokens=8", "sampling.batch_size=8"]
+
+
 def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_path):
     """`jaxalign generate --resume` across two processes (every process generates with the
     params sharded over both, process 0 writes) continues a partial file of the one-process
-    output to that same output, byte for byte; `jaxalign rejection-sample` on two processes
+    output (written here, in-process, up to an interrupt) to that same output, byte for byte;
+    `jaxalign rejection-sample` on two processes
     writes the files one process does."""
     prompts = tmp_path / "prompts.jsonl"
     questions = ["What is 2 plus 3?", "Name a fruit.", "Spell dog.", "Say hi.", "Count to 3."]
@@ -367,7 +371,6 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
     )
 
     def generate(output: Path, *extra: str) -> list[str]:
-        sets = ["sampling.temperature=1.0", "sampling.max_new_tokens=8", "sampling.batch_size=8"]
         return [
             sys.executable,
             "-m",
@@ -379,7 +382,7 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
             str(prompts),
             "--output",
             str(output),
-            *[a for s in sets for a in ("--set", s)],
+            *[a for s in SAMPLING for a in ("--set", s)],
             "--no-progress",
             *extra,
         ]
@@ -388,7 +391,23 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
     run_one(generate(one))
     lines = one.read_text().splitlines()
     assert len(lines) == 5
-    (tmp_path / "two.jsonl.partial").write_text("\n".join(lines[:2]) + "\n")
+    # Two of the five records written here, then an interrupt.
+    from jaxalign import generate as gen
+
+    real, calls = gen.generate_all, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    policy = gen.load_policy(runs / "single", SAMPLING)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gen, "generate_all", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            gen.generate_file(policy, prompts, two, progress=False, chunk_prompts=1)
+    assert (tmp_path / "two.jsonl.partial").read_text().splitlines() == lines[:2]
     logs = run_two(generate(two, "--resume"), tmp_path / "logs_generate")
     assert two.read_text() == one.read_text()
     assert logs.count("wrote 5 records") == 1  # only process 0 says it
