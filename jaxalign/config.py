@@ -140,6 +140,10 @@ class TrainConfig:
     # PPO: peak learning rate of the value model (params['value']; same warmup and decay, its own
     # AdamW state and global-norm clip); None: one optimizer for policy and value at `lr`.
     value_lr: float | None = None
+    # PPO: optimizer steps at the start in which only the value model trains (verl's
+    # critic_warmup, OpenRLHF's freezing_actor_steps); the policy's AdamW and its learning-rate
+    # schedule then start from their first step.
+    critic_warmup_steps: int = 0
     warmup_steps: int = 10  # linear warmup: step i uses lr * (i + 1) / warmup_steps
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio

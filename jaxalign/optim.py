@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxalign.config import Config, TrainConfig
@@ -146,14 +147,52 @@ def _make_optimizer(
     loop's sharding of the state and checkpoints are unchanged).
     """
     schedule = learning_rate_schedule(cfg)
+    if cfg.critic_warmup_steps:
+        return _critic_warmup_optimizer(cfg, schedule, params)
     if cfg.value_lr is None:
         parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
         return optax.chain(*parts, *_adamw(cfg, schedule, params)), schedule
-    if not (isinstance(params, dict) and set(params) == {"policy", "value"}):
-        raise ConfigError("train.value_lr needs a model with a value model (trainer: ppo)")
+    _check_actor_critic(cfg, params, "train.value_lr")
     if cfg.value_lr <= 0:
         raise ConfigError(f"train.value_lr must be positive, got {cfg.value_lr}")
     parts = [clip_by_global_norm_per_role(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
     parts += _adamw(cfg, schedule, params)
     parts.append(scale_role("value", cfg.value_lr / cfg.lr))
     return optax.chain(*parts), schedule
+
+
+def _check_actor_critic(cfg: TrainConfig, params, key: str) -> None:
+    if not (isinstance(params, dict) and set(params) == {"policy", "value"}):
+        raise ConfigError(f"{key} needs a model with a value model (trainer: ppo)")
+
+
+def _critic_warmup_optimizer(
+    cfg: TrainConfig, schedule: optax.Schedule, params
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`train.critic_warmup_steps` N: two optimizers, each with its own global-norm clip and
+    AdamW. The value model's runs from step 0 at `value_lr` (or `lr`) on the usual schedule. The
+    policy's sees no update and keeps its state untouched for N steps
+    (`optax.transforms.conditionally_mask`), so its AdamW step count, bias correction and
+    learning-rate schedule start at step N as from a fresh start; the returned schedule (the
+    logged `lr`) is the policy's: 0 during the warmup, then the schedule shifted by N."""
+    _check_actor_critic(cfg, params, "train.critic_warmup_steps")
+    warmup = cfg.critic_warmup_steps
+    if warmup < 0:
+        raise ConfigError(f"train.critic_warmup_steps must be >= 0, got {warmup}")
+    value_lr = cfg.lr if cfg.value_lr is None else cfg.value_lr
+    if value_lr <= 0:
+        raise ConfigError(f"train.value_lr must be positive, got {value_lr}")
+
+    def role(lr_schedule):
+        clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+        return optax.chain(*clip, *_adamw(cfg, lr_schedule, params))
+
+    policy = optax.transforms.conditionally_mask(role(schedule), lambda step: step >= warmup)
+    value = role(lambda step: schedule(step) * (value_lr / cfg.lr))
+    labels = {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+    tx = optax.multi_transform({"policy": policy, "value": value}, labels)
+
+    def policy_schedule(step):
+        return jnp.where(step >= warmup, schedule(jnp.maximum(step - warmup, 0)), 0.0)
+
+    return tx, policy_schedule

@@ -191,3 +191,68 @@ def test_frozen_run_keeps_those_parameters_and_resumes_on_another_mesh(tmp_path)
     assert [h["step"] for h in resumed.history] == [3, 4, 5]
     np.testing.assert_allclose(losses(resumed), losses(result)[2:], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(resumed.state["params"]["embed"]), start["embed"])
+
+
+# -- train.critic_warmup_steps -----------------------------------------------------------------
+
+
+def _adam_reference(params, grads, steps, lr, b1, b2, eps, max_norm):
+    """float64 Adam (no weight decay) with global-norm clipping, constant lr, from a fresh
+    state: the parameters after each of `steps` updates with the same gradients."""
+    flat = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
+    g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+    norm = np.sqrt(sum(float((x**2).sum()) for x in g))
+    g = [x * min(1.0, max_norm / norm) for x in g]
+    mu = [np.zeros_like(x) for x in flat]
+    nu = [np.zeros_like(x) for x in flat]
+    out = []
+    for t in range(1, steps + 1):
+        mu = [b1 * m + (1 - b1) * x for m, x in zip(mu, g, strict=True)]
+        nu = [b2 * n + (1 - b2) * x**2 for n, x in zip(nu, g, strict=True)]
+        flat = [
+            p - lr * (m / (1 - b1**t)) / (np.sqrt(n / (1 - b2**t)) + eps)
+            for p, m, n in zip(flat, mu, nu, strict=True)
+        ]
+        out.append(flat)
+    return out
+
+
+def test_critic_warmup_trains_the_value_model_alone_then_starts_a_fresh_policy_adam():
+    """For critic_warmup_steps the policy gets no update and its AdamW state does not advance;
+    afterwards it moves as a fresh Adam would (float64 reference, own clip), while the value
+    model moves as Adam at value_lr from step 1. The logged lr is the policy's: 0, then lr."""
+    cfg = TrainConfig(
+        steps=10,
+        lr=0.01,
+        value_lr=0.05,
+        critic_warmup_steps=2,
+        warmup_steps=0,
+        lr_schedule="constant",
+        max_grad_norm=1.0,
+    )
+    params = {"policy": _tree(0), "value": _tree(2)}
+    grads = {"policy": _tree(1), "value": _tree(3)}
+    grads["policy"]["embed"] *= 100.0  # would dominate a shared clip
+    tx, schedule = make_optimizer(cfg, params)
+    state, new = tx.init(params), params
+    history = []
+    for _ in range(4):
+        updates, state = jax.jit(tx.update)(grads, state, new)
+        new = optax.apply_updates(new, updates)
+        history.append(new)
+    adam = {"b1": cfg.b1, "b2": cfg.b2, "eps": cfg.eps, "max_norm": 1.0}
+    value_ref = _adam_reference(params["value"], grads["value"], 4, 0.05, **adam)
+    policy_ref = _adam_reference(params["policy"], grads["policy"], 2, 0.01, **adam)
+    for step, got in enumerate(history):
+        for a, b in zip(jax.tree.leaves(got["value"]), value_ref[step], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        policy = jax.tree.leaves(got["policy"])
+        if step < 2:
+            for a, b in zip(policy, jax.tree.leaves(params["policy"]), strict=True):
+                np.testing.assert_array_equal(a, b)
+        else:
+            for a, b in zip(policy, policy_ref[step - 2], strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert [float(schedule(s)) for s in range(4)] == pytest.approx([0.0, 0.0, 0.01, 0.01])
+    with pytest.raises(ConfigError, match="critic_warmup_steps needs a model with a value"):
+        make_optimizer(TrainConfig(critic_warmup_steps=2), _tree())

@@ -121,14 +121,21 @@ def test_first_minibatch_ratio_is_one(tmp_path, trainer_name):
 
 
 @pytest.mark.slow
-def test_ppo_resume_at_rollout_boundary_reproduces_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("critic_warmup", [0, 2])
+def test_ppo_resume_at_rollout_boundary_reproduces_uninterrupted_run(tmp_path, critic_warmup):
     """Two rollouts (2 steps each) straight through, or stopped after the first rollout and
     resumed: same losses and metrics (policy, value, both optimizer states, the adaptive KL
-    coefficient and the prompt iterator are restored)."""
+    coefficient and the prompt iterator are restored). With train.critic_warmup_steps 2 the
+    first rollout trains the value model alone (the policy in the step-2 checkpoint is the
+    initial one, the logged lr 0) and the resumed run starts the policy's optimizer."""
     overrides = {"train.steps": 4, "rl.kl_target": 0.5, "rl.kl_horizon": 100, "rl.kl_coef": 0.1}
+    overrides["train.critic_warmup_steps"] = critic_warmup
     cfg = rl_config(tmp_path / "straight", **overrides)
     algo, trainer, init = start(cfg)
+    initial_policy = jax.device_get(init["policy"])
     straight = trainer.run(init_params=init).history
+    lrs = [h["lr"] for h in straight]
+    assert (lrs[:2] == [0.0, 0.0]) == bool(critic_warmup) and lrs[2] > 0
     for record in straight:
         if "objective/kl" in record:
             for key in REQUIRED_METRICS + PPO_METRICS:
@@ -157,6 +164,13 @@ def test_ppo_resume_at_rollout_boundary_reproduces_uninterrupted_run(tmp_path):
     algo.train_data = crash_in_second_rollout
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.run(init_params=init)
+    if critic_warmup:
+        from jaxalign.checkpoint import load_params
+
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), init)
+        saved = load_params(tmp_path / "resumed" / "run" / "checkpoints" / "2", target)
+        for a, b in zip(jax.tree.leaves(saved["policy"]), jax.tree.leaves(initial_policy)):
+            np.testing.assert_array_equal(np.asarray(a), b)
     algo, trainer, init = start(interrupted_cfg())
     resumed = trainer.run(init_params=init).history
     assert [h["step"] for h in resumed] == [3, 4]
