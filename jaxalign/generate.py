@@ -820,7 +820,10 @@ def sample_in_chunks(
 
     _, stops, records, messages, prompt_ids = load_prompts(policy, input_path)
     sp = policy.cfg.sampling
-    shape = {"sampling": to_dict(policy.cfg)["sampling"], "template": policy.cfg.data.template}
+    # What shapes the output: not the batch size (a row's samples do not depend on its batch),
+    # so a run that ran out of memory can resume with smaller batches.
+    sampling = {k: v for k, v in to_dict(policy.cfg)["sampling"].items() if k != "batch_size"}
+    shape = {"sampling": sampling, "template": policy.cfg.data.template}
     chunk_prompts = chunk_prompts or max(1, 32 * sp.batch_size // sp.num_samples)
     sampler = policy_sampler(policy, stops)
     with PartialOutputs(outputs, fingerprint(records, shape), resume=resume) as out:

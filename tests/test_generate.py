@@ -531,7 +531,7 @@ def test_outputs_survive_an_interrupt_and_resume_to_the_same_files(run_dir, tmp_
     interrupt leaves the chunks done there (and an existing OUTPUT untouched); a rerun refuses
     to overwrite them, and --resume continues to the files an uninterrupted run writes
     (sampled: each row's stream is fixed by its prompt's index), dropping what the crash left
-    of a chunk; a resume with other sampling settings is refused."""
+    of a chunk; a resume with smaller batches is allowed, with other sampling settings refused."""
     from jaxalign import generate as gen
     from jaxalign.partial import partial_path
     from jaxalign.rejection import function_scorer, rejection_sample
@@ -565,7 +565,8 @@ def test_outputs_survive_an_interrupt_and_resume_to_the_same_files(run_dir, tmp_
         gen.generate_file(other, prompts, out, progress=False, resume=True)
     with partial.open("a") as f:
         f.write('{"bonus": 2.0, "compl')  # what the crash left of the chunk in flight
-    assert gen.generate_file(policy, prompts, out, progress=False, resume=True) == 3
+    smaller = gen.load_policy(root / "run", [*sets, "sampling.batch_size=1"])  # e.g. after OOM
+    assert gen.generate_file(smaller, prompts, out, progress=False, resume=True) == 3
     assert out.read_text() == straight.read_text() and not partial.exists()
 
     # Rejection sampling: the same, with its two files and its running statistics.
