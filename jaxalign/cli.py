@@ -235,6 +235,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         generations_path=args.generations,
     )
+    if not _is_main_process():  # every process evaluates; process 0 writes and prints
+        return 0
     text = json.dumps({"model": args.model, "metrics": metrics}, indent=1)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

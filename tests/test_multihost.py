@@ -434,3 +434,28 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
         outputs[name] = (sft.read_text(), dpo.read_text())
     assert outputs["two"] == outputs["one"] and outputs["one"][0].count("\n") == 5
     assert logs.count("5 prompts x 3 samples") == 1
+
+
+def test_two_process_eval_gives_the_single_process_metrics(runs, tmp_path):
+    """`jaxalign eval` across two processes (greedy answers and the teacher-forced KL to a
+    reference, parameters sharded over both): the one-process metrics; process 0 alone prints
+    and writes the metrics and the generations."""
+
+    def evaluate(name: str) -> list[str]:
+        return [
+            *(sys.executable, "-m", "jaxalign.cli", "eval", "--model", str(runs / "single")),
+            *("--reference", str(runs / "multi"), "--limit", "1", "--max-new-tokens", "8"),
+            *("--eval-file", str(REPO / "data" / "quickstart" / "sft_eval.jsonl.gz")),
+            *("--eval-file", str(REPO / "data" / "quickstart" / "safety_eval.jsonl.gz")),
+            *("--output", str(tmp_path / f"{name}.json")),
+            *("--generations", str(tmp_path / f"{name}.jsonl")),
+        ]
+
+    run_one(evaluate("one"))
+    logs = run_two(evaluate("two"), tmp_path / "logs_eval")
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("one", "two"))
+    assert set(one) == set(two) and "kl_to_ref" in one and "pass_rate" in one
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert logs.count('"kl_to_ref"') == 1

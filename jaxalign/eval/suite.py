@@ -236,7 +236,7 @@ def evaluate(
         metrics["rm_win_rate"] = rm_win_rate(reward_model, records, answers["texts"], baseline)
     if reference is not None:
         metrics["kl_to_ref"] = kl_to_reference(answers, reference)
-    if generations_path is not None:
+    if generations_path is not None and jax.process_index() == 0:  # process 0 writes
         path = Path(generations_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8") as f:
