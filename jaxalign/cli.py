@@ -131,6 +131,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     _enable_compilation_cache()
     counts = score_file(args.model, args.input, args.output)
+    if not _is_main_process():
+        return 0
     if args.output:
         print(f"[jaxalign] wrote {counts['records']} rewards to {args.output}", file=sys.stderr)
     if counts["truncated"]:

@@ -459,3 +459,44 @@ def test_two_process_eval_gives_the_single_process_metrics(runs, tmp_path):
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert logs.count('"kl_to_ref"') == 1
+
+
+def test_two_process_score_writes_the_single_process_rewards(tmp_path):
+    """`jaxalign score` across two processes: the one-process rewards, written by process 0."""
+    from toy import TINY_MODEL, reward_model_run
+
+    from jaxalign.config import load_config
+
+    sets = [f"run_dir={tmp_path / 'rm'}", "trainer=rm", "train.seq_len=64", "mesh.fsdp=-1"]
+    sets.append(f"data.tokenizer={REPO / 'data' / 'tiny' / 'tokenizer.model'}")
+    cfg = load_config(None, sets, base={"model": {**TINY_MODEL, "vocab_size": 512}})
+    rm = reward_model_run(tmp_path / "rm", cfg)
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Add {i} and 2.", "response": f"It is {i + 2}."} for i in range(11)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def score(name: str) -> list[str]:
+        out = ("--output", str(tmp_path / f"{name}.jsonl"))
+        return [
+            sys.executable,
+            "-m",
+            "jaxalign.cli",
+            "score",
+            "--model",
+            str(rm),
+            "--input",
+            str(pairs),
+            *out,
+        ]
+
+    run_one(score("one"))
+    logs = run_two(score("two"), tmp_path / "logs_score")
+    one, two = (
+        [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+        for n in ("one", "two")
+    )
+    assert len(one) == len(two) == 11
+    np.testing.assert_allclose(
+        [r["reward"] for r in two], [r["reward"] for r in one], rtol=1e-5, atol=1e-6
+    )
+    assert logs.count("wrote 11 rewards") == 1

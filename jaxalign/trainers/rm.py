@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,8 @@ def score_file(model_dir: str, input_path: str, output_path: str | None = None) 
         raise DataError("no records to score", where=input_path)
     rewards = scorer.score(sequences)
     truncated = sum(len(s) > cfg.train.seq_len for s in sequences)
+    if jax.process_index() != 0:  # every process scores; process 0 writes
+        output_path = os.devnull
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:
         for record, reward in zip(records, rewards, strict=True):
