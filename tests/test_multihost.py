@@ -358,42 +358,30 @@ def test_error_messages_name_the_variables_of_each_environment():
 SAMPLING = ["sampling.temperature=1.0", "sampling.max_new_tokens=8", "sampling.batch_size=8"]
 
 
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jaxalign.cli", *args]
+
+
 def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_path):
     """`jaxalign generate --resume` across two processes (every process generates with the
-    params sharded over both, process 0 writes) continues a partial file of the one-process
-    output (written here, in-process, up to an interrupt) to that same output, byte for byte;
-    `jaxalign rejection-sample` on two processes
-    writes the files one process does."""
+    params sharded over both, process 0 writes) continues a partial file written here (one
+    process, 8 devices, interrupted after two records) to the one-process output, byte for
+    byte; `jaxalign rejection-sample` on two processes writes the one-process files."""
+    from jaxalign import generate as gen
+    from jaxalign.rejection import function_scorer, load_reward_function, rejection_sample
+
     prompts = tmp_path / "prompts.jsonl"
     questions = ["What is 2 plus 3?", "Name a fruit.", "Spell dog.", "Say hi.", "Count to 3."]
     prompts.write_text(
         "".join(json.dumps({"prompt": q, "i": i}) + "\n" for i, q in enumerate(questions))
     )
-
-    def generate(output: Path, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "jaxalign.cli",
-            "generate",
-            "--model",
-            str(runs / "single"),
-            "--input",
-            str(prompts),
-            "--output",
-            str(output),
-            *[a for s in SAMPLING for a in ("--set", s)],
-            "--no-progress",
-            *extra,
-        ]
-
+    sets = [a for s in SAMPLING for a in ("--set", s)]
+    common = ["--model", str(runs / "single"), "--input", str(prompts), *sets, "--no-progress"]
+    policy = gen.load_policy(runs / "single", SAMPLING)
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    run_one(generate(one))
+    gen.generate_file(policy, prompts, one, progress=False)
     lines = one.read_text().splitlines()
     assert len(lines) == 5
-    # Two of the five records written here, then an interrupt.
-    from jaxalign import generate as gen
-
     real, calls = gen.generate_all, []
 
     def interrupted(*args, **kwargs):
@@ -402,58 +390,64 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    policy = gen.load_policy(runs / "single", SAMPLING)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(gen, "generate_all", interrupted)
         with pytest.raises(KeyboardInterrupt):
             gen.generate_file(policy, prompts, two, progress=False, chunk_prompts=1)
     assert (tmp_path / "two.jsonl.partial").read_text().splitlines() == lines[:2]
-    logs = run_two(generate(two, "--resume"), tmp_path / "logs_generate")
+    generate = cli("generate", *common, "--output", str(two), "--resume")
+    logs = run_two(generate, tmp_path / "logs_generate")
     assert two.read_text() == one.read_text()
     assert logs.count("wrote 5 records") == 1  # only process 0 says it
 
-    # Rejection sampling on two processes writes what one process does.
     reward = tmp_path / "reward.py"
     reward.write_text(
         "def reward(prompts, completions, **fields):\n    return [len(c) for c in completions]\n"
     )
-    outputs = {}
-    for name in ("one", "two"):
-        sft, dpo = tmp_path / f"{name}_sft.jsonl", tmp_path / f"{name}_dpo.jsonl"
-        args = generate(tmp_path / "unused", "--set", "sampling.num_samples=3")
-        args[3] = "rejection-sample"
-        at = args.index("--output")
-        args[at : at + 2] = [
-            *("--output-sft", str(sft), "--output-dpo", str(dpo)),
-            *("--reward-fn", f"{reward}:reward"),
-        ]
-        if name == "one":
-            run_one(args)
-        else:
-            logs = run_two(args, tmp_path / "logs_rejection")
-        outputs[name] = (sft.read_text(), dpo.read_text())
-    assert outputs["two"] == outputs["one"] and outputs["one"][0].count("\n") == 5
+    files = {n: tmp_path / f"{n}.jsonl" for n in ("sft1", "dpo1", "sft2", "dpo2")}
+    three = gen.load_policy(runs / "single", [*SAMPLING, "sampling.num_samples=3"])
+    scorer = function_scorer(load_reward_function(f"{reward}:reward"))
+    rejection_sample(three, prompts, scorer, files["sft1"], files["dpo1"], progress=False)
+    outputs = ("--output-sft", str(files["sft2"]), "--output-dpo", str(files["dpo2"]))
+    rejection = cli(
+        "rejection-sample",
+        *common,
+        "--set",
+        "sampling.num_samples=3",
+        *outputs,
+        "--reward-fn",
+        f"{reward}:reward",
+    )
+    logs = run_two(rejection, tmp_path / "logs_rejection")
+    for name in ("sft", "dpo"):
+        assert files[name + "2"].read_text() == files[name + "1"].read_text()
+    assert files["sft1"].read_text().count("\n") == 5
     assert logs.count("5 prompts x 3 samples") == 1
 
 
 def test_two_process_eval_gives_the_single_process_metrics(runs, tmp_path):
     """`jaxalign eval` across two processes (greedy answers and the teacher-forced KL to a
-    reference, parameters sharded over both): the one-process metrics; process 0 alone prints
-    and writes the metrics and the generations."""
+    reference, parameters sharded over both): the metrics and generations of one process (8
+    devices, here); process 0 alone prints and writes them."""
+    from jaxalign.eval.suite import evaluate
 
-    def evaluate(name: str) -> list[str]:
-        return [
-            *(sys.executable, "-m", "jaxalign.cli", "eval", "--model", str(runs / "single")),
-            *("--reference", str(runs / "multi"), "--limit", "1", "--max-new-tokens", "8"),
-            *("--eval-file", str(REPO / "data" / "quickstart" / "sft_eval.jsonl.gz")),
-            *("--eval-file", str(REPO / "data" / "quickstart" / "safety_eval.jsonl.gz")),
-            *("--output", str(tmp_path / f"{name}.json")),
-            *("--generations", str(tmp_path / f"{name}.jsonl")),
-        ]
-
-    run_one(evaluate("one"))
-    logs = run_two(evaluate("two"), tmp_path / "logs_eval")
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("one", "two"))
+    files = [
+        str(REPO / "data" / "quickstart" / f) for f in ("sft_eval.jsonl.gz", "safety_eval.jsonl.gz")
+    ]
+    one = evaluate(
+        runs / "single",
+        files,
+        reference=runs / "multi",
+        limit_per_family=1,
+        max_new_tokens=8,
+        generations_path=tmp_path / "one.jsonl",
+    )
+    args = ["eval", "--model", str(runs / "single"), "--reference", str(runs / "multi")]
+    args += ["--limit", "1", "--max-new-tokens", "8", "--output", str(tmp_path / "two.json")]
+    args += ["--generations", str(tmp_path / "two.jsonl")]
+    args += [a for f in files for a in ("--eval-file", f)]
+    logs = run_two(cli(*args), tmp_path / "logs_eval")
+    two = json.loads((tmp_path / "two.json").read_text())["metrics"]
     assert set(one) == set(two) and "kl_to_ref" in one and "pass_rate" in one
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -462,10 +456,12 @@ def test_two_process_eval_gives_the_single_process_metrics(runs, tmp_path):
 
 
 def test_two_process_score_writes_the_single_process_rewards(tmp_path):
-    """`jaxalign score` across two processes: the one-process rewards, written by process 0."""
+    """`jaxalign score` across two processes: the rewards of one process (here), written by
+    process 0 alone."""
     from toy import TINY_MODEL, reward_model_run
 
     from jaxalign.config import load_config
+    from jaxalign.trainers.rm import score_file
 
     sets = [f"run_dir={tmp_path / 'rm'}", "trainer=rm", "train.seq_len=64", "mesh.fsdp=-1"]
     sets.append(f"data.tokenizer={REPO / 'data' / 'tiny' / 'tokenizer.model'}")
@@ -474,23 +470,17 @@ def test_two_process_score_writes_the_single_process_rewards(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"Add {i} and 2.", "response": f"It is {i + 2}."} for i in range(11)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def score(name: str) -> list[str]:
-        out = ("--output", str(tmp_path / f"{name}.jsonl"))
-        return [
-            sys.executable,
-            "-m",
-            "jaxalign.cli",
-            "score",
-            "--model",
-            str(rm),
-            "--input",
-            str(pairs),
-            *out,
-        ]
-
-    run_one(score("one"))
-    logs = run_two(score("two"), tmp_path / "logs_score")
+    score_file(str(rm), str(pairs), str(tmp_path / "one.jsonl"))
+    args = [
+        "score",
+        "--model",
+        str(rm),
+        "--input",
+        str(pairs),
+        "--output",
+        str(tmp_path / "two.jsonl"),
+    ]
+    logs = run_two(cli(*args), tmp_path / "logs_score")
     one, two = (
         [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
         for n in ("one", "two")
