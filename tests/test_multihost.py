@@ -362,7 +362,25 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "jaxalign.cli", *args]
 
 
-def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_path):
+def random_run(path: Path, trainer: str = "sft", seed: int = 0) -> Path:
+    """A run directory of a tiny random-weight model (FSDP over all devices), so the
+    command tests below need no training (nor the `runs` fixture)."""
+    from flax import nnx
+    from toy import TINY_MODEL, random_params, reward_model_run, write_run
+
+    from jaxalign.config import load_config
+    from jaxalign.models.llama import Transformer
+
+    sets = [f"run_dir={path}", f"trainer={trainer}", "train.seq_len=64", "mesh.fsdp=-1"]
+    sets.append(f"data.tokenizer={REPO / 'data' / 'tiny' / 'tokenizer.model'}")
+    cfg = load_config(None, sets, base={"model": {**TINY_MODEL, "vocab_size": 512}})
+    if trainer == "rm":
+        return reward_model_run(path, cfg, seed)
+    abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[1]
+    return write_run(path, cfg, random_params(abstract, seed))
+
+
+def test_two_process_generate_resumes_to_the_single_process_output(tmp_path):
     """`jaxalign generate --resume` across two processes (every process generates with the
     params sharded over both, process 0 writes) continues a partial file written here (one
     process, 8 devices, interrupted after two records) to the one-process output, byte for
@@ -375,9 +393,10 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
     prompts.write_text(
         "".join(json.dumps({"prompt": q, "i": i}) + "\n" for i, q in enumerate(questions))
     )
+    run = random_run(tmp_path / "policy")
     sets = [a for s in SAMPLING for a in ("--set", s)]
-    common = ["--model", str(runs / "single"), "--input", str(prompts), *sets, "--no-progress"]
-    policy = gen.load_policy(runs / "single", SAMPLING)
+    common = ["--model", str(run), "--input", str(prompts), *sets, "--no-progress"]
+    policy = gen.load_policy(run, SAMPLING)
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     gen.generate_file(policy, prompts, one, progress=False)
     lines = one.read_text().splitlines()
@@ -405,7 +424,7 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
         "def reward(prompts, completions, **fields):\n    return [len(c) for c in completions]\n"
     )
     files = {n: tmp_path / f"{n}.jsonl" for n in ("sft1", "dpo1", "sft2", "dpo2")}
-    three = gen.load_policy(runs / "single", [*SAMPLING, "sampling.num_samples=3"])
+    three = gen.load_policy(run, [*SAMPLING, "sampling.num_samples=3"])
     scorer = function_scorer(load_reward_function(f"{reward}:reward"))
     rejection_sample(three, prompts, scorer, files["sft1"], files["dpo1"], progress=False)
     outputs = ("--output-sft", str(files["sft2"]), "--output-dpo", str(files["dpo2"]))
@@ -425,7 +444,7 @@ def test_two_process_generate_resumes_to_the_single_process_output(runs, tmp_pat
     assert logs.count("5 prompts x 3 samples") == 1
 
 
-def test_two_process_eval_gives_the_single_process_metrics(runs, tmp_path):
+def test_two_process_eval_gives_the_single_process_metrics(tmp_path):
     """`jaxalign eval` across two processes (greedy answers and the teacher-forced KL to a
     reference, parameters sharded over both): the metrics and generations of one process (8
     devices, here); process 0 alone prints and writes them."""
@@ -434,15 +453,16 @@ def test_two_process_eval_gives_the_single_process_metrics(runs, tmp_path):
     files = [
         str(REPO / "data" / "quickstart" / f) for f in ("sft_eval.jsonl.gz", "safety_eval.jsonl.gz")
     ]
+    policy, reference = random_run(tmp_path / "policy"), random_run(tmp_path / "ref", seed=1)
     one = evaluate(
-        runs / "single",
+        policy,
         files,
-        reference=runs / "multi",
+        reference=reference,
         limit_per_family=1,
         max_new_tokens=8,
         generations_path=tmp_path / "one.jsonl",
     )
-    args = ["eval", "--model", str(runs / "single"), "--reference", str(runs / "multi")]
+    args = ["eval", "--model", str(policy), "--reference", str(reference)]
     args += ["--limit", "1", "--max-new-tokens", "8", "--output", str(tmp_path / "two.json")]
     args += ["--generations", str(tmp_path / "two.jsonl")]
     args += [a for f in files for a in ("--eval-file", f)]
@@ -458,15 +478,9 @@ def test_two_process_eval_gives_the_single_process_metrics(runs, tmp_path):
 def test_two_process_score_writes_the_single_process_rewards(tmp_path):
     """`jaxalign score` across two processes: the rewards of one process (here), written by
     process 0 alone."""
-    from toy import TINY_MODEL, reward_model_run
-
-    from jaxalign.config import load_config
     from jaxalign.trainers.rm import score_file
 
-    sets = [f"run_dir={tmp_path / 'rm'}", "trainer=rm", "train.seq_len=64", "mesh.fsdp=-1"]
-    sets.append(f"data.tokenizer={REPO / 'data' / 'tiny' / 'tokenizer.model'}")
-    cfg = load_config(None, sets, base={"model": {**TINY_MODEL, "vocab_size": 512}})
-    rm = reward_model_run(tmp_path / "rm", cfg)
+    rm = random_run(tmp_path / "rm", "rm")
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"Add {i} and 2.", "response": f"It is {i + 2}."} for i in range(11)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
