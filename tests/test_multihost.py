@@ -35,7 +35,10 @@ pytestmark = pytest.mark.slow
 
 
 def _env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)  # XLA_FLAGS without the device count (JAXALIGN_CPU_DEVICES sets it)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", ""
+    )
     env.update(
         JAX_PLATFORMS="cpu", JAXALIGN_CPU_DEVICES=str(devices), JAXALIGN_COMPILATION_CACHE="off"
     )

@@ -482,7 +482,7 @@ def test_truncated_completions_weigh_nothing_when_masked(tmp_path, monkeypatch, 
             )
             return value / denom
 
-        return jax.device_get(jax.value_and_grad(loss)(state["params"]))
+        return jax.device_get(jax.jit(jax.value_and_grad(loss))(state["params"]))
 
     masked, without, everything = (loss_and_grads(b) for b in (micro, kept, unmasked))
     np.testing.assert_allclose(masked[0], without[0], rtol=1e-5, atol=1e-7)
