@@ -24,9 +24,10 @@ pool (all `*_train` files), never both, so nothing evaluated was ever trained on
     pref_*          {"prompt", "chosen", "rejected", "family"}     correct vs plausible-but-wrong
     rl_*            {"prompt", "family", checker fields}           prompts for PPO / GRPO
 
-Checker fields: `answer` (arithmetic, string, uppercase), `n` (n_words), `keys` (json). Some SFT
-demonstrations ignore their format constraint (`--noise`), as real crowd-sourced data does; the
-preference pairs and the RL reward are what teach the constraint reliably.
+Checker fields: `answer` (arithmetic, string, uppercase), `n` (n_words), `keys` (json). Half of
+the format-constrained SFT demonstrations ignore their constraint (`--noise`, default 0.5), as
+careless crowd-sourced data does: SFT imitates that mix, and the preference pairs and the RL
+reward are what teach the constraint reliably (docs/quickstart.md, "The bundled data").
 """
 
 from __future__ import annotations
@@ -485,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--noise",
         type=float,
-        default=0.25,
+        default=0.5,
         help="fraction of format-constrained SFT demonstrations that ignore it",
     )
     parser.add_argument("--vocab-size", type=int, default=1024)
