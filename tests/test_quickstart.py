@@ -107,6 +107,19 @@ def test_every_bundled_reference_answer_passes_its_checker():
     assert all(check(p, p["chosen"]) and not check(p, p["rejected"]) for p in safety_pairs)
 
 
+def test_half_of_the_constrained_demonstrations_ignore_their_constraint():
+    """The bundled SFT data's designed flaw (scripts/make_quickstart_data.py --noise 0.5, what
+    the README's numbers were measured on): about half of the upper case, n_words and json
+    demonstrations fail their checker, while every arithmetic and string one passes."""
+    by_family: dict[str, list[bool]] = {}
+    for r in _records("sft_train"):
+        by_family.setdefault(r["family"], []).append(check(r, r["completion"]))
+    assert all(by_family["arithmetic"]) and all(by_family["string"])
+    for family in ("uppercase", "n_words", "json"):
+        failing = 1 - np.mean(by_family[family])
+        assert 0.44 < failing < 0.56, (family, failing)  # ~600 each: 3 standard errors is 0.06
+
+
 def test_count_words_and_checker_reward_scores():
     assert count_words("red, crisp and sweet.") == 4
     scores = reward(
