@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 
 
-def _enable_compilation_cache() -> None:
+def _enable_compilation_cache(min_compile_time_s: float = 1.0) -> None:
+    """The persistent XLA cache in $JAXALIGN_COMPILATION_CACHE (default ~/.cache/jaxalign/xla;
+    "off" disables it), for programs that took at least `min_compile_time_s` to compile."""
     import jax
 
     cache_dir = os.environ.get(
@@ -32,7 +34,7 @@ def _enable_compilation_cache() -> None:
     )
     if cache_dir and cache_dir != "off":
         jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
 
 
 def _is_main_process() -> bool:

@@ -16,11 +16,11 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The two xdist workers and the command-line processes that tests launch compile many of the
-# same programs (a module's fixtures are built on each worker that runs its tests; the
-# quickstart's and the multi-process tests' stages). They share one cache, a new directory per
-# run (so a run here costs what it costs on a clean CI machine), made by the first process to
-# load this file and inherited by the xdist workers and subprocesses through the environment.
+# The two xdist workers and the commands that tests launch compile many of the same programs (a
+# module's fixtures are built on each worker that runs its tests; the quickstart's stages). They
+# share one cache (the commands' own, `jaxalign.cli._enable_compilation_cache`; the two-process
+# tests turn it off), a new directory per run so that a run here costs what it costs on a clean
+# CI machine, made by the first process to load this file and inherited through the environment.
 if "JAXALIGN_COMPILATION_CACHE" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxalign-test-xla-")
     os.environ["JAXALIGN_COMPILATION_CACHE"] = _cache
@@ -28,7 +28,7 @@ if "JAXALIGN_COMPILATION_CACHE" not in os.environ:
 
 import jax  # noqa: E402
 
+from jaxalign.cli import _enable_compilation_cache  # noqa: E402
+
 jax.config.update("jax_enable_x64", False)
-if os.environ["JAXALIGN_COMPILATION_CACHE"] != "off":
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAXALIGN_COMPILATION_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+_enable_compilation_cache(min_compile_time_s=0.3)
