@@ -88,11 +88,17 @@ class MeshConfig:
 class ShardingConfig:
     """Logical-axis rules: each logical axis maps to a mesh axis, a list of mesh axes, or null.
 
-    `rules_file` (a YAML file with a `rules:` mapping) is applied first, then `rules` on top.
+    Two tables: `rules` places parameters (and their optimizer state), `activation_rules` places
+    activations, batches and KV caches. The activation table starts as a copy of the parameter
+    table, so a config that sets only `rules` shards both alike. `rules_file` (a YAML file with
+    a `rules:` and optionally an `activation_rules:` mapping) is applied first, then the inline
+    tables on top.
     """
 
-    rules_file: str | None = None  # YAML with a `rules:` table (configs/sharding/*.yaml)
-    rules: dict[str, Any] = field(default_factory=dict)  # overrides on top of the file
+    rules_file: str | None = None  # YAML with `rules:` (and `activation_rules:`) tables
+    rules: dict[str, Any] = field(default_factory=dict)  # parameter overrides on top of the file
+    # activation overrides on top of the file's (and of the parameter table)
+    activation_rules: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Device mesh, logical-axis rules, and their validation.
 
-Parameters and activations carry logical axis names (`embed`, `mlp`, `heads`, ...). A rules table
-maps each logical name to mesh axes; `logical_to_sharding` turns a pytree of logical names into
-`NamedSharding`s. Users change sharding by editing the table (config `sharding.*`), never the model.
+Parameters and activations carry logical axis names (`embed`, `mlp`, `heads`, ...). Two rules
+tables map each logical name to mesh axes: one for parameters, one for activations (batches, KV
+caches, the values `constrain` pins), so "parameters FSDP over X, activations over Y" can be said
+directly. `logical_to_sharding` turns a pytree of logical names into `NamedSharding`s. Users change
+sharding by editing the tables (config `sharding.*`), never the model.
 """
 
 from __future__ import annotations
@@ -51,7 +53,28 @@ DEFAULT_RULES: dict[str, Any] = {
     "norm": None,
 }
 
-Rules = dict[str, tuple[str, ...]]
+# Names only activations have: `logical_to_spec` reads them from the activation table whichever
+# table it is given (a batch's sharding is the same in every context).
+ACTIVATION_ONLY_AXES = ("batch", "length")
+
+
+class Rules(dict):
+    """The resolved parameter table (logical name -> tuple of mesh axes) with the activation
+    table as `.activations`. A plain dict works wherever a `Rules` does: it serves as both."""
+
+    def __init__(self, params: dict, activations: dict | None = None):
+        super().__init__(params)
+        self.activations: dict[str, tuple[str, ...]] = dict(
+            params if activations is None else activations
+        )
+
+    def __repr__(self) -> str:
+        return f"Rules(params={dict(self)!r}, activations={self.activations!r})"
+
+
+def activation_table(rules: dict) -> dict[str, tuple[str, ...]]:
+    """The activation rules of `rules` (a plain dict is its own activation table)."""
+    return getattr(rules, "activations", rules)
 
 
 def _normalize_rule(logical: str, value: Any, where: str) -> tuple[str, ...]:
@@ -67,19 +90,50 @@ def _normalize_rule(logical: str, value: Any, where: str) -> tuple[str, ...]:
     return axes
 
 
+RULES_FILE_SECTIONS = ("rules", "activation_rules")
+
+
 def resolve_rules(cfg: ShardingConfig) -> Rules:
-    """Default rules, then `rules_file`, then `rules`, validated."""
-    merged: dict[str, Any] = dict(DEFAULT_RULES)
-    layers: list[tuple[str, dict]] = []
+    """Parameter table: the defaults, then `rules_file`'s `rules:`, then `rules`. Activation
+    table: the parameter table, then the file's `activation_rules:`, then `activation_rules`.
+    Both validated."""
+    file_tables: dict[str, dict] = {}
     if cfg.rules_file:
         path = Path(cfg.rules_file)
         if not path.is_file():
             raise ConfigError(f"sharding.rules_file not found: {path}")
         raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict) or not isinstance(raw.get("rules", {}), dict):
+        if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping with a 'rules:' section")
-        layers.append((str(path), raw.get("rules", {})))
-    layers.append(("sharding.rules", cfg.rules))
+        for section, table in raw.items():
+            if section not in RULES_FILE_SECTIONS:
+                raise ConfigError(
+                    f"{path}: unknown section '{section}' "
+                    f"(expected: {', '.join(RULES_FILE_SECTIONS)})"
+                )
+            if not isinstance(table or {}, dict):
+                raise ConfigError(f"{path}: '{section}:' must be a mapping of logical axes")
+            file_tables[section] = table or {}
+    where = str(cfg.rules_file)
+    params = _apply(
+        dict(DEFAULT_RULES),
+        [(where, file_tables.get("rules", {})), ("sharding.rules", cfg.rules)],
+    )
+    activations = _apply(
+        dict(params),
+        [
+            (f"{where} activation_rules", file_tables.get("activation_rules", {})),
+            ("sharding.activation_rules", cfg.activation_rules),
+        ],
+    )
+    return Rules(
+        {k: _normalize_rule(k, v, "sharding.rules") for k, v in params.items()},
+        {k: _normalize_rule(k, v, "sharding.activation_rules") for k, v in activations.items()},
+    )
+
+
+def _apply(merged: dict[str, Any], layers: list[tuple[str, dict]]) -> dict[str, Any]:
+    """`merged` with each layer's entries on top, in order; unknown logical names are errors."""
     for where, rules in layers:
         for logical, value in rules.items():
             if logical not in LOGICAL_AXES:
@@ -87,7 +141,7 @@ def resolve_rules(cfg: ShardingConfig) -> Rules:
                     f"{where}: unknown logical axis '{logical}' (known: {', '.join(LOGICAL_AXES)})"
                 )
             merged[logical] = value
-    return {k: _normalize_rule(k, v, "sharding") for k, v in merged.items()}
+    return merged
 
 
 def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -193,13 +247,18 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
-    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once per spec."""
+    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once per spec.
+
+    `rules` is the table to read (parameters: a `Rules`; activations: its `.activations`);
+    `batch` and `length` always come from the activation table."""
     if names is None:
         return P()
+    activations = activation_table(rules)
     used: set[str] = set()
     out = []
     for name in names:
-        axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
+        table = activations if name in ACTIVATION_ONLY_AXES else rules
+        axes = tuple(a for a in table.get(name, ()) if a not in used) if name else ()
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
@@ -246,7 +305,7 @@ def validate_shardings(shapes: Any, shardings: Any, mesh: Mesh) -> None:
 
 def batch_divisor(mesh: Mesh, rules: Rules) -> int:
     """Number of shards of the batch dimension."""
-    return math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+    return math.prod(mesh.shape[a] for a in activation_table(rules).get("batch", ()))
 
 
 def validate_batch(
@@ -257,7 +316,7 @@ def validate_batch(
     micro = batch_size // grad_accum
     n = batch_divisor(mesh, rules)
     if micro % n:
-        axes = "x".join(rules.get("batch", ()))
+        axes = "x".join(activation_table(rules).get("batch", ()))
         raise ConfigError(
             f"{key}: micro-batch of {micro} rows ({batch_size} / grad_accum "
             f"{grad_accum}) does not divide by the batch mesh axes {axes} (size {n})"
@@ -274,8 +333,9 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Context
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    """Within this context, `constrain` pins activations to the mesh per the rules."""
-    token = _ACTIVE.set((mesh, rules))
+    """Within this context, `constrain` pins activations to the mesh per the activation table
+    of `rules`."""
+    token = _ACTIVE.set((mesh, activation_table(rules)))
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from toy import TINY_MODEL
 
@@ -84,6 +85,47 @@ def test_unknown_mesh_axis_in_rules():
         shd.resolve_rules(ShardingConfig(rules={"mlp": "model"}))
     with pytest.raises(ConfigError, match="unknown logical axis 'hidden'"):
         shd.resolve_rules(ShardingConfig(rules={"hidden": "fsdp"}))
+
+
+def test_activation_table_defaults_to_the_parameter_table():
+    rules = shd.resolve_rules(ShardingConfig(rules={"vocab": None}))
+    assert rules.activations == dict(rules)
+    assert rules["vocab"] == () and rules["embed"] == ("fsdp",)
+
+
+def test_activation_rules_place_activations_and_leave_parameters(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  embed: fsdp\nactivation_rules:\n  length: tensor\n  mlp: null\n")
+    cfg = ShardingConfig(rules_file=str(path), activation_rules={"heads": None})
+    rules = shd.resolve_rules(cfg)
+    assert (rules["mlp"], rules["heads"], rules["length"]) == (("tensor",), ("tensor",), ())
+    acts = rules.activations
+    assert (acts["mlp"], acts["heads"], acts["length"]) == ((), (), ("tensor",))
+    # Parameter specs read the parameter table; `batch` and `length` the activation table.
+    assert shd.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
+    assert shd.logical_to_spec(("batch", "length"), rules) == P(("data", "fsdp"), "tensor")
+    # `constrain` (inside `activation_sharding`) pins activations per the activation table.
+    mesh = shd.make_mesh(load_config(None, ["mesh.fsdp=4", "mesh.tensor=2"]).mesh)
+
+    def f(x):
+        return shd.constrain(x * 2, ("batch", "length", "mlp"))
+
+    with shd.activation_sharding(mesh, rules):
+        out = jax.jit(f)(jnp.ones((8, 4, 16)))
+    expected = NamedSharding(mesh, P(("data", "fsdp"), "tensor", None))
+    assert out.sharding.is_equivalent_to(expected, out.ndim)
+    assert shd.batch_divisor(mesh, rules) == 4
+
+
+def test_rules_file_sections_are_checked(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  embed: fsdp\nactivations:\n  length: tensor\n")
+    with pytest.raises(ConfigError, match="unknown section 'activations'"):
+        shd.resolve_rules(ShardingConfig(rules_file=str(path)))
+    with pytest.raises(ConfigError, match="sharding.activation_rules: unknown logical axis 'seq'"):
+        shd.resolve_rules(ShardingConfig(activation_rules={"seq": "tensor"}))
+    with pytest.raises(ConfigError, match="unknown mesh axis 'context'"):
+        shd.resolve_rules(ShardingConfig(activation_rules={"length": "context"}))
 
 
 def test_yaml_values_are_typed_and_overrides_apply():

@@ -28,8 +28,19 @@ def test_loss_decreases(single_device_losses):
 
 @pytest.mark.parametrize(
     "mesh",
-    [{"mesh.fsdp": 4, "mesh.tensor": 2}, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}],
-    ids=["fsdp4_tensor2", "data2_fsdp2_tensor2"],
+    [
+        {"mesh.fsdp": 4, "mesh.tensor": 2},
+        {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+        # Parameters over fsdp x tensor as above; activations sequence-parallel over `tensor`
+        # instead (the activation table differs from the parameter table).
+        {
+            "mesh.fsdp": 4,
+            "mesh.tensor": 2,
+            **{f"sharding.activation_rules.{n}": "null" for n in ("heads", "kv_heads", "mlp")},
+            "sharding.activation_rules.length": "tensor",
+        },
+    ],
+    ids=["fsdp4_tensor2", "data2_fsdp2_tensor2", "fsdp4_tensor2_sequence_activations"],
 )
 def test_sharded_run_equals_single_device(tmp_path, mesh, single_device_losses):
     _, result = run(toy_config(tmp_path, **mesh))
