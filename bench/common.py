@@ -35,7 +35,7 @@ TCMALLOC_CANDIDATES = (
 )
 
 # glibc settings that stop malloc from handing freed memory back to the OS (see
-# /work/shared/PERFORMANCE-NOTES.md: on this VM, faulting it back in is slow).
+# the shared performance notes, PERFORMANCE-NOTES.md: on this VM, faulting it back in is slow).
 GLIBC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 
 ALLOCATORS = ("tcmalloc", "glibc", "glibc-tuned")

@@ -54,7 +54,7 @@ SIZES: dict[str, dict] = {
         "num_heads": 4,
         "num_kv_heads": 2,
     },
-    # The 7.1M model of /work/shared/PERFORMANCE-NOTES.md.
+    # The 7.1M model of the shared performance notes (PERFORMANCE-NOTES.md).
     "7m": common.MODELS["7m"],
     # About 100M parameters (25M embedding + 25M output + 12 x 4.2M blocks).
     "100m": {
