@@ -177,6 +177,38 @@ def test_unsupported_config_is_an_error_naming_the_field(fields, named):
         hf.model_config_from_hf(hf_config(fields.pop("model_type", "llama"), **fields))
 
 
+def test_configs_written_by_transformers_4_and_5_import(tmp_path):
+    """Token ids, private keys and other tools' settings are accepted; the architecture is read."""
+    v5 = transformers.LlamaConfig(**TINY, unk_token_id=0, pad_token_id=2)
+    v5.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in written and written["unk_token_id"] == 0
+    cfg5 = hf.model_config_from_hf(written)
+    # What transformers 4.x wrote for SmolLM2 (rope_theta and rope_scaling at the top level,
+    # torch_dtype, transformers.js settings), at the tiny sizes.
+    v4 = hf_config(
+        "llama",
+        _name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+        _model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+        torch_dtype="bfloat16",
+        transformers_version="4.42.3",
+        rope_theta=10000.0,
+        rope_scaling=None,
+        rope_interleaved=False,
+        is_llama_config=True,
+        unk_token_id=0,
+        **{"transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16"}}},
+    )
+    assert hf.model_config_from_hf(v4) == cfg5
+    assert (cfg5.num_layers, cfg5.num_kv_heads, cfg5.rope_theta) == (
+        TINY["num_hidden_layers"],
+        TINY["num_key_value_heads"],
+        10000.0,
+    )
+    with pytest.raises(ConfigError, match="rope_interleaved"):
+        hf.model_config_from_hf(hf_config("llama", rope_interleaved=True))
+
+
 def test_config_mapping_per_family():
     gemma = hf.model_config_from_hf(hf_config("gemma", hidden_act="gelu"))
     assert (

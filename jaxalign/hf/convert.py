@@ -275,7 +275,7 @@ def hf_arch_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
     out["initializer_range"] = float(hf.get("initializer_range", 0.02))
 
     for key, value in hf.items():
-        if key in used or key in _IGNORED_KEYS or value is None:
+        if key in used or value is None or is_metadata_key(key, value):
             continue
         raise ConfigError(
             f"{where}: field '{key}' = {value!r} is not supported by jaxalign's {family} import"
@@ -316,6 +316,25 @@ def _sliding_window(hf: dict, family: str, num_layers: int, get, fail) -> int | 
         "a sliding window on only some layers is not supported (jaxalign's window is uniform)",
     )
     return None
+
+
+# Keys that other tools write into config.json and that never change the function: the
+# transformers.js export settings, nanotron's marker. `rope_interleaved` is accepted at its
+# default only (interleaved rotary embeddings would be another architecture).
+_TOOL_KEYS = {"transformers.js_config", "is_llama_config"}
+_DEFAULT_ONLY = {"rope_interleaved": False}
+
+
+def is_metadata_key(key: str, value: Any = None) -> bool:
+    """True for config.json keys that describe rather than define the model: generic
+    PreTrainedConfig keys, token ids (`*_token_id`, `*_token_ids`), private keys (`_...`, e.g.
+    `_name_or_path`, `_model_name_or_path`) and other tools' settings. Everything else must be
+    read by the import or refused."""
+    if key in _IGNORED_KEYS or key in _TOOL_KEYS or key.startswith("_"):
+        return True
+    if key.endswith(("_token_id", "_token_ids")):
+        return True
+    return key in _DEFAULT_ONLY and value == _DEFAULT_ONLY[key]
 
 
 def _rope(hf: dict, get, fail, where: str) -> tuple[float, dict | None]:
