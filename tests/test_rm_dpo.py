@@ -125,6 +125,27 @@ def test_bad_record_error_names_file_line_and_field(tmp_path):
     assert (len(records), skipped) == (1, 1)
 
 
+def test_identical_chosen_and_rejected_is_an_error_or_a_counted_skip(tmp_path):
+    prompt_forms = [
+        {"prompt": "Add 2 and 3.", "chosen": "5", "rejected": "5"},
+        {
+            "prompt": [{"role": "user", "content": "Add 2 and 3."}],
+            "chosen": [{"role": "assistant", "content": "5"}],
+            "rejected": "5",
+        },
+        {
+            "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+        },
+    ]
+    for i, record in enumerate(prompt_forms):
+        path = write_jsonl(tmp_path / f"same{i}.jsonl", [FORMATS[0], record])
+        with pytest.raises(DataError, match=rf"same{i}\.jsonl:2: .*'chosen' and 'rejected'"):
+            read_preference_jsonl(path)
+        records, skipped = read_preference_jsonl(path, on_error="skip")
+        assert (len(records), skipped) == (1, 1)
+
+
 def test_long_pairs_are_dropped_or_truncated_keeping_the_prompt_end(tok):
     prompt = [{"role": "user", "content": "Reverse the word 'apple'. " * 6 + "Now!"}]
     chosen, rejected = ([{"role": "assistant", "content": t}] for t in ("elppa", "apple"))

@@ -101,6 +101,8 @@ def to_preference(record: Any, *, where: str) -> tuple[list[dict], list[dict], l
             raise DataError(
                 f"field '{name}' must end with a non-empty assistant message", where=where
             )
+    if chosen == rejected:  # a pair with no preference: its loss would push on nothing real
+        raise DataError("fields 'chosen' and 'rejected' are identical", where=where)
     return prompt, chosen, rejected, float(margin)
 
 
