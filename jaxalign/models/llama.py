@@ -367,13 +367,16 @@ class MLP(nnx.Module):
             self.b_up = _zeros((f,), ("mlp",), pd)
             self.b_down = _zeros((d,), ("embed",), pd)
 
+    def activation(self, gate: jax.Array) -> jax.Array:
+        """The gate's activation (`cfg.mlp_activation`); a family may override it."""
+        return jax.nn.silu(gate) if self.cfg.mlp_activation == "silu" else jax.nn.gelu(gate)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, up = dense(x, self.w_gate[...]), dense(x, self.w_up[...])
         if self.cfg.mlp_bias:
             gate = gate + self.b_gate[...].astype(x.dtype)
             up = up + self.b_up[...].astype(x.dtype)
-        act = jax.nn.silu(gate) if self.cfg.mlp_activation == "silu" else jax.nn.gelu(gate)
-        hidden = constrain(act * up, ("batch", "length", "mlp"))
+        hidden = constrain(self.activation(gate) * up, ("batch", "length", "mlp"))
         out = dense(hidden, self.w_down[...])
         if self.cfg.mlp_bias:
             out = out + self.b_down[...].astype(x.dtype)
@@ -381,16 +384,20 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block. A family changes a part by subclassing and setting
+    `attention_class` / `mlp_class`."""
+
+    attention_class = Attention
+    mlp_class = MLP
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pd = DTYPES[cfg.param_dtype]
         norm_init = _zeros if cfg.norm_plus_one else _ones
         self.cfg = cfg
         self.attn_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
-        self.attn = Attention(cfg, rngs)
+        self.attn = self.attention_class(cfg, rngs)
         self.mlp_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = self.mlp_class(cfg, rngs)
 
     def __call__(self, x, positions, segment_ids, inv_freq, cache=None, *cache_args):
         """x: [B, T, D] -> (x [B, T, D], cache); `cache` and `cache_args` (layer, index,
@@ -410,7 +417,10 @@ REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-    """Decoder-only language model. `__call__` returns final hidden states; `logits` projects."""
+    """Decoder-only language model. `__call__` returns final hidden states; `logits` projects.
+    A family changes the block by subclassing and setting `block_class`."""
+
+    block_class = Block
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.attention_query_block == "auto":  # resolved once, for the backend built on
@@ -418,17 +428,18 @@ class Transformer(nnx.Module):
         pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pd)
+        block_class = self.block_class
         if cfg.scan_layers:
             # `transform_metadata` puts the stacked `layers` axis into each parameter's
             # `out_sharding` names.
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs)
+                return block_class(cfg, rngs)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([block_class(cfg, rngs) for _ in range(cfg.num_layers)])
         norm_init = _zeros if cfg.norm_plus_one else _ones
         self.final_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_embeddings:
