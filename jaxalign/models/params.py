@@ -26,7 +26,9 @@ def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
 
 class AuxLoss(nnx.Variable):
     """An auxiliary loss a module sows during its forward pass (already weighted), e.g.
-    `self.sow(AuxLoss, "router_balance", coef * balance)`; the train step adds their sum."""
+    `self.sow(AuxLoss, "router_balance", coef * balance)`, a mean per target; the train step
+    adds their sum times the loss's denominator. Sow in the model's own forward: blocks run from
+    split state (layer scan, remat), so values sown inside a block do not reach the model."""
 
 
 def pop_aux_loss(model: nnx.Module) -> jax.Array | None:
