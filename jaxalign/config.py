@@ -532,6 +532,8 @@ def load_config(
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if cfg.model.from_hf:
+        if cfg.model.family not in family_names():
+            raise ConfigError(f"{where}: {unknown_family_message(cfg.model.family)}")
         family = get_family(cfg.model.family)
         if family.hf is None:
             raise ConfigError(f"{where}: model.family '{family.name}' has no Hugging Face import")

@@ -25,7 +25,6 @@ from jaxalign.errors import ConfigError, UserError
 from jaxalign.hf.convert import (
     _arch,
     hf_family,
-    model_config_from_hf,
     read_hf_config,
 )
 from jaxalign.hf.io import SafetensorsCheckpoint, iter_hf_tensors, load_tensors, write_safetensors
@@ -118,7 +117,7 @@ def load_params(
     `cfg`'s architecture must match the directory's config.json (ConfigError naming the field).
     """
     directory = _hf_dir(path)
-    expected = model_config_from_hf(directory, cfg)
+    expected = _converter(cfg).config_from_hf(directory, cfg)
     want, got = _arch(cfg), _arch(expected)
     diff = [k for k in want if want[k] != got[k]]
     if diff:
@@ -154,7 +153,7 @@ def from_pretrained(
     directory = _hf_dir(path)
     family = hf_family(read_hf_config(directory), str(directory / "config.json"))
     base = dataclasses.replace(base or ModelConfig(), param_dtype=dtype, dtype=dtype)
-    cfg = model_config_from_hf(directory, base)
+    cfg = _converter(base).config_from_hf(directory, base)
     mesh = mesh if mesh is not None else shd.make_mesh(MeshConfig())
     rules = rules or shd.resolve_rules(ShardingConfig())
     _, abstract, shardings = build_model(Config(model=cfg), mesh, rules)

@@ -399,12 +399,23 @@ class Block(nnx.Module):
         self.mlp_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         self.mlp = self.mlp_class(cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, cache=None, *cache_args):
-        """x: [B, T, D] -> (x [B, T, D], cache); `cache` and `cache_args` (layer, index,
-        kv_segment_ids) as in `Attention.__call__`."""
+    def __call__(
+        self,
+        x,
+        positions,
+        segment_ids,
+        inv_freq,
+        cache=None,
+        layer=None,
+        index=None,
+        kv_segment_ids=None,
+    ):
+        """x: [B, T, D] -> (x [B, T, D], cache); the cache arguments as in `Attention.__call__`."""
         eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
         h = rms_norm(x, self.attn_norm[...], eps, plus_one)
-        attn, cache = self.attn(h, positions, segment_ids, inv_freq, cache, *cache_args)
+        attn, cache = self.attn(
+            h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids
+        )
         x = x + attn
         x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one))
         return constrain(x, ("batch", "length", "embed")), cache
