@@ -112,3 +112,22 @@ def test_sown_aux_losses_are_added_to_every_algorithms_loss():
     assert float(loss_sum) == pytest.approx(2 * w + 2 * w**2)
     assert float(grads["w"][...]) == pytest.approx(2 + 4 * w)
     assert float(denom) == 2.0
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_logical_axes_are_flax_sharding_metadata(scan_layers):
+    """`nnx.get_partition_spec` reads the same names as `logical_axes`; scanned blocks carry the
+    leading `layers` axis."""
+    from toy import TINY_MODEL
+
+    from jaxalign.config import ModelConfig
+    from jaxalign.models.params import logical_axes
+
+    cfg = ModelConfig(**TINY_MODEL, scan_layers=scan_layers)
+    state = nnx.state(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+    names = logical_axes(state).to_pure_dict()
+    specs = jax.tree.map(tuple, nnx.get_partition_spec(state).to_pure_dict())
+    assert specs == names
+    wq = names["blocks"]["attn"]["wq"] if scan_layers else names["blocks"][0]["attn"]["wq"]
+    assert wq == (("layers",) if scan_layers else ()) + ("embed", "heads", "head_dim")
+    assert names["embed"] == ("vocab", "embed")
