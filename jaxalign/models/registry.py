@@ -5,8 +5,9 @@ A family is one module (its `nnx.Module` class plus a `register_family(...)` lin
 entry gives:
 
 - `module`: `(ModelConfig, nnx.Rngs) -> nnx.Module`. The module's `__call__(tokens, positions,
-  segment_ids)` returns hidden states [B, T, D]; `logits(hidden)` projects them; and
-  `with_cache(...)` is the same forward pass with a KV cache (see `models/llama.py`).
+  segment_ids)` returns hidden states [B, T, D]; `logits(hidden)` projects them with
+  `output_weight()` [D, V] (what the losses read); and `with_cache(...)` is the same forward
+  pass with a KV cache (see `models/llama.py`).
 - logical axes: each parameter's `out_sharding` metadata (Flax's own sharding metadata, read by
   `nnx.get_partition_spec`), with logical names the sharding rules map to mesh axes.
 - `hf`: Hugging Face import and export hooks (None: no HF interop).
@@ -15,7 +16,7 @@ entry gives:
   weighted, as a `models.params.AuxLoss` variable during its forward pass; the train step adds
   `pop_aux_loss(model)` to the algorithm's loss. Llama sows none.
 
-This module imports nothing else from jaxalign (nor JAX), so the config can validate family names
+This module imports only `jaxalign.errors` (and not JAX), so the config can validate family names
 with it and families can import it without cycles. Built-in families are imported on first use.
 """
 
