@@ -34,7 +34,6 @@ from jax.typing import ArrayLike
 from jaxalign import sharding as shd
 from jaxalign.config import Config, ModelConfig, SamplingConfig, ShardingConfig, load_config
 from jaxalign.errors import DataError, UserError
-from jaxalign.models.llama import init_cache
 from jaxalign.models.registry import build
 
 FINISH_REASONS = ("length", "stop")  # index = the code in `Generation.finish_reasons`
@@ -262,7 +261,7 @@ def _generate(
         extra["counts"] = jnp.zeros((b, vocab), jnp.int32)
 
     hidden, cache = model.with_cache(
-        prompt_tokens, positions, segment_ids, init_cache(cfg, b, p + n - 1)
+        prompt_tokens, positions, segment_ids, model.init_cache(b, p + n - 1)
     )
     token, model_lp, sampling_lp = sample(model.logits(hidden[:, -1]), 0, extra)
     stopped, updated = ends(token, extra, jnp.ones((b,), bool))

@@ -510,6 +510,10 @@ class Transformer(nnx.Module):
         """
         return self.forward(tokens, positions, segment_ids, cache, index, kv_segment_ids)
 
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache for `with_cache`: `init_cache(self.cfg, batch, length)`."""
+        return init_cache(self.cfg, batch, length)
+
     def forward(self, tokens, positions, segment_ids, cache=None, index=None, kv_segment_ids=None):
         """The one forward pass behind `__call__` (cache=None) and `with_cache`: (hidden states
         [B, T, D], the updated cache or None)."""

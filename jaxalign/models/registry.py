@@ -7,7 +7,7 @@ entry gives:
 - `module`: `(ModelConfig, nnx.Rngs) -> nnx.Module`. The module's `__call__(tokens, positions,
   segment_ids)` returns hidden states [B, T, D]; `logits(hidden)` projects them with
   `output_weight()` [D, V] (what the losses read); and `with_cache(...)` is the same forward
-  pass with a KV cache (see `models/llama.py`).
+  pass with a KV cache from its `init_cache(batch, length)` (see `models/llama.py`).
 - logical axes: each parameter's `out_sharding` metadata (Flax's own sharding metadata, read by
   `nnx.get_partition_spec`), with logical names the sharding rules map to mesh axes.
 - `hf`: Hugging Face import and export hooks (None: no HF interop).
