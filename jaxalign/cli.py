@@ -19,22 +19,10 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-
-def _enable_compilation_cache(min_compile_time_s: float = 1.0) -> None:
-    """The persistent XLA cache in $JAXALIGN_COMPILATION_CACHE (default ~/.cache/jaxalign/xla;
-    "off" disables it), for programs that took at least `min_compile_time_s` to compile."""
-    import jax
-
-    cache_dir = os.environ.get(
-        "JAXALIGN_COMPILATION_CACHE", str(Path.home() / ".cache" / "jaxalign" / "xla")
-    )
-    if cache_dir and cache_dir != "off":
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+from jaxalign.runtime import enable_compilation_cache as _enable_compilation_cache
 
 
 def _is_main_process() -> bool:
@@ -56,26 +44,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import jax
+    from jaxalign.trainers.run import train_config
 
-    from jaxalign.config import load_config
-    from jaxalign.sharding import axis_sizes
-    from jaxalign.trainers import make_algorithm
-    from jaxalign.trainers.loop import Trainer
-
-    cfg = load_config(args.config, args.overrides)
-    _enable_compilation_cache()
-    axis_sizes(cfg.mesh, jax.device_count())  # a mesh that cannot fit fails before any data work
-    trainer = Trainer(cfg, make_algorithm(cfg))
-    result = trainer.run()
-    if result.history and trainer.mesh.devices.flat[0].process_index == 0:
-        first, last = result.history[0], result.history[-1]
-        state = "stopped (preempted)" if result.preempted else "done"
-        print(
-            f"[jaxalign] {state} at step {result.final_step}: loss {first['loss']:.4f} "
-            f"(step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
-            f"run dir {cfg.run_dir}"
-        )
+    train_config(args.config, args.overrides)
     return 0
 
 
@@ -94,7 +65,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_shardings(args: argparse.Namespace) -> int:
     from jaxalign import sharding as shd
     from jaxalign.config import load_config
-    from jaxalign.trainers.loop import build_model
+    from jaxalign.models.params import build_model
 
     cfg = load_config(args.config, args.overrides)
     mesh = shd.make_mesh(cfg.mesh)

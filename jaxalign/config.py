@@ -18,14 +18,17 @@ from typing import Any, Literal
 import yaml
 
 from jaxalign.errors import ConfigError
+from jaxalign.models.registry import family_names, get_family, unknown_family_message
 
 AXIS_NAMES = ("data", "fsdp", "tensor")
 
 
 @dataclass
 class ModelConfig:
-    """A Llama-family decoder. Field names follow Hugging Face's LlamaConfig where they overlap."""
+    """A decoder of a registered model family (jaxalign/models/registry.py). Field names follow
+    Hugging Face's LlamaConfig where they overlap."""
 
+    family: str = "llama"  # model family: a name in jaxalign.models.registry (built in: llama)
     vocab_size: int = 1024  # must cover the tokenizer's vocabulary
     hidden_size: int = 128  # model width D
     intermediate_size: int = 352  # SwiGLU hidden width F
@@ -535,9 +538,12 @@ def load_config(
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if cfg.model.from_hf:
-        from jaxalign.hf.convert import resolve_from_hf
-
-        cfg.model = resolve_from_hf(cfg.model, raw.get("model") or {}, where)
+        if cfg.model.family not in family_names():
+            raise ConfigError(f"{where}: {unknown_family_message(cfg.model.family)}")
+        family = get_family(cfg.model.family)
+        if family.hf is None:
+            raise ConfigError(f"{where}: model.family '{family.name}' has no Hugging Face import")
+        cfg.model = family.hf.resolve_config(cfg.model, raw.get("model") or {}, where)
     validate(cfg, where)
     return cfg
 
@@ -549,6 +555,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     def fail(msg: str) -> None:
         raise ConfigError(f"{where}: {msg}")
 
+    if m.family not in family_names():
+        fail(unknown_family_message(m.family))
     for name in (
         "vocab_size",
         "hidden_size",

@@ -34,7 +34,7 @@ from jax.typing import ArrayLike
 from jaxalign import sharding as shd
 from jaxalign.config import Config, ModelConfig, SamplingConfig, ShardingConfig, load_config
 from jaxalign.errors import DataError, UserError
-from jaxalign.models.llama import Transformer, init_cache
+from jaxalign.models.registry import build
 
 FINISH_REASONS = ("length", "stop")  # index = the code in `Generation.finish_reasons`
 MIN_BUCKET = 16
@@ -261,7 +261,7 @@ def _generate(
         extra["counts"] = jnp.zeros((b, vocab), jnp.int32)
 
     hidden, cache = model.with_cache(
-        prompt_tokens, positions, segment_ids, init_cache(cfg, b, p + n - 1)
+        prompt_tokens, positions, segment_ids, model.init_cache(b, p + n - 1)
     )
     token, model_lp, sampling_lp = sample(model.logits(hidden[:, -1]), 0, extra)
     stopped, updated = ends(token, extra, jnp.ones((b,), bool))
@@ -446,7 +446,7 @@ class Sampler:
         graphdef: nnx.GraphDef | None = None,
     ):
         if graphdef is None:
-            graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))))
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0))))
         self.model_cfg = model_cfg
         self.sampling = sampling
         self.mesh = mesh
@@ -619,7 +619,7 @@ def load_policy(path: str | Path, overrides: Sequence[str] = ()) -> Policy:
     """Load a run's (or checkpoint's) policy params onto the mesh its config (plus `overrides`)
     names. A PPO run's checkpoint holds `{"policy", "value"}`: only the policy is restored."""
     from jaxalign.checkpoint import abstract_with_shardings, load_params
-    from jaxalign.trainers.loop import build_model
+    from jaxalign.models.params import build_model
 
     cfg = load_config(find_run_config(path), list(overrides))
     mesh = shd.make_mesh(cfg.mesh)

@@ -28,7 +28,9 @@ from flax import nnx
 from jaxalign import sharding as shd
 from jaxalign.config import Config, ModelConfig, load_config
 from jaxalign.errors import ConfigError
-from jaxalign.models.llama import DTYPES, Transformer, logical_axes
+from jaxalign.models.llama import DTYPES
+from jaxalign.models.params import logical_axes
+from jaxalign.models.registry import build
 from jaxalign.models.reward import RewardModel
 from jaxalign.optim import freeze_patterns, frozen_matcher, param_path
 
@@ -235,11 +237,11 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
         )
     freeze = freeze_patterns(cfg)
     if cfg.trainer == "ppo":
-        policy = model_bytes(_abstract(Transformer, cfg.model), sizes, rules, freeze, "policy/")
+        policy = model_bytes(_abstract(build, cfg.model), sizes, rules, freeze, "policy/")
     elif cfg.trainer == "rm":
         policy = model_bytes(_abstract(RewardModel, cfg.model), sizes, rules, freeze)
     else:
-        policy = model_bytes(_abstract(Transformer, cfg.model), sizes, rules, freeze)
+        policy = model_bytes(_abstract(build, cfg.model), sizes, rules, freeze)
     parts = {
         "params": policy.params,
         "optimizer": policy.optimizer,

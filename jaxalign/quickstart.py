@@ -12,7 +12,6 @@ RUN_DIR/report.md (a stage x metric table, also printed) and plots under RUN_DIR
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -221,13 +220,9 @@ def trainer_available(stage: Stage, run_dir: Path, fast: bool) -> str | None:
 
 def run_training_stage(stage: Stage, run_dir: Path, fast: bool) -> None:
     """`jaxalign train configs/quickstart/<stage>.yaml --set ...` (the CLI's own function)."""
-    from jaxalign.cli import cmd_train
+    from jaxalign.trainers.run import train_config
 
-    args = argparse.Namespace(
-        config=str(CONFIG_DIR / f"{stage.name}.yaml"),
-        overrides=stage_overrides(stage, run_dir, fast),
-    )
-    cmd_train(args)
+    train_config(str(CONFIG_DIR / f"{stage.name}.yaml"), stage_overrides(stage, run_dir, fast))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,9 +369,9 @@ def run(
     save_state()
     todo = selected_stages(stages, from_stage)
     log(f"{mode} run in {run_dir}: stages {', '.join(todo)}")
-    from jaxalign.cli import _enable_compilation_cache
+    from jaxalign.runtime import enable_compilation_cache
 
-    _enable_compilation_cache()
+    enable_compilation_cache()
     unavailable: dict[str, str] = {}
     for name in todo:
         t0 = time.perf_counter()

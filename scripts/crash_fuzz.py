@@ -64,8 +64,8 @@ def final_params(run_dir: Path):
 
     from jaxalign.checkpoint import load_params
     from jaxalign.config import load_config
+    from jaxalign.models.params import build_model
     from jaxalign.sharding import make_mesh, resolve_rules
-    from jaxalign.trainers.loop import build_model
 
     cfg = load_config(run_dir / "config.yaml", ["mesh.fsdp=1"])
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])

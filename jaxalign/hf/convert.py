@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxalign.config import ModelConfig
 from jaxalign.errors import ConfigError
+from jaxalign.models.registry import HFConverter
 
 ARCHITECTURES = {
     "llama": "Llama",
@@ -585,3 +586,12 @@ def resolve_from_hf(model: ModelConfig, explicit: dict, where: str = "config") -
                 f"{model.from_hf}/config.json ({got[key]!r}); remove it"
             )
     return resolved
+
+
+# The Llama family's entry in the model registry (jaxalign/models/llama.py) routes here.
+LLAMA_CONVERTER = HFConverter(
+    resolve_config=resolve_from_hf,
+    config_from_hf=model_config_from_hf,
+    config_to_hf=hf_config_from_model,
+    tensor_maps=tensor_maps,
+)

@@ -24,13 +24,11 @@ from jaxalign.config import Config, MeshConfig, ModelConfig, ShardingConfig
 from jaxalign.errors import ConfigError, UserError
 from jaxalign.hf.convert import (
     _arch,
-    hf_config_from_model,
     hf_family,
-    model_config_from_hf,
     read_hf_config,
-    tensor_maps,
 )
 from jaxalign.hf.io import SafetensorsCheckpoint, iter_hf_tensors, load_tensors, write_safetensors
+from jaxalign.models.registry import HFConverter, build, get_family
 
 # Tokenizer (and generation) files copied from an imported model directory on export.
 TOKENIZER_FILES = (
@@ -77,9 +75,7 @@ class PretrainedModel:
             from jaxalign.models.reward import RewardModel
 
             return RewardModel(self.cfg, rngs)
-        from jaxalign.models.llama import Transformer
-
-        return Transformer(self.cfg, rngs)
+        return build(self.cfg, rngs)
 
     def __call__(self, input_ids: Any) -> jax.Array:
         """input_ids [B, T] int -> logits [B, T, V] (compute dtype); rewards [B] for a reward
@@ -95,6 +91,14 @@ class PretrainedModel:
 
             self._forward = jax.jit(forward)
         return self._forward(self.params, np.asarray(input_ids, np.int32))
+
+
+def _converter(cfg: ModelConfig) -> HFConverter:
+    """The Hugging Face hooks of `cfg.family` (ConfigError when it has none)."""
+    family = get_family(cfg.family)
+    if family.hf is None:
+        raise ConfigError(f"model.family '{family.name}' has no Hugging Face conversion")
+    return family.hf
 
 
 def _hf_dir(path: str | os.PathLike) -> Path:
@@ -113,7 +117,7 @@ def load_params(
     `cfg`'s architecture must match the directory's config.json (ConfigError naming the field).
     """
     directory = _hf_dir(path)
-    expected = model_config_from_hf(directory, cfg)
+    expected = _converter(cfg).config_from_hf(directory, cfg)
     want, got = _arch(cfg), _arch(expected)
     diff = [k for k in want if want[k] != got[k]]
     if diff:
@@ -127,7 +131,7 @@ def load_params(
             "import the causal LM (model.from_hf) with the sft trainer"
         )
     ckpt = SafetensorsCheckpoint(directory)
-    return load_tensors(ckpt, tensor_maps(cfg), abstract_params, shardings)
+    return load_tensors(ckpt, _converter(cfg).tensor_maps(cfg), abstract_params, shardings)
 
 
 def from_pretrained(
@@ -144,12 +148,12 @@ def from_pretrained(
     rules) decide each parameter's sharding; tensors are placed straight there. `dtype` sets both
     the parameter and the compute dtype; `base` supplies other run settings (e.g. scan_layers).
     """
-    from jaxalign.trainers.loop import build_model
+    from jaxalign.models.params import build_model
 
     directory = _hf_dir(path)
     family = hf_family(read_hf_config(directory), str(directory / "config.json"))
     base = dataclasses.replace(base or ModelConfig(), param_dtype=dtype, dtype=dtype)
-    cfg = model_config_from_hf(directory, base)
+    cfg = _converter(base).config_from_hf(directory, base)
     mesh = mesh if mesh is not None else shd.make_mesh(MeshConfig())
     rules = rules or shd.resolve_rules(ShardingConfig())
     _, abstract, shardings = build_model(Config(model=cfg), mesh, rules)
@@ -214,13 +218,13 @@ def save_pretrained(
     extra.update(_special_token_ids(tok) if tok is not None else {})
     if reward:
         extra.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    hf = hf_config_from_model(
+    hf = _converter(cfg).config_to_hf(
         cfg,
         family,
         architecture="ForSequenceClassification" if reward else "ForCausalLM",
         extra=extra,
     )
-    maps = tensor_maps(cfg, reward=reward)
+    maps = _converter(cfg).tensor_maps(cfg, reward=reward)
     dtype = np.dtype(jax.tree.leaves(params)[0].dtype)
     specs = [(m.hf_name, m.hf_shape, dtype) for m in maps]
     if main:
@@ -271,7 +275,7 @@ def export_checkpoint(
     from jaxalign.checkpoint import abstract_with_shardings, resolve_checkpoint
     from jaxalign.checkpoint import load_params as load_checkpoint_params
     from jaxalign.config import from_dict
-    from jaxalign.trainers.loop import build_model
+    from jaxalign.models.params import build_model
 
     step_dir = resolve_checkpoint(checkpoint)
     config_file = step_dir.parent.parent / "config.yaml"

@@ -8,16 +8,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.config import ModelConfig
-from jaxalign.models.llama import Transformer
+from jaxalign.models.registry import build
 from jaxalign.models.reward import RewardModel
 
 
 class ActorCritic(nnx.Module):
-    """`policy`: a Transformer; `value`: a RewardModel (transformer + scalar head) read at every
-    position, so a reward-model run's parameters load into it unchanged."""
+    """`policy`: `cfg.family`'s module; `value`: a RewardModel (a backbone of that family + scalar
+    head) read at every position, so a reward-model run's parameters load into it unchanged."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.policy = Transformer(cfg, rngs)
+        self.policy = build(cfg, rngs)
         self.value = RewardModel(cfg, rngs)
 
     def values(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:

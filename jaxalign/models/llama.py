@@ -3,9 +3,13 @@
 The model is used functionally: `graphdef, params = nnx.split(model)` once, then every step calls
 `nnx.merge(graphdef, params)` inside a jitted function (the merge runs at trace time only).
 
-Every parameter carries logical axis names in its `axes` metadata; `jaxalign.sharding` maps them to
-mesh axes. Matmuls are written as flat 2-D products ([tokens, in] @ [in, out]), which is what XLA's
-CPU and GPU backends run fastest (see docs/performance.md).
+Every parameter carries logical axis names in its `out_sharding` metadata (Flax's sharding
+metadata, what `nnx.get_partition_spec` reads); `jaxalign.sharding` maps them to mesh axes.
+Matmuls are written as flat 2-D products ([tokens, in] @ [in, out]), which is what XLA's CPU and
+GPU backends run fastest (see docs/performance.md).
+
+The family registers itself at the bottom (`FAMILY`); callers build it with
+`jaxalign.models.build(cfg.model, rngs)`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.config import ModelConfig
+from jaxalign.hf.convert import LLAMA_CONVERTER
+from jaxalign.metrics import train_flops_per_token
+from jaxalign.models.params import logical_axes as logical_axes  # re-exported for callers
+from jaxalign.models.params import param
+from jaxalign.models.registry import ModelFamily, register_family
 from jaxalign.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -25,15 +34,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value.astype(dtype), axes=axes)
+    return param(value.astype(dtype), axes)
 
 
 def _ones(shape, axes, dtype) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, dtype), axes=axes)
+    return param(jnp.ones(shape, dtype), axes)
 
 
 def _zeros(shape, axes, dtype) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+    return param(jnp.zeros(shape, dtype), axes)
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
@@ -277,57 +286,70 @@ class Attention(nnx.Module):
             out = out + self.bo[...].astype(out.dtype)
         return out
 
-    def __call__(self, x, positions, segment_ids, inv_freq):
-        q, k, v = self.qkv(x, positions, inv_freq)
-        attn = causal_attention(q, k, v, segment_ids, self.cfg)
-        return self.out(attn)
+    def __call__(
+        self,
+        x,
+        positions,
+        segment_ids,
+        inv_freq,
+        cache=None,
+        layer=None,
+        index=None,
+        kv_segment_ids=None,
+    ):
+        """x: [B, T, D] -> (out [B, T, D], cache). Without a cache (`cache=None`, returned as
+        None) the T tokens attend to each other within their segment.
 
-    def with_cache(self, x, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids):
-        """Attention that also writes this layer's keys/values into the KV cache.
-
-        cache: this layer's {'k': [B, KV, hd, S], 'v': [B, KV, S, hd]} (`layer=None`), or every
-        layer's, stacked on a leading [L] axis, with `layer` selecting ours (scan over layers).
-        With `index=None` (prefill) the T tokens fill cache slots [0, T) and attend to each other
-        exactly as in `__call__`; otherwise (decode) they go to slots [index, index + T) and
-        attend to every cache slot at or before their own whose `kv_segment_ids` [B, S] equal
-        theirs. Returns (out [B, T, D], cache).
+        With a cache (this layer's {'k': [B, KV, hd, S], 'v': [B, KV, S, hd]} with `layer=None`,
+        or every layer's stacked on a leading [L] axis with `layer` selecting ours) the keys and
+        values are also written into it. With `index=None` (prefill) the T tokens fill cache
+        slots [0, T) and attend exactly as without a cache; otherwise (decode) they go to slots
+        [index, index + T) and attend to every cache slot at or before their own whose
+        `kv_segment_ids` [B, S] equal theirs.
         """
         q, k, v = self.qkv(x, positions, inv_freq)
-        start = jnp.zeros((), jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
-        zero = jnp.zeros((), jnp.int32)
-        lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
-        b, t, kv, hd = k.shape
-        ones = (1,) * len(lead)
-        cache = {
-            # Keys as [B, KV, hd, S], values as [B, KV, S, hd]: see `attend_cache`.
-            "k": jax.lax.dynamic_update_slice(
-                cache["k"],
-                k.transpose(0, 2, 3, 1).astype(cache["k"].dtype).reshape(*ones, b, kv, hd, t),
-                (*lead, zero, zero, zero, start),
-            ),
-            "v": jax.lax.dynamic_update_slice(
-                cache["v"],
-                v.transpose(0, 2, 1, 3).astype(cache["v"].dtype).reshape(*ones, b, kv, t, hd),
-                (*lead, zero, zero, start, zero),
-            ),
-        }
+        if cache is not None:
+            cache = write_cache(cache, k, v, layer, index)
         if index is None:
             attn = causal_attention(q, k, v, segment_ids, self.cfg)
         else:
             keys, values = cache["k"], cache["v"]
             if layer is not None:
-                keys = jax.lax.dynamic_index_in_dim(keys, lead[0], 0, keepdims=False)
-                values = jax.lax.dynamic_index_in_dim(values, lead[0], 0, keepdims=False)
+                keys = jax.lax.dynamic_index_in_dim(keys, jnp.int32(layer), 0, keepdims=False)
+                values = jax.lax.dynamic_index_in_dim(values, jnp.int32(layer), 0, keepdims=False)
             attn = attend_cache(
                 q,
                 keys,
                 values,
                 segment_ids,
                 kv_segment_ids,
-                start + jnp.arange(x.shape[1]),
+                jnp.asarray(index, jnp.int32) + jnp.arange(x.shape[1]),
                 self.cfg.sliding_window,
             )
         return self.out(attn), cache
+
+
+def write_cache(cache: dict, k: jax.Array, v: jax.Array, layer, index) -> dict:
+    """`cache` with k, v [B, T, KV, hd] written at slots [index, index + T) (index None: 0) of
+    layer `layer` (None: `cache` is one layer's). Keys as [B, KV, hd, S], values as
+    [B, KV, S, hd]: see `attend_cache`."""
+    start = jnp.zeros((), jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
+    b, t, kv, hd = k.shape
+    ones = (1,) * len(lead)
+    return {
+        "k": jax.lax.dynamic_update_slice(
+            cache["k"],
+            k.transpose(0, 2, 3, 1).astype(cache["k"].dtype).reshape(*ones, b, kv, hd, t),
+            (*lead, zero, zero, zero, start),
+        ),
+        "v": jax.lax.dynamic_update_slice(
+            cache["v"],
+            v.transpose(0, 2, 1, 3).astype(cache["v"].dtype).reshape(*ones, b, kv, t, hd),
+            (*lead, zero, zero, start, zero),
+        ),
+    }
 
 
 class MLP(nnx.Module):
@@ -345,13 +367,16 @@ class MLP(nnx.Module):
             self.b_up = _zeros((f,), ("mlp",), pd)
             self.b_down = _zeros((d,), ("embed",), pd)
 
+    def activation(self, gate: jax.Array) -> jax.Array:
+        """The gate's activation (`cfg.mlp_activation`); a family may override it."""
+        return jax.nn.silu(gate) if self.cfg.mlp_activation == "silu" else jax.nn.gelu(gate)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, up = dense(x, self.w_gate[...]), dense(x, self.w_up[...])
         if self.cfg.mlp_bias:
             gate = gate + self.b_gate[...].astype(x.dtype)
             up = up + self.b_up[...].astype(x.dtype)
-        act = jax.nn.silu(gate) if self.cfg.mlp_activation == "silu" else jax.nn.gelu(gate)
-        hidden = constrain(act * up, ("batch", "length", "mlp"))
+        hidden = constrain(self.activation(gate) * up, ("batch", "length", "mlp"))
         out = dense(hidden, self.w_down[...])
         if self.cfg.mlp_bias:
             out = out + self.b_down[...].astype(x.dtype)
@@ -359,29 +384,36 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block. A family changes a part by subclassing and setting
+    `attention_class` / `mlp_class`."""
+
+    attention_class = Attention
+    mlp_class = MLP
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pd = DTYPES[cfg.param_dtype]
         norm_init = _zeros if cfg.norm_plus_one else _ones
         self.cfg = cfg
         self.attn_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
-        self.attn = Attention(cfg, rngs)
+        self.attn = self.attention_class(cfg, rngs)
         self.mlp_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = self.mlp_class(cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids, inv_freq):
+    def __call__(
+        self,
+        x,
+        positions,
+        segment_ids,
+        inv_freq,
+        cache=None,
+        layer=None,
+        index=None,
+        kv_segment_ids=None,
+    ):
+        """x: [B, T, D] -> (x [B, T, D], cache); the cache arguments as in `Attention.__call__`."""
         eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
         h = rms_norm(x, self.attn_norm[...], eps, plus_one)
-        x = x + self.attn(h, positions, segment_ids, inv_freq)
-        x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one))
-        return constrain(x, ("batch", "length", "embed"))
-
-    def with_cache(self, x, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids):
-        """`__call__` that also fills the KV cache (see `Attention.with_cache`)."""
-        eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
-        h = rms_norm(x, self.attn_norm[...], eps, plus_one)
-        attn, cache = self.attn.with_cache(
+        attn, cache = self.attn(
             h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids
         )
         x = x + attn
@@ -396,7 +428,10 @@ REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-    """Decoder-only language model. `__call__` returns final hidden states; `logits` projects."""
+    """Decoder-only language model. `__call__` returns final hidden states; `logits` projects.
+    A family changes the block by subclassing and setting `block_class`."""
+
+    block_class = Block
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.attention_query_block == "auto":  # resolved once, for the backend built on
@@ -404,16 +439,18 @@ class Transformer(nnx.Module):
         pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pd)
+        block_class = self.block_class
         if cfg.scan_layers:
-
+            # `transform_metadata` puts the stacked `layers` axis into each parameter's
+            # `out_sharding` names.
             @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs)
+                return block_class(cfg, rngs)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([block_class(cfg, rngs) for _ in range(cfg.num_layers)])
         norm_init = _zeros if cfg.norm_plus_one else _ones
         self.final_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_embeddings:
@@ -444,31 +481,12 @@ class Transformer(nnx.Module):
 
         Tokens attend only within their segment; positions restart per segment (for RoPE).
         """
-        cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        inv_freq = rope_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-        x = self.embed_tokens(tokens)
-
-        def apply_block(block_graphdef, block_state, x):
-            block = nnx.merge(block_graphdef, block_state)
-            return block(x, positions, segment_ids, inv_freq)
-
-        if cfg.remat != "none":
-            apply_block = jax.checkpoint(
-                apply_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,)
-            )
-        if cfg.scan_layers:
-            graphdef, state = nnx.split(self.blocks)
-            x, _ = jax.lax.scan(lambda h, s: (apply_block(graphdef, s, h), None), x, state)
-        else:
-            for blk in self.blocks:
-                graphdef, state = nnx.split(blk)
-                x = apply_block(graphdef, state, x)
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one)
+        return self.forward(tokens, positions, segment_ids)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] in the compute dtype."""
@@ -490,34 +508,48 @@ class Transformer(nnx.Module):
         and attend to earlier slots with equal `kv_segment_ids` [B, S] (0 = padding). cache:
         `init_cache(...)`. `remat` does not apply here.
         """
+        return self.forward(tokens, positions, segment_ids, cache, index, kv_segment_ids)
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache for `with_cache`: `init_cache(self.cfg, batch, length)`."""
+        return init_cache(self.cfg, batch, length)
+
+    def forward(self, tokens, positions, segment_ids, cache=None, index=None, kv_segment_ids=None):
+        """The one forward pass behind `__call__` (cache=None) and `with_cache`: (hidden states
+        [B, T, D], the updated cache or None)."""
         cfg = self.cfg
         inv_freq = rope_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = self.embed_tokens(tokens)
 
-        def apply_block(block, x, cache, layer):
-            return block.with_cache(
-                x, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids
-            )
+        def apply_block(block_graphdef, block_state, x, cache, layer):
+            block = nnx.merge(block_graphdef, block_state)
+            return block(x, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids)
 
+        if cfg.remat != "none" and cache is None:
+            apply_block = jax.checkpoint(
+                apply_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,)
+            )
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
-            cache = constrain_cache(cache)
+            if cache is not None:
+                cache = constrain_cache(cache)
 
             def body(carry, xs):
                 block_state, layer = xs
-                return apply_block(nnx.merge(graphdef, block_state), *carry, layer), None
+                return apply_block(graphdef, block_state, *carry, layer), None
 
-            (x, cache), _ = jax.lax.scan(
-                body, (x, cache), (state, jnp.arange(cfg.num_layers, dtype=jnp.int32))
-            )
+            layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (state, layers))
         else:
-            # One array pair per layer: each layer's update is in place and its attention reads
-            # its own buffer directly (no slice of a stacked cache per step).
+            # With a cache, one array pair per layer: each layer's update is in place and its
+            # attention reads its own buffer directly (no slice of a stacked cache per step).
             new_cache = []
-            for blk, layer_cache in zip(self.blocks, cache, strict=True):
-                x, layer_cache = apply_block(blk, x, constrain_cache(layer_cache), None)
-                new_cache.append(constrain_cache(layer_cache))
-            cache = tuple(new_cache)
+            for i, blk in enumerate(self.blocks):
+                graphdef, state = nnx.split(blk)
+                layer_cache = None if cache is None else constrain_cache(cache[i])
+                x, layer_cache = apply_block(graphdef, state, x, layer_cache, None)
+                new_cache.append(None if cache is None else constrain_cache(layer_cache))
+            cache = None if cache is None else tuple(new_cache)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one), cache
 
 
@@ -552,27 +584,6 @@ def init_cache(cfg: ModelConfig, batch: int, length: int):
     return empty() if cfg.scan_layers else tuple(empty() for _ in range(cfg.num_layers))
 
 
-def logical_axes(params) -> object:
-    """The pytree of logical axis-name tuples for a model state (abstract or concrete).
-
-    Scanned blocks get a leading `layers` axis.
-    """
-
-    def names(path, var):
-        axes = var.get_metadata().get("axes")
-        if any(getattr(k, "key", None) == "blocks" for k in path) and _is_stacked(path, var, axes):
-            return ("layers", *axes)
-        return tuple(axes) if axes is not None else None
-
-    return jax.tree_util.tree_map_with_path(
-        names, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-
-
-def _is_stacked(path, var, axes) -> bool:
-    return axes is not None and len(var.shape) == len(axes) + 1
-
-
 def stack_layers(params: dict) -> dict:
     """Convert unrolled params ({'blocks': {0: ..., 1: ...}}) to the scan-over-layers layout."""
     blocks = params["blocks"]
@@ -587,3 +598,13 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
         **params,
         "blocks": {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(num_layers)},
     }
+
+
+FAMILY = register_family(
+    ModelFamily(
+        name="llama",
+        module=Transformer,
+        flops_per_token=train_flops_per_token,
+        hf=LLAMA_CONVERTER,
+    )
+)

@@ -1,4 +1,5 @@
-"""A reward model: the Llama-family transformer plus a scalar head on the last real token."""
+"""A reward model: a backbone of the configured model family plus a scalar head on the last real
+token."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.config import ModelConfig
-from jaxalign.models.llama import DTYPES, Transformer
+from jaxalign.models.params import param
+from jaxalign.models.registry import build
 
 
 def last_token_index(segment_ids: jax.Array) -> jax.Array:
@@ -20,16 +22,17 @@ def last_token_index(segment_ids: jax.Array) -> jax.Array:
 
 
 class RewardModel(nnx.Module):
-    """`backbone` (a Transformer, loadable from a policy checkpoint) and `score`, a [D] head.
+    """`backbone` (`cfg.family`'s module, loadable from a policy checkpoint) and `score`, a [D]
+    head.
 
     reward = <final hidden state of the last real token, score>, in float32.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.backbone = Transformer(cfg, rngs)
+        self.backbone = build(cfg, rngs)
         std = cfg.initializer_range
         value = std * jax.random.normal(rngs.params(), (cfg.hidden_size,), jnp.float32)
-        self.score = nnx.Param(value.astype(DTYPES[cfg.param_dtype]), axes=("embed",))
+        self.score = param(value.astype(jnp.dtype(cfg.param_dtype)), ("embed",))
 
     def __call__(
         self,

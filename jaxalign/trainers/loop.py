@@ -25,8 +25,9 @@ from jaxalign.checkpoint import Checkpointer, abstract_with_shardings, load_para
 from jaxalign.config import Config, save_config, to_dict
 from jaxalign.errors import UserError
 from jaxalign.memory import release_free_memory
-from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
-from jaxalign.models.llama import Transformer, logical_axes
+from jaxalign.metrics import MetricsWriter, measure_matmul_peak
+from jaxalign.models.params import build_model, default_model, init_params
+from jaxalign.models.registry import get_family
 from jaxalign.optim import freeze_patterns, make_optimizer
 from jaxalign.trainers.step import (
     combine_metrics,
@@ -55,9 +56,9 @@ class DataIterator(Protocol):
 class Algorithm(Protocol):
     """What a trainer adds to the loop.
 
-    Optional methods: `make_model(rngs) -> nnx.Module` (default: the Transformer of
-    cfg.model) and `frozen_params(trainer, initial_params) -> pytree | None` (arrays the loss
-    reads but never trains, e.g. a reference policy; passed to `loss_fn` as `frozen`).
+    Optional methods: `make_model(rngs) -> nnx.Module` (default: cfg.model's family, from the
+    model registry) and `frozen_params(trainer, initial_params) -> pytree | None` (arrays the
+    loss reads but never trains, e.g. a reference policy; passed to `loss_fn` as `frozen`).
     """
 
     def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, frozen: Any): ...
@@ -79,35 +80,6 @@ class RunResult:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
-
-
-def default_model(cfg: Config):
-    """The model factory used unless an algorithm supplies `make_model`."""
-    return lambda rngs: Transformer(cfg.model, rngs)
-
-
-def build_model(cfg: Config, mesh: Mesh, rules: shd.Rules, make_model=None):
-    """graphdef, abstract params, and parameter shardings for the model (validated)."""
-    make_model = make_model or default_model(cfg)
-    abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract_model)
-    names = logical_axes(abstract_state).to_pure_dict()
-    abstract_params = jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract_state.to_pure_dict()
-    )
-    shardings = shd.logical_to_sharding(names, mesh, rules)
-    shd.validate_shardings(abstract_params, shardings, mesh)
-    return graphdef, abstract_params, shardings
-
-
-def init_params(cfg: Config, shardings: Any, seed: int, make_model=None) -> Any:
-    """Initialize parameters directly into their shardings (never whole on one device)."""
-    make_model = make_model or default_model(cfg)
-
-    def init(key):
-        return nnx.split(make_model(nnx.Rngs(params=key)))[1].to_pure_dict()
-
-    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
 def batch_sharding(mesh: Mesh, rules: shd.Rules, ndim: int) -> NamedSharding:
@@ -378,7 +350,7 @@ class Trainer:
         # real tokens of chosen and rejected); default: every position of batch_size rows.
         batch_tokens = getattr(self.algorithm, "batch_tokens", None)
         interval_tokens = 0
-        flops_per_token = train_flops_per_token(cfg.model, train.seq_len)
+        flops_per_token = get_family(cfg.model.family).flops_per_token(cfg.model, train.seq_len)
         peak = self._peak_flops()
         history: list[dict] = []
         progress = None

@@ -266,7 +266,7 @@ class PPO(RLAlgorithm):
 
 
 def _fresh(trainer) -> Any:
-    from jaxalign.trainers.loop import init_params
+    from jaxalign.models.params import init_params
 
     return init_params(
         trainer.cfg, trainer.param_shardings, trainer.cfg.train.seed, trainer.make_model

@@ -231,7 +231,7 @@ class RewardScorer:
 def load_reward_model(run_dir: str) -> tuple[Config, RewardScorer, dict | None]:
     """The config, a scorer with the latest checkpoint's parameters, and the saved reward
     statistics (None if absent) of an RM run directory."""
-    from jaxalign.trainers.loop import build_model
+    from jaxalign.models.params import build_model
 
     config_path = Path(run_dir) / "config.yaml"
     if not config_path.is_file():

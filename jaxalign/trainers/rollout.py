@@ -37,7 +37,7 @@ from jaxalign.config import Config
 from jaxalign.data.prompts import prompt_iterator_from_config
 from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler, Stops
-from jaxalign.models.llama import Transformer
+from jaxalign.models.registry import build
 from jaxalign.trainers.rl_rows import (
     ROW_KEYS,
     build_rows,
@@ -222,7 +222,7 @@ class RolloutData:
                 out["values"] = response_values(model, batch)
             return out
 
-        ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
+        ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(0))))
 
         def reference_forward(params, batch):
             ref = nnx.merge(ref_graphdef, params)

@@ -14,6 +14,9 @@ Metrics are sums divided the same way, except those whose name starts with `max:
 (e.g. `max:reward/max`): these are reduced by max or min over micro-batches (and, in evals, over
 batches), reported as they are under the name without the tag. A micro-batch without examples
 returns the reduction's identity (-inf for max, +inf for min).
+
+Auxiliary losses a model sows in its forward pass (a MoE router's balancing loss) are added to
+every algorithm's loss here (`with_aux_loss`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxalign.models.params import pop_aux_loss
 
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, jax.Array, dict]]
 
@@ -85,6 +90,13 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict
     }
 
 
+def with_aux_loss(model: nnx.Module, loss_sum: jax.Array, denom: jax.Array) -> jax.Array:
+    """`loss_sum` plus the auxiliary losses `model` sowed in the loss's forward passes (see
+    `jaxalign.models.registry`), each a per-target mean, so it counts `denom` times."""
+    aux = pop_aux_loss(model)
+    return loss_sum if aux is None else loss_sum + aux * denom
+
+
 def accumulate_gradients(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
@@ -100,7 +112,7 @@ def accumulate_gradients(
         def objective(p):
             model = nnx.merge(graphdef, p)
             loss_sum, denom, metric_sums = loss_fn(model, micro_batch, micro_rng, frozen)
-            return loss_sum, (denom, metric_sums)
+            return with_aux_loss(model, loss_sum, denom), (denom, metric_sums)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
 
@@ -191,10 +203,10 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, di
 
     def eval_step(params: Any, batch: dict, frozen: Any = None) -> dict:
         def one(carry, micro_batch):
-            loss_sum, denom, metric_sums = loss_fn(
-                nnx.merge(graphdef, params), micro_batch, jax.random.PRNGKey(0), frozen
-            )
-            return carry, (loss_sum, denom, metric_sums)
+            model = nnx.merge(graphdef, params)
+            rng = jax.random.PRNGKey(0)
+            loss_sum, denom, metric_sums = loss_fn(model, micro_batch, rng, frozen)
+            return carry, (with_aux_loss(model, loss_sum, denom), denom, metric_sums)
 
         _, (loss_sum, denom, metric_sums) = jax.lax.scan(one, None, batch)
         reduce = {None: jnp.sum, "max:": jnp.max, "min:": jnp.min}
