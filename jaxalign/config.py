@@ -348,8 +348,9 @@ class RLConfig:
 class Config:
     """A whole run."""
 
-    # which algorithm trains
-    trainer: Literal["sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce_pp"] = "sft"
+    # which algorithm trains: a registered name (jaxalign/trainers/registry.py): sft, rm, dpo,
+    # ppo, grpo, rloo or reinforce_pp
+    trainer: str = "sft"
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml, TensorBoard
     resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
     # Start from the parameters of another run's latest checkpoint (a RUN_DIR or its
@@ -538,10 +539,15 @@ def load_config(
 
 def validate(cfg: Config, where: str = "config") -> None:
     """Cross-field checks that need no devices (mesh divisibility is checked in sharding)."""
+    from jaxalign.trainers.registry import trainer_names, unknown_trainer_message
+
     m, t = cfg.model, cfg.train
 
     def fail(msg: str) -> None:
         raise ConfigError(f"{where}: {msg}")
+
+    if cfg.trainer not in trainer_names():
+        fail(f"trainer: {unknown_trainer_message(cfg.trainer)}")
 
     for name in (
         "vocab_size",
