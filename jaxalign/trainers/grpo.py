@@ -68,7 +68,7 @@ class GRPO(RLAlgorithm):
     subclasses below)."""
 
     estimator = "grpo"
-    needs_groups = True
+    group_relative = True
     kl_in_loss = True
 
     @property
@@ -198,6 +198,6 @@ class ReinforcePP(GRPO):
     """REINFORCE++: whitened returns of per-token rewards with a KL penalty in the reward."""
 
     estimator = "reinforce_pp"
-    needs_groups = False
+    group_relative = False
     kl_in_loss = False
     has_reinforce_baseline = True

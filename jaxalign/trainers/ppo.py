@@ -76,7 +76,9 @@ class RLAlgorithm(Algorithm):
     frozen_from_initial = True  # the reference is a copy of the initial policy
     needs_values = False
     # What `validate_rl_config` checks rl.* against:
-    needs_groups = False  # advantages compare a prompt's samples: rl.num_generations >= 2
+    # Sequence advantages relative to the prompt's group of samples (GRPO, RLOO):
+    # rl.num_generations >= 2; rl.filter_groups and GSPO's sequence ratio apply.
+    group_relative = False
     kl_in_loss = False  # the KL is a loss term weighted by rl.kl_coef (no rl.kl_target)
     masks_truncated = True  # rl.mask_truncated_completions applies
     has_reinforce_baseline = False  # rl.reinforce_baseline applies

@@ -695,7 +695,7 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             "rl.mask_truncated_completions is for grpo, rloo and reinforce_pp "
             "(PPO: rl.missing_eos_penalty)"
         )
-    if algorithm.needs_groups and rl.num_generations < 2:
+    if algorithm.group_relative and rl.num_generations < 2:
         raise ConfigError(f"trainer {trainer}: rl.num_generations (the group size) must be >= 2")
     if rl.reinforce_baseline and (not algorithm.has_reinforce_baseline or rl.num_generations < 2):
         raise ConfigError(
@@ -738,7 +738,7 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rows per rollout ({rows}) must divide by sampling.batch_size * "
             f"rl.num_generations ({per_call})"
         )
-    if rl.importance_sampling == "sequence" and trainer not in ("grpo", "rloo"):
+    if rl.importance_sampling == "sequence" and not algorithm.group_relative:
         raise ConfigError(
             "rl.importance_sampling: sequence (GSPO) is for grpo and rloo (sequence advantages)"
         )
@@ -748,7 +748,7 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rl.reward_weights has {len(rl.reward_weights)} weights for {len(names)} "
             f"rewards ({', '.join(names)}: rl.reward_functions, then rl.reward_model)"
         )
-    if rl.filter_groups and trainer not in ("grpo", "rloo"):
+    if rl.filter_groups and not algorithm.group_relative:
         raise ConfigError("rl.filter_groups is for grpo and rloo (groups of samples per prompt)")
     if rl.max_generate_rounds < 1:
         raise ConfigError(f"rl.max_generate_rounds must be >= 1, got {rl.max_generate_rounds}")
