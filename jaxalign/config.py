@@ -476,14 +476,9 @@ def validate(cfg: Config, where: str = "config") -> None:
         fail(f"sampling.stop must be a list of non-empty strings, got {sp.stop!r}")
     if min(sp.max_new_tokens, sp.max_prompt_len, sp.batch_size, sp.num_samples) <= 0:
         fail("sampling.max_new_tokens, max_prompt_len, batch_size and num_samples must be positive")
-    if cfg.dpo.beta <= 0:
-        fail(f"dpo.beta must be positive, got {cfg.dpo.beta}")
-    if not 0 <= cfg.dpo.label_smoothing < 0.5:
-        fail(f"dpo.label_smoothing must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    if cfg.dpo.rpo_alpha < 0 or cfg.rm.center_coef < 0:
-        fail("dpo.rpo_alpha and rm.center_coef must be >= 0")
-    if cfg.preference.max_prompt_length is not None and cfg.preference.max_prompt_length < 2:
-        fail("preference.max_prompt_length must be at least 2 (BOS and one prompt token)")
+    for section in (cfg.dpo, cfg.rm, cfg.preference):  # each checks its own keys
+        if (problem := section.problem()) is not None:
+            fail(problem)
     sizes = [getattr(cfg.mesh, a) for a in AXIS_NAMES]
     if sizes.count(-1) > 1:
         fail("at most one mesh axis may be -1")

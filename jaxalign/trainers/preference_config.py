@@ -20,6 +20,12 @@ class PreferenceConfig:
     # its end, then the completions are cut at the end.
     too_long: Literal["drop", "truncate"] = "drop"
 
+    def problem(self) -> str | None:
+        """What is wrong with these values, or None."""
+        if self.max_prompt_length is not None and self.max_prompt_length < 2:
+            return "preference.max_prompt_length must be at least 2 (BOS and one prompt token)"
+        return None
+
 
 @dataclass
 class RMConfig:
@@ -30,6 +36,12 @@ class RMConfig:
     # Reward statistics (mean, std) saved after training as RUN_DIR/reward_stats.json are computed
     # over this file (chosen and rejected responses); None: data.eval_file, else data.train_file.
     stats_file: str | None = None
+
+    def problem(self) -> str | None:
+        """What is wrong with these values, or None."""
+        if self.center_coef < 0:
+            return f"rm.center_coef must be >= 0, got {self.center_coef}"
+        return None
 
 
 @dataclass
@@ -45,3 +57,13 @@ class DPOConfig:
     # Compute the reference log-probs once before training (stored in RUN_DIR/reference_logps)
     # instead of keeping a frozen reference model in memory.
     precompute_ref: bool = False
+
+    def problem(self) -> str | None:
+        """What is wrong with these values, or None."""
+        if self.beta <= 0:
+            return f"dpo.beta must be positive, got {self.beta}"
+        if not 0 <= self.label_smoothing < 0.5:
+            return f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
+        if self.rpo_alpha < 0:
+            return f"dpo.rpo_alpha must be >= 0, got {self.rpo_alpha}"
+        return None
