@@ -156,8 +156,8 @@ class Algorithm:
 
     def frozen_params(self, trainer: Any, initial_params: Any) -> Any | None:
         """Arrays the loss reads but never trains (e.g. a reference policy), passed to
-        `loss_fn` as `frozen`; `initial_params` is None unless `frozen_from_initial`.
-        Default: None."""
+        `loss_fn` as `frozen`; `initial_params` are the fresh run's, None when resuming
+        unless `frozen_from_initial`. Default: None."""
         return None
 
     def batch_tokens(self, local: dict) -> int | None:
