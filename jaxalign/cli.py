@@ -66,11 +66,15 @@ def cmd_shardings(args: argparse.Namespace) -> int:
     from jaxalign import sharding as shd
     from jaxalign.config import load_config
     from jaxalign.models.params import build_model
+    from jaxalign.trainers import get_trainer
 
     cfg = load_config(args.config, args.overrides)
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.sharding)
-    _, shapes, shardings = build_model(cfg, mesh, rules)
+    algorithm = get_trainer(cfg.trainer)  # the trained tree: e.g. PPO's {policy, value}
+    _, shapes, shardings = build_model(
+        cfg, mesh, rules, lambda rngs: algorithm.make_model(cfg, rngs)
+    )
     shd.validate_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
     print(shd.describe(shapes, shardings, mesh))
     return 0

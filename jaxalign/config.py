@@ -19,6 +19,8 @@ import yaml
 
 from jaxalign.errors import ConfigError
 from jaxalign.models.registry import family_names, get_family, unknown_family_message
+from jaxalign.trainers.preference_config import DPOConfig, PreferenceConfig, RMConfig
+from jaxalign.trainers.rl_config import RLConfig
 
 AXIS_NAMES = ("data", "fsdp", "tensor")
 
@@ -227,138 +229,12 @@ class SamplingConfig:
 
 
 @dataclass
-class PreferenceConfig:
-    """How preference pairs (prompt, chosen, rejected) become token rows (`trainer: rm | dpo`).
-
-    Each of chosen and rejected is one row of at most `train.seq_len` tokens (prompt included).
-    """
-
-    # Prompts longer than this many tokens keep their last tokens (BOS stays first); None: no cap.
-    max_prompt_length: int | None = None
-    # Pairs still longer than train.seq_len: dropped (and counted), or truncated: the prompt keeps
-    # its end, then the completions are cut at the end.
-    too_long: Literal["drop", "truncate"] = "drop"
-
-
-@dataclass
-class RMConfig:
-    """Bradley-Terry reward model (`trainer: rm`)."""
-
-    # Adds center_coef * mean((r_chosen + r_rejected)^2), keeping rewards centered near 0.
-    center_coef: float = 0.0
-    # Reward statistics (mean, std) saved after training as RUN_DIR/reward_stats.json are computed
-    # over this file (chosen and rejected responses); None: data.eval_file, else data.train_file.
-    stats_file: str | None = None
-
-
-@dataclass
-class DPOConfig:
-    """Direct preference optimization and variants (`trainer: dpo`); see docs/trainers/dpo.md."""
-
-    # formulas of each: docs/trainers/dpo.md
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
-    beta: float = 0.1  # for orpo: the odds-ratio weight lambda
-    label_smoothing: float = 0.0  # eps of conservative DPO (sigmoid), robust DPO and SimPO
-    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma
-    rpo_alpha: float = 0.0  # weight of the chosen answer's per-token NLL added to the loss
-    # Compute the reference log-probs once before training (stored in RUN_DIR/reference_logps)
-    # instead of keeping a frozen reference model in memory.
-    precompute_ref: bool = False
-
-
-@dataclass
-class RLConfig:
-    """On-policy RL (`trainer: ppo | grpo | rloo | reinforce_pp`); formulas in
-    docs/trainers/{ppo,grpo}.md.
-
-    A rollout samples `num_generations` completions for each of `prompts_per_rollout` prompts
-    (data.train_file) = R rows, then trains `epochs` passes over them in shuffled minibatches of
-    train.batch_size rows: one rollout is epochs * R / train.batch_size optimizer steps, and
-    train.steps counts optimizer steps. Rows are [P prompt tokens, left padded | N response
-    tokens], P the data.prompt_buckets entry of the rollout's prompts and N the response_buckets
-    entry that fits its longest response; train.seq_len must equal the widest row,
-    max(data.prompt_buckets) + sampling.max_new_tokens.
-    """
-
-    prompts_per_rollout: int = 16  # prompts sampled per rollout (global)
-    num_generations: int = 1  # samples per prompt; GRPO/RLOO's group size (>= 2)
-    epochs: int = 1  # passes over each rollout (PPO epochs)
-    # Scores: the sum of these reward functions ("module:fn" or "file.py:fn", called as
-    # fn(prompts, completions, **record_fields)) and of the reward model run's score, if any.
-    reward_functions: list[str] = field(default_factory=list)
-    reward_model: str | None = None  # an RM run directory (same tokenizer as the policy)
-    normalize_reward_model: bool = True  # (r - mean) / std with the run's reward_stats.json
-    # Weights of rl.reward_functions, then the reward model (TRL's reward_weights); None: 1 each.
-    reward_weights: list[float] | None = None
-    missing_eos_penalty: float | None = None  # subtracted from the score of rows with no stop
-    reward_clip: float | None = None  # scores clipped to [-c, c] (after the penalty)
-    whiten_rewards: bool = False  # PPO: scale per-token rewards to unit variance (mean kept)
-    kl_estimator: Literal["k1", "k2", "k3"] | None = None  # None: ppo k1, grpo/rloo k3
-    kl_clamp: float | None = None  # per-token KL estimate clipped to [-c, c]
-    kl_coef: float = 0.05  # PPO: reward penalty (initial, if adaptive); GRPO/RLOO: loss weight
-    # PPO/REINFORCE++ adaptive KL: the target per-sequence KL (None: a fixed coefficient)
-    kl_target: float | None = None
-    kl_horizon: float = 10000.0  # PPO adaptive KL horizon, in sequences
-    gamma: float = 1.0  # GAE discount
-    lam: float = 0.95  # GAE lambda
-    whiten_advantages: bool = True  # PPO: masked whitening over the whole rollout
-    whiten_unbiased: bool = True  # whitening variance: / (n - 1) (true) or / n
-    clip_eps: float = 0.2  # policy ratio clip
-    clip_eps_high: float | None = None  # upper ratio clip 1 + this (DAPO); None: clip_eps
-    value_clip: float = 0.2  # PPO value clip around the rollout's values
-    vf_coef: float = 0.1  # PPO value-loss weight
-    entropy_coef: float = 0.0  # entropy bonus weight (subtracted from the loss)
-    value_init_from: str | None = None  # PPO value model: an RM run; None: the policy + zero head
-    # PPO/GRPO ratio denominator: a training-forward pass after the rollout, or the sampler's
-    old_logprobs: Literal["recompute", "sampler"] = "recompute"
-    scale_rewards: bool = True  # GRPO: divide by the group's std (false: Dr. GRPO)
-    # reinforce_pp: center each score on its group's mean first (REINFORCE++-baseline; G >= 2)
-    reinforce_baseline: bool = False
-    # GRPO/RLOO importance ratio: per token, or GSPO's one length-normalized ratio per sequence
-    # (clipped as a whole; GSPO clips at ~3e-4 / 4e-4: rl.clip_eps / rl.clip_eps_high).
-    importance_sampling: Literal["token", "sequence"] = "token"
-    # GRPO/RLOO: a mean over the minibatch's tokens, of per-sequence means, or (Dr. GRPO) the
-    # token sum over sequences x sampling.max_new_tokens (docs/trainers/grpo.md).
-    loss_aggregation: Literal["token_mean", "sequence_mean", "token_sum_norm"] = "token_mean"
-    # GRPO/RLOO: responses that never emitted a stop token (cut at sampling.max_new_tokens) get
-    # no loss (their tokens weigh 0; they still count in their group's statistics). TRL's
-    # mask_truncated_completions, DAPO's overlong filtering.
-    mask_truncated_completions: bool = False
-    # GRPO/RLOO, DAPO's dynamic sampling: groups whose scores are all equal (zero advantage, no
-    # policy gradient) are left out and more batches of prompts sampled until the rollout has
-    # prompts_per_rollout groups with a spread, at most max_generate_rounds batches; short of
-    # that, left-out groups fill the rest.
-    filter_groups: bool = False
-    max_generate_rounds: int = 4
-    offload_frozen: bool = False  # keep the reference (and RM) in host memory between rollouts
-    # Rows per log-prob forward (policy, reference, values) after generation; 0: all rows in one.
-    # The [rows, N, V] float32 logits of that forward dominate a large model's rollout memory.
-    forward_batch_size: int = 0
-    # Response widths a rollout's rows are trimmed to: the smallest that fits its longest
-    # response (sampling.max_new_tokens is always one). Fewer padded tokens in the log-prob
-    # forwards and train steps, at one compilation per (prompt bucket, response bucket) shape.
-    # None: 16, 32, 64, ... below max_new_tokens; [] or [max_new_tokens]: no trimming.
-    response_buckets: list[int] | None = None
-    # Train steps and the rollout's log-prob/value forwards on packed rows: up to this many
-    # rollout sequences (prompt + response, without their padding) share one row, each its own
-    # attention segment; fewer rows where responses are short. 0 or 1: one sequence per row.
-    pack_rows: int = 0
-    eval_every: int = 0  # held-out greedy pass rate on data.eval_file every N rollouts (0: off)
-    eval_prompts: int = 0  # how many eval prompts (0: all)
-    # PPO-ptx (InstructGPT): every optimizer step adds ptx_coef x the mean next-token loss of
-    # ptx_batch_size rows of ptx_file (SFT-format records: text, prompt/completion or messages;
-    # packed to train.seq_len like SFT data), so the policy keeps what RL would otherwise erode.
-    ptx_coef: float = 0.0  # 0: off
-    ptx_file: str | None = None  # any source data.train_file accepts
-    ptx_batch_size: int = 0  # global rows per optimizer step (0: train.batch_size)
-
-
-@dataclass
 class Config:
     """A whole run."""
 
-    # which algorithm trains
-    trainer: Literal["sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce_pp"] = "sft"
+    # which algorithm trains: a registered name (jaxalign/trainers/registry.py): sft, rm, dpo,
+    # ppo, grpo, rloo or reinforce_pp
+    trainer: str = "sft"
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml, TensorBoard
     resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
     # Start from the parameters of another run's latest checkpoint (a RUN_DIR or its
@@ -550,6 +426,8 @@ def load_config(
 
 def validate(cfg: Config, where: str = "config") -> None:
     """Cross-field checks that need no devices (mesh divisibility is checked in sharding)."""
+    from jaxalign.trainers.registry import trainer_names, unknown_trainer_message
+
     m, t = cfg.model, cfg.train
 
     def fail(msg: str) -> None:
@@ -557,6 +435,9 @@ def validate(cfg: Config, where: str = "config") -> None:
 
     if m.family not in family_names():
         fail(unknown_family_message(m.family))
+    if cfg.trainer not in trainer_names():
+        fail(f"trainer: {unknown_trainer_message(cfg.trainer)}")
+
     for name in (
         "vocab_size",
         "hidden_size",
@@ -609,14 +490,9 @@ def validate(cfg: Config, where: str = "config") -> None:
         fail(f"sampling.stop must be a list of non-empty strings, got {sp.stop!r}")
     if min(sp.max_new_tokens, sp.max_prompt_len, sp.batch_size, sp.num_samples) <= 0:
         fail("sampling.max_new_tokens, max_prompt_len, batch_size and num_samples must be positive")
-    if cfg.dpo.beta <= 0:
-        fail(f"dpo.beta must be positive, got {cfg.dpo.beta}")
-    if not 0 <= cfg.dpo.label_smoothing < 0.5:
-        fail(f"dpo.label_smoothing must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    if cfg.dpo.rpo_alpha < 0 or cfg.rm.center_coef < 0:
-        fail("dpo.rpo_alpha and rm.center_coef must be >= 0")
-    if cfg.preference.max_prompt_length is not None and cfg.preference.max_prompt_length < 2:
-        fail("preference.max_prompt_length must be at least 2 (BOS and one prompt token)")
+    for section in (cfg.dpo, cfg.rm, cfg.preference):  # each checks its own keys
+        if (problem := section.problem()) is not None:
+            fail(problem)
     sizes = [getattr(cfg.mesh, a) for a in AXIS_NAMES]
     if sizes.count(-1) > 1:
         fail("at most one mesh axis may be -1")

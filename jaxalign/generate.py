@@ -620,16 +620,17 @@ def load_policy(path: str | Path, overrides: Sequence[str] = ()) -> Policy:
     names. A PPO run's checkpoint holds `{"policy", "value"}`: only the policy is restored."""
     from jaxalign.checkpoint import abstract_with_shardings, load_params
     from jaxalign.models.params import build_model
+    from jaxalign.trainers import get_trainer
 
     cfg = load_config(find_run_config(path), list(overrides))
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.sharding)
-    graphdef, abstract, shardings = build_model(cfg, mesh, rules)
-    target = abstract_with_shardings(abstract, shardings)
-    if cfg.trainer == "ppo":
-        params = load_params(Path(path).absolute(), {"policy": target})["policy"]
-    else:
-        params = load_params(path, target)
+    algorithm = get_trainer(cfg.trainer)
+    graphdef, abstract, shardings = build_model(
+        cfg, mesh, rules, lambda rngs: algorithm.make_policy(cfg, rngs)
+    )
+    target = algorithm.policy_target(abstract_with_shardings(abstract, shardings))
+    params = algorithm.policy_params(load_params(path, target))
     return Policy(cfg, mesh, rules, graphdef, params)
 
 

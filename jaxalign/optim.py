@@ -114,9 +114,10 @@ def freeze_labels(patterns: Sequence[str], params) -> object:
 
 def freeze_patterns(cfg: Config) -> list[str]:
     """`train.freeze` and what the trainer freezes on its own: parameters it holds but no loss
-    reads, the untied LM head of a reward model (`trainer: rm`) and of PPO's value model."""
-    unused = {"rm": ["^backbone/lm_head$"], "ppo": ["^value/backbone/lm_head$"]}
-    return [*cfg.train.freeze, *([] if cfg.model.tie_embeddings else unused.get(cfg.trainer, []))]
+    reads (`Algorithm.unused_params`, e.g. the untied LM head of a reward model)."""
+    from jaxalign.trainers import get_trainer
+
+    return [*cfg.train.freeze, *get_trainer(cfg.trainer).unused_params(cfg)]
 
 
 def make_optimizer(

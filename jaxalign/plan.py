@@ -30,13 +30,11 @@ from jaxalign.config import Config, ModelConfig, load_config
 from jaxalign.errors import ConfigError
 from jaxalign.models.llama import DTYPES
 from jaxalign.models.params import logical_axes
-from jaxalign.models.registry import build
 from jaxalign.models.reward import RewardModel
 from jaxalign.optim import freeze_patterns, frozen_matcher, param_path
+from jaxalign.trainers import get_trainer
 
 GIB = 1024**3
-RL_TRAINERS = ("ppo", "grpo", "rloo", "reinforce_pp")
-REFERENCE_FREE_DPO = ("simpo", "orpo")
 
 
 @dataclass
@@ -224,6 +222,26 @@ def _abstract(cls, model_cfg: ModelConfig):
     return nnx.eval_shape(lambda: cls(model_cfg, nnx.Rngs(0)))
 
 
+@dataclass
+class Estimate:
+    """The plan being built, for `Algorithm.memory_terms` to add to: the trained policy's
+    bytes (`policy`), the counted `parts` and the `host` ones, in print order."""
+
+    cfg: Config
+    sizes: dict[str, int]
+    rules: shd.Rules
+    num_devices: int
+    freeze: list[str]
+    policy: ModelBytes
+    parts: dict[str, int]
+    host: dict[str, int]
+    num_params: int
+
+    def model_bytes(self, module: Any, prefix: str = "") -> ModelBytes:
+        """`model_bytes` of an abstract module whose parameters sit at `prefix` of the tree."""
+        return model_bytes(module, self.sizes, self.rules, self.freeze, prefix)
+
+
 def make_plan(cfg: Config, num_devices: int) -> Plan:
     """The per-device memory plan of `cfg` on `num_devices` devices."""
     sizes = shd.axis_sizes(cfg.mesh, num_devices)
@@ -236,44 +254,22 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
             f"batch mesh axes (size {batch_div})"
         )
     freeze = freeze_patterns(cfg)
-    if cfg.trainer == "ppo":
-        policy = model_bytes(_abstract(build, cfg.model), sizes, rules, freeze, "policy/")
-    elif cfg.trainer == "rm":
-        policy = model_bytes(_abstract(RewardModel, cfg.model), sizes, rules, freeze)
-    else:
-        policy = model_bytes(_abstract(build, cfg.model), sizes, rules, freeze)
+    algorithm = get_trainer(cfg.trainer)
+    prefix = f"{algorithm.policy_key}/" if algorithm.policy_key else ""
+    abstract = nnx.eval_shape(lambda: algorithm.make_policy(cfg, nnx.Rngs(0)))
+    policy = model_bytes(abstract, sizes, rules, freeze, prefix)
     parts = {
         "params": policy.params,
         "optimizer": policy.optimizer,
         "gradients": policy.gradients,
         "activations": activation_bytes(cfg, sizes, rules),
     }
-    host: dict[str, int] = {}
-    num_params = policy.num_params
-    if cfg.trainer == "ppo":
-        value = model_bytes(_abstract(RewardModel, cfg.model), sizes, rules, freeze, "value/")
-        parts["value model"] = value.params + value.gradients  # parameters and their gradients
-        parts["value optimizer"] = value.optimizer
-        num_params += value.num_params
-    # Frozen copies of the initial policy: RL's reference; DPO's unless its log-probs are
-    # precomputed (or the loss has no reference).
-    if cfg.trainer in RL_TRAINERS:
-        from jaxalign.trainers.rollout import ptx_rows, uses_reference
-
-        if uses_reference(cfg):  # no reference without a KL term
-            (host if cfg.rl.offload_frozen else parts)["reference"] = policy.params
-        if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
-            parts["ptx activations"] = activation_bytes(cfg, sizes, rules, ptx_rows(cfg))
-        if cfg.rl.reward_model:
-            rm = reward_model_bytes(cfg, num_devices)
-            (host if cfg.rl.offload_frozen else parts)["reward model"] = rm
-        parts["rollout KV cache"] = rollout_kv_cache_bytes(cfg, sizes, rules)
-        parts["rollout logits"] = rollout_logits_bytes(cfg, sizes, rules)
-    elif cfg.trainer == "dpo" and not (
-        cfg.dpo.precompute_ref or cfg.dpo.loss_type in REFERENCE_FREE_DPO
-    ):
-        parts["reference"] = policy.params
-    return Plan(mesh=sizes, num_params=num_params, parts=parts, host=host)
+    # What the trainer keeps besides: DPO's reference; PPO's value model; RL's rollout.
+    estimate = Estimate(
+        cfg, sizes, rules, num_devices, freeze, policy, parts, {}, policy.num_params
+    )
+    algorithm.memory_terms(cfg, estimate)
+    return Plan(mesh=sizes, num_params=estimate.num_params, parts=parts, host=estimate.host)
 
 
 def _size(nbytes: int) -> str:

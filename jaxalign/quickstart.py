@@ -208,11 +208,9 @@ def trainer_available(stage: Stage, run_dir: Path, fast: bool) -> str | None:
             return f"trainer not available ({e})"
         raise
     try:
-        import importlib
+        from jaxalign.trainers import get_trainer
 
-        module = {"ppo": "jaxalign.trainers.ppo", "grpo": "jaxalign.trainers.grpo"}.get(cfg.trainer)
-        if module:
-            importlib.import_module(module)
+        get_trainer(cfg.trainer)  # imports its module
     except ImportError as e:
         return f"trainer '{cfg.trainer}' not available ({e})"
     return None

@@ -1,5 +1,8 @@
 """Write docs/configuration.md from jaxalign/config.py: every key, its type, default and comment.
 
+Sections whose dataclass lives beside its component (e.g. `RLConfig` in
+jaxalign/trainers/rl_config.py) are read from the module config.py imports them from.
+
     python scripts/make_config_docs.py [--check]
 
 The reference is generated so it cannot drift from the code; `--check` (run by the tests) exits
@@ -62,12 +65,25 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render() -> str:
-    source = SOURCE.read_text()
-    lines = source.splitlines()
+def _classes(path: Path) -> dict[str, tuple[ast.ClassDef, list[str]]]:
+    """name -> (class node, its file's lines) of the classes defined in `path` and in the
+    jaxalign modules it imports names from."""
+    source = path.read_text()
     tree = ast.parse(source)
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    top = classes["Config"]
+    classes = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxalign."):
+            module = REPO / Path(*node.module.split(".")).with_suffix(".py")
+            if module.is_file():
+                classes.update(_classes(module))
+    lines = source.splitlines()
+    classes.update({n.name: (n, lines) for n in tree.body if isinstance(n, ast.ClassDef)})
+    return classes
+
+
+def render() -> str:
+    classes = _classes(SOURCE)
+    top, lines = classes["Config"]
     out = [HEADER]
     sections = []
     out.append("## Top level\n")
@@ -83,7 +99,7 @@ def render() -> str:
             f"| `{name}` | `{_cell(typ)}` | {_cell(_default(node))} | "
             f"{_cell(_comments(lines, node))} |"
         )
-    for name, cls in sections:
+    for name, (cls, lines) in sections:
         doc = ast.get_docstring(cls) or ""
         out.append(f"\n## `{name}`\n\n{doc}\n")
         out.append("| key | type | default | meaning |\n|---|---|---|---|")

@@ -58,7 +58,10 @@ CASES = {
     ),
     "config_two_fill_axes.yaml": ("config", "at most one mesh axis may be -1"),
     "config_invalid_yaml.yaml": ("config", "config_invalid_yaml.yaml:3: invalid YAML"),
-    "config_unknown_trainer.yaml": ("config", "trainer: must be one of"),
+    "config_unknown_trainer.yaml": (
+        "config",
+        "trainer: unknown trainer 'sftt' (did you mean 'sft'?",
+    ),
     "rules_unknown_axis.yaml": ("rules", "rule 'mlp' names unknown mesh axis 'model'"),
     "empty_checkpoint_dir": ("init_from", "empty_checkpoint_dir: no complete checkpoint found"),
     "partial_checkpoint": ("init_from", "partial_checkpoint: no complete checkpoint found"),

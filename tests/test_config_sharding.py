@@ -211,6 +211,21 @@ def test_shardings_command_prints_every_parameter(capsys):
     assert "total parameter bytes per device" in out
 
 
+@pytest.mark.parametrize(
+    "config, paths",
+    [
+        ("rm_tiny", ["backbone.blocks.3.mlp.w_down", "score"]),
+        ("ppo_tiny", ["policy.blocks.3.mlp.w_down", "value.backbone.blocks.3", "value.score"]),
+    ],
+)
+def test_shardings_command_prints_the_trained_tree_of_the_trainer(config, paths, capsys):
+    """A reward model is a backbone and a score head; PPO trains {policy, value}."""
+    assert cli.main(["shardings", str(REPO / f"configs/{config}.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert all(path in out for path in paths), out
+    assert "\nblocks." not in out and "  blocks." not in out  # no bare Transformer
+
+
 # -- model numerics ----------------------------------------------------------------------------
 
 

@@ -339,3 +339,26 @@ def test_reward_model_exports_as_sequence_classifier(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     text = TEXT.replace("<|im_start|>", "<|user|>")
     assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+
+
+def test_cli_export_of_a_ppo_run_writes_its_policy(tmp_path):
+    """A PPO checkpoint holds {policy, value}: `jaxalign export` writes the policy, and
+    transformers' logits of the export equal ours of the policy's parameters."""
+    from flax import nnx
+    from toy import random_params, toy_config, write_run
+
+    from jaxalign import cli
+    from jaxalign.models.actor_critic import ActorCritic
+
+    cfg = toy_config(tmp_path, trainer="ppo", **{"mesh.fsdp": 1})
+    abstract = nnx.split(nnx.eval_shape(lambda: ActorCritic(cfg.model, nnx.Rngs(0))))[1]
+    params = random_params(abstract, seed=4)
+    assert set(params) == {"policy", "value"}
+    run_dir = write_run(tmp_path / "ppo_run", cfg, params)
+
+    out = tmp_path / "export"
+    assert cli.main(["export", "--checkpoint", str(run_dir), "--output", str(out)]) == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = IDS % cfg.model.vocab_size
+    policy = hf.PretrainedModel(cfg.model, params["policy"], one_device_mesh())
+    assert np.abs(torch_logits(reloaded, ids) - np.asarray(policy(ids))).max() <= TOL

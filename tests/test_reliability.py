@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxalign.trainers.base import Algorithm
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import crash_fuzz  # noqa: E402
@@ -174,7 +176,7 @@ def test_describe_records_keeps_errors_to_one_short_line():
     assert text == ("25 records: " + ", ".join(ids[:10]) + " and 15 more")
 
 
-class _PoisonedSFT:
+class _PoisonedSFT(Algorithm):
     """The SFT algorithm whose loss is NaN on any batch holding the `poison` example (found by
     its tokens, not by its id)."""
 

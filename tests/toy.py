@@ -6,6 +6,7 @@ import numpy as np
 
 from jaxalign.config import Config, load_config
 from jaxalign.losses import token_cross_entropy_sum
+from jaxalign.trainers.base import Algorithm, DataIterator
 
 TINY_MODEL = {
     "vocab_size": 64,
@@ -40,7 +41,7 @@ def toy_config(tmp_path, **overrides) -> Config:
     return load_config(None, sets, base=base)
 
 
-class ToyData:
+class ToyData(DataIterator):
     """Deterministic rows of counting sequences (learnable), resumable by index."""
 
     def __init__(self, cfg: Config, process_index: int = 0, process_count: int = 1, seed=0):
@@ -95,7 +96,7 @@ class ToyData:
         self.index = int(state["index"])
 
 
-class ToyAlgorithm:
+class ToyAlgorithm(Algorithm):
     """SFT loss over ToyData."""
 
     def __init__(self, cfg: Config):

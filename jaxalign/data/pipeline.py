@@ -30,6 +30,7 @@ from jaxalign.data.sources import read_records_with_ids, source_name, to_message
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
+from jaxalign.trainers.base import DataIterator
 
 STATE_VERSION = 2
 FEATURES = ("inputs", "targets", "loss_mask")  # packed by Grain
@@ -283,7 +284,7 @@ class _Prefetcher:
         self._thread.join()
 
 
-class SFTBatchIterator:
+class SFTBatchIterator(DataIterator):
     """Infinite (or `num_epochs`-long) iterator of SFT batches for one process.
 
     Each `next()` gives dict of numpy arrays [grad_accum, micro_batch, seq_len]: `inputs`,

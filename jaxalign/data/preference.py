@@ -34,6 +34,7 @@ from jaxalign.data.sources import read_records, read_records_with_ids, to_messag
 from jaxalign.data.templates import get_template, render
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
+from jaxalign.trainers.base import DataIterator
 
 STATE_VERSION = 2
 ROW_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
@@ -284,7 +285,7 @@ def pad_pairs(examples: list[dict], seq_len: int, pad_id: int, rows: int | None 
     return out
 
 
-class PreferenceBatchIterator:
+class PreferenceBatchIterator(DataIterator):
     """Infinite (or `num_epochs`-long) iterator of preference batches for one process.
 
     The pairs are split into `shards` logical shards (shard s: pairs [s::shards], default: the

@@ -276,6 +276,7 @@ def export_checkpoint(
     from jaxalign.checkpoint import load_params as load_checkpoint_params
     from jaxalign.config import from_dict
     from jaxalign.models.params import build_model
+    from jaxalign.trainers import get_trainer
 
     step_dir = resolve_checkpoint(checkpoint)
     config_file = step_dir.parent.parent / "config.yaml"
@@ -290,13 +291,13 @@ def export_checkpoint(
         rules = shd.resolve_rules(cfg.sharding)
     except ConfigError:  # exported on other devices than it trained on
         mesh, rules = shd.make_mesh(MeshConfig()), shd.resolve_rules(ShardingConfig())
-    make_model = None
-    if cfg.trainer == "rm":
-        from jaxalign.models.reward import RewardModel
-
-        make_model = lambda rngs: RewardModel(cfg.model, rngs)  # noqa: E731
-    _, abstract, shardings = build_model(cfg, mesh, rules, make_model)
-    params = load_checkpoint_params(step_dir, abstract_with_shardings(abstract, shardings))
+    # The trainer's policy: the whole tree, or PPO's `policy` of {policy, value}.
+    algorithm = get_trainer(cfg.trainer)
+    _, abstract, shardings = build_model(
+        cfg, mesh, rules, lambda rngs: algorithm.make_policy(cfg, rngs)
+    )
+    target = algorithm.policy_target(abstract_with_shardings(abstract, shardings))
+    params = algorithm.policy_params(load_checkpoint_params(step_dir, target))
     hf_dir = cfg.model.from_hf
     if tokenizer is None:
         if cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():

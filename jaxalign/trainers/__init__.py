@@ -1,30 +1,21 @@
-"""Trainers: one generic loop (`loop.Trainer`); each algorithm adds a loss and its data."""
+"""Trainers: one generic loop (`loop.Trainer`); each algorithm adds a loss and its data.
+
+An algorithm subclasses `base.Algorithm` and is registered by name in `registry.py`.
+"""
 
 from __future__ import annotations
 
-from jaxalign.config import Config
+from typing import TYPE_CHECKING
+
+from jaxalign.trainers.registry import get_trainer, register_trainer, trainer_names
+
+if TYPE_CHECKING:
+    from jaxalign.config import Config
+    from jaxalign.trainers.base import Algorithm
+
+__all__ = ["get_trainer", "make_algorithm", "register_trainer", "trainer_names"]
 
 
-def make_algorithm(cfg: Config):
-    """The algorithm that `cfg.trainer` names."""
-    if cfg.trainer == "sft":
-        from jaxalign.trainers.sft import SFT
-
-        return SFT(cfg)
-    if cfg.trainer == "rm":
-        from jaxalign.trainers.rm import RewardModelAlgorithm
-
-        return RewardModelAlgorithm(cfg)
-    if cfg.trainer == "dpo":
-        from jaxalign.trainers.dpo import DPO
-
-        return DPO(cfg)
-    if cfg.trainer == "ppo":
-        from jaxalign.trainers.ppo import PPO
-
-        return PPO(cfg)
-    if cfg.trainer in ("grpo", "rloo", "reinforce_pp"):
-        from jaxalign.trainers.grpo import GRPO
-
-        return GRPO(cfg, estimator=cfg.trainer)
-    raise ValueError(f"unknown trainer {cfg.trainer!r}")
+def make_algorithm(cfg: Config) -> Algorithm:
+    """The algorithm that `cfg.trainer` names, constructed for `cfg`."""
+    return get_trainer(cfg.trainer)(cfg)

@@ -30,6 +30,7 @@ from jaxalign.losses import (
     sequence_logprobs,
     simpo_loss,
 )
+from jaxalign.trainers.base import Algorithm
 from jaxalign.trainers.rm import check_vocab, pair_tokens, pairs_to_rows
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -57,8 +58,17 @@ def policy_statistics(model: nnx.Module, batch: dict, chunks: int = 1) -> dict[s
     }
 
 
-class DPO:
+class DPO(Algorithm):
     """The DPO-family algorithm: a loss over chosen/rejected log-probs and preference batches."""
+
+    frozen_from_initial = True  # the reference is a copy of the initial policy
+
+    @classmethod
+    def memory_terms(cls, cfg: Config, estimate: Any) -> None:
+        """A frozen copy of the initial policy, unless its log-probs are precomputed or the
+        loss needs none."""
+        if not (cfg.dpo.precompute_ref or cfg.dpo.loss_type in REFERENCE_FREE):
+            estimate.parts["reference"] = estimate.policy.params
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -17,7 +17,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalign.config import Config
 from jaxalign.rl import (
     clipped_policy_loss,
     compute_gae,
@@ -65,11 +64,12 @@ def aggregation_weights(
 
 class GRPO(RLAlgorithm):
     """GRPO (group-normalized advantages), RLOO (leave-one-out) or REINFORCE++ (whitened
-    returns of per-token rewards): `estimator` "grpo", "rloo" or "reinforce_pp"."""
+    returns of per-token rewards): `estimator` "grpo", "rloo" or "reinforce_pp" (the
+    subclasses below)."""
 
-    def __init__(self, cfg: Config, estimator: str = "grpo"):
-        self.estimator = estimator
-        super().__init__(cfg)
+    estimator = "grpo"
+    group_relative = True
+    kl_in_loss = True
 
     @property
     def default_kl_estimator(self) -> str:
@@ -186,3 +186,18 @@ class GRPO(RLAlgorithm):
             "policy/entropy": total(jax.lax.stop_gradient(entropy)),
         }
         return total(per_token, weights.loss), weights.denominator, metrics
+
+
+class RLOO(GRPO):
+    """RLOO: each sample's advantage is its score minus the mean of its group's others."""
+
+    estimator = "rloo"
+
+
+class ReinforcePP(GRPO):
+    """REINFORCE++: whitened returns of per-token rewards with a KL penalty in the reward."""
+
+    estimator = "reinforce_pp"
+    group_relative = False
+    kl_in_loss = False
+    has_reinforce_baseline = True

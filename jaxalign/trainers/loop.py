@@ -8,15 +8,13 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,9 +24,10 @@ from jaxalign.config import Config, save_config, to_dict
 from jaxalign.errors import UserError
 from jaxalign.memory import release_free_memory
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak
-from jaxalign.models.params import build_model, default_model, init_params
+from jaxalign.models.params import build_model, init_params
 from jaxalign.models.registry import get_family
 from jaxalign.optim import freeze_patterns, make_optimizer
+from jaxalign.trainers.base import Algorithm, DataIterator
 from jaxalign.trainers.step import (
     combine_metrics,
     eval_metrics,
@@ -36,34 +35,6 @@ from jaxalign.trainers.step import (
     make_eval_step,
     make_train_step,
 )
-
-
-class DataIterator(Protocol):
-    """Yields this process's part of each global batch: arrays [grad_accum, local_batch, ...].
-
-    Optional: `observe_state(state, trainer)` is called before each `next()` with the current
-    train state (on-policy data such as RL rollouts generate from `state["params"]`),
-    `pop_metrics() -> dict` is merged into each logged record, and `record_ids() -> list[str]`
-    names the records of the batch last returned (host-side only; errors such as a NaN halt
-    name them).
-    """
-
-    def __next__(self) -> dict[str, np.ndarray]: ...
-    def get_state(self) -> dict: ...
-    def set_state(self, state: dict) -> None: ...
-
-
-class Algorithm(Protocol):
-    """What a trainer adds to the loop.
-
-    Optional methods: `make_model(rngs) -> nnx.Module` (default: cfg.model's family, from the
-    model registry) and `frozen_params(trainer, initial_params) -> pytree | None` (arrays the
-    loss reads but never trains, e.g. a reference policy; passed to `loss_fn` as `frozen`).
-    """
-
-    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, frozen: Any): ...
-    def train_data(self, process_index: int, process_count: int) -> DataIterator: ...
-    def eval_data(self, process_index: int, process_count: int) -> Iterator[dict] | None: ...
 
 
 @dataclass
@@ -74,7 +45,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     preempted: bool = False
     state: Any = None
-    extras: Any = None  # what the algorithm's optional on_train_end(trainer, result) returned
+    extras: Any = None  # what the algorithm's on_train_end(trainer, result) returned
     data_stats: dict | None = None  # the train data's `stats`: records, bad ones skipped, dropped
 
 
@@ -104,20 +75,13 @@ def _allgather_json(obj: Any) -> list[Any]:
 def global_data_state(data: DataIterator) -> dict:
     """The data state of the whole run, for the checkpoint (written by process 0 only).
 
-    With several processes, the states of all of them are gathered: merged by the iterator's
-    `merge_states` when it has one (so the run can resume under another process count), else
-    identical states are kept once and differing ones per process.
+    With several processes, the states of all of them are gathered and merged by the iterator's
+    `merge_states`.
     """
     state = data.get_state()
     if jax.process_count() == 1:
         return state
-    states = _allgather_json(state)
-    merge = getattr(data, "merge_states", None)
-    if merge is not None:
-        return merge(states)
-    if all(s == states[0] for s in states):
-        return states[0]
-    return {"per_process": states}
+    return data.merge_states(_allgather_json(state))
 
 
 def describe_records(ids: list[str], limit: int = 10) -> str:
@@ -150,7 +114,7 @@ class Trainer:
         self.mesh = shd.make_mesh(cfg.mesh, devices)
         self.rules = shd.resolve_rules(cfg.sharding)
         shd.validate_batch(cfg.train.batch_size, cfg.train.grad_accum, self.mesh, self.rules)
-        self.make_model = getattr(algorithm, "make_model", None) or default_model(cfg)
+        self.make_model = lambda rngs: algorithm.make_model(cfg, rngs)
         self.graphdef, self.abstract_params, self.param_shardings = build_model(
             cfg, self.mesh, self.rules, self.make_model
         )
@@ -179,17 +143,16 @@ class Trainer:
         }
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         self.run_dir = Path(cfg.run_dir)
-        self.frozen = None  # set in run() from algorithm.frozen_params
+        self.frozen = None  # set in run() by algorithm.frozen_params
         self._stop = threading.Event()
 
     # -- state ---------------------------------------------------------------------------------
 
     def initial_params(self) -> Any:
-        """Parameters a fresh run starts from: the algorithm's own choice (its optional
+        """Parameters a fresh run starts from: the algorithm's own choice (its
         `initial_params(trainer)`, e.g. a reward model from a policy checkpoint), `init_from`'s
         checkpoint, a Hugging Face model, or a seeded init."""
-        custom = getattr(self.algorithm, "initial_params", None)
-        if custom is not None and (params := custom(self)) is not None:
+        if (params := self.algorithm.initial_params(self)) is not None:
             return params
         if self.cfg.init_from:
             return load_params(
@@ -278,12 +241,11 @@ class Trainer:
                 f"{self.run_dir}: has checkpoints (latest step {latest}) and resume=false; "
                 "use another run_dir or resume"
             )
-        frozen_fn = getattr(self.algorithm, "frozen_params", None)
+        needs_initial = self.algorithm.frozen_from_initial
         start_params = None
-        if latest is None or frozen_fn is not None:
+        if latest is None or needs_initial:
             start_params = init_params if init_params is not None else self.initial_params()
-        if frozen_fn is not None:
-            self.frozen = frozen_fn(self, start_params)
+        self.frozen = self.algorithm.frozen_params(self, start_params)
         if latest is not None:
             state, data_state, _ = ckpt.restore(latest, self.abstract_state)
             data.set_state(local_data_state(data_state))
@@ -302,13 +264,12 @@ class Trainer:
         try:
             with self._sigterm_saves(), shd.activation_sharding(self.mesh, self.rules):
                 result = self._loop(state, data, ckpt, writer)
-                on_end = getattr(self.algorithm, "on_train_end", None)
-                if on_end is not None and not result.preempted:
-                    result.extras = on_end(self, result)
+                if not result.preempted:
+                    result.extras = self.algorithm.on_train_end(self, result)
                 # Skipped, dropped and truncated counts again at the end, where they are seen.
-                result.data_stats = getattr(data, "stats", None)
-                if getattr(data, "report", None) is not None:
-                    self._log(f"end of training: {data.report()}")
+                result.data_stats = data.stats
+                if (report := data.report()) is not None:
+                    self._log(f"end of training: {report}")
         finally:
             writer.close()
             ckpt.close()
@@ -346,9 +307,6 @@ class Trainer:
         start = int(jax.device_get(state["step"]))
         total = train.steps
         tokens_per_step = train.batch_size * train.seq_len
-        # Optional: the tokens of this process's rows of a batch (preference trainers count the
-        # real tokens of chosen and rejected); default: every position of batch_size rows.
-        batch_tokens = getattr(self.algorithm, "batch_tokens", None)
         interval_tokens = 0
         flops_per_token = get_family(cfg.model.family).flops_per_token(cfg.model, train.seq_len)
         peak = self._peak_flops()
@@ -368,18 +326,13 @@ class Trainer:
         preempted = False
         done = start
         compile_s = None
-        observe = getattr(data, "observe_state", None)
-        pop_metrics = getattr(data, "pop_metrics", None)
-        record_ids = getattr(data, "record_ids", None)
         # Steps since the last finiteness check -> the ids of their batches' records (host-side).
         recent_ids: dict[int, list[str]] = {}
         for done in range(start + 1, total + 1):
             t0 = time.perf_counter()
-            if observe is not None:
-                observe(state, self)  # on-policy data (RL rollouts) reads the current params
+            data.observe_state(state, self)  # on-policy data (RL rollouts) reads the params
             local = next(data)
-            if record_ids is not None:
-                recent_ids[done] = record_ids()
+            recent_ids[done] = data.record_ids()
             data_wait += time.perf_counter() - t0
             batch = self.to_global(local)
             shape_key = tuple((k, v.shape, v.dtype) for k, v in sorted(batch.items()))
@@ -392,8 +345,9 @@ class Trainer:
                 interval_start += time.perf_counter() - t_compile
             state, metrics = step_fn(state, batch, self.frozen)
             interval_steps += 1
+            local_tokens = self.algorithm.batch_tokens(local)
             interval_tokens += (
-                batch_tokens(local) * jax.process_count() if batch_tokens else tokens_per_step
+                tokens_per_step if local_tokens is None else local_tokens * jax.process_count()
             )
             is_last = done == total
             record: dict[str, float] = {}
@@ -412,8 +366,7 @@ class Trainer:
                     record["compile_s"] = compile_s
                     compile_s = None
                 self._check_finite(state, ckpt, recent_ids)
-                if pop_metrics is not None:
-                    record.update(pop_metrics())  # e.g. rollout statistics and phase times
+                record.update(data.pop_metrics())  # e.g. rollout statistics and phase times
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (done % train.eval_every == 0 or is_last):

@@ -30,6 +30,7 @@ from jaxalign.rl import (
     masked_var,
     masked_whiten,
 )
+from jaxalign.trainers.base import Algorithm
 from jaxalign.trainers.rl_rows import response_logprobs, response_values
 from jaxalign.trainers.rm import check_vocab, checkpoint_trainer
 from jaxalign.trainers.rollout import (
@@ -68,10 +69,37 @@ class FrozenReference:
         """Nothing to do: with offload the device copy from `on_device` is simply dropped."""
 
 
-class RLAlgorithm:
+class RLAlgorithm(Algorithm):
     """What PPO, GRPO and RLOO share: tokenizer, reference, KL controller, rollout data."""
 
+    is_rl = True
+    frozen_from_initial = True  # the reference is a copy of the initial policy
     needs_values = False
+    # What `validate_rl_config` checks rl.* against:
+    # Sequence advantages relative to the prompt's group of samples (GRPO, RLOO):
+    # rl.num_generations >= 2; rl.filter_groups and GSPO's sequence ratio apply.
+    group_relative = False
+    kl_in_loss = False  # the KL is a loss term weighted by rl.kl_coef (no rl.kl_target)
+    masks_truncated = True  # rl.mask_truncated_completions applies
+    has_reinforce_baseline = False  # rl.reinforce_baseline applies
+
+    @classmethod
+    def memory_terms(cls, cfg: Config, estimate: Any) -> None:
+        """The rollout's reference and reward model (in host memory with rl.offload_frozen),
+        KV cache and log-prob logits, and the PPO-ptx rows' activations."""
+        from jaxalign import plan
+        from jaxalign.trainers.rollout import ptx_rows
+
+        parts, sizes, rules = estimate.parts, estimate.sizes, estimate.rules
+        frozen = estimate.host if cfg.rl.offload_frozen else parts
+        if uses_reference(cfg):  # no reference without a KL term
+            frozen["reference"] = estimate.policy.params
+        if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
+            parts["ptx activations"] = plan.activation_bytes(cfg, sizes, rules, ptx_rows(cfg))
+        if cfg.rl.reward_model:
+            frozen["reward model"] = plan.reward_model_bytes(cfg, estimate.num_devices)
+        parts["rollout KV cache"] = plan.rollout_kv_cache_bytes(cfg, sizes, rules)
+        parts["rollout logits"] = plan.rollout_logits_bytes(cfg, sizes, rules)
 
     def __init__(self, cfg: Config):
         validate_rl_config(cfg, cfg.trainer)
@@ -86,9 +114,6 @@ class RLAlgorithm:
 
     def policy_module(self, model: nnx.Module) -> nnx.Module:
         return model
-
-    def policy_params(self, params: Any) -> Any:
-        return params
 
     def frozen_params(self, trainer, initial_params: Any) -> None:
         """Keep the reference (the initial policy) here, for rollouts only: the loss reads the
@@ -150,22 +175,41 @@ class PPO(RLAlgorithm):
     """PPO: rewards with a per-token KL penalty, GAE, clipped policy and value losses."""
 
     needs_values = True
+    masks_truncated = False  # PPO: rl.missing_eos_penalty
+    policy_key = "policy"  # params: {policy, value}
     default_kl_estimator = "k1"
 
-    def make_model(self, rngs: nnx.Rngs) -> ActorCritic:
-        return ActorCritic(self.cfg.model, rngs)
+    @classmethod
+    def make_model(cls, cfg: Config, rngs: nnx.Rngs) -> ActorCritic:
+        return ActorCritic(cfg.model, rngs)
+
+    @classmethod
+    def make_policy(cls, cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+        return Algorithm.make_model(cfg, rngs)  # the Transformer of cfg.model
+
+    @classmethod
+    def unused_params(cls, cfg: Config) -> list[str]:
+        """The value model's untied LM head: no value reads it."""
+        return [] if cfg.model.tie_embeddings else ["^value/backbone/lm_head$"]
+
+    @classmethod
+    def memory_terms(cls, cfg: Config, estimate: Any) -> None:
+        """The value model and its optimizer state, then what every RL trainer keeps."""
+        actor_critic = nnx.eval_shape(lambda: cls.make_model(cfg, nnx.Rngs(0)))
+        value = estimate.model_bytes(actor_critic.value, "value/")
+        estimate.parts["value model"] = value.params + value.gradients
+        estimate.parts["value optimizer"] = value.optimizer
+        estimate.num_params += value.num_params
+        super().memory_terms(cfg, estimate)
 
     def policy_module(self, model: ActorCritic) -> nnx.Module:
         return model.policy
-
-    def policy_params(self, params: Any) -> Any:
-        return params["policy"]
 
     def initial_params(self, trainer) -> Any | None:
         """Policy from `init_from` (a policy run); value model from `rl.value_init_from` (a
         reward-model run) or, by default, the policy's transformer with a zero head."""
         cfg = self.cfg
-        if cfg.init_from and checkpoint_trainer(cfg.init_from) == "ppo":
+        if cfg.init_from and checkpoint_trainer(cfg.init_from) == cfg.trainer:
             return None  # a PPO run: the trainer's default loads both
         abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
         if cfg.init_from:

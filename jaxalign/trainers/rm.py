@@ -30,6 +30,8 @@ from jaxalign.data.preference import read_preference_jsonl, tokenize_preferences
 from jaxalign.errors import ConfigError, DataError, UserError
 from jaxalign.losses import reward_model_pair_losses
 from jaxalign.models.reward import RewardModel
+from jaxalign.trainers.base import Algorithm
+from jaxalign.trainers.registry import get_trainer
 
 STATS_FILE = "reward_stats.json"
 
@@ -62,16 +64,24 @@ def checkpoint_trainer(path: str) -> str | None:
     return config.get("trainer") if isinstance(config, dict) else None
 
 
-class RewardModelAlgorithm:
+class RewardModelAlgorithm(Algorithm):
     """The RM algorithm: a RewardModel, the Bradley-Terry loss, and preference batches."""
+
+    is_reward_model = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab(cfg, self.tokenizer)
 
-    def make_model(self, rngs: nnx.Rngs) -> RewardModel:
-        return RewardModel(self.cfg.model, rngs)
+    @classmethod
+    def make_model(cls, cfg: Config, rngs: nnx.Rngs) -> RewardModel:
+        return RewardModel(cfg.model, rngs)
+
+    @classmethod
+    def unused_params(cls, cfg: Config) -> list[str]:
+        """The backbone's untied LM head: no reward reads it."""
+        return [] if cfg.model.tie_embeddings else ["^backbone/lm_head$"]
 
     def pair_rewards(self, model: RewardModel, batch: dict) -> jax.Array:
         """Rewards [P, 2] (chosen, rejected) of a batch [P, 2, T], in one forward pass."""
@@ -134,7 +144,7 @@ class RewardModelAlgorithm:
         """Parameters from a policy checkpoint (`init_from` an SFT run): its transformer becomes
         the backbone and the head is freshly initialized. None: the trainer's default."""
         cfg = self.cfg
-        if not cfg.init_from or checkpoint_trainer(cfg.init_from) == "rm":
+        if not cfg.init_from or checkpoint_trainer(cfg.init_from) == cfg.trainer:
             return None
         backbone = load_params(
             Path(cfg.init_from).absolute(),
@@ -144,7 +154,7 @@ class RewardModelAlgorithm:
         )
 
         def init_head(key):  # XLA drops the unused backbone initialization
-            return nnx.split(self.make_model(nnx.Rngs(params=key)))[1].to_pure_dict()["score"]
+            return nnx.split(self.make_model(cfg, nnx.Rngs(params=key)))[1].to_pure_dict()["score"]
 
         score = jax.jit(init_head, out_shardings=trainer.param_shardings["score"])(
             jax.random.PRNGKey(cfg.train.seed)
@@ -237,7 +247,7 @@ def load_reward_model(run_dir: str) -> tuple[Config, RewardScorer, dict | None]:
     if not config_path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(config_path)
-    if cfg.trainer != "rm":
+    if not get_trainer(cfg.trainer).is_reward_model:
         raise UserError(f"{run_dir}: was trained with trainer '{cfg.trainer}', not a reward model")
     # The run's tensor parallelism, FSDP over whatever devices are here now.
     mesh = shd.make_mesh(

@@ -38,6 +38,8 @@ from jaxalign.data.prompts import prompt_iterator_from_config
 from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler, Stops
 from jaxalign.models.registry import build
+from jaxalign.trainers.base import DataIterator
+from jaxalign.trainers.registry import get_trainer
 from jaxalign.trainers.rl_rows import (
     ROW_KEYS,
     build_rows,
@@ -67,7 +69,7 @@ REWARD_PREFIX = "rollout/reward/"  # each reward's own mean score
 # The on-policy iterator.
 
 
-class RolloutData:
+class RolloutData(DataIterator):
     """The RL data iterator (see the module docstring). `algorithm` supplies:
 
     - `policy_module(model)`: the Transformer inside the trained module,
@@ -687,14 +689,15 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         raise ConfigError(
             "rl.prompts_per_rollout, rl.num_generations and rl.epochs must be positive"
         )
-    if trainer == "ppo" and rl.mask_truncated_completions:
+    algorithm = get_trainer(trainer)
+    if not algorithm.masks_truncated and rl.mask_truncated_completions:
         raise ConfigError(
             "rl.mask_truncated_completions is for grpo, rloo and reinforce_pp "
             "(PPO: rl.missing_eos_penalty)"
         )
-    if trainer in ("grpo", "rloo") and rl.num_generations < 2:
+    if algorithm.group_relative and rl.num_generations < 2:
         raise ConfigError(f"trainer {trainer}: rl.num_generations (the group size) must be >= 2")
-    if rl.reinforce_baseline and (trainer != "reinforce_pp" or rl.num_generations < 2):
+    if rl.reinforce_baseline and (not algorithm.has_reinforce_baseline or rl.num_generations < 2):
         raise ConfigError(
             "rl.reinforce_baseline is for trainer reinforce_pp with rl.num_generations >= 2"
         )
@@ -735,7 +738,7 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rows per rollout ({rows}) must divide by sampling.batch_size * "
             f"rl.num_generations ({per_call})"
         )
-    if rl.importance_sampling == "sequence" and trainer not in ("grpo", "rloo"):
+    if rl.importance_sampling == "sequence" and not algorithm.group_relative:
         raise ConfigError(
             "rl.importance_sampling: sequence (GSPO) is for grpo and rloo (sequence advantages)"
         )
@@ -745,7 +748,7 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rl.reward_weights has {len(rl.reward_weights)} weights for {len(names)} "
             f"rewards ({', '.join(names)}: rl.reward_functions, then rl.reward_model)"
         )
-    if rl.filter_groups and trainer not in ("grpo", "rloo"):
+    if rl.filter_groups and not algorithm.group_relative:
         raise ConfigError("rl.filter_groups is for grpo and rloo (groups of samples per prompt)")
     if rl.max_generate_rounds < 1:
         raise ConfigError(f"rl.max_generate_rounds must be >= 1, got {rl.max_generate_rounds}")
@@ -760,7 +763,7 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         raise ConfigError(f"rl.response_buckets must be positive, got {rl.response_buckets}")
     if rl.kl_target is not None and rl.kl_target <= 0:
         raise ConfigError("rl.kl_target must be positive (or null: a fixed coefficient)")
-    if rl.kl_target is not None and trainer in ("grpo", "rloo"):
+    if rl.kl_target is not None and algorithm.kl_in_loss:
         raise ConfigError(
             f"rl.kl_target (an adaptive KL penalty in the reward) is for ppo and reinforce_pp; "
             f"{trainer} weighs its KL loss term by rl.kl_coef"

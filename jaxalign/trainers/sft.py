@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxalign.config import Config, LossConfig
 from jaxalign.losses import token_cross_entropy_sum
+from jaxalign.trainers.base import Algorithm
 
 
 def next_token_loss(model: nnx.Module, batch: dict, loss_cfg: LossConfig):
@@ -26,7 +27,7 @@ def next_token_loss(model: nnx.Module, batch: dict, loss_cfg: LossConfig):
     )
 
 
-class SFT:
+class SFT(Algorithm):
     """The SFT algorithm: a loss over packed rows and the data that feeds it."""
 
     def __init__(self, cfg: Config):
