@@ -20,9 +20,10 @@ from jaxalign.data import (
 )
 from jaxalign.errors import DataError
 from jaxalign.models.reward import RewardModel
+from jaxalign.rewards.model import load_reward_model, score_file
 from jaxalign.trainers.dpo import DPO
 from jaxalign.trainers.loop import Trainer
-from jaxalign.trainers.rm import RewardModelAlgorithm, load_reward_model, score_file
+from jaxalign.trainers.rm import RewardModelAlgorithm
 from jaxalign.trainers.step import make_eval_step
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny"
