@@ -908,6 +908,33 @@ def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path, rollouts)
         make_algorithm(rl_config(tmp_path, "grpo", **{**sets, "rl.reward_weights": "[1.0]"}))
 
 
+def test_reward_errors_name_the_config_key_or_flag(tmp_path):
+    """A reward that cannot be loaded, or returns the wrong number of scores, is named by where
+    it came from: its entry of rl.reward_functions, or the command line's flag."""
+    from jaxalign.data import load_tokenizer
+    from jaxalign.errors import UserError
+    from jaxalign.rewards import Scorer
+
+    reward = tmp_path / "short.py"
+    reward.write_text("def reward(prompts, completions, **fields):\n    return [1.0]\n")
+    tokenizer = load_tokenizer(str(DATA / "tokenizer.model"))
+    functions = f'["jaxalign.rewards:exact_answer", "{reward}:nothing"]'
+    cfg = rl_config(tmp_path, **{"rl.reward_functions": functions})
+    with pytest.raises(UserError, match=r"^rl.reward_functions\[1\]: .* has no function"):
+        Scorer.from_rl_config(cfg, tokenizer)
+    cfg = rl_config(tmp_path, **{"rl.reward_functions": '["no_such_module:f"]'})
+    with pytest.raises(UserError, match=r"^rl.reward_functions\[0\]: .* cannot import"):
+        Scorer.from_rl_config(cfg, tokenizer)
+    with pytest.raises(UserError, match="^--reward-fn: 'no_such_module:f': cannot import"):
+        Scorer.from_flags("no_such_module:f", None)
+    with pytest.raises(UserError, match="^--reward-model: .*: not a run directory"):
+        Scorer.from_flags(None, str(tmp_path))
+    cfg = rl_config(tmp_path, **{"rl.reward_functions": f'["{reward}:reward"]'})
+    scorer = Scorer.from_rl_config(cfg, tokenizer)
+    with pytest.raises(UserError, match=r"^rl.reward_functions\[0\] .* returned 1 scores for 2"):
+        scorer(["p", "q"], ["a", "b"], [{}, {}])
+
+
 @pytest.mark.parametrize("baseline", [False, True])
 def test_reinforce_pp_advantages_equal_float64_reference(tmp_path, baseline):
     """REINFORCE++ (trainer reinforce_pp): per-token rewards -kl_coef * k1 plus the score (with

@@ -187,12 +187,14 @@ class RolloutEngine:
         # sampling): more batches of prompts until the rollout's groups all have a spread of
         # scores (select_groups), at most rl.max_generate_rounds batches.
         g, rows = rl.num_generations, self.rows
-        rounds = [self._sample(prompts, policy_params, index, 0, timings)]
+        rounds = [self.sample_round(prompts, policy_params, index, 0, timings)]
         if rl.filter_groups:
             want = rl.prompts_per_rollout
             picks, spread = select_groups([r["scores"] for r in rounds], g, want)
             while spread < want and len(rounds) < rl.max_generate_rounds:
-                rounds.append(self._sample(prompts, policy_params, index, len(rounds), timings))
+                rounds.append(
+                    self.sample_round(prompts, policy_params, index, len(rounds), timings)
+                )
                 picks, spread = select_groups([r["scores"] for r in rounds], g, want)
             sampled = join_rounds(rounds, picks, g, self.tokenizer.pad_id)
             generated = sum(len(r["scores"]) for r in rounds) // g
@@ -293,7 +295,7 @@ class RolloutEngine:
             metrics=metrics,
         )
 
-    def _sample(
+    def sample_round(
         self, prompts: Iterator[PromptBatch], policy_params, index: int, round_: int, timings: dict
     ) -> dict:
         """The next global batch of prompts, `rl.num_generations` samples each (round_ > 0:
