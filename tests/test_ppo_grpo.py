@@ -908,6 +908,24 @@ def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path, rollouts)
         make_algorithm(rl_config(tmp_path, "grpo", **{**sets, "rl.reward_weights": "[1.0]"}))
 
 
+def test_held_out_pass_rate_every_rollout(tmp_path, rollouts):
+    """rl.eval_every: before a rollout, the engine greedy-decodes rl.eval_prompts held-out
+    prompts and logs the fraction whose reward functions' score is >= 1 and the mean score."""
+    sets = {
+        "data.eval_file": str(DATA / "rl_prompts_eval.jsonl"),
+        "rl.eval_every": 1,
+        "rl.eval_prompts": 8,
+    }
+    algo, trainer, state, data = rollout_data(rl_config(tmp_path, "grpo", **sets))
+    next(data)
+    metrics = data.pop_metrics()
+    assert metrics["time/eval"] > 0 and "eval/pass_rate" not in rollouts[-1].metrics
+    again = data.engine.evaluate(algo.policy_params(state["params"]))  # greedy: the same
+    assert again == {k: metrics[k] for k in ("eval/pass_rate", "eval/mean_score")}
+    assert 0.0 <= again["eval/pass_rate"] <= again["eval/mean_score"] + 1e-9
+    assert len(data.engine.eval_prompts[0]) == 8
+
+
 def test_reward_errors_name_the_config_key_or_flag(tmp_path):
     """A reward that cannot be loaded, or returns the wrong number of scores, is named by where
     it came from: its entry of rl.reward_functions, or the command line's flag."""
