@@ -456,3 +456,21 @@ def test_reward_model_scores_in_batches_sized_to_the_work(tmp_path):
     np.testing.assert_allclose(runner.score(sequences[:3]), every[:3], rtol=1e-5, atol=1e-5)
     assert rows == [8]
     assert np.std(every) > 0
+
+    # As a reward (the eval suite's rm_win_rate, rejection sampling): message prompts and
+    # completions rendered in the RM's template, scored by the same runner.
+    from jaxalign.data import render
+    from jaxalign.eval.suite import rm_win_rate
+    from jaxalign.rewards import Scorer
+
+    scorer = Scorer.from_flags(None, str(tmp_path))
+    prompts = [[{"role": "user", "content": f"Add {i} and 3."}] for i in range(3)]
+    answers = ["The answer is 5.", "no", "6"]
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    ids = [
+        render([*p, {"role": "assistant", "content": a}], tokenizer, cfg.data.template)[0]
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+    np.testing.assert_allclose(scorer(prompts, answers, [{}] * 3), runner.score(ids), atol=1e-6)
+    records = [{"prompt": p[0]["content"]} for p in prompts]
+    assert rm_win_rate(tmp_path, records, answers, answers) == 50.0  # all ties
