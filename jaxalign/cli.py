@@ -104,7 +104,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from jaxalign.trainers.rm import score_file
+    from jaxalign.rewards.model import score_file
 
     _enable_compilation_cache()
     counts = score_file(args.model, args.input, args.output)
@@ -155,9 +155,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_rejection_sample(args: argparse.Namespace) -> int:
     from jaxalign.generate import load_policy
-    from jaxalign.rejection import make_scorer, rejection_sample
+    from jaxalign.rejection import rejection_sample
+    from jaxalign.rewards import Scorer
 
-    scorer, prompt_form = make_scorer(args.reward_fn, args.reward_model)
+    scorer = Scorer.from_flags(args.reward_fn, args.reward_model)
     _enable_compilation_cache()
     policy = load_policy(args.model, args.overrides)
     stats = rejection_sample(
@@ -166,7 +167,7 @@ def cmd_rejection_sample(args: argparse.Namespace) -> int:
         scorer,
         args.output_sft,
         args.output_dpo,
-        scorer_prompts=prompt_form,
+        scorer_prompts="messages" if scorer.needs_sequences else "text",
         progress=args.progress,
         resume=args.resume,
     )

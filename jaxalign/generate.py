@@ -464,10 +464,6 @@ class Sampler:
             static_argnames=("penalties",),
         )
 
-    def compiled_count(self) -> int:
-        """How many distinct shapes have been compiled so far."""
-        return self._fn._cache_size()
-
     def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding | None:
         if self.mesh is None:
             return None

@@ -2,85 +2,22 @@
 SFT example and the best/worst pair a DPO example.
 
 A scorer is any callable `score(prompts, completions, records) -> np.ndarray [N]` over N
-(prompt, completion) rows, where `records` are the input records the rows came from. Two are
-built in: a Python reward function (`module:function` or `path/to/file.py:function`, called as
-`fn(prompts, completions, **record_fields) -> scores`, each record field a list aligned with the
-rows, like TRL's reward functions) and a reward model run directory (`jaxalign.trainers.rm`).
+(prompt, completion) rows, where `records` are the input records the rows came from: usually a
+`jaxalign.rewards.Scorer` of the `--reward-fn` (a Python reward function, `module:function` or
+`path/to/file.py:function`, called as `fn(prompts, completions, **record_fields) -> scores`, each
+record field a list aligned with the rows, like TRL's reward functions) or the `--reward-model`
+(a reward model run directory).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from jaxalign.errors import UserError
-
-Scorer = Callable[[list, list[str], list[dict]], np.ndarray]
-PROMPT_FIELDS = ("prompt", "messages", "system")
-
-
-def load_reward_function(spec: str) -> Callable:
-    """Import `module:function` or `path/to/file.py:function`."""
-    module_name, _, fn_name = spec.rpartition(":")
-    if not module_name or not fn_name:
-        raise UserError(f"--reward-fn {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise UserError(f"--reward-fn {spec!r}: file {path} not found")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"--reward-fn {spec!r}: cannot import {module_name} ({e})") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UserError(f"--reward-fn {spec!r}: {module_name} has no function {fn_name!r}")
-    return fn
-
-
-def function_scorer(fn: Callable, name: str = "reward function") -> Scorer:
-    """A scorer calling `fn(prompts, completions, **fields)`; every record field other than the
-    prompt's is passed as a list aligned with the rows."""
-
-    def score(prompts: list, completions: list[str], records: list[dict]) -> np.ndarray:
-        keys = sorted({k for r in records for k in r} - set(PROMPT_FIELDS))
-        fields = {k: [r.get(k) for r in records] for k in keys}
-        scores = np.asarray(fn(prompts, completions, **fields), dtype=np.float64).reshape(-1)
-        if scores.shape != (len(completions),):
-            raise UserError(
-                f"{name} returned {scores.size} scores for {len(completions)} completions"
-            )
-        return scores
-
-    return score
-
-
-def reward_model_scorer(run_dir: str) -> Scorer:
-    """A scorer using a reward-model run directory (`trainer: rm`) and its own tokenizer and
-    template."""
-    from jaxalign.data import load_tokenizer, render
-    from jaxalign.trainers.rm import load_reward_model
-
-    cfg, rm, _ = load_reward_model(run_dir)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-
-    def score(prompts: list, completions: list[str], records: list[dict]) -> np.ndarray:
-        sequences = []
-        for messages, completion in zip(prompts, completions, strict=True):
-            convo = [*messages, {"role": "assistant", "content": completion}]
-            sequences.append(render(convo, tokenizer, cfg.data.template)[0])
-        return np.asarray(rm.score(sequences), np.float64)
-
-    return score
+ScoreFn = Callable[[list, list[str], list[dict]], np.ndarray]
 
 
 def best_and_worst(scores: np.ndarray, eligible: np.ndarray) -> tuple[int, int] | None:
@@ -104,7 +41,7 @@ def _prompt_fields(record: dict, messages: list[dict]) -> dict:
 def rejection_sample(
     policy,
     input_path: str | Path,
-    scorer: Scorer,
+    scorer: ScoreFn,
     sft_output: str | Path,
     dpo_output: str | Path | None = None,
     *,
@@ -191,12 +128,3 @@ def rejection_sample(
         else float("nan"),
         "mean_best_score": totals["best_sum"] / sft_records if sft_records else float("nan"),
     }
-
-
-def make_scorer(reward_fn: str | None, reward_model: str | None) -> tuple[Scorer, str]:
-    """The scorer the CLI flags name (exactly one of them) and the prompt form it wants."""
-    if (reward_fn is None) == (reward_model is None):
-        raise UserError("rejection-sample: give exactly one of --reward-fn and --reward-model")
-    if reward_fn is not None:
-        return function_scorer(load_reward_function(reward_fn), reward_fn), "text"
-    return reward_model_scorer(reward_model), "messages"

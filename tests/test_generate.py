@@ -112,11 +112,42 @@ def _np_processed_logprobs(logits, temperature, top_k, top_p, min_p=0.0):
     return x - x.max() - np.log(np.sum(np.exp(x - x.max())))
 
 
+class CountingJit:
+    """Wraps a Sampler's jitted function (`sampler._fn`) and records the signature of each call:
+    the shapes, dtypes and shardings of its array arguments and its static `penalties`. jax.jit
+    compiles once per signature, so `len(signatures)` is the number of compilations."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.signatures: set = set()
+
+    @staticmethod
+    def _abstract(x):
+        array = x if hasattr(x, "shape") else np.asarray(x)
+        return array.shape, str(array.dtype), getattr(x, "sharding", None)
+
+    def __call__(self, *args, penalties):
+        self.signatures.add((tuple(map(self._abstract, jax.tree.leaves(args))), penalties))
+        return self.fn(*args, penalties=penalties)
+
+
+def compilations(sampler: Sampler) -> int:
+    """The distinct compiled shapes of a sampler made by `counting_sampler`."""
+    return len(sampler._fn.signatures)
+
+
+def counting_sampler(*args, **kwargs) -> Sampler:
+    """A Sampler whose compilations `compilations` counts."""
+    sampler = Sampler(*args, **kwargs)
+    sampler._fn = CountingJit(sampler._fn)
+    return sampler
+
+
 @pytest.fixture(scope="module")
 def sampled(setup):
     cfg, _, params, prompts, _, _ = setup
     sampling = SamplingConfig(temperature=0.7, top_k=40, top_p=0.9, max_new_tokens=N, seed=3)
-    sampler = Sampler(cfg.model, sampling)
+    sampler = counting_sampler(cfg.model, sampling)
     first = jax.device_get(sampler.generate(params, prompts))
     return sampler, sampling, first
 
@@ -196,7 +227,7 @@ def test_sampling_settings_change_at_run_time_without_recompiling(setup, sampled
     # And back to the config's settings: the first samples.
     again = jax.device_get(sampler.generate(params, prompts))
     np.testing.assert_array_equal(again.tokens, first.tokens)
-    assert sampler.compiled_count() == 1
+    assert compilations(sampler) == 1
     with pytest.raises(UserError, match="top_p"):
         sampler.generate(params, prompts, top_p=0.0)
     with pytest.raises(UserError, match="min_p"):
@@ -212,7 +243,7 @@ def test_fixed_seed_reproduces_and_batch_composition_does_not_matter(setup, samp
     perm = np.array([3, 7, 0, 5, 1, 6, 2, 4])
     shuffled = jax.device_get(sampler.generate(params, [prompts[i] for i in perm], perm))
     np.testing.assert_array_equal(shuffled.tokens, first.tokens[perm])
-    assert sampler.compiled_count() == 1
+    assert compilations(sampler) == 1
     other = jax.device_get(sampler.generate(params, prompts, seed=4))
     assert not np.array_equal(other.tokens, first.tokens)
     # Greedy: three prompts among different neighbours, in a smaller bucket (16, not 32).
@@ -284,7 +315,7 @@ def test_penalties_in_the_loop_match_stepwise_reference(setup, greedy_out):
     raw model's. Penalty values are run-time inputs: one extra compilation for them all."""
     cfg, _, params, prompts, reference, _ = setup
     settings = {"repetition_penalty": 1.8, "presence_penalty": 0.7, "frequency_penalty": 0.4}
-    sampler = Sampler(cfg.model, SamplingConfig(temperature=0.0, max_new_tokens=N))
+    sampler = counting_sampler(cfg.model, SamplingConfig(temperature=0.0, max_new_tokens=N))
     out = jax.device_get(sampler.generate(params, prompts, **settings))
     seqs = [list(p) for p in prompts]
     for _ in range(N):
@@ -325,7 +356,7 @@ def test_penalties_in_the_loop_match_stepwise_reference(setup, greedy_out):
         )
     off = jax.device_get(sampler.generate(params, prompts))
     np.testing.assert_array_equal(off.tokens, greedy_out.tokens)
-    assert sampler.compiled_count() == 2  # without and with penalties, whatever their values
+    assert compilations(sampler) == 2  # without and with penalties, whatever their values
     with pytest.raises(UserError, match="repetition_penalty"):
         sampler.generate(params, prompts, repetition_penalty=0.0)
 
@@ -534,7 +565,8 @@ def test_outputs_survive_an_interrupt_and_resume_to_the_same_files(run_dir, tmp_
     of a chunk; a resume with smaller batches is allowed, with other sampling settings refused."""
     from jaxalign import generate as gen
     from jaxalign.partial import partial_path
-    from jaxalign.rejection import function_scorer, rejection_sample
+    from jaxalign.rejection import rejection_sample
+    from jaxalign.rewards import FunctionReward
 
     root, prompts, records = run_dir
     sets = ["sampling.temperature=1.0", "sampling.num_samples=2", "sampling.batch_size=2"]
@@ -573,7 +605,7 @@ def test_outputs_survive_an_interrupt_and_resume_to_the_same_files(run_dir, tmp_
     def reward(prompts, completions, bonus, **fields):
         return [len(c) % 5 + b for c, b in zip(completions, bonus, strict=True)]
 
-    scorer = function_scorer(reward)
+    scorer = FunctionReward(reward)
     paths = {name: tmp_path / f"{name}.jsonl" for name in ("sft", "dpo", "sft2", "dpo2")}
     want = rejection_sample(
         policy, prompts, scorer, paths["sft"], paths["dpo"], progress=False, chunk_prompts=1
@@ -719,7 +751,7 @@ def test_rejection_sampling_with_a_reward_model_writes_its_scores(run_dir, tmp_p
     scores of the pairs (as `jaxalign score` computes them), the SFT record is the argmax and
     the DPO pair the argmax/argmin of all K samples."""
     from jaxalign.cli import main
-    from jaxalign.trainers.rm import score_file
+    from jaxalign.rewards.model import score_file
 
     root, prompts, records = run_dir
     rm_run = tmp_path / "rm_run"

@@ -212,9 +212,10 @@ def test_two_process_ppo_gives_the_single_process_run(runs):
         atol=1e-5,
         rtol=1e-5,
     )
-    from jaxalign.trainers.rollout import load_data_state
-
-    states = [load_data_state(r / "checkpoints" / "8") for r in (single_dir, multi_dir)]
+    states = [
+        json.loads((r / "checkpoints" / "8" / "data" / "metadata").read_text())
+        for r in (single_dir, multi_dir)
+    ]
     assert "ptx" in states[0] and states[1] == states[0]
 
 
@@ -389,7 +390,8 @@ def test_two_process_generate_resumes_to_the_single_process_output(tmp_path):
     process, 8 devices, interrupted after two records) to the one-process output, byte for
     byte; `jaxalign rejection-sample` on two processes writes the one-process files."""
     from jaxalign import generate as gen
-    from jaxalign.rejection import function_scorer, load_reward_function, rejection_sample
+    from jaxalign.rejection import rejection_sample
+    from jaxalign.rewards import FunctionReward
 
     prompts = tmp_path / "prompts.jsonl"
     questions = ["What is 2 plus 3?", "Name a fruit.", "Spell dog.", "Say hi.", "Count to 3."]
@@ -428,7 +430,7 @@ def test_two_process_generate_resumes_to_the_single_process_output(tmp_path):
     )
     files = {n: tmp_path / f"{n}.jsonl" for n in ("sft1", "dpo1", "sft2", "dpo2")}
     three = gen.load_policy(run, [*SAMPLING, "sampling.num_samples=3"])
-    scorer = function_scorer(load_reward_function(f"{reward}:reward"))
+    scorer = FunctionReward.load(f"{reward}:reward")
     rejection_sample(three, prompts, scorer, files["sft1"], files["dpo1"], progress=False)
     outputs = ("--output-sft", str(files["sft2"]), "--output-dpo", str(files["dpo2"]))
     rejection = cli(
@@ -481,7 +483,7 @@ def test_two_process_eval_gives_the_single_process_metrics(tmp_path):
 def test_two_process_score_writes_the_single_process_rewards(tmp_path):
     """`jaxalign score` across two processes: the rewards of one process (here), written by
     process 0 alone."""
-    from jaxalign.trainers.rm import score_file
+    from jaxalign.rewards.model import score_file
 
     rm = random_run(tmp_path / "rm", "rm")
     pairs = tmp_path / "pairs.jsonl"

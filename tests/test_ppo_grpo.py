@@ -4,7 +4,6 @@ minibatch), the logged metrics, exact resume at a rollout boundary, and config c
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers import rollout as rollout_mod
+from jaxalign.trainers import rollout_engine as engine_mod
 from jaxalign.trainers.loop import Trainer
 from jaxalign.trainers.rl_rows import (
     pack_plan,
@@ -25,7 +25,7 @@ from jaxalign.trainers.rl_rows import (
     response_logprobs,
     response_width,
 )
-from jaxalign.trainers.rollout import select_groups
+from jaxalign.trainers.rollout_engine import RolloutEngine, join_rounds, select_groups
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 REQUIRED_METRICS = (
@@ -82,6 +82,21 @@ def start(cfg):
     trainer = Trainer(cfg, algo)
     init = getattr(algo, "initial_params", lambda t: None)(trainer)
     return algo, trainer, init
+
+
+@pytest.fixture
+def rollouts(monkeypatch) -> list:
+    """Every `RolloutResult` the test's rollout engines return, in order (a test-side hook on
+    `RolloutEngine.rollout`)."""
+    results = []
+    real = RolloutEngine.rollout
+
+    def rollout(self, *args, **kwargs):
+        results.append(real(self, *args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(RolloutEngine, "rollout", rollout)
+    return results
 
 
 def rollout_data(cfg):
@@ -181,7 +196,7 @@ def test_ppo_resume_at_rollout_boundary_reproduces_uninterrupted_run(tmp_path, c
 
 
 @pytest.mark.slow
-def test_grpo_logs_its_metrics_and_group_advantages(tmp_path):
+def test_grpo_logs_its_metrics_and_group_advantages(tmp_path, rollouts):
     trainer_name = "grpo"
     cfg = rl_config(
         tmp_path, trainer_name, **{"rl.num_generations": 4, "rl.prompts_per_rollout": 4}
@@ -191,8 +206,8 @@ def test_grpo_logs_its_metrics_and_group_advantages(tmp_path):
     assert history[0]["policy/approxkl"] < 1e-6
     for key in REQUIRED_METRICS + ("loss/kl", "rollout/group_score_std"):
         assert np.isfinite(history[0][key]), key
-    buffer = algo.data.last_rollout["buffer"]
-    scores = algo.data.last_rollout["scores"].reshape(-1, 4)
+    buffer = rollouts[-1].buffer
+    scores = rollouts[-1].scores.reshape(-1, 4)
     adv = buffer["advantages"][:, 0].reshape(-1, 4)
     centered = scores - scores.mean(1, keepdims=True)
     np.testing.assert_allclose(adv, centered / (scores.std(1, keepdims=True) + 1e-4), atol=1e-4)
@@ -286,23 +301,24 @@ def test_ppo_value_lr_moves_the_value_model_at_its_own_rate(tmp_path):
     assert float(metrics["lr"]) == pytest.approx(1e-4)
 
 
-def test_rollout_forward_in_chunks_equals_one_forward(tmp_path, monkeypatch):
+def test_rollout_forward_in_chunks_equals_one_forward(tmp_path, monkeypatch, rollouts):
     """rl.forward_batch_size: the log-prob / value forwards after generation, run 8 rows at a
     time on the 8-device mesh, give the rollout buffer of one forward over all 16 rows, also
     when each chunk is packed (rl.pack_rows; responses cut short so that sequences share rows)."""
     short_responses(monkeypatch, [3, 3, 3])
     plans = []
     real_plan = rollout_mod.pack_plan
-    monkeypatch.setattr(
-        rollout_mod, "pack_plan", lambda *a: plans.append(real_plan(*a)) or plans[-1]
-    )
+    for module in (engine_mod, rollout_mod):  # the rollout's forwards, then training's
+        monkeypatch.setattr(
+            module, "pack_plan", lambda *a: plans.append(real_plan(*a)) or plans[-1]
+        )
     buffers = []
     for chunk, pack in ((0, 0), (8, 0), (8, 3)):
         sets = {"rl.forward_batch_size": chunk, "rl.pack_rows": pack}
         cfg = rl_config(tmp_path / f"{chunk}_{pack}", "ppo", **sets)
         data = rollout_data(cfg)[3]
         next(data)  # the first rollout
-        buffers.append(data.last_rollout["buffer"])
+        buffers.append(rollouts[-1].buffer)
     whole, *chunked = buffers
     # The packed run's first two plans are its forward chunks' (training's follow): really packed.
     assert len(plans) > 2 and all(len(plan) < 8 for plan in plans[:2])
@@ -344,9 +360,10 @@ def short_responses(monkeypatch, cuts):
     monkeypatch.setattr(Sampler, "generate_padded", generate_padded)
 
 
-def first_minibatch_loss(cfg):
+def first_minibatch_loss(cfg, rollouts):
     """The first minibatch of a fresh rollout under `cfg` (its first micro-batch), the loss,
-    metrics and gradients of the fresh state on it, and the rollout's metrics."""
+    metrics and gradients of the fresh state on it, the rollout's metrics and its buffer
+    (`rollouts`: the fixture's list)."""
     algo, trainer, state, data = rollout_data(cfg)
     micro = {k: v[0] for k, v in next(data).items()}
 
@@ -359,7 +376,7 @@ def first_minibatch_loss(cfg):
     (value, metrics), grads = jax.device_get(
         jax.jit(jax.value_and_grad(loss, has_aux=True))(state["params"])
     )
-    return micro, value, metrics, grads, data.pop_metrics(), data.last_rollout["buffer"]
+    return micro, value, metrics, grads, data.pop_metrics(), rollouts[-1].buffer
 
 
 def assert_same_loss(got, want):
@@ -372,7 +389,9 @@ def assert_same_loss(got, want):
 
 
 @pytest.mark.parametrize("trainer_name", ["ppo", "grpo"])
-def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, trainer_name):
+def test_trimmed_rollout_rows_train_like_full_width_rows(
+    tmp_path, monkeypatch, rollouts, trainer_name
+):
     """Rows trimmed to the rollout's prompt bucket and the response bucket of its longest
     response (rl.response_buckets) carry the same per-token values as full-width rows and give
     the same loss and gradients: the columns cut are padding in every row."""
@@ -383,7 +402,8 @@ def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, 
         "trim": {"data.prompt_buckets": "[32, 48]", "rl.response_buckets": "[2, 4]"},
     }.items():
         sets = {**sets, "sampling.max_prompt_len": 48, "train.seq_len": 56}
-        runs[name] = first_minibatch_loss(rl_config(tmp_path / name, trainer_name, **sets))[:4]
+        cfg = rl_config(tmp_path / name, trainer_name, **sets)
+        runs[name] = first_minibatch_loss(cfg, rollouts)[:4]
     full, trim = runs["full"][0], runs["trim"][0]
     assert full["tokens"].shape[-1] == 48 + 8 and trim["tokens"].shape[-1] == 32 + 4
     assert full["mask"].sum(-1).max() == 3 and full["mask"][:, 4:].sum() == 0
@@ -406,7 +426,7 @@ def test_trimmed_rollout_rows_train_like_full_width_rows(tmp_path, monkeypatch, 
     ],
 )
 def test_packed_rows_train_like_plain_rows(
-    tmp_path, monkeypatch, trainer_name, per_row, aggregation
+    tmp_path, monkeypatch, rollouts, trainer_name, per_row, aggregation
 ):
     """rl.pack_rows: short sequences share rows (each its own segment), in the rollout's
     forwards (old and reference log-probs, values, entropy: the same per-token values as plain
@@ -426,7 +446,9 @@ def test_packed_rows_train_like_plain_rows(
             "rl.response_buckets": "[]",
             **({"rl.loss_aggregation": aggregation} if aggregation else {}),
         }
-        runs[name] = first_minibatch_loss(rl_config(tmp_path / name, trainer_name, **sets))
+        runs[name] = first_minibatch_loss(
+            rl_config(tmp_path / name, trainer_name, **sets), rollouts
+        )
     plain, (packed, *_, rollout_metrics, packed_buffer) = runs["plain"][0], runs["packed"]
     plain_buffer = runs["plain"][5]
     assert set(packed_buffer) == set(plain_buffer)
@@ -493,25 +515,25 @@ def test_truncated_completions_weigh_nothing_when_masked(tmp_path, monkeypatch, 
         make_algorithm(rl_config(tmp_path, "ppo", **{"rl.mask_truncated_completions": True}))
 
 
-def test_grpo_without_kl_keeps_no_reference(tmp_path, monkeypatch):
+def test_grpo_without_kl_keeps_no_reference(tmp_path, monkeypatch, rollouts):
     """rl.kl_coef 0 (DAPO / Dr. GRPO, TRL's default beta): no reference forward (its log-probs
     are the rollout policy's, so every KL is 0) and the first minibatch trains as with a
     reference whose KL term weighs nothing; `jaxalign plan` counts no reference."""
     from jaxalign.plan import make_plan
 
     traced = []  # with_entropy of each traced rollout forward: False is the reference's
-    real = rollout_mod.response_logprobs
+    real = engine_mod.response_logprobs
 
     def spy(policy, batch, temperature, with_entropy=True):
         traced.append(with_entropy)
         return real(policy, batch, temperature, with_entropy)
 
-    monkeypatch.setattr(rollout_mod, "response_logprobs", spy)
+    monkeypatch.setattr(engine_mod, "response_logprobs", spy)
     runs = {}
     for name, kl_coef in {"with_ref": 1e-30, "no_ref": 0.0}.items():
         traced.clear()
         runs[name] = first_minibatch_loss(
-            rl_config(tmp_path / name, "grpo", **{"rl.kl_coef": kl_coef})
+            rl_config(tmp_path / name, "grpo", **{"rl.kl_coef": kl_coef}), rollouts
         )
         assert (False in traced) == (name == "with_ref") and True in traced, name
     no_ref, with_ref = runs["no_ref"], runs["with_ref"]
@@ -730,20 +752,17 @@ def test_select_groups_puts_groups_with_a_spread_first():
     assert select_groups(rounds[:1], 2, 3) == ([(0, 1), (0, 0), (0, 2)], 1)
     assert select_groups(rounds, 2, 6)[1] == 3
     # Rounds of other prompt buckets join left-padded to the widest.
-    fake = SimpleNamespace(
-        rl=SimpleNamespace(num_generations=2), tokenizer=SimpleNamespace(pad_id=0)
-    )
     sampled = [
         {"prompt_tokens": np.full((4, w), w), "texts": [f"{w}-{i}" for i in range(4)]}
         for w in (2, 3)
     ]
-    joined = rollout_mod.RolloutData._join(fake, sampled, [(1, 1), (0, 0)])
+    joined = join_rounds(sampled, [(1, 1), (0, 0)], group=2, pad_id=0)
     np.testing.assert_array_equal(joined["prompt_tokens"], [[3, 3, 3]] * 2 + [[0, 2, 2]] * 2)
     assert joined["texts"] == ["3-2", "3-3", "2-0", "2-1"]
 
 
 @pytest.mark.slow
-def test_filter_groups_samples_until_every_group_has_a_spread(tmp_path):
+def test_filter_groups_samples_until_every_group_has_a_spread(tmp_path, rollouts):
     """rl.filter_groups (DAPO's dynamic sampling): prompts of the `add` task score 1 whatever
     the answer (groups of equal scores); the rollout then holds only other prompts' groups,
     each row still with its own prompt, record and completion, gathered over several sampling
@@ -764,20 +783,18 @@ def test_filter_groups_samples_until_every_group_has_a_spread(tmp_path):
         cfg = rl_config(tmp_path / str(rounds), "grpo", **sets)
         algo, trainer, state, data = rollout_data(cfg)
         next(data)
-        metrics, last = data.pop_metrics(), data.last_rollout
-        tasks = [r["task"] for r in last["records"]]
-        scores = last["scores"].reshape(-1, 2)
-        buffer = last["buffer"]
+        metrics, last = data.pop_metrics(), rollouts[-1]
+        tasks = [r["task"] for r in last.records]
+        scores = last.scores.reshape(-1, 2)
+        buffer = last.buffer
         tokenizer = algo.tokenizer
-        for r, row_id in enumerate(last["row_ids"]):  # each row's prompt is its record's
+        for r, row_id in enumerate(last.row_ids):  # each row's prompt is its record's
             record = json.loads(lines[int(row_id.rsplit(":", 1)[1]) - 1])
             assert record["task"] == tasks[r]
             prompt = buffer["tokens"][r][buffer["segment_ids"][r] > 0]
             assert record["prompt"] in tokenizer.decode(prompt.tolist())
-        rescored = [
-            1.0 if t == "add" else sum(map(ord, c)) % 7 for c, t in zip(last["texts"], tasks)
-        ]
-        np.testing.assert_array_equal(last["scores"], rescored)
+        rescored = [1.0 if t == "add" else sum(map(ord, c)) % 7 for c, t in zip(last.texts, tasks)]
+        np.testing.assert_array_equal(last.scores, rescored)
         assert metrics["rollout/generate_rounds"] <= rounds
         assert metrics["rollout/groups_filtered"] > 0
         if rounds == 4:
@@ -790,7 +807,7 @@ def test_filter_groups_samples_until_every_group_has_a_spread(tmp_path):
         make_algorithm(rl_config(tmp_path, "ppo", **{"rl.filter_groups": True}))
 
 
-def test_stop_strings_and_penalties_in_a_rollout(tmp_path):
+def test_stop_strings_and_penalties_in_a_rollout(tmp_path, rollouts):
     """sampling.stop in RL: a response ends with the token that completes its first stop string
     (that token trained on, nothing after it), and its text, what the rewards score, ends
     before the string; the penalties run in the rollout's sampler, and rl.old_logprobs:
@@ -798,11 +815,11 @@ def test_stop_strings_and_penalties_in_a_rollout(tmp_path):
     sets = {"sampling.stop": '["e"]', "sampling.repetition_penalty": 1.3}
     algo, trainer, state, data = rollout_data(rl_config(tmp_path, "grpo", **sets))
     next(data)
-    last, tokenizer = data.last_rollout, algo.tokenizer
-    buffer = last["buffer"]
+    last, tokenizer = rollouts[-1], algo.tokenizer
+    buffer = last.buffer
     n = buffer["mask"].shape[1]
     cut = 0
-    for r, text in enumerate(last["texts"]):
+    for r, text in enumerate(last.texts):
         response = buffer["tokens"][r, -n:][buffer["mask"][r] > 0].tolist()
         assert (buffer["tokens"][r, -n:][buffer["mask"][r] == 0] == tokenizer.pad_id).all()
         decoded = tokenizer.decode(response)
@@ -820,7 +837,7 @@ def test_stop_strings_and_penalties_in_a_rollout(tmp_path):
 
 def rm_run_with_stats(path: Path) -> Path:
     """A random-weight reward-model run with reward statistics to normalize by."""
-    from jaxalign.trainers.rm import STATS_FILE
+    from jaxalign.rewards.model import STATS_FILE
 
     sets = [f"run_dir={path}", "trainer=rm", f"data.tokenizer={DATA / 'tokenizer.model'}"]
     base = {"model": {**TINY_MODEL, "vocab_size": 512, "num_layers": 1}}
@@ -829,12 +846,12 @@ def rm_run_with_stats(path: Path) -> Path:
     return path
 
 
-def test_reward_model_scores_rollouts_with_or_without_offload(tmp_path):
+def test_reward_model_scores_rollouts_with_or_without_offload(tmp_path, rollouts):
     """rl.reward_model: each row's score is the RM's score of prompt + response (+ EOS where
     the response has no EOS), normalized by the run's reward statistics; with
     rl.offload_frozen (the RM and the reference in host memory between rollouts) the rollouts
     are the same, the second one too (parameters brought back from host memory)."""
-    from jaxalign.trainers.rm import load_reward_model
+    from jaxalign.rewards.model import load_reward_model
 
     rm_run = rm_run_with_stats(tmp_path / "rm")
     sets = {"rl.reward_functions": "[]", "rl.reward_model": str(rm_run), "train.steps": 4}
@@ -842,15 +859,13 @@ def test_reward_model_scores_rollouts_with_or_without_offload(tmp_path):
     for offload in (False, True):
         cfg = rl_config(tmp_path / str(offload), "ppo", **sets, **{"rl.offload_frozen": offload})
         algo, trainer, state, data = rollout_data(cfg)
-        rollouts = []
         for _ in range(2):
             for _ in range(trainer.cfg.train.steps // 2):  # one rollout's minibatches
                 next(data)
-            rollouts.append(data.last_rollout)
-        runs.append(rollouts)
+        runs.append(rollouts[-2:])
     eos = algo.tokenizer.eos_id
     scorer = load_reward_model(str(rm_run))[1]
-    buffer, scores = runs[0][0]["buffer"], runs[0][0]["scores"]
+    buffer, scores = runs[0][0].buffer, runs[0][0].scores
     sequences = []
     for r in range(len(scores)):
         real = buffer["tokens"][r][buffer["segment_ids"][r] > 0].tolist()
@@ -858,14 +873,14 @@ def test_reward_model_scores_rollouts_with_or_without_offload(tmp_path):
     np.testing.assert_allclose(scores, (scorer.score(sequences) - 0.5) / 2.0, atol=1e-5)
     assert np.std(scores) > 0
     for plain, offloaded in zip(*runs, strict=True):
-        np.testing.assert_array_equal(offloaded["scores"], plain["scores"])
-        for key in plain["buffer"]:
+        np.testing.assert_array_equal(offloaded.scores, plain.scores)
+        for key in plain.buffer:
             np.testing.assert_allclose(
-                offloaded["buffer"][key], plain["buffer"][key], atol=1e-6, err_msg=key
+                offloaded.buffer[key], plain.buffer[key], atol=1e-6, err_msg=key
             )
 
 
-def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path):
+def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path, rollouts):
     """rl.reward_weights: the rollout's scores are the weighted sum of the reward functions'
     (recomputed here from the decoded completions), each function's own mean is logged under
     rollout/reward/<name>, and a weight count that does not match is a config error."""
@@ -882,15 +897,60 @@ def test_reward_weights_weigh_each_reward_and_each_is_logged(tmp_path):
     }
     algo, trainer, state, data = rollout_data(rl_config(tmp_path, "grpo", **sets))
     next(data)
-    texts, metrics = data.last_rollout["texts"], data.pop_metrics()
+    texts, metrics = rollouts[-1].texts, data.pop_metrics()
     length = np.array([len(c) % 3 for c in texts], np.float64)
     chars = np.array([sum(map(ord, c)) % 5 for c in texts], np.float64)
     assert length.std() > 0 and chars.std() > 0
-    np.testing.assert_allclose(data.last_rollout["scores"], 2.0 * length - 0.5 * chars)
+    np.testing.assert_allclose(rollouts[-1].scores, 2.0 * length - 0.5 * chars)
     np.testing.assert_allclose(metrics["rollout/reward/length"], length.mean())
     np.testing.assert_allclose(metrics["rollout/reward/chars"], chars.mean())
     with pytest.raises(ConfigError, match="rl.reward_weights has 1 weights for 2 rewards"):
         make_algorithm(rl_config(tmp_path, "grpo", **{**sets, "rl.reward_weights": "[1.0]"}))
+
+
+def test_held_out_pass_rate_every_rollout(tmp_path, rollouts):
+    """rl.eval_every: before a rollout, the engine greedy-decodes rl.eval_prompts held-out
+    prompts and logs the fraction whose reward functions' score is >= 1 and the mean score."""
+    sets = {
+        "data.eval_file": str(DATA / "rl_prompts_eval.jsonl"),
+        "rl.eval_every": 1,
+        "rl.eval_prompts": 8,
+    }
+    algo, trainer, state, data = rollout_data(rl_config(tmp_path, "grpo", **sets))
+    next(data)
+    metrics = data.pop_metrics()
+    assert metrics["time/eval"] > 0 and "eval/pass_rate" not in rollouts[-1].metrics
+    again = data.engine.evaluate(algo.policy_params(state["params"]))  # greedy: the same
+    assert again == {k: metrics[k] for k in ("eval/pass_rate", "eval/mean_score")}
+    assert 0.0 <= again["eval/pass_rate"] <= again["eval/mean_score"] + 1e-9
+    assert len(data.engine.eval_prompts[0]) == 8
+
+
+def test_reward_errors_name_the_config_key_or_flag(tmp_path):
+    """A reward that cannot be loaded, or returns the wrong number of scores, is named by where
+    it came from: its entry of rl.reward_functions, or the command line's flag."""
+    from jaxalign.data import load_tokenizer
+    from jaxalign.errors import UserError
+    from jaxalign.rewards import Scorer
+
+    reward = tmp_path / "short.py"
+    reward.write_text("def reward(prompts, completions, **fields):\n    return [1.0]\n")
+    tokenizer = load_tokenizer(str(DATA / "tokenizer.model"))
+    functions = f'["jaxalign.rewards:exact_answer", "{reward}:nothing"]'
+    cfg = rl_config(tmp_path, **{"rl.reward_functions": functions})
+    with pytest.raises(UserError, match=r"^rl.reward_functions\[1\]: .* has no function"):
+        Scorer.from_rl_config(cfg, tokenizer)
+    cfg = rl_config(tmp_path, **{"rl.reward_functions": '["no_such_module:f"]'})
+    with pytest.raises(UserError, match=r"^rl.reward_functions\[0\]: .* cannot import"):
+        Scorer.from_rl_config(cfg, tokenizer)
+    with pytest.raises(UserError, match="^--reward-fn: 'no_such_module:f': cannot import"):
+        Scorer.from_flags("no_such_module:f", None)
+    with pytest.raises(UserError, match="^--reward-model: .*: not a run directory"):
+        Scorer.from_flags(None, str(tmp_path))
+    cfg = rl_config(tmp_path, **{"rl.reward_functions": f'["{reward}:reward"]'})
+    scorer = Scorer.from_rl_config(cfg, tokenizer)
+    with pytest.raises(UserError, match=r"^rl.reward_functions\[0\] .* returned 1 scores for 2"):
+        scorer(["p", "q"], ["a", "b"], [{}, {}])
 
 
 @pytest.mark.parametrize("baseline", [False, True])

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from jaxalign.cli import main as cli_main
-from jaxalign.eval.checkers import check, count_words, is_refusal, reward
 from jaxalign.eval.compare import compare_metrics
 from jaxalign.eval.report import markdown_table
 from jaxalign.eval.suite import metric_direction, score_answers
+from jaxalign.rewards.checkers import check, count_words, is_refusal, reward
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "quickstart"

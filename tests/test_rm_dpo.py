@@ -20,9 +20,10 @@ from jaxalign.data import (
 )
 from jaxalign.errors import DataError
 from jaxalign.models.reward import RewardModel
+from jaxalign.rewards.model import load_reward_model, score_file
 from jaxalign.trainers.dpo import DPO
 from jaxalign.trainers.loop import Trainer
-from jaxalign.trainers.rm import RewardModelAlgorithm, load_reward_model, score_file
+from jaxalign.trainers.rm import RewardModelAlgorithm
 from jaxalign.trainers.step import make_eval_step
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny"
@@ -446,3 +447,51 @@ def test_dpo_from_sft_raises_held_out_reward_accuracy_and_preferred_rate(tmp_pat
     # Measured: accuracy 0 -> 0.73, preferred-answer rate 0.59 -> 0.70 (191 pairs of <= 64 tokens).
     assert after["eval/rewards/accuracies"] > 0.6
     assert after["eval/preferred_rate"] > before["eval/preferred_rate"] + 0.05
+
+
+def test_reward_model_scores_in_batches_sized_to_the_work(tmp_path):
+    """8 sequences (on the 8-device test mesh) take one forward of 8 rows, not 32, and score as
+    they do inside a batch of 32; 40 take a batch of 32, then one of 8; 3 take one of 8."""
+    from toy import reward_model_run
+
+    sets = [f"run_dir={tmp_path}", "trainer=rm", f"data.tokenizer={TINY / 'tokenizer.model'}"]
+    cfg = load_config(None, [*sets, "train.seq_len=64"], base={"model": dict(MODEL)})
+    reward_model_run(tmp_path, cfg)
+    _, runner, _ = load_reward_model(str(tmp_path))
+    rows, real = [], runner._fn
+
+    def counting(params, tokens, *rest):
+        rows.append(tokens.shape[0])
+        return real(params, tokens, *rest)
+
+    runner._fn = counting
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(4, 512, int(n)) for n in rng.integers(5, 30, 40)]
+    few = runner.score(sequences[:8])
+    assert rows == [8]
+    rows.clear()
+    every = runner.score(sequences)
+    assert rows == [32, 8]
+    np.testing.assert_allclose(few, every[:8], rtol=1e-5, atol=1e-5)
+    rows.clear()
+    np.testing.assert_allclose(runner.score(sequences[:3]), every[:3], rtol=1e-5, atol=1e-5)
+    assert rows == [8]
+    assert np.std(every) > 0
+
+    # As a reward (the eval suite's rm_win_rate, rejection sampling): message prompts and
+    # completions rendered in the RM's template, scored by the same runner.
+    from jaxalign.data import render
+    from jaxalign.eval.suite import rm_win_rate
+    from jaxalign.rewards import Scorer
+
+    scorer = Scorer.from_flags(None, str(tmp_path))
+    prompts = [[{"role": "user", "content": f"Add {i} and 3."}] for i in range(3)]
+    answers = ["The answer is 5.", "no", "6"]
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    ids = [
+        render([*p, {"role": "assistant", "content": a}], tokenizer, cfg.data.template)[0]
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+    np.testing.assert_allclose(scorer(prompts, answers, [{}] * 3), runner.score(ids), atol=1e-6)
+    records = [{"prompt": p[0]["content"]} for p in prompts]
+    assert rm_win_rate(tmp_path, records, answers, answers) == 50.0  # all ties

@@ -1,8 +1,8 @@
 """Held-out evaluation: task checkers, the eval suite, regression gates and reports."""
 
-from jaxalign.eval.checkers import check, is_refusal, reward
 from jaxalign.eval.compare import compare_metrics, load_metrics
 from jaxalign.eval.suite import evaluate, metric_direction, score_answers
+from jaxalign.rewards.checkers import check, is_refusal, reward
 
 __all__ = [
     "check",

@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxalign.eval.checkers import TASK_FAMILIES
+from jaxalign.rewards.checkers import TASK_FAMILIES
 
 # (metric, column header, format)
 COLUMNS = (

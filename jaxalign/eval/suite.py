@@ -28,7 +28,7 @@ from flax import nnx
 
 from jaxalign.data.sources import read_records
 from jaxalign.errors import DataError
-from jaxalign.eval.checkers import SAFETY_FAMILIES, TASK_FAMILIES, check
+from jaxalign.rewards.checkers import SAFETY_FAMILIES, TASK_FAMILIES, check
 
 # Direction of each metric for regression gates: +1 higher is better, -1 lower is better,
 # 0 informational. `pass/<family>` metrics are +1.
@@ -173,9 +173,9 @@ def rm_win_rate(
     baseline_texts: Sequence[str],
 ) -> float:
     """Percent of prompts where the reward model scores `texts` above `baseline_texts`."""
-    from jaxalign.rejection import reward_model_scorer
+    from jaxalign.rewards import Scorer
 
-    score = reward_model_scorer(str(reward_model_dir))
+    score = Scorer.from_flags(None, str(reward_model_dir))
     prompts = [_messages(r) for r in records]
     ours = score(prompts, list(texts), list(records))
     theirs = score(prompts, list(baseline_texts), list(records))

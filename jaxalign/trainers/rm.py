@@ -1,4 +1,5 @@
-"""Bradley-Terry reward models (`trainer: rm`) and scoring responses with a trained one.
+"""Bradley-Terry reward models (`trainer: rm`). Scoring with a trained one (RL rewards,
+rejection sampling, `jaxalign score`) is `jaxalign.rewards.model`.
 
 The loss over pairs is -log s(r_c - r_r - margin) + center_coef * (r_c + r_r)^2 (see
 docs/trainers/rm.md); chosen and rejected go through the model in one forward pass.
@@ -6,12 +7,8 @@ docs/trainers/rm.md); chosen and rejected go through the model in one forward pa
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
-import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jaxalign import sharding as shd
 from jaxalign.checkpoint import abstract_with_shardings, load_params, resolve_checkpoint
-from jaxalign.config import Config, load_config
-from jaxalign.data import load_tokenizer, preference_iterator_from_config, render, to_messages
+from jaxalign.config import Config
+from jaxalign.data import load_tokenizer, preference_iterator_from_config
 from jaxalign.data.preference import read_preference_jsonl, tokenize_preferences
-from jaxalign.errors import ConfigError, DataError, UserError
+from jaxalign.errors import ConfigError
 from jaxalign.losses import reward_model_pair_losses
 from jaxalign.models.reward import RewardModel
+from jaxalign.rewards.model import STATS_FILE, RewardModelRunner
 from jaxalign.trainers.base import Algorithm
-from jaxalign.trainers.registry import get_trainer
-
-STATS_FILE = "reward_stats.json"
 
 
 def pairs_to_rows(x: jax.Array) -> jax.Array:
@@ -165,7 +157,7 @@ class RewardModelAlgorithm(Algorithm):
         """Save reward statistics over rm.stats_file (default: the eval split) to RUN_DIR."""
         cfg = self.cfg
         path = cfg.rm.stats_file or cfg.data.eval_file or cfg.data.train_file
-        scorer = RewardScorer(
+        scorer = RewardModelRunner(
             trainer.graphdef, result.state["params"], trainer.mesh, trainer.rules, cfg.train.seq_len
         )
         stats = reward_statistics(scorer, path, cfg, self.tokenizer)
@@ -174,7 +166,7 @@ class RewardModelAlgorithm(Algorithm):
         return stats
 
 
-def reward_statistics(scorer: RewardScorer, path: str, cfg: Config, tokenizer) -> dict:
+def reward_statistics(scorer: RewardModelRunner, path: str, cfg: Config, tokenizer) -> dict:
     """Mean and std of rewards over the chosen and rejected responses of a preference file, and
     the fraction of its pairs where chosen scores higher."""
     records, _ = read_preference_jsonl(path, on_error=cfg.data.on_error)
@@ -196,123 +188,3 @@ def reward_statistics(scorer: RewardScorer, path: str, cfg: Config, tokenizer) -
         "pairs": len(examples),
         "file": str(path),
     }
-
-
-class RewardScorer:
-    """Rewards of token sequences with fixed parameters, in padded batches on a mesh."""
-
-    def __init__(self, graphdef, params, mesh, rules, max_len: int, batch_size: int = 32):
-        self.max_len = max_len
-        divisor = shd.batch_divisor(mesh, rules)
-        self.batch_size = math.ceil(batch_size / divisor) * divisor
-        self.sharding = NamedSharding(mesh, shd.logical_to_spec(("batch", None), rules))
-        self.params = params
-
-        def rewards(p, tokens, positions, segment_ids):
-            return nnx.merge(graphdef, p)(tokens, positions, segment_ids)
-
-        self._fn = jax.jit(rewards, out_shardings=NamedSharding(mesh, P()))
-
-    def _put(self, x: np.ndarray) -> jax.Array:
-        return jax.make_array_from_callback(x.shape, self.sharding, lambda idx: x[idx])
-
-    def score(self, sequences: list[np.ndarray]) -> np.ndarray:
-        """Rewards [N] float32 of N id sequences (longer than max_len: the end is kept)."""
-        out = np.zeros(len(sequences), np.float32)
-        for start in range(0, len(sequences), self.batch_size):
-            chunk = [
-                np.asarray(s[-self.max_len :]) for s in sequences[start : start + self.batch_size]
-            ]
-            width = min(self.max_len, -(-max(len(s) for s in chunk) // 16) * 16)
-            tokens = np.zeros((self.batch_size, width), np.int32)
-            segment_ids = np.zeros_like(tokens)
-            positions = np.zeros_like(tokens)
-            for r, ids in enumerate(chunk):
-                tokens[r, : len(ids)] = ids
-                segment_ids[r, : len(ids)] = 1
-                positions[r, : len(ids)] = np.arange(len(ids))
-            values = self._fn(
-                self.params, self._put(tokens), self._put(positions), self._put(segment_ids)
-            )
-            out[start : start + len(chunk)] = np.asarray(values)[: len(chunk)]
-        return out
-
-
-def load_reward_model(run_dir: str) -> tuple[Config, RewardScorer, dict | None]:
-    """The config, a scorer with the latest checkpoint's parameters, and the saved reward
-    statistics (None if absent) of an RM run directory."""
-    from jaxalign.models.params import build_model
-
-    config_path = Path(run_dir) / "config.yaml"
-    if not config_path.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(config_path)
-    if not get_trainer(cfg.trainer).is_reward_model:
-        raise UserError(f"{run_dir}: was trained with trainer '{cfg.trainer}', not a reward model")
-    # The run's tensor parallelism, FSDP over whatever devices are here now.
-    mesh = shd.make_mesh(
-        dataclasses.replace(cfg.mesh, data=1, fsdp=-1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
-    )
-    rules = shd.resolve_rules(cfg.sharding)
-    graphdef, abstract, shardings = build_model(
-        cfg, mesh, rules, lambda rngs: RewardModel(cfg.model, rngs)
-    )
-    params = load_params(Path(run_dir).absolute(), abstract_with_shardings(abstract, shardings))
-    stats_path = Path(run_dir) / STATS_FILE
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
-    return cfg, RewardScorer(graphdef, params, mesh, rules, cfg.train.seq_len), stats
-
-
-def record_messages(record: Any, where: str) -> list[dict]:
-    """A scoring record as messages: {prompt (text or messages), response | completion} or
-    {messages}, like SFT records."""
-    if isinstance(record, dict) and "messages" not in record:
-        response = record.get("response", record.get("completion"))
-        prompt = record.get("prompt")
-        if isinstance(prompt, list):
-            record = {"messages": [*prompt, {"role": "assistant", "content": response}]}
-        else:
-            extra = {"system": record["system"]} if "system" in record else {}
-            record = {"prompt": prompt, "completion": response, **extra}
-    return to_messages(record, where=where)
-
-
-def score_file(model_dir: str, input_path: str, output_path: str | None = None) -> dict:
-    """Write every record of `input_path` with its `reward` (and `reward_normalized` when the run
-    saved statistics) as JSONL to `output_path` (stdout if None). Returns counts."""
-    cfg, scorer, stats = load_reward_model(model_dir)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if not Path(input_path).is_file():
-        raise DataError("input file not found", where=input_path)
-    records, sequences = [], []
-    with open(input_path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{input_path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"malformed JSON ({e.msg} at column {e.colno})", where=where
-                ) from None
-            ids, _ = render(record_messages(record, where), tokenizer, cfg.data.template)
-            records.append(record)
-            sequences.append(ids)
-    if not records:
-        raise DataError("no records to score", where=input_path)
-    rewards = scorer.score(sequences)
-    truncated = sum(len(s) > cfg.train.seq_len for s in sequences)
-    if jax.process_index() != 0:  # every process scores; process 0 writes
-        output_path = os.devnull
-    out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
-    try:
-        for record, reward in zip(records, rewards, strict=True):
-            row = {**record, "reward": float(reward)}
-            if stats is not None:
-                row["reward_normalized"] = (float(reward) - stats["mean"]) / max(stats["std"], 1e-8)
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finally:
-        if output_path:
-            out.close()
-    return {"records": len(records), "truncated": truncated}

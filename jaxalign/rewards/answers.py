@@ -1,7 +1,8 @@
 """Built-in reward functions for verifiable tasks: `fn(prompts, completions, **fields) -> scores`.
 
-Use them in a config as `rl.reward_functions: ["jaxalign.rewards:exact_answer"]`; every extra
-field of a prompt record (e.g. `answer`) arrives as a list aligned with the completions.
+Use them in a config as `rl.reward_functions: ["jaxalign.rewards:exact_answer"]` (the package
+exports them); every extra field of a prompt record (e.g. `answer`) arrives as a list aligned
+with the completions.
 """
 
 from __future__ import annotations
