@@ -115,6 +115,10 @@ class RLAlgorithm(Algorithm):
     def policy_module(self, model: nnx.Module) -> nnx.Module:
         return model
 
+    def after_rollout(self, metrics: dict, rows: int) -> dict:
+        """Host-side, after each rollout's postprocess: extra metrics (default none)."""
+        return {}
+
     def frozen_params(self, trainer, initial_params: Any) -> None:
         """Keep the reference (the initial policy) here, for rollouts only: the loss reads the
         reference log-probs from the buffer, so the train step gets no frozen params. No
