@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -285,12 +286,15 @@ def test_bundled_eval_prompts_are_never_trained_on():
 
 @pytest.mark.slow
 def test_quickstart_fast_end_to_end(tmp_path):
-    """`jaxalign quickstart --fast` on one CPU device: every stage row is in the report and SFT
-    passes far more held-out checks than the base model."""
+    """`jaxalign quickstart --fast` on one CPU device: every training stage reaches its final
+    step, every policy is evaluated with real numbers, and SFT passes far more held-out checks
+    than the base model."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     )
+    from jaxalign.quickstart import TRAIN_STAGES, final_step, stage_config
+
     run_dir = tmp_path / "qs"
     proc = subprocess.run(
         [sys.executable, "-m", "jaxalign.cli", "quickstart", "--fast", "--run-dir", str(run_dir)],
@@ -308,10 +312,24 @@ def test_quickstart_fast_end_to_end(tmp_path):
         if line.startswith("| ") and not line.startswith("| stage")
     }
     assert set(rows) == {"base", "sft", "dpo", "ppo", "grpo"}
+    # Every training stage trained to its last step: its final checkpoint and its last logged
+    # step are the config's train.steps (a stage that fails fails the command instead).
+    for stage in TRAIN_STAGES:
+        steps = stage_config(stage, run_dir, fast=True).train.steps
+        logged = [
+            json.loads(line)["step"]
+            for line in (run_dir / stage.name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert final_step(run_dir / stage.name) == steps and logged[-1] == steps, stage.name
+    # Every policy was evaluated: finite numbers in its eval JSON and in its report row.
     metrics = {
         s: json.loads((run_dir / "eval" / f"{s}.json").read_text())["metrics"]
-        for s in ("base", "sft")
+        for s in ("base", "sft", "dpo", "ppo", "grpo")
     }
+    for row, values in metrics.items():
+        for key in ("pass_rate", "refusal_rate", "over_refusal_rate", "rm_win_rate", "kl_to_ref"):
+            assert math.isfinite(values[key]), (row, key, values)
+        assert f"| {row} | {values['pass_rate']:.1f} |" in rows[row], rows[row]
     assert metrics["sft"]["pass_rate"] >= metrics["base"]["pass_rate"] + 20.0
     assert metrics["sft"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-3)
     assert metrics["sft"]["rm_win_rate"] == 50.0  # against its own answers: all ties

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import threading
 import time
@@ -35,6 +36,8 @@ from jaxalign.trainers.step import (
     make_eval_step,
     make_train_step,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class DataIterator(Protocol):
@@ -526,5 +529,4 @@ class Trainer:
         return {f"eval/{k}": v for k, v in eval_metrics(totals).items()}
 
     def _log(self, message: str) -> None:
-        if is_main_process():
-            print(f"[jaxalign] {message}", flush=True)
+        logger.info("%s", message)

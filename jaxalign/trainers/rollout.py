@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,8 @@ from jaxalign.trainers.scoring import (
     read_prompt_file,
     reward_names,
 )
+
+logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 PTX_PREFIX = "ptx_"  # minibatch keys of the PPO-ptx rows
@@ -662,7 +665,7 @@ def ptx_iterator(cfg: Config, tokenizer, process_index: int, process_count: int)
         path=cfg.rl.ptx_file,
     )
     if process_index == 0:
-        print(f"[jaxalign] rl.ptx_file: {data.report()}", flush=True)
+        logger.info("rl.ptx_file: %s", data.report())
     return data
 
 

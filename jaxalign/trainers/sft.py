@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import jax
 from flax import nnx
 
 from jaxalign.config import Config, LossConfig
 from jaxalign.losses import token_cross_entropy_sum
+
+logger = logging.getLogger(__name__)
 
 
 def next_token_loss(model: nnx.Module, batch: dict, loss_cfg: LossConfig):
@@ -66,7 +69,7 @@ class SFT:
         # path None: data.train_file, or data.mixture when set.
         data = self._iterator(None, process_index, process_count)
         if process_index == 0:  # records read, bad ones skipped (data.on_error: skip), truncated
-            print(f"[jaxalign] {data.report()}", flush=True)
+            logger.info("%s", data.report())
         return data
 
     def eval_data(self, process_index: int, process_count: int):
