@@ -212,6 +212,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.frozen = None  # set in run() from algorithm.frozen_params
         self._stop = threading.Event()
+        self._batch_shardings: dict[int, NamedSharding] = {}  # ndim -> to_global's sharding
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -252,7 +253,11 @@ class Trainer:
         out = {}
         for key, value in local.items():
             value = np.asarray(value)
-            sharding = batch_sharding(self.mesh, self.rules, value.ndim)
+            sharding = self._batch_shardings.get(value.ndim)
+            if sharding is None:  # built once per rank: this runs for every batch
+                sharding = self._batch_shardings[value.ndim] = batch_sharding(
+                    self.mesh, self.rules, value.ndim
+                )
             global_shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
             out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
         return out
