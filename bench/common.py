@@ -908,7 +908,10 @@ def step_markdown(data: dict) -> str:
                     "mfu_pct": row["mfu"] * 100,
                 }
             )
-    lines = [format_table(rows, STEP_COLUMNS), ""]
+    columns = [  # `x step` only where a run has the whole-loop side (--through-cli)
+        c for c in STEP_COLUMNS if c[1] != "ratio_vs_step" or any(c[1] in r for r in rows)
+    ]
+    lines = [format_table(rows, columns), ""]
     for res in data["results"]:
         lines.append(
             f"- {res['size']}: {res['tokens_per_step']:,} tokens/step, "
