@@ -376,3 +376,43 @@ def test_stage_selection_and_overrides_place_every_stage_under_the_run_dir(tmp_p
     ppo = load_config(CONFIG_DIR / "ppo.yaml", stage_overrides(TRAIN_STAGES[4], tmp_path, True))
     assert ppo.rl.value_init_from == str(tmp_path / "rm")
     assert ppo.rl.reward_functions == ["jaxalign.eval.checkers:reward"]
+
+
+def test_a_failing_or_unfinished_stage_fails_the_quickstart(tmp_path, monkeypatch):
+    """No stage is skipped as "not available": the training function's error propagates, and a
+    run that stops before train.steps is an error too."""
+    from jaxalign import trainers
+    from jaxalign.errors import UserError
+    from jaxalign.quickstart import run
+    from jaxalign.trainers.loop import RunResult
+
+    def broken(cfg):
+        raise UserError("trainer 'sft' exploded")
+
+    monkeypatch.setattr(trainers, "train", broken)
+    with pytest.raises(UserError, match="exploded"):
+        run(tmp_path / "a", fast=True, stages=["sft"])
+    monkeypatch.setattr(trainers, "train", lambda cfg: RunResult(final_step=3, preempted=True))
+    with pytest.raises(UserError, match="quickstart stage pretrain stopped at step 3 of 80"):
+        run(tmp_path / "b", fast=True, stages=["pretrain"])
+
+
+def test_cli_shows_library_progress_on_stdout_and_users_can_silence_it(capsys):
+    import logging
+
+    from jaxalign.cli import configure_logging
+
+    configure_logging()
+    configure_logging()  # idempotent: one handler
+    loop = logging.getLogger("jaxalign.trainers.loop")
+    loop.info("resumed from %s", "runs/x/checkpoints/2")
+    logging.getLogger("jaxalign.quickstart").info("sft: training")
+    assert capsys.readouterr().out == (
+        "[jaxalign] resumed from runs/x/checkpoints/2\n[quickstart] sft: training\n"
+    )
+    logging.getLogger("jaxalign").setLevel(logging.WARNING)
+    try:
+        loop.info("not shown")
+        assert capsys.readouterr().out == ""
+    finally:
+        logging.getLogger("jaxalign").setLevel(logging.INFO)
