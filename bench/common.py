@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import queue
 import resource
 import shlex
 import shutil
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -473,6 +475,120 @@ def serve_torch_step(build) -> None:
     serve_steps(build_side, rss_import_start)
 
 
+class _LoopGate:
+    """Lets the parent's `time` commands drive a running train loop: after the n steps of a
+    command, the loop waits (before its next batch, once the last step's state is ready)."""
+
+    def __init__(self):
+        self.commands: queue.Queue = queue.Queue()  # steps to run next; None: stop the run
+        self.paused: queue.Queue = queue.Queue()  # True at each pause; False: the run failed
+        self.remaining = 0
+
+    def before_step(self, state, trainer) -> None:
+        if self.remaining > 0:
+            self.remaining -= 1
+            return
+        import jax
+
+        jax.block_until_ready(state)  # the segment ends when its last step has finished
+        self.paused.put(True)
+        steps = self.commands.get()
+        if steps is None:
+            trainer.request_stop()  # one more step, then the loop saves and returns
+            steps = 1
+        self.remaining = steps - 1
+
+
+class PausingData:
+    """A train-data iterator, unchanged, whose `observe_state` (called by the loop before each
+    `next()`) pauses at the gate. Everything else is the wrapped iterator's."""
+
+    def __init__(self, inner, gate: _LoopGate):
+        self._inner = inner
+        self._gate = gate
+
+    def __getattr__(self, name: str):  # get_state, set_state, record_ids, report, stats, ...
+        return getattr(self._inner, name)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._inner)
+
+    def observe_state(self, state, trainer) -> None:
+        self._gate.before_step(state, trainer)
+        inner = getattr(self._inner, "observe_state", None)
+        if inner is not None:
+            inner(state, trainer)
+
+
+def serve_train_loop(build, algorithm_class) -> None:
+    """Worker side of the whole training loop, as `jaxalign train` runs it: `build()` -> (cfg,
+    info); `jaxalign.train(cfg)` runs on a thread with its real data (the `algorithm_class`'s
+    `train_data`, wrapped in PausingData), and each `time` command lets it run that many steps
+    between pauses, so the parent interleaves it with the isolated step like any other side.
+    What a segment times: every step's data, host work, dispatch, logging and the wait for the
+    last step (periodic checkpoints and evals are the config's: the benchmark turns them off)."""
+    rss_import_start = peak_rss_mb()
+    import jax
+
+    from jaxalign import train
+
+    gate = _LoopGate()
+    original_train_data = algorithm_class.train_data
+
+    def train_data(self, process_index: int, process_count: int):
+        return PausingData(original_train_data(self, process_index, process_count), gate)
+
+    algorithm_class.train_data = train_data  # this worker process only
+    box: dict = {}
+
+    def wait_for_pause() -> None:
+        if not gate.paused.get():
+            raise RuntimeError(f"the train loop failed: {box['error']!r}")
+
+    def build_side(cmd):
+        cfg, info = build()
+
+        def target() -> None:
+            try:
+                box["result"] = train(cfg, devices=jax.devices()[:1])
+            except BaseException as e:  # noqa: BLE001 - reported by the next wait_for_pause
+                box["error"] = e
+                gate.paused.put(False)
+
+        t0 = time.perf_counter()
+        box["thread"] = threading.Thread(target=target, name="bench-train-loop", daemon=True)
+        box["thread"].start()
+        wait_for_pause()  # before step 1: data opened, state initialized, nothing compiled yet
+        setup_s = time.perf_counter() - t0
+
+        metrics_file = Path(cfg.run_dir) / "metrics.jsonl"
+
+        def run(n: int) -> float:
+            gate.commands.put(n)
+            wait_for_pause()
+            lines = metrics_file.read_text().splitlines()  # a few lines; the loop is paused
+            return next((json.loads(x)["loss"] for x in reversed(lines) if '"loss"' in x), None)
+
+        def facts() -> dict:
+            return {
+                "side": "train",
+                "backend": jax.default_backend(),
+                "setup_s": setup_s,
+                "run_dir": cfg.run_dir,
+                **info,
+            }
+
+        return run, facts
+
+    serve_steps(build_side, rss_import_start)  # "loss": the last one the run logged
+    if "thread" in box and box["thread"].is_alive():
+        gate.commands.put(None)
+        box["thread"].join(timeout=300)
+
+
 def torch_llama_config(m: dict, seq_len: int):
     """transformers.LlamaConfig for jaxalign model fields `m` (random init, no cache)."""
     import transformers
@@ -578,7 +694,9 @@ def parse_variant(spec: str) -> tuple[str, list[str], str | None, str | None]:
     return name, sets, xla_flags, patch
 
 
-def step_arg_parser(doc: str, sizes: dict, default_sizes: str, default_json: str):
+def step_arg_parser(
+    doc: str, sizes: dict, default_sizes: str, default_json: str, through_cli: bool = False
+):
     """The command line every step benchmark shares (parent and worker modes)."""
     import argparse
 
@@ -624,8 +742,15 @@ def step_arg_parser(doc: str, sizes: dict, default_sizes: str, default_json: str
         help="an extra JAX worker with overrides (xla_flags=..., patch=FILE allowed)",
     )
     p.add_argument("--json", default=default_json)
+    if through_cli:
+        p.add_argument(
+            "--through-cli",
+            action="store_true",
+            help="add a side running the whole `jaxalign train` loop (jaxalign.train) on real "
+            "data with the same shapes, timed in turns with the isolated step",
+        )
     # internal: worker mode
-    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("jax", "torch", "train"), help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--patch", help=argparse.SUPPRESS)
     return p
@@ -646,6 +771,9 @@ def bench_step_size(script: str, size: str, args, env: dict[str, str]) -> dict:
         if patch:
             argv += ["--patch", patch]
         workers[name] = Worker(f"{size}/{name}", argv, wenv)
+    if getattr(args, "through_cli", False):
+        argv = me + ["--worker", "train"] + [a for s in args.set for a in ("--set", s)]
+        workers["jaxalign train"] = Worker(f"{size}/train", argv, env)
     if args.baseline == "torch":
         workers["pytorch"] = Worker(
             f"{size}/pytorch", me + ["--worker", "torch", "--torch-adamw", args.torch_adamw], env
@@ -725,6 +853,10 @@ def summarize_step(size: str, info: dict, times: dict, samples: dict, steps: dic
             "allocator": i["allocator"],
             "build": i,
         }
+        if name != "jaxalign":  # the same work around the isolated step, timed in turns
+            ratios = [b / a for a, b in zip(times[name], times["jaxalign"], strict=True)]
+            row["ratio_vs_step"] = median(ratios)
+            row["ratios_vs_step_per_repeat"] = ratios
         if "pytorch" in times:
             ratios = [b / a for a, b in zip(times[name], times["pytorch"], strict=True)]
             row["ratio_vs_pytorch"] = median(ratios)
@@ -749,6 +881,7 @@ STEP_COLUMNS = [
     ("step ms", "step_ms", ",.1f"),
     ("tokens/s", "tokens_per_s", ",.0f"),
     ("x PyTorch", "ratio_vs_pytorch", ".2f"),
+    ("x step", "ratio_vs_step", ".2f"),
     ("best x PyTorch", "best_ratio_vs_pytorch", ".2f"),
     ("MFU %", "mfu_pct", ".1f"),
     ("compile s", "compile_s", ".1f"),
@@ -775,7 +908,10 @@ def step_markdown(data: dict) -> str:
                     "mfu_pct": row["mfu"] * 100,
                 }
             )
-    lines = [format_table(rows, STEP_COLUMNS), ""]
+    columns = [  # `x step` only where a run has the whole-loop side (--through-cli)
+        c for c in STEP_COLUMNS if c[1] != "ratio_vs_step" or any(c[1] in r for r in rows)
+    ]
+    lines = [format_table(rows, columns), ""]
     for res in data["results"]:
         lines.append(
             f"- {res['size']}: {res['tokens_per_step']:,} tokens/step, "
@@ -812,23 +948,37 @@ def synthetic_pairs(pairs: int, seq_len: int, vocab: int, grad_accum: int = 1) -
 
 
 def step_main(
-    script: str, doc: str, sizes: dict, default_sizes: str, build_jax, build_torch, argv=None
+    script: str,
+    doc: str,
+    sizes: dict,
+    default_sizes: str,
+    build_jax,
+    build_torch,
+    argv=None,
+    serve_train=None,
 ) -> dict:
-    """A step benchmark's command line: parse, check the sizes, run."""
+    """A step benchmark's command line: parse, check the sizes, run. `serve_train(args)` (a
+    benchmark with `--through-cli`) serves the whole-loop worker."""
     name = Path(script).stem
-    p = step_arg_parser(doc, sizes, default_sizes, str(RESULTS_DIR / f"{name}.json"))
+    p = step_arg_parser(
+        doc, sizes, default_sizes, str(RESULTS_DIR / f"{name}.json"), serve_train is not None
+    )
     args = p.parse_args(argv)
     for s in args.sizes.split(","):
         if s.strip() and s.strip() not in sizes:
             p.error(f"unknown size {s!r} (known: {', '.join(sizes)})")
-    return run_step_main(script, args, build_jax, build_torch, argv)
+    return run_step_main(script, args, build_jax, build_torch, argv, serve_train)
 
 
-def run_step_main(script: str, args, build_jax, build_torch, argv: list[str] | None = None) -> dict:
+def run_step_main(
+    script: str, args, build_jax, build_torch, argv: list[str] | None = None, serve_train=None
+) -> dict:
     """Run a step benchmark: worker mode if `args.worker`, else every size, a table, JSON."""
     if args.worker:
         try:
-            if args.worker == "jax":
+            if args.worker == "train":
+                serve_train(args)
+            elif args.worker == "jax":
                 serve_jax_step(lambda: build_jax(args), args.patch)
             else:
                 serve_torch_step(lambda cmd: build_torch(cmd, args.torch_adamw))

@@ -1,6 +1,7 @@
 """SFT train-step throughput: jaxalign's real jitted step vs PyTorch + transformers, same shapes.
 
     python bench/sft_step.py                       # sizes tiny,7m,50m; tcmalloc if installed
+    python bench/sft_step.py --sizes 7m --through-cli   # + the whole `jaxalign train` loop
     python bench/sft_step.py --sizes 7m --repeats 7 \
         --variant 'qb0:model.attention_query_block=0' \
         --variant 'chunks4:loss.vocab_chunks=4' \
@@ -16,6 +17,13 @@ warmup + cosine schedule, batch and sequence length.
 Every side runs in its own long-lived subprocess with the same allocator (`--allocator`, default
 tcmalloc when libtcmalloc_minimal.so.4 is installed) and the parent asks them in turns, so the
 repeats of each side interleave in time; ratios are taken per repeat, then the median.
+
+`--through-cli` adds a side `jaxalign train`: the whole loop that command runs
+(`jaxalign.train(cfg)`: the real SFT data pipeline on data/tiny/sft_train.jsonl packed into the
+same batch and sequence length, prefetch thread, host-to-device copies, logging every
+`train.log_every` steps, NaN checks), timed in turns with the isolated step; its `x step` column
+is its speed over the isolated step's, per repeat, then the median. Periodic checkpoints and
+held-out evals are off on that side.
 
 A `--variant NAME:key=value;key=value` adds a JAX worker with config overrides (dotted keys as in
 `--set`), plus two special keys: `xla_flags=...` (XLA_FLAGS for that worker) and `patch=FILE` (a
@@ -102,6 +110,28 @@ def build_jax(args, cfg=None):
     return trainer, state, batch, info
 
 
+def build_train_loop(args):
+    """(cfg, info) of the `jaxalign train` side: the isolated step's config plus real SFT data."""
+    run_dir = common.scratch_dir("bench_sft_train_")
+    data = [
+        "trainer=sft",
+        f"data.train_file={ROOT / 'data/tiny/sft_train.jsonl'}",
+        f"data.tokenizer={ROOT / 'data/tiny/tokenizer.model'}",  # 512 pieces: fits every vocab
+        "data.eval_file=null",
+        "train.eval_every=0",
+        "checkpoint.every=0",  # only at the end: no periodic save inside a timed segment
+    ]
+    cfg = common.step_config(SIZES[args.size], data + args.set, run_dir, ROOT)
+    return cfg, {"overrides": list(args.set), "data": str(cfg.data.train_file)}
+
+
+def serve_train(args) -> None:
+    """The `--through-cli` worker."""
+    from jaxalign.trainers.sft import SFT
+
+    common.serve_train_loop(lambda: build_train_loop(args), SFT)
+
+
 def build_torch(cmd: dict, adamw: str):
     """The baseline: LlamaForCausalLM with jaxalign's model config, `model(input_ids, labels)`,
     clipping, AdamW + schedule; returns (step, info)."""
@@ -135,7 +165,9 @@ def markdown(data: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return common.step_main(__file__, __doc__, SIZES, "tiny,7m,50m", build_jax, build_torch, argv)
+    return common.step_main(
+        __file__, __doc__, SIZES, "tiny,7m,50m", build_jax, build_torch, argv, serve_train
+    )
 
 
 if __name__ == "__main__":

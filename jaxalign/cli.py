@@ -19,10 +19,55 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from jaxalign.runtime import enable_compilation_cache as _enable_compilation_cache
+from jaxalign.compilation_cache import enable_compilation_cache as _enable_compilation_cache
+
+
+class _CurrentStdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a record is emitted (redirection and capture see
+    it), as the `print` calls this replaced did."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
+class _PrefixFormatter(logging.Formatter):
+    """`[jaxalign] message`; the quickstart's own progress lines read `[quickstart] message`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "quickstart" if record.name == "jaxalign.quickstart" else "jaxalign"
+        return f"[{prefix}] {record.getMessage()}"
+
+
+def _main_process_only(record: logging.LogRecord) -> bool:
+    # Evaluated when a record is emitted, i.e. after distributed.initialize() has run.
+    import jax
+
+    return jax.process_index() == 0
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the `jaxalign` loggers' records on stdout, on process 0 only (what the commands print
+    as progress). Idempotent; the library itself never installs a handler."""
+    logger = logging.getLogger("jaxalign")
+    if not any(isinstance(h, _CurrentStdoutHandler) for h in logger.handlers):
+        handler = _CurrentStdoutHandler()
+        handler.setFormatter(_PrefixFormatter())
+        handler.addFilter(_main_process_only)
+        logger.addHandler(handler)
+        logger.propagate = False  # a root handler (e.g. basicConfig) would show it twice
+    logger.setLevel(level)
 
 
 def _is_main_process() -> bool:
@@ -44,9 +89,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jaxalign.trainers.run import train_config
+    from jaxalign.config import load_config
+    from jaxalign.trainers import train
 
-    train_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    _enable_compilation_cache()
+    train(cfg)  # logs the run's summary line
     return 0
 
 
@@ -291,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dpo", help="best/worst pair per prompt (JSONL)")
     p.set_defaults(func=cmd_rejection_sample)
 
-    from jaxalign.quickstart import STAGES
+    from jaxalign.quickstart import STAGES  # quickstart never imports the CLI: no cycle
 
     p = sub.add_parser(
         "quickstart",
@@ -351,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             from jaxalign import distributed
 
             distributed.initialize()  # no-op unless the environment describes a cluster
+        configure_logging()
         return args.func(args)
     except UserError as e:
         if debug:

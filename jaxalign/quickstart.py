@@ -13,6 +13,7 @@ RUN_DIR/report.md (a stage x metric table, also printed) and plots under RUN_DIR
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,11 @@ PATH_KEYS = (
 )
 
 
+logger = logging.getLogger(__name__)  # shown as `[quickstart] ...` by the command line
+
+
 def log(message: str) -> None:
-    print(f"[quickstart] {message}", flush=True)
+    logger.info("%s", message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,37 +194,30 @@ def final_step(stage_dir: Path) -> int | None:
 
 
 def stage_complete(stage: Stage, run_dir: Path, fast: bool) -> bool:
-    from jaxalign.config import load_config
-
-    cfg = load_config(CONFIG_DIR / f"{stage.name}.yaml", stage_overrides(stage, run_dir, fast))
+    cfg = stage_config(stage, run_dir, fast)
     return final_step(run_dir / stage.name) == cfg.train.steps
 
 
-def trainer_available(stage: Stage, run_dir: Path, fast: bool) -> str | None:
-    """None if the stage's trainer exists, else why not."""
+def stage_config(stage: Stage, run_dir: Path, fast: bool):
+    """The Config of `jaxalign train configs/quickstart/<stage>.yaml --set <stage_overrides>`."""
     from jaxalign.config import load_config
-    from jaxalign.errors import ConfigError
 
-    try:
-        cfg = load_config(CONFIG_DIR / f"{stage.name}.yaml", stage_overrides(stage, run_dir, fast))
-    except ConfigError as e:
-        if "trainer" in str(e):
-            return f"trainer not available ({e})"
-        raise
-    try:
-        from jaxalign.trainers import get_trainer
-
-        get_trainer(cfg.trainer)  # imports its module
-    except ImportError as e:
-        return f"trainer '{cfg.trainer}' not available ({e})"
-    return None
+    return load_config(CONFIG_DIR / f"{stage.name}.yaml", stage_overrides(stage, run_dir, fast))
 
 
-def run_training_stage(stage: Stage, run_dir: Path, fast: bool) -> None:
-    """`jaxalign train configs/quickstart/<stage>.yaml --set ...` (the CLI's own function)."""
-    from jaxalign.trainers.run import train_config
+def run_training_stage(stage: Stage, run_dir: Path, fast: bool):
+    """Train `stage` with the public training function (what `jaxalign train` runs); returns its
+    RunResult. Any failure propagates: a stage is never skipped silently."""
+    from jaxalign.trainers import train
 
-    train_config(str(CONFIG_DIR / f"{stage.name}.yaml"), stage_overrides(stage, run_dir, fast))
+    cfg = stage_config(stage, run_dir, fast)
+    result = train(cfg)
+    if result.preempted or result.final_step != cfg.train.steps:
+        raise UserError(
+            f"quickstart stage {stage.name} stopped at step {result.final_step} of "
+            f"{cfg.train.steps}; run the command again to resume it"
+        )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,10 +364,9 @@ def run(
     save_state()
     todo = selected_stages(stages, from_stage)
     log(f"{mode} run in {run_dir}: stages {', '.join(todo)}")
-    from jaxalign.runtime import enable_compilation_cache
+    from jaxalign.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache()
-    unavailable: dict[str, str] = {}
     for name in todo:
         t0 = time.perf_counter()
         if name == "tokenizer":
@@ -381,7 +377,6 @@ def run(
             train_quickstart_tokenizer(run_dir / "tokenizer" / "tokenizer")
         elif name == "eval":
             rows, notes = evaluate_stages(run_dir, fast)
-            notes.update({EVAL_ROWS_INV.get(k, k): v for k, v in unavailable.items()})
             state["timings"]["eval"] = time.perf_counter() - t0
             save_state()
             table = write_quickstart_report(run_dir, rows, notes, state["timings"], fast)
@@ -393,17 +388,9 @@ def run(
             if stage_complete(stage, run_dir, fast):
                 log(f"{name}: done already, skipped")
                 continue
-            why = trainer_available(stage, run_dir, fast)
-            if why:
-                log(f"{name}: skipped, {why}")
-                unavailable[name] = "not available"
-                continue
             log(f"{name}: training (configs/quickstart/{name}.yaml)")
             run_training_stage(stage, run_dir, fast)
         state["timings"][name] = time.perf_counter() - t0
         save_state()
         log(f"{name}: {state['timings'][name]:.0f}s")
     return 0
-
-
-EVAL_ROWS_INV = {v: k for k, v in EVAL_ROWS.items()}

@@ -326,3 +326,41 @@ def test_decode_floor_matches_a_hand_count():
     # bf16 weights: half the bytes per decode step.
     half = decode.decode_floor_s(m, batch, prompt, new, 1e30, bandwidth, bytes_per_param=2)
     assert abs(half - slow / 2) < 1e-9 * slow
+
+
+@pytest.mark.slow
+def test_sft_step_through_cli_times_the_train_loop_in_turns_with_the_isolated_step(tmp_path):
+    """bench/sft_step.py --through-cli on the tiny size: a `jaxalign train` side that really
+    trains (jaxalign.train on the bundled SFT data), with its ratio to the isolated step."""
+    out = tmp_path / "sft.json"
+    argv = ["--sizes", "tiny", "--through-cli", "--baseline", "none", "--allocator", "glibc"]
+    argv += ["--steps", "2", "--repeats", "2", "--json", str(out)]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "JAX_PLATFORMS": "cpu",
+        "JAXALIGN_COMPILATION_CACHE": "off",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench/sft_step.py"), *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["results"]
+    rows = {r["side"]: r for r in result["rows"]}
+    assert set(rows) == {"jaxalign", "jaxalign train"}
+    step, loop = rows["jaxalign"], rows["jaxalign train"]
+    assert loop["steps"] == step["steps"] == 2 and len(loop["step_times_s"]) == 2
+    assert loop["ratios_vs_step_per_repeat"] == pytest.approx(
+        [a / b for a, b in zip(step["step_times_s"], loop["step_times_s"], strict=True)]
+    )
+    assert loop["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / loop["step_s"])
+    assert 2.0 < loop["samples"][-1]["loss"] < 8.0  # step 1 of the run, logged: ~log(512)
+    import common
+
+    table = common.step_markdown({"results": [result]})
+    assert f"| {loop['ratio_vs_step']:.2f} |" in table.splitlines()[3]  # the `x step` column

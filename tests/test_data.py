@@ -1008,6 +1008,7 @@ def test_finite_packed_pass_gives_every_process_the_same_batches_and_the_exact_m
 def test_training_result_and_last_log_line_carry_the_skipped_and_dropped_counts(tmp_path, capsys):
     import jax
 
+    from jaxalign.cli import configure_logging
     from jaxalign.config import load_config
     from jaxalign.trainers.dpo import DPO
     from jaxalign.trainers.loop import Trainer
@@ -1043,6 +1044,7 @@ def test_training_result_and_last_log_line_carry_the_skipped_and_dropped_counts(
         "num_kv_heads": 1,
     }
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()], base={"model": model})
+    configure_logging()  # what the command line shows: the `jaxalign` loggers on stdout
     result = Trainer(cfg, DPO(cfg), devices=jax.devices()[:1]).run()
     assert result.final_step == 1
     counts = {k: result.data_stats[k] for k in ("records", "skipped", "dropped", "total_pairs")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -285,12 +286,15 @@ def test_bundled_eval_prompts_are_never_trained_on():
 
 @pytest.mark.slow
 def test_quickstart_fast_end_to_end(tmp_path):
-    """`jaxalign quickstart --fast` on one CPU device: every stage row is in the report and SFT
-    passes far more held-out checks than the base model."""
+    """`jaxalign quickstart --fast` on one CPU device: every training stage reaches its final
+    step, every policy is evaluated with real numbers, and SFT passes far more held-out checks
+    than the base model."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     )
+    from jaxalign.quickstart import TRAIN_STAGES, final_step, stage_config
+
     run_dir = tmp_path / "qs"
     proc = subprocess.run(
         [sys.executable, "-m", "jaxalign.cli", "quickstart", "--fast", "--run-dir", str(run_dir)],
@@ -308,10 +312,24 @@ def test_quickstart_fast_end_to_end(tmp_path):
         if line.startswith("| ") and not line.startswith("| stage")
     }
     assert set(rows) == {"base", "sft", "dpo", "ppo", "grpo"}
+    # Every training stage trained to its last step: its final checkpoint and its last logged
+    # step are the config's train.steps (a stage that fails fails the command instead).
+    for stage in TRAIN_STAGES:
+        steps = stage_config(stage, run_dir, fast=True).train.steps
+        logged = [
+            json.loads(line)["step"]
+            for line in (run_dir / stage.name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert final_step(run_dir / stage.name) == steps and logged[-1] == steps, stage.name
+    # Every policy was evaluated: finite numbers in its eval JSON and in its report row.
     metrics = {
         s: json.loads((run_dir / "eval" / f"{s}.json").read_text())["metrics"]
-        for s in ("base", "sft")
+        for s in ("base", "sft", "dpo", "ppo", "grpo")
     }
+    for row, values in metrics.items():
+        for key in ("pass_rate", "refusal_rate", "over_refusal_rate", "rm_win_rate", "kl_to_ref"):
+            assert math.isfinite(values[key]), (row, key, values)
+        assert f"| {row} | {values['pass_rate']:.1f} |" in rows[row], rows[row]
     assert metrics["sft"]["pass_rate"] >= metrics["base"]["pass_rate"] + 20.0
     assert metrics["sft"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-3)
     assert metrics["sft"]["rm_win_rate"] == 50.0  # against its own answers: all ties
@@ -358,3 +376,43 @@ def test_stage_selection_and_overrides_place_every_stage_under_the_run_dir(tmp_p
     ppo = load_config(CONFIG_DIR / "ppo.yaml", stage_overrides(TRAIN_STAGES[4], tmp_path, True))
     assert ppo.rl.value_init_from == str(tmp_path / "rm")
     assert ppo.rl.reward_functions == ["jaxalign.eval.checkers:reward"]
+
+
+def test_a_failing_or_unfinished_stage_fails_the_quickstart(tmp_path, monkeypatch):
+    """No stage is skipped as "not available": the training function's error propagates, and a
+    run that stops before train.steps is an error too."""
+    from jaxalign import trainers
+    from jaxalign.errors import UserError
+    from jaxalign.quickstart import run
+    from jaxalign.trainers.loop import RunResult
+
+    def broken(cfg):
+        raise UserError("trainer 'sft' exploded")
+
+    monkeypatch.setattr(trainers, "train", broken)
+    with pytest.raises(UserError, match="exploded"):
+        run(tmp_path / "a", fast=True, stages=["sft"])
+    monkeypatch.setattr(trainers, "train", lambda cfg: RunResult(final_step=3, preempted=True))
+    with pytest.raises(UserError, match="quickstart stage pretrain stopped at step 3 of 80"):
+        run(tmp_path / "b", fast=True, stages=["pretrain"])
+
+
+def test_cli_shows_library_progress_on_stdout_and_users_can_silence_it(capsys):
+    import logging
+
+    from jaxalign.cli import configure_logging
+
+    configure_logging()
+    configure_logging()  # idempotent: one handler
+    loop = logging.getLogger("jaxalign.trainers.loop")
+    loop.info("resumed from %s", "runs/x/checkpoints/2")
+    logging.getLogger("jaxalign.quickstart").info("sft: training")
+    assert capsys.readouterr().out == (
+        "[jaxalign] resumed from runs/x/checkpoints/2\n[quickstart] sft: training\n"
+    )
+    logging.getLogger("jaxalign").setLevel(logging.WARNING)
+    try:
+        loop.info("not shown")
+        assert capsys.readouterr().out == ""
+    finally:
+        logging.getLogger("jaxalign").setLevel(logging.INFO)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import threading
 import time
@@ -35,6 +36,8 @@ from jaxalign.trainers.step import (
     make_eval_step,
     make_train_step,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,6 +148,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.frozen = None  # set in run() by algorithm.frozen_params
         self._stop = threading.Event()
+        self._batch_shardings: dict[int, NamedSharding] = {}  # ndim -> to_global's sharding
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -184,7 +188,11 @@ class Trainer:
         out = {}
         for key, value in local.items():
             value = np.asarray(value)
-            sharding = batch_sharding(self.mesh, self.rules, value.ndim)
+            sharding = self._batch_shardings.get(value.ndim)
+            if sharding is None:  # built once per rank: this runs for every batch
+                sharding = self._batch_shardings[value.ndim] = batch_sharding(
+                    self.mesh, self.rules, value.ndim
+                )
             global_shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
             out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
         return out
@@ -451,5 +459,4 @@ class Trainer:
         return {f"eval/{k}": v for k, v in eval_metrics(totals).items()}
 
     def _log(self, message: str) -> None:
-        if is_main_process():
-            print(f"[jaxalign] {message}", flush=True)
+        logger.info("%s", message)

@@ -7,6 +7,7 @@ The reference policy is a frozen copy of the initial policy. Formulas: docs/trai
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ from jaxalign.trainers.rollout import (
     validate_rl_config,
 )
 from jaxalign.trainers.sft import next_token_loss
+
+logger = logging.getLogger(__name__)
 
 
 def last_token_rewards(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -140,7 +143,7 @@ class RLAlgorithm(Algorithm):
     def train_data(self, process_index: int, process_count: int) -> RolloutData:
         self.data = RolloutData(self.cfg, self, process_index, process_count)
         if process_index == 0:  # prompts read, bad records skipped, truncated
-            print(f"[jaxalign] {self.data.prompts.report()}", flush=True)
+            logger.info("%s", self.data.prompts.report())
         return self.data
 
     def eval_data(self, process_index: int, process_count: int):

@@ -21,6 +21,7 @@ the data state.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -41,6 +42,8 @@ from jaxalign.trainers.rl_rows import (
     sequence_spans,
 )
 from jaxalign.trainers.rollout_engine import PromptBatch, RolloutEngine
+
+logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 PTX_PREFIX = "ptx_"  # minibatch keys of the PPO-ptx rows
@@ -315,7 +318,7 @@ def ptx_iterator(cfg: Config, tokenizer, process_index: int, process_count: int)
         path=cfg.rl.ptx_file,
     )
     if process_index == 0:
-        print(f"[jaxalign] rl.ptx_file: {data.report()}", flush=True)
+        logger.info("rl.ptx_file: %s", data.report())
     return data
 
 

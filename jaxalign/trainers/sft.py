@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import jax
 from flax import nnx
@@ -10,6 +11,8 @@ from flax import nnx
 from jaxalign.config import Config, LossConfig
 from jaxalign.losses import token_cross_entropy_sum
 from jaxalign.trainers.base import Algorithm
+
+logger = logging.getLogger(__name__)
 
 
 def next_token_loss(model: nnx.Module, batch: dict, loss_cfg: LossConfig):
@@ -67,7 +70,7 @@ class SFT(Algorithm):
         # path None: data.train_file, or data.mixture when set.
         data = self._iterator(None, process_index, process_count)
         if process_index == 0:  # records read, bad ones skipped (data.on_error: skip), truncated
-            print(f"[jaxalign] {data.report()}", flush=True)
+            logger.info("%s", data.report())
         return data
 
     def eval_data(self, process_index: int, process_count: int):

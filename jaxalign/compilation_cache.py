@@ -1,4 +1,4 @@
-"""Process-wide runtime settings that the commands share (the persistent compilation cache)."""
+"""The persistent XLA compilation cache that the commands (and the quickstart) turn on."""
 
 from __future__ import annotations
 
