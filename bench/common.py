@@ -516,11 +516,13 @@ class PausingData:
     def __next__(self):
         return next(self._inner)
 
-    def observe_state(self, state, trainer) -> None:
-        self._gate.before_step(state, trainer)
-        inner = getattr(self._inner, "observe_state", None)
-        if inner is not None:
-            inner(state, trainer)
+    def start(self, trainer) -> None:
+        self._trainer = trainer
+        self._inner.start(trainer)
+
+    def observe_state(self, state) -> None:
+        self._gate.before_step(state, self._trainer)
+        self._inner.observe_state(state)
 
 
 def serve_train_loop(build, algorithm_class) -> None:

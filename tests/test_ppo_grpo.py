@@ -106,7 +106,8 @@ def rollout_data(cfg):
     algo.frozen_params(trainer, params)
     state = trainer.fresh_state(params)
     data = algo.train_data(0, 1)
-    data.observe_state(state, trainer)
+    data.start(trainer)
+    data.observe_state(state)
     return algo, trainer, state, data
 
 
@@ -281,7 +282,8 @@ def test_ppo_value_lr_moves_the_value_model_at_its_own_rate(tmp_path):
     before = jax.device_get(init)
     state = trainer.fresh_state(init)
     data = algo.train_data(0, 1)
-    data.observe_state(state, trainer)
+    data.start(trainer)
+    data.observe_state(state)
     batch = next(data)
     trainer.frozen = None
     step = trainer.compile_step(batch)

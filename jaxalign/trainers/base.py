@@ -42,7 +42,11 @@ class DataIterator:
     def set_state(self, state: dict) -> None:
         raise NotImplementedError
 
-    def observe_state(self, state: dict, trainer: Any) -> None:
+    def start(self, trainer: Any) -> None:
+        """Called once, before the first `next()`, with the `loop.Trainer` (its mesh, rules and
+        graphdef): on-policy data builds what it generates with here. Default: nothing."""
+
+    def observe_state(self, state: dict) -> None:
         """Called before each `next()` with the current train state: on-policy data (RL
         rollouts) generates from `state["params"]`. Default: nothing."""
 

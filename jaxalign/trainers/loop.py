@@ -336,9 +336,10 @@ class Trainer:
         compile_s = None
         # Steps since the last finiteness check -> the ids of their batches' records (host-side).
         recent_ids: dict[int, list[str]] = {}
+        data.start(self)  # on-policy data (RL rollouts) builds its engine on this mesh
         for done in range(start + 1, total + 1):
             t0 = time.perf_counter()
-            data.observe_state(state, self)  # on-policy data (RL rollouts) reads the params
+            data.observe_state(state)  # on-policy data (RL rollouts) reads the params
             local = next(data)
             recent_ids[done] = data.record_ids()
             data_wait += time.perf_counter() - t0

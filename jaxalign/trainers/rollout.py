@@ -3,11 +3,11 @@ generate, score, reference/value forwards, advantages), then shuffled minibatche
 for the generic loop (`trainers/loop.py`).
 
 `RolloutData` is the iterator an RL algorithm's `train_data` returns. The loop calls
-`observe_state(state, trainer)` before every `next()`; when the buffer is empty the next call
-runs a rollout from `state["params"]` (the trained parameters themselves: same mesh, no copy) and
-queues `rl.epochs * R / train.batch_size` minibatches. Every process reads the whole global
-batch of prompts and runs the same rollout; each process then yields its own rows of every
-minibatch.
+`start(trainer)` once and `observe_state(state)` before every `next()`; when the buffer is empty
+the next call runs a rollout from `state["params"]` (the trained parameters themselves: same
+mesh, no copy) and queues `rl.epochs * R / train.batch_size` minibatches. Every process reads
+the whole global batch of prompts and runs the same rollout; each process then yields its own
+rows of every minibatch.
 
 Resume is exact at rollout boundaries (RL configs require `checkpoint.every` and `train.steps`
 to be multiples of the steps per rollout). A run stopped inside a rollout (SIGTERM) resumes with
@@ -80,19 +80,37 @@ class RolloutData(DataIterator):
         self.queue_ids: list[list[str]] = []  # the prompt record ids of each queued minibatch
         self.packed_rows: list[int] = []  # rl.pack_rows: rows of each packed minibatch queued
         self._last_ids: list[str] = []
-        self.engine: RolloutEngine | None = None  # built at the first observe_state
+        self.engine: RolloutEngine | None = None  # built by start()
         self._params = None
         self._metrics: list[dict] = []
         self._last_rollout_end = None
 
     # -- loop hooks -----------------------------------------------------------------------------
 
-    def observe_state(self, state: dict, trainer) -> None:
-        """The loop's hook before every `next()`: the current parameters (the next rollout's),
-        and, the first time, the mesh, rules and graphdef the engine is built with."""
+    def start(self, trainer) -> None:
+        """The loop's hook before the first `next()`: build the engine with the mesh, rules and
+        graphdef the trainer holds for the whole run."""
+        if self.ptx is not None:
+            shd.validate_batch(
+                ptx_rows(self.cfg),
+                self.cfg.train.grad_accum,
+                trainer.mesh,
+                trainer.rules,
+                "rl.ptx_batch_size",
+            )
+        self.engine = RolloutEngine(
+            self.cfg,
+            trainer.mesh,
+            trainer.rules,
+            trainer.graphdef,
+            self.algorithm,
+            self.tokenizer,
+            self.scorer,
+        )
+
+    def observe_state(self, state: dict) -> None:
+        """The loop's hook before every `next()`: the current parameters (the next rollout's)."""
         self._params = state["params"]
-        if self.engine is None:
-            self._start(trainer)
 
     def __iter__(self):
         return self
@@ -173,26 +191,6 @@ class RolloutData(DataIterator):
 
     # -- the rollout ----------------------------------------------------------------------------
 
-    def _start(self, trainer) -> None:
-        """Build the engine from what the trainer holds for the whole run."""
-        if self.ptx is not None:
-            shd.validate_batch(
-                ptx_rows(self.cfg),
-                self.cfg.train.grad_accum,
-                trainer.mesh,
-                trainer.rules,
-                "rl.ptx_batch_size",
-            )
-        self.engine = RolloutEngine(
-            self.cfg,
-            trainer.mesh,
-            trainer.rules,
-            trainer.graphdef,
-            self.algorithm,
-            self.tokenizer,
-            self.scorer,
-        )
-
     def _prompt_batches(self) -> Iterator[PromptBatch]:
         """The engine's prompts: the next global batch at every `next()`."""
         while True:
@@ -203,7 +201,7 @@ class RolloutData(DataIterator):
         """Run a rollout from the observed parameters and queue its minibatches."""
         rl, algorithm = self.rl, self.algorithm
         if self._params is None:
-            raise RuntimeError("RolloutData needs observe_state(state, trainer) before next()")
+            raise RuntimeError("RolloutData needs start(trainer) and observe_state(state) first")
         jax.block_until_ready(self._params)  # finish the previous rollout's training first
         # time/train ends and time/rollout starts here: the wait above is training, not rollout.
         t_start = time.perf_counter()
