@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxalign.errors import ConfigError
+from jaxalign.paths import run_path, unsupported_scheme
 
 AXIS_NAMES = ("data", "fsdp", "tensor")
 
@@ -618,7 +619,10 @@ def validate(cfg: Config, where: str = "config") -> None:
             if v == 0 or v < -1 or (name.startswith("dcn") and v < 1):
                 fill = "" if name.startswith("dcn") else " or -1"
                 fail(f"mesh.{name} must be a positive size{fill}, got {v}")
+    for key in ("run_dir", "init_from"):  # before a local directory named `s3:` is made
+        if problem := unsupported_scheme(getattr(cfg, key), key):
+            fail(problem)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run_path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

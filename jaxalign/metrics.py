@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxalign.config import ModelConfig
+from jaxalign.paths import is_remote, open_append, run_path
 
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
@@ -62,28 +63,29 @@ class MetricsWriter:
 
     def __init__(
         self,
-        run_dir: str | Path,
+        run_dir: str | os.PathLike,
         *,
         tensorboard: bool = True,
         wandb_project: str | None = None,
         config: dict | None = None,
     ):
         self.enabled = jax.process_index() == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = run_path(run_dir) / "metrics.jsonl"
         self._tb = None
         self._wandb = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
+        self._file = open_append(self.path)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))  # gs:// too
         if wandb_project:
             import wandb  # optional extra
 
-            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+            local_dir = None if is_remote(run_dir) else str(run_dir)  # W&B's files stay local
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=local_dir)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

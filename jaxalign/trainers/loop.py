@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import jax
@@ -28,6 +27,7 @@ from jaxalign.memory import release_free_memory
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
 from jaxalign.models.llama import Transformer, logical_axes
 from jaxalign.optim import freeze_patterns, make_optimizer
+from jaxalign.paths import run_path
 from jaxalign.trainers.step import (
     combine_metrics,
     eval_metrics,
@@ -206,7 +206,7 @@ class Trainer:
             "consecutive_bad": replicated,
         }
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir = run_path(cfg.run_dir)
         self.frozen = None  # set in run() from algorithm.frozen_params
         self._stop = threading.Event()
 
