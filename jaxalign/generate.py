@@ -35,6 +35,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import Config, ModelConfig, SamplingConfig, ShardingConfig, load_config
 from jaxalign.errors import DataError, UserError
 from jaxalign.models.llama import Transformer, init_cache
+from jaxalign.paths import run_path
 
 FINISH_REASONS = ("length", "stop")  # index = the code in `Generation.finish_reasons`
 MIN_BUCKET = 16
@@ -608,7 +609,7 @@ class Policy:
 
 def find_run_config(path: str | Path) -> Path:
     """The `config.yaml` of a RUN_DIR, its `checkpoints/` dir, or one `checkpoints/<step>`."""
-    p = Path(path)
+    p = run_path(path, key="checkpoint")
     for candidate in (p, p.parent, p.parent.parent):
         if (candidate / "config.yaml").is_file():
             return candidate / "config.yaml"
@@ -627,7 +628,7 @@ def load_policy(path: str | Path, overrides: Sequence[str] = ()) -> Policy:
     graphdef, abstract, shardings = build_model(cfg, mesh, rules)
     target = abstract_with_shardings(abstract, shardings)
     if cfg.trainer == "ppo":
-        params = load_params(Path(path).absolute(), {"policy": target})["policy"]
+        params = load_params(path, {"policy": target})["policy"]
     else:
         params = load_params(path, target)
     return Policy(cfg, mesh, rules, graphdef, params)

@@ -125,12 +125,16 @@ def test_run_checkpoint_resume_and_export_on_gcs(gcs, tmp_path):
             raise RuntimeError("simulated crash")
 
     run_dir = f"gs://{BUCKET}/runs/sft"
-    cfg = toy_config(tmp_path, **{"mesh.fsdp": 1, "checkpoint.every": 2, "run_dir": run_dir})
+    cfg = toy_config(
+        tmp_path,
+        **{"mesh.fsdp": 1, "checkpoint.every": 2, "run_dir": run_dir, "logging.tensorboard": True},
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_toy(cfg, devices=jax.devices()[:1], hook=crash_after_three)
     names = _objects("runs/sft")
     assert "runs/sft/config.yaml" in names and "runs/sft/metrics.jsonl" in names
     assert any(n.startswith("runs/sft/checkpoints/2/state/") for n in names), names
+    assert any(n.startswith("runs/sft/tensorboard/events.") for n in names), names
     assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
 
     _, resumed = run_toy(cfg, devices=jax.devices()[:1])
@@ -147,6 +151,27 @@ def test_run_checkpoint_resume_and_export_on_gcs(gcs, tmp_path):
     reference = export_checkpoint(local.run_dir, tmp_path / "export")
     for name in ("config.json", "model.safetensors"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_jsonl_data_files_read_from_gcs(gcs, tmp_path):
+    """A .jsonl and a .jsonl.gz data file in the bucket read as the same records as on disk."""
+    import gzip
+
+    from etils import epath
+
+    from jaxalign.data import read_jsonl
+    from jaxalign.errors import DataError
+
+    lines = [json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) for i in range(3)]
+    text = "\n".join(lines) + "\n"
+    (tmp_path / "sft.jsonl").write_text(text)
+    epath.Path(f"gs://{BUCKET}/data/sft.jsonl").write_text(text)
+    epath.Path(f"gs://{BUCKET}/data/sft.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    local = read_jsonl(str(tmp_path / "sft.jsonl"))
+    assert read_jsonl(f"gs://{BUCKET}/data/sft.jsonl") == local
+    assert read_jsonl(f"gs://{BUCKET}/data/sft.jsonl.gz") == local
+    with pytest.raises(DataError, match="data file not found"):
+        read_jsonl(f"gs://{BUCKET}/data/missing.jsonl")
 
 
 def test_unsupported_scheme_is_one_line_error(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ from jaxalign.data.preference import read_preference_jsonl, tokenize_preferences
 from jaxalign.errors import ConfigError, DataError, UserError
 from jaxalign.losses import reward_model_pair_losses
 from jaxalign.models.reward import RewardModel
+from jaxalign.paths import run_path
 
 STATS_FILE = "reward_stats.json"
 
@@ -137,7 +138,7 @@ class RewardModelAlgorithm:
         if not cfg.init_from or checkpoint_trainer(cfg.init_from) == "rm":
             return None
         backbone = load_params(
-            Path(cfg.init_from).absolute(),
+            cfg.init_from,
             abstract_with_shardings(
                 trainer.abstract_params["backbone"], trainer.param_shardings["backbone"]
             ),
@@ -160,7 +161,7 @@ class RewardModelAlgorithm:
         )
         stats = reward_statistics(scorer, path, cfg, self.tokenizer)
         if jax.process_index() == 0:
-            (Path(cfg.run_dir) / STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
+            (run_path(cfg.run_dir) / STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
         return stats
 
 
@@ -233,7 +234,7 @@ def load_reward_model(run_dir: str) -> tuple[Config, RewardScorer, dict | None]:
     statistics (None if absent) of an RM run directory."""
     from jaxalign.trainers.loop import build_model
 
-    config_path = Path(run_dir) / "config.yaml"
+    config_path = run_path(run_dir, key="reward model") / "config.yaml"
     if not config_path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(config_path)
@@ -247,8 +248,8 @@ def load_reward_model(run_dir: str) -> tuple[Config, RewardScorer, dict | None]:
     graphdef, abstract, shardings = build_model(
         cfg, mesh, rules, lambda rngs: RewardModel(cfg.model, rngs)
     )
-    params = load_params(Path(run_dir).absolute(), abstract_with_shardings(abstract, shardings))
-    stats_path = Path(run_dir) / STATS_FILE
+    params = load_params(run_dir, abstract_with_shardings(abstract, shardings))
+    stats_path = config_path.parent / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     return cfg, RewardScorer(graphdef, params, mesh, rules, cfg.train.seq_len), stats
 
