@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.config import ModelConfig
-from jaxalign.paths import is_remote, open_append, run_path
+from jaxalign.paths import LocalMirror, is_remote, open_append, run_path
 
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
@@ -72,6 +72,7 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self.path = run_path(run_dir) / "metrics.jsonl"
         self._tb = None
+        self._tb_mirror = None
         self._wandb = None
         if not self.enabled:
             return
@@ -80,7 +81,11 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))  # gs:// too
+            # Events for a gs:// run go to a local directory copied there every 30 s: tensorboardX's
+            # own GCS writer uploads again when garbage-collected, after the run has ended.
+            tb_dir = self.path.parent / "tensorboard"
+            self._tb_mirror = LocalMirror(tb_dir) if is_remote(tb_dir) else None
+            self._tb = SummaryWriter(str(self._tb_mirror.local if self._tb_mirror else tb_dir))
         if wandb_project:
             import wandb  # optional extra
 
@@ -105,6 +110,9 @@ class MetricsWriter:
             if key != "step" and isinstance(value, (int, float)):
                 if self._tb is not None:
                     self._tb.add_scalar(key, value, step)
+        if self._tb_mirror is not None and self._tb_mirror.due():
+            self._tb.flush()
+            self._tb_mirror.sync()
         if self._wandb is not None:
             self._wandb.log(record, step=step)
 
@@ -114,6 +122,8 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._tb_mirror is not None:
+            self._tb_mirror.close()
         if self._wandb is not None:
             self._wandb.finish()
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -124,3 +126,29 @@ def open_append(path: Any, *, upload_every_s: float = 30.0) -> IO[str]:
     if is_remote(path):
         return _RemoteAppend(path, upload_every_s)  # type: ignore[return-value]
     return Path(path).open("a")
+
+
+class LocalMirror:
+    """A local scratch directory for writers that need a file system (TensorBoard's event
+    files), copied to `remote` at most every `every_s` seconds (`sync`) and on `close`."""
+
+    def __init__(self, remote: Any, every_s: float = 30.0):
+        self.remote = remote
+        self.every_s = every_s
+        self.local = Path(tempfile.mkdtemp(prefix="jaxalign-mirror-"))
+        self._synced = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._synced >= self.every_s
+
+    def sync(self) -> None:
+        for file in sorted(self.local.rglob("*")):
+            if file.is_file():
+                (self.remote / str(file.relative_to(self.local))).write_bytes(file.read_bytes())
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.sync()
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)

@@ -174,6 +174,30 @@ def test_jsonl_data_files_read_from_gcs(gcs, tmp_path):
         read_jsonl(f"gs://{BUCKET}/data/missing.jsonl")
 
 
+def test_missing_bucket_is_one_line_error(gcs, tmp_path):
+    """A run_dir in a bucket that does not exist fails before compiling, naming the URL."""
+    from jaxalign.errors import UserError
+
+    cfg = toy_config(tmp_path, **{"mesh.fsdp": 1, "run_dir": "gs://no-such-bucket/run"})
+    with pytest.raises(UserError) as error:
+        run_toy(cfg, devices=jax.devices()[:1])
+    message = str(error.value)
+    assert message == "gs://no-such-bucket/run: run directory is not writable (FileNotFoundError)"
+
+
+def test_local_and_file_urls_stay_local_paths(tmp_path):
+    from pathlib import Path
+
+    from jaxalign.errors import UserError
+    from jaxalign.paths import run_path
+
+    assert run_path(str(tmp_path / "run")) == tmp_path / "run"
+    assert run_path(f"file://{tmp_path}/run") == tmp_path / "run"
+    assert type(run_path("runs/x")) is type(Path("runs/x"))
+    with pytest.raises(UserError, match=r"^checkpoint=az://c/x: the az:// scheme is not supported"):
+        run_path("az://c/x", key="checkpoint")
+
+
 def test_unsupported_scheme_is_one_line_error(tmp_path, monkeypatch):
     """run_dir=s3://... names the key and the scheme in one line and creates nothing local."""
     monkeypatch.chdir(tmp_path)

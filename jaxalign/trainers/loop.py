@@ -353,7 +353,7 @@ class Trainer:
             probe.unlink()
         except OSError as e:
             raise UserError(
-                f"{self.run_dir}: run directory is not writable ({e.strerror})"
+                f"{self.run_dir}: run directory is not writable ({e.strerror or type(e).__name__})"
             ) from None
 
     def compile_step(self, batch: dict) -> Any:
