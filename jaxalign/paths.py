@@ -6,10 +6,10 @@ path type Orbax itself uses: small files (config.yaml, metrics.jsonl, exports, J
 through gcsfs, and Orbax writes checkpoint arrays through TensorStore's own `gcs` driver. Any
 other URL scheme is one UserError naming the config key, never a local directory named `s3:`.
 
-Emulators and test set-ups (docs/launch.md): `STORAGE_EMULATOR_HOST=http://HOST:PORT` points
-gcsfs and google-cloud-storage at an emulator, `TENSORSTORE_GCS_HTTP_URL=http://HOST:PORT` points
-TensorStore (Orbax's array writes) at it, and `GOOGLE_AUTH_TOKEN_FOR_TESTING=x` gives TensorStore
-a fixed token instead of looking up Google credentials.
+Emulators and test set-ups (docs/launch.md#gs-run-directories): `STORAGE_EMULATOR_HOST` points
+gcsfs at an emulator, `TENSORSTORE_GCS_HTTP_URL` points TensorStore (Orbax's array writes) at it,
+and `GOOGLE_AUTH_TOKEN_FOR_TESTING` gives TensorStore a fixed token instead of looking up Google
+credentials; tests/test_gcs.py sets them for a fake-gcs-server it starts.
 """
 
 from __future__ import annotations
