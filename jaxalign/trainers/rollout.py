@@ -24,6 +24,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,6 @@ from jaxalign.data.prompts import prompt_iterator_from_config
 from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler, Stops
 from jaxalign.models.llama import Transformer
-from jaxalign.paths import run_path
 from jaxalign.trainers.rl_rows import (
     ROW_KEYS,
     build_rows,
@@ -784,4 +784,4 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
 
 def load_data_state(path: str) -> dict:
     """The data state of a checkpoint step directory (for tools and tests)."""
-    return json.loads((run_path(path, key="checkpoint") / "data" / "metadata").read_text())
+    return json.loads((Path(path) / "data" / "metadata").read_text())
