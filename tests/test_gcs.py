@@ -176,6 +176,25 @@ def test_jsonl_data_files_read_from_gcs(gcs, tmp_path):
         read_jsonl(f"gs://{BUCKET}/data/missing.jsonl")
 
 
+def test_metrics_object_is_uploaded_whole_on_its_cadence_and_at_close(gcs):
+    """GCS has no append: the metrics file is rewritten whole, at most every upload_every_s
+    seconds and at close, and a reopened file continues the existing object."""
+    from jaxalign.paths import open_append, run_path
+
+    path = run_path(f"gs://{BUCKET}/append/metrics.jsonl")
+    f = open_append(path, upload_every_s=3600)
+    f.write("1\n")
+    f.flush()
+    assert not path.exists()  # not due yet
+    f.close()
+    assert path.read_text() == "1\n"
+    f = open_append(path, upload_every_s=0)
+    f.write("2\n")
+    f.flush()
+    assert path.read_text() == "1\n2\n"
+    f.close()
+
+
 def test_missing_bucket_is_one_line_error(gcs, tmp_path):
     """A run_dir in a bucket that does not exist fails before compiling, naming the URL."""
     from jaxalign.errors import UserError
