@@ -20,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxalign.errors import UserError
+from jaxalign.paths import absolute, run_path
 
 
 def os_error_text(error: BaseException) -> str:
@@ -78,7 +79,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
         _drop_closed_event_loop_noise()
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(run_path(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -200,7 +201,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A RUN_DIR, its `checkpoints/` directory, or one `checkpoints/<step>` -> that step's dir
     (the latest complete step when a run or checkpoints directory is given)."""
-    p = Path(path)
+    p = run_path(path, key="checkpoint")
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if (p / "state").is_dir():
@@ -218,7 +219,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_params(path: str | Path, abstract_params: Any) -> Any:
     """Only the parameters of a checkpoint, placed on `abstract_params`' shardings."""
-    step_dir = resolve_checkpoint(path).absolute()  # Orbax wants absolute paths
+    step_dir = absolute(resolve_checkpoint(path))  # Orbax wants absolute paths
     try:
         restored = ocp.PyTreeCheckpointer().restore(
             step_dir / "state",

@@ -12,13 +12,13 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from jaxalign.errors import ConfigError
 from jaxalign.models.registry import family_names, get_family, unknown_family_message
+from jaxalign.paths import run_path, unsupported_scheme
 from jaxalign.trainers.preference_config import DPOConfig, PreferenceConfig, RMConfig
 from jaxalign.trainers.rl_config import RLConfig
 
@@ -381,7 +381,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def load_raw(path: str | os.PathLike | None) -> dict:
     if path is None:
         return {}
-    p = Path(path)
+    p = run_path(path, key="config")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -502,7 +502,15 @@ def validate(cfg: Config, where: str = "config") -> None:
             if v == 0 or v < -1 or (name.startswith("dcn") and v < 1):
                 fill = "" if name.startswith("dcn") else " or -1"
                 fail(f"mesh.{name} must be a positive size{fill}, got {v}")
+    for key, value in {  # before a local directory named `s3:` is made
+        "run_dir": cfg.run_dir,
+        "init_from": cfg.init_from,
+        "data.train_file": cfg.data.train_file,
+        "data.eval_file": cfg.data.eval_file,
+    }.items():
+        if isinstance(value, str) and (problem := unsupported_scheme(value, key)):
+            fail(problem)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run_path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

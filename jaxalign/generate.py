@@ -35,6 +35,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import Config, ModelConfig, SamplingConfig, ShardingConfig, load_config
 from jaxalign.errors import DataError, UserError
 from jaxalign.models.registry import build
+from jaxalign.paths import run_path
 
 FINISH_REASONS = ("length", "stop")  # index = the code in `Generation.finish_reasons`
 MIN_BUCKET = 16
@@ -604,7 +605,7 @@ class Policy:
 
 def find_run_config(path: str | Path) -> Path:
     """The `config.yaml` of a RUN_DIR, its `checkpoints/` dir, or one `checkpoints/<step>`."""
-    p = Path(path)
+    p = run_path(path, key="checkpoint")
     for candidate in (p, p.parent, p.parent.parent):
         if (candidate / "config.yaml").is_file():
             return candidate / "config.yaml"

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxalign.config import ModelConfig
+from jaxalign.paths import LocalMirror, is_remote, open_append, run_path
 
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
@@ -62,28 +63,34 @@ class MetricsWriter:
 
     def __init__(
         self,
-        run_dir: str | Path,
+        run_dir: str | os.PathLike,
         *,
         tensorboard: bool = True,
         wandb_project: str | None = None,
         config: dict | None = None,
     ):
         self.enabled = jax.process_index() == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = run_path(run_dir) / "metrics.jsonl"
         self._tb = None
+        self._tb_mirror = None
         self._wandb = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
+        self._file = open_append(self.path)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            # Events for a gs:// run go to a local directory copied there every 30 s: tensorboardX's
+            # own GCS writer uploads again when garbage-collected, after the run has ended.
+            tb_dir = self.path.parent / "tensorboard"
+            self._tb_mirror = LocalMirror(tb_dir) if is_remote(tb_dir) else None
+            self._tb = SummaryWriter(str(self._tb_mirror.local if self._tb_mirror else tb_dir))
         if wandb_project:
             import wandb  # optional extra
 
-            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+            local_dir = None if is_remote(run_dir) else str(run_dir)  # W&B's files stay local
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=local_dir)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -103,6 +110,9 @@ class MetricsWriter:
             if key != "step" and isinstance(value, (int, float)):
                 if self._tb is not None:
                     self._tb.add_scalar(key, value, step)
+        if self._tb_mirror is not None and self._tb_mirror.due():
+            self._tb.flush()
+            self._tb_mirror.sync()
         if self._wandb is not None:
             self._wandb.log(record, step=step)
 
@@ -112,6 +122,8 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._tb_mirror is not None:
+            self._tb_mirror.close()
         if self._wandb is not None:
             self._wandb.finish()
 

@@ -31,7 +31,7 @@ tar -C "$repo" --exclude=.venv --exclude=runs --exclude=.git -czf /tmp/jaxalign_
 gcloud compute tpus tpu-vm scp /tmp/jaxalign_src.tgz "$tpu":/tmp/ --zone "$zone" \
   "${project_args[@]}" --worker=all
 ssh_all "mkdir -p ~/jaxalign && tar -xzf /tmp/jaxalign_src.tgz -C ~/jaxalign && \
-  cd ~/jaxalign && python3 -m pip install -q -e '.[tpu]'"
+  cd ~/jaxalign && python3 -m pip install -q -e '.[tpu,gcs]'"
 
 echo "== running on all workers: ${command[*]}"
 quoted=$(printf '%q ' "${command[@]}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from jaxalign.data.templates import ROLES
 from jaxalign.errors import DataError
+from jaxalign.paths import run_path
 
 ON_ERROR_CHOICES = ("raise", "skip")
 ARRAY_RECORD_SUFFIXES = (".arrayrecord", ".array_record")
@@ -154,9 +154,9 @@ def source_format(spec: Any) -> str:
 
 def _raw_jsonl(path: str):
     """(where, record-or-DataError) for each non-blank line."""
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with run_path(path, key="data").open("rb") as stored:  # a gs:// URL too
+            f = gzip.open(stored) if path.endswith(".gz") else stored
             for line_number, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
@@ -256,7 +256,7 @@ def read_records(
     elif fmt == "tfds":
         raw = _raw_tfds(spec, data_dir)
     else:
-        if not os.path.isfile(spec):
+        if not run_path(spec, key="data").is_file():
             raise DataError("data file not found", where=spec)
         raw = {"jsonl": _raw_jsonl, "parquet": _raw_parquet, "arrayrecord": _raw_arrayrecord}[fmt](
             spec
@@ -320,7 +320,7 @@ def read_jsonl(path: str, *, on_error: str = "raise") -> tuple[list[dict], int]:
     """
     if on_error not in ON_ERROR_CHOICES:
         raise DataError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-    if not os.path.isfile(path):
+    if not run_path(path, key="data").is_file():
         raise DataError("data file not found", where=str(path))
     records: list[dict] = []
     skipped = 0

@@ -23,6 +23,7 @@ import numpy as np
 from jaxalign import sharding as shd
 from jaxalign.errors import ConfigError, UserError
 from jaxalign.hf.convert import IGNORED_TENSOR_SUFFIXES, TensorMap
+from jaxalign.paths import run_path
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -250,7 +251,7 @@ def write_safetensors(
     names = (
         [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
-    directory = Path(directory)
+    directory = run_path(directory, key="output")
     weight_map = {}
     total = 0
     for file_name, group in zip(names, groups, strict=True):
@@ -268,7 +269,7 @@ def write_safetensors(
         total += offset
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        f = open(directory / file_name, "wb") if write else None
+        f = (directory / file_name).open("wb") if write else None
         try:
             if f:
                 f.write(struct.pack("<Q", len(blob)) + blob)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from jaxalign.hf.convert import (
 )
 from jaxalign.hf.io import SafetensorsCheckpoint, iter_hf_tensors, load_tensors, write_safetensors
 from jaxalign.models.registry import HFConverter, build, get_family
+from jaxalign.paths import copy_file, run_path
 
 # Tokenizer (and generation) files copied from an imported model directory on export.
 TOKENIZER_FILES = (
@@ -196,7 +196,7 @@ def save_pretrained(
     else:
         cfg, params = model
     reward = "backbone" in params
-    out = Path(path)
+    out = run_path(path, key="output")
     main = jax.process_index() == 0
     tok = None
     if tokenizer is not None and not (
@@ -246,13 +246,13 @@ def _write_tokenizer(source: Path, out: Path, tok: Any) -> None:
     if source.is_dir():
         for name in TOKENIZER_FILES:
             if (source / name).is_file() and source.resolve() != out.resolve():
-                shutil.copyfile(source / name, out / name)
+                copy_file(source / name, out / name)
         return
     if source.name.endswith(".json"):
-        shutil.copyfile(source, out / "tokenizer.json")
+        copy_file(source, out / "tokenizer.json")
         for name in TOKENIZER_FILES:
             if name != "tokenizer.json" and (source.parent / name).is_file():
-                shutil.copyfile(source.parent / name, out / name)
+                copy_file(source.parent / name, out / name)
         return
     from jaxalign.hf.tokenizer import write_sentencepiece_as_hf
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from jaxalign.errors import DataError
+from jaxalign.paths import copy_file, run_path
 
 
 def _token_text(value: Any) -> str | None:
@@ -151,8 +151,8 @@ def write_sentencepiece_as_hf(model_file: str | os.PathLike, out: str | os.PathL
 
     sp = spm.SentencePieceProcessor()
     sp.load(str(model_file))
-    out = Path(out)
-    shutil.copyfile(model_file, out / "tokenizer.model")
+    out = run_path(out, key="output")
+    copy_file(model_file, out / "tokenizer.model")
 
     def piece(i: int) -> str | None:
         return sp.id_to_piece(i) if i >= 0 else None

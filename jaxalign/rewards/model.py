@@ -23,6 +23,7 @@ from jaxalign.config import Config, load_config
 from jaxalign.data import load_tokenizer, render, to_messages
 from jaxalign.errors import DataError, UserError
 from jaxalign.models.reward import RewardModel
+from jaxalign.paths import run_path
 
 STATS_FILE = "reward_stats.json"  # written to an RM run directory at the end of training
 MAX_BATCH_SIZE = 32  # rows per reward-model forward, at most
@@ -92,7 +93,7 @@ def load_reward_model(
     from jaxalign.trainers.registry import get_trainer
 
     where = f"{source}: {run_dir}" if source else str(run_dir)
-    config_path = Path(run_dir) / "config.yaml"
+    config_path = run_path(run_dir, key=source or "reward model") / "config.yaml"
     if not config_path.is_file():
         raise UserError(f"{where}: not a run directory (no config.yaml)")
     cfg = load_config(config_path)
@@ -106,8 +107,8 @@ def load_reward_model(
     graphdef, abstract, shardings = build_model(
         cfg, mesh, rules, lambda rngs: RewardModel(cfg.model, rngs)
     )
-    params = load_params(Path(run_dir).absolute(), abstract_with_shardings(abstract, shardings))
-    stats_path = Path(run_dir) / STATS_FILE
+    params = load_params(run_dir, abstract_with_shardings(abstract, shardings))
+    stats_path = config_path.parent / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     return cfg, RewardModelRunner(graphdef, params, mesh, rules, cfg.train.seq_len), stats
 

@@ -9,10 +9,10 @@ initial parameters, sharded like the policy, or log-probs precomputed once befor
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ from jaxalign.losses import (
     sequence_logprobs,
     simpo_loss,
 )
+from jaxalign.paths import run_path
 from jaxalign.trainers.base import Algorithm
 from jaxalign.trainers.rm import check_vocab, pair_tokens, pairs_to_rows
 
@@ -221,9 +222,10 @@ class DPO(Algorithm):
                 sort_keys=True,
             ).encode()
         ).hexdigest()[:16]
-        path = Path(self.cfg.run_dir) / "reference_logps" / f"{split}.{pi}-of-{pc}.npz"
+        path = run_path(self.cfg.run_dir) / "reference_logps" / f"{split}.{pi}-of-{pc}.npz"
         if path.is_file():
-            saved = np.load(path)
+            with path.open("rb") as f:  # a gs:// run directory too
+                saved = np.load(io.BytesIO(f.read()))
             if str(saved["fingerprint"]) == fingerprint:
                 return saved["logps"]
         examples = iterator.examples
@@ -258,5 +260,6 @@ class DPO(Algorithm):
             out[b * rows : (b + 1) * rows] = result.reshape(rows, 2)
         logps = out[: len(examples)]
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, logps=logps, fingerprint=np.asarray(fingerprint))
+        with path.open("wb") as f:
+            np.savez(f, logps=logps, fingerprint=np.asarray(fingerprint))
         return logps

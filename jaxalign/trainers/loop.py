@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +27,7 @@ from jaxalign.metrics import MetricsWriter, measure_matmul_peak
 from jaxalign.models.params import build_model, init_params
 from jaxalign.models.registry import get_family
 from jaxalign.optim import freeze_patterns, make_optimizer
+from jaxalign.paths import run_path
 from jaxalign.trainers.base import Algorithm, DataIterator
 from jaxalign.trainers.step import (
     combine_metrics,
@@ -145,8 +145,8 @@ class Trainer:
             "consecutive_bad": replicated,
         }
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
-        self.run_dir = Path(cfg.run_dir)
-        self.frozen = None  # set in run() by algorithm.frozen_params
+        self.run_dir = run_path(cfg.run_dir)
+        self.frozen = None  # set in run() from algorithm.frozen_params
         self._stop = threading.Event()
         self._batch_shardings: dict[int, NamedSharding] = {}  # ndim -> to_global's sharding
 
@@ -294,7 +294,7 @@ class Trainer:
             probe.unlink()
         except OSError as e:
             raise UserError(
-                f"{self.run_dir}: run directory is not writable ({e.strerror})"
+                f"{self.run_dir}: run directory is not writable ({e.strerror or type(e).__name__})"
             ) from None
 
     def compile_step(self, batch: dict) -> Any:

@@ -8,7 +8,6 @@ The reference policy is a frozen copy of the initial policy. Formulas: docs/trai
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -220,11 +219,11 @@ class PPO(RLAlgorithm):
             return None  # a PPO run: the trainer's default loads both
         abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
         if cfg.init_from:
-            policy = load_params(Path(cfg.init_from).absolute(), abstract["policy"])
+            policy = load_params(cfg.init_from, abstract["policy"])
         else:
             policy = _fresh(trainer)["policy"]  # a seeded init (tests)
         if cfg.rl.value_init_from:
-            value = load_params(Path(cfg.rl.value_init_from).absolute(), abstract["value"])
+            value = load_params(cfg.rl.value_init_from, abstract["value"])
         else:
             copy = jax.jit(
                 lambda p: jax.tree.map(jnp.copy, p),

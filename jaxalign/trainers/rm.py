@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from jaxalign.data.preference import read_preference_jsonl, tokenize_preferences
 from jaxalign.errors import ConfigError
 from jaxalign.losses import reward_model_pair_losses
 from jaxalign.models.reward import RewardModel
+from jaxalign.paths import run_path
 from jaxalign.rewards.model import STATS_FILE, RewardModelRunner
 from jaxalign.trainers.base import Algorithm
 
@@ -139,7 +139,7 @@ class RewardModelAlgorithm(Algorithm):
         if not cfg.init_from or checkpoint_trainer(cfg.init_from) == cfg.trainer:
             return None
         backbone = load_params(
-            Path(cfg.init_from).absolute(),
+            cfg.init_from,
             abstract_with_shardings(
                 trainer.abstract_params["backbone"], trainer.param_shardings["backbone"]
             ),
@@ -162,7 +162,7 @@ class RewardModelAlgorithm(Algorithm):
         )
         stats = reward_statistics(scorer, path, cfg, self.tokenizer)
         if jax.process_index() == 0:
-            (Path(cfg.run_dir) / STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
+            (run_path(cfg.run_dir) / STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
         return stats
 
 
