@@ -167,6 +167,15 @@ class Checkpointer:
         except Exception as e:
             raise self._save_failed(step if step is not None else -1, e) from e
 
+    def _await_tmp_cleanup(self) -> None:
+        """Wait for the clean-up of unfinished saves' temporary directories that Orbax (0.12)
+        starts on a thread when the manager is made and only awaits in its first `save`, not in
+        `close`: a run that ends before saving (a data error) would leave that thread running
+        into interpreter shutdown, which then logs a 40-line traceback."""
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
+
     def close(self) -> None:
         """Wait for the save in flight (UserError if it failed) and release Orbax's threads.
         After a failed save, Orbax's further complaints stay held back: it was reported."""
@@ -183,6 +192,7 @@ class Checkpointer:
             return
         try:
             self.wait()
+            self._await_tmp_cleanup()
             self.manager.close()
         finally:
             if not self._failed:

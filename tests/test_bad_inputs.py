@@ -189,3 +189,38 @@ def test_no_unsafe_deserialization_of_user_files():
         if pattern in p.read_text()
     ]
     assert offenders == []
+
+
+def test_data_error_on_a_fresh_run_is_one_line_at_exit(tmp_path):
+    """The checkpointer's background thread must be closed on every error path: a data error on
+    a fresh run directory once ended in Orbax's 'cannot schedule new futures after interpreter
+    shutdown' traceback in most tries. The race is per process: several are launched at once."""
+    import subprocess
+    import sys
+
+    bad = BAD / "malformed_json.jsonl"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxalign.cli",
+                "train",
+                SFT,
+                "--set",
+                f"run_dir={tmp_path / f'run{i}'}",
+                "--set",
+                f"data.train_file={bad}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err
+        lines = [line for line in (out + err).splitlines() if line.strip()]
+        assert len(lines) == 1, "\n".join(lines)
+        assert "malformed_json.jsonl:2: malformed JSON" in lines[0]

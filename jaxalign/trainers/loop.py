@@ -240,6 +240,13 @@ class Trainer:
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
         )
+        try:  # closed on every path: its background thread must not outlive an error
+            return self._run(ckpt, init_params)
+        finally:
+            ckpt.close()
+
+    def _run(self, ckpt: Checkpointer, init_params: Any | None) -> RunResult:
+        cfg = self.cfg
         data = self.algorithm.train_data(jax.process_index(), jax.process_count())
         latest = ckpt.latest_step()
         if cfg.resume is True and latest is None:
@@ -280,7 +287,6 @@ class Trainer:
                     self._log(f"end of training: {report}")
         finally:
             writer.close()
-            ckpt.close()
         return result
 
     def _preflight(self) -> None:
