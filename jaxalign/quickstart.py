@@ -52,7 +52,7 @@ TOKENIZER_VOCAB = 1024
 EVAL_LIMIT = {"full": 60, "fast": 12}  # per family; 60 = every held-out prompt
 MAX_NEW_TOKENS = 48
 
-# --fast: a smaller model and far fewer steps (about 4 minutes on a 2-core CPU).
+# --fast: a smaller model and far fewer steps (its time is in docs/quickstart.md).
 FAST_MODEL = ["model.num_layers=2"]
 FAST: dict[str, list[str]] = {
     "pretrain": ["train.steps=80", "train.warmup_steps=8"],

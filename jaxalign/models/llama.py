@@ -125,8 +125,8 @@ def attend(
 
 
 # `model.attention_query_block: auto` per backend: on CPU, blocks of 64 queries keep each block's
-# scores in cache (1.03x / 1.08x faster SFT steps at 7M / 50M, docs/performance.md); GPU and TPU
-# run one fused attention.
+# scores in cache (the measurement is in docs/performance.md); GPU and TPU run one fused
+# attention.
 AUTO_QUERY_BLOCK = {"cpu": 64}
 
 
