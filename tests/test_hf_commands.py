@@ -3,6 +3,7 @@
 template, equal to transformers on the same prompts."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,23 @@ def test_wrong_kind_of_hf_dir_is_a_one_line_error(command, model, why, dirs, tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(directory) in err
     assert why in err and "\n" not in err
+
+
+def test_rl_reward_model_can_be_an_hf_sequence_classifier(dirs):
+    """`rl.reward_model: HF_DIR` scores rollout sequences as transformers does; its tokenizer
+    is the policy's when the files are the same, wherever they lie."""
+    from jaxalign.errors import ConfigError
+    from jaxalign.hf.model import run_config
+    from jaxalign.rewards import Scorer
+
+    lm_dir, rm_dir, rm = dirs["lm"][0], *dirs["rm"]
+    sets = [f"rl.reward_model={rm_dir}", "rl.reward_functions=[]"]
+    cfg = run_config(lm_dir, sets)
+    scorer = Scorer.from_rl_config(cfg, load_tokenizer(cfg.data.tokenizer))
+    sequences = [np.asarray([1, 5, 9, 40, 2]), np.asarray([1, 7, 2])]
+    np.testing.assert_allclose(
+        scorer([], ["a", "b"], [{}, {}], sequences), torch_rewards(rm, sequences), atol=1e-4
+    )
+    cfg.data.tokenizer = str(Path(__file__).parent.parent / "data" / "tiny" / "tokenizer.model")
+    with pytest.raises(ConfigError, match="differs from data.tokenizer"):
+        Scorer.from_rl_config(cfg, load_tokenizer(cfg.data.tokenizer))
