@@ -213,11 +213,13 @@ def load_params(
             f"Hugging Face config ({got[diff[0]]!r})"
         )
     reward = "backbone" in abstract_params
-    if reward != is_sequence_classifier(directory):
+    if reward and not is_sequence_classifier(directory):
         raise ConfigError(
-            f"{directory}: a reward model imports a *ForSequenceClassification and a causal LM "
-            "a *ForCausalLM; config.json's architectures say otherwise"
+            f"{directory}: not a *ForSequenceClassification; a reward model imports only those "
+            "(start an RM run from a causal LM with init_from on a run that trained it)"
         )
+    if not reward and is_sequence_classifier(directory):
+        raise ConfigError(f"{directory}: a *ForSequenceClassification, not a causal LM")
     ckpt = SafetensorsCheckpoint(directory)
     maps = _converter(cfg).tensor_maps(cfg, reward=reward)
     if not (reward and "lm_head" in abstract_params["backbone"]):
@@ -405,7 +407,7 @@ def _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype) ->
     from jaxalign.checkpoint import load_params as load_checkpoint_params
     from jaxalign.config import from_dict
     from jaxalign.models.params import build_model
-    from jaxalign.trainers import get_trainer
+    from jaxalign.trainers.registry import get_trainer
 
     step_dir = resolve_checkpoint(checkpoint)
     config_file = step_dir.parent.parent / "config.yaml"
