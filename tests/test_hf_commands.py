@@ -259,3 +259,16 @@ def test_rl_reward_model_can_be_an_hf_sequence_classifier(dirs):
     cfg.data.tokenizer = str(Path(__file__).parent.parent / "data" / "tiny" / "tokenizer.model")
     with pytest.raises(ConfigError, match="differs from data.tokenizer"):
         Scorer.from_rl_config(cfg, load_tokenizer(cfg.data.tokenizer))
+
+
+def test_sequence_classifier_imports_as_reward_model_and_re_exports(dirs, tmp_path):
+    from jaxalign import hf
+
+    directory, rm = dirs["rm"]
+    ids = np.random.default_rng(0).integers(3, 300, (2, 9))
+    model = hf.from_pretrained(directory)
+    assert model.is_reward
+    np.testing.assert_allclose(np.asarray(model(ids)), torch_rewards(rm, ids), atol=1e-4)
+    out = hf.save_pretrained(model, tmp_path / "rm")
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    np.testing.assert_allclose(torch_rewards(reloaded, ids), torch_rewards(rm, ids), atol=1e-5)
