@@ -609,7 +609,10 @@ def find_run_config(path: str | Path) -> Path:
     for candidate in (p, p.parent, p.parent.parent):
         if (candidate / "config.yaml").is_file():
             return candidate / "config.yaml"
-    raise UserError(f"{path}: no config.yaml found in it or its parent run directory")
+    raise UserError(
+        f"{path}: not a run directory (no config.yaml in it or its parent run directory) "
+        "nor a Hugging Face model directory (no config.json)"
+    )
 
 
 def load_policy(path: str | Path, overrides: Sequence[str] = ()) -> Policy:

@@ -225,10 +225,12 @@ def test_export_re_exports_an_hf_dir_in_another_dtype(dirs, tmp_path):
         ("score", "rm2", "a sequence classifier with 2 labels"),
         ("generate", "rm", "a *ForSequenceClassification (a reward model), not a causal LM"),
         ("export", "lm", "is the model directory being exported"),
+        ("generate", "none", "nor a Hugging Face model directory (no config.json)"),
+        ("score", "none", "nor a Hugging Face model directory (no config.json)"),
     ],
 )
 def test_wrong_kind_of_hf_dir_is_a_one_line_error(command, model, why, dirs, tmp_path, capsys):
-    directory = dirs[model][0]
+    directory = dirs[model][0] if model in dirs else tmp_path
     inp = write_jsonl(tmp_path / "in.jsonl", PROMPTS)
     argv = {
         "score": ["score", "--model", str(directory), "--input", inp],

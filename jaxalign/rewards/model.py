@@ -101,7 +101,10 @@ def load_reward_model(
     where = f"{source}: {run_dir}" if source else str(run_dir)
     config_path = run_path(run_dir, key=source or "reward model") / "config.yaml"
     if not config_path.is_file():
-        raise UserError(f"{where}: not a run directory (no config.yaml)")
+        raise UserError(
+            f"{where}: not a run directory (no config.yaml) nor a Hugging Face model "
+            "directory (no config.json)"
+        )
     cfg = load_config(config_path)
     if not get_trainer(cfg.trainer).is_reward_model:
         raise UserError(f"{where}: was trained with trainer '{cfg.trainer}', not a reward model")
