@@ -274,3 +274,29 @@ def test_sequence_classifier_imports_as_reward_model_and_re_exports(dirs, tmp_pa
     out = hf.save_pretrained(model, tmp_path / "rm")
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     np.testing.assert_allclose(torch_rewards(reloaded, ids), torch_rewards(rm, ids), atol=1e-5)
+
+
+def test_rm_run_starts_from_an_hf_sequence_classifier(dirs, tmp_path):
+    """`trainer: rm` with `model.from_hf` a one-label classifier starts from its weights (its
+    rewards are transformers'); a causal LM there is a one-line error."""
+    import jax
+    from flax import nnx
+
+    from jaxalign.config import load_config
+    from jaxalign.errors import ConfigError
+    from jaxalign.models.reward import RewardModel
+    from jaxalign.trainers import get_trainer
+    from jaxalign.trainers.loop import Trainer
+
+    directory, rm = dirs["rm"]
+    sets = ["trainer=rm", f"run_dir={tmp_path}", f"data.tokenizer={directory}"]
+    cfg = load_config(None, [*sets, f"model.from_hf={directory}"])
+    params = Trainer(cfg, get_trainer("rm")(cfg), devices=jax.devices()).initial_params()
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: RewardModel(cfg.model, nnx.Rngs(0))))
+    ids = np.random.default_rng(1).integers(3, 300, (2, 9))
+    rewards = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids)
+    np.testing.assert_allclose(np.asarray(rewards), torch_rewards(rm, ids), atol=1e-4)
+
+    cfg = load_config(None, [*sets, f"model.from_hf={dirs['lm'][0]}"])
+    with pytest.raises(ConfigError, match="not a \\*ForSequenceClassification"):
+        Trainer(cfg, get_trainer("rm")(cfg), devices=jax.devices()).initial_params()
