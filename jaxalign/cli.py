@@ -3,13 +3,17 @@
     jaxalign train CONFIG [--set a.b=c ...]      run the trainer the config names
     jaxalign shardings CONFIG [--set ...]        print the mesh and every parameter's sharding
     jaxalign tokenizer train --input F --vocab-size N [--output PREFIX]
-    jaxalign export --checkpoint RUN_DIR|CKPT --output DIR   a Hugging Face model directory
-    jaxalign generate --model RUN_DIR --input prompts.jsonl --output out.jsonl [--set ...]
+    jaxalign export --checkpoint RUN_DIR|CKPT|HF_DIR --output DIR   a Hugging Face model directory
+    jaxalign generate --model RUN_DIR|HF_DIR --input prompts.jsonl --output out.jsonl [--set ...]
     jaxalign rejection-sample --model RUN_DIR --input prompts.jsonl --reward-fn MOD:FN
         --output-sft best.jsonl --output-dpo pairs.jsonl [--set sampling.num_samples=8]
-    jaxalign score --model RUN_DIR --input F.jsonl [--output OUT.jsonl]   reward-model scores
+    jaxalign score --model RUN_DIR|HF_DIR --input F.jsonl [--output OUT.jsonl]   reward scores
     jaxalign quickstart [--fast] [--run-dir DIR] [--stages ...] [--from-stage S]   end to end
     jaxalign eval --model RUN_DIR [--reference RUN] [--reward-model RM_RUN] [--output M.json]
+
+Wherever a command takes a RUN_DIR (--model, --reference, --reward-model, --checkpoint), a
+Hugging Face model directory (config.json + safetensors) works too; its tokenizer and chat
+template come with it (docs/hf.md).
     jaxalign eval --compare RUN_A RUN_B --max-drop 2.0   non-zero exit on a regression
 
 Errors in user input print one line (`error: ...`) and exit with status 2; `--debug` shows the
@@ -137,6 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         family=args.family,
         max_shard_size=args.max_shard_size,
+        dtype=args.dtype,
     )
     print(f"[jaxalign] wrote {out}")
     return 0
@@ -170,7 +175,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a RUN_DIR or one of its checkpoints/<step>")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a RUN_DIR, one of its checkpoints/<step>, or a Hugging Face model directory",
+    )
     p.add_argument("--input", required=True, help="prompts JSONL: {prompt} or {messages}")
     p.add_argument(
         "--set",
@@ -293,13 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shardings)
 
     p = sub.add_parser("score", help="write a reward model's reward for every record")
-    p.add_argument("--model", required=True, help="run directory of a reward model (trainer: rm)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a reward model: an RM RUN_DIR, or a Hugging Face *ForSequenceClassification "
+        "directory (num_labels 1)",
+    )
     p.add_argument("--input", required=True, help="JSONL of {prompt, response} or {messages}")
     p.add_argument("--output", help="output JSONL (default: stdout)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("export", help="export a checkpoint as a Hugging Face model directory")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR or RUN_DIR/checkpoints/STEP")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="RUN_DIR or RUN_DIR/checkpoints/STEP (or a Hugging Face directory to re-export)",
+    )
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument(
         "--tokenizer",
@@ -308,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--family", help="Hugging Face model_type (default: inferred)")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 2GB")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="cast the weights (default: as trained; a Hugging Face directory's torch_dtype)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -334,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="MODULE:FUNCTION or FILE.py:FUNCTION, called as "
         "fn(prompts, completions, **record_fields) -> scores",
     )
-    p.add_argument("--reward-model", help="a reward-model RUN_DIR (trainer: rm)")
+    p.add_argument(
+        "--reward-model", help="a reward-model RUN_DIR (trainer: rm) or HF sequence classifier"
+    )
     p.add_argument("--output-sft", required=True, help="best completion per prompt (JSONL)")
     p.add_argument("--output-dpo", help="best/worst pair per prompt (JSONL)")
     p.set_defaults(func=cmd_rejection_sample)
@@ -353,14 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("eval", help="held-out checker evals of a policy, or a regression gate")
-    p.add_argument("--model", help="policy RUN_DIR to evaluate")
+    p.add_argument("--model", help="policy RUN_DIR (or Hugging Face directory) to evaluate")
     p.add_argument(
         "--eval-file",
         action="append",
         help="eval JSONL (repeatable; default: the quickstart's held-out task and safety splits)",
     )
-    p.add_argument("--reference", help="RUN_DIR of the reference policy (KL to it)")
-    p.add_argument("--reward-model", help="RM RUN_DIR (win rate against --baseline)")
+    p.add_argument("--reference", help="RUN_DIR or HF dir of the reference policy (KL to it)")
+    p.add_argument(
+        "--reward-model", help="RM RUN_DIR or HF classifier (win rate against --baseline)"
+    )
     p.add_argument(
         "--baseline",
         help="generations JSONL of the baseline model (--generations of an earlier eval)",

@@ -609,23 +609,39 @@ def find_run_config(path: str | Path) -> Path:
     for candidate in (p, p.parent, p.parent.parent):
         if (candidate / "config.yaml").is_file():
             return candidate / "config.yaml"
-    raise UserError(f"{path}: no config.yaml found in it or its parent run directory")
+    raise UserError(
+        f"{path}: not a run directory (no config.yaml in it or its parent run directory) "
+        "nor a Hugging Face model directory (no config.json)"
+    )
 
 
 def load_policy(path: str | Path, overrides: Sequence[str] = ()) -> Policy:
     """Load a run's (or checkpoint's) policy params onto the mesh its config (plus `overrides`)
-    names. A PPO run's checkpoint holds `{"policy", "value"}`: only the policy is restored."""
+    names. A PPO run's checkpoint holds `{"policy", "value"}`: only the policy is restored.
+
+    A Hugging Face model directory loads too: its config.json, tokenizer and chat template make
+    the config (`hf.model.run_config`, then `overrides`), and its weights stream straight into
+    their shardings."""
+    from jaxalign import hf
     from jaxalign.checkpoint import abstract_with_shardings, load_params
+    from jaxalign.hf.model import hf_model_dir, run_config
     from jaxalign.models.params import build_model
     from jaxalign.trainers import get_trainer
 
-    cfg = load_config(find_run_config(path), list(overrides))
+    hf_dir = hf_model_dir(path)
+    if hf_dir is not None:
+        cfg = run_config(hf_dir, list(overrides))
+    else:
+        cfg = load_config(find_run_config(path), list(overrides))
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.sharding)
     algorithm = get_trainer(cfg.trainer)
     graphdef, abstract, shardings = build_model(
         cfg, mesh, rules, lambda rngs: algorithm.make_policy(cfg, rngs)
     )
+    if hf_dir is not None:
+        params = hf.load_params(hf_dir, cfg.model, abstract, shardings)
+        return Policy(cfg, mesh, rules, graphdef, params)
     target = algorithm.policy_target(abstract_with_shardings(abstract, shardings))
     params = algorithm.policy_params(load_params(path, target))
     return Policy(cfg, mesh, rules, graphdef, params)

@@ -115,7 +115,7 @@ def freeze_labels(patterns: Sequence[str], params) -> object:
 def freeze_patterns(cfg: Config) -> list[str]:
     """`train.freeze` and what the trainer freezes on its own: parameters it holds but no loss
     reads (`Algorithm.unused_params`, e.g. the untied LM head of a reward model)."""
-    from jaxalign.trainers import get_trainer
+    from jaxalign.trainers.registry import get_trainer
 
     return [*cfg.train.freeze, *get_trainer(cfg.trainer).unused_params(cfg)]
 

@@ -206,12 +206,17 @@ def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -
 
 def reward_model_bytes(cfg: Config, num_devices: int) -> int:
     """The reward model's parameters per device, as `trainers.rm.load_reward_model` places them
-    (FSDP over all devices, the RM run's tensor axis). Its run config gives the architecture
-    when `rl.reward_model` exists here; otherwise it is assumed to be the policy's."""
+    (FSDP over all devices, the RM run's tensor axis). Its run config (or a Hugging Face
+    directory's config.json) gives the architecture when `rl.reward_model` exists here;
+    otherwise it is assumed to be the policy's."""
+    from jaxalign.hf.model import hf_model_dir, run_config
+
     rm_cfg = cfg
     config_path = Path(cfg.rl.reward_model) / "config.yaml"
     if config_path.is_file():
         rm_cfg = load_config(config_path)
+    elif (hf_dir := hf_model_dir(cfg.rl.reward_model)) is not None:
+        rm_cfg = run_config(hf_dir, reward=True, where="rl.reward_model")
     mesh = dataclasses.replace(rm_cfg.mesh, data=1, fsdp=-1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
     sizes = shd.axis_sizes(mesh, num_devices)
     rules = shd.resolve_rules(rm_cfg.sharding)

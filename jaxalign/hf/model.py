@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -108,11 +109,97 @@ def _hf_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def hf_model_dir(path: str | os.PathLike) -> Path | None:
+    """`path` as a local Hugging Face model directory (config.json, no config.yaml), or None:
+    then it is a jaxalign run directory or checkpoint. Every command that takes a model asks
+    this."""
+    if str(path).startswith(("gs://", "s3://")):  # imports are local (memory-mapped)
+        return None
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        return p
+    return None
+
+
+def is_sequence_classifier(path: str | os.PathLike) -> bool:
+    """Whether the Hugging Face directory holds a `*ForSequenceClassification` checkpoint."""
+    architectures = read_hf_config(path).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def _num_labels(hf: dict) -> int:
+    # transformers writes id2label rather than num_labels; its default is 2 labels.
+    if isinstance(hf.get("id2label"), dict):
+        return len(hf["id2label"])
+    return int(hf.get("num_labels", 2))
+
+
+def chat_template_path(directory: str | os.PathLike) -> str:
+    """`data.template` for a Hugging Face directory: its tokenizer_config.json when that holds a
+    `chat_template` (it also names BOS/EOS), else its chat_template.jinja, else `plain`."""
+    d = Path(directory)
+    config = d / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            if json.loads(config.read_text()).get("chat_template"):
+                return str(config)
+        except (json.JSONDecodeError, AttributeError):
+            pass  # the template loader reports a malformed file when it is named
+    if (d / "chat_template.jinja").is_file():
+        return str(d / "chat_template.jinja")
+    return "plain"
+
+
+def run_config(
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    *,
+    reward: bool = False,
+    where: str | None = None,
+) -> Config:
+    """The run config that uses the Hugging Face directory `path` as a model: `model.from_hf`
+    (architecture from config.json, parameter and compute dtype from its `torch_dtype` when
+    that is float32 or bfloat16), `data.tokenizer` and `data.template` from the directory,
+    then `overrides`. `reward`: the directory must be a one-label `*ForSequenceClassification`
+    (`trainer: rm`); otherwise a causal LM. `where` (a flag or config key) starts errors."""
+    from jaxalign.config import load_config
+
+    directory = Path(path)
+    name = f"{where}: {directory}" if where else str(directory)
+    hf = read_hf_config(directory)
+    classifier = is_sequence_classifier(directory)
+    if reward and not classifier:
+        archs = ", ".join(hf.get("architectures") or []) or "no architectures in config.json"
+        raise UserError(
+            f"{name}: not a reward model ({archs}); expected a *ForSequenceClassification "
+            "with num_labels 1"
+        )
+    if reward and _num_labels(hf) != 1:
+        raise UserError(
+            f"{name}: a sequence classifier with {_num_labels(hf)} labels; a reward model "
+            "has num_labels 1"
+        )
+    if classifier and not reward:
+        raise UserError(
+            f"{name}: a *ForSequenceClassification (a reward model), not a causal LM; "
+            "use it with `jaxalign score` or as a reward model"
+        )
+    dtype = hf.get("torch_dtype", hf.get("dtype"))
+    dtype = dtype if dtype in ("float32", "bfloat16") else "float32"
+    base = {
+        "trainer": "rm" if reward else "sft",
+        "model": {"from_hf": str(directory), "param_dtype": dtype, "dtype": dtype},
+        "data": {"tokenizer": str(directory), "template": chat_template_path(directory)},
+    }
+    return load_config(None, list(overrides or []), base=base)
+
+
 def load_params(
     path: str | os.PathLike, cfg: ModelConfig, abstract_params: Any, shardings: Any
 ) -> dict:
     """Params of the Hugging Face model at `path`, streamed tensor by tensor straight into
-    `shardings` (the layout of `abstract_params`, a Transformer's; scan-stacked or not).
+    `shardings` (the layout of `abstract_params`: a Transformer's, scan-stacked or not, or a
+    RewardModel's for a one-label `*ForSequenceClassification`).
 
     `cfg`'s architecture must match the directory's config.json (ConfigError naming the field).
     """
@@ -125,13 +212,27 @@ def load_params(
             f"{directory}: model.{diff[0]}={want[diff[0]]!r} differs from the "
             f"Hugging Face config ({got[diff[0]]!r})"
         )
-    if "backbone" in abstract_params:
+    reward = "backbone" in abstract_params
+    if reward and not is_sequence_classifier(directory):
         raise ConfigError(
-            f"{directory}: importing into a reward model is not supported; "
-            "import the causal LM (model.from_hf) with the sft trainer"
+            f"{directory}: not a *ForSequenceClassification; a reward model imports only those "
+            "(start an RM run from a causal LM with init_from on a run that trained it)"
         )
+    if not reward and is_sequence_classifier(directory):
+        raise ConfigError(f"{directory}: a *ForSequenceClassification, not a causal LM")
     ckpt = SafetensorsCheckpoint(directory)
-    return load_tensors(ckpt, _converter(cfg).tensor_maps(cfg), abstract_params, shardings)
+    maps = _converter(cfg).tensor_maps(cfg, reward=reward)
+    if not (reward and "lm_head" in abstract_params["backbone"]):
+        return load_tensors(ckpt, maps, abstract_params, shardings)
+    # A sequence classifier has no LM head; the reward model never uses its backbone's: zeros.
+    head = abstract_params["backbone"]["lm_head"]
+    backbone = {k: v for k, v in abstract_params["backbone"].items() if k != "lm_head"}
+    params = load_tensors(ckpt, maps, {**abstract_params, "backbone": backbone}, shardings)
+    zeros = jax.jit(
+        lambda: jnp.zeros(head.shape, head.dtype), out_shardings=shardings["backbone"]["lm_head"]
+    )
+    params["backbone"]["lm_head"] = zeros()
+    return params
 
 
 def from_pretrained(
@@ -142,7 +243,8 @@ def from_pretrained(
     rules: shd.Rules | None = None,
     base: ModelConfig | None = None,
 ) -> PretrainedModel:
-    """Import a local Hugging Face model directory (config.json + safetensors).
+    """Import a local Hugging Face model directory (config.json + safetensors): a causal LM, or
+    a one-label `*ForSequenceClassification` as a reward model.
 
     `mesh` (default: every device on the `fsdp` axis) and `rules` (default: the standard logical
     rules) decide each parameter's sharding; tensors are placed straight there. `dtype` sets both
@@ -156,7 +258,14 @@ def from_pretrained(
     cfg = _converter(base).config_from_hf(directory, base)
     mesh = mesh if mesh is not None else shd.make_mesh(MeshConfig())
     rules = rules or shd.resolve_rules(ShardingConfig())
-    _, abstract, shardings = build_model(Config(model=cfg), mesh, rules)
+    make_model = None
+    if is_sequence_classifier(directory):  # a reward model: PretrainedModel returns rewards
+        from jaxalign.models.reward import RewardModel
+
+        def make_model(rngs):
+            return RewardModel(cfg, rngs)
+
+    _, abstract, shardings = build_model(Config(model=cfg), mesh, rules, make_model)
     params = load_params(directory, cfg, abstract, shardings)
     return PretrainedModel(cfg, params, mesh, rules, family=family, source=str(directory))
 
@@ -266,17 +375,39 @@ def export_checkpoint(
     tokenizer: str | os.PathLike | None = None,
     family: str | None = None,
     max_shard_size: int | str = "5GB",
+    dtype: str | None = None,
 ) -> Path:
     """Export a training checkpoint (a RUN_DIR or its checkpoints/<step>) as a Hugging Face
     directory. The model config comes from RUN_DIR/config.yaml; `trainer: rm` runs export as
-    sequence classifiers. Tokenizer default: `data.tokenizer`, else `model.from_hf`'s files."""
+    sequence classifiers. Tokenizer default: `data.tokenizer`, else `model.from_hf`'s files.
+
+    A Hugging Face directory as `checkpoint` is re-exported (e.g. in another `dtype`, sharded
+    differently, or to gs://), with its own tokenizer files by default. `dtype` (float32 or
+    bfloat16) casts the weights; default: as trained (a Hugging Face directory: its
+    `torch_dtype` when that is float32 or bfloat16, else float32)."""
+    if dtype not in (None, "float32", "bfloat16"):
+        raise UserError(f"--dtype {dtype}: expected float32 or bfloat16")
+    source = hf_model_dir(checkpoint)
+    if source is not None:
+        if os.path.realpath(output) == os.path.realpath(source):
+            raise UserError(f"{output}: is the model directory being exported; pick another")
+        if dtype is None:
+            dtype = run_config(source, reward=is_sequence_classifier(source)).model.param_dtype
+        model = from_pretrained(source, dtype=dtype)
+        return save_pretrained(
+            model, output, tokenizer=tokenizer, family=family, max_shard_size=max_shard_size
+        )
+    return _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype)
+
+
+def _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype) -> Path:
     import yaml
 
     from jaxalign.checkpoint import abstract_with_shardings, resolve_checkpoint
     from jaxalign.checkpoint import load_params as load_checkpoint_params
     from jaxalign.config import from_dict
     from jaxalign.models.params import build_model
-    from jaxalign.trainers import get_trainer
+    from jaxalign.trainers.registry import get_trainer
 
     step_dir = resolve_checkpoint(checkpoint)
     config_file = step_dir.parent.parent / "config.yaml"
@@ -306,8 +437,12 @@ def export_checkpoint(
             tokenizer = hf_dir
     if family is None and hf_dir and (Path(hf_dir) / "config.json").is_file():
         family = read_hf_config(hf_dir).get("model_type")
+    model_cfg = cfg.model
+    if dtype is not None:
+        model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype, dtype=dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
     return save_pretrained(
-        (cfg.model, params),
+        (model_cfg, params),
         output,
         tokenizer=tokenizer,
         family=family,

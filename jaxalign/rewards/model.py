@@ -1,4 +1,5 @@
-"""Reward models as rewards: a trained `trainer: rm` run directory scoring token sequences in
+"""Reward models as rewards: a trained `trainer: rm` run directory (or a Hugging Face
+one-label `*ForSequenceClassification` directory) scoring token sequences in
 padded batches on a mesh, and `score_file` (`jaxalign score`)."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jaxalign.checkpoint import abstract_with_shardings, load_params
 from jaxalign.config import Config, load_config
 from jaxalign.data import load_tokenizer, render, to_messages
 from jaxalign.errors import DataError, UserError
+from jaxalign.hf.model import hf_model_dir, run_config
 from jaxalign.models.reward import RewardModel
 from jaxalign.paths import run_path
 
@@ -87,15 +89,22 @@ def load_reward_model(
     run_dir: str, source: str | None = None
 ) -> tuple[Config, RewardModelRunner, dict | None]:
     """The config, a runner with the latest checkpoint's parameters, and the saved reward
-    statistics (None if absent) of an RM run directory. `source` (a config key or flag) starts
-    every error message."""
+    statistics (None if absent) of an RM run directory, or of a Hugging Face one-label
+    `*ForSequenceClassification` directory (no statistics; its tokenizer and chat template).
+    `source` (a config key or flag) starts every error message."""
     from jaxalign.models.params import build_model
     from jaxalign.trainers.registry import get_trainer
 
+    hf_dir = hf_model_dir(run_dir)
+    if hf_dir is not None:
+        return _load_hf_reward_model(hf_dir, source)
     where = f"{source}: {run_dir}" if source else str(run_dir)
     config_path = run_path(run_dir, key=source or "reward model") / "config.yaml"
     if not config_path.is_file():
-        raise UserError(f"{where}: not a run directory (no config.yaml)")
+        raise UserError(
+            f"{where}: not a run directory (no config.yaml) nor a Hugging Face model "
+            "directory (no config.json)"
+        )
     cfg = load_config(config_path)
     if not get_trainer(cfg.trainer).is_reward_model:
         raise UserError(f"{where}: was trained with trainer '{cfg.trainer}', not a reward model")
@@ -111,6 +120,23 @@ def load_reward_model(
     stats_path = config_path.parent / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     return cfg, RewardModelRunner(graphdef, params, mesh, rules, cfg.train.seq_len), stats
+
+
+def _load_hf_reward_model(directory: Path, source: str | None):
+    from jaxalign.hf.convert import read_hf_config
+    from jaxalign.hf.model import load_params as load_hf_params
+    from jaxalign.models.params import build_model
+
+    cfg = run_config(directory, reward=True, where=source)
+    mesh = shd.make_mesh(cfg.mesh)
+    rules = shd.resolve_rules(cfg.sharding)
+    graphdef, abstract, shardings = build_model(
+        cfg, mesh, rules, lambda rngs: RewardModel(cfg.model, rngs)
+    )
+    params = load_hf_params(directory, cfg.model, abstract, shardings)
+    # Longer inputs keep their last tokens; the model's own limit when config.json names one.
+    max_len = read_hf_config(directory).get("max_position_embeddings") or cfg.train.seq_len
+    return cfg, RewardModelRunner(graphdef, params, mesh, rules, int(max_len)), None
 
 
 class ModelReward:
@@ -200,7 +226,7 @@ def score_file(model_dir: str, input_path: str, output_path: str | None = None) 
     if not records:
         raise DataError("no records to score", where=input_path)
     rewards = reward([], [], records, sequences)
-    truncated = sum(len(s) > cfg.train.seq_len for s in sequences)
+    truncated = sum(len(s) > reward.runner.max_len for s in sequences)
     if jax.process_index() != 0:  # every process scores; process 0 writes
         output_path = os.devnull
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout

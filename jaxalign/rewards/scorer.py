@@ -15,6 +15,24 @@ from jaxalign.rewards.functions import FunctionReward
 from jaxalign.rewards.model import ModelReward
 
 
+def _tokenizer_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():  # a Hugging Face model directory
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (p / name).is_file():
+                return p / name
+    return p
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two `data.tokenizer` values name the same tokenizer: the same file, or files with
+    the same bytes (a Hugging Face reward model's directory carries its own copy)."""
+    file_a, file_b = _tokenizer_file(a), _tokenizer_file(b)
+    if file_a.resolve() == file_b.resolve():
+        return True
+    return file_a.is_file() and file_b.is_file() and file_a.read_bytes() == file_b.read_bytes()
+
+
 class Reward(Protocol):
     """One reward: scores [N] of N rows. `needs_sequences`: whether it reads the rows' token
     `sequences` (a reward model) rather than only their texts and records."""
@@ -71,7 +89,7 @@ class Scorer:
                 offload=rl.offload_frozen,
             )
             rm_tokenizer = reward_model.cfg.data.tokenizer
-            if Path(rm_tokenizer).resolve() != Path(cfg.data.tokenizer).resolve():
+            if not same_tokenizer(rm_tokenizer, cfg.data.tokenizer):
                 raise ConfigError(
                     f"rl.reward_model {rl.reward_model}: its tokenizer ({rm_tokenizer}) differs "
                     "from data.tokenizer"

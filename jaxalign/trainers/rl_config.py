@@ -27,7 +27,7 @@ class RLConfig:
     # Scores: the sum of these reward functions ("module:fn" or "file.py:fn", called as
     # fn(prompts, completions, **record_fields)) and of the reward model run's score, if any.
     reward_functions: list[str] = field(default_factory=list)
-    reward_model: str | None = None  # an RM run directory (same tokenizer as the policy)
+    reward_model: str | None = None  # an RM run dir or a HF sequence classifier (same tokenizer)
     normalize_reward_model: bool = True  # (r - mean) / std with the run's reward_stats.json
     # Weights of rl.reward_functions, then the reward model (TRL's reward_weights); None: 1 each.
     reward_weights: list[float] | None = None
