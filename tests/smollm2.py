@@ -14,7 +14,10 @@ Used by tests/test_real_checkpoint.py and scripts/smollm2_check.py.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,3 +78,19 @@ def make_hf_dir(out: str | Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def shared_hf_dir(path: str | Path) -> Path:
+    """`make_hf_dir(path)` once for every process that asks: pytest-xdist workers given the same
+    `path` (under their shared base temp directory) wait on a lock, and all but the first reuse
+    the finished directory instead of spending another 30 s and 1 GB."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            partial = path.parent / f"{path.name}.partial-{os.getpid()}"
+            make_hf_dir(partial)
+            shutil.rmtree(path, ignore_errors=True)
+            partial.rename(path)
+    return path

@@ -12,11 +12,12 @@ instead of the model's 1e-5 moves the logits by 3e-2, RoPE theta 1e4 instead of 
 """
 
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
-from smollm2 import CONVERSATIONS, make_hf_dir, missing_requirements
+from smollm2 import CONVERSATIONS, missing_requirements, shared_hf_dir
 
 if (reason := missing_requirements()) is not None:
     pytest.skip(reason, allow_module_level=True)
@@ -38,7 +39,10 @@ NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """(directory, transformers model, jaxalign model, jaxalign tokenizer, prompt ids)."""
-    directory = make_hf_dir(tmp_path_factory.mktemp("smollm2"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base temps share a parent
+        base = base.parent
+    directory = shared_hf_dir(base / "smollm2")
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     mesh = shd.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
     model = hf.from_pretrained(directory, mesh=mesh)
