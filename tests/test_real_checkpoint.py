@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 from smollm2 import CONVERSATIONS, missing_requirements, shared_hf_dir
 
-if (reason := missing_requirements()) is not None:
-    pytest.skip(reason, allow_module_level=True)
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from jaxalign import hf  # noqa: E402
 from jaxalign import sharding as shd  # noqa: E402
 from jaxalign.config import MeshConfig, SamplingConfig  # noqa: E402
+from jaxalign.data.templates import render, render_prompt  # noqa: E402
+from jaxalign.data.tokenizer import load_tokenizer  # noqa: E402
 from jaxalign.generate import Sampler  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -39,6 +39,8 @@ NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """(directory, transformers model, jaxalign model, jaxalign tokenizer, prompt ids)."""
+    if (reason := missing_requirements()) is not None:
+        pytest.skip(reason)
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base temps share a parent
         base = base.parent
@@ -82,12 +84,63 @@ def test_tokenizer_ids_and_chat_template_equal_transformers(smollm2):
     assert "You are a helpful AI assistant named SmolLM" in tokenizer.apply_chat_template(
         CONVERSATIONS[0]
     )  # the model's default system prompt, from its own template
-    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
-        auto.bos_token_id,
-        auto.eos_token_id,
-        auto.pad_token_id,
+    assert (tokenizer.eos_id, tokenizer.pad_id) == (auto.eos_token_id, auto.pad_token_id)
+    # <|im_start|> is named BOS, but encoding adds no BOS: jaxalign's bos_id is the BOS it adds.
+    assert tokenizer.special_tokens["bos"] == auto.bos_token == "<|im_start|>"
+    assert tokenizer.bos_id == -1 and auto.encode("hi") == auto.encode(
+        "hi", add_special_tokens=False
     )
     assert tokenizer.eos_id == tokenizer.token_id("<|im_end|>") == 2
+
+
+def test_chat_data_ids_equal_transformers_apply_chat_template(smollm2):
+    """SmolLM2's tokenizer_config.json names <|im_start|> as BOS but adds no BOS: the data
+    pipeline, with the model's own template, must not put a second <|im_start|> first."""
+    directory = smollm2[0]
+    auto = transformers.AutoTokenizer.from_pretrained(directory)
+    tokenizer, template = load_tokenizer(str(directory)), str(directory / "chat_template.jinja")
+    assert tokenizer.bos_id == -1 and auto.encode("hi") == tokenizer.encode("hi")
+    for conversation in CONVERSATIONS:
+        expected = auto.apply_chat_template(
+            conversation, add_generation_prompt=True, return_dict=False
+        )
+        assert render_prompt(conversation, tokenizer, template).tolist() == expected
+        full = [*conversation, {"role": "assistant", "content": "Sure."}]
+        expected = auto.apply_chat_template(full, return_dict=False)
+        ids, mask = render(full, tokenizer, template)
+        assert ids.tolist() == [*expected, tokenizer.eos_id]  # jaxalign ends with EOS
+        answers = "".join(m["content"] for m in full if m["role"] == "assistant")
+        assert tokenizer.decode(ids[mask]) == answers  # every assistant turn, no markers
+
+
+@pytest.mark.parametrize(
+    "post_processor, add_bos_token, adds",
+    # transformers 5 follows the post-processor and ignores add_bos_token.
+    [("bos", None, True), ("bos", False, True), (None, None, False), (None, True, False)],
+)
+def test_bos_id_is_the_bos_the_tokenizer_adds(tmp_path, post_processor, add_bos_token, adds):
+    """`bos_id` (which the data pipeline puts first) is set only when transformers' encode adds
+    it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "a": 2, "b": 3}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>"])
+    if post_processor:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+        )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>"}
+    config.update(
+        {"eos_token": "</s>"} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path).encode("a b")
+    ours = hf.load_hf_tokenizer(tmp_path)
+    assert (theirs[0] == 0) is adds
+    assert ours.bos_id == (0 if adds else -1)
+    assert ours.special_tokens["bos"] == "<s>"  # still what templates' {{ bos_token }} writes
 
 
 def test_logits_on_chat_prompts_match_transformers(smollm2):
