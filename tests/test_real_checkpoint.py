@@ -131,7 +131,11 @@ def test_bos_id_is_the_bos_the_tokenizer_adds(tmp_path, post_processor, add_bos_
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
         )
     tok.save(str(tmp_path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>"}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}",
+    }
     config.update(
         {"eos_token": "</s>"} if add_bos_token is None else {"add_bos_token": add_bos_token}
     )
@@ -141,6 +145,13 @@ def test_bos_id_is_the_bos_the_tokenizer_adds(tmp_path, post_processor, add_bos_
     assert (theirs[0] == 0) is adds
     assert ours.bos_id == (0 if adds else -1)
     assert ours.special_tokens["bos"] == "<s>"  # still what templates' {{ bos_token }} writes
+    # Either way a template's {{ bos_token }} gives one BOS, as transformers' ids have it.
+    messages = [{"role": "user", "content": "a b"}]
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    expected = auto.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    template = str(tmp_path / "tokenizer_config.json")
+    assert render_prompt(messages, load_tokenizer(str(tmp_path)), template).tolist() == expected
+    assert expected[:2] == [0, 2]
 
 
 def test_logits_on_chat_prompts_match_transformers(smollm2):
