@@ -270,9 +270,16 @@ def _encode_spans(
 ) -> tuple[list[int], list[bool]]:
     specials: dict[str, int] = {}
     if isinstance(template, JinjaTemplate):
-        # A template writes BOS/EOS as text; map it to the ids, and drop a leading BOS: it is
-        # added once below, so it can never come twice.
-        if template.bos_token and spans and spans[0][0].startswith(template.bos_token):
+        # A template writes BOS/EOS as text; map it to the ids, and drop a leading BOS when the
+        # tokenizer adds one below, so it can never come twice. (A tokenizer that adds no BOS
+        # keeps the template's: its text encodes to the token, as in transformers.)
+        bos_added = _has(tokenizer.bos_id)
+        if (
+            bos_added
+            and template.bos_token
+            and spans
+            and spans[0][0].startswith(template.bos_token)
+        ):
             spans = [(spans[0][0][len(template.bos_token) :], spans[0][1]), *spans[1:]]
         for text, token_id in (
             (template.bos_token, tokenizer.bos_id),

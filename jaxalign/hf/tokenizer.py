@@ -37,7 +37,11 @@ class HFTokenizer:
         self.special_tokens = {
             key: _token_text(config.get(f"{key}_token")) for key in ("bos", "eos", "pad", "unk")
         }
-        self.bos_id: int = self._id_or_missing(self.special_tokens["bos"])
+        # jaxalign's data pipeline starts every sequence with `bos_id` when it is set, so it is
+        # the BOS this tokenizer adds (transformers' add_special_tokens=True), not merely the
+        # token tokenizer_config.json names: SmolLM2 names <|im_start|> and adds nothing.
+        bos = self._id_or_missing(self.special_tokens["bos"])
+        self.bos_id: int = bos if bos >= 0 and self._adds_bos(bos) else -1
         self.eos_id: int = self._id_or_missing(self.special_tokens["eos"])
         pad = self._id_or_missing(self.special_tokens["pad"])
         self.pad_id: int = pad if pad >= 0 else self.eos_id
@@ -48,6 +52,13 @@ class HFTokenizer:
             return -1
         token_id = self._tok.token_to_id(token)
         return -1 if token_id is None else int(token_id)
+
+    def _adds_bos(self, bos_id: int) -> bool:
+        """Whether transformers (5.x) starts an encoded sequence with `bos_id`: the tokenizer.json
+        post-processor decides (none adds nothing; tokenizer_config.json's `add_bos_token` does
+        not change it)."""
+        ids = self._tok.encode("a", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == bos_id
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS or EOS."""
