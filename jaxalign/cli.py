@@ -129,6 +129,7 @@ def cmd_shardings(args: argparse.Namespace) -> int:
     )
     shd.validate_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh, rules)
     print(shd.describe(shapes, shardings, mesh))
+    print(shd.describe_activation_rules(rules))
     return 0
 
 

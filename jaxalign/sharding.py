@@ -356,6 +356,21 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def describe_activation_rules(rules: Rules) -> str:
+    """One line: the activation table, as the names that differ from the parameter table."""
+    acts = activation_table(rules)
+    params = dict(rules)
+    differ = {k: v for k, v in acts.items() if params.get(k) != v}
+    if not differ:
+        return (
+            "activation rules: the parameter rules (batch over "
+            + (" x ".join(acts.get("batch", ())) or "nothing")
+            + ")"
+        )
+    shown = ", ".join(f"{k}: {' x '.join(v) if v else 'replicated'}" for k, v in differ.items())
+    return f"activation rules: the parameter rules except {shown}"
+
+
 def describe(shapes: Any, shardings: Any, mesh: Mesh) -> str:
     """A table of every parameter: shape, PartitionSpec, per-device bytes."""
     lines = [f"mesh: {dict(mesh.shape)} ({mesh.size} devices)"]

@@ -203,6 +203,20 @@ def test_scanned_layers_get_a_leading_layers_axis():
     assert names["embed"] == ("vocab", "embed")
 
 
+def test_shardings_command_prints_the_activation_rules(capsys):
+    config = str(REPO / "configs/sft_tiny.yaml")
+    assert cli.main(["shardings", config]) == 0
+    assert "activation rules: the parameter rules (batch over data x fsdp)" in (
+        capsys.readouterr().out
+    )
+    sets = ["--set", "sharding.activation_rules.length=tensor"]
+    assert (
+        cli.main(["shardings", config, *sets, "--set", "sharding.activation_rules.embed=null"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "activation rules: the parameter rules except length: tensor, embed: replicated" in out
+
+
 def test_shardings_command_prints_every_parameter(capsys):
     assert cli.main(["shardings", str(REPO / "configs/sft_tiny.yaml")]) == 0
     out = capsys.readouterr().out
