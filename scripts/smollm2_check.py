@@ -24,7 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from smollm2 import CONVERSATIONS, make_hf_dir, missing_requirements  # noqa: E402
+from smollm2 import (  # noqa: E402
+    CONVERSATIONS,
+    make_hf_dir,
+    missing_requirements,
+    transformers_greedy,
+)
 
 NEW_TOKENS = 16
 SFT_PAIRS = [  # (user, assistant): one chat record each
@@ -174,15 +179,7 @@ def main() -> int:
     )
     rows = []
     for r, ids in enumerate(prompts):
-        with torch.no_grad():
-            expected = torch_model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=NEW_TOKENS,
-                eos_token_id=tokenizer.eos_id,
-                pad_token_id=tokenizer.pad_id,
-            )[0, len(ids) :].tolist()
+        expected = transformers_greedy(torch_model, ids, NEW_TOKENS, tokenizer)
         got = out.tokens[r, : out.lengths[r]].tolist()
         rows.append([r, got == expected, repr(tokenizer.decode(got))])
     print("\n## Greedy decoding: jaxalign Sampler vs transformers generate\n")

@@ -94,3 +94,20 @@ def shared_hf_dir(path: str | Path) -> Path:
             shutil.rmtree(path, ignore_errors=True)
             partial.rename(path)
     return path
+
+
+def transformers_greedy(torch_model, ids: list[int], new_tokens: int, tokenizer) -> list[int]:
+    """transformers' greedy `generate` of up to `new_tokens` after the prompt `ids` (one row, no
+    padding), stopping at the tokenizer's EOS: the reference for jaxalign's Sampler."""
+    import torch
+
+    with torch.no_grad():
+        out = torch_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+        )
+    return out[0, len(ids) :].tolist()

@@ -17,7 +17,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from smollm2 import CONVERSATIONS, missing_requirements, shared_hf_dir
+from smollm2 import CONVERSATIONS, missing_requirements, shared_hf_dir, transformers_greedy
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -175,15 +175,7 @@ def test_greedy_decoding_equals_transformers_generate(smollm2):
     )
     out = jax.device_get(sampler.generate(model.params, prompts))
     for r, ids in enumerate(prompts):
-        with torch.no_grad():
-            expected = torch_model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=NEW_TOKENS,
-                eos_token_id=tokenizer.eos_id,
-                pad_token_id=tokenizer.pad_id,
-            )[0, len(ids) :].tolist()
+        expected = transformers_greedy(torch_model, ids, NEW_TOKENS, tokenizer)
         assert out.tokens[r, : out.lengths[r]].tolist() == expected
     assert tokenizer.decode(out.tokens[0, : out.lengths[0]]).startswith("The capital of France")
 
