@@ -87,7 +87,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory, options=options, item_names=("state", "data", "config", "base")
         )
         self._in_flight: int | None = None  # the step of the save not yet known to be complete
         self._failed = False
@@ -99,11 +99,22 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict, config: dict, *, force=False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict,
+        config: dict,
+        *,
+        force=False,
+        base: dict | None = None,
+    ) -> bool:
         """Start an (asynchronous) save of `step`; returns whether a save was started. Waits for
-        the previous save first; UserError if that one or this one failed."""
+        the previous save first; UserError if that one or this one failed. `base`: a LoRA
+        run's reference to its frozen base ({"source", "hash"}), saved beside the state."""
         self.wait()
         logging.getLogger("absl").addFilter(self._held)  # once: a logger keeps a set of filters
+        items = {"base": ocp.args.JsonSave(base)} if base is not None else {}
         try:
             started = self.manager.save(
                 step,
@@ -111,6 +122,7 @@ class Checkpointer:
                     state=ocp.args.StandardSave(state),
                     data=ocp.args.JsonSave(data_state),
                     config=ocp.args.JsonSave(config),
+                    **items,
                 ),
                 force=force,
             )
@@ -140,9 +152,23 @@ class Checkpointer:
             f"({kept})"
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    def restore(
+        self, step: int, abstract_state: Any, base: dict | None = None
+    ) -> tuple[Any, dict, dict]:
         """Restore `step` into the shardings of `abstract_state` (ShapeDtypeStructs with
-        `.sharding`), which may come from a different mesh than the one that saved it."""
+        `.sharding`), which may come from a different mesh than the one that saved it. With
+        `base` (a LoRA run's {"source", "hash"}), the checkpoint must have been saved on that
+        base: a UserError in one line otherwise."""
+        step_dir = self.directory / str(step)
+        if base is not None:
+            saved = self._saved_base(step_dir)
+            if saved is None or saved.get("hash") != base["hash"]:
+                was = "no base recorded" if saved is None else f"base {saved.get('source')}"
+                raise UserError(
+                    f"{step_dir}: this LoRA checkpoint was trained on another base ({was}, hash "
+                    f"{(saved or {}).get('hash')}); this run's base is {base['source']} "
+                    f"(hash {base['hash']})"
+                )
         try:
             out = self.manager.restore(
                 step,
@@ -158,6 +184,16 @@ class Checkpointer:
                 f"{self.directory / str(step)}: cannot restore checkpoint ({first[:300]})"
             ) from e
         return out["state"], out["data"], out["config"]
+
+    @staticmethod
+    def _saved_base(step_dir: Path) -> dict | None:
+        """The base reference a LoRA checkpoint recorded (its `base` item), or None."""
+        import json
+
+        path = step_dir / "base" / "metadata"
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())
 
     def wait(self) -> None:
         """Block until the save in flight is complete; UserError if it failed."""

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxalign.errors import ConfigError
+from jaxalign.models.lora_config import LoraConfig
 from jaxalign.models.registry import family_names, get_family, unknown_family_message
 from jaxalign.paths import run_path, unsupported_scheme
 from jaxalign.trainers.preference_config import DPOConfig, PreferenceConfig, RMConfig
@@ -67,6 +68,8 @@ class ModelConfig:
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).
     from_hf: str | None = None
+    # Low-rank adapters with the base frozen (jaxalign/models/lora_config.py); None: off.
+    lora: LoraConfig | None = None
 
     @property
     def resolved_head_dim(self) -> int:
@@ -272,6 +275,9 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return _check_value(value, options[0], key)  # its own error (a did-you-mean)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -426,7 +432,7 @@ def load_config(
 
 def validate(cfg: Config, where: str = "config") -> None:
     """Cross-field checks that need no devices (mesh divisibility is checked in sharding)."""
-    from jaxalign.trainers.registry import trainer_names, unknown_trainer_message
+    from jaxalign.trainers.registry import get_trainer, trainer_names, unknown_trainer_message
 
     m, t = cfg.model, cfg.train
 
@@ -468,6 +474,13 @@ def validate(cfg: Config, where: str = "config") -> None:
         fail("model.attention_query_block must be >= 0 or auto")
     if m.attention_kernel == "cudnn" and m.dtype != "bfloat16":
         fail("model.attention_kernel=cudnn needs model.dtype=bfloat16 (cuDNN flash attention)")
+    if m.lora is not None:
+        if (problem := m.lora.problem()) is not None:
+            fail(problem)
+        if get_trainer(cfg.trainer).is_rl:
+            fail(f"model.lora: not yet supported with trainer {cfg.trainer} (sft, rm, dpo only)")
+        if m.lora.quantize != "none":
+            fail("model.lora.quantize: QLoRA is not wired into training yet; use none")
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 1 or t.steps < 0:
         fail("train.batch_size, train.grad_accum, train.steps must be positive and seq_len > 1")
     if t.batch_size % t.grad_accum:

@@ -96,15 +96,23 @@ def frozen_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
     return lambda path: any(c.search(path) for c in compiled)
 
 
-def freeze_labels(patterns: Sequence[str], params) -> object:
-    """'frozen' or 'trained' per leaf of `params`; every pattern must match some parameter and
-    some parameter must stay trained (a ConfigError names the pattern otherwise)."""
+def freeze_labels(
+    patterns: Sequence[str], params, trainable: Callable[[str], bool] | None = None
+) -> object:
+    """'frozen' or 'trained' per leaf of `params`: frozen where a pattern matches, or where
+    `trainable` (LoRA's: the adapters and what trains beside them) says no. Every pattern must
+    match some parameter and some parameter must stay trained (a ConfigError names the pattern
+    otherwise)."""
     paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for pattern in patterns:
         if not any(frozen_matcher([pattern])(path) for path in paths):
             shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
             raise ConfigError(f"train.freeze: {pattern!r} matches no parameter (paths: {shown})")
-    is_frozen = frozen_matcher(patterns)
+    matched = frozen_matcher(patterns)
+
+    def is_frozen(path: str) -> bool:
+        return matched(path) or (trainable is not None and not trainable(path))
+
     if all(is_frozen(path) for path in paths):
         raise ConfigError(f"train.freeze: {list(patterns)} freezes every parameter")
     return jax.tree_util.tree_map_with_path(
@@ -120,18 +128,57 @@ def freeze_patterns(cfg: Config) -> list[str]:
     return [*cfg.train.freeze, *get_trainer(cfg.trainer).unused_params(cfg)]
 
 
+def trained_part(tree, labels):
+    """The leaves of `tree` (a nested dict: parameters, their shardings, ...) that `labels`
+    marks 'trained', as a nested dict without the others (empty dicts dropped); `tree` itself
+    when `labels` is None (nothing frozen)."""
+    if labels is None:
+        return tree
+    if isinstance(labels, dict):
+        out = {}
+        for key, sub in labels.items():
+            part = trained_part(tree[key], sub)
+            if part is not None:
+                out[key] = part
+        return out or None
+    return tree if labels == "trained" else None
+
+
+def with_trained(tree, trained):
+    """`tree` with the leaves of `trained` (a `trained_part` of it) put in place; keys that
+    `tree` lacks (adapters onto a base tree) are added."""
+    if isinstance(trained, dict) and isinstance(tree, dict):
+        return {**tree, **{key: with_trained(tree.get(key), sub) for key, sub in trained.items()}}
+    return trained
+
+
+def trained_labels(cfg: Config, params) -> object | None:
+    """`freeze_labels` for a run (`freeze_patterns(cfg)`, and with `model.lora` everything but
+    the adapters, `model.lora.train` and what the trainer trains beside them), or None when
+    every parameter trains."""
+    from jaxalign.trainers.registry import get_trainer
+
+    trainable = None
+    if cfg.model.lora is not None:
+        from jaxalign.models.lora import trainable as lora_trainable
+
+        trainable = lora_trainable(cfg.model.lora, get_trainer(cfg.trainer).lora_trained(cfg))
+    patterns = freeze_patterns(cfg)
+    if not patterns and trainable is None:
+        return None
+    return freeze_labels(patterns, params, trainable)
+
+
 def make_optimizer(
-    cfg: TrainConfig, params, freeze: Sequence[str] | None = None
+    cfg: TrainConfig, params, freeze: Sequence[str] | None = None, labels=None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`_make_optimizer` for the parameters that `freeze` (default: `cfg.freeze`) leaves
-    trained; the frozen ones get `optax.set_to_zero` (no state; XLA drops their unused
-    gradients)."""
-    tx, schedule = _make_optimizer(cfg, params)
-    freeze = cfg.freeze if freeze is None else freeze
-    if not freeze:
-        return tx, schedule
-    labels = freeze_labels(freeze, params)
-    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels), schedule
+    """`_make_optimizer` for the trained part of `params`: the tx updates and keeps state for
+    `trained_part(params, labels)` only (labels default: `freeze_labels` of `freeze`, default
+    `cfg.freeze`). Frozen parameters get no gradient, no update and no optimizer state."""
+    if labels is None:
+        freeze = cfg.freeze if freeze is None else freeze
+        labels = freeze_labels(freeze, params) if freeze else None
+    return _make_optimizer(cfg, trained_part(params, labels))
 
 
 def _make_optimizer(

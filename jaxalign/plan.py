@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import Config, ModelConfig, load_config
 from jaxalign.errors import ConfigError
 from jaxalign.models.llama import DTYPES
+from jaxalign.models.lora import trainable as lora_trainable
 from jaxalign.models.params import logical_axes
 from jaxalign.models.reward import RewardModel
 from jaxalign.optim import freeze_patterns, frozen_matcher, param_path
@@ -103,13 +104,19 @@ def model_bytes(
     rules: shd.Rules,
     frozen: Sequence[str] = (),
     prefix: str = "",
+    trainable: Callable[[str], bool] | None = None,
 ) -> ModelBytes:
     """Bytes per device of `module`'s parameters (an abstract nnx.Module) on a mesh of `sizes`;
-    `frozen`: `train.freeze` patterns, matched against `prefix` + each parameter's path."""
+    `frozen`: `train.freeze` patterns, matched against `prefix` + each parameter's path;
+    `trainable` (LoRA: the adapters and what trains beside them): the others are frozen too."""
     _, state = nnx.split(module)
     names = logical_axes(state).to_pure_dict()
     shapes = state.to_pure_dict()
-    is_frozen = frozen_matcher(frozen)
+    matched = frozen_matcher(frozen)
+
+    def is_frozen(path: str) -> bool:
+        return matched(path) or (trainable is not None and not trainable(path))
+
     param_bytes = opt_bytes = grad_bytes = num_params = 0
     for (path, leaf), axes in zip(
         jax.tree_util.tree_leaves_with_path(shapes),
@@ -237,6 +244,7 @@ class Estimate:
     rules: shd.Rules
     num_devices: int
     freeze: list[str]
+    trainable: Callable[[str], bool] | None
     policy: ModelBytes
     parts: dict[str, int]
     host: dict[str, int]
@@ -244,7 +252,7 @@ class Estimate:
 
     def model_bytes(self, module: Any, prefix: str = "") -> ModelBytes:
         """`model_bytes` of an abstract module whose parameters sit at `prefix` of the tree."""
-        return model_bytes(module, self.sizes, self.rules, self.freeze, prefix)
+        return model_bytes(module, self.sizes, self.rules, self.freeze, prefix, self.trainable)
 
 
 def make_plan(cfg: Config, num_devices: int) -> Plan:
@@ -262,7 +270,10 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
     algorithm = get_trainer(cfg.trainer)
     prefix = f"{algorithm.policy_key}/" if algorithm.policy_key else ""
     abstract = nnx.eval_shape(lambda: algorithm.make_policy(cfg, nnx.Rngs(0)))
-    policy = model_bytes(abstract, sizes, rules, freeze, prefix)
+    trainable = None
+    if cfg.model.lora is not None:  # the base has no gradient and no optimizer state
+        trainable = lora_trainable(cfg.model.lora, algorithm.lora_trained(cfg))
+    policy = model_bytes(abstract, sizes, rules, freeze, prefix, trainable)
     parts = {
         "params": policy.params,
         "optimizer": policy.optimizer,
@@ -271,7 +282,7 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
     }
     # What the trainer keeps besides: DPO's reference; PPO's value model; RL's rollout.
     estimate = Estimate(
-        cfg, sizes, rules, num_devices, freeze, policy, parts, {}, policy.num_params
+        cfg, sizes, rules, num_devices, freeze, trainable, policy, parts, {}, policy.num_params
     )
     algorithm.memory_terms(cfg, estimate)
     return Plan(mesh=sizes, num_params=estimate.num_params, parts=parts, host=estimate.host)

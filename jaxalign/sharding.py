@@ -37,6 +37,7 @@ LOGICAL_AXES = (
     "vocab",
     "layers",
     "norm",
+    "lora_rank",
 )
 
 # The default: FSDP over `fsdp`, tensor parallelism over `tensor`, batch over data and fsdp.
@@ -51,6 +52,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "vocab": "tensor",
     "layers": None,
     "norm": None,
+    "lora_rank": None,  # LoRA's rank axis: always replicated (A and B follow their base weight)
 }
 
 # Names only activations have: `logical_to_spec` reads them from the activation table whichever
@@ -139,6 +141,11 @@ def _apply(merged: dict[str, Any], layers: list[tuple[str, dict]]) -> dict[str, 
             if logical not in LOGICAL_AXES:
                 raise ConfigError(
                     f"{where}: unknown logical axis '{logical}' (known: {', '.join(LOGICAL_AXES)})"
+                )
+            if logical == "lora_rank" and value not in (None, [], ()):
+                raise ConfigError(
+                    f"{where}: 'lora_rank' is always replicated (LoRA's A and B are sharded "
+                    f"like their base weight); remove it or set it to null"
                 )
             merged[logical] = value
     return merged

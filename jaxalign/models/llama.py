@@ -24,6 +24,8 @@ from flax import nnx
 from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import LLAMA_CONVERTER
 from jaxalign.metrics import train_flops_per_token
+from jaxalign.models.lora import embed_lookup, merged_weight, project
+from jaxalign.models.params import dense as dense  # re-exported for callers
 from jaxalign.models.params import logical_axes as logical_axes  # re-exported for callers
 from jaxalign.models.params import param
 from jaxalign.models.registry import ModelFamily, register_family
@@ -43,14 +45,6 @@ def _ones(shape, axes, dtype) -> nnx.Param:
 
 def _zeros(shape, axes, dtype) -> nnx.Param:
     return param(jnp.zeros(shape, dtype), axes)
-
-
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-    """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul."""
-    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
-    lead = x.shape[: x.ndim - n_in]
-    y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1).astype(x.dtype)
-    return y.reshape(*lead, *out_shape)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
@@ -242,6 +236,8 @@ def attend_cache(
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional QK-norm and biases."""
 
+    lora_in_dims = {"wo": 2}  # wo [H, hd, D] contracts two dims (see models/lora.py)
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
@@ -264,7 +260,7 @@ class Attention(nnx.Module):
     def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
         """Project and rotate. x: [B, T, D] -> q [B, T, H, hd], k, v [B, T, KV, hd]."""
         cfg = self.cfg
-        q, k, v = dense(x, self.wq[...]), dense(x, self.wk[...]), dense(x, self.wv[...])
+        q, k, v = project(self, "wq", x), project(self, "wk", x), project(self, "wv", x)
         if cfg.attention_bias:
             q = q + self.bq[...].astype(q.dtype)
             k = k + self.bk[...].astype(k.dtype)
@@ -281,7 +277,7 @@ class Attention(nnx.Module):
 
     def out(self, attn: jax.Array) -> jax.Array:
         """[B, T, H, hd] -> [B, T, D]."""
-        out = dense(attn, self.wo[...], n_in=2)
+        out = project(self, "wo", attn, n_in=2)
         if self.cfg.attention_out_bias:
             out = out + self.bo[...].astype(out.dtype)
         return out
@@ -372,12 +368,12 @@ class MLP(nnx.Module):
         return jax.nn.silu(gate) if self.cfg.mlp_activation == "silu" else jax.nn.gelu(gate)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = dense(x, self.w_gate[...]), dense(x, self.w_up[...])
+        gate, up = project(self, "w_gate", x), project(self, "w_up", x)
         if self.cfg.mlp_bias:
             gate = gate + self.b_gate[...].astype(x.dtype)
             up = up + self.b_up[...].astype(x.dtype)
         hidden = constrain(self.activation(gate) * up, ("batch", "length", "mlp"))
-        out = dense(hidden, self.w_down[...])
+        out = project(self, "w_down", hidden)
         if self.cfg.mlp_bias:
             out = out + self.b_down[...].astype(x.dtype)
         return out
@@ -432,6 +428,7 @@ class Transformer(nnx.Module):
     A family changes the block by subclassing and setting `block_class`."""
 
     block_class = Block
+    lora_embeddings = ("embed",)  # an adapter on it is looked up (see models/lora.py)
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.attention_query_block == "auto":  # resolved once, for the backend built on
@@ -460,13 +457,15 @@ class Transformer(nnx.Module):
 
     def output_weight(self) -> jax.Array:
         """The [D, V] output projection (the embedding's transpose when tied)."""
-        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        if self.cfg.tie_embeddings:
+            return self.embed[...].T  # an embedding adapter adapts the input side only (PEFT)
+        return merged_weight(self, "lm_head")
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] embeddings in the compute dtype."""
         cfg = self.cfg
         dtype = DTYPES[cfg.dtype]
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = embed_lookup(self, "embed", tokens).astype(dtype)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
         return constrain(x, ("batch", "length", "embed"))

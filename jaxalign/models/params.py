@@ -4,6 +4,7 @@ auxiliary losses a forward pass sowed."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -14,6 +15,14 @@ from jax.sharding import Mesh
 from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.models.registry import build
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul."""
+    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    lead = x.shape[: x.ndim - n_in]
+    y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1).astype(x.dtype)
+    return y.reshape(*lead, *out_shape)
 
 
 def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:

@@ -12,6 +12,10 @@ entry gives:
   `nnx.get_partition_spec`), with logical names the sharding rules map to mesh axes.
 - `hf`: Hugging Face import and export hooks (None: no HF interop).
 - `flops_per_token(model_cfg, seq_len)`: training FLOPs per token, for MFU.
+- LoRA: a module reads each weight through `jaxalign.models.lora.project` (or `embed_lookup`,
+  `merged_weight`), so `build` can add adapters to any family; a module whose weight contracts
+  more than one input dim declares it in `lora_in_dims` (Llama's attention: `{"wo": 2}`), and
+  embeddings are named in `lora_embeddings`.
 - auxiliary losses: a module that has them (a MoE router's load balancing loss) sows each, already
   weighted, as a `models.params.AuxLoss` variable during its forward pass; the train step adds
   `pop_aux_loss(model)` to the algorithm's loss. Llama sows none.
@@ -100,5 +104,12 @@ def get_family(name: str) -> ModelFamily:
 
 
 def build(model_cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """The module of `model_cfg.family`, built from `model_cfg`."""
-    return get_family(model_cfg.family).module(model_cfg, rngs)
+    """The module of `model_cfg.family`, built from `model_cfg`, with LoRA adapters added
+    (`jaxalign.models.lora.add_adapters`) when `model_cfg.lora` is set. The base is built
+    first, from the same random stream, so its weights do not depend on the adapters."""
+    module = get_family(model_cfg.family).module(model_cfg, rngs)
+    if model_cfg.lora is not None:
+        from jaxalign.models.lora import add_adapters
+
+        add_adapters(module, model_cfg.lora, rngs)
+    return module

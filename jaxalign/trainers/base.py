@@ -132,6 +132,13 @@ class Algorithm:
         return []
 
     @classmethod
+    def lora_trained(cls, cfg: Config) -> list[str]:
+        """With `model.lora`: patterns (fullmatched against a parameter path or a '/'-suffix of
+        it) of base parameters that train beside the adapters, e.g. a reward model's score
+        head. Default: none."""
+        return []
+
+    @classmethod
     def memory_terms(cls, cfg: Config, estimate: Any) -> None:
         """Add what the trainer keeps besides the trained policy to `jaxalign plan`'s estimate
         (a `plan.Estimate`: its `parts`, `host`, `num_params`). Default: nothing."""

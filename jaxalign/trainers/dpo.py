@@ -30,6 +30,7 @@ from jaxalign.losses import (
     sequence_logprobs,
     simpo_loss,
 )
+from jaxalign.models.lora import adapters_off
 from jaxalign.paths import run_path
 from jaxalign.trainers.base import Algorithm
 from jaxalign.trainers.rm import check_vocab, pair_tokens, pairs_to_rows
@@ -68,7 +69,8 @@ class DPO(Algorithm):
     def memory_terms(cls, cfg: Config, estimate: Any) -> None:
         """A frozen copy of the initial policy, unless its log-probs are precomputed or the
         loss needs none."""
-        if not (cfg.dpo.precompute_ref or cfg.dpo.loss_type in REFERENCE_FREE):
+        lora = cfg.model.lora is not None  # the reference is the base with adapters off
+        if not (lora or cfg.dpo.precompute_ref or cfg.dpo.loss_type in REFERENCE_FREE):
             estimate.parts["reference"] = estimate.policy.params
 
     def __init__(self, cfg: Config):
@@ -77,6 +79,7 @@ class DPO(Algorithm):
         check_vocab(cfg, self.tokenizer)
         self.reference_free = cfg.dpo.loss_type in REFERENCE_FREE
         self.precompute = cfg.dpo.precompute_ref and not self.reference_free
+        self.lora = cfg.model.lora is not None
         self._train = None
         self._eval = None  # eval batches, built once
         self._eval_ref = None  # precomputed reference log-probs of the eval pairs
@@ -103,7 +106,12 @@ class DPO(Algorithm):
             losses = orpo_loss(avg_logps[:, 0], avg_logps[:, 1], lam=d.beta)
             rewards = jax.lax.stop_gradient(d.beta * avg_logps)
         else:
-            if frozen is not None:
+            if self.lora and not self.precompute:
+                with adapters_off():  # the same parameters: no second copy of the base
+                    ref_logps = jax.lax.stop_gradient(
+                        policy_statistics(model, batch, chunks)["logps"]
+                    )
+            elif frozen is not None:
                 graphdef = nnx.split(model)[0]
                 reference = nnx.merge(graphdef, frozen["reference"])
                 ref_logps = jax.lax.stop_gradient(
@@ -186,8 +194,9 @@ class DPO(Algorithm):
 
     def frozen_params(self, trainer, initial_params: Any) -> Any:
         """{"reference": a copy of the initial params} for the loss, or None when the reference
-        log-probs are precomputed (then attached to every batch) or not needed."""
-        if self.reference_free:
+        log-probs are precomputed (then attached to every batch), not needed, or with LoRA (the
+        reference is the policy's own base with adapters off)."""
+        if self.reference_free or (self.lora and not self.precompute):
             return None
         if self.precompute:
             self._precompute(trainer, initial_params)
@@ -238,7 +247,9 @@ class DPO(Algorithm):
         def logps_fn(p, batch):
             model = nnx.merge(graphdef, p)
             flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
-            return policy_statistics(model, flat, chunks)["logps"].reshape(accum, -1, 2)
+            with adapters_off():  # LoRA: the base (a fresh run's adapters are a no-op anyway)
+                logps = policy_statistics(model, flat, chunks)["logps"]
+            return logps.reshape(accum, -1, 2)
 
         # Every process runs the same number of batches: enough for the most pairs any holds.
         num_batches = math.ceil(iterator.max_local_pairs / rows)

@@ -26,7 +26,7 @@ from jaxalign.memory import release_free_memory
 from jaxalign.metrics import MetricsWriter, measure_matmul_peak
 from jaxalign.models.params import build_model, init_params
 from jaxalign.models.registry import get_family
-from jaxalign.optim import freeze_patterns, make_optimizer
+from jaxalign.optim import make_optimizer, trained_labels, trained_part, with_trained
 from jaxalign.paths import run_path
 from jaxalign.trainers.base import Algorithm, DataIterator
 from jaxalign.trainers.step import (
@@ -121,18 +121,20 @@ class Trainer:
         self.graphdef, self.abstract_params, self.param_shardings = build_model(
             cfg, self.mesh, self.rules, self.make_model
         )
-        self.tx, self.schedule = make_optimizer(
-            cfg.train, self.abstract_params, freeze_patterns(cfg)
-        )
+        # 'trained'/'frozen' per parameter (None: all trained); only the trained part is
+        # differentiated and has optimizer state.
+        self.labels = trained_labels(cfg, self.abstract_params)
+        self.lora = cfg.model.lora is not None
+        self.tx, self.schedule = make_optimizer(cfg.train, self.abstract_params, labels=self.labels)
         abstract_state = jax.eval_shape(
-            lambda p: init_state(p, self.tx, cfg.train.seed), self.abstract_params
+            lambda p: init_state(p, self.tx, cfg.train.seed, self.labels), self.abstract_params
         )
         replicated = NamedSharding(self.mesh, P())
         opt_shardings = optax.tree_map_params(  # moments like their parameters
             self.tx,
-            lambda v, s: v if isinstance(v, optax.MaskedNode) else s,  # frozen: no state
+            lambda v, s: v if isinstance(v, optax.MaskedNode) else s,
             abstract_state["opt_state"],
-            self.param_shardings,
+            trained_part(self.param_shardings, self.labels),
             transform_non_params=lambda _: replicated,
             is_leaf=lambda v: isinstance(v, optax.MaskedNode),
         )
@@ -147,6 +149,7 @@ class Trainer:
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         self.run_dir = run_path(cfg.run_dir)
         self.frozen = None  # set in run() from algorithm.frozen_params
+        self._base_ref: dict | None = None  # LoRA: the base's source and hash (checkpoints)
         self._stop = threading.Event()
         self._batch_shardings: dict[int, NamedSharding] = {}  # ndim -> to_global's sharding
 
@@ -158,6 +161,8 @@ class Trainer:
         checkpoint, a Hugging Face model, or a seeded init."""
         if (params := self.algorithm.initial_params(self)) is not None:
             return params
+        if self.lora:
+            return self._lora_initial_params()
         if self.cfg.init_from:
             return load_params(
                 self.cfg.init_from,
@@ -171,6 +176,43 @@ class Trainer:
             )
         return init_params(self.cfg, self.param_shardings, self.cfg.train.seed, self.make_model)
 
+    def _lora_initial_params(self) -> Any:
+        """The base from `init_from`, a Hugging Face model or the seed, and fresh adapters (the
+        trained part of a seeded init: XLA computes only those leaves)."""
+        from flax import nnx
+
+        from jaxalign.models.lora import base_params
+
+        cfg = self.cfg
+        if not (cfg.init_from or cfg.model.from_hf):
+            return init_params(cfg, self.param_shardings, cfg.train.seed, self.make_model)
+
+        def init_trained(key):
+            model = self.make_model(nnx.Rngs(params=key))
+            return trained_part(nnx.split(model)[1].to_pure_dict(), self.labels)
+
+        trained = jax.jit(
+            init_trained, out_shardings=trained_part(self.param_shardings, self.labels)
+        )(jax.random.PRNGKey(cfg.train.seed))
+        base_abstract = base_params(self.abstract_params)
+        base_shardings = base_params(self.param_shardings)
+        if cfg.init_from:
+            base = load_params(
+                cfg.init_from, abstract_with_shardings(base_abstract, base_shardings)
+            )
+        else:
+            from jaxalign import hf
+
+            base = hf.load_params(cfg.model.from_hf, cfg.model, base_abstract, base_shardings)
+        return with_trained(base, trained)
+
+    def checkpoint_state(self, state: dict) -> dict:
+        """What a checkpoint holds of a train state: all of it, or with LoRA only the trained
+        parameters (the base is referenced by `base_reference`, not copied)."""
+        if not self.lora:
+            return state
+        return {**state, "params": trained_part(state["params"], self.labels)}
+
     def fresh_state(self, params: Any | None = None) -> dict:
         """A new train state from `params` (default: `initial_params()`)."""
         if params is None:
@@ -178,7 +220,7 @@ class Trainer:
         else:
             params = jax.device_put(params, self.param_shardings)
         init = jax.jit(
-            lambda p: init_state(p, self.tx, self.cfg.train.seed),
+            lambda p: init_state(p, self.tx, self.cfg.train.seed, self.labels),
             out_shardings=self.state_shardings,
         )
         return init(params)
@@ -256,13 +298,22 @@ class Trainer:
                 f"{self.run_dir}: has checkpoints (latest step {latest}) and resume=false; "
                 "use another run_dir or resume"
             )
-        needs_initial = self.algorithm.frozen_from_initial
+        needs_initial = self.algorithm.frozen_from_initial or self.lora  # LoRA: the base
         start_params = None
         if latest is None or needs_initial:
             start_params = init_params if init_params is not None else self.initial_params()
         self.frozen = self.algorithm.frozen_params(self, start_params)
+        if self.lora:
+            from jaxalign.models.lora import base_reference
+
+            self._base_ref = base_reference(cfg)
         if latest is not None:
-            state, data_state, _ = ckpt.restore(latest, self.abstract_state)
+            state, data_state, _ = ckpt.restore(
+                latest, self.checkpoint_state(self.abstract_state), base=self._base_ref
+            )
+            if self.lora:  # the adapters (and trained extras) onto the base
+                params = with_trained(start_params, state["params"])
+                state = {**state, "params": jax.device_put(params, self.param_shardings)}
             data.set_state(local_data_state(data_state))
             self._log(f"resumed from {self.run_dir / 'checkpoints' / str(latest)}")
         else:
@@ -304,7 +355,9 @@ class Trainer:
             ) from None
 
     def compile_step(self, batch: dict) -> Any:
-        step = make_train_step(self.graphdef, self.algorithm.loss_fn, self.tx, self.schedule)
+        step = make_train_step(
+            self.graphdef, self.algorithm.loss_fn, self.tx, self.schedule, self.labels
+        )
         batch_shardings = {
             k: batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()
         }
@@ -401,7 +454,14 @@ class Trainer:
             saving = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop
             if saving:
                 self._check_finite(state, ckpt, recent_ids)  # never save past a halting fault
-                ckpt.save(done, state, global_data_state(data), to_dict(cfg), force=True)
+                ckpt.save(
+                    done,
+                    self.checkpoint_state(state),
+                    global_data_state(data),
+                    to_dict(cfg),
+                    force=True,
+                    base=self._base_ref,
+                )
             if train.release_memory and (saving or any(k.startswith("eval/") for k in record)):
                 release_free_memory()  # see jaxalign/memory.py
             if stop and not is_last:

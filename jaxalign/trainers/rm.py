@@ -75,6 +75,11 @@ class RewardModelAlgorithm(Algorithm):
         """The backbone's untied LM head: no reward reads it."""
         return [] if cfg.model.tie_embeddings else ["^backbone/lm_head$"]
 
+    @classmethod
+    def lora_trained(cls, cfg: Config) -> list[str]:
+        """The score head trains beside the adapters."""
+        return ["score"]
+
     def pair_rewards(self, model: RewardModel, batch: dict) -> jax.Array:
         """Rewards [P, 2] (chosen, rejected) of a batch [P, 2, T], in one forward pass."""
         rewards = model(

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxalign.models.lora import dropout_key
 from jaxalign.models.params import pop_aux_loss
+from jaxalign.optim import trained_part, with_trained
 
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, jax.Array, dict]]
 
@@ -76,12 +78,13 @@ def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
-    """Train state pytree: step, params, optimizer state, RNG key."""
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int, labels=None) -> dict:
+    """Train state pytree: step, params, optimizer state (of the trained part of `params`, see
+    `jaxalign.optim.trained_part`; labels None: all of it), RNG key."""
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": tx.init(params),
+        "opt_state": tx.init(trained_part(params, labels)),
         "rng": jax.random.PRNGKey(seed),
         # Non-finite guard: the first step (1-based) whose loss or gradients were not finite
         # (0: none yet), and how many such steps came in a row.
@@ -104,14 +107,20 @@ def accumulate_gradients(
     batch: dict,
     rng: jax.Array,
     frozen: Any = None,
+    all_params: Any = None,
 ) -> tuple[Any, jax.Array, jax.Array, dict]:
     """Sum of gradients, loss sums, denominators and metric sums over the leading micro-batch
-    axis of every array in `batch` ([A, micro_batch, ...])."""
+    axis of every array in `batch` ([A, micro_batch, ...]).
+
+    Gradients are taken with respect to `params` only: with `all_params` (the whole tree, of
+    which `params` is the trained part) the rest enters the loss as constants, so no gradient
+    of a frozen parameter is ever computed or stored. LoRA dropout draws from `rng`."""
 
     def grads_of(micro_batch, micro_rng):
         def objective(p):
-            model = nnx.merge(graphdef, p)
-            loss_sum, denom, metric_sums = loss_fn(model, micro_batch, micro_rng, frozen)
+            model = nnx.merge(graphdef, p if all_params is None else with_trained(all_params, p))
+            with dropout_key(jax.random.fold_in(micro_rng, 0x10A)):
+                loss_sum, denom, metric_sums = loss_fn(model, micro_batch, micro_rng, frozen)
             return with_aux_loss(model, loss_sum, denom), (denom, metric_sums)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
@@ -152,23 +161,34 @@ def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    labels: Any = None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """The pure step function; the trainer jits it with shardings and donation."""
+    """The pure step function; the trainer jits it with shardings and donation. With `labels`
+    ('trained'/'frozen' per parameter, see `jaxalign.optim.freeze_labels`) only the trained
+    part is differentiated and updated (`tx` is built for it); the rest is read as it is."""
 
     def train_step(state: dict, batch: dict, frozen: Any = None) -> tuple[dict, dict]:
         rng, step_rng = jax.random.split(state["rng"])
+        trained = trained_part(state["params"], labels)
         grads, loss_sum, denom, metric_sums = accumulate_gradients(
-            graphdef, loss_fn, state["params"], batch, step_rng, frozen
+            graphdef,
+            loss_fn,
+            trained,
+            batch,
+            step_rng,
+            frozen,
+            None if labels is None else state["params"],
         )
         scale = 1.0 / jnp.maximum(denom, 1.0)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = tx.update(grads, state["opt_state"], trained)
+        new_trained = optax.apply_updates(trained, updates)
         # Never apply an update computed from a non-finite loss or gradient.
         finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+        new_trained, opt_state = keep(new_trained, trained), keep(opt_state, state["opt_state"])
+        params = new_trained if labels is None else with_trained(state["params"], new_trained)
         step = state["step"] + 1
         first_bad = jnp.where(finite | (state["first_bad_step"] > 0), state["first_bad_step"], step)
         consecutive = jnp.where(finite, 0, state["consecutive_bad"] + 1)
