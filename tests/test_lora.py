@@ -1,0 +1,216 @@
+"""LoRA: adapters beside their base weights, the base frozen (no gradient, no optimizer state),
+adapters off as the DPO reference, sharded like their base, and small checkpoints tied to their
+base."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import sharding as shd
+from jaxalign.config import ModelConfig
+from jaxalign.errors import ConfigError, UserError
+from jaxalign.models.lora import adapters_off, base_params, project
+from jaxalign.models.lora_config import LoraConfig
+from jaxalign.models.params import logical_axes
+from jaxalign.models.registry import build
+from jaxalign.optim import param_path
+from tests.toy import TINY_MODEL, losses, run_toy, toy_config
+
+ALL_TARGETS = r".*attn/w.|.*mlp/w_.*|embed|lm_head"
+
+
+def _paths(tree) -> list[str]:
+    return [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _lora_model(scan: bool, targets: str = ALL_TARGETS, **lora):
+    cfg = ModelConfig(**TINY_MODEL, scan_layers=scan)
+    lcfg = dataclasses.replace(cfg, lora=LoraConfig(targets=targets, **lora))
+    return build(cfg, nnx.Rngs(0)), build(lcfg, nnx.Rngs(0))
+
+
+def _perturbed(model, seed=1, scale=0.2):
+    """`model` with every adapter B (and embedding A) set to random values."""
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype)
+            if param_path(p).endswith(("_lora_b", "embed_lora_a"))
+            else x
+        ),
+        state.to_pure_dict(),
+    )
+    return graphdef, params
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_init_logits_equal_base_exactly_and_adapters_off_is_the_base(scan):
+    base, lora = _lora_model(scan)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
+    want = base.logits(base(tokens))
+    np.testing.assert_array_equal(lora.logits(lora(tokens)), want)
+    # The base weights do not depend on the adapters (same stream, built first).
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        base_params(nnx.split(lora)[1].to_pure_dict()),
+        nnx.split(base)[1].to_pure_dict(),
+    )
+    graphdef, params = _perturbed(lora)
+    model = nnx.merge(graphdef, params)
+    assert not np.allclose(model.logits(model(tokens)), want, atol=1e-3)
+    with adapters_off():
+        np.testing.assert_array_equal(model.logits(model(tokens)), want)
+
+
+def test_adapter_shapes_axes_and_init_follow_the_contract():
+    _, lora = _lora_model(scan=True, rank=4, alpha=8.0)
+    state = nnx.split(lora)[1]
+    tree = logical_axes(state).to_pure_dict()
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))
+    axes = {param_path(p): a for p, a in leaves[0]}
+    params = state.to_pure_dict()
+    wo_a = params["blocks"]["attn"]["wo_lora_a"]
+    wo_b = params["blocks"]["attn"]["wo_lora_b"]
+    L, h, hd, d = 2, 4, 8, 32
+    assert wo_a.shape == (L, h, hd, 4) and wo_b.shape == (L, 4, d)
+    assert axes["blocks/attn/wo_lora_a"] == ("layers", "heads", "head_dim", "lora_rank")
+    assert axes["blocks/attn/wo_lora_b"] == ("layers", "lora_rank", "embed")
+    assert axes["embed_lora_a"] == ("vocab", "lora_rank")
+    assert axes["embed_lora_b"] == ("lora_rank", "embed")
+    # Kaiming-uniform (a=sqrt(5)) bound 1/sqrt(fan_in); B zero; embeddings: A zero.
+    bound = 1 / math.sqrt(h * hd)
+    assert np.abs(wo_a).max() <= bound and np.abs(wo_a).max() > 0.9 * bound
+    assert not np.any(wo_b) and not np.any(params["embed_lora_a"])
+    wq_a = params["blocks"]["attn"]["wq_lora_a"]
+    assert abs(float(np.std(wq_a)) - (1 / math.sqrt(d)) / math.sqrt(3)) < 0.02
+    assert "blocks/attn_norm_lora_a" not in axes
+
+
+def test_projection_equals_float64_reference():
+    """x @ W + (x @ A) @ B * scale for a two-dim contraction (wo), rslora scaling."""
+    _, lora = _lora_model(scan=False, rank=4, alpha=8.0, rslora=True)
+    graphdef, params = _perturbed(lora)
+    attn = nnx.merge(graphdef, params).blocks[0].attn
+    x = np.random.default_rng(3).standard_normal((2, 5, 4, 8)).astype(np.float32)
+    got = project(attn, "wo", jnp.asarray(x), n_in=2)
+    w, a, b = (
+        np.asarray(getattr(attn, n)[...], np.float64) for n in ("wo", "wo_lora_a", "wo_lora_b")
+    )
+    xf = x.astype(np.float64).reshape(10, 32)
+    want = xf @ w.reshape(32, -1) + (xf @ a.reshape(32, 4)) @ b * (8.0 / math.sqrt(4))
+    np.testing.assert_allclose(np.asarray(got).reshape(10, -1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        (
+            {"targets": "blocks/.*/q_proj"},
+            "model.lora.targets: 'blocks/.*/q_proj' matches no parameter (blocks/0/attn/wq",
+        ),
+        ({"targets": ".*attn_norm"}, "is not a matrix"),
+    ],
+)
+def test_bad_targets_are_one_line_errors(lora, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _lora_model(scan=False, **lora)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("rank", 0, "model.lora.rank must be positive, got 0"),
+        ("dropout", 1.0, "model.lora.dropout must be in [0, 1)"),
+        ("targets", "(", "model.lora.targets: '(' is not a regular expression"),
+        ("ranks", 4, "unknown config key 'model.lora.ranks' (did you mean 'model.lora.rank'?)"),
+    ],
+)
+def test_bad_lora_config_is_a_one_line_error(tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        toy_config(tmp_path, **{f"model.lora.{key}": value})
+
+
+def test_lora_rank_is_always_replicated(tmp_path):
+    with pytest.raises(ConfigError, match="'lora_rank' is always replicated"):
+        shd.resolve_rules(toy_config(tmp_path, **{"sharding.rules": "{lora_rank: fsdp}"}).sharding)
+
+
+# -- training --------------------------------------------------------------------------------------
+
+LORA_RUN = {"train.lr": 0.03, "model.lora.rank": 4, "model.lora.alpha": 8.0, "model.lora.train": "['.*final_norm']"}
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    """A 4-step LoRA run (checkpoint every 2) and its resume from step 2, and the initial
+    parameters of the same run."""
+    from jaxalign.trainers.loop import Trainer
+    from tests.toy import ToyAlgorithm
+
+    root = tmp_path_factory.mktemp("lora_toy")
+    cfg = toy_config(root / "a", **LORA_RUN, **{"train.steps": 4, "checkpoint.every": 2})
+    trainer = Trainer(cfg, ToyAlgorithm(cfg), devices=jax.devices()[:1])
+    initial = _host(trainer.initial_params())
+    _, full = run_toy(cfg, devices=jax.devices()[:1])
+    cfg_b = toy_config(root / "b", **LORA_RUN, **{"train.steps": 2, "checkpoint.every": 2})
+    run_toy(cfg_b, devices=jax.devices()[:1])
+    cfg_b = toy_config(root / "b", **LORA_RUN, **{"train.steps": 4, "checkpoint.every": 2})
+    _, resumed = run_toy(cfg_b, devices=jax.devices()[:1])
+    return {"cfg": cfg, "initial": initial, "full": full, "resumed": resumed, "trainer": trainer}
+
+
+def test_only_adapters_and_lora_train_move_and_hold_optimizer_state(toy_runs):
+    initial, state = toy_runs["initial"], _host(toy_runs["full"].state)
+    moved = {
+        path
+        for path, a, b in zip(
+            _paths(initial), jax.tree.leaves(initial), jax.tree.leaves(state["params"])
+        )
+        if not np.array_equal(a, b)
+    }
+    adapters = {p for p in _paths(initial) if p.endswith(("_lora_a", "_lora_b"))}
+    assert len(adapters) == 2 * 7 * 2  # 7 projections x 2 layers
+    assert moved == adapters | {"final_norm"}
+    # AdamW moments exist for the trained leaves only: 2 x their elements.
+    trained = sum(np.asarray(x).size for p, x in zip(_paths(initial), jax.tree.leaves(initial))
+                  if p in moved)
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0]
+    assert sum(x.size for x in moments) == 2 * trained
+    losses_ = losses(toy_runs["full"])
+    assert losses_[-1] < losses_[0]
+
+
+def test_lora_resume_is_bitwise_and_checkpoints_hold_no_base(toy_runs):
+    full, resumed = _host(toy_runs["full"].state), _host(toy_runs["resumed"].state)
+    jax.tree.map(np.testing.assert_array_equal, full, resumed)
+    assert losses(toy_runs["full"])[2:] == losses(toy_runs["resumed"])
+    from jaxalign.checkpoint import Checkpointer
+
+    ckpt_dir = toy_runs["cfg"].run_dir + "/checkpoints"
+    saved = Checkpointer._saved_base(__import__("pathlib").Path(ckpt_dir) / "4")
+    assert saved == {"source": "seed 0", "hash": saved["hash"]} and len(saved["hash"]) == 32
+
+
+def test_resume_refuses_another_base_in_one_line(toy_runs, tmp_path):
+    import shutil
+
+    cfg = toy_runs["cfg"]
+    shutil.copytree(cfg.run_dir, tmp_path / "run")
+    other = toy_config(tmp_path, **LORA_RUN, **{"train.steps": 6, "train.seed": 1})
+    with pytest.raises(UserError, match=r"trained on another base \(base seed 0, hash \w+\); "
+                       r"this run's base is seed 1") as e:
+        run_toy(other, devices=jax.devices()[:1])
+    assert "\n" not in str(e.value)
