@@ -146,7 +146,12 @@ def test_lora_rank_is_always_replicated(tmp_path):
 
 # -- training --------------------------------------------------------------------------------------
 
-LORA_RUN = {"train.lr": 0.03, "model.lora.rank": 4, "model.lora.alpha": 8.0, "model.lora.train": "['.*final_norm']"}
+LORA_RUN = {
+    "train.lr": 0.03,
+    "model.lora.rank": 4,
+    "model.lora.alpha": 8.0,
+    "model.lora.train": "['.*final_norm']",
+}
 
 
 def _host(tree):
@@ -185,8 +190,9 @@ def test_only_adapters_and_lora_train_move_and_hold_optimizer_state(toy_runs):
     assert len(adapters) == 2 * 7 * 2  # 7 projections x 2 layers
     assert moved == adapters | {"final_norm"}
     # AdamW moments exist for the trained leaves only: 2 x their elements.
-    trained = sum(np.asarray(x).size for p, x in zip(_paths(initial), jax.tree.leaves(initial))
-                  if p in moved)
+    trained = sum(
+        np.asarray(x).size for p, x in zip(_paths(initial), jax.tree.leaves(initial)) if p in moved
+    )
     moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0]
     assert sum(x.size for x in moments) == 2 * trained
     losses_ = losses(toy_runs["full"])
@@ -210,7 +216,64 @@ def test_resume_refuses_another_base_in_one_line(toy_runs, tmp_path):
     cfg = toy_runs["cfg"]
     shutil.copytree(cfg.run_dir, tmp_path / "run")
     other = toy_config(tmp_path, **LORA_RUN, **{"train.steps": 6, "train.seed": 1})
-    with pytest.raises(UserError, match=r"trained on another base \(base seed 0, hash \w+\); "
-                       r"this run's base is seed 1") as e:
+    with pytest.raises(
+        UserError,
+        match=r"trained on another base \(base seed 0, hash \w+\); "
+        r"this run's base is seed 1",
+    ) as e:
         run_toy(other, devices=jax.devices()[:1])
     assert "\n" not in str(e.value)
+
+
+def _preference_run(tmp_path, trainer_name, steps=2):
+    from jaxalign.trainers.dpo import DPO
+    from jaxalign.trainers.loop import Trainer
+    from jaxalign.trainers.rm import RewardModelAlgorithm
+    from tests.test_rm_dpo import pref_config
+
+    cfg = pref_config(
+        tmp_path, trainer_name, **{**LORA_RUN, "train.steps": steps, "data.eval_file": "null"}
+    )
+    algo = (DPO if trainer_name == "dpo" else RewardModelAlgorithm)(cfg)
+    trainer = Trainer(cfg, algo, devices=jax.devices()[:1])
+    initial = _host(trainer.initial_params())
+    return cfg, algo, trainer, initial, trainer.run()
+
+
+def test_dpo_reference_is_the_base_with_adapters_off_without_a_copy(tmp_path):
+    from jaxalign.models.params import build_model, init_params
+    from jaxalign.trainers.dpo import policy_statistics
+
+    cfg, algo, trainer, initial, result = _preference_run(tmp_path, "dpo")
+    # No second copy of the weights: only the initial values of what trains beside the adapters.
+    assert _paths(trainer.frozen) == ["base_trained/final_norm"]
+    params = result.state["params"]
+    batch = {k: v[0] for k, v in trainer.to_global(next(algo.train_data(0, 1))).items()}
+    reference = jax.jit(
+        lambda p, b: algo.reference_logps(nnx.merge(trainer.graphdef, p), b, trainer.frozen)
+    )
+
+    # The base built and initialized on its own, from a config without LoRA.
+    base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
+    graphdef, _, shardings = build_model(base_cfg, trainer.mesh, trainer.rules)
+    base = init_params(base_cfg, shardings, base_cfg.train.seed)
+    want = jax.jit(lambda p, b: policy_statistics(nnx.merge(graphdef, p), b)["logps"])(base, batch)
+    np.testing.assert_array_equal(reference(params, batch), want)
+    policy = jax.jit(lambda p, b: policy_statistics(nnx.merge(trainer.graphdef, p), b)["logps"])
+    assert np.abs(np.asarray(policy(params, batch)) - np.asarray(want)).max() > 1e-3
+    history = result.history
+    assert history[0]["rewards/margins"] == 0.0 and history[-1]["rewards/margins"] != 0.0
+
+
+def test_reward_model_trains_adapters_and_score_head_only(tmp_path):
+    _, _, _, initial, result = _preference_run(tmp_path, "rm")
+    end = _host(result.state["params"])
+    moved = {
+        p
+        for p, a, b in zip(_paths(initial), jax.tree.leaves(initial), jax.tree.leaves(end))
+        if not np.array_equal(a, b)
+    }
+    assert "score" in moved and "backbone/final_norm" in moved
+    assert moved - {"score", "backbone/final_norm"} == {
+        p for p in _paths(initial) if p.endswith("_lora_b") or p.endswith("_lora_a")
+    }

@@ -30,7 +30,9 @@ from jaxalign.losses import (
     sequence_logprobs,
     simpo_loss,
 )
+from jaxalign.models import lora
 from jaxalign.models.lora import adapters_off
+from jaxalign.optim import trained_part, with_trained
 from jaxalign.paths import run_path
 from jaxalign.trainers.base import Algorithm
 from jaxalign.trainers.rm import check_vocab, pair_tokens, pairs_to_rows
@@ -106,19 +108,7 @@ class DPO(Algorithm):
             losses = orpo_loss(avg_logps[:, 0], avg_logps[:, 1], lam=d.beta)
             rewards = jax.lax.stop_gradient(d.beta * avg_logps)
         else:
-            if self.lora and not self.precompute:
-                with adapters_off():  # the same parameters: no second copy of the base
-                    ref_logps = jax.lax.stop_gradient(
-                        policy_statistics(model, batch, chunks)["logps"]
-                    )
-            elif frozen is not None:
-                graphdef = nnx.split(model)[0]
-                reference = nnx.merge(graphdef, frozen["reference"])
-                ref_logps = jax.lax.stop_gradient(
-                    policy_statistics(reference, batch, chunks)["logps"]
-                )
-            else:
-                ref_logps = batch["ref_logps"]
+            ref_logps = self.reference_logps(model, batch, frozen)
             pol, ref = logps, ref_logps
             if d.loss_type == "ipo":
                 pol, ref = avg_logps, ref_logps / jnp.maximum(lengths, 1.0)
@@ -153,6 +143,26 @@ class DPO(Algorithm):
             "nll": total(jax.lax.stop_gradient(nll)),
         }
         return total(losses), mask.sum(), metrics
+
+    def reference_logps(self, model: nnx.Module, batch: dict, frozen: Any) -> jax.Array:
+        """The reference's sequence log-probs [P, 2] (no gradient): precomputed ones from the
+        batch; with LoRA the policy's own base with adapters off (its trained base parameters at
+        their initial values, `frozen["base_trained"]`); else the frozen copy's."""
+        chunks = self.cfg.loss.vocab_chunks
+        if self.precompute:
+            return batch["ref_logps"]
+        graphdef, state = nnx.split(model)
+        if self.lora:
+            reference = model  # the same parameters: no second copy of the base
+            if frozen is not None:
+                params = with_trained(state.to_pure_dict(), frozen["base_trained"])
+                reference = nnx.merge(graphdef, params)
+            with adapters_off():
+                logps = policy_statistics(reference, batch, chunks)["logps"]
+        else:
+            reference = nnx.merge(graphdef, frozen["reference"])
+            logps = policy_statistics(reference, batch, chunks)["logps"]
+        return jax.lax.stop_gradient(logps)
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -195,9 +205,17 @@ class DPO(Algorithm):
     def frozen_params(self, trainer, initial_params: Any) -> Any:
         """{"reference": a copy of the initial params} for the loss, or None when the reference
         log-probs are precomputed (then attached to every batch), not needed, or with LoRA (the
-        reference is the policy's own base with adapters off)."""
-        if self.reference_free or (self.lora and not self.precompute):
+        reference is the policy's own base with adapters off: then only the initial values of the
+        base parameters that train beside the adapters are kept, as {"base_trained": ...})."""
+        if self.reference_free:
             return None
+        if self.lora and not self.precompute:
+            # The reference is the policy's base with adapters off; base parameters that train
+            # beside the adapters (model.lora.train) keep a copy of their initial values.
+            base_trained = lora.base_params(trained_part(initial_params, trainer.labels))
+            if not jax.tree.leaves(base_trained):
+                return None
+            return {"base_trained": jax.jit(lambda p: jax.tree.map(jnp.copy, p))(base_trained)}
         if self.precompute:
             self._precompute(trainer, initial_params)
             return None
