@@ -5,6 +5,7 @@ base."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import math
 import re
 
@@ -347,3 +348,37 @@ def test_rank8_checkpoint_is_under_2_percent_and_the_step_holds_no_base_gradient
     temp = compiled.memory_analysis().temp_size_in_bytes
     lm_head_bytes = 4 * 256 * 8192
     assert temp < lm_head_bytes, (temp, lm_head_bytes)
+
+
+def test_plan_counts_no_gradient_or_optimizer_state_for_the_base_and_no_dpo_reference():
+    """Llama 3 8B DPO on 8 devices (fsdp): LoRA rank 16 on every projection. The plan's
+    optimizer and gradient bytes are those of the adapters alone; the reference is the base
+    with adapters off, so it costs nothing."""
+    from pathlib import Path
+
+    from jaxalign.config import load_config
+    from jaxalign.plan import make_plan
+
+    recipe = Path(__file__).resolve().parent.parent / "configs/recipes/dpo_8b_h100x8.yaml"
+    full = make_plan(load_config(recipe, ["dpo.precompute_ref=false"]), 8)
+    plan = make_plan(load_config(recipe, ["dpo.precompute_ref=false", "model.lora.rank=16"]), 8)
+    d, f, kv, r, layers = 4096, 14336, 1024, 16, 32
+    # A: in + r, B: r + out per projection (wq wk wv wo, w_gate w_up w_down).
+    assert plan.num_params == full.num_params + layers * r * (9 * d + 2 * kv + 3 * f)
+    # Each A is sharded like its weight's input, each B like its output: fsdp splits the
+    # 'embed' side (A of wq wk wv w_gate w_up, B of wo w_down); the rest is replicated here
+    # (heads and mlp map to `tensor`, of size 1).
+    per_device = layers * r * (7 * d // 8 + 2 * d + 2 * kv + 3 * f)
+    assert plan.gradients == 4 * per_device
+    assert plan.optimizer == 2 * plan.gradients
+    assert "reference" not in plan.parts and full.parts["reference"] == full.params
+
+
+def test_shardings_command_shows_the_adapters(tmp_path, capsys):
+    from jaxalign import cli
+
+    config = Path(__file__).resolve().parent.parent / "configs/sft_tiny.yaml"
+    assert cli.main(["shardings", str(config), "--set", "model.lora.rank=4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"blocks\.0\.attn\.wq_lora_a +\(128, 4\) +P\('fsdp', None\)", out)
+    assert re.search(r"blocks\.0\.attn\.wo_lora_b +\(4, 128\) +P\(None, 'fsdp'\)", out)
