@@ -106,6 +106,9 @@ def render() -> str:
         for node in cls.body:
             if isinstance(node, ast.AnnAssign):
                 key = node.target.id
+                optional = ast.unparse(node.annotation).removesuffix(" | None")
+                if optional in classes:  # an optional sub-section (model.lora): its own table
+                    sections.append((f"{name}.{key}", classes[optional]))
                 out.append(
                     f"| `{name}.{key}` | `{_cell(ast.unparse(node.annotation))}` | "
                     f"{_cell(_default(node))} | {_cell(_comments(lines, node))} |"

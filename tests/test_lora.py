@@ -5,9 +5,9 @@ base."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 import math
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp

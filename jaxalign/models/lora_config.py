@@ -26,7 +26,9 @@ class LoraConfig:
     rank: int = 8  # r: the adapters' inner width
     alpha: float = 16.0  # scale = alpha / rank (rslora: alpha / sqrt(rank))
     dropout: float = 0.0  # dropout on the adapters' input, in training only
-    targets: str = DEFAULT_TARGETS  # which weights get adapters ('embed', 'lm_head' may be added)
+    # Which weights get adapters; default: every attention and MLP projection (wq wk wv wo,
+    # w_gate w_up w_down). Add 'embed' (looked up, as PEFT) or 'lm_head' with `|`.
+    targets: str = DEFAULT_TARGETS
     rslora: bool = False  # rank-stabilized scaling alpha / sqrt(rank) (Kalajdzievski 2023)
     # kaiming: A ~ U(+-1/sqrt(fan_in)) (PEFT's default: torch's Kaiming-uniform with a=sqrt(5)),
     # B = 0; gaussian: A ~ N(0, std 1/rank), B = 0. Embedding adapters follow PEFT: A = 0,
@@ -35,7 +37,8 @@ class LoraConfig:
     # Base parameters that still train alongside the adapters (regexes, e.g. '.*norm.*'); a
     # reward model's score head always trains.
     train: list[str] = field(default_factory=list)
-    # QLoRA: the frozen base stored quantized (see jaxalign/models/quant.py).
+    # QLoRA: the frozen base stored quantized (jaxalign/models/quant.py); not wired into
+    # training yet (only none is accepted).
     quantize: Literal["none", "int8", "nf4"] = "none"
     quant_block: int = 64  # quantization block size (elements per absmax scale)
     double_quant: bool | None = None  # quantize the scales too; default: true for nf4
