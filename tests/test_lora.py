@@ -382,3 +382,50 @@ def test_shardings_command_shows_the_adapters(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"blocks\.0\.attn\.wq_lora_a +\(128, 4\) +P\('fsdp', None\)", out)
     assert re.search(r"blocks\.0\.attn\.wo_lora_b +\(4, 128\) +P\(None, 'fsdp'\)", out)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_lora_run(tmp_path):
+    """tests/test_multihost.py's set-up (2 processes x 4 devices against 1 x 8) with LoRA: the
+    same losses, and the 2-process LoRA checkpoint (adapters only) resumes in one process."""
+    import shutil
+
+    from tests.test_multihost import losses as run_losses
+    from tests.test_multihost import one_process, two_processes
+
+    lora = ("model.lora.rank=4", "train.lr=0.01")
+    one_process(tmp_path / "single", extra=lora)
+    two_processes(tmp_path / "multi", tmp_path, extra=lora)
+    single, multi = run_losses(tmp_path / "single"), run_losses(tmp_path / "multi")
+    assert sorted(multi) == [1, 2, 3, 4, 5] and single[5] < single[1]
+    np.testing.assert_allclose(
+        [multi[s] for s in range(1, 6)], [single[s] for s in range(1, 6)], atol=1e-5, rtol=0
+    )
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "multi", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "5")
+    (resumed / "metrics.jsonl").unlink()
+    one_process(resumed, extra=lora)
+    got = run_losses(resumed)
+    np.testing.assert_allclose([got[4], got[5]], [single[4], single[5]], atol=1e-5)
+
+
+def test_nan_guard_skips_a_nonfinite_lora_step_leaving_adapters_and_moments(tmp_path):
+    """nan_policy=skip: a step whose loss is NaN changes neither the adapters nor their AdamW
+    state: the run after a poisoned second step equals the run stopped after its first."""
+    sets = {**LORA_RUN, "train.nan_policy": "skip", "train.max_consecutive_skips": 3}
+    _, one = run_toy(
+        toy_config(tmp_path / "one", **sets, **{"train.steps": 1}), devices=jax.devices()[:1]
+    )
+
+    from jaxalign.trainers.loop import Trainer
+    from tests.toy import ToyAlgorithm
+
+    cfg = toy_config(tmp_path / "two", **sets, **{"train.steps": 2})
+    algo = ToyAlgorithm(cfg)
+    algo.poison.add(1)  # the second batch
+    two = Trainer(cfg, algo, devices=jax.devices()[:1]).run()
+    assert [h["nonfinite"] for h in two.history] == [0.0, 1.0]
+    a, b = _host(one.state), _host(two.state)
+    jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+    jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
