@@ -1,7 +1,7 @@
 """Crash fuzzing: SIGKILL a training run at random moments, resume, and check the final
 parameters equal those of an uninterrupted run bitwise.
 
-    python scripts/crash_fuzz.py --trials 20 [--work-dir /tmp/fuzz] [--seed 0]
+    python scripts/crash_fuzz.py --trials 20 [--work-dir /tmp/fuzz] [--seed 0] [--lora]
 
 Checkpoints are written every step, asynchronously, so many kills land while a save is in flight;
 a resume must always find the latest *complete* checkpoint. Exits non-zero on any mismatch.
@@ -38,8 +38,13 @@ OVERRIDES = [
 ]
 
 
-def train_command(run_dir: Path) -> list[str]:
-    sets = [a for o in OVERRIDES + [f"run_dir={run_dir}"] for a in ("--set", o)]
+# --lora: the same run training rank-4 adapters (the checkpoints hold only those).
+LORA_OVERRIDES = ["model.lora.rank=4", "train.lr=1e-2"]
+
+
+def train_command(run_dir: Path, lora: bool = False) -> list[str]:
+    overrides = OVERRIDES + (LORA_OVERRIDES if lora else []) + [f"run_dir={run_dir}"]
+    sets = [a for o in overrides for a in ("--set", o)]
     return [
         sys.executable,
         "-m",
@@ -58,13 +63,15 @@ def env() -> dict[str, str]:
 
 
 def final_params(run_dir: Path):
-    """The parameters of the last checkpoint, as NumPy arrays on the host."""
+    """The parameters of the last checkpoint (a LoRA run's: its trained part), as NumPy arrays
+    on the host."""
     import jax
     import numpy as np
 
     from jaxalign.checkpoint import load_params
     from jaxalign.config import load_config
     from jaxalign.models.params import build_model
+    from jaxalign.optim import trained_labels, trained_part
     from jaxalign.sharding import make_mesh, resolve_rules
 
     cfg = load_config(run_dir / "config.yaml", ["mesh.fsdp=1"])
@@ -73,6 +80,8 @@ def final_params(run_dir: Path):
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+    if cfg.model.lora is not None:
+        target = trained_part(target, trained_labels(cfg, abstract))
     return jax.tree.map(np.asarray, load_params(run_dir, target))
 
 
@@ -82,7 +91,7 @@ def _saving(run_dir: Path) -> bool:
 
 
 def run_to_completion(
-    run_dir: Path, rng: random.Random, expected_s: float | None
+    run_dir: Path, rng: random.Random, expected_s: float | None, lora: bool = False
 ) -> tuple[int, float]:
     """Start/kill/resume until the run finishes; returns (kills, seconds of the last attempt).
 
@@ -93,7 +102,7 @@ def run_to_completion(
     while True:
         start = time.perf_counter()
         proc = subprocess.Popen(
-            train_command(run_dir),
+            train_command(run_dir, lora),
             cwd=REPO,
             env=env(),
             stdout=subprocess.DEVNULL,
@@ -117,7 +126,7 @@ def run_to_completion(
         if proc.returncode != 0:
             raise SystemExit(
                 f"resume failed in {run_dir} (exit {proc.returncode}); rerun "
-                f"{' '.join(train_command(run_dir))} to see why"
+                f"{' '.join(train_command(run_dir, lora))} to see why"
             )
         return kills, time.perf_counter() - start
 
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/jaxalign_crash_fuzz"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters")
     args = parser.parse_args(argv)
     os.environ.update({k: v for k, v in env().items() if k in ("JAX_PLATFORMS", "XLA_FLAGS")})
     shutil.rmtree(args.work_dir, ignore_errors=True)
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
 
     reference_dir = args.work_dir / "reference"
-    _, expected = run_to_completion(reference_dir, rng, None)
+    _, expected = run_to_completion(reference_dir, rng, None, args.lora)
     reference = final_params(reference_dir)
     import jax
     import numpy as np
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     total_kills = 0
     for trial in range(args.trials):
         run_dir = args.work_dir / f"trial_{trial}"
-        kills, last = run_to_completion(run_dir, rng, expected)
+        kills, last = run_to_completion(run_dir, rng, expected, args.lora)
         expected = last if kills == 0 else expected
         total_kills += kills
         got = final_params(run_dir)
