@@ -147,8 +147,11 @@ def test_lora_rank_is_always_replicated(tmp_path):
 
 # -- training --------------------------------------------------------------------------------------
 
+# A constant learning rate: every toy LoRA run compiles the same step, whatever its length.
 LORA_RUN = {
     "train.lr": 0.03,
+    "train.lr_schedule": "constant",
+    "train.warmup_steps": 0,
     "model.lora.rank": 4,
     "model.lora.alpha": 8.0,
     "model.lora.train": "['.*final_norm']",
