@@ -445,3 +445,24 @@ def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path):
 
     args = ["--trials", "1", "--work-dir", str(tmp_path), "--seed", "5", "--lora"]
     assert crash_fuzz.main(args) == 0
+
+
+def test_lora_on_an_init_from_checkpoint_keeps_its_base_and_names_it(tmp_path):
+    """`init_from` a full run: the base comes from that checkpoint, the adapters are fresh, and
+    the base reference is that checkpoint."""
+    from jaxalign.trainers.loop import Trainer
+    from tests.toy import ToyAlgorithm, write_run
+
+    full_cfg = toy_config(tmp_path / "full", **{"mesh.fsdp": 1})
+    trainer = Trainer(full_cfg, ToyAlgorithm(full_cfg), devices=jax.devices()[:1])
+    params = jax.tree.map(lambda x: x + 0.01, _host(trainer.initial_params()))
+    write_run(tmp_path / "sft", full_cfg, params)
+    cfg = toy_config(tmp_path / "lora", **LORA_RUN, **{"init_from": str(tmp_path / "sft")})
+    lora_trainer, result = run_toy(cfg, devices=jax.devices()[:1])
+    end = _host(result.state["params"])
+    np.testing.assert_array_equal(end["embed"], params["embed"])
+    np.testing.assert_array_equal(
+        end["blocks"][1]["mlp"]["w_up"], params["blocks"][1]["mlp"]["w_up"]
+    )
+    assert np.any(end["blocks"][1]["mlp"]["w_up_lora_b"])
+    assert lora_trainer._base_ref["source"].endswith("sft/checkpoints/1")
