@@ -181,6 +181,7 @@ def toy_runs(tmp_path_factory):
     return {"cfg": cfg, "initial": initial, "full": full, "resumed": resumed, "trainer": trainer}
 
 
+@pytest.mark.slow
 def test_only_adapters_and_lora_train_move_and_hold_optimizer_state(toy_runs):
     initial, state = toy_runs["initial"], _host(toy_runs["full"].state)
     moved = {
@@ -203,6 +204,7 @@ def test_only_adapters_and_lora_train_move_and_hold_optimizer_state(toy_runs):
     assert losses_[-1] < losses_[0]
 
 
+@pytest.mark.slow
 def test_lora_resume_is_bitwise_and_checkpoints_hold_no_base(toy_runs):
     full, resumed = _host(toy_runs["full"].state), _host(toy_runs["resumed"].state)
     jax.tree.map(np.testing.assert_array_equal, full, resumed)
@@ -214,6 +216,7 @@ def test_lora_resume_is_bitwise_and_checkpoints_hold_no_base(toy_runs):
     assert saved == {"source": "seed 0", "hash": saved["hash"]} and len(saved["hash"]) == 32
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_base_in_one_line(toy_runs, tmp_path):
     import shutil
 
@@ -244,6 +247,7 @@ def _preference_run(tmp_path, trainer_name, steps=2):
     return cfg, algo, trainer, initial, trainer.run()
 
 
+@pytest.mark.slow
 def test_dpo_reference_is_the_base_with_adapters_off_without_a_copy(tmp_path):
     from jaxalign.models.params import build_model, init_params
     from jaxalign.trainers.dpo import policy_statistics
@@ -269,6 +273,7 @@ def test_dpo_reference_is_the_base_with_adapters_off_without_a_copy(tmp_path):
     assert history[0]["rewards/margins"] == 0.0 and history[-1]["rewards/margins"] != 0.0
 
 
+@pytest.mark.slow
 def test_reward_model_trains_adapters_and_score_head_only(tmp_path):
     _, _, _, initial, result = _preference_run(tmp_path, "rm")
     end = _host(result.state["params"])
@@ -283,6 +288,7 @@ def test_reward_model_trains_adapters_and_score_head_only(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_sharded_lora_equals_single_device_and_adapters_follow_their_base(tmp_path):
     """fsdp 4 x tensor 2 on 8 devices against one device: same losses and parameters; A keeps
     its weight's input sharding, B its output sharding, the rank axis replicated."""
@@ -413,6 +419,7 @@ def test_two_processes_give_the_single_process_lora_run(tmp_path):
     np.testing.assert_allclose([got[4], got[5]], [single[4], single[5]], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_nan_guard_skips_a_nonfinite_lora_step_leaving_adapters_and_moments(tmp_path):
     """nan_policy=skip: a step whose loss is NaN changes neither the adapters nor their AdamW
     state: the run after a poisoned second step equals the run stopped after its first."""
@@ -447,6 +454,7 @@ def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path):
     assert crash_fuzz.main(args) == 0
 
 
+@pytest.mark.slow
 def test_lora_on_an_init_from_checkpoint_keeps_its_base_and_names_it(tmp_path):
     """`init_from` a full run: the base comes from that checkpoint, the adapters are fresh, and
     the base reference is that checkpoint."""
