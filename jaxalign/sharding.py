@@ -37,6 +37,7 @@ LOGICAL_AXES = (
     "vocab",
     "layers",
     "norm",
+    "expert",
 )
 
 # The default: FSDP over `fsdp`, tensor parallelism over `tensor`, batch over data and fsdp.
@@ -51,6 +52,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "vocab": "tensor",
     "layers": None,
     "norm": None,
+    "expert": None,  # a MoE layer's experts (jaxalign/models/moe.py)
 }
 
 # Names only activations have: `logical_to_spec` reads them from the activation table whichever
