@@ -22,7 +22,7 @@ from jaxalign.paths import run_path, unsupported_scheme
 from jaxalign.trainers.preference_config import DPOConfig, PreferenceConfig, RMConfig
 from jaxalign.trainers.rl_config import RLConfig
 
-AXIS_NAMES = ("data", "fsdp", "tensor")
+AXIS_NAMES = ("data", "fsdp", "expert", "tensor")
 
 
 @dataclass
@@ -112,9 +112,11 @@ class MeshConfig:
 
     data: int = 1  # pure data parallelism (replicas)
     fsdp: int = -1  # fully sharded data parallelism
+    expert: int = 1  # expert parallelism: a MoE layer's experts split over this axis
     tensor: int = 1  # tensor (model) parallelism
     dcn_data: int = 1  # slices along `data` (multi-slice); default: all slices
     dcn_fsdp: int = 1  # slices along `fsdp`
+    dcn_expert: int = 1  # slices along `expert`
     dcn_tensor: int = 1  # slices along `tensor`
 
 

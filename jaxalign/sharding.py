@@ -52,7 +52,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "vocab": "tensor",
     "layers": None,
     "norm": None,
-    "expert": None,  # a MoE layer's experts (jaxalign/models/moe.py)
+    "expert": "expert",  # a MoE layer's experts (jaxalign/models/moe.py)
 }
 
 # Names only activations have: `logical_to_spec` reads them from the activation table whichever
@@ -232,7 +232,7 @@ def hybrid_device_array(
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the device mesh with axes (data, fsdp, tensor)."""
+    """Build the device mesh with axes (data, fsdp, expert, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1 and all(getattr(cfg, f"dcn_{a}") == 1 for a in AXIS_NAMES):
@@ -342,6 +342,11 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_sharding() -> tuple[Mesh, dict[str, tuple[str, ...]]] | None:
+    """(mesh, activation table) inside `activation_sharding`, else None."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -2,17 +2,21 @@
 export against transformers (logits, router logits, load-balancing loss), and the aux loss and
 metrics reaching the train step."""
 
+import dataclasses
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from toy import random_params, run_toy, toy_config
 
 from jaxalign import models
 from jaxalign import sharding as shd
 from jaxalign.config import MeshConfig, ModelConfig
 from jaxalign.errors import ConfigError
-from jaxalign.models import moe
+from jaxalign.models import llama, moe
 from jaxalign.models.params import pop_aux_metrics
 from jaxalign.trainers.step import accumulate_gradients
 
@@ -180,3 +184,148 @@ def test_import_and_export_match_transformers_with_router_logits_and_aux_loss(
     with torch.no_grad():
         again = reloaded(torch.tensor(IDS)).logits.numpy()
     assert np.abs(again - logits).max() <= TOL
+
+
+# --- the train step, layer scan, capacity mode and expert parallelism ----------------------------
+MOE_TOY = {
+    "model.family": "qwen3_moe",
+    "model.num_experts": 4,
+    "model.num_experts_per_tok": 2,
+    "model.moe_intermediate_size": 32,
+    "model.router_aux_loss_coef": 0.01,
+    "model.router_z_loss_coef": 0.001,
+}
+EXPERT_RULES = str(Path(__file__).resolve().parents[1] / "configs/sharding/expert.yaml")
+
+
+def tiny_moe(**fields) -> ModelConfig:
+    base = dict(
+        family="qwen3_moe",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=4,
+        moe_intermediate_size=16,
+        router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+    )
+    return ModelConfig(**{**base, **fields})
+
+
+def tiny_params(cfg: ModelConfig, seed: int = 0):
+    state = nnx.state(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+    return jax.device_put(random_params(state, seed, std=0.3), jax.devices()[0])
+
+
+def test_aux_loss_and_metrics_reach_every_algorithms_loss():
+    """A loss of 0 over 4 targets: the step's loss sum is 4 x (aux coef x balance + z coef x
+    z-loss), and the router metrics come back as sums of per-target means."""
+    cfg = tiny_moe()
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+    params = tiny_params(cfg)
+    tokens = jnp.asarray(IDS[:, :8] % 64)
+
+    def loss_fn(model, batch, rng, frozen):
+        return 0.0 * model(batch["tokens"]).sum(), jnp.float32(4.0), {}
+
+    step = jax.jit(
+        lambda p, b: accumulate_gradients(graphdef, loss_fn, p, b, jax.random.PRNGKey(0))
+    )
+    _, loss_sum, _, metrics = jax.device_get(step(params, {"tokens": tokens[None]}))
+    aux, z = float(metrics["moe/aux_loss"]) / 4, float(metrics["moe/z_loss"]) / 4
+    assert float(loss_sum) == pytest.approx(4 * (0.01 * aux + 0.001 * z), rel=1e-5)
+    assert aux > 0.9 and z > 0  # E x sum f P is 1 for perfectly balanced routing
+    load = np.asarray(metrics["moe/expert_load"]) / 4
+    assert load.shape == (4,) and load.sum() == pytest.approx(1.0)
+    assert float(metrics["moe/dropped_tokens"]) == 0.0
+
+
+def test_scanned_layers_and_roomy_capacity_equal_the_dropless_unrolled_model():
+    cfg = tiny_moe()
+    params = tiny_params(cfg)
+    tokens = jnp.asarray(IDS % 64)
+
+    def forward(cfg, params):
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+
+        @jax.jit
+        def run(params):
+            model = nnx.merge(graphdef, params)
+            logits = model.logits(model(tokens))
+            return logits, pop_aux_metrics(model)
+
+        logits, metrics = jax.device_get(run(params))
+        return np.asarray(logits), metrics
+
+    want, want_metrics = forward(cfg, params)
+    scanned, scanned_metrics = forward(
+        dataclasses.replace(cfg, scan_layers=True), llama.stack_layers(params)
+    )
+    np.testing.assert_allclose(scanned, want, atol=1e-5, rtol=0)
+    assert float(scanned_metrics["moe/aux_loss"]) == pytest.approx(
+        float(want_metrics["moe/aux_loss"]), abs=1e-6
+    )
+    roomy, roomy_metrics = forward(dataclasses.replace(cfg, moe_capacity_factor=2.0), params)
+    np.testing.assert_allclose(roomy, want, atol=1e-5, rtol=0)
+    assert float(roomy_metrics["moe/dropped_tokens"]) == 0.0
+    tight, tight_metrics = forward(dataclasses.replace(cfg, moe_capacity_factor=0.5), params)
+    assert float(tight_metrics["moe/dropped_tokens"]) >= 0.5  # at most half the slots exist
+    assert np.abs(tight - want).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_expert_parallel_runs_equal_the_single_device_run(tmp_path):
+    """expert=4 (x fsdp=2), and expert=2 x fsdp=2 x tensor=2, on the 8 simulated devices: the
+    same losses and router metrics as one device over 5 steps, with the experts split."""
+    runs = {}
+    for name, mesh in {
+        "single": {"mesh.fsdp": 1},
+        "expert4": {"mesh.expert": 4, "mesh.fsdp": 2},
+        "expert2_fsdp2_tensor2": {"mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+    }.items():
+        overrides = {**MOE_TOY, **mesh}
+        if name != "single":
+            overrides["sharding.rules_file"] = EXPERT_RULES
+        cfg = toy_config(tmp_path / name, **overrides)
+        trainer, result = run_toy(cfg, devices=jax.devices()[:1] if name == "single" else None)
+        runs[name] = result
+        if name != "single":
+            w_gate = result.state["params"]["blocks"][0]["mlp"]["w_gate"]
+            assert w_gate.sharding.spec[0] == "expert"
+            assert w_gate.addressable_shards[0].data.shape[0] == 4 // cfg.mesh.expert
+    want = runs["single"].history
+    assert len(want) == 5 and want[-1]["loss"] < want[0]["loss"]
+    for name in ("expert4", "expert2_fsdp2_tensor2"):
+        got = runs[name].history
+        for a, b in zip(got, want):
+            for key in ("loss", "moe/aux_loss", "moe/z_loss"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (name, key)
+            np.testing.assert_allclose(a["moe/expert_load"], b["moe/expert_load"], atol=1e-6)
+
+
+def test_experts_that_do_not_divide_over_the_expert_axis_are_named(tmp_path):
+    cfg = toy_config(
+        tmp_path,
+        **{**MOE_TOY, "model.num_experts": 6, "mesh.expert": 4, "mesh.fsdp": 2},
+        **{"sharding.rules_file": EXPERT_RULES},
+    )
+    with pytest.raises(ConfigError, match=r"mlp.w_.*size 6.*expert.*size 4"):
+        run_toy(cfg)
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        ({"model.num_experts": 0}, "needs model.num_experts > 0"),
+        ({"model.num_experts_per_tok": 5}, "num_experts_per_tok"),
+        ({"model.scan_layers": True, "model.mlp_only_layers": [0]}, "scan_layers"),
+        ({"model.family": "llama"}, "needs a mixture-of-experts model.family"),
+    ],
+)
+def test_bad_moe_config_is_a_one_line_error(tmp_path, fields, named):
+    with pytest.raises(ConfigError, match=named) as e:
+        toy_config(tmp_path, **{**MOE_TOY, **fields})
+    assert "\n" not in str(e.value)

@@ -35,6 +35,7 @@ from jaxalign.models import llama
 from jaxalign.models.llama import DTYPES, _param, dense, rms_norm
 from jaxalign.models.params import AuxLoss, AuxMetric
 from jaxalign.models.registry import ModelFamily, register_family
+from jaxalign import sharding as shd
 from jaxalign.sharding import constrain
 
 
@@ -53,25 +54,103 @@ def route(logits: jax.Array, k: int, normalize: bool):
     return weights, experts.astype(jnp.int32), probs
 
 
-def swiglu(x, w_gate, w_up, activation):
-    return activation(x @ w_gate) * (x @ w_up)
-
-
 def dropless_experts(x, experts, weights, w_gate, w_up, w_down, activation) -> jax.Array:
     """Every assignment computed: x [N, D], experts / weights [N, k], w_gate / w_up [E, D, F],
     w_down [E, F, D] -> [N, D] = sum_j weights[n, j] * expert_{experts[n, j]}(x[n])."""
     n, k = experts.shape
+    rows = jnp.take(x, jnp.arange(n * k) // k, axis=0)  # assignment a: token a // k
+    y = _grouped_swiglu(rows, experts.reshape(-1), w_gate, w_up, w_down, activation)
+    return jnp.einsum("nkd,nk->nd", y.reshape(n, k, -1), weights.astype(x.dtype))
+
+
+def _grouped_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array:
+    """rows [M, D] through expert `groups[m]` ([M]; groups >= E give zeros) -> [M, D]."""
     num_experts = w_gate.shape[0]
-    flat = experts.reshape(-1)  # assignment a = token a // k, choice a % k
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    xs = jnp.take(x, order // k, axis=0)
-    dt = x.dtype
-    gate = jax.lax.ragged_dot(xs, w_gate.astype(dt), group_sizes)
-    up = jax.lax.ragged_dot(xs, w_up.astype(dt), group_sizes)
-    ys = jax.lax.ragged_dot(activation(gate) * up, w_down.astype(dt), group_sizes)
-    y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n, k, -1)
-    return jnp.einsum("nkd,nk->nd", y, weights.astype(dt))
+    order = jnp.argsort(groups, stable=True)
+    sizes = jnp.bincount(groups, length=num_experts).astype(jnp.int32)  # drops groups >= E
+    xs = jnp.take(rows, order, axis=0)
+    dt = rows.dtype
+    gate = jax.lax.ragged_dot(xs, w_gate.astype(dt), sizes)
+    up = jax.lax.ragged_dot(xs, w_up.astype(dt), sizes)
+    ys = jax.lax.ragged_dot(activation(gate) * up, w_down.astype(dt), sizes)
+    return jnp.take(ys, jnp.argsort(order), axis=0)
+
+
+def expert_parallel_experts(
+    x, experts, weights, w_gate, w_up, w_down, activation, mesh, rules
+) -> jax.Array:
+    """`dropless_experts` with the experts split over the mesh axes of the logical `expert`
+    axis: each device keeps E / ep experts, and every token assignment travels to its expert's
+    device and back with `jax.lax.all_to_all`. The expert MLP width may also be split over the
+    `mlp` axes (partial outputs summed with psum); parameters stored over fsdp are gathered
+    when the shard_map starts.
+
+    The send buffers are padded to the worst case (every local assignment to one device:
+    [ep, N_local * k, D]), so no assignment is ever dropped; rows of the padding go to no
+    expert. x: [N, D] with N split over the `batch` axes, which must include the expert axes."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxalign.errors import ConfigError
+
+    ep_axes = tuple(rules.get("expert", ()))
+    batch_axes = tuple(rules.get("batch", ()))
+    mlp_axes = tuple(a for a in rules.get("mlp", ()) if a not in ep_axes + batch_axes)
+    if not set(ep_axes) <= set(batch_axes):
+        raise ConfigError(
+            f"sharding: the experts are split over mesh axes {list(ep_axes)}; the activation "
+            f"rule 'batch' ({list(batch_axes)}) must include them, so tokens are split there too "
+            "(configs/sharding/expert.yaml)"
+        )
+    ep = math.prod(mesh.shape[a] for a in ep_axes)
+    k = experts.shape[1]
+    tokens = P(batch_axes, None)
+    col = mlp_axes or None
+
+    def body(x, experts, weights, w_gate, w_up, w_down):
+        n, d = x.shape
+        local = w_gate.shape[0]
+        flat = experts.reshape(-1)
+        to_device = flat[None, :] // local == jnp.arange(ep)[:, None]  # [ep, n * k]
+        rows = jnp.take(x, jnp.arange(n * k) // k, axis=0)
+        send = jnp.where(to_device[..., None], rows[None], 0)  # [ep, n * k, D]
+        groups = jnp.where(to_device, flat[None, :] % local, local)
+        recv = jax.lax.all_to_all(send, ep_axes, 0, 0, tiled=True)
+        recv_groups = jax.lax.all_to_all(groups, ep_axes, 0, 0, tiled=True)
+        y = _grouped_swiglu(
+            recv.reshape(-1, d), recv_groups.reshape(-1), w_gate, w_up, w_down, activation
+        )
+        if mlp_axes:
+            y = jax.lax.psum(y, mlp_axes)
+        back = jax.lax.all_to_all(y.reshape(ep, n * k, d), ep_axes, 0, 0, tiled=True)
+        out = jnp.sum(jnp.where(to_device[..., None], back, 0), axis=0).reshape(n, k, d)
+        return jnp.einsum("nkd,nk->nd", out, weights.astype(x.dtype))
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(
+            tokens,
+            tokens,
+            tokens,
+            P(ep_axes, None, col),
+            P(ep_axes, None, col),
+            P(ep_axes, col, None),
+        ),
+        out_specs=tokens,
+        check_vma=False,
+    )(x, experts, weights, w_gate, w_up, w_down)
+
+
+def expert_parallelism() -> tuple | None:
+    """(mesh, activation table) when the active sharding splits the experts (the logical
+    `expert` axis maps to mesh axes of total size > 1), else None."""
+    active = shd.active_sharding()
+    if active is None:
+        return None
+    mesh, rules = active
+    if math.prod(mesh.shape[a] for a in rules.get("expert", ())) <= 1:
+        return None
+    return mesh, rules
 
 
 def expert_capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int:
@@ -143,6 +222,9 @@ class MoEMLP(nnx.Module):
             out, dropped = capacity_experts(
                 xf, experts, weights, valid.reshape(-1), *w, self.activation, capacity
             )
+        elif (parallel := expert_parallelism()) is not None:
+            out = expert_parallel_experts(xf, experts, weights, *w, self.activation, *parallel)
+            dropped = jnp.zeros((), jnp.int32)
         else:
             out = dropless_experts(xf, experts, weights, *w, self.activation)
             dropped = jnp.zeros((), jnp.int32)
