@@ -52,7 +52,7 @@ def test_non_dividing_mesh_is_one_line(capsys):
         ["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set", "mesh.fsdp=3"], capsys
     )
     assert code == 2 and err.count("\n") == 0
-    assert "mesh: data=1 x fsdp=3 x tensor=1 needs 3 devices per slice, but 8" in err
+    assert "mesh: data=1 x fsdp=3 x expert=1 x tensor=1 needs 3 devices per slice, but 8" in err
 
 
 def test_parameter_that_does_not_divide_names_its_path(capsys):

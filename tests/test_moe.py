@@ -329,3 +329,34 @@ def test_bad_moe_config_is_a_one_line_error(tmp_path, fields, named):
     with pytest.raises(ConfigError, match=named) as e:
         toy_config(tmp_path, **{**MOE_TOY, **fields})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_grpo_on_a_moe_policy_samples_with_training_logprobs(tmp_path):
+    """The sampler decodes the MoE policy (KV cache, routing per decoded token) with the same
+    log-probs as the training forward (ratio 1), and a GRPO step trains it with the router's
+    aux loss and metrics."""
+    from test_ppo_grpo import rl_config, rollout_data
+
+    from jaxalign.trainers.rl_rows import response_logprobs
+
+    moe_fields = {k: v for k, v in MOE_TOY.items()}
+    cfg = rl_config(tmp_path, "grpo", **{**moe_fields, "rl.old_logprobs": "sampler"})
+    algo, trainer, state, data = rollout_data(cfg)
+    micro = {k: v[0] for k, v in next(data).items()}
+
+    @jax.jit
+    def check(params, batch):
+        model = nnx.merge(trainer.graphdef, params)
+        logp, _ = response_logprobs(algo.policy_module(model), batch, 1.0)
+        return logp
+
+    logp = jax.device_get(check(state["params"], micro))
+    mask = micro["mask"] > 0
+    assert mask.sum() > 20
+    np.testing.assert_allclose(np.exp(logp - micro["old_logprobs"])[mask], 1.0, atol=1e-6)
+
+    result = trainer.run()
+    record = result.history[-1]
+    assert np.isfinite(record["loss"]) and record["moe/aux_loss"] > 0.5
+    assert sum(record["moe/expert_load"]) == pytest.approx(1.0, abs=1e-5)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign import sharding as shd
 from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import MIXTRAL_CONVERTER, QWEN3_MOE_CONVERTER
 from jaxalign.metrics import param_count
@@ -35,7 +36,6 @@ from jaxalign.models import llama
 from jaxalign.models.llama import DTYPES, _param, dense, rms_norm
 from jaxalign.models.params import AuxLoss, AuxMetric
 from jaxalign.models.registry import ModelFamily, register_family
-from jaxalign import sharding as shd
 from jaxalign.sharding import constrain
 
 
@@ -327,9 +327,9 @@ def moe_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token over the active parameters: 6 x active, plus attention (as
     `jaxalign.metrics.train_flops_per_token`)."""
     dense_flops = llama.FAMILY.flops_per_token(cfg, seq_len)
-    return dense_flops - 6.0 * param_count(cfg)["non_embedding"] + 6.0 * moe_param_count(cfg)[
-        "active"
-    ]
+    return (
+        dense_flops - 6.0 * param_count(cfg)["non_embedding"] + 6.0 * moe_param_count(cfg)["active"]
+    )
 
 
 QWEN3_MOE = register_family(
