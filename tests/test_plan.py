@@ -26,6 +26,9 @@ def test_recipe_fits_its_hardware(recipe, capsys):
     assert cli.main(["plan", str(recipe), "--devices", str(devices), "--hbm-gib", str(hbm)]) == 0
     out = capsys.readouterr().out
     trained = "16.06B" if recipe.stem.startswith("ppo") else "8.03B"  # PPO: policy + value
+    if "qwen3_30b_a3b" in recipe.stem:  # Qwen3-30B-A3B: 30.5B, 3.3B active with the head
+        trained = "30.53B"
+        assert "(3.04B active per token, for FLOPs)" in out
     assert f"{trained} parameters" in out and f"of {hbm:g} GiB" in out
 
 
