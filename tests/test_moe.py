@@ -334,14 +334,12 @@ def test_bad_moe_config_is_a_one_line_error(tmp_path, fields, named):
 @pytest.mark.slow
 def test_grpo_on_a_moe_policy_samples_with_training_logprobs(tmp_path):
     """The sampler decodes the MoE policy (KV cache, routing per decoded token) with the same
-    log-probs as the training forward (ratio 1), and a GRPO step trains it with the router's
-    aux loss and metrics."""
+    log-probs as the training forward: GRPO's importance ratio is 1 on a fresh rollout."""
     from test_ppo_grpo import rl_config, rollout_data
 
     from jaxalign.trainers.rl_rows import response_logprobs
 
-    moe_fields = {k: v for k, v in MOE_TOY.items()}
-    cfg = rl_config(tmp_path, "grpo", **{**moe_fields, "rl.old_logprobs": "sampler"})
+    cfg = rl_config(tmp_path, "grpo", **{**MOE_TOY, "rl.old_logprobs": "sampler"})
     algo, trainer, state, data = rollout_data(cfg)
     micro = {k: v[0] for k, v in next(data).items()}
 
@@ -356,7 +354,3 @@ def test_grpo_on_a_moe_policy_samples_with_training_logprobs(tmp_path):
     assert mask.sum() > 20
     np.testing.assert_allclose(np.exp(logp - micro["old_logprobs"])[mask], 1.0, atol=1e-6)
 
-    result = trainer.run()
-    record = result.history[-1]
-    assert np.isfinite(record["loss"]) and record["moe/aux_loss"] > 0.5
-    assert sum(record["moe/expert_load"]) == pytest.approx(1.0, abs=1e-5)
