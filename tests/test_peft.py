@@ -17,7 +17,6 @@ from jaxalign import sharding as shd  # noqa: E402
 from jaxalign.config import MeshConfig  # noqa: E402
 from jaxalign.errors import ConfigError  # noqa: E402
 from jaxalign.hf.peft import merge_lora, read_peft_adapter, write_peft_adapter  # noqa: E402
-from jaxalign.models.llama import stack_layers  # noqa: E402
 from jaxalign.models.lora_config import LoraConfig  # noqa: E402
 
 TINY = dict(
@@ -81,6 +80,16 @@ def get(tree, path):
     return np.asarray(tree)
 
 
+def forward_with(model, params) -> np.ndarray:
+    """`model(IDS)` with `params` in place of its own: the same compiled program."""
+    own = model.params
+    model.params = jax.tree.map(lambda p, o: jax.device_put(np.asarray(p), o.sharding), params, own)
+    try:
+        return np.asarray(model(IDS))
+    finally:
+        model.params = own
+
+
 def hf_logits(model, ids) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.numpy()
@@ -112,9 +121,9 @@ def test_peft_loads_our_adapter_with_the_logits_of_our_merged_model(case, base, 
     )
 
     assert isinstance(config["target_modules"], list if "all" in case else str)
-    merged = merge_lora(params, lora_cfg)
+    merged = jax.jit(lambda tree: merge_lora(tree, lora_cfg))(params)
     assert jax.tree.structure(merged) == jax.tree.structure(jax.tree.map(np.asarray, ours.params))
-    logits = np.asarray(hf.PretrainedModel(ours.cfg, merged, ours.mesh)(IDS))
+    logits = forward_with(ours, merged)
 
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     adapted = peft.PeftModel.from_pretrained(hf_base, out).eval()
@@ -167,7 +176,8 @@ def test_scanned_layers_write_the_same_adapter_and_read_back_stacked(base, tmp_p
     params = with_adapters(ours.params, every_projection(), lora_cfg.rank, seed=5)
     write_peft_adapter(tmp_path / "unrolled", params, ours.cfg, lora_cfg)
     scan_cfg = dataclasses.replace(ours.cfg, scan_layers=True)
-    stacked = stack_layers(params)
+    layers = [params["blocks"][i] for i in range(2)]  # models.llama.stack_layers, in NumPy
+    stacked = {**params, "blocks": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
     write_peft_adapter(tmp_path / "stacked", stacked, scan_cfg, lora_cfg)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "stacked" / name).read_bytes() == (
@@ -182,13 +192,6 @@ def test_scanned_layers_write_the_same_adapter_and_read_back_stacked(base, tmp_p
                     got, np.asarray(stacked["blocks"][module][name + suffix])
                 )
     assert re.fullmatch(read_cfg.targets, "blocks/attn/wq")
-    merged = merge_lora(stacked, lora_cfg)
-    unrolled = merge_lora(params, lora_cfg)
-    np.testing.assert_allclose(
-        np.asarray(merged["blocks"]["attn"]["wo"][1]),
-        np.asarray(unrolled["blocks"][1]["attn"]["wo"]),
-        rtol=1e-6,
-    )
 
 
 def test_an_adapter_that_does_not_fit_is_a_one_line_error(base, tmp_path):
@@ -246,7 +249,7 @@ def test_reward_model_adapter_loads_as_peft_sequence_classifier(tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["task_type"], config["modules_to_save"]) == ("SEQ_CLS", ["score"])
 
-    rewards = np.asarray(hf.PretrainedModel(ours.cfg, merge_lora(params, lora_cfg), mesh)(IDS))
+    rewards = forward_with(ours, jax.jit(lambda tree: merge_lora(tree, lora_cfg))(params))
     hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     theirs = hf_logits(peft.PeftModel.from_pretrained(hf_base.eval(), out).eval(), IDS)[:, 0]
     assert np.abs(theirs - rewards).max() <= 1e-4
@@ -259,3 +262,30 @@ def test_reward_model_adapter_loads_as_peft_sequence_classifier(tmp_path):
         params["backbone"]["blocks"][1]["mlp"]["w_down_lora_b"],
     )
     assert read_cfg.targets == "blocks/0/attn/wq|blocks/1/mlp/w_down"
+
+
+def test_merge_equals_float64_reference_stacked_and_quantized():
+    """W + scale * A @ B per layer against float64 NumPy, for a stacked [L, H, hd, D] output
+    projection (two input dims) and for an NF4-quantized base (merged from its dequantized
+    weight, in float32)."""
+    from jaxalign.models import quant
+
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((3, 4, 8, 64)).astype(np.float32)
+    a = rng.standard_normal((3, 4, 8, 5)).astype(np.float32)
+    b = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    lora_cfg = LoraConfig(rank=5, alpha=7.0, rslora=True)
+    scale = 7.0 / np.sqrt(5)
+    delta = scale * np.einsum("lir,lro->lio", a.reshape(3, 32, 5).astype(np.float64), b)
+    want = w + delta.reshape(w.shape)
+    merged = merge_lora({"attn": {"wo": w, "wo_lora_a": a, "wo_lora_b": b}}, lora_cfg)
+    assert set(merged["attn"]) == {"wo"}
+    np.testing.assert_allclose(np.asarray(merged["attn"]["wo"]), want, rtol=2e-6, atol=2e-6)
+
+    q = jax.jit(jax.vmap(lambda x: quant.quantize(x, "nf4", 64)))(w)
+    merge = jax.jit(lambda tree: merge_lora(tree, lora_cfg))  # one program, not op by op
+    merged = merge({"wo": q, "wo_lora_a": a, "wo_lora_b": b})["wo"]
+    base = np.asarray(jax.jit(quant.dequantize)(q), np.float64)
+    want = base + delta.reshape(w.shape)
+    assert merged.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(merged), want, rtol=2e-6, atol=2e-6)
