@@ -267,10 +267,7 @@ def read_peft_adapter(directory: str | os.PathLike, model_cfg: ModelConfig) -> t
     with safe_open(str(weights_file), "np") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
 
-    def has_adapter(path):
-        return True
-
-    candidates = _adapted(maps, has_adapter, False)
+    candidates = _adapted(maps, lambda path: True, False)  # every weight that could have one
     used: set[str] = set()
     per_path: dict[tuple, dict[int | None, tuple]] = {}
     for a in candidates:
