@@ -149,7 +149,10 @@ def test_model_with_splash_equals_einsum():
 def tpu_topology(name: str, chip_config: str = "default"):
     """The devices of a TPU slice, for compiling on this CPU host (libtpu's compiler)."""
     pytest.importorskip("libtpu")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask on this host
+    # libtpu takes a machine-wide lock file unless told otherwise; other processes (the other
+    # test worker, a compile in another shell) may hold it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     return topologies.get_topology_desc(
