@@ -95,14 +95,15 @@ def test_splash_equals_einsum_attention_values_and_gradients(qkv, splash_single_
 
 @pytest.mark.parametrize(
     "mesh_shape",
-    [dict(data=2, fsdp=1, tensor=2), dict(data=2, fsdp=1, tensor=4)],
-    ids=["batch2-heads2", "heads4-over-2-kv-heads"],
+    [dict(data=2, fsdp=1, tensor=4), dict(data=4, fsdp=1, tensor=2)],
+    ids=["rows2-heads4-over-2-kv-heads", "rows-replicated-heads2"],
 )
 def test_sharded_splash_equals_single_device(qkv, splash_single_device, mesh_shape):
     """Under the activation rules the kernel runs in shard_map on each device's rows and query
-    heads; with more head shards (4) than K/V heads (2) each device gets its K/V head repeated.
-    Same numbers as one device."""
-    mesh = shd.make_mesh(MeshConfig(**mesh_shape), jax.devices()[: 2 * mesh_shape["tensor"]])
+    heads. With more head shards (4) than K/V heads (2) each device gets its K/V head repeated;
+    where the batch (2 rows) does not divide its axes (data 4) the rows are replicated, and the
+    gradients are still not summed over the replicas. Same numbers as one device."""
+    mesh = shd.make_mesh(MeshConfig(**mesh_shape))
     rules = shd.resolve_rules(ShardingConfig())
     with shd.activation_sharding(mesh, rules):
         lowered = jax.jit(splash).lower(*qkv).as_text()
