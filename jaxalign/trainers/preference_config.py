@@ -19,6 +19,11 @@ class PreferenceConfig:
     # Pairs still longer than train.seq_len: dropped (and counted), or truncated: the prompt keeps
     # its end, then the completions are cut at the end.
     too_long: Literal["drop", "truncate"] = "drop"
+    # Pack whole pairs (chosen and rejected side by side, as segments) into rows of
+    # 2 x train.seq_len tokens instead of one padded row per side. Same pairs per batch
+    # (train.batch_size still counts pairs) and the same losses; fewer rows, whose count varies
+    # per step (one compile per count). Measured in docs/performance.md.
+    pack_pairs: bool = False
 
     def problem(self) -> str | None:
         """What is wrong with these values, or None."""
