@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the step time is a CPU measurement
 
 from jaxalign import sharding as shd  # noqa: E402
 from jaxalign.config import load_config  # noqa: E402

@@ -11,7 +11,8 @@ from typing import Literal
 class PreferenceConfig:
     """How preference pairs (prompt, chosen, rejected) become token rows (`trainer: rm | dpo`).
 
-    Each of chosen and rejected is one row of at most `train.seq_len` tokens (prompt included).
+    Each of chosen and rejected is one row of at most `train.seq_len` tokens (prompt included);
+    packed (`pack_pairs`), the two are consecutive segments of a row of 2 x `train.seq_len`.
     """
 
     # Prompts longer than this many tokens keep their last tokens (BOS stays first); None: no cap.
