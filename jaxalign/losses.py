@@ -89,6 +89,42 @@ def sequence_logprobs(
     )
 
 
+def segment_sums(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """Sum of `x` over the positions of each segment 1..num_segments of each row (packed rows).
+
+    x: [B, T]; segment_ids: [B, T] int (0: padding, not summed). Returns [B, num_segments].
+    """
+    rows = jnp.arange(x.shape[0])[:, None]
+    sums = jnp.zeros((x.shape[0], num_segments + 1), x.dtype).at[rows, segment_ids].add(x)
+    return sums[:, 1:]
+
+
+def segment_logprobs(
+    hidden: jax.Array,
+    w_out: jax.Array,
+    tokens: jax.Array,
+    mask: jax.Array,
+    segment_ids: jax.Array,
+    num_segments: int,
+    *,
+    chunks: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """`sequence_logprobs` of packed rows: per segment instead of per row.
+
+    hidden: [B, T, D] of `tokens` [B, T]; mask: [B, T] (completion tokens; 0 on the first token
+    of every segment, whose hidden state at t - 1 belongs to the segment before); segment_ids:
+    [B, T]. Returns (logps [B, num_segments], num_tokens [B, num_segments]), float32; segment s
+    is column s - 1.
+    """
+    logps, _ = target_logprobs(hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks)
+    target_mask = mask[:, 1:] > 0
+    target_segments = segment_ids[:, 1:]
+    return (
+        segment_sums(jnp.where(target_mask, logps, 0.0), target_segments, num_segments),
+        segment_sums(target_mask.astype(jnp.float32), target_segments, num_segments),
+    )
+
+
 def dpo_loss(
     policy_chosen_logps: jax.Array,
     policy_rejected_logps: jax.Array,

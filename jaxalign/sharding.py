@@ -345,7 +345,8 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
 
 
 def active_sharding() -> tuple[Mesh, dict[str, tuple[str, ...]]] | None:
-    """(mesh, activation table) inside `activation_sharding`, else None."""
+    """The mesh and activation table of the enclosing `activation_sharding`, or None outside one
+    (what a hand-partitioned kernel, wrapped in `shard_map`, needs to know)."""
     return _ACTIVE.get()
 
 

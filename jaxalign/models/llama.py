@@ -27,6 +27,7 @@ from jaxalign.metrics import train_flops_per_token
 from jaxalign.models.params import logical_axes as logical_axes  # re-exported for callers
 from jaxalign.models.params import param
 from jaxalign.models.registry import ModelFamily, register_family
+from jaxalign.models.splash import splash_causal_attention
 from jaxalign.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -100,12 +101,14 @@ def attend(
     q_index: jax.Array,
     k_index: jax.Array,
     sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention with causal and segment masking.
 
     q: [B, T, H, hd]; k, v: [B, S, KV, hd]; segment ids [B, T] / [B, S] (0 = padding);
     q_index [T], k_index [S]: sequence indices used for the causal mask (key index <= query index);
-    with `sliding_window` W, only keys with index > query index - W are seen.
+    with `sliding_window` W, only keys with index > query index - W are seen; with `soft_cap` C
+    the scaled scores s become C * tanh(s / C) (Gemma 2).
     Queries are grouped as [B, T, KV, H/KV, hd] so K/V heads are never repeated in memory.
     Returns [B, T, H, hd].
     """
@@ -114,6 +117,8 @@ def attend(
     qg = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(hd)
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     causal = k_index[None, :] <= q_index[:, None]
     if sliding_window is not None:
         causal &= k_index[None, :] > q_index[:, None] - sliding_window
@@ -136,6 +141,20 @@ def resolve_query_block(block: int | str, backend: str | None = None) -> int:
     if block != "auto":
         return int(block)
     return AUTO_QUERY_BLOCK.get(backend or jax.default_backend(), 0)
+
+
+# `model.attention_kernel: auto` per backend: splash attention on TPU (the Pallas kernel, which
+# never builds the [T, T] scores); einsum elsewhere (on GPU, cudnn stays opt-in until a GPU run
+# has checked it: docs/performance.md).
+AUTO_ATTENTION_KERNEL = {"tpu": "splash"}
+
+
+def resolve_attention_kernel(kernel: str, backend: str | None = None) -> str:
+    """`model.attention_kernel` as a kernel name: "auto" becomes AUTO_ATTENTION_KERNEL's value
+    for `backend` (default: JAX's default backend), einsum where it has none."""
+    if kernel != "auto":
+        return kernel
+    return AUTO_ATTENTION_KERNEL.get(backend or jax.default_backend(), "einsum")
 
 
 def cudnn_causal_attention(
@@ -161,15 +180,21 @@ def cudnn_causal_attention(
 
 
 def causal_attention(q, k, v, segment_ids, cfg) -> jax.Array:
-    """Self-attention over a whole sequence by `cfg.attention_kernel` (einsum or cudnn)."""
-    if cfg.attention_kernel == "cudnn":
+    """Self-attention over a whole sequence by `cfg.attention_kernel` (einsum, cudnn, splash;
+    auto: see `resolve_attention_kernel`)."""
+    kernel = resolve_attention_kernel(cfg.attention_kernel)
+    if kernel == "cudnn":
         return cudnn_causal_attention(q, k, v, segment_ids, cfg.sliding_window)
+    if kernel == "splash":
+        return splash_causal_attention(q, k, v, segment_ids, cfg.sliding_window)
     return blocked_causal_attention(
         q, k, v, segment_ids, cfg.attention_query_block, cfg.sliding_window
     )
 
 
-def blocked_causal_attention(q, k, v, segment_ids, block, sliding_window=None) -> jax.Array:
+def blocked_causal_attention(
+    q, k, v, segment_ids, block, sliding_window=None, soft_cap=None
+) -> jax.Array:
     """Causal self-attention computed in query blocks; block i only reads keys [0, end of i].
 
     Same result as one `attend` over the whole sequence, but the [T, T] score matrix is never
@@ -180,7 +205,7 @@ def blocked_causal_attention(q, k, v, segment_ids, block, sliding_window=None) -
     t = q.shape[1]
     idx = jnp.arange(t)
     if block <= 0 or block >= t:
-        return attend(q, k, v, segment_ids, segment_ids, idx, idx, sliding_window)
+        return attend(q, k, v, segment_ids, segment_ids, idx, idx, sliding_window, soft_cap)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
@@ -194,6 +219,7 @@ def blocked_causal_attention(q, k, v, segment_ids, block, sliding_window=None) -
                 idx[start:end],
                 idx[:end],
                 sliding_window,
+                soft_cap,
             )
         )
     return jnp.concatenate(outs, axis=1)
@@ -436,6 +462,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.attention_query_block == "auto":  # resolved once, for the backend built on
             cfg = dataclasses.replace(cfg, attention_query_block=resolve_query_block("auto"))
+        if cfg.attention_kernel == "auto":
+            cfg = dataclasses.replace(cfg, attention_kernel=resolve_attention_kernel("auto"))
         pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pd)

@@ -27,12 +27,21 @@ from jaxalign.losses import (
     dpo_loss,
     masked_mean,
     orpo_loss,
+    segment_logprobs,
+    segment_sums,
     sequence_logprobs,
     simpo_loss,
 )
 from jaxalign.paths import run_path
 from jaxalign.trainers.base import Algorithm
-from jaxalign.trainers.rm import check_vocab, pair_tokens, pairs_to_rows
+from jaxalign.trainers.rm import (
+    check_vocab,
+    is_packed,
+    packed_row_multiple,
+    pair_tokens,
+    pair_values,
+    pairs_to_rows,
+)
 
 REFERENCE_FREE = ("simpo", "orpo")
 LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")
@@ -41,7 +50,10 @@ LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")
 def policy_statistics(model: nnx.Module, batch: dict, chunks: int = 1) -> dict[str, jax.Array]:
     """Per-pair sequence statistics, each [P, 2] (chosen, rejected), from one forward pass:
     `logps` (summed over completion tokens), `lengths` (completion tokens) and `mean_logits`
-    (the logits' mean over vocabulary and completion tokens)."""
+    (the logits' mean over vocabulary and completion tokens). A packed batch gives them for
+    every pair slot, [rows x pairs_per_row, 2] (`rm.pair_values` order)."""
+    if is_packed(batch):
+        return packed_policy_statistics(model, batch, chunks)
     tokens = pairs_to_rows(batch["tokens"])
     mask = pairs_to_rows(batch["loss_mask"])
     hidden = model(tokens, pairs_to_rows(batch["positions"]), pairs_to_rows(batch["segment_ids"]))
@@ -56,6 +68,31 @@ def policy_statistics(model: nnx.Module, batch: dict, chunks: int = 1) -> dict[s
         "logps": logps.reshape(-1, 2),
         "lengths": lengths.reshape(-1, 2),
         "mean_logits": mean_logits.reshape(-1, 2),
+    }
+
+
+def packed_policy_statistics(
+    model: nnx.Module, batch: dict, chunks: int = 1
+) -> dict[str, jax.Array]:
+    """`policy_statistics` of packed rows [R, L]: per segment (pair slot k: chosen 2k + 1,
+    rejected 2k + 2), gathered to [R x pairs_per_row, 2]."""
+    tokens, mask, segments = batch["tokens"], batch["loss_mask"], batch["segment_ids"]
+    num_segments = 2 * batch["pair_mask"].shape[-1]
+    hidden = model(tokens, batch["positions"], segments)
+    w_out = model.output_weight()
+    logps, lengths = segment_logprobs(
+        hidden, w_out, tokens, mask, segments, num_segments, chunks=chunks
+    )
+    token_mean_logits = jax.lax.stop_gradient(
+        hidden[:, :-1] @ w_out.mean(axis=-1).astype(hidden.dtype)
+    ).astype(jnp.float32)
+    logit_sums = segment_sums(
+        jnp.where(mask[:, 1:] > 0, token_mean_logits, 0.0), segments[:, 1:], num_segments
+    )
+    return {
+        "logps": logps.reshape(-1, 2),
+        "lengths": lengths.reshape(-1, 2),
+        "mean_logits": (logit_sums / jnp.maximum(lengths, 1.0)).reshape(-1, 2),
     }
 
 
@@ -110,7 +147,7 @@ class DPO(Algorithm):
                     policy_statistics(reference, batch, chunks)["logps"]
                 )
             else:
-                ref_logps = batch["ref_logps"]
+                ref_logps = pair_values(batch, "ref_logps")
             pol, ref = logps, ref_logps
             if d.loss_type == "ipo":
                 pol, ref = avg_logps, ref_logps / jnp.maximum(lengths, 1.0)
@@ -127,7 +164,7 @@ class DPO(Algorithm):
         nll = -avg_logps[:, 0]  # per-token NLL of the chosen answer
         if d.rpo_alpha:
             losses = losses + d.rpo_alpha * nll
-        mask = batch["pair_mask"]
+        mask = pair_values(batch, "pair_mask")
 
         def total(x):
             return jnp.sum(mask * x)
@@ -169,7 +206,12 @@ class DPO(Algorithm):
 
     def _eval_iterator(self, process_index: int, process_count: int):
         return self._iterator(
-            self.cfg.data.eval_file, process_index, process_count, shuffle=False, num_epochs=1
+            self.cfg.data.eval_file,
+            process_index,
+            process_count,
+            shuffle=False,
+            num_epochs=1,
+            row_multiple=packed_row_multiple(self._train),
         )
 
     def eval_data(self, process_index: int, process_count: int):
