@@ -353,4 +353,3 @@ def test_grpo_on_a_moe_policy_samples_with_training_logprobs(tmp_path):
     mask = micro["mask"] > 0
     assert mask.sum() > 20
     np.testing.assert_allclose(np.exp(logp - micro["old_logprobs"])[mask], 1.0, atol=1e-6)
-
