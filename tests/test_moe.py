@@ -353,3 +353,21 @@ def test_grpo_on_a_moe_policy_samples_with_training_logprobs(tmp_path):
     mask = micro["mask"] > 0
     assert mask.sum() > 20
     np.testing.assert_allclose(np.exp(logp - micro["old_logprobs"])[mask], 1.0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dpo_on_a_moe_policy_starts_at_log_2_plus_the_router_losses(tmp_path):
+    """DPO's frozen reference is merged with the policy's structure from before its forward pass
+    sowed the router terms; with policy = reference the loss is log 2 plus the weighted aux and
+    z losses the step logged."""
+    from test_rm_dpo import pref_config
+
+    from jaxalign.trainers.dpo import DPO
+    from jaxalign.trainers.loop import Trainer
+
+    cfg = pref_config(tmp_path, "dpo", **{**MOE_TOY, "train.batch_size": 4, "train.seq_len": 48})
+    result = Trainer(cfg, DPO(cfg), devices=jax.devices()[:1]).run()
+    first = result.history[0]
+    router = 0.01 * first["moe/aux_loss"] + 0.001 * first["moe/z_loss"]
+    assert first["loss"] == pytest.approx(np.log(2.0) + router, abs=1e-5)
+    assert abs(first["rewards/margins"]) < 1e-4
