@@ -22,7 +22,7 @@ from jaxalign.paths import run_path, unsupported_scheme
 from jaxalign.trainers.preference_config import DPOConfig, PreferenceConfig, RMConfig
 from jaxalign.trainers.rl_config import RLConfig
 
-AXIS_NAMES = ("data", "fsdp", "tensor")
+AXIS_NAMES = ("data", "fsdp", "expert", "tensor")
 
 
 @dataclass
@@ -67,6 +67,22 @@ class ModelConfig:
     # einsums.
     attention_kernel: Literal["auto", "einsum", "cudnn", "splash"] = "auto"
     initializer_range: float = 0.02  # std of the normal init of weight matrices
+    # --- mixture of experts (families qwen3_moe and mixtral: jaxalign/models/moe.py) ---------
+    num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
+    num_experts_per_tok: int = 2  # experts each token is routed to (top-k)
+    moe_intermediate_size: int | None = None  # an expert's SwiGLU width (None: intermediate_size)
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
+    # Load-balancing loss weight (Switch Transformer's, as transformers computes it); it joins
+    # the objective only with output_router_logits (Hugging Face's switch for the same).
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = True
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0: off)
+    # Tokens per expert: 0 runs dropless (sort by expert + grouped matmul); > 0 gives each expert
+    # capacity_factor x tokens x top-k / experts slots and drops the assignments past them.
+    moe_capacity_factor: float = 0.0
+    decoder_sparse_step: int = 1  # layer i is a MoE layer when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    # --- end mixture of experts -----------------------------------------------------------
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).
     from_hf: str | None = None
@@ -74,6 +90,19 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def resolved_moe_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has routed experts (else the dense MLP), as transformers'
+        Qwen3-MoE decides it."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
 
 @dataclass
@@ -86,9 +115,11 @@ class MeshConfig:
 
     data: int = 1  # pure data parallelism (replicas)
     fsdp: int = -1  # fully sharded data parallelism
+    expert: int = 1  # expert parallelism: a MoE layer's experts split over this axis
     tensor: int = 1  # tensor (model) parallelism
     dcn_data: int = 1  # slices along `data` (multi-slice); default: all slices
     dcn_fsdp: int = 1  # slices along `fsdp`
+    dcn_expert: int = 1  # slices along `expert`
     dcn_tensor: int = 1  # slices along `tensor`
 
 
@@ -417,6 +448,10 @@ def load_config(
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if cfg.model.from_hf:
+        if "family" not in (raw.get("model") or {}):  # the directory's model_type decides
+            from jaxalign.hf.convert import hf_model_family
+
+            cfg.model.family = hf_model_family(cfg.model.from_hf)
         if cfg.model.family not in family_names():
             raise ConfigError(f"{where}: {unknown_family_message(cfg.model.family)}")
         family = get_family(cfg.model.family)
@@ -471,6 +506,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         fail("model.attention_query_block must be >= 0 or auto")
     if m.attention_kernel == "cudnn" and m.dtype != "bfloat16":
         fail("model.attention_kernel=cudnn needs model.dtype=bfloat16 (cuDNN flash attention)")
+    if (problem := moe_problem(m)) is not None:
+        fail(problem)
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 1 or t.steps < 0:
         fail("train.batch_size, train.grad_accum, train.steps must be positive and seq_len > 1")
     if t.batch_size % t.grad_accum:
@@ -513,6 +550,46 @@ def validate(cfg: Config, where: str = "config") -> None:
     }.items():
         if isinstance(value, str) and (problem := unsupported_scheme(value, key)):
             fail(problem)
+
+
+# --- mixture of experts ------------------------------------------------------------------------
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+
+
+def moe_problem(m: ModelConfig) -> str | None:
+    """The first thing wrong with `m`'s mixture-of-experts fields, as one line (None: fine)."""
+    if m.family in MOE_FAMILIES and m.num_experts <= 0:
+        return f"model.family '{m.family}' needs model.num_experts > 0"
+    if m.num_experts <= 0:
+        return None
+    if m.family not in MOE_FAMILIES:
+        return (
+            f"model.num_experts={m.num_experts} needs a mixture-of-experts model.family "
+            f"({', '.join(MOE_FAMILIES)}), got '{m.family}'"
+        )
+    if not 0 < m.num_experts_per_tok <= m.num_experts:
+        return (
+            f"model.num_experts_per_tok ({m.num_experts_per_tok}) must be in "
+            f"[1, model.num_experts={m.num_experts}]"
+        )
+    if m.moe_capacity_factor < 0:
+        return f"model.moe_capacity_factor must be >= 0 (0: dropless), got {m.moe_capacity_factor}"
+    if m.decoder_sparse_step <= 0:
+        return f"model.decoder_sparse_step must be positive, got {m.decoder_sparse_step}"
+    if m.router_aux_loss_coef < 0 or m.router_z_loss_coef < 0:
+        return "model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0"
+    if m.resolved_moe_intermediate_size <= 0:
+        return "model.moe_intermediate_size must be positive"
+    kinds = {m.is_moe_layer(i) for i in range(m.num_layers)}
+    if m.scan_layers and len(kinds) > 1:
+        return (
+            "model.scan_layers needs every layer alike; model.mlp_only_layers / "
+            "model.decoder_sparse_step mix dense and MoE layers (set scan_layers: false)"
+        )
+    return None
+
+
+# --- end mixture of experts --------------------------------------------------------------------
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

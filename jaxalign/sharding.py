@@ -37,6 +37,7 @@ LOGICAL_AXES = (
     "vocab",
     "layers",
     "norm",
+    "expert",
 )
 
 # The default: FSDP over `fsdp`, tensor parallelism over `tensor`, batch over data and fsdp.
@@ -51,6 +52,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "vocab": "tensor",
     "layers": None,
     "norm": None,
+    "expert": "expert",  # a MoE layer's experts (jaxalign/models/moe.py)
 }
 
 # Names only activations have: `logical_to_spec` reads them from the activation table whichever
@@ -230,7 +232,7 @@ def hybrid_device_array(
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the device mesh with axes (data, fsdp, tensor)."""
+    """Build the device mesh with axes (data, fsdp, expert, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1 and all(getattr(cfg, f"dcn_{a}") == 1 for a in AXIS_NAMES):

@@ -190,10 +190,13 @@ def read_hf_config(path: str | os.PathLike) -> dict:
 def hf_family(hf: dict, where: str = "config.json") -> str:
     """The supported family ('llama', ...) of a config.json dict; ConfigError naming it if not."""
     model_type = hf.get("model_type")
+    if model_type in MOE_ARCHITECTURES:
+        _moe_fields(hf, where)  # checks the architecture names
+        return model_type
     if model_type not in ARCHITECTURES:
         raise ConfigError(
             f"{where}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(ARCHITECTURES)})"
+            f"(supported: {', '.join([*ARCHITECTURES, *MOE_ARCHITECTURES])})"
         )
     prefix = ARCHITECTURES[model_type]
     allowed = {f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification", f"{prefix}Model"}
@@ -595,3 +598,249 @@ LLAMA_CONVERTER = HFConverter(
     config_to_hf=hf_config_from_model,
     tensor_maps=tensor_maps,
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts: Qwen3-MoE and Mixtral (families `qwen3_moe` and `mixtral`, models/moe.py).
+# Each is read as its dense sibling (qwen3, mistral) plus its MoE keys, so attention, norms and
+# RoPE share the code above. Tensors are the per-expert layout transformers writes
+# (`experts.{e}.gate_proj.weight`, Mixtral's `experts.{e}.w1/w3/w2.weight`); each maps to one
+# expert's slice of a stacked [E, ...] parameter (a trailing expert index in `TensorMap.path`).
+
+# model_type -> (its dense sibling, the architecture prefix, where the MoE MLP lives)
+MOE_ARCHITECTURES = {
+    "qwen3_moe": ("qwen3", "Qwen3Moe", "mlp"),
+    "mixtral": ("mistral", "Mixtral", "block_sparse_moe"),
+}
+# Hugging Face class defaults for keys a config.json may omit.
+_MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+    },
+    "mixtral": {
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": None,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": False,
+        "num_local_experts": 8,
+        "router_jitter_noise": 0.0,
+    },
+}
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "router_aux_loss_coef",
+    "output_router_logits",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+)
+
+
+def hf_model_family(source: str | os.PathLike | dict) -> str:
+    """The jaxalign model family for a Hugging Face directory or config dict: `qwen3_moe` or
+    `mixtral` for those model types, `llama` for the dense ones (checked when imported)."""
+    hf = source if isinstance(source, dict) else read_hf_config(source)
+    model_type = hf.get("model_type")
+    return model_type if model_type in MOE_ARCHITECTURES else "llama"
+
+
+def _moe_fields(hf: dict, where: str) -> dict[str, Any]:
+    """ModelConfig fields (ARCH_FIELDS and MOE_FIELDS) of a qwen3_moe or mixtral config.json."""
+    model_type = hf.get("model_type")
+    if model_type not in MOE_ARCHITECTURES:
+        raise ConfigError(f"{where}: model_type {model_type!r} is not a mixture of experts")
+    dense_type, prefix, _ = MOE_ARCHITECTURES[model_type]
+    defaults = _MOE_DEFAULTS[model_type]
+    allowed = {f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification", f"{prefix}Model"}
+    for arch in hf.get("architectures") or []:
+        if arch not in allowed:
+            raise ConfigError(
+                f"{where}: architecture {arch!r} is not supported "
+                f"(supported for {model_type}: {', '.join(sorted(allowed))})"
+            )
+    view = {k: v for k, v in hf.items() if k != "architectures"}
+    view["model_type"] = dense_type
+
+    def take(key: str) -> Any:
+        value = view.pop(key, None)
+        return defaults.get(key) if value is None else value
+
+    out: dict[str, Any] = {}
+    if model_type == "qwen3_moe":
+        # transformers 5 writes num_local_experts, earlier versions num_experts
+        experts = view.pop("num_experts", None)
+        local = view.pop("num_local_experts", None)
+        out["num_experts"] = experts or local or defaults["num_experts"]
+        out["moe_intermediate_size"] = take("moe_intermediate_size")
+        out["norm_topk_prob"] = bool(take("norm_topk_prob"))
+        out["decoder_sparse_step"] = int(take("decoder_sparse_step"))
+        out["mlp_only_layers"] = [int(i) for i in take("mlp_only_layers")]
+    else:
+        out["num_experts"] = take("num_local_experts")
+        out["moe_intermediate_size"] = None  # Mixtral's experts are intermediate_size wide
+        out["norm_topk_prob"] = True  # Mixtral always renormalizes
+        out["decoder_sparse_step"] = 1
+        out["mlp_only_layers"] = []
+        if take("router_jitter_noise"):
+            raise ConfigError(
+                f"{where}: field 'router_jitter_noise' = {hf['router_jitter_noise']!r}: "
+                "router noise is not supported (must be 0)"
+            )
+        view["sliding_window"] = take("sliding_window")
+    out["num_experts_per_tok"] = int(take("num_experts_per_tok"))
+    out["router_aux_loss_coef"] = float(take("router_aux_loss_coef"))
+    out["output_router_logits"] = bool(take("output_router_logits"))
+    for key in ("num_key_value_heads", "rms_norm_eps"):
+        if view.get(key) is None:
+            view[key] = defaults[key]
+    if "rope_theta" in defaults and not (view.get("rope_parameters") or view.get("rope_theta")):
+        view["rope_theta"] = defaults["rope_theta"]
+    if model_type == "qwen3_moe" and view.get("intermediate_size") is None:
+        view["intermediate_size"] = 6144  # only the dense layers (mlp_only_layers) use it
+    return {**hf_arch_fields(view, where), **out}
+
+
+def moe_config_from_hf(
+    source: str | os.PathLike | dict, base: ModelConfig | None = None
+) -> ModelConfig:
+    """`model_config_from_hf` for a qwen3_moe or mixtral config (family set from model_type)."""
+    where = "config.json"
+    if not isinstance(source, dict):
+        where = str(Path(source) / "config.json" if Path(source).is_dir() else source)
+        source = read_hf_config(source)
+    fields = _moe_fields(source, where)
+    return dataclasses.replace(base or ModelConfig(), family=source["model_type"], **fields)
+
+
+def _moe_arch(cfg: ModelConfig) -> dict[str, Any]:
+    values = _arch(cfg)
+    values.update({k: getattr(cfg, k) for k in MOE_FIELDS})
+    values["moe_intermediate_size"] = cfg.resolved_moe_intermediate_size
+    values["mlp_only_layers"] = sorted(values["mlp_only_layers"])
+    return values
+
+
+def moe_config_to_hf(
+    cfg: ModelConfig,
+    family: str | None = None,
+    *,
+    architecture: str = "ForCausalLM",
+    extra: dict | None = None,
+) -> dict:
+    """The config.json dict of a qwen3_moe or mixtral model; ConfigError naming the fields the
+    family cannot express."""
+    model_type = family or cfg.family
+    if model_type not in MOE_ARCHITECTURES:
+        raise ConfigError(
+            f"cannot export model.family '{cfg.family}' as Hugging Face {model_type!r} "
+            f"(supported: {', '.join(MOE_ARCHITECTURES)})"
+        )
+    dense_type, prefix, _ = MOE_ARCHITECTURES[model_type]
+    hf = hf_config_from_model(cfg, dense_type, architecture=architecture)
+    hf.update(
+        model_type=model_type,
+        architectures=[prefix + architecture],
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        output_router_logits=cfg.output_router_logits,
+    )
+    if model_type == "qwen3_moe":
+        hf.update(
+            num_experts=cfg.num_experts,
+            moe_intermediate_size=cfg.resolved_moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob,
+            decoder_sparse_step=cfg.decoder_sparse_step,
+            mlp_only_layers=list(cfg.mlp_only_layers),
+        )
+    else:
+        hf.update(num_local_experts=cfg.num_experts, router_jitter_noise=0.0)
+    hf.update(extra or {})
+    got = _moe_arch(moe_config_from_hf(hf, cfg))
+    want = _moe_arch(cfg)
+    diff = [k for k in want if got[k] != want[k]]
+    if diff:
+        fields = ", ".join(f"model.{k}={want[k]!r}" for k in diff)
+        raise ConfigError(
+            f"cannot export as Hugging Face {model_type}: {fields} has no equivalent there"
+        )
+    return hf
+
+
+def moe_tensor_maps(cfg: ModelConfig, *, reward: bool = False) -> list[TensorMap]:
+    """`tensor_maps` with each MoE layer's MLP replaced by its router and per-expert tensors."""
+    _, _, where = MOE_ARCHITECTURES[cfg.family]
+    d, f = cfg.hidden_size, cfg.resolved_moe_intermediate_size
+    names = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
+    gate, up, down = names[cfg.family]
+    maps = []
+    for m in tensor_maps(cfg, reward=reward):
+        parts = m.hf_name.split(".")
+        if ".mlp." not in m.hf_name or not cfg.is_moe_layer(int(parts[2])):
+            maps.append(m)
+            continue
+        if not m.hf_name.endswith("mlp.gate_proj.weight"):
+            continue  # one MoE layer's maps are added once, in place of its gate_proj
+        pre = ".".join(parts[:3]) + f".{where}."
+        blk = m.path[: m.path.index("mlp")]
+        maps.append(
+            TensorMap(
+                pre + "gate.weight",
+                (*blk, "mlp", "router"),
+                (cfg.num_experts, d),
+                _transpose,
+                _transpose,
+            )
+        )
+        for e in range(cfg.num_experts):
+            for hf_proj, param_name, shape in (
+                (gate, "w_gate", (f, d)),
+                (up, "w_up", (f, d)),
+                (down, "w_down", (d, f)),
+            ):
+                maps.append(
+                    TensorMap(
+                        f"{pre}experts.{e}.{hf_proj}.weight",
+                        (*blk, "mlp", param_name, e),
+                        shape,
+                        _transpose,
+                        _transpose,
+                    )
+                )
+    return maps
+
+
+def resolve_moe_from_hf(model: ModelConfig, explicit: dict, where: str = "config") -> ModelConfig:
+    """`resolve_from_hf` for the MoE families: architecture and MoE fields from config.json;
+    explicit fields must agree."""
+    resolved = moe_config_from_hf(model.from_hf, model)
+    want, got = _moe_arch(model), _moe_arch(resolved)
+    for key in want:
+        if key in explicit and want[key] != got[key]:
+            raise ConfigError(
+                f"{where}: model.{key}={want[key]!r} conflicts with "
+                f"{model.from_hf}/config.json ({got[key]!r}); remove it"
+            )
+    return resolved
+
+
+QWEN3_MOE_CONVERTER = MIXTRAL_CONVERTER = HFConverter(
+    resolve_config=resolve_moe_from_hf,
+    config_from_hf=moe_config_from_hf,
+    config_to_hf=moe_config_to_hf,
+    tensor_maps=moe_tensor_maps,
+)
+# --- end mixture of experts -------------------------------------------------------------------

@@ -478,13 +478,20 @@ class Transformer(nnx.Module):
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([block_class(cfg, rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List(
+                [self.layer_block_class(i)(cfg, rngs) for i in range(cfg.num_layers)]
+            )
         norm_init = _zeros if cfg.norm_plus_one else _ones
         self.final_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(
                 rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), std, pd
             )
+
+    def layer_block_class(self, layer: int) -> type[Block]:
+        """The block class of layer `layer` when layers are not scanned (a family may mix
+        kinds: MoE and dense layers); scanned layers are all `block_class`."""
+        return self.block_class
 
     def output_weight(self) -> jax.Array:
         """The [D, V] output projection (the embedding's transpose when tied)."""
@@ -542,6 +549,12 @@ class Transformer(nnx.Module):
         """An empty KV cache for `with_cache`: `init_cache(self.cfg, batch, length)`."""
         return init_cache(self.cfg, batch, length)
 
+    def use_layer_stats(self, stats, decoding: bool) -> None:
+        """What the model does with the statistics its blocks return besides (x, cache): a block
+        may return (x, cache, stats), stats a dict of arrays, stacked here over those blocks
+        ([L', ...]). A family with auxiliary losses sows them here (blocks run from split state,
+        so a block's own sows would not reach the model). Llama's blocks return none."""
+
     def forward(self, tokens, positions, segment_ids, cache=None, index=None, kv_segment_ids=None):
         """The one forward pass behind `__call__` (cache=None) and `with_cache`: (hidden states
         [B, T, D], the updated cache or None)."""
@@ -564,20 +577,26 @@ class Transformer(nnx.Module):
 
             def body(carry, xs):
                 block_state, layer = xs
-                return apply_block(graphdef, block_state, *carry, layer), None
+                x, cache, *stats = apply_block(graphdef, block_state, *carry, layer)
+                return (x, cache), stats
 
             layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, cache), _ = jax.lax.scan(body, (x, cache), (state, layers))
+            (x, cache), stats = jax.lax.scan(body, (x, cache), (state, layers))
+            layer_stats = stats[0] if stats else None
         else:
             # With a cache, one array pair per layer: each layer's update is in place and its
             # attention reads its own buffer directly (no slice of a stacked cache per step).
-            new_cache = []
+            new_cache, stats = [], []
             for i, blk in enumerate(self.blocks):
                 graphdef, state = nnx.split(blk)
                 layer_cache = None if cache is None else constrain_cache(cache[i])
-                x, layer_cache = apply_block(graphdef, state, x, layer_cache, None)
+                x, layer_cache, *block_stats = apply_block(graphdef, state, x, layer_cache, None)
                 new_cache.append(None if cache is None else constrain_cache(layer_cache))
+                stats.extend(block_stats)
             cache = None if cache is None else tuple(new_cache)
+            layer_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
+        if layer_stats is not None:
+            self.use_layer_stats(layer_stats, cache is not None)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one), cache
 
 

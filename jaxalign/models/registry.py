@@ -36,7 +36,12 @@ if TYPE_CHECKING:
     from jaxalign.config import ModelConfig
 
 # Families that ship with jaxalign: name -> the module whose import registers it.
-BUILTIN_FAMILIES = {"llama": "jaxalign.models.llama"}
+BUILTIN_FAMILIES = {
+    "llama": "jaxalign.models.llama",
+    # mixture of experts
+    "qwen3_moe": "jaxalign.models.moe",
+    "mixtral": "jaxalign.models.moe",
+}
 
 
 @dataclasses.dataclass(frozen=True)

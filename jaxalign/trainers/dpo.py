@@ -124,6 +124,9 @@ class DPO(Algorithm):
         """Summed pair losses, the number of pairs, and metric sums."""
         d = self.cfg.dpo
         chunks = self.cfg.loss.vocab_chunks
+        # The reference has the policy's structure as merged, before its forward pass sows
+        # anything (a MoE router's aux loss and metrics).
+        graphdef = nnx.graphdef(model)
         policy = policy_statistics(model, batch, chunks)
         logps, lengths = policy["logps"], policy["lengths"]
         avg_logps = logps / jnp.maximum(lengths, 1.0)
@@ -141,7 +144,6 @@ class DPO(Algorithm):
             rewards = jax.lax.stop_gradient(d.beta * avg_logps)
         else:
             if frozen is not None:
-                graphdef = nnx.split(model)[0]
                 reference = nnx.merge(graphdef, frozen["reference"])
                 ref_logps = jax.lax.stop_gradient(
                     policy_statistics(reference, batch, chunks)["logps"]

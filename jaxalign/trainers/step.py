@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxalign.models.params import pop_aux_loss
+from jaxalign.models.params import pop_aux_loss, pop_aux_metrics
 
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, jax.Array, dict]]
 
@@ -97,6 +97,13 @@ def with_aux_loss(model: nnx.Module, loss_sum: jax.Array, denom: jax.Array) -> j
     return loss_sum if aux is None else loss_sum + aux * denom
 
 
+def with_aux_metrics(model: nnx.Module, metric_sums: dict, denom: jax.Array) -> dict:
+    """`metric_sums` plus the metrics `model` sowed (per-target means, so each counts `denom`
+    times, as a sum the step divides by the batch's denominator)."""
+    aux = pop_aux_metrics(model)
+    return {**metric_sums, **{k: v * denom for k, v in aux.items()}}
+
+
 def accumulate_gradients(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
@@ -112,6 +119,7 @@ def accumulate_gradients(
         def objective(p):
             model = nnx.merge(graphdef, p)
             loss_sum, denom, metric_sums = loss_fn(model, micro_batch, micro_rng, frozen)
+            metric_sums = with_aux_metrics(model, metric_sums, denom)
             return with_aux_loss(model, loss_sum, denom), (denom, metric_sums)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
@@ -206,10 +214,16 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, di
             model = nnx.merge(graphdef, params)
             rng = jax.random.PRNGKey(0)
             loss_sum, denom, metric_sums = loss_fn(model, micro_batch, rng, frozen)
+            metric_sums = with_aux_metrics(model, metric_sums, denom)
             return carry, (with_aux_loss(model, loss_sum, denom), denom, metric_sums)
 
         _, (loss_sum, denom, metric_sums) = jax.lax.scan(one, None, batch)
-        reduce = {None: jnp.sum, "max:": jnp.max, "min:": jnp.min}
+        # over the micro-batch axis only: a metric may be a vector (a MoE's expert load)
+        reduce = {
+            None: lambda v: jnp.sum(v, 0),
+            "max:": lambda v: jnp.max(v, 0),
+            "min:": lambda v: jnp.min(v, 0),
+        }
         return {
             "loss_sum": loss_sum.sum(),
             "denominator": denom.sum(),
