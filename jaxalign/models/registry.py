@@ -36,7 +36,11 @@ if TYPE_CHECKING:
     from jaxalign.config import ModelConfig
 
 # Families that ship with jaxalign: name -> the module whose import registers it.
-BUILTIN_FAMILIES = {"llama": "jaxalign.models.llama"}
+BUILTIN_FAMILIES = {
+    "llama": "jaxalign.models.llama",
+    "gemma2": "jaxalign.models.gemma",
+    "gemma3": "jaxalign.models.gemma",
+}
 
 
 @dataclasses.dataclass(frozen=True)
