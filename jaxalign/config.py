@@ -30,7 +30,7 @@ class ModelConfig:
     """A decoder of a registered model family (jaxalign/models/registry.py). Field names follow
     Hugging Face's LlamaConfig where they overlap."""
 
-    family: str = "llama"  # model family: a name in jaxalign.models.registry (built in: llama)
+    family: str = "llama"  # a name in jaxalign.models.registry (built in: llama, gemma2, gemma3)
     vocab_size: int = 1024  # must cover the tokenizer's vocabulary
     hidden_size: int = 128  # model width D
     intermediate_size: int = 352  # SwiGLU hidden width F
@@ -67,9 +67,10 @@ class ModelConfig:
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).
     from_hf: str | None = None
-    # --- Gemma 2 / Gemma 3 (families gemma2, gemma3: jaxalign/models/gemma.py) ---------------
-    # Per layer: "sliding_attention" (windowed by sliding_window) or "full_attention". None: every
-    # layer is windowed when sliding_window is set (Mistral).
+    # (Gemma 2 / Gemma 3 fields, families gemma2 / gemma3 in jaxalign/models/gemma.py, start here.)
+
+    # Per layer: "sliding_attention" (windowed by sliding_window) or "full_attention" (Gemma 2/3).
+    # None: every layer is windowed when sliding_window is set (Mistral).
     layer_types: list[str] | None = None
     rope_local_theta: float | None = None  # RoPE base of sliding layers (None: rope_theta)
     # Linear RoPE scaling of the rope_theta (global) layers: positions / factor (Gemma 3).
@@ -77,7 +78,7 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # attention scores -> c * tanh(scores / c) (Gemma 2)
     final_logit_softcap: float | None = None  # output logits -> c * tanh(logits / c) (Gemma 2)
     query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5 (None: head_dim)
-    # --- end Gemma 2 / Gemma 3 -------------------------------------------------------------
+    # (Gemma 2 / Gemma 3 fields end here.)
 
     @property
     def resolved_head_dim(self) -> int:

@@ -99,9 +99,7 @@ def sequence_logprobs(
     (completion tokens). Token t is scored from the hidden state at t - 1 (next-token shift), so
     mask[:, 0] is ignored. Returns (logps [B], num_tokens [B]), float32.
     """
-    logps, _ = target_logprobs(
-        hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks, softcap=softcap
-    )
+    logps, _ = target_logprobs(hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks, softcap=softcap)
     target_mask = mask[:, 1:]
     return masked_sum(logps, target_mask, axis=-1), jnp.sum(target_mask > 0, axis=-1).astype(
         jnp.float32

@@ -15,8 +15,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxalign import hf  # noqa: E402
-from jaxalign import models  # noqa: E402
+from jaxalign import hf, models  # noqa: E402
 from jaxalign import sharding as shd  # noqa: E402
 from jaxalign.config import MeshConfig, ModelConfig, SamplingConfig, load_config  # noqa: E402
 from jaxalign.errors import ConfigError  # noqa: E402
@@ -88,7 +87,9 @@ def test_import_and_export_logits_match_transformers(model_type, hf_models, tmp_
     assert "sliding_attention" in kinds and kinds.count("full_attention") >= 2
     assert np.abs(np.asarray(unrolled(IDS)) - expected).max() <= TOL
     # Scanned layers: the per-layer windows and RoPE frequencies are scanned arrays.
-    scanned = hf.from_pretrained(directory, mesh=one_device_mesh(), base=ModelConfig(scan_layers=True))
+    scanned = hf.from_pretrained(
+        directory, mesh=one_device_mesh(), base=ModelConfig(scan_layers=True)
+    )
     logits = np.asarray(scanned(IDS))
     assert np.abs(logits - expected).max() <= TOL
 
@@ -140,9 +141,9 @@ def test_every_attention_kernel_soft_caps_scales_and_windows_like_float64_refere
     close(one, ref)
     for block in (4, 3):
         close(llama.blocked_causal_attention(q, k, v, seg, block, window, softcap, scale), ref)
-    traced = jax.jit(
-        lambda w: llama.blocked_causal_attention(q, k, v, seg, 4, w, softcap, scale)
-    )(jnp.int32(window))
+    traced = jax.jit(lambda w: llama.blocked_causal_attention(q, k, v, seg, 4, w, softcap, scale))(
+        jnp.int32(window)
+    )
     close(traced, ref)
     no_window = jax.jit(
         lambda w: llama.blocked_causal_attention(q, k, v, seg, 4, w, softcap, scale)

@@ -1,9 +1,10 @@
 """Hugging Face <-> jaxalign: model config mapping and tensor-name/layout mapping per family.
 
 Families: llama (incl. Llama-3 rope scaling), mistral, qwen2, qwen3, gemma; gemma2 and gemma3_text
-(text-only Gemma 3) in their own section at the end, for jaxalign's gemma2 / gemma3 families. A config field jaxalign
-does not handle (with a value that would change the model) is a ConfigError naming the field; an
-unsupported architecture is a ConfigError naming it. Nothing here needs torch or transformers.
+(text-only Gemma 3) in their own section at the end, for jaxalign's gemma2 / gemma3 families. A
+config field jaxalign does not handle (with a value that would change the model) is a ConfigError
+naming the field; an unsupported architecture is a ConfigError naming it.
+Nothing here needs torch or transformers.
 
 Layouts: torch's Linear stores [out, in]; jaxalign stores [in, out] with heads split out
 (q: [D, H, hd], o: [H, hd, D]). Both use the rotate-half RoPE convention, so q/k need no
@@ -827,7 +828,11 @@ def gemma_config_to_hf(
     }
     full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_linear_factor is not None:
-        full = {"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": cfg.rope_linear_factor}
+        full = {
+            "rope_type": "linear",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_linear_factor,
+        }
     if model_type == "gemma2":
         hf["rope_parameters"] = full
     else:

@@ -222,9 +222,7 @@ def blocked_causal_attention(
     t = q.shape[1]
     idx = jnp.arange(t)
     if block <= 0 or block >= t:
-        return attend(
-            q, k, v, segment_ids, segment_ids, idx, idx, sliding_window, softcap, scale
-        )
+        return attend(q, k, v, segment_ids, segment_ids, idx, idx, sliding_window, softcap, scale)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
