@@ -60,9 +60,12 @@ class ModelConfig:
     # in cache on CPU and skips fully masked key blocks. auto: 64 on CPU, 0 on GPU/TPU.
     attention_query_block: int | Literal["auto"] = "auto"
     # Training/prefill attention: einsum (jaxalign's grouped-query einsums + softmax, in query
-    # blocks; any backend) or cudnn (jax.nn.dot_product_attention's cuDNN flash attention: NVIDIA
-    # GPU, bfloat16 compute; not yet measured on a GPU here, see docs/performance.md).
-    attention_kernel: Literal["einsum", "cudnn"] = "einsum"
+    # blocks; any backend), cudnn (jax.nn.dot_product_attention's cuDNN flash attention: NVIDIA
+    # GPU, bfloat16 compute; not yet measured on a GPU here, see docs/performance.md), splash
+    # (the Pallas splash-attention kernel: TPU; elsewhere Pallas interpret mode, exact but slow,
+    # for tests) or auto (splash on TPU, einsum elsewhere). Decoding always uses the KV-cache
+    # einsums.
+    attention_kernel: Literal["auto", "einsum", "cudnn", "splash"] = "auto"
     initializer_range: float = 0.02  # std of the normal init of weight matrices
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).

@@ -342,6 +342,12 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_sharding() -> tuple[Mesh, dict[str, tuple[str, ...]]] | None:
+    """The mesh and activation table of the enclosing `activation_sharding`, or None outside one
+    (what a hand-partitioned kernel, wrapped in `shard_map`, needs to know)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain activation `x` to the sharding its logical axis names map to (no-op outside
     `activation_sharding`)."""

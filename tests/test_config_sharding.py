@@ -331,8 +331,25 @@ def test_dot_product_attention_call_equals_einsum_attention(window):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
 
 
+def test_attention_kernel_auto_is_splash_on_tpu_and_einsum_elsewhere():
+    from jaxalign.models.llama import resolve_attention_kernel
+
+    assert load_config(None, []).model.attention_kernel == "auto"
+    assert [resolve_attention_kernel("auto", b) for b in ("tpu", "gpu", "cpu")] == [
+        "splash",
+        "einsum",
+        "einsum",
+    ]
+    assert resolve_attention_kernel("splash", "cpu") == "splash"
+    auto = Transformer(ModelConfig(**TINY_MODEL), nnx.Rngs(0))
+    assert auto.cfg.attention_kernel == "einsum"  # resolved when built (tests run on CPU)
+    cfg = load_config(None, ["model.attention_kernel=splash"])
+    assert cfg.model.attention_kernel == "splash"
+    with pytest.raises(ConfigError, match="model.attention_kernel"):
+        load_config(None, ["model.attention_kernel=flash"])
+
+
 def test_attention_kernel_cudnn_needs_bfloat16():
-    assert load_config(None, []).model.attention_kernel == "einsum"
     with pytest.raises(ConfigError, match="attention_kernel=cudnn needs model.dtype=bfloat16"):
         load_config(None, ["model.attention_kernel=cudnn"])
     cfg = load_config(None, ["model.attention_kernel=cudnn", "model.dtype=bfloat16"])

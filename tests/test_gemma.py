@@ -100,14 +100,14 @@ def test_import_and_export_logits_match_transformers(model_type, hf_models, tmp_
     assert np.abs(torch_logits(reloaded, IDS) - logits).max() <= TOL
 
 
-def _np_attention(q, k, v, q_seg, k_seg, q_idx, k_idx, window, softcap, scale):
+def _np_attention(q, k, v, q_seg, k_seg, q_idx, k_idx, window, soft_cap, scale):
     """float64 reference: [B, T, H, hd] x [B, S, KV, hd] grouped-query attention."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     g = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     s = np.einsum("bthd,bshd->bhts", q, k) * scale
-    if softcap is not None:
-        s = softcap * np.tanh(s / softcap)
+    if soft_cap is not None:
+        s = soft_cap * np.tanh(s / soft_cap)
     mask = k_idx[None, :] <= q_idx[:, None]
     if window is not None:
         mask &= k_idx[None, :] > q_idx[:, None] - window
@@ -129,25 +129,26 @@ def test_every_attention_kernel_soft_caps_scales_and_windows_like_float64_refere
     v = rng.standard_normal((b, t, kv, hd)).astype(np.float32)
     seg = np.array([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2], np.int32)
     idx = np.arange(t)
-    window, softcap, scale = 5, 1.5, 0.4
-    ref = _np_attention(q, k, v, seg, seg, idx, idx, window, softcap, scale)
+    window, soft_cap, scale = 5, 1.5, 0.4
+    ref = _np_attention(q, k, v, seg, seg, idx, idx, window, soft_cap, scale)
     ref_nocap = _np_attention(q, k, v, seg, seg, idx, idx, window, None, scale)
     valid = (seg > 0)[:, :, None, None]  # padding rows attend to padding: compare real tokens
 
     def close(out, want):
         np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, want, 0), atol=2e-5)
 
-    one = llama.attend(q, k, v, seg, seg, idx, idx, window, softcap, scale)
+    one = llama.attend(q, k, v, seg, seg, idx, idx, window, soft_cap, scale)
     close(one, ref)
-    close(llama.blocked_causal_attention(q, k, v, seg, 4, window, softcap, scale), ref)
-    traced = jax.jit(lambda w: llama.blocked_causal_attention(q, k, v, seg, 4, w, softcap, scale))(
+    close(llama.blocked_causal_attention(q, k, v, seg, 4, window, soft_cap, scale), ref)
+    traced = jax.jit(lambda w: llama.blocked_causal_attention(q, k, v, seg, 4, w, soft_cap, scale))(
         jnp.int32(window)
     )
     close(traced, ref)
+    ref_full = _np_attention(q, k, v, seg, seg, idx, idx, None, soft_cap, scale)
     no_window = jax.jit(
-        lambda w: llama.blocked_causal_attention(q, k, v, seg, 4, w, softcap, scale)
+        lambda w: llama.blocked_causal_attention(q, k, v, seg, 4, w, soft_cap, scale)
     )(jnp.int32(llama.NO_WINDOW))
-    close(no_window, _np_attention(q, k, v, seg, seg, idx, idx, None, softcap, scale))
+    close(no_window, ref_full)
 
     # Decode kernel: a cache of S = t + 3 slots (the last ones empty), queries at slots [4, 12).
     s = t + 3
@@ -158,11 +159,25 @@ def test_every_attention_kernel_soft_caps_scales_and_windows_like_float64_refere
     kv_seg = np.concatenate([seg, np.zeros((b, 3), np.int32)], axis=1)
     for w in (window, jnp.int32(window)):
         out = llama.attend_cache(
-            q[:, 4:], k_cache, v_cache, seg[:, 4:], kv_seg, idx[4:], w, softcap, scale
+            q[:, 4:], k_cache, v_cache, seg[:, 4:], kv_seg, idx[4:], w, soft_cap, scale
         )
         np.testing.assert_allclose(
             np.where(valid[:, 4:], out, 0), np.where(valid[:, 4:], ref[:, 4:], 0), atol=2e-5
         )
+
+    # Splash (Pallas interpret mode on CPU): the score scale enters through the queries, the
+    # soft-cap is the kernel's, and a traced per-layer window picks a static-window branch.
+    cfg = ModelConfig(
+        num_layers=2,
+        attention_kernel="splash",
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcap=soft_cap,
+        query_pre_attn_scalar=scale**-2,
+    )
+    splash = jax.jit(lambda w: llama.causal_attention(q, k, v, seg, cfg, w))
+    close(splash(jnp.int32(window)), ref)
+    close(splash(jnp.int32(llama.NO_WINDOW)), ref_full)
 
     # cuDNN's call: a static window goes to local_window_size, a traced one into the mask.
     close(llama.cudnn_causal_attention(q, k, v, seg, window, "xla", scale=scale), ref_nocap)
@@ -180,7 +195,7 @@ def test_final_logit_soft_cap_in_the_losses_matches_float64_reference():
     lse = np.log(np.exp(capped).sum(-1))
     want = np.take_along_axis(capped, targets[..., None], -1)[..., 0] - lse
     for chunks in (1, 4):
-        logps, _ = target_logprobs(hidden, w_out, targets, chunks=chunks, softcap=2.0)
+        logps, _ = target_logprobs(hidden, w_out, targets, chunks=chunks, soft_cap=2.0)
         np.testing.assert_allclose(logps, want, atol=1e-5)
 
 

@@ -15,6 +15,7 @@ The family registers itself at the bottom (`FAMILY`); callers build it with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -27,6 +28,7 @@ from jaxalign.metrics import train_flops_per_token
 from jaxalign.models.params import logical_axes as logical_axes  # re-exported for callers
 from jaxalign.models.params import param
 from jaxalign.models.registry import ModelFamily, register_family
+from jaxalign.models.splash import splash_causal_attention
 from jaxalign.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -100,7 +102,7 @@ def attend(
     q_index: jax.Array,
     k_index: jax.Array,
     sliding_window: int | jax.Array | None = None,
-    softcap: float | None = None,
+    soft_cap: float | None = None,
     scale: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention with causal and segment masking.
@@ -109,7 +111,7 @@ def attend(
     q_index [T], k_index [S]: sequence indices used for the causal mask (key index <= query index);
     with `sliding_window` W (a number, or a traced scalar under a scan over layers), only keys with
     index > query index - W are seen. Scores are q.k * `scale` (default head_dim**-0.5), then
-    soft-capped to `softcap` * tanh(scores / softcap) when set (Gemma 2).
+    soft-capped to `soft_cap` * tanh(scores / soft_cap) when set (Gemma 2).
     Queries are grouped as [B, T, KV, H/KV, hd] so K/V heads are never repeated in memory.
     Returns [B, T, H, hd].
     """
@@ -117,7 +119,7 @@ def attend(
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = cap_scores(scores, hd, softcap, scale)
+    scores = cap_scores(scores, hd, soft_cap, scale)
     causal = k_index[None, :] <= q_index[:, None]
     if sliding_window is not None:
         causal &= k_index[None, :] > q_index[:, None] - sliding_window
@@ -128,12 +130,12 @@ def attend(
     return out.reshape(b, t, h, hd)
 
 
-def cap_scores(scores: jax.Array, head_dim: int, softcap=None, scale=None) -> jax.Array:
+def cap_scores(scores: jax.Array, head_dim: int, soft_cap=None, scale=None) -> jax.Array:
     """Raw q.k scores (float32) scaled by `scale` (default head_dim**-0.5), then soft-capped to
-    softcap * tanh(scores / softcap) when `softcap` is set."""
+    soft_cap * tanh(scores / soft_cap) when `soft_cap` is set."""
     scores = scores * (head_dim**-0.5 if scale is None else scale)
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     return scores
 
 
@@ -156,6 +158,20 @@ def resolve_query_block(block: int | str, backend: str | None = None) -> int:
     if block != "auto":
         return int(block)
     return AUTO_QUERY_BLOCK.get(backend or jax.default_backend(), 0)
+
+
+# `model.attention_kernel: auto` per backend: splash attention on TPU (the Pallas kernel, which
+# never builds the [T, T] scores); einsum elsewhere (on GPU, cudnn stays opt-in until a GPU run
+# has checked it: docs/performance.md).
+AUTO_ATTENTION_KERNEL = {"tpu": "splash"}
+
+
+def resolve_attention_kernel(kernel: str, backend: str | None = None) -> str:
+    """`model.attention_kernel` as a kernel name: "auto" becomes AUTO_ATTENTION_KERNEL's value
+    for `backend` (default: JAX's default backend), einsum where it has none."""
+    if kernel != "auto":
+        return kernel
+    return AUTO_ATTENTION_KERNEL.get(backend or jax.default_backend(), "einsum")
 
 
 def cudnn_causal_attention(
@@ -190,11 +206,15 @@ def cudnn_causal_attention(
 
 
 def causal_attention(q, k, v, segment_ids, cfg, window=None) -> jax.Array:
-    """Self-attention over a whole sequence by `cfg.attention_kernel` (einsum or cudnn), with
-    this layer's sliding `window` (see `layer_windows`) and cfg's score scale and soft-cap."""
+    """Self-attention over a whole sequence by `cfg.attention_kernel` (einsum, cudnn, splash;
+    auto: see `resolve_attention_kernel`), with this layer's sliding `window` (see
+    `layer_windows`) and cfg's score scale and soft-cap."""
+    kernel = resolve_attention_kernel(cfg.attention_kernel)
     scale = attention_scale(cfg)
-    if cfg.attention_kernel == "cudnn":
+    if kernel == "cudnn":
         return cudnn_causal_attention(q, k, v, segment_ids, window, scale=scale)
+    if kernel == "splash":
+        return splash_with_scale(q, k, v, segment_ids, cfg, window, scale)
     return blocked_causal_attention(
         q,
         k,
@@ -202,27 +222,45 @@ def causal_attention(q, k, v, segment_ids, cfg, window=None) -> jax.Array:
         segment_ids,
         cfg.attention_query_block,
         window,
-        softcap=cfg.attn_logit_softcap,
+        soft_cap=cfg.attn_logit_softcap,
         scale=scale,
     )
 
 
+def splash_with_scale(q, k, v, segment_ids, cfg, window, scale) -> jax.Array:
+    """Splash attention with Gemma's options: queries pre-multiplied by scale * sqrt(head_dim)
+    (the kernel scales by 1/sqrt(head_dim)), `cfg.attn_logit_softcap` as its soft-cap, and a
+    traced per-layer window (scan over layers) as a `lax.switch` over the static windows of
+    `layer_windows(cfg)` (the kernel's mask is static)."""
+    if scale is not None:
+        q = (q.astype(jnp.float32) * (scale * math.sqrt(q.shape[-1]))).astype(q.dtype)
+    cap = cfg.attn_logit_softcap
+    if window is None or isinstance(window, int):
+        return splash_causal_attention(q, k, v, segment_ids, window, cap)
+    options = sorted(set(layer_windows(cfg)), key=lambda w: NO_WINDOW if w is None else w)
+    codes = jnp.array([NO_WINDOW if w is None else w for w in options], jnp.int32)
+    branches = [
+        functools.partial(splash_causal_attention, sliding_window=w, soft_cap=cap) for w in options
+    ]
+    return jax.lax.switch(jnp.argmax(codes == window), branches, q, k, v, segment_ids)
+
+
 def blocked_causal_attention(
-    q, k, v, segment_ids, block, sliding_window=None, softcap=None, scale=None
+    q, k, v, segment_ids, block, sliding_window=None, soft_cap=None, scale=None
 ) -> jax.Array:
     """Causal self-attention computed in query blocks; block i only reads keys [0, end of i].
 
     Same result as one `attend` over the whole sequence, but the [T, T] score matrix is never
     built, and fully masked key blocks above the diagonal are never computed; with a static
     (Python int) `sliding_window` W, neither are keys before (start of i) - W + 1. `block`:
-    positions per block (0: one block) or "auto" (see `resolve_query_block`). `softcap`,
+    positions per block (0: one block) or "auto" (see `resolve_query_block`). `soft_cap`,
     `scale`: as in `attend`.
     """
     block = resolve_query_block(block)
     t = q.shape[1]
     idx = jnp.arange(t)
     if block <= 0 or block >= t:
-        return attend(q, k, v, segment_ids, segment_ids, idx, idx, sliding_window, softcap, scale)
+        return attend(q, k, v, segment_ids, segment_ids, idx, idx, sliding_window, soft_cap, scale)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
@@ -237,7 +275,7 @@ def blocked_causal_attention(
                 idx[start:end],
                 idx[lo:end],
                 sliding_window,
-                softcap,
+                soft_cap,
                 scale,
             )
         )
@@ -252,7 +290,7 @@ def attend_cache(
     kv_segment_ids: jax.Array,
     q_index: jax.Array,
     sliding_window: int | jax.Array | None = None,
-    softcap: float | None = None,
+    soft_cap: float | None = None,
     scale: float | None = None,
 ) -> jax.Array:
     """Attention of a few new queries over a KV cache laid out for decoding.
@@ -263,7 +301,7 @@ def attend_cache(
     [hd, S], then [G*T, S] @ [S, hd] per batch row and KV head): no transposed copy of the cache
     per step, and keys in [hd, S] read about twice as fast as [S, hd] on CPU. Queries are
     grouped as [B, KV, H/KV * T, hd] so K/V heads are never repeated. `sliding_window`,
-    `softcap`, `scale`: as in `attend`. Returns [B, T, H, hd].
+    `soft_cap`, `scale`: as in `attend`. Returns [B, T, H, hd].
     """
     b, t, h, hd = q.shape
     kv, s = v_cache.shape[1], v_cache.shape[2]
@@ -272,7 +310,7 @@ def attend_cache(
     scores = jnp.einsum(
         "bkqd,bkds->bkqs", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
     )
-    scores = cap_scores(scores, hd, softcap, scale)
+    scores = cap_scores(scores, hd, soft_cap, scale)
     k_index = jnp.arange(s)
     causal = k_index[None, :] <= q_index[:, None]  # [T, S]
     if sliding_window is not None:
@@ -490,6 +528,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.attention_query_block == "auto":  # resolved once, for the backend built on
             cfg = dataclasses.replace(cfg, attention_query_block=resolve_query_block("auto"))
+        if cfg.attention_kernel == "auto":
+            cfg = dataclasses.replace(cfg, attention_kernel=resolve_attention_kernel("auto"))
         pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pd)
@@ -544,7 +584,7 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] in the compute dtype, soft-capped by `final_logit_softcap` when set
-        (the losses apply the same cap: `losses.target_logprobs(softcap=...)`)."""
+        (the losses apply the same cap: `losses.target_logprobs(soft_cap=...)`)."""
         return softcap_logits(dense(hidden, self.output_weight()), self.cfg.final_logit_softcap)
 
     def with_cache(
@@ -666,11 +706,11 @@ def rope_frequencies_of(head_dim: int, rope: tuple) -> jax.Array:
     return inv_freq if linear is None else inv_freq / linear
 
 
-def softcap_logits(logits: jax.Array, softcap: float | None) -> jax.Array:
-    """softcap * tanh(logits / softcap) in the logits' dtype (unchanged when softcap is None)."""
-    if softcap is None:
+def softcap_logits(logits: jax.Array, soft_cap: float | None) -> jax.Array:
+    """soft_cap * tanh(logits / soft_cap) in the logits' dtype (unchanged when soft_cap is None)."""
+    if soft_cap is None:
         return logits
-    return (softcap * jnp.tanh(logits.astype(jnp.float32) / softcap)).astype(logits.dtype)
+    return (soft_cap * jnp.tanh(logits.astype(jnp.float32) / soft_cap)).astype(logits.dtype)
 
 
 # Logical axes of one layer's KV cache arrays; stacked caches (scan over layers) have a leading
