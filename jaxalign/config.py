@@ -30,7 +30,7 @@ class ModelConfig:
     """A decoder of a registered model family (jaxalign/models/registry.py). Field names follow
     Hugging Face's LlamaConfig where they overlap."""
 
-    family: str = "llama"  # model family: a name in jaxalign.models.registry (built in: llama)
+    family: str = "llama"  # a name in jaxalign.models.registry (built in: llama, gemma2, gemma3)
     vocab_size: int = 1024  # must cover the tokenizer's vocabulary
     hidden_size: int = 128  # model width D
     intermediate_size: int = 352  # SwiGLU hidden width F
@@ -86,6 +86,18 @@ class ModelConfig:
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).
     from_hf: str | None = None
+    # (Gemma 2 / Gemma 3 fields, families gemma2 / gemma3 in jaxalign/models/gemma.py, start here.)
+
+    # Per layer: "sliding_attention" (windowed by sliding_window) or "full_attention" (Gemma 2/3).
+    # None: every layer is windowed when sliding_window is set (Mistral).
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (None: rope_theta)
+    # Linear RoPE scaling of the rope_theta (global) layers: positions / factor (Gemma 3).
+    rope_linear_factor: float | None = None
+    attn_logit_softcap: float | None = None  # attention scores -> c * tanh(scores / c) (Gemma 2)
+    final_logit_softcap: float | None = None  # output logits -> c * tanh(logits / c) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5 (None: head_dim)
+    # (Gemma 2 / Gemma 3 fields end here.)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -502,6 +514,24 @@ def validate(cfg: Config, where: str = "config") -> None:
         missing = need - set(m.rope_scaling)
         if missing:
             fail(f"model.rope_scaling is missing {sorted(missing)}")
+    # --- Gemma 2 / Gemma 3 ---
+    if m.layer_types is not None:
+        if len(m.layer_types) != m.num_layers:
+            fail(
+                f"model.layer_types has {len(m.layer_types)} entries, model.num_layers is "
+                f"{m.num_layers}"
+            )
+        bad = sorted(set(m.layer_types) - {"sliding_attention", "full_attention"})
+        if bad:
+            fail(f"model.layer_types: {bad[0]!r} is not sliding_attention or full_attention")
+    if m.sliding_window is not None and m.sliding_window <= 0:
+        fail(f"model.sliding_window must be positive, got {m.sliding_window}")
+    for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+        if getattr(m, name) is not None and getattr(m, name) <= 0:
+            fail(f"model.{name} must be positive, got {getattr(m, name)}")
+    if m.attention_kernel == "cudnn" and m.attn_logit_softcap is not None:
+        fail("model.attention_kernel=cudnn cannot soft-cap attention logits (attn_logit_softcap)")
+    # --- end Gemma 2 / Gemma 3 ---
     if m.attention_query_block != "auto" and m.attention_query_block < 0:
         fail("model.attention_query_block must be >= 0 or auto")
     if m.attention_kernel == "cudnn" and m.dtype != "bfloat16":

@@ -1,8 +1,10 @@
 """Hugging Face <-> jaxalign: model config mapping and tensor-name/layout mapping per family.
 
-Families: llama (incl. Llama-3 rope scaling), mistral, qwen2, qwen3, gemma. A config field jaxalign
-does not handle (with a value that would change the model) is a ConfigError naming the field; an
-unsupported architecture is a ConfigError naming it. Nothing here needs torch or transformers.
+Families: llama (incl. Llama-3 rope scaling), mistral, qwen2, qwen3, gemma; gemma2 and gemma3_text
+(text-only Gemma 3) in their own section at the end, for jaxalign's gemma2 / gemma3 families. A
+config field jaxalign does not handle (with a value that would change the model) is a ConfigError
+naming the field; an unsupported architecture is a ConfigError naming it.
+Nothing here needs torch or transformers.
 
 Layouts: torch's Linear stores [out, in]; jaxalign stores [in, out] with heads split out
 (q: [D, H, hd], o: [H, hd, D]). Both use the rotate-half RoPE convention, so q/k need no
@@ -31,6 +33,8 @@ ARCHITECTURES = {
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
     "gemma": "Gemma",
+    "gemma2": "Gemma2",  # Gemma 2 / Gemma 3: see the "Gemma 2 / Gemma 3" section below
+    "gemma3_text": "Gemma3",
 }
 
 # Hugging Face class defaults, used when a config.json omits a key.
@@ -170,6 +174,16 @@ ARCH_FIELDS = (
     "scale_embeddings",
     "sliding_window",
 )
+# Gemma 2 / Gemma 3 architecture fields (ModelConfig defaults: absent from the other families).
+GEMMA_ARCH_FIELDS = (
+    "layer_types",
+    "rope_local_theta",
+    "rope_linear_factor",
+    "attn_logit_softcap",
+    "final_logit_softcap",
+    "query_pre_attn_scalar",
+)
+ARCH_FIELDS += GEMMA_ARCH_FIELDS
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
@@ -212,6 +226,8 @@ def hf_family(hf: dict, where: str = "config.json") -> str:
 def hf_arch_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
     """Map a Hugging Face config dict to ModelConfig architecture fields (see ARCH_FIELDS)."""
     family = hf_family(hf, where)
+    if family in GEMMA_FAMILIES:
+        return gemma_arch_fields(hf, where)
     defaults = _FAMILY_DEFAULTS[family]
     used: set[str] = set()
 
@@ -411,7 +427,11 @@ def infer_family(cfg: ModelConfig) -> str:
 
 
 def _arch(cfg: ModelConfig | dict) -> dict[str, Any]:
-    values = cfg if isinstance(cfg, dict) else {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    if isinstance(cfg, dict):  # fields a family's import leaves out keep ModelConfig's defaults
+        defaults = ModelConfig()
+        values = {k: cfg[k] if k in cfg else getattr(defaults, k) for k in ARCH_FIELDS}
+    else:
+        values = {k: getattr(cfg, k) for k in ARCH_FIELDS}
     values = dict(values)
     if not isinstance(cfg, dict):
         values["head_dim"] = cfg.resolved_head_dim
@@ -430,7 +450,14 @@ def hf_config_from_model(
 ) -> dict:
     """A Hugging Face config.json dict for `cfg`; ConfigError naming the fields that `family`
     (default: `infer_family(cfg)`) cannot express."""
+    if cfg.family in GEMMA_MODEL_TYPES:
+        return gemma_config_to_hf(cfg, family, architecture=architecture, extra=extra)
     family = family or infer_family(cfg)
+    if family in GEMMA_FAMILIES:
+        raise ConfigError(
+            f"cannot export model.family '{cfg.family}' as Hugging Face {family}: "
+            f"set model.family to {GEMMA_FAMILIES[family]}"
+        )
     if family not in ARCHITECTURES:
         raise ConfigError(
             f"unknown Hugging Face family {family!r} (supported: {', '.join(ARCHITECTURES)})"
@@ -652,10 +679,13 @@ MOE_FIELDS = (
 
 def hf_model_family(source: str | os.PathLike | dict) -> str:
     """The jaxalign model family for a Hugging Face directory or config dict: `qwen3_moe` or
-    `mixtral` for those model types, `llama` for the dense ones (checked when imported)."""
+    `mixtral` for those model types, `gemma2` / `gemma3` for Gemma 2 / 3 (text), `llama` for the
+    other dense ones (checked when imported)."""
     hf = source if isinstance(source, dict) else read_hf_config(source)
     model_type = hf.get("model_type")
-    return model_type if model_type in MOE_ARCHITECTURES else "llama"
+    if model_type in MOE_ARCHITECTURES:
+        return model_type
+    return GEMMA_FAMILIES.get(model_type, "llama")
 
 
 def _moe_fields(hf: dict, where: str) -> dict[str, Any]:
@@ -844,3 +874,278 @@ QWEN3_MOE_CONVERTER = MIXTRAL_CONVERTER = HFConverter(
     tensor_maps=moe_tensor_maps,
 )
 # --- end mixture of experts -------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 2 / Gemma 3 (text): HF model_type gemma2 / gemma3_text <-> jaxalign family gemma2 / gemma3
+
+GEMMA_FAMILIES = {"gemma2": "gemma2", "gemma3_text": "gemma3"}  # HF model_type -> family
+GEMMA_MODEL_TYPES = {v: k for k, v in GEMMA_FAMILIES.items()}  # family -> HF model_type
+
+# Hugging Face class defaults (Gemma2Config, Gemma3TextConfig) for keys a config.json omits.
+_GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": {
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window_pattern": 2,
+        "rope_theta": 10000.0,
+    },
+    "gemma3_text": {
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "sliding_window_pattern": 6,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+    },
+}
+# Keys of these configs that never change the function (KV-cache and tooling settings).
+_GEMMA_METADATA = {"cache_implementation", "_sliding_window_pattern", "rope_local_base_freq"}
+
+
+def gemma_arch_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
+    """ModelConfig architecture fields (with `family`) of a gemma2 / gemma3_text config dict.
+
+    A key present with null keeps null (Gemma 2's soft-caps can be switched off that way); a
+    missing key takes the transformers class default.
+    """
+    model_type = hf_family(hf, where)
+    defaults = _GEMMA_DEFAULTS[model_type]
+    used: set[str] = set()
+
+    def get(key: str, *, required: bool = False) -> Any:
+        used.add(key)
+        if key in hf:
+            return hf[key]
+        if required:
+            raise ConfigError(f"{where}: missing required field '{key}'")
+        return defaults.get(key)
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{where}: field '{key}' = {hf.get(key)!r}: {why}")
+
+    num_layers = get("num_hidden_layers", required=True)
+    num_heads = get("num_attention_heads", required=True)
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or defaults["hidden_activation"]
+    used |= {"hidden_activation", "hidden_act"}
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        fail("hidden_activation", "activation not supported (supported: gelu_pytorch_tanh)")
+    if get("use_bidirectional_attention"):
+        fail("use_bidirectional_attention", "bidirectional attention is not supported")
+    if get("attention_dropout"):
+        fail("attention_dropout", "dropout is not supported (must be 0)")
+    bias = bool(get("attention_bias"))
+    pattern = get("sliding_window_pattern")
+    layer_types = get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+    ]
+    if len(layer_types) != num_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
+        fail("layer_types", f"expected {num_layers} of sliding_attention / full_attention")
+    window = get("sliding_window")
+    theta, local_theta, linear = _gemma_rope(hf, model_type, get, where)
+
+    def cap(key: str) -> float | None:
+        value = get(key)
+        return None if value is None else float(value)
+
+    out: dict[str, Any] = {
+        "family": GEMMA_FAMILIES[model_type],
+        "vocab_size": get("vocab_size", required=True),
+        "hidden_size": get("hidden_size", required=True),
+        "intermediate_size": get("intermediate_size", required=True),
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": get("num_key_value_heads") or num_heads,
+        "head_dim": get("head_dim"),
+        "rope_theta": theta,
+        "rope_scaling": None,
+        "rms_norm_eps": float(get("rms_norm_eps")),
+        "tie_embeddings": bool(get("tie_word_embeddings")),
+        "qk_norm": model_type == "gemma3_text",
+        "attention_bias": bias,
+        "attention_out_bias": bias,
+        "mlp_bias": False,
+        "mlp_activation": "gelu_tanh",
+        "norm_plus_one": True,
+        "scale_embeddings": True,
+        "sliding_window": None if window is None else int(window),
+        "layer_types": list(layer_types),
+        "rope_local_theta": local_theta,
+        "rope_linear_factor": linear,
+        "attn_logit_softcap": cap("attn_logit_softcapping"),
+        "final_logit_softcap": cap("final_logit_softcapping"),
+        "query_pre_attn_scalar": float(get("query_pre_attn_scalar")),
+        "initializer_range": float(hf.get("initializer_range", 0.02)),
+    }
+    for key, value in hf.items():
+        if key in used or key in _GEMMA_METADATA or value is None or is_metadata_key(key, value):
+            continue
+        raise ConfigError(
+            f"{where}: field '{key}' = {value!r} is not supported by jaxalign's {model_type} import"
+        )
+    return out
+
+
+def _gemma_rope(hf: dict, model_type: str, get, where: str):
+    """(rope_theta, rope_local_theta, rope_linear_factor) of a Gemma config: transformers >= 5
+    writes `rope_parameters` (Gemma 3: one mapping per layer type), older configs `rope_theta`,
+    `rope_local_base_freq` and `rope_scaling` (Gemma 3's global layers)."""
+    params = get("rope_parameters") or {}
+    legacy_scaling = get("rope_scaling")
+    if model_type == "gemma2":
+        full, local = params, None
+    else:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+        full.setdefault("rope_theta", get("rope_theta"))
+        local.setdefault("rope_theta", get("rope_local_base_freq"))
+        _gemma_rope_type(local, "rope_parameters.sliding_attention", where, linear_ok=False)
+    if legacy_scaling:
+        full = {**full, **legacy_scaling}
+    theta = float(full.get("rope_theta") or get("rope_theta"))
+    key = "rope_parameters.full_attention" if model_type != "gemma2" else "rope_parameters"
+    linear = _gemma_rope_type(full, key, where, linear_ok=model_type != "gemma2")
+    return theta, None if local is None else float(local["rope_theta"]), linear
+
+
+def _gemma_rope_type(params: dict, key: str, where: str, *, linear_ok: bool) -> float | None:
+    """The linear factor of one RoPE mapping (None: default RoPE); ConfigError for other types."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    supported = ("default", "linear") if linear_ok else ("default",)
+    if rope_type not in supported:
+        raise ConfigError(
+            f"{where}: field '{key}.rope_type' = {rope_type!r} is not supported "
+            f"(supported: {', '.join(supported)})"
+        )
+    known = {"rope_theta", "rope_type", "type"} | ({"factor"} if rope_type == "linear" else set())
+    for name, value in params.items():
+        if name not in known and value is not None:
+            if name == "partial_rotary_factor" and value == 1.0:
+                continue
+            raise ConfigError(f"{where}: field '{key}.{name}' = {value!r} is not supported")
+    return float(params["factor"]) if rope_type == "linear" else None
+
+
+def gemma_config_to_hf(
+    cfg: ModelConfig,
+    family: str | None = None,
+    *,
+    architecture: str = "ForCausalLM",
+    extra: dict | None = None,
+) -> dict:
+    """The gemma2 / gemma3_text config.json dict of a gemma2 / gemma3 ModelConfig; ConfigError
+    naming the fields the family cannot express."""
+    model_type = GEMMA_MODEL_TYPES[cfg.family]
+    if family is not None and family != model_type:
+        raise ConfigError(
+            f"cannot export model.family '{cfg.family}' as Hugging Face {family} "
+            f"(it exports as {model_type})"
+        )
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type] + architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar or cfg.resolved_head_dim),
+        "sliding_window": cfg.sliding_window,
+        "layer_types": list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
+        "attn_logit_softcapping": cfg.attn_logit_softcap,
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "max_position_embeddings": 8192 if model_type == "gemma2" else 131072,
+        "dtype": cfg.param_dtype,
+    }
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_linear_factor is not None:
+        full = {
+            "rope_type": "linear",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_linear_factor,
+        }
+    if model_type == "gemma2":
+        hf["rope_parameters"] = full
+    else:
+        local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+        local_rope = {"rope_type": "default", "rope_theta": local}
+        hf["rope_parameters"] = {"full_attention": full, "sliding_attention": local_rope}
+    hf.update(extra or {})
+    got = _arch(gemma_arch_fields(hf, f"export as {model_type}"))
+    want = _arch(_gemma_explicit(cfg))
+    diff = [k for k in ARCH_FIELDS if got[k] != want[k]]
+    if diff:
+        fields = ", ".join(f"model.{k}={want[k]!r}" for k in diff)
+        raise ConfigError(
+            f"cannot export as Hugging Face {model_type}: {fields} has no equivalent in that family"
+        )
+    return hf
+
+
+def _int_if_whole(x: float) -> float | int:
+    """transformers' Gemma configs type query_pre_attn_scalar as int."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _gemma_explicit(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the defaults a config.json spells out written out: the score scalar (head_dim),
+    every layer's type, and Gemma 3's local RoPE base (rope_theta, when nothing scales it)."""
+    local = cfg.rope_local_theta
+    if cfg.family == "gemma3" and local is None and cfg.rope_linear_factor is None:
+        local = cfg.rope_theta
+    return dataclasses.replace(
+        cfg,
+        query_pre_attn_scalar=float(cfg.query_pre_attn_scalar or cfg.resolved_head_dim),
+        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
+        rope_local_theta=local,
+    )
+
+
+def gemma_tensor_maps(cfg: ModelConfig, *, reward: bool = False) -> list[TensorMap]:
+    """Llama's tensor maps with Gemma's four norms per layer: `post_attention_layernorm`
+    normalizes the attention output (`post_attn_norm`), `pre_feedforward_layernorm` and
+    `post_feedforward_layernorm` surround the MLP (`mlp_norm`, `post_mlp_norm`)."""
+    maps = []
+    for m in tensor_maps(cfg, reward=reward):
+        if not m.hf_name.endswith("post_attention_layernorm.weight"):
+            maps.append(m)
+            continue
+        pre, path = m.hf_name[: -len("post_attention_layernorm.weight")], m.path[:-1]
+        for name, leaf in (
+            ("post_attention_layernorm", "post_attn_norm"),
+            ("pre_feedforward_layernorm", "mlp_norm"),
+            ("post_feedforward_layernorm", "post_mlp_norm"),
+        ):
+            maps.append(dataclasses.replace(m, hf_name=f"{pre}{name}.weight", path=(*path, leaf)))
+    return maps
+
+
+GEMMA2_CONVERTER = HFConverter(
+    resolve_config=resolve_from_hf,
+    config_from_hf=model_config_from_hf,
+    config_to_hf=gemma_config_to_hf,
+    tensor_maps=gemma_tensor_maps,
+)
+GEMMA3_CONVERTER = GEMMA2_CONVERTER  # one converter: the config's family picks the model_type
+# --- end Gemma 2 / Gemma 3 ---------------------------------------------------------------------

@@ -256,11 +256,12 @@ class MoEBlock(llama.Block):
         layer=None,
         index=None,
         kv_segment_ids=None,
+        window=None,
     ):
         eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
         h = rms_norm(x, self.attn_norm[...], eps, plus_one)
         attn, cache = self.attn(
-            h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids
+            h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids, window
         )
         x = x + attn
         out, stats = self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one), segment_ids > 0)

@@ -58,7 +58,10 @@ def policy_statistics(model: nnx.Module, batch: dict, chunks: int = 1) -> dict[s
     mask = pairs_to_rows(batch["loss_mask"])
     hidden = model(tokens, pairs_to_rows(batch["positions"]), pairs_to_rows(batch["segment_ids"]))
     w_out = model.output_weight()
-    logps, lengths = sequence_logprobs(hidden, w_out, tokens, mask, chunks=chunks)
+    soft_cap = model.cfg.final_logit_softcap
+    logps, lengths = sequence_logprobs(
+        hidden, w_out, tokens, mask, chunks=chunks, soft_cap=soft_cap
+    )
     # mean_v(h . w_v) = h . mean_v(w_v): the mean logit without materializing [T, V] logits.
     token_mean_logits = jax.lax.stop_gradient(
         hidden[:, :-1] @ w_out.mean(axis=-1).astype(hidden.dtype)
