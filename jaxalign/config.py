@@ -23,7 +23,7 @@ from jaxalign.paths import run_path, unsupported_scheme
 from jaxalign.trainers.preference_config import DPOConfig, PreferenceConfig, RMConfig
 from jaxalign.trainers.rl_config import RLConfig
 
-AXIS_NAMES = ("data", "fsdp", "tensor")
+AXIS_NAMES = ("data", "fsdp", "expert", "tensor")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ModelConfig:
     """A decoder of a registered model family (jaxalign/models/registry.py). Field names follow
     Hugging Face's LlamaConfig where they overlap."""
 
-    family: str = "llama"  # model family: a name in jaxalign.models.registry (built in: llama)
+    family: str = "llama"  # a name in jaxalign.models.registry (built in: llama, gemma2, gemma3)
     vocab_size: int = 1024  # must cover the tokenizer's vocabulary
     hidden_size: int = 128  # model width D
     intermediate_size: int = 352  # SwiGLU hidden width F
@@ -61,19 +61,63 @@ class ModelConfig:
     # in cache on CPU and skips fully masked key blocks. auto: 64 on CPU, 0 on GPU/TPU.
     attention_query_block: int | Literal["auto"] = "auto"
     # Training/prefill attention: einsum (jaxalign's grouped-query einsums + softmax, in query
-    # blocks; any backend) or cudnn (jax.nn.dot_product_attention's cuDNN flash attention: NVIDIA
-    # GPU, bfloat16 compute; not yet measured on a GPU here, see docs/performance.md).
-    attention_kernel: Literal["einsum", "cudnn"] = "einsum"
+    # blocks; any backend), cudnn (jax.nn.dot_product_attention's cuDNN flash attention: NVIDIA
+    # GPU, bfloat16 compute; not yet measured on a GPU here, see docs/performance.md), splash
+    # (the Pallas splash-attention kernel: TPU; elsewhere Pallas interpret mode, exact but slow,
+    # for tests) or auto (splash on TPU, einsum elsewhere). Decoding always uses the KV-cache
+    # einsums.
+    attention_kernel: Literal["auto", "einsum", "cudnn", "splash"] = "auto"
     initializer_range: float = 0.02  # std of the normal init of weight matrices
+    # --- mixture of experts (families qwen3_moe and mixtral: jaxalign/models/moe.py) ---------
+    num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
+    num_experts_per_tok: int = 2  # experts each token is routed to (top-k)
+    moe_intermediate_size: int | None = None  # an expert's SwiGLU width (None: intermediate_size)
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
+    # Load-balancing loss weight (Switch Transformer's, as transformers computes it); it joins
+    # the objective only with output_router_logits (Hugging Face's switch for the same).
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = True
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0: off)
+    # Tokens per expert: 0 runs dropless (sort by expert + grouped matmul); > 0 gives each expert
+    # capacity_factor x tokens x top-k / experts slots and drops the assignments past them.
+    moe_capacity_factor: float = 0.0
+    decoder_sparse_step: int = 1  # layer i is a MoE layer when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    # --- end mixture of experts -----------------------------------------------------------
     # A local Hugging Face model directory to start from: its config.json sets the architecture
     # fields above and its safetensors the initial parameters (see jaxalign/hf).
     from_hf: str | None = None
+    # (Gemma 2 / Gemma 3 fields, families gemma2 / gemma3 in jaxalign/models/gemma.py, start here.)
+
+    # Per layer: "sliding_attention" (windowed by sliding_window) or "full_attention" (Gemma 2/3).
+    # None: every layer is windowed when sliding_window is set (Mistral).
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (None: rope_theta)
+    # Linear RoPE scaling of the rope_theta (global) layers: positions / factor (Gemma 3).
+    rope_linear_factor: float | None = None
+    attn_logit_softcap: float | None = None  # attention scores -> c * tanh(scores / c) (Gemma 2)
+    final_logit_softcap: float | None = None  # output logits -> c * tanh(logits / c) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5 (None: head_dim)
+    # (Gemma 2 / Gemma 3 fields end here.)
     # Low-rank adapters with the base frozen (jaxalign/models/lora_config.py); None: off.
     lora: LoraConfig | None = None
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def resolved_moe_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has routed experts (else the dense MLP), as transformers'
+        Qwen3-MoE decides it."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
 
 @dataclass
@@ -86,9 +130,11 @@ class MeshConfig:
 
     data: int = 1  # pure data parallelism (replicas)
     fsdp: int = -1  # fully sharded data parallelism
+    expert: int = 1  # expert parallelism: a MoE layer's experts split over this axis
     tensor: int = 1  # tensor (model) parallelism
     dcn_data: int = 1  # slices along `data` (multi-slice); default: all slices
     dcn_fsdp: int = 1  # slices along `fsdp`
+    dcn_expert: int = 1  # slices along `expert`
     dcn_tensor: int = 1  # slices along `tensor`
 
 
@@ -420,6 +466,10 @@ def load_config(
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if cfg.model.from_hf:
+        if "family" not in (raw.get("model") or {}):  # the directory's model_type decides
+            from jaxalign.hf.convert import hf_model_family
+
+            cfg.model.family = hf_model_family(cfg.model.from_hf)
         if cfg.model.family not in family_names():
             raise ConfigError(f"{where}: {unknown_family_message(cfg.model.family)}")
         family = get_family(cfg.model.family)
@@ -470,6 +520,24 @@ def validate(cfg: Config, where: str = "config") -> None:
         missing = need - set(m.rope_scaling)
         if missing:
             fail(f"model.rope_scaling is missing {sorted(missing)}")
+    # --- Gemma 2 / Gemma 3 ---
+    if m.layer_types is not None:
+        if len(m.layer_types) != m.num_layers:
+            fail(
+                f"model.layer_types has {len(m.layer_types)} entries, model.num_layers is "
+                f"{m.num_layers}"
+            )
+        bad = sorted(set(m.layer_types) - {"sliding_attention", "full_attention"})
+        if bad:
+            fail(f"model.layer_types: {bad[0]!r} is not sliding_attention or full_attention")
+    if m.sliding_window is not None and m.sliding_window <= 0:
+        fail(f"model.sliding_window must be positive, got {m.sliding_window}")
+    for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+        if getattr(m, name) is not None and getattr(m, name) <= 0:
+            fail(f"model.{name} must be positive, got {getattr(m, name)}")
+    if m.attention_kernel == "cudnn" and m.attn_logit_softcap is not None:
+        fail("model.attention_kernel=cudnn cannot soft-cap attention logits (attn_logit_softcap)")
+    # --- end Gemma 2 / Gemma 3 ---
     if m.attention_query_block != "auto" and m.attention_query_block < 0:
         fail("model.attention_query_block must be >= 0 or auto")
     if m.attention_kernel == "cudnn" and m.dtype != "bfloat16":
@@ -481,6 +549,8 @@ def validate(cfg: Config, where: str = "config") -> None:
             fail(f"model.lora: not yet supported with trainer {cfg.trainer} (sft, rm, dpo only)")
         if m.lora.quantize != "none":
             fail("model.lora.quantize: QLoRA is not wired into training yet; use none")
+    if (problem := moe_problem(m)) is not None:
+        fail(problem)
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 1 or t.steps < 0:
         fail("train.batch_size, train.grad_accum, train.steps must be positive and seq_len > 1")
     if t.batch_size % t.grad_accum:
@@ -523,6 +593,46 @@ def validate(cfg: Config, where: str = "config") -> None:
     }.items():
         if isinstance(value, str) and (problem := unsupported_scheme(value, key)):
             fail(problem)
+
+
+# --- mixture of experts ------------------------------------------------------------------------
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+
+
+def moe_problem(m: ModelConfig) -> str | None:
+    """The first thing wrong with `m`'s mixture-of-experts fields, as one line (None: fine)."""
+    if m.family in MOE_FAMILIES and m.num_experts <= 0:
+        return f"model.family '{m.family}' needs model.num_experts > 0"
+    if m.num_experts <= 0:
+        return None
+    if m.family not in MOE_FAMILIES:
+        return (
+            f"model.num_experts={m.num_experts} needs a mixture-of-experts model.family "
+            f"({', '.join(MOE_FAMILIES)}), got '{m.family}'"
+        )
+    if not 0 < m.num_experts_per_tok <= m.num_experts:
+        return (
+            f"model.num_experts_per_tok ({m.num_experts_per_tok}) must be in "
+            f"[1, model.num_experts={m.num_experts}]"
+        )
+    if m.moe_capacity_factor < 0:
+        return f"model.moe_capacity_factor must be >= 0 (0: dropless), got {m.moe_capacity_factor}"
+    if m.decoder_sparse_step <= 0:
+        return f"model.decoder_sparse_step must be positive, got {m.decoder_sparse_step}"
+    if m.router_aux_loss_coef < 0 or m.router_z_loss_coef < 0:
+        return "model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0"
+    if m.resolved_moe_intermediate_size <= 0:
+        return "model.moe_intermediate_size must be positive"
+    kinds = {m.is_moe_layer(i) for i in range(m.num_layers)}
+    if m.scan_layers and len(kinds) > 1:
+        return (
+            "model.scan_layers needs every layer alike; model.mlp_only_layers / "
+            "model.decoder_sparse_step mix dense and MoE layers (set scan_layers: false)"
+        )
+    return None
+
+
+# --- end mixture of experts --------------------------------------------------------------------
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

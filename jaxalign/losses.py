@@ -16,19 +16,28 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return masked_sum(x, mask, axis) / jnp.maximum(jnp.sum(mask > 0, axis=axis), 1)
 
 
-def _target_logps_dense(hidden: jax.Array, w_out: jax.Array, targets: jax.Array):
+def _target_logps_dense(hidden: jax.Array, w_out: jax.Array, targets: jax.Array, soft_cap=None):
     logits = (hidden @ w_out.astype(hidden.dtype)).astype(jnp.float32)
+    if soft_cap is not None:  # Gemma 2's final logit soft-cap
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     return target_logits - lse, lse
 
 
 def target_logprobs(
-    hidden: jax.Array, w_out: jax.Array, targets: jax.Array, *, chunks: int = 1
+    hidden: jax.Array,
+    w_out: jax.Array,
+    targets: jax.Array,
+    *,
+    chunks: int = 1,
+    soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Log-probability of each target token, and the log-partition, without full logits.
 
     hidden: [..., D]; w_out: [D, V]; targets: [...] int. Returns (logps, lse), each [...] float32.
+    `soft_cap`: logits become soft_cap * tanh(logits / soft_cap) first (from the model config's
+    `final_logit_softcap`).
     With `chunks > 1` the tokens are processed in that many chunks under `jax.checkpoint`, so at
     most one chunk's [tokens / chunks, V] logits exist at a time, forward and backward.
     """
@@ -37,13 +46,13 @@ def target_logprobs(
     t = targets.reshape(-1)
     n = t.shape[0]
     if chunks <= 1:
-        logps, lse = _target_logps_dense(h, w_out, t)
+        logps, lse = _target_logps_dense(h, w_out, t, soft_cap)
         return logps.reshape(lead), lse.reshape(lead)
     size = -(-n // chunks)
     pad = size * chunks - n
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(chunks, size, -1)
     t = jnp.pad(t, (0, pad)).reshape(chunks, size)
-    chunk_fn = jax.checkpoint(lambda args: _target_logps_dense(args[0], w_out, args[1]))
+    chunk_fn = jax.checkpoint(lambda args: _target_logps_dense(args[0], w_out, args[1], soft_cap))
     logps, lse = jax.lax.map(chunk_fn, (h, t))
     return logps.reshape(-1)[:n].reshape(lead), lse.reshape(-1)[:n].reshape(lead)
 
@@ -56,13 +65,15 @@ def token_cross_entropy_sum(
     *,
     chunks: int = 1,
     z_loss: float = 0.0,
+    soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy over masked tokens, and the number of those tokens.
 
     hidden: [B, T, D]; targets, loss_mask: [B, T]. Returns (loss_sum, num_tokens), scalars. The
-    caller divides by the token count of the whole (accumulated) batch.
+    caller divides by the token count of the whole (accumulated) batch. `soft_cap`: as in
+    `target_logprobs`.
     """
-    logps, lse = target_logprobs(hidden, w_out, targets, chunks=chunks)
+    logps, lse = target_logprobs(hidden, w_out, targets, chunks=chunks, soft_cap=soft_cap)
     per_token = -logps + z_loss * jnp.square(lse)
     return masked_sum(per_token, loss_mask), jnp.sum(loss_mask > 0).astype(jnp.float32)
 
@@ -74,18 +85,63 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def sequence_logprobs(
-    hidden: jax.Array, w_out: jax.Array, tokens: jax.Array, mask: jax.Array, *, chunks: int = 1
+    hidden: jax.Array,
+    w_out: jax.Array,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    chunks: int = 1,
+    soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed log-probability of the masked tokens of each sequence, and how many there are.
+    `soft_cap`: as in `target_logprobs`.
 
     hidden: [B, T, D] hidden states of `tokens` [B, T]; mask: [B, T], true on tokens to score
     (completion tokens). Token t is scored from the hidden state at t - 1 (next-token shift), so
     mask[:, 0] is ignored. Returns (logps [B], num_tokens [B]), float32.
     """
-    logps, _ = target_logprobs(hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks)
+    logps, _ = target_logprobs(
+        hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks, soft_cap=soft_cap
+    )
     target_mask = mask[:, 1:]
     return masked_sum(logps, target_mask, axis=-1), jnp.sum(target_mask > 0, axis=-1).astype(
         jnp.float32
+    )
+
+
+def segment_sums(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """Sum of `x` over the positions of each segment 1..num_segments of each row (packed rows).
+
+    x: [B, T]; segment_ids: [B, T] int (0: padding, not summed). Returns [B, num_segments].
+    """
+    rows = jnp.arange(x.shape[0])[:, None]
+    sums = jnp.zeros((x.shape[0], num_segments + 1), x.dtype).at[rows, segment_ids].add(x)
+    return sums[:, 1:]
+
+
+def segment_logprobs(
+    hidden: jax.Array,
+    w_out: jax.Array,
+    tokens: jax.Array,
+    mask: jax.Array,
+    segment_ids: jax.Array,
+    num_segments: int,
+    *,
+    chunks: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """`sequence_logprobs` of packed rows: per segment instead of per row.
+
+    hidden: [B, T, D] of `tokens` [B, T]; mask: [B, T] (completion tokens; 0 on the first token
+    of every segment, whose hidden state at t - 1 belongs to the segment before); segment_ids:
+    [B, T]. Returns (logps [B, num_segments], num_tokens [B, num_segments]), float32; segment s
+    is column s - 1.
+    """
+    logps, _ = target_logprobs(hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks)
+    target_mask = mask[:, 1:] > 0
+    target_segments = segment_ids[:, 1:]
+    return (
+        segment_sums(jnp.where(target_mask, logps, 0.0), target_segments, num_segments),
+        segment_sums(target_mask.astype(jnp.float32), target_segments, num_segments),
     )
 
 

@@ -128,6 +128,14 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+def plain_metric(value: Any) -> float | list[float]:
+    """A metric as JSON has it: a float, or a list of floats for a vector metric (a MoE's
+    per-expert load)."""
+    if getattr(value, "ndim", 0) == 0:
+        return float(value)
+    return [float(v) for v in value.reshape(-1)]
+
+
 def _plain(value: Any) -> Any:
     try:
         return (

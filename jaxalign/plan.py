@@ -51,6 +51,8 @@ class Plan:
     num_params: int
     parts: dict[str, int]
     host: dict[str, int] = field(default_factory=dict)
+    # A mixture of experts: parameters one token's forward uses (FLOPs), without the embedding.
+    active_params: int | None = None
 
     @property
     def params(self) -> int:
@@ -161,6 +163,8 @@ def activation_bytes(
         m.resolved_head_dim,
     )
     itemsize = np.dtype(DTYPES[m.dtype]).itemsize
+    if m.num_experts:  # a MoE layer keeps each token's k expert rows (and their inputs)
+        f = m.num_experts_per_tok * (m.resolved_moe_intermediate_size + d / 3)
     dots = (h * hd + 2 * kv * hd + 2 * d + 3 * f / tensor) * itemsize
     probs = h / tensor * t.seq_len * 4
     full_layer = dots + (4 * d + f / tensor) * itemsize + probs
@@ -224,7 +228,9 @@ def reward_model_bytes(cfg: Config, num_devices: int) -> int:
         rm_cfg = load_config(config_path)
     elif (hf_dir := hf_model_dir(cfg.rl.reward_model)) is not None:
         rm_cfg = run_config(hf_dir, reward=True, where="rl.reward_model")
-    mesh = dataclasses.replace(rm_cfg.mesh, data=1, fsdp=-1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    mesh = dataclasses.replace(
+        rm_cfg.mesh, data=1, fsdp=-1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
+    )
     sizes = shd.axis_sizes(mesh, num_devices)
     rules = shd.resolve_rules(rm_cfg.sharding)
     return model_bytes(_abstract(RewardModel, rm_cfg.model), sizes, rules).params
@@ -285,11 +291,26 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
         cfg, sizes, rules, num_devices, freeze, trainable, policy, parts, {}, policy.num_params
     )
     algorithm.memory_terms(cfg, estimate)
-    return Plan(mesh=sizes, num_params=estimate.num_params, parts=parts, host=estimate.host)
+    active = None
+    if cfg.model.num_experts:
+        from jaxalign.models.moe import moe_param_count
+
+        active = moe_param_count(cfg.model)["active"]
+    return Plan(
+        mesh=sizes,
+        num_params=estimate.num_params,
+        parts=parts,
+        host=estimate.host,
+        active_params=active,
+    )
 
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / GIB:8.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:8.2f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def format_plan(plan: Plan, hbm_gib: float | None) -> str:
@@ -299,8 +320,11 @@ def format_plan(plan: Plan, hbm_gib: float | None) -> str:
         if plan.num_params >= 1e9
         else f"{plan.num_params / 1e6:.2f}M"
     )
+    active = ""
+    if plan.active_params is not None:
+        active = f" ({_count(plan.active_params)} active per token, for FLOPs)"
     lines = [
-        f"mesh: {mesh} ({math.prod(plan.mesh.values())} devices); {count} parameters",
+        f"mesh: {mesh} ({math.prod(plan.mesh.values())} devices); {count} parameters{active}",
         "per device:",
     ]
     for name, nbytes in plan.parts.items():

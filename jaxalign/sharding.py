@@ -37,6 +37,7 @@ LOGICAL_AXES = (
     "vocab",
     "layers",
     "norm",
+    "expert",
     "lora_rank",
 )
 
@@ -52,6 +53,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "vocab": "tensor",
     "layers": None,
     "norm": None,
+    "expert": "expert",  # a MoE layer's experts (jaxalign/models/moe.py)
     "lora_rank": None,  # LoRA's rank axis: always replicated (A and B follow their base weight)
 }
 
@@ -237,7 +239,7 @@ def hybrid_device_array(
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the device mesh with axes (data, fsdp, tensor)."""
+    """Build the device mesh with axes (data, fsdp, expert, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1 and all(getattr(cfg, f"dcn_{a}") == 1 for a in AXIS_NAMES):
@@ -347,6 +349,12 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_sharding() -> tuple[Mesh, dict[str, tuple[str, ...]]] | None:
+    """The mesh and activation table of the enclosing `activation_sharding`, or None outside one
+    (what a hand-partitioned kernel, wrapped in `shard_map`, needs to know)."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

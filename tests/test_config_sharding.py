@@ -52,7 +52,7 @@ def test_non_dividing_mesh_is_one_line(capsys):
         ["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set", "mesh.fsdp=3"], capsys
     )
     assert code == 2 and err.count("\n") == 0
-    assert "mesh: data=1 x fsdp=3 x tensor=1 needs 3 devices per slice, but 8" in err
+    assert "mesh: data=1 x fsdp=3 x expert=1 x tensor=1 needs 3 devices per slice, but 8" in err
 
 
 def test_parameter_that_does_not_divide_names_its_path(capsys):
@@ -220,7 +220,7 @@ def test_shardings_command_prints_the_activation_rules(capsys):
 def test_shardings_command_prints_every_parameter(capsys):
     assert cli.main(["shardings", str(REPO / "configs/sft_tiny.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+    assert "mesh: {'data': 1, 'fsdp': 8, 'expert': 1, 'tensor': 1}" in out
     assert "blocks.3.mlp.w_down" in out and "P(None, 'fsdp')" in out
     assert "total parameter bytes per device" in out
 
@@ -331,8 +331,25 @@ def test_dot_product_attention_call_equals_einsum_attention(window):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
 
 
+def test_attention_kernel_auto_is_splash_on_tpu_and_einsum_elsewhere():
+    from jaxalign.models.llama import resolve_attention_kernel
+
+    assert load_config(None, []).model.attention_kernel == "auto"
+    assert [resolve_attention_kernel("auto", b) for b in ("tpu", "gpu", "cpu")] == [
+        "splash",
+        "einsum",
+        "einsum",
+    ]
+    assert resolve_attention_kernel("splash", "cpu") == "splash"
+    auto = Transformer(ModelConfig(**TINY_MODEL), nnx.Rngs(0))
+    assert auto.cfg.attention_kernel == "einsum"  # resolved when built (tests run on CPU)
+    cfg = load_config(None, ["model.attention_kernel=splash"])
+    assert cfg.model.attention_kernel == "splash"
+    with pytest.raises(ConfigError, match="model.attention_kernel"):
+        load_config(None, ["model.attention_kernel=flash"])
+
+
 def test_attention_kernel_cudnn_needs_bfloat16():
-    assert load_config(None, []).model.attention_kernel == "einsum"
     with pytest.raises(ConfigError, match="attention_kernel=cudnn needs model.dtype=bfloat16"):
         load_config(None, ["model.attention_kernel=cudnn"])
     cfg = load_config(None, ["model.attention_kernel=cudnn", "model.dtype=bfloat16"])
@@ -474,8 +491,8 @@ def test_simulated_slices_are_contiguous_on_the_dcn_axis(mesh, slice_along_axis)
 
     built = shd.make_mesh(MeshConfig(**mesh))
     expected = {"data": 4, "fsdp": 2} if "dcn_data" in mesh else {"data": 2, "fsdp": 4}
-    assert dict(built.shape) == {**expected, "tensor": 1}
-    slice_of = np.asarray(built.device_ids)[..., 0] // 4
+    assert dict(built.shape) == {**expected, "expert": 1, "tensor": 1}
+    slice_of = np.asarray(built.device_ids)[..., 0, 0] // 4
     assert slice_of.tolist() == slice_along_axis
 
 
@@ -494,8 +511,8 @@ def test_multi_slice_training_equals_single_slice(tmp_path):
     }.items():
         cfg = toy_config(tmp_path / name, **mesh)
         trainer = Trainer(cfg, ToyAlgorithm(cfg))
-        assert dict(trainer.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
-        results[name] = (trainer.mesh.device_ids[..., 0].tolist(), losses(trainer.run()))
+        assert dict(trainer.mesh.shape) == {"data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
+        results[name] = (trainer.mesh.device_ids[..., 0, 0].tolist(), losses(trainer.run()))
     assert results["single"][0] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert results["multi"][0] == [[0, 2], [1, 3], [4, 6], [5, 7]]  # slice s: devices 2s, 2s+1
     np.testing.assert_allclose(results["multi"][1], results["single"][1], atol=1e-5, rtol=0)

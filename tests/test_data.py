@@ -818,6 +818,43 @@ def test_preference_global_batches_are_the_same_for_1_2_and_4_processes(tok, pai
         assert sum(map(len, held)) == 190 == iterators[0].stats["total_pairs"]
 
 
+def test_packed_preference_batches_hold_the_same_pairs_for_1_2_and_4_processes(tok, pairs_path):
+    """Packed, the rows depend on the process count but the pairs of each global micro-batch do
+    not, and every process gets the same number of rows (the global array is rectangular)."""
+
+    def pair_sets(iterators, steps):
+        out = []
+        for _ in range(steps):
+            local = [next(it) for it in iterators]
+            rows = {b["tokens"].shape for b in local}
+            assert len(rows) == 1 and rows.pop()[2] == 128  # rows of 2 x seq_len
+            out.append(
+                [
+                    sorted(
+                        tuple(it.examples[i]["ids"][0])
+                        for it in iterators
+                        for i in it._last_index[a][it._last_index[a] >= 0]
+                    )
+                    for a in range(2)
+                ]
+            )
+        return out
+
+    reference = pair_sets([preference(tok, pairs_path, pack_pairs=True)], 14)
+    padded = preference(tok, pairs_path)
+    for want in reference[:3]:
+        next(padded)
+        assert want == [
+            sorted(tuple(padded.examples[i]["ids"][0]) for i in row) for row in padded._last_index
+        ]
+    for process_count in (2, 4):
+        iterators = [
+            preference(tok, pairs_path, p, process_count, pack_pairs=True)
+            for p in range(process_count)
+        ]
+        assert pair_sets(iterators, 14) == reference
+
+
 def test_preference_state_resumes_mid_epoch_under_any_process_count(tok, pairs_path):
     from jaxalign.data import merge_states
 

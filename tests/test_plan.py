@@ -25,7 +25,13 @@ def test_recipe_fits_its_hardware(recipe, capsys):
     devices, hbm = _target(recipe)
     assert cli.main(["plan", str(recipe), "--devices", str(devices), "--hbm-gib", str(hbm)]) == 0
     out = capsys.readouterr().out
-    trained = "16.06B" if recipe.stem.startswith("ppo") else "8.03B"  # PPO: policy + value
+    # Llama-3-8B class (PPO: policy + value); Gemma-3-12B text: HF's count with its 262208 vocab.
+    trained = "16.06B" if recipe.stem.startswith("ppo") else "8.03B"
+    if "gemma3_12b" in recipe.stem:
+        trained = "11.77B"
+    if "qwen3_30b_a3b" in recipe.stem:  # Qwen3-30B-A3B: 30.5B, 3.3B active with the head
+        trained = "30.53B"
+        assert "(3.04B active per token, for FLOPs)" in out
     assert f"{trained} parameters" in out and f"of {hbm:g} GiB" in out
 
 
@@ -38,7 +44,7 @@ def test_plan_bytes_match_hand_count():
     norms = (2 * 32 + 1) * 4096  # replicated: the 'norm' axis maps to no mesh axis
     assert plan.params == (plan.num_params - norms) * 4 // 8 + norms * 4
     assert plan.optimizer == 2 * plan.params and plan.gradients == plan.params
-    assert plan.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert plan.mesh == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
 
 
 def test_ppo_plan_counts_policy_value_and_reference():

@@ -14,10 +14,19 @@ A batch holds this process's pairs of one global batch of `global_batch_size` pa
 [grad_accum, pairs, 2] `ref_logps` once `set_reference_logps` has been called. Like SFT
 batches, the pairs are split into logical shards (`data/shards.py`), so the global batches are
 the same for any number of processes.
+
+Packed (`pack_pairs=True`, `preference.pack_pairs`), a batch holds the same pairs, but packed
+into rows of 2 x seq_len tokens (`pack_pairs`): [grad_accum, rows, 2 * seq_len] for the token
+arrays and [grad_accum, rows, pairs_per_row] for `margin` and `pair_mask` ([..., 2] for
+`ref_logps`). A pair's chosen and rejected are two consecutive segments of one row. The number
+of rows varies from step to step (the fullest micro-batch of any process decides; at most its
+pairs), so a run compiles one step per row count it meets. Pairs pack across a process's shards,
+so the rows (not the pairs) depend on the process count.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grain
@@ -285,6 +294,82 @@ def pad_pairs(examples: list[dict], seq_len: int, pad_id: int, rows: int | None 
     return out
 
 
+def padding_fraction(batch: dict) -> float:
+    """The fraction of a preference batch's token positions that are padding (either layout)."""
+    return 1.0 - float(np.count_nonzero(batch["segment_ids"])) / batch["segment_ids"].size
+
+
+def pair_length(example: dict) -> int:
+    """Tokens of a pair example: its chosen plus its rejected sequence (the prompt twice)."""
+    return len(example["ids"][0]) + len(example["ids"][1])
+
+
+def assign_rows(lengths: list[int], row_len: int, max_per_row: int) -> list[list[int]]:
+    """First-fit decreasing packing of whole pairs: the positions (in `lengths`) of the pairs of
+    each row, longest first. Deterministic: ties keep their order. A pair never splits; one
+    longer than `row_len` is a DataError (tokenization keeps every pair within 2 x seq_len)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n > row_len:
+            raise DataError(f"a pair of {n} tokens does not fit a packed row of {row_len} tokens")
+        for r, left in enumerate(room):
+            if n <= left and len(rows[r]) < max_per_row:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(row_len - n)
+    return rows
+
+
+def pack_pairs(
+    examples: list[dict],
+    assignment: list[list[int]],
+    row_len: int,
+    pad_id: int,
+    *,
+    rows: int,
+    pairs_per_row: int,
+) -> dict:
+    """Packed rows of pair examples: row r holds the pairs `assignment[r]` (positions in
+    `examples`), each as two segments, chosen (segment id 2k + 1 for the pair in slot k) then
+    rejected (2k + 2), positions restarting at 0 per segment, then right padding (segment 0).
+
+    Returns tokens, loss_mask, segment_ids, positions [rows, row_len] and margin, pair_mask,
+    index [rows, pairs_per_row] (unused slots and filler rows: pair_mask 0, index -1). The loss
+    mask is 0 on every segment's first token: its prediction would read the segment before.
+    """
+    out = {
+        "tokens": np.full((rows, row_len), pad_id, np.int32),
+        "loss_mask": np.zeros((rows, row_len), np.float32),
+        "segment_ids": np.zeros((rows, row_len), np.int32),
+        "positions": np.zeros((rows, row_len), np.int32),
+        "margin": np.zeros((rows, pairs_per_row), np.float32),
+        "pair_mask": np.zeros((rows, pairs_per_row), np.float32),
+        "index": np.full((rows, pairs_per_row), -1, np.int32),
+    }
+    for r, members in enumerate(assignment):
+        start = 0
+        for k, i in enumerate(members):
+            example = examples[i]
+            for side in range(2):
+                ids, mask = example["ids"][side], example["masks"][side]
+                span = slice(start, start + len(ids))
+                out["tokens"][r, span] = ids
+                out["loss_mask"][r, span] = mask
+                out["loss_mask"][r, start] = 0.0
+                out["segment_ids"][r, span] = 2 * k + 1 + side
+                out["positions"][r, span] = np.arange(len(ids))
+                start += len(ids)
+            out["margin"][r, k] = example["margin"]
+            out["pair_mask"][r, k] = 1.0
+            out["index"][r, k] = example.get("index", -1)
+    return out
+
+
 class PreferenceBatchIterator(DataIterator):
     """Infinite (or `num_epochs`-long) iterator of preference batches for one process.
 
@@ -318,6 +403,8 @@ class PreferenceBatchIterator(DataIterator):
         max_prompt_length: int | None = None,
         too_long: str = "drop",
         shards: int | None = None,
+        pack_pairs: bool = False,
+        row_multiple: int = 1,
     ):
         if num_epochs is not None and num_epochs < 1:
             raise ConfigError(f"num_epochs must be positive or None, got {num_epochs}")
@@ -376,16 +463,26 @@ class PreferenceBatchIterator(DataIterator):
             "seed": seed,
         }
         self._rows_per_step = grad_accum * self.plan.rows_per_shard
-        # Each shard is a (shuffled, repeated) random-access dataset of positions in `examples`,
-        # so a batch is just a step number: nothing else to checkpoint.
+        # Each shard is a (shuffled, repeated) random-access dataset of positions within the
+        # shard, so a batch is just a step number: nothing else to checkpoint. Packing reads
+        # every shard's pairs (not only this process's): all processes must agree on the rows.
         self._shards = []
-        offset = 0
-        for s in self.plan.local:
-            ds = grain.MapDataset.source(range(offset, offset + len(shard_pairs[s])))
+        for s in range(self.plan.shards):
+            ds = grain.MapDataset.source(range(len(shard_pairs[s])))
             if shuffle:
                 ds = ds.shuffle(shard_seed(seed, 0, s))
             self._shards.append(ds.repeat(num_epochs))
-            offset += len(shard_pairs[s])
+        sizes = [len(shard_pairs[s]) for s in self.plan.local]
+        self._offsets = {s: sum(sizes[:i]) for i, s in enumerate(self.plan.local)}
+        self._shard_lengths = [[pair_length(pairs[i]) for i in ids] for ids in shard_pairs]
+        # Packed rows hold 2 x seq_len tokens, the positions of one padded pair: every pair that
+        # fits unpacked fits one packed row, so `too_long` applies unchanged.
+        self.pack_pairs = pack_pairs
+        self.row_len = 2 * seq_len if pack_pairs else seq_len
+        shortest = min(pair_length(e) for e in pairs)
+        local_pairs = self.plan.rows_per_shard * (self.plan.shards // process_count)
+        self.pairs_per_row = min(local_pairs, self.row_len // shortest)
+        self.row_multiple = row_multiple
         self.num_batches: int | None = None  # per process, of a finite run
         if num_epochs is not None:
             self.num_batches = max(
@@ -410,16 +507,7 @@ class PreferenceBatchIterator(DataIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         if self.num_batches is not None and self.batches >= self.num_batches:
             raise StopIteration
-        rows = self._rows_per_step
-        start = self.batches * rows
-        lead = (self.grad_accum, self.plan.rows_per_shard)
-        parts = []
-        for ds in self._shards:
-            index = [ds[j] for j in range(start, min(start + rows, len(ds)))]
-            # Past the end of a finite shard: filler pairs (pair_mask 0, index -1).
-            batch = pad_pairs([self.examples[i] for i in index], self.seq_len, self.pad_id, rows)
-            batch["index"][: len(index)] = index
-            parts.append({k: v.reshape(*lead, *v.shape[1:]) for k, v in batch.items()})
+        parts = self._packed_parts() if self.pack_pairs else self._padded_parts()
         out = {k: np.concatenate([p[k] for p in parts], axis=1) for k in BATCH_KEYS}
         index = np.concatenate([p["index"] for p in parts], axis=1)
         self._last_index = index  # host-side only: record_ids() names the batch's records
@@ -428,6 +516,77 @@ class PreferenceBatchIterator(DataIterator):
             out["ref_logps"] = ref.astype(np.float32)
         self.batches += 1
         return out
+
+    def _step_positions(self, shard: int) -> list[int]:
+        """Positions within `shard` of its pairs in this step (fewer past the end of a finite
+        shard: the rest are filler pairs)."""
+        ds, rows = self._shards[shard], self._rows_per_step
+        start = self.batches * rows
+        return [ds[j] for j in range(start, min(start + rows, len(ds)))]
+
+    def _padded_parts(self) -> list[dict]:
+        """Each local shard's pairs, one padded row per side: [grad_accum, pairs, 2, seq_len]."""
+        lead = (self.grad_accum, self.plan.rows_per_shard)
+        parts = []
+        for s in self.plan.local:
+            index = [self._offsets[s] + p for p in self._step_positions(s)]
+            batch = pad_pairs(
+                [self.examples[i] for i in index], self.seq_len, self.pad_id, self._rows_per_step
+            )
+            batch["index"][: len(index)] = index
+            parts.append({k: v.reshape(*lead, *v.shape[1:]) for k, v in batch.items()})
+        return parts
+
+    def _packed_parts(self) -> list[dict]:
+        """This process's pairs packed: [grad_accum, rows, row_len] and [grad_accum, rows,
+        pairs_per_row]. Pairs pack across the process's shards (its micro-batch is one pool);
+        every process and micro-batch of the step gets as many rows as the fullest needs,
+        rounded up so the global rows divide by `row_multiple`. The pairs of each step are the
+        unpacked ones; only their places in the rows depend on the process count."""
+        per_micro, k = self.plan.rows_per_shard, self.plan.shards // self.plan.process_count
+        mine, need = None, 1
+        for process in range(self.plan.process_count):
+            # Micro-batch a of this process: slice a of each of its shards, in shard order.
+            micro = [[] for _ in range(self.grad_accum)]  # (shard, position) pairs
+            for s in range(process * k, (process + 1) * k):
+                positions = self._step_positions(s)
+                for a in range(self.grad_accum):
+                    micro[a] += [(s, p) for p in positions[a * per_micro : (a + 1) * per_micro]]
+            assigned = [
+                assign_rows(
+                    [self._shard_lengths[s][p] for s, p in m], self.row_len, self.pairs_per_row
+                )
+                for m in micro
+            ]
+            need = max(need, *(len(a) for a in assigned))
+            if process == self.plan.process_index:
+                mine = (micro, assigned)
+        count = self.plan.process_count
+        step = self.row_multiple // math.gcd(self.row_multiple, count)
+        rows = min(-(-need // step) * step, per_micro * k)
+        micro_batches = []
+        for members, assignment in zip(*mine, strict=True):
+            examples = [
+                {**self.examples[self._offsets[s] + p], "index": self._offsets[s] + p}
+                for s, p in members
+            ]
+            micro_batches.append(
+                pack_pairs(
+                    examples,
+                    assignment,
+                    self.row_len,
+                    self.pad_id,
+                    rows=rows,
+                    pairs_per_row=self.pairs_per_row,
+                )
+            )
+        return [{key: np.stack([m[key] for m in micro_batches]) for key in micro_batches[0]}]
+
+    def start(self, trainer: Any) -> None:
+        """Packed rows: the global rows of a micro-batch must divide over the batch mesh axes."""
+        from jaxalign import sharding as shd
+
+        self.row_multiple = shd.batch_divisor(trainer.mesh, trainer.rules)
 
     def record_ids(self) -> list[str]:
         """Ids of the records of the pairs in the batch last returned (`path:LINE`, ...)."""
@@ -478,6 +637,7 @@ def preference_iterator_from_config(
     process_count: int = 1,
     shuffle: bool | None = None,
     num_epochs: int | None = None,
+    row_multiple: int = 1,
 ) -> PreferenceBatchIterator:
     """A PreferenceBatchIterator over `path` (default data.train_file) with a Config's options;
     train.batch_size counts pairs, data.shards splits them."""
@@ -498,4 +658,6 @@ def preference_iterator_from_config(
         max_prompt_length=p.max_prompt_length,
         too_long=p.too_long,
         shards=d.shards,
+        pack_pairs=p.pack_pairs,
+        row_multiple=row_multiple,
     )

@@ -92,7 +92,8 @@ def sequence_logprobs(
         # Right padding comes after every real token, so causal attention never sees it.
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
         hidden = model(tokens, positions, segment_ids)
-        return seq_logps(hidden, model.output_weight(), tokens, mask)[0]
+        soft_cap = model.cfg.final_logit_softcap
+        return seq_logps(hidden, model.output_weight(), tokens, mask, soft_cap=soft_cap)[0]
 
     out = np.zeros(len(sequences), np.float64)
     for start in range(0, len(sequences), batch_size):

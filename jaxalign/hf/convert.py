@@ -1,8 +1,10 @@
 """Hugging Face <-> jaxalign: model config mapping and tensor-name/layout mapping per family.
 
-Families: llama (incl. Llama-3 rope scaling), mistral, qwen2, qwen3, gemma. A config field jaxalign
-does not handle (with a value that would change the model) is a ConfigError naming the field; an
-unsupported architecture is a ConfigError naming it. Nothing here needs torch or transformers.
+Families: llama (incl. Llama-3 rope scaling), mistral, qwen2, qwen3, gemma; gemma2 and gemma3_text
+(text-only Gemma 3) in their own section at the end, for jaxalign's gemma2 / gemma3 families. A
+config field jaxalign does not handle (with a value that would change the model) is a ConfigError
+naming the field; an unsupported architecture is a ConfigError naming it.
+Nothing here needs torch or transformers.
 
 Layouts: torch's Linear stores [out, in]; jaxalign stores [in, out] with heads split out
 (q: [D, H, hd], o: [H, hd, D]). Both use the rotate-half RoPE convention, so q/k need no
@@ -31,6 +33,8 @@ ARCHITECTURES = {
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
     "gemma": "Gemma",
+    "gemma2": "Gemma2",  # Gemma 2 / Gemma 3: see the "Gemma 2 / Gemma 3" section below
+    "gemma3_text": "Gemma3",
 }
 
 # Hugging Face class defaults, used when a config.json omits a key.
@@ -170,6 +174,16 @@ ARCH_FIELDS = (
     "scale_embeddings",
     "sliding_window",
 )
+# Gemma 2 / Gemma 3 architecture fields (ModelConfig defaults: absent from the other families).
+GEMMA_ARCH_FIELDS = (
+    "layer_types",
+    "rope_local_theta",
+    "rope_linear_factor",
+    "attn_logit_softcap",
+    "final_logit_softcap",
+    "query_pre_attn_scalar",
+)
+ARCH_FIELDS += GEMMA_ARCH_FIELDS
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
@@ -190,10 +204,13 @@ def read_hf_config(path: str | os.PathLike) -> dict:
 def hf_family(hf: dict, where: str = "config.json") -> str:
     """The supported family ('llama', ...) of a config.json dict; ConfigError naming it if not."""
     model_type = hf.get("model_type")
+    if model_type in MOE_ARCHITECTURES:
+        _moe_fields(hf, where)  # checks the architecture names
+        return model_type
     if model_type not in ARCHITECTURES:
         raise ConfigError(
             f"{where}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(ARCHITECTURES)})"
+            f"(supported: {', '.join([*ARCHITECTURES, *MOE_ARCHITECTURES])})"
         )
     prefix = ARCHITECTURES[model_type]
     allowed = {f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification", f"{prefix}Model"}
@@ -209,6 +226,8 @@ def hf_family(hf: dict, where: str = "config.json") -> str:
 def hf_arch_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
     """Map a Hugging Face config dict to ModelConfig architecture fields (see ARCH_FIELDS)."""
     family = hf_family(hf, where)
+    if family in GEMMA_FAMILIES:
+        return gemma_arch_fields(hf, where)
     defaults = _FAMILY_DEFAULTS[family]
     used: set[str] = set()
 
@@ -408,7 +427,11 @@ def infer_family(cfg: ModelConfig) -> str:
 
 
 def _arch(cfg: ModelConfig | dict) -> dict[str, Any]:
-    values = cfg if isinstance(cfg, dict) else {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    if isinstance(cfg, dict):  # fields a family's import leaves out keep ModelConfig's defaults
+        defaults = ModelConfig()
+        values = {k: cfg[k] if k in cfg else getattr(defaults, k) for k in ARCH_FIELDS}
+    else:
+        values = {k: getattr(cfg, k) for k in ARCH_FIELDS}
     values = dict(values)
     if not isinstance(cfg, dict):
         values["head_dim"] = cfg.resolved_head_dim
@@ -427,7 +450,14 @@ def hf_config_from_model(
 ) -> dict:
     """A Hugging Face config.json dict for `cfg`; ConfigError naming the fields that `family`
     (default: `infer_family(cfg)`) cannot express."""
+    if cfg.family in GEMMA_MODEL_TYPES:
+        return gemma_config_to_hf(cfg, family, architecture=architecture, extra=extra)
     family = family or infer_family(cfg)
+    if family in GEMMA_FAMILIES:
+        raise ConfigError(
+            f"cannot export model.family '{cfg.family}' as Hugging Face {family}: "
+            f"set model.family to {GEMMA_FAMILIES[family]}"
+        )
     if family not in ARCHITECTURES:
         raise ConfigError(
             f"unknown Hugging Face family {family!r} (supported: {', '.join(ARCHITECTURES)})"
@@ -595,3 +625,527 @@ LLAMA_CONVERTER = HFConverter(
     config_to_hf=hf_config_from_model,
     tensor_maps=tensor_maps,
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts: Qwen3-MoE and Mixtral (families `qwen3_moe` and `mixtral`, models/moe.py).
+# Each is read as its dense sibling (qwen3, mistral) plus its MoE keys, so attention, norms and
+# RoPE share the code above. Tensors are the per-expert layout transformers writes
+# (`experts.{e}.gate_proj.weight`, Mixtral's `experts.{e}.w1/w3/w2.weight`); each maps to one
+# expert's slice of a stacked [E, ...] parameter (a trailing expert index in `TensorMap.path`).
+
+# model_type -> (its dense sibling, the architecture prefix, where the MoE MLP lives)
+MOE_ARCHITECTURES = {
+    "qwen3_moe": ("qwen3", "Qwen3Moe", "mlp"),
+    "mixtral": ("mistral", "Mixtral", "block_sparse_moe"),
+}
+# Hugging Face class defaults for keys a config.json may omit.
+_MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+    },
+    "mixtral": {
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": None,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": False,
+        "num_local_experts": 8,
+        "router_jitter_noise": 0.0,
+    },
+}
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "router_aux_loss_coef",
+    "output_router_logits",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+)
+
+
+def hf_model_family(source: str | os.PathLike | dict) -> str:
+    """The jaxalign model family for a Hugging Face directory or config dict: `qwen3_moe` or
+    `mixtral` for those model types, `gemma2` / `gemma3` for Gemma 2 / 3 (text), `llama` for the
+    other dense ones (checked when imported)."""
+    hf = source if isinstance(source, dict) else read_hf_config(source)
+    model_type = hf.get("model_type")
+    if model_type in MOE_ARCHITECTURES:
+        return model_type
+    return GEMMA_FAMILIES.get(model_type, "llama")
+
+
+def _moe_fields(hf: dict, where: str) -> dict[str, Any]:
+    """ModelConfig fields (ARCH_FIELDS and MOE_FIELDS) of a qwen3_moe or mixtral config.json."""
+    model_type = hf.get("model_type")
+    if model_type not in MOE_ARCHITECTURES:
+        raise ConfigError(f"{where}: model_type {model_type!r} is not a mixture of experts")
+    dense_type, prefix, _ = MOE_ARCHITECTURES[model_type]
+    defaults = _MOE_DEFAULTS[model_type]
+    allowed = {f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification", f"{prefix}Model"}
+    for arch in hf.get("architectures") or []:
+        if arch not in allowed:
+            raise ConfigError(
+                f"{where}: architecture {arch!r} is not supported "
+                f"(supported for {model_type}: {', '.join(sorted(allowed))})"
+            )
+    view = {k: v for k, v in hf.items() if k != "architectures"}
+    view["model_type"] = dense_type
+
+    def take(key: str) -> Any:
+        value = view.pop(key, None)
+        return defaults.get(key) if value is None else value
+
+    out: dict[str, Any] = {}
+    if model_type == "qwen3_moe":
+        # transformers 5 writes num_local_experts, earlier versions num_experts
+        experts = view.pop("num_experts", None)
+        local = view.pop("num_local_experts", None)
+        out["num_experts"] = experts or local or defaults["num_experts"]
+        out["moe_intermediate_size"] = take("moe_intermediate_size")
+        out["norm_topk_prob"] = bool(take("norm_topk_prob"))
+        out["decoder_sparse_step"] = int(take("decoder_sparse_step"))
+        out["mlp_only_layers"] = [int(i) for i in take("mlp_only_layers")]
+    else:
+        out["num_experts"] = take("num_local_experts")
+        out["moe_intermediate_size"] = None  # Mixtral's experts are intermediate_size wide
+        out["norm_topk_prob"] = True  # Mixtral always renormalizes
+        out["decoder_sparse_step"] = 1
+        out["mlp_only_layers"] = []
+        if take("router_jitter_noise"):
+            raise ConfigError(
+                f"{where}: field 'router_jitter_noise' = {hf['router_jitter_noise']!r}: "
+                "router noise is not supported (must be 0)"
+            )
+        view["sliding_window"] = take("sliding_window")
+    out["num_experts_per_tok"] = int(take("num_experts_per_tok"))
+    out["router_aux_loss_coef"] = float(take("router_aux_loss_coef"))
+    out["output_router_logits"] = bool(take("output_router_logits"))
+    for key in ("num_key_value_heads", "rms_norm_eps"):
+        if view.get(key) is None:
+            view[key] = defaults[key]
+    if "rope_theta" in defaults and not (view.get("rope_parameters") or view.get("rope_theta")):
+        view["rope_theta"] = defaults["rope_theta"]
+    if model_type == "qwen3_moe" and view.get("intermediate_size") is None:
+        view["intermediate_size"] = 6144  # only the dense layers (mlp_only_layers) use it
+    return {**hf_arch_fields(view, where), **out}
+
+
+def moe_config_from_hf(
+    source: str | os.PathLike | dict, base: ModelConfig | None = None
+) -> ModelConfig:
+    """`model_config_from_hf` for a qwen3_moe or mixtral config (family set from model_type)."""
+    where = "config.json"
+    if not isinstance(source, dict):
+        where = str(Path(source) / "config.json" if Path(source).is_dir() else source)
+        source = read_hf_config(source)
+    fields = _moe_fields(source, where)
+    return dataclasses.replace(base or ModelConfig(), family=source["model_type"], **fields)
+
+
+def _moe_arch(cfg: ModelConfig) -> dict[str, Any]:
+    values = _arch(cfg)
+    values.update({k: getattr(cfg, k) for k in MOE_FIELDS})
+    values["moe_intermediate_size"] = cfg.resolved_moe_intermediate_size
+    values["mlp_only_layers"] = sorted(values["mlp_only_layers"])
+    return values
+
+
+def moe_config_to_hf(
+    cfg: ModelConfig,
+    family: str | None = None,
+    *,
+    architecture: str = "ForCausalLM",
+    extra: dict | None = None,
+) -> dict:
+    """The config.json dict of a qwen3_moe or mixtral model; ConfigError naming the fields the
+    family cannot express."""
+    model_type = family or cfg.family
+    if model_type not in MOE_ARCHITECTURES:
+        raise ConfigError(
+            f"cannot export model.family '{cfg.family}' as Hugging Face {model_type!r} "
+            f"(supported: {', '.join(MOE_ARCHITECTURES)})"
+        )
+    dense_type, prefix, _ = MOE_ARCHITECTURES[model_type]
+    hf = hf_config_from_model(cfg, dense_type, architecture=architecture)
+    hf.update(
+        model_type=model_type,
+        architectures=[prefix + architecture],
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        output_router_logits=cfg.output_router_logits,
+    )
+    if model_type == "qwen3_moe":
+        hf.update(
+            num_experts=cfg.num_experts,
+            moe_intermediate_size=cfg.resolved_moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob,
+            decoder_sparse_step=cfg.decoder_sparse_step,
+            mlp_only_layers=list(cfg.mlp_only_layers),
+        )
+    else:
+        hf.update(num_local_experts=cfg.num_experts, router_jitter_noise=0.0)
+    hf.update(extra or {})
+    got = _moe_arch(moe_config_from_hf(hf, cfg))
+    want = _moe_arch(cfg)
+    diff = [k for k in want if got[k] != want[k]]
+    if diff:
+        fields = ", ".join(f"model.{k}={want[k]!r}" for k in diff)
+        raise ConfigError(
+            f"cannot export as Hugging Face {model_type}: {fields} has no equivalent there"
+        )
+    return hf
+
+
+def moe_tensor_maps(cfg: ModelConfig, *, reward: bool = False) -> list[TensorMap]:
+    """`tensor_maps` with each MoE layer's MLP replaced by its router and per-expert tensors."""
+    _, _, where = MOE_ARCHITECTURES[cfg.family]
+    d, f = cfg.hidden_size, cfg.resolved_moe_intermediate_size
+    names = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
+    gate, up, down = names[cfg.family]
+    maps = []
+    for m in tensor_maps(cfg, reward=reward):
+        parts = m.hf_name.split(".")
+        if ".mlp." not in m.hf_name or not cfg.is_moe_layer(int(parts[2])):
+            maps.append(m)
+            continue
+        if not m.hf_name.endswith("mlp.gate_proj.weight"):
+            continue  # one MoE layer's maps are added once, in place of its gate_proj
+        pre = ".".join(parts[:3]) + f".{where}."
+        blk = m.path[: m.path.index("mlp")]
+        maps.append(
+            TensorMap(
+                pre + "gate.weight",
+                (*blk, "mlp", "router"),
+                (cfg.num_experts, d),
+                _transpose,
+                _transpose,
+            )
+        )
+        for e in range(cfg.num_experts):
+            for hf_proj, param_name, shape in (
+                (gate, "w_gate", (f, d)),
+                (up, "w_up", (f, d)),
+                (down, "w_down", (d, f)),
+            ):
+                maps.append(
+                    TensorMap(
+                        f"{pre}experts.{e}.{hf_proj}.weight",
+                        (*blk, "mlp", param_name, e),
+                        shape,
+                        _transpose,
+                        _transpose,
+                    )
+                )
+    return maps
+
+
+def resolve_moe_from_hf(model: ModelConfig, explicit: dict, where: str = "config") -> ModelConfig:
+    """`resolve_from_hf` for the MoE families: architecture and MoE fields from config.json;
+    explicit fields must agree."""
+    resolved = moe_config_from_hf(model.from_hf, model)
+    want, got = _moe_arch(model), _moe_arch(resolved)
+    for key in want:
+        if key in explicit and want[key] != got[key]:
+            raise ConfigError(
+                f"{where}: model.{key}={want[key]!r} conflicts with "
+                f"{model.from_hf}/config.json ({got[key]!r}); remove it"
+            )
+    return resolved
+
+
+QWEN3_MOE_CONVERTER = MIXTRAL_CONVERTER = HFConverter(
+    resolve_config=resolve_moe_from_hf,
+    config_from_hf=moe_config_from_hf,
+    config_to_hf=moe_config_to_hf,
+    tensor_maps=moe_tensor_maps,
+)
+# --- end mixture of experts -------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 2 / Gemma 3 (text): HF model_type gemma2 / gemma3_text <-> jaxalign family gemma2 / gemma3
+
+GEMMA_FAMILIES = {"gemma2": "gemma2", "gemma3_text": "gemma3"}  # HF model_type -> family
+GEMMA_MODEL_TYPES = {v: k for k, v in GEMMA_FAMILIES.items()}  # family -> HF model_type
+
+# Hugging Face class defaults (Gemma2Config, Gemma3TextConfig) for keys a config.json omits.
+_GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": {
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window_pattern": 2,
+        "rope_theta": 10000.0,
+    },
+    "gemma3_text": {
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "sliding_window_pattern": 6,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+    },
+}
+# Keys of these configs that never change the function (KV-cache and tooling settings).
+_GEMMA_METADATA = {"cache_implementation", "_sliding_window_pattern", "rope_local_base_freq"}
+
+
+def gemma_arch_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
+    """ModelConfig architecture fields (with `family`) of a gemma2 / gemma3_text config dict.
+
+    A key present with null keeps null (Gemma 2's soft-caps can be switched off that way); a
+    missing key takes the transformers class default.
+    """
+    model_type = hf_family(hf, where)
+    defaults = _GEMMA_DEFAULTS[model_type]
+    used: set[str] = set()
+
+    def get(key: str, *, required: bool = False) -> Any:
+        used.add(key)
+        if key in hf:
+            return hf[key]
+        if required:
+            raise ConfigError(f"{where}: missing required field '{key}'")
+        return defaults.get(key)
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{where}: field '{key}' = {hf.get(key)!r}: {why}")
+
+    num_layers = get("num_hidden_layers", required=True)
+    num_heads = get("num_attention_heads", required=True)
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or defaults["hidden_activation"]
+    used |= {"hidden_activation", "hidden_act"}
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        fail("hidden_activation", "activation not supported (supported: gelu_pytorch_tanh)")
+    if get("use_bidirectional_attention"):
+        fail("use_bidirectional_attention", "bidirectional attention is not supported")
+    if get("attention_dropout"):
+        fail("attention_dropout", "dropout is not supported (must be 0)")
+    bias = bool(get("attention_bias"))
+    pattern = get("sliding_window_pattern")
+    layer_types = get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+    ]
+    if len(layer_types) != num_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
+        fail("layer_types", f"expected {num_layers} of sliding_attention / full_attention")
+    window = get("sliding_window")
+    theta, local_theta, linear = _gemma_rope(hf, model_type, get, where)
+
+    def cap(key: str) -> float | None:
+        value = get(key)
+        return None if value is None else float(value)
+
+    out: dict[str, Any] = {
+        "family": GEMMA_FAMILIES[model_type],
+        "vocab_size": get("vocab_size", required=True),
+        "hidden_size": get("hidden_size", required=True),
+        "intermediate_size": get("intermediate_size", required=True),
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": get("num_key_value_heads") or num_heads,
+        "head_dim": get("head_dim"),
+        "rope_theta": theta,
+        "rope_scaling": None,
+        "rms_norm_eps": float(get("rms_norm_eps")),
+        "tie_embeddings": bool(get("tie_word_embeddings")),
+        "qk_norm": model_type == "gemma3_text",
+        "attention_bias": bias,
+        "attention_out_bias": bias,
+        "mlp_bias": False,
+        "mlp_activation": "gelu_tanh",
+        "norm_plus_one": True,
+        "scale_embeddings": True,
+        "sliding_window": None if window is None else int(window),
+        "layer_types": list(layer_types),
+        "rope_local_theta": local_theta,
+        "rope_linear_factor": linear,
+        "attn_logit_softcap": cap("attn_logit_softcapping"),
+        "final_logit_softcap": cap("final_logit_softcapping"),
+        "query_pre_attn_scalar": float(get("query_pre_attn_scalar")),
+        "initializer_range": float(hf.get("initializer_range", 0.02)),
+    }
+    for key, value in hf.items():
+        if key in used or key in _GEMMA_METADATA or value is None or is_metadata_key(key, value):
+            continue
+        raise ConfigError(
+            f"{where}: field '{key}' = {value!r} is not supported by jaxalign's {model_type} import"
+        )
+    return out
+
+
+def _gemma_rope(hf: dict, model_type: str, get, where: str):
+    """(rope_theta, rope_local_theta, rope_linear_factor) of a Gemma config: transformers >= 5
+    writes `rope_parameters` (Gemma 3: one mapping per layer type), older configs `rope_theta`,
+    `rope_local_base_freq` and `rope_scaling` (Gemma 3's global layers)."""
+    params = get("rope_parameters") or {}
+    legacy_scaling = get("rope_scaling")
+    if model_type == "gemma2":
+        full, local = params, None
+    else:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+        full.setdefault("rope_theta", get("rope_theta"))
+        local.setdefault("rope_theta", get("rope_local_base_freq"))
+        _gemma_rope_type(local, "rope_parameters.sliding_attention", where, linear_ok=False)
+    if legacy_scaling:
+        full = {**full, **legacy_scaling}
+    theta = float(full.get("rope_theta") or get("rope_theta"))
+    key = "rope_parameters.full_attention" if model_type != "gemma2" else "rope_parameters"
+    linear = _gemma_rope_type(full, key, where, linear_ok=model_type != "gemma2")
+    return theta, None if local is None else float(local["rope_theta"]), linear
+
+
+def _gemma_rope_type(params: dict, key: str, where: str, *, linear_ok: bool) -> float | None:
+    """The linear factor of one RoPE mapping (None: default RoPE); ConfigError for other types."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    supported = ("default", "linear") if linear_ok else ("default",)
+    if rope_type not in supported:
+        raise ConfigError(
+            f"{where}: field '{key}.rope_type' = {rope_type!r} is not supported "
+            f"(supported: {', '.join(supported)})"
+        )
+    known = {"rope_theta", "rope_type", "type"} | ({"factor"} if rope_type == "linear" else set())
+    for name, value in params.items():
+        if name not in known and value is not None:
+            if name == "partial_rotary_factor" and value == 1.0:
+                continue
+            raise ConfigError(f"{where}: field '{key}.{name}' = {value!r} is not supported")
+    return float(params["factor"]) if rope_type == "linear" else None
+
+
+def gemma_config_to_hf(
+    cfg: ModelConfig,
+    family: str | None = None,
+    *,
+    architecture: str = "ForCausalLM",
+    extra: dict | None = None,
+) -> dict:
+    """The gemma2 / gemma3_text config.json dict of a gemma2 / gemma3 ModelConfig; ConfigError
+    naming the fields the family cannot express."""
+    model_type = GEMMA_MODEL_TYPES[cfg.family]
+    if family is not None and family != model_type:
+        raise ConfigError(
+            f"cannot export model.family '{cfg.family}' as Hugging Face {family} "
+            f"(it exports as {model_type})"
+        )
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type] + architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar or cfg.resolved_head_dim),
+        "sliding_window": cfg.sliding_window,
+        "layer_types": list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
+        "attn_logit_softcapping": cfg.attn_logit_softcap,
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "max_position_embeddings": 8192 if model_type == "gemma2" else 131072,
+        "dtype": cfg.param_dtype,
+    }
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_linear_factor is not None:
+        full = {
+            "rope_type": "linear",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_linear_factor,
+        }
+    if model_type == "gemma2":
+        hf["rope_parameters"] = full
+    else:
+        local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+        local_rope = {"rope_type": "default", "rope_theta": local}
+        hf["rope_parameters"] = {"full_attention": full, "sliding_attention": local_rope}
+    hf.update(extra or {})
+    got = _arch(gemma_arch_fields(hf, f"export as {model_type}"))
+    want = _arch(_gemma_explicit(cfg))
+    diff = [k for k in ARCH_FIELDS if got[k] != want[k]]
+    if diff:
+        fields = ", ".join(f"model.{k}={want[k]!r}" for k in diff)
+        raise ConfigError(
+            f"cannot export as Hugging Face {model_type}: {fields} has no equivalent in that family"
+        )
+    return hf
+
+
+def _int_if_whole(x: float) -> float | int:
+    """transformers' Gemma configs type query_pre_attn_scalar as int."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _gemma_explicit(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the defaults a config.json spells out written out: the score scalar (head_dim),
+    every layer's type, and Gemma 3's local RoPE base (rope_theta, when nothing scales it)."""
+    local = cfg.rope_local_theta
+    if cfg.family == "gemma3" and local is None and cfg.rope_linear_factor is None:
+        local = cfg.rope_theta
+    return dataclasses.replace(
+        cfg,
+        query_pre_attn_scalar=float(cfg.query_pre_attn_scalar or cfg.resolved_head_dim),
+        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
+        rope_local_theta=local,
+    )
+
+
+def gemma_tensor_maps(cfg: ModelConfig, *, reward: bool = False) -> list[TensorMap]:
+    """Llama's tensor maps with Gemma's four norms per layer: `post_attention_layernorm`
+    normalizes the attention output (`post_attn_norm`), `pre_feedforward_layernorm` and
+    `post_feedforward_layernorm` surround the MLP (`mlp_norm`, `post_mlp_norm`)."""
+    maps = []
+    for m in tensor_maps(cfg, reward=reward):
+        if not m.hf_name.endswith("post_attention_layernorm.weight"):
+            maps.append(m)
+            continue
+        pre, path = m.hf_name[: -len("post_attention_layernorm.weight")], m.path[:-1]
+        for name, leaf in (
+            ("post_attention_layernorm", "post_attn_norm"),
+            ("pre_feedforward_layernorm", "mlp_norm"),
+            ("post_feedforward_layernorm", "post_mlp_norm"),
+        ):
+            maps.append(dataclasses.replace(m, hf_name=f"{pre}{name}.weight", path=(*path, leaf)))
+    return maps
+
+
+GEMMA2_CONVERTER = HFConverter(
+    resolve_config=resolve_from_hf,
+    config_from_hf=model_config_from_hf,
+    config_to_hf=gemma_config_to_hf,
+    tensor_maps=gemma_tensor_maps,
+)
+GEMMA3_CONVERTER = GEMMA2_CONVERTER  # one converter: the config's family picks the model_type
+# --- end Gemma 2 / Gemma 3 ---------------------------------------------------------------------

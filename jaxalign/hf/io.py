@@ -157,6 +157,38 @@ def check_tensors(ckpt: SafetensorsCheckpoint, maps: list[TensorMap]) -> None:
         )
 
 
+def _map_grid(keys: tuple, shape: tuple, by_path: dict) -> np.ndarray | None:
+    """The maps of one parameter as an object array over its leading stacked axes: none (one
+    tensor), layers (scan-stacked `blocks`), experts (a trailing expert index in the maps'
+    paths), or both; None when no map covers it."""
+    candidates = [(keys, 0)]
+    if "blocks" in keys:
+        candidates.append((_layer_path(keys, 0), 1))
+    for path, layered in candidates:
+        for expert in (False, True):
+            if (path + (0,) if expert else path) not in by_path:
+                continue
+            lead = shape[: layered + expert]
+            grid = np.empty(lead, dtype=object)
+            for index in np.ndindex(*lead):
+                p = _layer_path(keys, index[0]) if layered else keys
+                grid[index] = by_path[p + index[layered:]]
+            return grid
+    return None
+
+
+def _read_grid(ckpt, grid: np.ndarray, idx: tuple, dtype) -> np.ndarray:
+    """The slice `idx` of the parameter whose leading axes `grid` covers, read tensor by tensor."""
+    lead = grid.ndim
+    maps = grid[idx[:lead]] if lead else grid
+    rest = idx[lead:]
+    if lead == 0:
+        m = maps.item()
+        return np.asarray(m.to_jax(ckpt.get(m.hf_name))[rest]).astype(dtype, copy=True)
+    parts = [np.asarray(m.to_jax(ckpt.get(m.hf_name))[rest]).astype(dtype) for m in maps.flat]
+    return np.stack(parts).reshape(*maps.shape, *parts[0].shape)
+
+
 def load_tensors(
     ckpt: SafetensorsCheckpoint,
     maps: list[TensorMap],
@@ -174,23 +206,11 @@ def load_tensors(
         keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
         sharding = _get_path(shardings, keys)
         dtype = np.dtype(leaf.dtype)
-        if keys in by_path:
-            m = by_path[keys]
-            view = m.to_jax(ckpt.get(m.hf_name))
+        grid = _map_grid(keys, tuple(leaf.shape), by_path)
+        if grid is not None:
 
-            def read(idx, view=view, dtype=dtype):
-                return np.asarray(view[idx]).astype(dtype, copy=True)
-        elif "blocks" in keys and _layer_path(keys, 0) in by_path:
-            layer_maps = [by_path[_layer_path(keys, i)] for i in range(leaf.shape[0])]
-
-            def read(idx, layer_maps=layer_maps, dtype=dtype):
-                layers = range(len(layer_maps))[idx[0]]
-                return np.stack(
-                    [
-                        np.asarray(m.to_jax(ckpt.get(m.hf_name))[idx[1:]]).astype(dtype)
-                        for m in (layer_maps[i] for i in layers)
-                    ]
-                )
+            def read(idx, grid=grid, dtype=dtype):
+                return _read_grid(ckpt, grid, idx, dtype)
         else:
             name = ".".join(str(k) for k in keys)
             raise ConfigError(f"parameter '{name}' has no Hugging Face tensor")
@@ -206,11 +226,14 @@ def iter_hf_tensors(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) per Hugging Face tensor, fetched one at a time from (sharded) params."""
     for m in maps:
-        if stacked and "blocks" in m.path:
-            at = m.path.index("blocks") + 1
-            value = _get_path(params, m.path[:at] + m.path[at + 1 :])[m.path[at]]
-        else:
-            value = _get_path(params, m.path)
+        path, lead = m.path, ()
+        if stacked and "blocks" in path:
+            at = path.index("blocks") + 1
+            path, lead = path[:at] + path[at + 1 :], (path[at],)
+        if isinstance(path[-1], int):  # one expert of a stacked [E, ...] parameter
+            path, lead = path[:-1], (*lead, path[-1])
+        value = _get_path(params, path)
+        value = value[lead] if lead else value
         yield m.hf_name, np.ascontiguousarray(m.to_hf(shd.host_array(value)))
 
 

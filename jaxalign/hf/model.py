@@ -25,6 +25,7 @@ from jaxalign.errors import ConfigError, UserError
 from jaxalign.hf.convert import (
     _arch,
     hf_family,
+    hf_model_family,
     read_hf_config,
 )
 from jaxalign.hf.io import SafetensorsCheckpoint, iter_hf_tensors, load_tensors, write_safetensors
@@ -254,7 +255,9 @@ def from_pretrained(
 
     directory = _hf_dir(path)
     family = hf_family(read_hf_config(directory), str(directory / "config.json"))
-    base = dataclasses.replace(base or ModelConfig(), param_dtype=dtype, dtype=dtype)
+    base = dataclasses.replace(
+        base or ModelConfig(), param_dtype=dtype, dtype=dtype, family=hf_model_family(directory)
+    )
     cfg = _converter(base).config_from_hf(directory, base)
     mesh = mesh if mesh is not None else shd.make_mesh(MeshConfig())
     rules = rules or shd.resolve_rules(ShardingConfig())

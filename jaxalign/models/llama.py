@@ -15,6 +15,7 @@ The family registers itself at the bottom (`FAMILY`); callers build it with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -29,6 +30,7 @@ from jaxalign.models.params import dense as dense  # re-exported for callers
 from jaxalign.models.params import logical_axes as logical_axes  # re-exported for callers
 from jaxalign.models.params import param
 from jaxalign.models.registry import ModelFamily, register_family
+from jaxalign.models.splash import splash_causal_attention
 from jaxalign.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -93,13 +95,17 @@ def attend(
     k_segment_ids: jax.Array,
     q_index: jax.Array,
     k_index: jax.Array,
-    sliding_window: int | None = None,
+    sliding_window: int | jax.Array | None = None,
+    soft_cap: float | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention with causal and segment masking.
 
     q: [B, T, H, hd]; k, v: [B, S, KV, hd]; segment ids [B, T] / [B, S] (0 = padding);
     q_index [T], k_index [S]: sequence indices used for the causal mask (key index <= query index);
-    with `sliding_window` W, only keys with index > query index - W are seen.
+    with `sliding_window` W (a number, or a traced scalar under a scan over layers), only keys with
+    index > query index - W are seen. Scores are q.k * `scale` (default head_dim**-0.5), then
+    soft-capped to `soft_cap` * tanh(scores / soft_cap) when set (Gemma 2).
     Queries are grouped as [B, T, KV, H/KV, hd] so K/V heads are never repeated in memory.
     Returns [B, T, H, hd].
     """
@@ -107,7 +113,7 @@ def attend(
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(hd)
+    scores = cap_scores(scores, hd, soft_cap, scale)
     causal = k_index[None, :] <= q_index[:, None]
     if sliding_window is not None:
         causal &= k_index[None, :] > q_index[:, None] - sliding_window
@@ -116,6 +122,22 @@ def attend(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
+
+
+def cap_scores(scores: jax.Array, head_dim: int, soft_cap=None, scale=None) -> jax.Array:
+    """Raw q.k scores (float32) scaled by `scale` (default head_dim**-0.5), then soft-capped to
+    soft_cap * tanh(scores / soft_cap) when `soft_cap` is set."""
+    scores = scores * (head_dim**-0.5 if scale is None else scale)
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    return scores
+
+
+def attention_scale(cfg: ModelConfig) -> float | None:
+    """The attention score scale: query_pre_attn_scalar**-0.5 (Gemma 2/3), else None
+    (head_dim**-0.5)."""
+    scalar = cfg.query_pre_attn_scalar
+    return None if scalar is None else float(scalar) ** -0.5
 
 
 # `model.attention_query_block: auto` per backend: on CPU, blocks of 64 queries keep each block's
@@ -132,62 +154,123 @@ def resolve_query_block(block: int | str, backend: str | None = None) -> int:
     return AUTO_QUERY_BLOCK.get(backend or jax.default_backend(), 0)
 
 
+# `model.attention_kernel: auto` per backend: splash attention on TPU (the Pallas kernel, which
+# never builds the [T, T] scores); einsum elsewhere (on GPU, cudnn stays opt-in until a GPU run
+# has checked it: docs/performance.md).
+AUTO_ATTENTION_KERNEL = {"tpu": "splash"}
+
+
+def resolve_attention_kernel(kernel: str, backend: str | None = None) -> str:
+    """`model.attention_kernel` as a kernel name: "auto" becomes AUTO_ATTENTION_KERNEL's value
+    for `backend` (default: JAX's default backend), einsum where it has none."""
+    if kernel != "auto":
+        return kernel
+    return AUTO_ATTENTION_KERNEL.get(backend or jax.default_backend(), "einsum")
+
+
 def cudnn_causal_attention(
-    q, k, v, segment_ids, sliding_window=None, implementation="cudnn"
+    q, k, v, segment_ids, sliding_window=None, implementation="cudnn", scale=None
 ) -> jax.Array:
     """`blocked_causal_attention`'s result through `jax.nn.dot_product_attention` (cuDNN flash
     attention on GPU: the [T, T] scores never reach device memory and blocks above the diagonal
     are skipped). Same shapes and masking: causal, within a segment (the [B, 1, T, T] segment mask
     is broadcast over heads), keys with index > query index - sliding_window; grouped-query heads
-    as they are. `implementation="xla"` runs the same call anywhere (tests compare it on CPU).
+    as they are. A traced `sliding_window` (per-layer windows under a scan over layers) is folded
+    into the mask instead. `scale`: as in `attend`; cuDNN has no logit soft-cap (the config
+    refuses attn_logit_softcap with this kernel). `implementation="xla"` runs the same call
+    anywhere (tests compare it on CPU).
     """
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    window = None if sliding_window is None else (sliding_window - 1, 0)
+    window = None
+    if isinstance(sliding_window, int):
+        window = (sliding_window - 1, 0)
+    elif sliding_window is not None:
+        idx = jnp.arange(q.shape[1])
+        mask &= (idx[None, :] > idx[:, None] - sliding_window)[None, None]
     return jax.nn.dot_product_attention(
         q,
         k,
         v,
         mask=mask,
+        scale=scale,
         is_causal=True,
         local_window_size=window,
         implementation=implementation,
     )
 
 
-def causal_attention(q, k, v, segment_ids, cfg) -> jax.Array:
-    """Self-attention over a whole sequence by `cfg.attention_kernel` (einsum or cudnn)."""
-    if cfg.attention_kernel == "cudnn":
-        return cudnn_causal_attention(q, k, v, segment_ids, cfg.sliding_window)
+def causal_attention(q, k, v, segment_ids, cfg, window=None) -> jax.Array:
+    """Self-attention over a whole sequence by `cfg.attention_kernel` (einsum, cudnn, splash;
+    auto: see `resolve_attention_kernel`), with this layer's sliding `window` (see
+    `layer_windows`) and cfg's score scale and soft-cap."""
+    kernel = resolve_attention_kernel(cfg.attention_kernel)
+    scale = attention_scale(cfg)
+    if kernel == "cudnn":
+        return cudnn_causal_attention(q, k, v, segment_ids, window, scale=scale)
+    if kernel == "splash":
+        return splash_with_scale(q, k, v, segment_ids, cfg, window, scale)
     return blocked_causal_attention(
-        q, k, v, segment_ids, cfg.attention_query_block, cfg.sliding_window
+        q,
+        k,
+        v,
+        segment_ids,
+        cfg.attention_query_block,
+        window,
+        soft_cap=cfg.attn_logit_softcap,
+        scale=scale,
     )
 
 
-def blocked_causal_attention(q, k, v, segment_ids, block, sliding_window=None) -> jax.Array:
+def splash_with_scale(q, k, v, segment_ids, cfg, window, scale) -> jax.Array:
+    """Splash attention with Gemma's options: queries pre-multiplied by scale * sqrt(head_dim)
+    (the kernel scales by 1/sqrt(head_dim)), `cfg.attn_logit_softcap` as its soft-cap, and a
+    traced per-layer window (scan over layers) as a `lax.switch` over the static windows of
+    `layer_windows(cfg)` (the kernel's mask is static)."""
+    if scale is not None:
+        q = (q.astype(jnp.float32) * (scale * math.sqrt(q.shape[-1]))).astype(q.dtype)
+    cap = cfg.attn_logit_softcap
+    if window is None or isinstance(window, int):
+        return splash_causal_attention(q, k, v, segment_ids, window, cap)
+    options = sorted(set(layer_windows(cfg)), key=lambda w: NO_WINDOW if w is None else w)
+    codes = jnp.array([NO_WINDOW if w is None else w for w in options], jnp.int32)
+    branches = [
+        functools.partial(splash_causal_attention, sliding_window=w, soft_cap=cap) for w in options
+    ]
+    return jax.lax.switch(jnp.argmax(codes == window), branches, q, k, v, segment_ids)
+
+
+def blocked_causal_attention(
+    q, k, v, segment_ids, block, sliding_window=None, soft_cap=None, scale=None
+) -> jax.Array:
     """Causal self-attention computed in query blocks; block i only reads keys [0, end of i].
 
     Same result as one `attend` over the whole sequence, but the [T, T] score matrix is never
-    built, and fully masked key blocks above the diagonal are never computed. `block`: positions
-    per block (0: one block) or "auto" (see `resolve_query_block`).
+    built, and fully masked key blocks above the diagonal are never computed; with a static
+    (Python int) `sliding_window` W, neither are keys before (start of i) - W + 1. `block`:
+    positions per block (0: one block) or "auto" (see `resolve_query_block`). `soft_cap`,
+    `scale`: as in `attend`.
     """
     block = resolve_query_block(block)
     t = q.shape[1]
     idx = jnp.arange(t)
     if block <= 0 or block >= t:
-        return attend(q, k, v, segment_ids, segment_ids, idx, idx, sliding_window)
+        return attend(q, k, v, segment_ids, segment_ids, idx, idx, sliding_window, soft_cap, scale)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
+        lo = max(0, start - sliding_window + 1) if isinstance(sliding_window, int) else 0
         outs.append(
             attend(
                 q[:, start:end],
-                k[:, :end],
-                v[:, :end],
+                k[:, lo:end],
+                v[:, lo:end],
                 segment_ids[:, start:end],
-                segment_ids[:, :end],
+                segment_ids[:, lo:end],
                 idx[start:end],
-                idx[:end],
+                idx[lo:end],
                 sliding_window,
+                soft_cap,
+                scale,
             )
         )
     return jnp.concatenate(outs, axis=1)
@@ -200,7 +283,9 @@ def attend_cache(
     q_segment_ids: jax.Array,
     kv_segment_ids: jax.Array,
     q_index: jax.Array,
-    sliding_window: int | None = None,
+    sliding_window: int | jax.Array | None = None,
+    soft_cap: float | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Attention of a few new queries over a KV cache laid out for decoding.
 
@@ -209,7 +294,8 @@ def attend_cache(
     q_index). Both products are plain batched matmuls over the cache as it lies ([G*T, hd] @
     [hd, S], then [G*T, S] @ [S, hd] per batch row and KV head): no transposed copy of the cache
     per step, and keys in [hd, S] read about twice as fast as [S, hd] on CPU. Queries are
-    grouped as [B, KV, H/KV * T, hd] so K/V heads are never repeated. Returns [B, T, H, hd].
+    grouped as [B, KV, H/KV * T, hd] so K/V heads are never repeated. `sliding_window`,
+    `soft_cap`, `scale`: as in `attend`. Returns [B, T, H, hd].
     """
     b, t, h, hd = q.shape
     kv, s = v_cache.shape[1], v_cache.shape[2]
@@ -218,7 +304,7 @@ def attend_cache(
     scores = jnp.einsum(
         "bkqd,bkds->bkqs", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
     )
-    scores = scores / math.sqrt(hd)
+    scores = cap_scores(scores, hd, soft_cap, scale)
     k_index = jnp.arange(s)
     causal = k_index[None, :] <= q_index[:, None]  # [T, S]
     if sliding_window is not None:
@@ -292,8 +378,10 @@ class Attention(nnx.Module):
         layer=None,
         index=None,
         kv_segment_ids=None,
+        window=None,
     ):
-        """x: [B, T, D] -> (out [B, T, D], cache). Without a cache (`cache=None`, returned as
+        """x: [B, T, D] -> (out [B, T, D], cache). `window`: this layer's sliding window (None:
+        none; see `layer_windows`). Without a cache (`cache=None`, returned as
         None) the T tokens attend to each other within their segment.
 
         With a cache (this layer's {'k': [B, KV, hd, S], 'v': [B, KV, S, hd]} with `layer=None`,
@@ -307,7 +395,7 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = write_cache(cache, k, v, layer, index)
         if index is None:
-            attn = causal_attention(q, k, v, segment_ids, self.cfg)
+            attn = causal_attention(q, k, v, segment_ids, self.cfg, window)
         else:
             keys, values = cache["k"], cache["v"]
             if layer is not None:
@@ -320,7 +408,9 @@ class Attention(nnx.Module):
                 segment_ids,
                 kv_segment_ids,
                 jnp.asarray(index, jnp.int32) + jnp.arange(x.shape[1]),
-                self.cfg.sliding_window,
+                window,
+                self.cfg.attn_logit_softcap,
+                attention_scale(self.cfg),
             )
         return self.out(attn), cache
 
@@ -405,12 +495,14 @@ class Block(nnx.Module):
         layer=None,
         index=None,
         kv_segment_ids=None,
+        window=None,
     ):
-        """x: [B, T, D] -> (x [B, T, D], cache); the cache arguments as in `Attention.__call__`."""
+        """x: [B, T, D] -> (x [B, T, D], cache); the cache arguments and `window` as in
+        `Attention.__call__`."""
         eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
         h = rms_norm(x, self.attn_norm[...], eps, plus_one)
         attn, cache = self.attn(
-            h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids
+            h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids, window
         )
         x = x + attn
         x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one))
@@ -433,6 +525,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.attention_query_block == "auto":  # resolved once, for the backend built on
             cfg = dataclasses.replace(cfg, attention_query_block=resolve_query_block("auto"))
+        if cfg.attention_kernel == "auto":
+            cfg = dataclasses.replace(cfg, attention_kernel=resolve_attention_kernel("auto"))
         pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pd)
@@ -447,13 +541,20 @@ class Transformer(nnx.Module):
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([block_class(cfg, rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List(
+                [self.layer_block_class(i)(cfg, rngs) for i in range(cfg.num_layers)]
+            )
         norm_init = _zeros if cfg.norm_plus_one else _ones
         self.final_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(
                 rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), std, pd
             )
+
+    def layer_block_class(self, layer: int) -> type[Block]:
+        """The block class of layer `layer` when layers are not scanned (a family may mix
+        kinds: MoE and dense layers); scanned layers are all `block_class`."""
+        return self.block_class
 
     def output_weight(self) -> jax.Array:
         """The [D, V] output projection (the embedding's transpose when tied)."""
@@ -488,8 +589,9 @@ class Transformer(nnx.Module):
         return self.forward(tokens, positions, segment_ids)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """[..., D] -> [..., V] in the compute dtype."""
-        return dense(hidden, self.output_weight())
+        """[..., D] -> [..., V] in the compute dtype, soft-capped by `final_logit_softcap` when set
+        (the losses apply the same cap: `losses.target_logprobs(soft_cap=...)`)."""
+        return softcap_logits(dense(hidden, self.output_weight()), self.cfg.final_logit_softcap)
 
     def with_cache(
         self,
@@ -513,43 +615,124 @@ class Transformer(nnx.Module):
         """An empty KV cache for `with_cache`: `init_cache(self.cfg, batch, length)`."""
         return init_cache(self.cfg, batch, length)
 
+    def use_layer_stats(self, stats, decoding: bool) -> None:
+        """What the model does with the statistics its blocks return besides (x, cache): a block
+        may return (x, cache, stats), stats a dict of arrays, stacked here over those blocks
+        ([L', ...]). A family with auxiliary losses sows them here (blocks run from split state,
+        so a block's own sows would not reach the model). Llama's blocks return none."""
+
     def forward(self, tokens, positions, segment_ids, cache=None, index=None, kv_segment_ids=None):
         """The one forward pass behind `__call__` (cache=None) and `with_cache`: (hidden states
         [B, T, D], the updated cache or None)."""
         cfg = self.cfg
-        inv_freq = rope_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        windows = layer_windows(cfg)
+        ropes = [layer_rope(cfg, kind) for kind in layer_types(cfg)]
+        inv_freqs = {r: rope_frequencies_of(cfg.resolved_head_dim, r) for r in set(ropes)}
+        freqs = [inv_freqs[r] for r in ropes]
+        # Per-layer windows and RoPE frequencies are static per unrolled layer; under a scan over
+        # layers they are the same static value for every layer, or (alternating local/global
+        # layers) scanned [L] / [L, hd/2] arrays (a global layer's window is NO_WINDOW there).
+        uniform = len(set(windows)) == 1 and len(inv_freqs) == 1
         x = self.embed_tokens(tokens)
 
-        def apply_block(block_graphdef, block_state, x, cache, layer):
+        def apply_block(block_graphdef, block_state, x, cache, layer, inv_freq, window):
             block = nnx.merge(block_graphdef, block_state)
-            return block(x, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids)
+            return block(
+                x, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids, window
+            )
 
         if cfg.remat != "none" and cache is None:
+            static = (0,) if cfg.scan_layers and not uniform else (0, 6)
             apply_block = jax.checkpoint(
-                apply_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,)
+                apply_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=static
             )
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
             if cache is not None:
                 cache = constrain_cache(cache)
-
-            def body(carry, xs):
-                block_state, layer = xs
-                return apply_block(graphdef, block_state, *carry, layer), None
-
             layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, cache), _ = jax.lax.scan(body, (x, cache), (state, layers))
+            if uniform:
+
+                def body(carry, xs):
+                    block_state, layer = xs
+                    x, cache, *stats = apply_block(
+                        graphdef, block_state, *carry, layer, freqs[0], windows[0]
+                    )
+                    return (x, cache), stats
+
+                (x, cache), stats = jax.lax.scan(body, (x, cache), (state, layers))
+            else:
+                window_l = jnp.array([NO_WINDOW if w is None else w for w in windows], jnp.int32)
+
+                def body(carry, xs):
+                    block_state, layer, inv_freq, window = xs
+                    x, cache, *stats = apply_block(
+                        graphdef, block_state, *carry, layer, inv_freq, window
+                    )
+                    return (x, cache), stats
+
+                xs = (state, layers, jnp.stack(freqs), window_l)
+                (x, cache), stats = jax.lax.scan(body, (x, cache), xs)
+            layer_stats = stats[0] if stats else None
         else:
             # With a cache, one array pair per layer: each layer's update is in place and its
             # attention reads its own buffer directly (no slice of a stacked cache per step).
-            new_cache = []
+            new_cache, stats = [], []
             for i, blk in enumerate(self.blocks):
                 graphdef, state = nnx.split(blk)
                 layer_cache = None if cache is None else constrain_cache(cache[i])
-                x, layer_cache = apply_block(graphdef, state, x, layer_cache, None)
+                x, layer_cache, *block_stats = apply_block(
+                    graphdef, state, x, layer_cache, None, freqs[i], windows[i]
+                )
                 new_cache.append(None if cache is None else constrain_cache(layer_cache))
+                stats.extend(block_stats)
             cache = None if cache is None else tuple(new_cache)
+            layer_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
+        if layer_stats is not None:
+            self.use_layer_stats(layer_stats, cache is not None)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one), cache
+
+
+# A global layer's window among scanned per-layer windows: longer than any sequence.
+NO_WINDOW = 2**30
+
+
+def layer_types(cfg: ModelConfig) -> list[str]:
+    """Each layer's kind, "sliding_attention" or "full_attention": `cfg.layer_types`, else every
+    layer sliding when `cfg.sliding_window` is set (Mistral), else every layer full."""
+    if cfg.layer_types is not None:
+        return list(cfg.layer_types)
+    kind = "full_attention" if cfg.sliding_window is None else "sliding_attention"
+    return [kind] * cfg.num_layers
+
+
+def layer_windows(cfg: ModelConfig) -> list[int | None]:
+    """Each layer's sliding window (None: the layer attends to every earlier position)."""
+    return [cfg.sliding_window if t == "sliding_attention" else None for t in layer_types(cfg)]
+
+
+def layer_rope(cfg: ModelConfig, kind: str) -> tuple:
+    """The RoPE setting (theta, rope_scaling, linear factor) of a layer of `kind`: sliding layers
+    use `rope_local_theta` when set (Gemma 3, unscaled); the others `rope_theta` with
+    `rope_scaling` (Llama 3) and `rope_linear_factor`."""
+    if kind == "sliding_attention" and cfg.rope_local_theta is not None:
+        return (cfg.rope_local_theta, None, None)
+    scaling = None if cfg.rope_scaling is None else tuple(sorted(cfg.rope_scaling.items()))
+    return (cfg.rope_theta, scaling, cfg.rope_linear_factor)
+
+
+def rope_frequencies_of(head_dim: int, rope: tuple) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] of a `layer_rope` setting (linear: divided by it)."""
+    theta, scaling, linear = rope
+    inv_freq = rope_frequencies(head_dim, theta, None if scaling is None else dict(scaling))
+    return inv_freq if linear is None else inv_freq / linear
+
+
+def softcap_logits(logits: jax.Array, soft_cap: float | None) -> jax.Array:
+    """soft_cap * tanh(logits / soft_cap) in the logits' dtype (unchanged when soft_cap is None)."""
+    if soft_cap is None:
+        return logits
+    return (soft_cap * jnp.tanh(logits.astype(jnp.float32) / soft_cap)).astype(logits.dtype)
 
 
 # Logical axes of one layer's KV cache arrays; stacked caches (scan over layers) have a leading

@@ -49,6 +49,21 @@ def pop_aux_loss(model: nnx.Module) -> jax.Array | None:
     return sum(jnp.sum(v, dtype=jnp.float32) for v in values)
 
 
+class AuxMetric(nnx.Variable):
+    """A metric a module sows during its forward pass (a MoE router's expert load), a mean per
+    target: the train step reports it beside the loss's metrics, under its sown name."""
+
+
+def pop_aux_metrics(model: nnx.Module) -> dict[str, jax.Array]:
+    """The `AuxMetric` values `model` sowed since the last pop, by name (the mean of a name's
+    values when several forward passes sowed it); clears them."""
+    out: dict[str, list] = {}
+    for path, var in nnx.to_flat_state(nnx.pop(model, AuxMetric)):
+        values = var.get_value()
+        out.setdefault(str(path[-1]), []).extend(values if isinstance(values, tuple) else [values])
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
 def logical_axes(state: Any) -> Any:
     """The pytree of logical axis-name tuples of a model state (abstract or concrete), read from
     each variable's `out_sharding` metadata (what `nnx.get_partition_spec` reads; scanned blocks

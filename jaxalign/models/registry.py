@@ -6,7 +6,8 @@ entry gives:
 
 - `module`: `(ModelConfig, nnx.Rngs) -> nnx.Module`. The module's `__call__(tokens, positions,
   segment_ids)` returns hidden states [B, T, D]; `logits(hidden)` projects them with
-  `output_weight()` [D, V] (what the losses read); and `with_cache(...)` is the same forward
+  `output_weight()` [D, V] (what the losses read, with its `cfg.final_logit_softcap`: the
+  module keeps its ModelConfig as `cfg`); and `with_cache(...)` is the same forward
   pass with a KV cache from its `init_cache(batch, length)` (see `models/llama.py`).
 - logical axes: each parameter's `out_sharding` metadata (Flax's own sharding metadata, read by
   `nnx.get_partition_spec`), with logical names the sharding rules map to mesh axes.
@@ -40,7 +41,14 @@ if TYPE_CHECKING:
     from jaxalign.config import ModelConfig
 
 # Families that ship with jaxalign: name -> the module whose import registers it.
-BUILTIN_FAMILIES = {"llama": "jaxalign.models.llama"}
+BUILTIN_FAMILIES = {
+    "llama": "jaxalign.models.llama",
+    "gemma2": "jaxalign.models.gemma",
+    "gemma3": "jaxalign.models.gemma",
+    # mixture of experts
+    "qwen3_moe": "jaxalign.models.moe",
+    "mixtral": "jaxalign.models.moe",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,17 @@ def last_token_index(segment_ids: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(segment_ids > 0, positions, 0), axis=-1)
 
 
+def segment_last_index(segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """Index of the last position of each segment 1..num_segments of each row (packed rows),
+    [B, T] -> [B, num_segments] int32; a segment absent from a row gives 0."""
+    rows = jnp.arange(segment_ids.shape[0])[:, None]
+    positions = jnp.broadcast_to(
+        jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape
+    )
+    last = jnp.zeros((segment_ids.shape[0], num_segments + 1), jnp.int32)
+    return last.at[rows, segment_ids].max(positions)[:, 1:]
+
+
 class RewardModel(nnx.Module):
     """`backbone` (`cfg.family`'s module, loadable from a policy checkpoint) and `score`, a [D]
     head.
@@ -46,4 +57,18 @@ class RewardModel(nnx.Module):
         hidden = self.backbone(tokens, positions, segment_ids)  # [B, T, D]
         last = last_token_index(segment_ids)
         final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+        return final.astype(jnp.float32) @ self.score[...].astype(jnp.float32)
+
+    def segment_rewards(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        num_segments: int,
+    ) -> jax.Array:
+        """Rewards of every segment of packed rows: tokens, positions, segment_ids [B, T] ->
+        [B, num_segments] (segment s at column s - 1; read at its last token)."""
+        hidden = self.backbone(tokens, positions, segment_ids)  # [B, T, D]
+        last = segment_last_index(segment_ids, num_segments)
+        final = jnp.take_along_axis(hidden, last[..., None], axis=1)  # [B, S, D]
         return final.astype(jnp.float32) @ self.score[...].astype(jnp.float32)

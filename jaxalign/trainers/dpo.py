@@ -27,6 +27,8 @@ from jaxalign.losses import (
     dpo_loss,
     masked_mean,
     orpo_loss,
+    segment_logprobs,
+    segment_sums,
     sequence_logprobs,
     simpo_loss,
 )
@@ -35,7 +37,14 @@ from jaxalign.models.lora import adapters_off
 from jaxalign.optim import trained_part, with_trained
 from jaxalign.paths import run_path
 from jaxalign.trainers.base import Algorithm
-from jaxalign.trainers.rm import check_vocab, pair_tokens, pairs_to_rows
+from jaxalign.trainers.rm import (
+    check_vocab,
+    is_packed,
+    packed_row_multiple,
+    pair_tokens,
+    pair_values,
+    pairs_to_rows,
+)
 
 REFERENCE_FREE = ("simpo", "orpo")
 LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")
@@ -44,12 +53,18 @@ LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")
 def policy_statistics(model: nnx.Module, batch: dict, chunks: int = 1) -> dict[str, jax.Array]:
     """Per-pair sequence statistics, each [P, 2] (chosen, rejected), from one forward pass:
     `logps` (summed over completion tokens), `lengths` (completion tokens) and `mean_logits`
-    (the logits' mean over vocabulary and completion tokens)."""
+    (the logits' mean over vocabulary and completion tokens). A packed batch gives them for
+    every pair slot, [rows x pairs_per_row, 2] (`rm.pair_values` order)."""
+    if is_packed(batch):
+        return packed_policy_statistics(model, batch, chunks)
     tokens = pairs_to_rows(batch["tokens"])
     mask = pairs_to_rows(batch["loss_mask"])
     hidden = model(tokens, pairs_to_rows(batch["positions"]), pairs_to_rows(batch["segment_ids"]))
     w_out = model.output_weight()
-    logps, lengths = sequence_logprobs(hidden, w_out, tokens, mask, chunks=chunks)
+    soft_cap = model.cfg.final_logit_softcap
+    logps, lengths = sequence_logprobs(
+        hidden, w_out, tokens, mask, chunks=chunks, soft_cap=soft_cap
+    )
     # mean_v(h . w_v) = h . mean_v(w_v): the mean logit without materializing [T, V] logits.
     token_mean_logits = jax.lax.stop_gradient(
         hidden[:, :-1] @ w_out.mean(axis=-1).astype(hidden.dtype)
@@ -59,6 +74,31 @@ def policy_statistics(model: nnx.Module, batch: dict, chunks: int = 1) -> dict[s
         "logps": logps.reshape(-1, 2),
         "lengths": lengths.reshape(-1, 2),
         "mean_logits": mean_logits.reshape(-1, 2),
+    }
+
+
+def packed_policy_statistics(
+    model: nnx.Module, batch: dict, chunks: int = 1
+) -> dict[str, jax.Array]:
+    """`policy_statistics` of packed rows [R, L]: per segment (pair slot k: chosen 2k + 1,
+    rejected 2k + 2), gathered to [R x pairs_per_row, 2]."""
+    tokens, mask, segments = batch["tokens"], batch["loss_mask"], batch["segment_ids"]
+    num_segments = 2 * batch["pair_mask"].shape[-1]
+    hidden = model(tokens, batch["positions"], segments)
+    w_out = model.output_weight()
+    logps, lengths = segment_logprobs(
+        hidden, w_out, tokens, mask, segments, num_segments, chunks=chunks
+    )
+    token_mean_logits = jax.lax.stop_gradient(
+        hidden[:, :-1] @ w_out.mean(axis=-1).astype(hidden.dtype)
+    ).astype(jnp.float32)
+    logit_sums = segment_sums(
+        jnp.where(mask[:, 1:] > 0, token_mean_logits, 0.0), segments[:, 1:], num_segments
+    )
+    return {
+        "logps": logps.reshape(-1, 2),
+        "lengths": lengths.reshape(-1, 2),
+        "mean_logits": (logit_sums / jnp.maximum(lengths, 1.0)).reshape(-1, 2),
     }
 
 
@@ -92,6 +132,9 @@ class DPO(Algorithm):
         """Summed pair losses, the number of pairs, and metric sums."""
         d = self.cfg.dpo
         chunks = self.cfg.loss.vocab_chunks
+        # The reference has the policy's structure as merged, before its forward pass sows
+        # anything (a MoE router's aux loss and metrics).
+        graphdef, state = nnx.split(model)
         policy = policy_statistics(model, batch, chunks)
         logps, lengths = policy["logps"], policy["lengths"]
         avg_logps = logps / jnp.maximum(lengths, 1.0)
@@ -108,7 +151,7 @@ class DPO(Algorithm):
             losses = orpo_loss(avg_logps[:, 0], avg_logps[:, 1], lam=d.beta)
             rewards = jax.lax.stop_gradient(d.beta * avg_logps)
         else:
-            ref_logps = self.reference_logps(model, batch, frozen)
+            ref_logps = self.reference_logps(graphdef, state, batch, frozen)
             pol, ref = logps, ref_logps
             if d.loss_type == "ipo":
                 pol, ref = avg_logps, ref_logps / jnp.maximum(lengths, 1.0)
@@ -125,7 +168,7 @@ class DPO(Algorithm):
         nll = -avg_logps[:, 0]  # per-token NLL of the chosen answer
         if d.rpo_alpha:
             losses = losses + d.rpo_alpha * nll
-        mask = batch["pair_mask"]
+        mask = pair_values(batch, "pair_mask")
 
         def total(x):
             return jnp.sum(mask * x)
@@ -144,21 +187,23 @@ class DPO(Algorithm):
         }
         return total(losses), mask.sum(), metrics
 
-    def reference_logps(self, model: nnx.Module, batch: dict, frozen: Any) -> jax.Array:
+    def reference_logps(
+        self, graphdef: nnx.GraphDef, state: nnx.State, batch: dict, frozen: Any
+    ) -> jax.Array:
         """The reference's sequence log-probs [P, 2] (no gradient): precomputed ones from the
         batch; with LoRA the policy's own base with adapters off (its trained base parameters at
-        their initial values, `frozen["base_trained"]`); else the frozen copy's."""
+        their initial values, `frozen["base_trained"]`); else the frozen copy's. `graphdef` and
+        `state` are the policy's as merged, before its forward pass sows anything (a MoE
+        router's aux loss and metrics)."""
         chunks = self.cfg.loss.vocab_chunks
         if self.precompute:
-            return batch["ref_logps"]
-        graphdef, state = nnx.split(model)
+            return pair_values(batch, "ref_logps")
         if self.lora:
-            reference = model  # the same parameters: no second copy of the base
+            params = state.to_pure_dict()  # the same arrays: no second copy of the base
             if frozen is not None:
-                params = with_trained(state.to_pure_dict(), frozen["base_trained"])
-                reference = nnx.merge(graphdef, params)
+                params = with_trained(params, frozen["base_trained"])
             with adapters_off():
-                logps = policy_statistics(reference, batch, chunks)["logps"]
+                logps = policy_statistics(nnx.merge(graphdef, params), batch, chunks)["logps"]
         else:
             reference = nnx.merge(graphdef, frozen["reference"])
             logps = policy_statistics(reference, batch, chunks)["logps"]
@@ -187,7 +232,12 @@ class DPO(Algorithm):
 
     def _eval_iterator(self, process_index: int, process_count: int):
         return self._iterator(
-            self.cfg.data.eval_file, process_index, process_count, shuffle=False, num_epochs=1
+            self.cfg.data.eval_file,
+            process_index,
+            process_count,
+            shuffle=False,
+            num_epochs=1,
+            row_multiple=packed_row_multiple(self._train),
         )
 
     def eval_data(self, process_index: int, process_count: int):

@@ -23,7 +23,7 @@ from jaxalign.checkpoint import Checkpointer, abstract_with_shardings, load_para
 from jaxalign.config import Config, save_config, to_dict
 from jaxalign.errors import UserError
 from jaxalign.memory import release_free_memory
-from jaxalign.metrics import MetricsWriter, measure_matmul_peak
+from jaxalign.metrics import MetricsWriter, measure_matmul_peak, plain_metric
 from jaxalign.models.params import build_model, init_params
 from jaxalign.models.registry import get_family
 from jaxalign.optim import make_optimizer, trained_labels, trained_part, with_trained
@@ -423,7 +423,7 @@ class Trainer:
                 metrics = jax.device_get(metrics)
                 elapsed = max(time.perf_counter() - interval_start, 1e-9)
                 tokens_per_s = interval_tokens / elapsed
-                record = {k: float(v) for k, v in metrics.items()}
+                record = {k: plain_metric(v) for k, v in metrics.items()}
                 record.update(
                     tokens_per_s=tokens_per_s,
                     mfu=tokens_per_s * flops_per_token / peak,
@@ -521,9 +521,9 @@ class Trainer:
         totals: dict[str, float] = {}
         for local in batches:
             out = jax.device_get(eval_fn(params, self.to_global(local), self.frozen))
-            out = {k: float(v) for k, v in out.items()}
+            out = {k: float(v) if np.ndim(v) == 0 else np.asarray(v, float) for k, v in out.items()}
             totals = combine_metrics(totals, out) if totals else out
-        return {f"eval/{k}": v for k, v in eval_metrics(totals).items()}
+        return {f"eval/{k}": plain_metric(v) for k, v in eval_metrics(totals).items()}
 
     def _log(self, message: str) -> None:
         logger.info("%s", message)

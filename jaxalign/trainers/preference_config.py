@@ -11,7 +11,8 @@ from typing import Literal
 class PreferenceConfig:
     """How preference pairs (prompt, chosen, rejected) become token rows (`trainer: rm | dpo`).
 
-    Each of chosen and rejected is one row of at most `train.seq_len` tokens (prompt included).
+    Each of chosen and rejected is one row of at most `train.seq_len` tokens (prompt included);
+    packed (`pack_pairs`), the two are consecutive segments of a row of 2 x `train.seq_len`.
     """
 
     # Prompts longer than this many tokens keep their last tokens (BOS stays first); None: no cap.
@@ -19,6 +20,11 @@ class PreferenceConfig:
     # Pairs still longer than train.seq_len: dropped (and counted), or truncated: the prompt keeps
     # its end, then the completions are cut at the end.
     too_long: Literal["drop", "truncate"] = "drop"
+    # Pack whole pairs (chosen and rejected side by side, as segments) into rows of
+    # 2 x train.seq_len tokens instead of one padded row per side. Same pairs per batch
+    # (train.batch_size still counts pairs) and the same losses; fewer rows, whose count varies
+    # per step (one compile per count). Measured in docs/performance.md.
+    pack_pairs: bool = False
 
     def problem(self) -> str | None:
         """What is wrong with these values, or None."""

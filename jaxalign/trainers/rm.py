@@ -33,10 +33,29 @@ def pairs_to_rows(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0] * 2, *x.shape[2:])
 
 
+def is_packed(batch: dict) -> bool:
+    """Whether a preference micro-batch is packed ([rows, row_len] tokens) rather than padded
+    pairs ([pairs, 2, seq_len])."""
+    return batch["tokens"].ndim == 2
+
+
+def pair_values(batch: dict, key: str) -> jax.Array:
+    """A per-pair array of either layout, flat over pairs: margin, pair_mask [P], ref_logps
+    [P, 2] (packed: P = rows x pairs_per_row slots, unused slots masked)."""
+    x = batch[key]
+    return x.reshape(-1, 2) if key == "ref_logps" else x.reshape(-1)
+
+
 def pair_tokens(local: dict) -> int:
     """Real tokens of both the chosen and the rejected rows of a process's preference batch
     (padding and filler pairs excluded): what tokens/s counts for preference trainers."""
     return int(np.count_nonzero(local["segment_ids"]))
+
+
+def packed_row_multiple(train: Any) -> int:
+    """What the global rows of packed eval batches must divide by: the train iterator's (set from
+    the mesh when the loop starts it), else 1."""
+    return 1 if train is None else train.row_multiple
 
 
 def check_vocab(cfg: Config, tokenizer) -> None:
@@ -65,6 +84,7 @@ class RewardModelAlgorithm(Algorithm):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab(cfg, self.tokenizer)
+        self._train = None
 
     @classmethod
     def make_model(cls, cfg: Config, rngs: nnx.Rngs) -> RewardModel:
@@ -81,7 +101,14 @@ class RewardModelAlgorithm(Algorithm):
         return ["score"]
 
     def pair_rewards(self, model: RewardModel, batch: dict) -> jax.Array:
-        """Rewards [P, 2] (chosen, rejected) of a batch [P, 2, T], in one forward pass."""
+        """Rewards [P, 2] (chosen, rejected) of a batch [P, 2, T], in one forward pass; of a
+        packed batch, of every pair slot (`pair_values` order)."""
+        if is_packed(batch):
+            slots = batch["pair_mask"].shape[-1]
+            rewards = model.segment_rewards(
+                batch["tokens"], batch["positions"], batch["segment_ids"], 2 * slots
+            )
+            return rewards.reshape(-1, 2)
         rewards = model(
             pairs_to_rows(batch["tokens"]),
             pairs_to_rows(batch["positions"]),
@@ -93,9 +120,12 @@ class RewardModelAlgorithm(Algorithm):
         """Summed pair losses, the number of pairs, and metric sums (see docs/trainers/rm.md)."""
         rewards = self.pair_rewards(model, batch)
         chosen, rejected = rewards[:, 0], rewards[:, 1]
-        mask = batch["pair_mask"]
+        mask = pair_values(batch, "pair_mask")
         losses = reward_model_pair_losses(
-            chosen, rejected, margin=batch["margin"], center_coef=self.cfg.rm.center_coef
+            chosen,
+            rejected,
+            margin=pair_values(batch, "margin"),
+            center_coef=self.cfg.rm.center_coef,
         )
         real = mask[:, None] > 0
         metrics = {
@@ -125,13 +155,19 @@ class RewardModelAlgorithm(Algorithm):
         )
 
     def train_data(self, process_index: int, process_count: int):
-        return self._iterator(self.cfg.data.train_file, process_index, process_count)
+        self._train = self._iterator(self.cfg.data.train_file, process_index, process_count)
+        return self._train
 
     def eval_data(self, process_index: int, process_count: int):
         if not self.cfg.data.eval_file:
             return None
         it = self._iterator(
-            self.cfg.data.eval_file, process_index, process_count, shuffle=False, num_epochs=1
+            self.cfg.data.eval_file,
+            process_index,
+            process_count,
+            shuffle=False,
+            num_epochs=1,
+            row_multiple=packed_row_multiple(self._train),
         )
         return list(itertools.islice(it, self.cfg.train.eval_batches))
 

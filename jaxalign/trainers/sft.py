@@ -27,6 +27,7 @@ def next_token_loss(model: nnx.Module, batch: dict, loss_cfg: LossConfig):
         batch["loss_mask"],
         chunks=loss_cfg.vocab_chunks,
         z_loss=loss_cfg.z_loss,
+        soft_cap=model.cfg.final_logit_softcap,
     )
 
 

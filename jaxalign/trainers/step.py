@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from jaxalign.models.lora import dropout_key
-from jaxalign.models.params import pop_aux_loss
+from jaxalign.models.params import pop_aux_loss, pop_aux_metrics
 from jaxalign.optim import trained_part, with_trained
 
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, jax.Array, dict]]
@@ -100,6 +100,13 @@ def with_aux_loss(model: nnx.Module, loss_sum: jax.Array, denom: jax.Array) -> j
     return loss_sum if aux is None else loss_sum + aux * denom
 
 
+def with_aux_metrics(model: nnx.Module, metric_sums: dict, denom: jax.Array) -> dict:
+    """`metric_sums` plus the metrics `model` sowed (per-target means, so each counts `denom`
+    times, as a sum the step divides by the batch's denominator)."""
+    aux = pop_aux_metrics(model)
+    return {**metric_sums, **{k: v * denom for k, v in aux.items()}}
+
+
 def accumulate_gradients(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
@@ -121,6 +128,7 @@ def accumulate_gradients(
             model = nnx.merge(graphdef, p if all_params is None else with_trained(all_params, p))
             with dropout_key(jax.random.fold_in(micro_rng, 0x10A)):
                 loss_sum, denom, metric_sums = loss_fn(model, micro_batch, micro_rng, frozen)
+            metric_sums = with_aux_metrics(model, metric_sums, denom)
             return with_aux_loss(model, loss_sum, denom), (denom, metric_sums)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
@@ -226,10 +234,16 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, di
             model = nnx.merge(graphdef, params)
             rng = jax.random.PRNGKey(0)
             loss_sum, denom, metric_sums = loss_fn(model, micro_batch, rng, frozen)
+            metric_sums = with_aux_metrics(model, metric_sums, denom)
             return carry, (with_aux_loss(model, loss_sum, denom), denom, metric_sums)
 
         _, (loss_sum, denom, metric_sums) = jax.lax.scan(one, None, batch)
-        reduce = {None: jnp.sum, "max:": jnp.max, "min:": jnp.min}
+        # over the micro-batch axis only: a metric may be a vector (a MoE's expert load)
+        reduce = {
+            None: lambda v: jnp.sum(v, 0),
+            "max:": lambda v: jnp.max(v, 0),
+            "min:": lambda v: jnp.min(v, 0),
+        }
         return {
             "loss_sum": loss_sum.sum(),
             "denominator": denom.sum(),

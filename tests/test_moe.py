@@ -1,0 +1,373 @@
+"""Mixture of experts (Qwen3-MoE, Mixtral): routing and experts against float64 NumPy, import and
+export against transformers (logits, router logits, load-balancing loss), and the aux loss and
+metrics reaching the train step."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from toy import random_params, run_toy, toy_config
+
+from jaxalign import models
+from jaxalign import sharding as shd
+from jaxalign.config import MeshConfig, ModelConfig
+from jaxalign.errors import ConfigError
+from jaxalign.models import llama, moe
+from jaxalign.models.params import pop_aux_metrics
+from jaxalign.trainers.step import accumulate_gradients
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxalign import hf  # noqa: E402
+
+IDS = np.random.default_rng(0).integers(1, 127, (2, 12))
+TOL = 1e-4
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts_per_tok=2,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
+)
+FAMILIES = {
+    # a dense layer (mlp_only_layers) among the MoE ones; renormalized top-k
+    "qwen3_moe": dict(num_experts=6, moe_intermediate_size=16, mlp_only_layers=[1]),
+    "mixtral": dict(num_local_experts=5, sliding_window=7),
+}
+
+
+# --- float64 NumPy references ------------------------------------------------------------------
+def np_route(logits, k, normalize):
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, experts, -1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights, experts, probs
+
+
+def np_experts(x, experts, weights, w_gate, w_up, w_down, keep=None):
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j, e in enumerate(experts[n]):
+            if keep is not None and not keep[n, j]:
+                continue
+            h = silu(x[n] @ w_gate[e]) * (x[n] @ w_up[e])
+            out[n] += weights[n, j] * (h @ w_down[e])
+    return out
+
+
+def random_expert_weights(rng, e=4, d=8, f=6):
+    return [rng.normal(size=s) * 0.5 for s in ((e, d, f), (e, d, f), (e, f, d))]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_routing_and_dropless_experts_equal_float64_reference(normalize):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(10, 8))
+    logits = rng.normal(size=(10, 4))
+    logits[3] = logits[3, 0]  # a four-way tie: the lower expert indices win
+    ws = random_expert_weights(rng)
+    w_ref, e_ref, p_ref = np_route(logits, 2, normalize)
+    weights, experts, probs = moe.route(jnp.asarray(logits, jnp.float32), 2, normalize)
+    assert experts.tolist() == e_ref.tolist() and experts[3].tolist() == [0, 1]
+    np.testing.assert_allclose(weights, w_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probs, p_ref, rtol=1e-5, atol=1e-6)
+    out = moe.dropless_experts(
+        jnp.asarray(x, jnp.float32), experts, weights, *map(jnp.asarray, ws), jax.nn.silu
+    )
+    np.testing.assert_allclose(out, np_experts(x, e_ref, w_ref, *ws), rtol=1e-4, atol=1e-5)
+
+
+def test_capacity_mode_drops_late_assignments_first_choices_first():
+    """Capacity 3 per expert: slots go to first choices in token order, then second choices;
+    padding takes none; the rest are dropped and counted."""
+    rng = np.random.default_rng(2)
+    n, k, e = 10, 2, 4
+    x = rng.normal(size=(n, 8))
+    logits = rng.normal(size=(n, e))
+    logits[:, 0] += 3.0  # expert 0 is everyone's first choice: it overflows
+    valid = np.ones(n, bool)
+    valid[-1] = False
+    ws = random_expert_weights(rng, e=e)
+    w_ref, e_ref, _ = np_route(logits, k, True)
+    capacity = 3
+    keep, used = np.zeros((n, k), bool), np.zeros(e, int)
+    for j in range(k):
+        for t in range(n):
+            if valid[t] and used[e_ref[t, j]] < capacity:
+                keep[t, j] = True
+                used[e_ref[t, j]] += 1
+    weights, experts, _ = moe.route(jnp.asarray(logits, jnp.float32), k, True)
+    out, dropped = moe.capacity_experts(
+        jnp.asarray(x, jnp.float32),
+        experts,
+        weights,
+        jnp.asarray(valid),
+        *map(jnp.asarray, ws),
+        jax.nn.silu,
+        capacity,
+    )
+    np.testing.assert_allclose(out, np_experts(x, e_ref, w_ref, *ws, keep), rtol=1e-4, atol=1e-5)
+    assert int(dropped) == valid.sum() * k - keep.sum() > 0
+    assert moe.expert_capacity(10, 2, 4, 0.6) == 3
+
+
+# --- transformers parity -----------------------------------------------------------------------
+_HF: dict = {}
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    def make(family):
+        if family not in _HF:
+            torch.manual_seed(0)
+            cfg = transformers.AutoConfig.for_model(family, **{**TINY, **FAMILIES[family]})
+            model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    base = 1.0 if "norm" in name else 0.0
+                    p.copy_(base + 0.2 * torch.randn_like(p))
+            directory = tmp_path_factory.mktemp(f"hf_{family}")
+            model.save_pretrained(directory)
+            _HF[family] = (directory, model)
+        return _HF[family]
+
+    return make
+
+
+def one_device_mesh():
+    return shd.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+
+
+def jax_forward(cfg, params, ids):
+    """(logits, router logits per MoE layer [L', N, E], the router terms) of one forward."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+    model = nnx.merge(graphdef, params)
+    model.capture_router_logits = True
+    logits = model.logits(model(jnp.asarray(ids)))
+    router = jax.tree.leaves(nnx.pop(model, moe.RouterLogits))[0]
+    return np.asarray(logits), np.asarray(router), pop_aux_metrics(model)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_and_export_match_transformers_with_router_logits_and_aux_loss(
+    family, hf_model, tmp_path
+):
+    directory, torch_model = hf_model(family)
+    model = hf.from_pretrained(directory, mesh=one_device_mesh())
+    assert model.cfg.family == family and model.cfg.num_experts == torch_model.config.num_experts
+    logits, router, metrics = jax_forward(model.cfg, model.params, IDS)
+    with torch.no_grad():
+        out = torch_model(torch.tensor(IDS), output_router_logits=True)
+    assert np.abs(logits - out.logits.numpy()).max() <= TOL
+    want_router = np.stack([r.numpy() for r in out.router_logits])
+    assert router.shape == want_router.shape
+    assert np.abs(router - want_router).max() <= TOL
+    assert float(metrics["moe/aux_loss"]) == pytest.approx(float(out.aux_loss), abs=1e-5)
+
+    exported = hf.save_pretrained(model, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(reloaded) is type(torch_model)
+    with torch.no_grad():
+        again = reloaded(torch.tensor(IDS)).logits.numpy()
+    assert np.abs(again - logits).max() <= TOL
+
+
+# --- the train step, layer scan, capacity mode and expert parallelism ----------------------------
+MOE_TOY = {
+    "model.family": "qwen3_moe",
+    "model.num_experts": 4,
+    "model.num_experts_per_tok": 2,
+    "model.moe_intermediate_size": 32,
+    "model.router_aux_loss_coef": 0.01,
+    "model.router_z_loss_coef": 0.001,
+}
+EXPERT_RULES = str(Path(__file__).resolve().parents[1] / "configs/sharding/expert.yaml")
+
+
+def tiny_moe(**fields) -> ModelConfig:
+    base = dict(
+        family="qwen3_moe",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=4,
+        moe_intermediate_size=16,
+        router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+    )
+    return ModelConfig(**{**base, **fields})
+
+
+def tiny_params(cfg: ModelConfig, seed: int = 0):
+    state = nnx.state(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+    return jax.device_put(random_params(state, seed, std=0.3), jax.devices()[0])
+
+
+def test_aux_loss_and_metrics_reach_every_algorithms_loss():
+    """A loss of 0 over 4 targets: the step's loss sum is 4 x (aux coef x balance + z coef x
+    z-loss), and the router metrics come back as sums of per-target means."""
+    cfg = tiny_moe()
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+    params = tiny_params(cfg)
+    tokens = jnp.asarray(IDS[:, :8] % 64)
+
+    def loss_fn(model, batch, rng, frozen):
+        return 0.0 * model(batch["tokens"]).sum(), jnp.float32(4.0), {}
+
+    step = jax.jit(
+        lambda p, b: accumulate_gradients(graphdef, loss_fn, p, b, jax.random.PRNGKey(0))
+    )
+    _, loss_sum, _, metrics = jax.device_get(step(params, {"tokens": tokens[None]}))
+    aux, z = float(metrics["moe/aux_loss"]) / 4, float(metrics["moe/z_loss"]) / 4
+    assert float(loss_sum) == pytest.approx(4 * (0.01 * aux + 0.001 * z), rel=1e-5)
+    assert 1.9 < aux < 4 and z > 0  # E x sum f P is k (2) for perfectly balanced routing
+    load = np.asarray(metrics["moe/expert_load"]) / 4
+    assert load.shape == (4,) and load.sum() == pytest.approx(1.0)
+    assert float(metrics["moe/dropped_tokens"]) == 0.0
+
+
+def test_scanned_layers_and_roomy_capacity_equal_the_dropless_unrolled_model():
+    cfg = tiny_moe()
+    params = tiny_params(cfg)
+    tokens = jnp.asarray(IDS % 64)
+
+    def forward(cfg, params):
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+
+        @jax.jit
+        def run(params):
+            model = nnx.merge(graphdef, params)
+            logits = model.logits(model(tokens))
+            return logits, pop_aux_metrics(model)
+
+        logits, metrics = jax.device_get(run(params))
+        return np.asarray(logits), metrics
+
+    want, want_metrics = forward(cfg, params)
+    scanned, scanned_metrics = forward(
+        dataclasses.replace(cfg, scan_layers=True), llama.stack_layers(params)
+    )
+    np.testing.assert_allclose(scanned, want, atol=1e-5, rtol=0)
+    assert float(scanned_metrics["moe/aux_loss"]) == pytest.approx(
+        float(want_metrics["moe/aux_loss"]), abs=1e-6
+    )
+    roomy, roomy_metrics = forward(dataclasses.replace(cfg, moe_capacity_factor=2.0), params)
+    np.testing.assert_allclose(roomy, want, atol=1e-5, rtol=0)
+    assert float(roomy_metrics["moe/dropped_tokens"]) == 0.0
+    tight, tight_metrics = forward(dataclasses.replace(cfg, moe_capacity_factor=0.5), params)
+    assert float(tight_metrics["moe/dropped_tokens"]) >= 0.5  # at most half the slots exist
+    assert np.abs(tight - want).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_expert_parallel_runs_equal_the_single_device_run(tmp_path):
+    """expert=4 (x fsdp=2), and expert=2 x fsdp=2 x tensor=2, on the 8 simulated devices: the
+    same losses and router metrics as one device over 5 steps, with the experts split."""
+    runs = {}
+    for name, mesh in {
+        "single": {"mesh.fsdp": 1},
+        "expert4": {"mesh.expert": 4, "mesh.fsdp": 2},
+        "expert2_fsdp2_tensor2": {"mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+    }.items():
+        overrides = {**MOE_TOY, **mesh, "model.num_layers": 1, "train.seq_len": 8}
+        if name != "single":
+            overrides["sharding.rules_file"] = EXPERT_RULES
+        cfg = toy_config(tmp_path / name, **overrides)
+        trainer, result = run_toy(cfg, devices=jax.devices()[:1] if name == "single" else None)
+        runs[name] = result
+        if name != "single":
+            w_gate = result.state["params"]["blocks"][0]["mlp"]["w_gate"]
+            assert w_gate.sharding.spec[0] == "expert"
+            assert w_gate.addressable_shards[0].data.shape[0] == 4 // cfg.mesh.expert
+    want = runs["single"].history
+    assert len(want) == 5 and want[-1]["loss"] < want[0]["loss"]
+    for name in ("expert4", "expert2_fsdp2_tensor2"):
+        got = runs[name].history
+        for a, b in zip(got, want):
+            for key in ("loss", "moe/aux_loss", "moe/z_loss"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (name, key)
+            np.testing.assert_allclose(a["moe/expert_load"], b["moe/expert_load"], atol=1e-6)
+
+
+def test_experts_that_do_not_divide_over_the_expert_axis_are_named(tmp_path):
+    cfg = toy_config(
+        tmp_path,
+        **{**MOE_TOY, "model.num_experts": 6, "mesh.expert": 4, "mesh.fsdp": 2},
+        **{"sharding.rules_file": EXPERT_RULES},
+    )
+    with pytest.raises(ConfigError, match=r"mlp.w_.*size 6.*expert.*size 4"):
+        run_toy(cfg)
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        ({"model.num_experts": 0}, "needs model.num_experts > 0"),
+        ({"model.num_experts_per_tok": 5}, "num_experts_per_tok"),
+        ({"model.scan_layers": True, "model.mlp_only_layers": [0]}, "scan_layers"),
+        ({"model.family": "llama"}, "needs a mixture-of-experts model.family"),
+    ],
+)
+def test_bad_moe_config_is_a_one_line_error(tmp_path, fields, named):
+    with pytest.raises(ConfigError, match=named) as e:
+        toy_config(tmp_path, **{**MOE_TOY, **fields})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_grpo_on_a_moe_policy_samples_with_training_logprobs(tmp_path):
+    """The sampler decodes the MoE policy (KV cache, routing per decoded token) with the same
+    log-probs as the training forward: GRPO's importance ratio is 1 on a fresh rollout."""
+    from test_ppo_grpo import rl_config, rollout_data
+
+    from jaxalign.trainers.rl_rows import response_logprobs
+
+    cfg = rl_config(tmp_path, "grpo", **{**MOE_TOY, "rl.old_logprobs": "sampler"})
+    algo, trainer, state, data = rollout_data(cfg)
+    micro = {k: v[0] for k, v in next(data).items()}
+
+    @jax.jit
+    def check(params, batch):
+        model = nnx.merge(trainer.graphdef, params)
+        logp, _ = response_logprobs(algo.policy_module(model), batch, 1.0)
+        return logp
+
+    logp = jax.device_get(check(state["params"], micro))
+    mask = micro["mask"] > 0
+    assert mask.sum() > 20
+    np.testing.assert_allclose(np.exp(logp - micro["old_logprobs"])[mask], 1.0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dpo_on_a_moe_policy_starts_at_log_2_plus_the_router_losses(tmp_path):
+    """DPO's frozen reference is merged with the policy's structure from before its forward pass
+    sowed the router terms; with policy = reference the loss is log 2 plus the weighted aux and
+    z losses the step logged."""
+    from test_rm_dpo import pref_config
+
+    from jaxalign.trainers.dpo import DPO
+    from jaxalign.trainers.loop import Trainer
+
+    cfg = pref_config(tmp_path, "dpo", **{**MOE_TOY, "train.batch_size": 4, "train.seq_len": 48})
+    result = Trainer(cfg, DPO(cfg), devices=jax.devices()[:1]).run()
+    first = result.history[0]
+    router = 0.01 * first["moe/aux_loss"] + 0.001 * first["moe/z_loss"]
+    assert first["loss"] == pytest.approx(np.log(2.0) + router, abs=1e-5)
+    assert abs(first["rewards/margins"]) < 1e-4
