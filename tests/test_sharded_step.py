@@ -73,12 +73,20 @@ def check_layout(compiled, mesh) -> None:
     # gradient, a matmul's, is [V, D] too in XLA's layout: it is not the lookup's).
     reduced = hlo_ops(compiled, "all-reduce")
     assert not any(full in t for t, name in reduced if "_take" in name), reduced
-    # Each chunk's logits are of this device's tokens only: the target-logit gather's gradient
-    # is [rows per device x SEQ / CHUNKS, V], and no [tokens, V] block of logits is all-reduced.
+    # Each chunk's logits are of this device's tokens only: the forward matmuls of the chunk
+    # loop are [rows per device x SEQ / CHUNKS, V], and no [tokens, V] block of logits is
+    # all-reduced (the head's gradient, [D, V], is: a weight's gradient).
     tokens = 16 // rows * SEQ // CHUNKS
-    picks = [t for t, name in hlo_ops(compiled, "scatter") if "take_along_axis" in name]
-    assert picks and all(t == f"f32[{tokens},{VOCAB}]" for t in picks), picks
-    assert not any(re.search(rf"f32\[\d+,{VOCAB}\]", t) for t, _ in reduced), reduced
+    logits = [
+        t
+        for op in ("dot", "convolution", "fusion")
+        for t, name in hlo_ops(compiled, op)
+        if "while/body" in name and "transpose(" not in name and name.endswith("dot_general")
+        if re.fullmatch(rf"\w+\[\d+,{VOCAB}\]", t)
+    ]
+    assert logits and all(t.endswith(f"[{tokens},{VOCAB}]") for t in logits), logits
+    blocks = {int(n) for t, _ in reduced for n in re.findall(rf"\[(\d+),{VOCAB}\]", t)}
+    assert blocks <= {EMBED}, blocks
 
 
 def test_embedding_gradient_and_vocab_chunks_stay_sharded_on_cpu():
