@@ -23,12 +23,14 @@ from jaxalign.trainers.loop import Trainer, batch_sharding
 from jaxalign.trainers.sft import SFT
 
 REPO = Path(__file__).resolve().parent.parent
-VOCAB, EMBED, SEQ, CHUNKS = 2048, 128, 32, 8
-# configs/sft_tiny.yaml with a vocabulary wide enough that a [V, D] gradient or a [tokens, V]
-# block of logits stands out, an untied head (as the 8B recipes), and the batch over more mesh
-# axes than the embedding (data x fsdp; the embedding over fsdp only).
+VOCAB, EMBED, SEQ, CHUNKS = 2048, 128, 256, 8
+# configs/sft_tiny.yaml (one layer) with a vocabulary wide enough that a [V, D] gradient or a
+# [tokens, V] block of logits stands out, an untied head (as the 8B recipes), and the batch over
+# more mesh axes than the embedding (data x fsdp; the embedding over fsdp only). At T = 32
+# instead of 256, XLA happened to keep the old lookup's gradient sharded on CPU.
 SETS = [
     f"model.vocab_size={VOCAB}",
+    "model.num_layers=1",  # the layers play no part in what is checked
     "model.tie_embeddings=false",
     f"train.seq_len={SEQ}",
     f"loss.vocab_chunks={CHUNKS}",
