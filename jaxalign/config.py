@@ -183,7 +183,8 @@ class LossConfig:
     """Loss computation options."""
 
     # The final projection + cross-entropy is computed over this many chunks of tokens, so full
-    # [tokens, vocab] logits never exist at once (1: no chunking).
+    # [tokens, vocab] logits never exist at once (1: no chunking). Chunks are strided within each
+    # row (chunk i: tokens i, i + n, ...), so each keeps the batch sharding.
     vocab_chunks: int = 1
     z_loss: float = 0.0  # weight of logsumexp(logits)^2 per target token
 

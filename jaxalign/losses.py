@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -40,21 +42,42 @@ def target_logprobs(
     `final_logit_softcap`).
     With `chunks > 1` the tokens are processed in that many chunks under `jax.checkpoint`, so at
     most one chunk's [tokens / chunks, V] logits exist at a time, forward and backward.
+
+    Chunks are strided within each row of the leading (batch) axis: chunk i holds tokens i,
+    i + chunks, i + 2 chunks, ... of every row (a row's length is padded to a multiple of
+    `chunks`). Every chunk so keeps the batch's sharding and each device computes the logits of
+    its own tokens only; contiguous blocks of the flattened tokens would each live on a few
+    devices, and every device would compute (and all-reduce) every block (issue #26).
     """
     lead = targets.shape
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1)
-    n = t.shape[0]
     if chunks <= 1:
-        logps, lse = _target_logps_dense(h, w_out, t, soft_cap)
+        logps, lse = _target_logps_dense(
+            hidden.reshape(-1, hidden.shape[-1]), w_out, targets.reshape(-1), soft_cap
+        )
         return logps.reshape(lead), lse.reshape(lead)
-    size = -(-n // chunks)
-    pad = size * chunks - n
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(chunks, size, -1)
-    t = jnp.pad(t, (0, pad)).reshape(chunks, size)
-    chunk_fn = jax.checkpoint(lambda args: _target_logps_dense(args[0], w_out, args[1], soft_cap))
-    logps, lse = jax.lax.map(chunk_fn, (h, t))
-    return logps.reshape(-1)[:n].reshape(lead), lse.reshape(-1)[:n].reshape(lead)
+    rows = lead[0] if len(lead) > 1 else 1
+    per_row = math.prod(lead) // rows
+    size = -(-per_row // chunks)
+    pad = size * chunks - per_row
+    h = jnp.pad(hidden.reshape(rows, per_row, -1), ((0, 0), (0, pad), (0, 0)))
+    t = jnp.pad(targets.reshape(rows, per_row), ((0, 0), (0, pad)))
+    # [rows, size * chunks] -> [chunks, rows, size]: chunk i is every chunks-th token of a row.
+    h = h.reshape(rows, size, chunks, -1).transpose(2, 0, 1, 3)
+    t = t.reshape(rows, size, chunks).transpose(2, 0, 1)
+
+    def chunk_fn(args):
+        h_c, t_c = args
+        logps, lse = _target_logps_dense(
+            h_c.reshape(rows * size, -1), w_out, t_c.reshape(-1), soft_cap
+        )
+        return logps.reshape(rows, size), lse.reshape(rows, size)
+
+    logps, lse = jax.lax.map(jax.checkpoint(chunk_fn), (h, t))
+
+    def unchunk(x):  # [chunks, rows, size] -> lead
+        return x.transpose(1, 2, 0).reshape(rows, size * chunks)[:, :per_row].reshape(lead)
+
+    return unchunk(logps), unchunk(lse)
 
 
 def token_cross_entropy_sum(

@@ -344,7 +344,7 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Context
 def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """Within this context, `constrain` pins activations to the mesh per the activation table
     of `rules`."""
-    token = _ACTIVE.set((mesh, activation_table(rules)))
+    token = _ACTIVE.set((mesh, rules))
     try:
         yield
     finally:
@@ -364,11 +364,45 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    spec = logical_to_spec(names, rules)
+    return _constrain_spec(x, mesh, logical_to_spec(names, activation_table(rules)))
+
+
+def _constrain_spec(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
     for size, entry in zip(x.shape, spec):
         if size % spec_axis_size(mesh, entry):
             return x  # e.g. a batch of 1 during generation: leave it to the compiler
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _spec_axes(entry: Any) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def constrain_lookup(
+    x: jax.Array, lead: Sequence[str | None], table: Sequence[str | None]
+) -> jax.Array:
+    """Lay out a row lookup in a parameter as the parameter lies (no-op outside
+    `activation_sharding`).
+
+    `table`: the parameter's logical axes, the looked-up one first. x: the indices [*lead], or
+    the rows looked up [*lead, *table's other dims]. Those other dims are sharded as in the
+    parameter (parameter table); `lead` per the activation table, over the mesh axes the
+    parameter leaves free. Each device then reads its own shard of the parameter, and the
+    lookup's gradient, a scatter-add, adds into that shard: no full-size gradient per device,
+    no all-reduce of one.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    table_spec = tuple(logical_to_spec(table, rules))
+    taken = {axis for entry in table_spec for axis in _spec_axes(entry)}
+    lead_spec = []
+    for entry in logical_to_spec(lead, activation_table(rules)):
+        axes = tuple(a for a in _spec_axes(entry) if a not in taken)
+        lead_spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    rows = table_spec[1:] if x.ndim > len(lead) else ()
+    return _constrain_spec(x, mesh, P(*lead_spec, *rows))
 
 
 def describe_activation_rules(rules: Rules) -> str:

@@ -31,7 +31,7 @@ from jaxalign.models.params import logical_axes as logical_axes  # re-exported f
 from jaxalign.models.params import param
 from jaxalign.models.registry import ModelFamily, register_family
 from jaxalign.models.splash import splash_causal_attention
-from jaxalign.sharding import constrain
+from jaxalign.sharding import constrain, constrain_lookup
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -566,7 +566,13 @@ class Transformer(nnx.Module):
         """[B, T] int -> [B, T, D] embeddings in the compute dtype."""
         cfg = self.cfg
         dtype = DTYPES[cfg.dtype]
-        x = embed_lookup(self, "embed", tokens).astype(dtype)
+        # Rows are looked up in the table's own layout (see `constrain_lookup`), then resharded
+        # like every activation. Left to XLA, with the batch split over more mesh axes than the
+        # table, the lookup's gradient was a full [V, D] buffer per device and an all-reduce of
+        # it (issue #26).
+        names = ("batch", "length"), ("vocab", "embed")
+        tokens = constrain_lookup(tokens, *names)
+        x = constrain_lookup(embed_lookup(self, "embed", tokens), *names).astype(dtype)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
         return constrain(x, ("batch", "length", "embed"))
