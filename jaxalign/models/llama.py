@@ -14,7 +14,6 @@ The family registers itself at the bottom (`FAMILY`); callers build it with
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -24,6 +23,7 @@ from flax import nnx
 from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import LLAMA_CONVERTER
 from jaxalign.metrics import train_flops_per_token
+from jaxalign.models import auto
 from jaxalign.models.params import logical_axes as logical_axes  # re-exported for callers
 from jaxalign.models.params import param
 from jaxalign.models.registry import ModelFamily, register_family
@@ -124,18 +124,10 @@ def attend(
     return out.reshape(b, t, h, hd)
 
 
-# `model.attention_query_block: auto` per backend: on CPU, blocks of 64 queries keep each block's
-# scores in cache (the measurement is in docs/performance.md); GPU and TPU run one fused
-# attention.
-AUTO_QUERY_BLOCK = {"cpu": 64}
-
-
 def resolve_query_block(block: int | str, backend: str | None = None) -> int:
-    """`model.attention_query_block` as a number: "auto" becomes AUTO_QUERY_BLOCK's value for
-    `backend` (default: JAX's default backend), 0 where it has none."""
-    if block != "auto":
-        return int(block)
-    return AUTO_QUERY_BLOCK.get(backend or jax.default_backend(), 0)
+    """`model.attention_query_block` as a number: "auto" becomes its `models.auto` table value
+    for `backend` (default: the platform being built for, `auto.current_platform()`)."""
+    return int(auto.resolve("attention_query_block", block, backend))
 
 
 def cudnn_causal_attention(
@@ -434,8 +426,7 @@ class Transformer(nnx.Module):
     block_class = Block
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        if cfg.attention_query_block == "auto":  # resolved once, for the backend built on
-            cfg = dataclasses.replace(cfg, attention_query_block=resolve_query_block("auto"))
+        cfg = auto.resolve_auto(cfg)  # once, for the platform built for (its mesh's)
         pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pd)
