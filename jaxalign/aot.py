@@ -62,6 +62,9 @@ class ProgramReport:
     xla_flops: float
     bytes_accessed: float
     largest_buffers: list[Buffer] = field(default_factory=list)
+    # While loops whose trip count is known only at run time (the decode loop stops early
+    # when every row has stopped): their bodies count once in `flops`.
+    unknown_trip_counts: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -170,19 +173,25 @@ def array_bytes(type_: str) -> int:
 
 
 def padded_bytes(type_: str) -> int:
-    """Bytes of an array in its device layout: the layout's first tile (`T(8,128)` on TPU)
-    rounds its minor dimensions up to whole tiles."""
+    """Bytes of an array in its device layout `{minor_to_major:T(tile)}`: the first tile
+    (`T(8,128)` on TPU) rounds the most minor dimensions up to whole tiles, its last entry the
+    most minor one; a scalar `s32[]{:T(128)}` takes a whole tile (512 bytes)."""
     parsed = array_dims(type_)
     if parsed is None or parsed[0] not in _ITEMSIZE:
         return 0
     dims = list(parsed[1])
-    tile = re.search(r":T\(([0-9,]+)\)", type_)
-    if tile and dims:
-        sizes = [int(t) for t in tile.group(1).split(",")]
-        for k, t in enumerate(sizes[::-1], start=1):
-            if k <= len(dims):
-                dims[-k] = -(-dims[-k] // t) * t
-    return _ITEMSIZE[parsed[0]] * math.prod(dims)
+    layout = re.search(r"\{([0-9,]*):T\(([0-9,]+)\)", type_)
+    extra = 1
+    if layout:
+        minor_to_major = [int(d) for d in layout.group(1).split(",") if d]
+        tile = [int(t) for t in layout.group(2).split(",")]
+        for k, size in enumerate(reversed(tile)):
+            if k < len(minor_to_major):
+                dim = minor_to_major[k]
+                dims[dim] = -(-dims[dim] // size) * size
+            else:  # a tile of higher rank than the array: its missing dims (1) fill a tile
+                extra *= size
+    return _ITEMSIZE[parsed[0]] * math.prod(dims) * extra
 
 
 def entry_parameters(text: str) -> list[str]:
@@ -353,7 +362,7 @@ def largest_buffers(text: str, count: int = 10) -> list[Buffer]:
                         instr.type.split("{")[0],
                         nbytes,
                         "argument" if is_argument else instr.op,
-                        source.group(1) if source else "",
+                        source.group(1).replace("\\'", "'") if source else "",
                     )
                 )
     return sorted(out, key=lambda b: -b.nbytes)[:count]
@@ -401,7 +410,7 @@ def report(compiled: Any, name: str, hbm_bytes: int | None) -> ProgramReport:
     if isinstance(cost, list):  # older JAX: one dict per computation
         cost = cost[0] if cost else {}
     text = compiled.as_text()
-    flops, _ = hlo_flops(text)
+    flops, unknown = hlo_flops(text)
     return ProgramReport(
         name=name,
         argument_bytes=int(memory.argument_size_in_bytes),
@@ -414,6 +423,7 @@ def report(compiled: Any, name: str, hbm_bytes: int | None) -> ProgramReport:
         xla_flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         largest_buffers=largest_buffers(text),
+        unknown_trip_counts=unknown,
     )
 
 
@@ -442,13 +452,35 @@ def lower_train_step(cfg, devices: Sequence | None = None):
     return lowered, trainer
 
 
+def lower_rollout_generate(cfg, trainer) -> Any:
+    """An RL run's generate program (prefill, then the decode loop over the KV cache), as the
+    rollout calls it (`generate.Sampler`, built like `RolloutEngine._sampler`): rows =
+    min(rollout rows, sampling.batch_size x rl.num_generations), prompts of the widest of
+    data.prompt_buckets, from the trainer's policy parameters with their shardings."""
+    from jaxalign.checkpoint import abstract_with_shardings
+    from jaxalign.generate import Sampler
+
+    rl = cfg.rl
+    rows = rl.prompts_per_rollout * rl.num_generations
+    per_call = min(rows, cfg.sampling.batch_size * rl.num_generations)
+    sampler = Sampler(cfg.model, cfg.sampling, mesh=trainer.mesh, rules=trainer.rules)
+    params = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
+    policy = trainer.algorithm.policy_params(params)
+    return sampler.lower(policy, per_call, max(cfg.data.prompt_buckets))
+
+
 def compile_run(cfg, devices: Sequence | None = None) -> dict[str, ProgramReport]:
     """Compile the run's programs for `devices` (default: the local ones): name -> report.
-    Today: the train step of SFT, RM and the DPO family (with its reference forward)."""
+    `train_step`: every trainer's (DPO's with its reference forward); RL trainers also
+    `rollout_generate`: the rollout's prefill and decode (with its KV cache)."""
     devices = list(devices if devices is not None else jax.devices())
     hbm = device_hbm_bytes(devices)
-    lowered, _ = lower_train_step(cfg, devices)
-    return {"train_step": compile_program("train_step", lowered, hbm)}
+    lowered, trainer = lower_train_step(cfg, devices)
+    reports = {"train_step": compile_program("train_step", lowered, hbm)}
+    if trainer.algorithm.is_rl:
+        generate = lower_rollout_generate(cfg, trainer)
+        reports["rollout_generate"] = compile_program("rollout_generate", generate, hbm)
+    return reports
 
 
 def state_shard_bytes(abstract_state: Any) -> int:
@@ -491,6 +523,13 @@ def format_reports(reports: dict[str, ProgramReport], header: str = "") -> str:
             f"  peak          {_size(report.peak_bytes)}{hbm}{verdict}",
             f"  FLOPs         {_count(report.flops)}FLOP (matmuls, loops multiplied out; "
             f"XLA's cost analysis, loop bodies once: {_count(report.xla_flops)}FLOP)",
+        ]
+        if report.unknown_trip_counts:
+            lines.append(
+                f"                {report.unknown_trip_counts} loop(s) of run-time length "
+                "(decoding) counted once"
+            )
+        lines += [
             "  largest buffers:",
         ]
         for b in report.largest_buffers:
@@ -528,6 +567,7 @@ __all__ = [
     "format_reports",
     "hlo_flops",
     "largest_buffers",
+    "lower_rollout_generate",
     "lower_train_step",
     "reports_json",
     "state_shard_bytes",
