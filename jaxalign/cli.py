@@ -2,6 +2,8 @@
 
     jaxalign train CONFIG [--set a.b=c ...]      run the trainer the config names
     jaxalign shardings CONFIG [--set ...]        print the mesh and every parameter's sharding
+    jaxalign plan CONFIG --devices N [--hbm-gib G]   estimate memory per device
+    jaxalign plan CONFIG --compile [--topology v5p-64] [--json]   compile: exact memory, FLOPs
     jaxalign tokenizer train --input F --vocab-size N [--output PREFIX]
     jaxalign export --checkpoint RUN_DIR|CKPT|HF_DIR --output DIR   a Hugging Face model directory
     jaxalign generate --model RUN_DIR|HF_DIR --input prompts.jsonl --output out.jsonl [--set ...]
@@ -104,6 +106,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from jaxalign.config import load_config
+    from jaxalign.errors import UserError
+
+    if args.compile:
+        return _plan_compile(args)
+    if args.devices is None:
+        raise UserError("plan: give --devices N (or --compile to compile the run's programs)")
     from jaxalign.plan import check_fits, format_plan, make_plan
 
     cfg = load_config(args.config, args.overrides)
@@ -111,6 +119,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(format_plan(plan, args.hbm_gib))
     if args.hbm_gib:
         check_fits(plan, args.hbm_gib)
+    return 0
+
+
+def _plan_compile(args: argparse.Namespace) -> int:
+    """`plan --compile`: the run's programs compiled for --topology (or the local devices)."""
+    import os
+
+    if args.topology:  # compiled for, never run on: the local backend stays the CPU
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from jaxalign import aot, topology
+    from jaxalign.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    devices, where = None, "local devices"
+    if args.topology:
+        topo = topology.parse_topology(args.topology, args.slices)
+        devices = topology.topology_devices(topo)
+        where = f"{topo.name}" + (f" x {topo.num_slices} slices" if topo.num_slices > 1 else "")
+        where += f" ({topo.num_devices} {topo.chip.name} chips)"
+    try:
+        reports = aot.compile_run(cfg, devices)
+    except aot.ProgramDoesNotFit as e:
+        print(f"error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        return 1
+    if args.json:
+        print(aot.reports_json(reports, config=args.config, devices=where))
+    else:
+        print(aot.format_reports(reports, header=f"compiled for {where}"))
+    try:
+        aot.check_reports_fit(reports)
+    except aot.ProgramDoesNotFit as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -294,8 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="check a config against N devices without having them")
     _add_config_args(p)
-    p.add_argument("--devices", type=int, required=True, help="number of devices")
+    p.add_argument("--devices", type=int, help="number of devices (the fast estimate)")
     p.add_argument("--hbm-gib", type=float, default=None, help="memory per device (GiB)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the run's programs (XLA's exact memory and FLOPs) instead of estimating",
+    )
+    p.add_argument(
+        "--topology",
+        help="with --compile: a TPU slice to compile for on any host, e.g. v5p-64, v5e-256, "
+        "2xv5p-64 (needs libtpu); default: the local devices",
+    )
+    p.add_argument("--slices", type=int, default=1, help="with --topology: number of slices")
+    p.add_argument("--json", action="store_true", help="with --compile: print one JSON object")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("shardings", help="print the mesh and every parameter's sharding")
@@ -420,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--debug")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = debug
     from jaxalign.errors import UserError
 
     try:

@@ -58,7 +58,8 @@ class ModelConfig:
     remat: Literal["none", "full", "save_dots"] = "none"  # per-block rematerialization policy
     scan_layers: bool = False  # stack blocks and lax.scan over them (one compiled block)
     # Queries are processed in blocks of this many positions (0: one block). Keeps the score matrix
-    # in cache on CPU and skips fully masked key blocks. auto: 64 on CPU, 0 on GPU/TPU.
+    # in cache on CPU and skips fully masked key blocks. auto: 64 on CPU, 0 on GPU/TPU, for the
+    # platform of the mesh's devices (models/auto.py; a TPU topology compiled for on a CPU: TPU).
     attention_query_block: int | Literal["auto"] = "auto"
     # Training/prefill attention: einsum (jaxalign's grouped-query einsums + softmax, in query
     # blocks; any backend), cudnn (jax.nn.dot_product_attention's cuDNN flash attention: NVIDIA

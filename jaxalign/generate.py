@@ -16,6 +16,7 @@ temperature, top-k, top-p; 0 for greedy decoding, a point mass).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from jax.typing import ArrayLike
 from jaxalign import sharding as shd
 from jaxalign.config import Config, ModelConfig, SamplingConfig, ShardingConfig, load_config
 from jaxalign.errors import DataError, UserError
+from jaxalign.models.auto import target_platform
 from jaxalign.models.registry import build
 from jaxalign.paths import run_path
 
@@ -447,7 +449,9 @@ class Sampler:
         graphdef: nnx.GraphDef | None = None,
     ):
         if graphdef is None:
-            graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0))))
+            platform = target_platform(mesh) if mesh is not None else contextlib.nullcontext()
+            with platform:  # `auto` model settings resolve for the mesh's devices
+                graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0))))
         self.model_cfg = model_cfg
         self.sampling = sampling
         self.mesh = mesh
@@ -528,6 +532,26 @@ class Sampler:
         else:
             out = self._fn(params, *inputs, jax.random.PRNGKey(seed), settings, penalties=penalties)
         return Generation(**out)
+
+    def lower(self, params: Any, rows: int, prompt_width: int, penalties: bool = False):
+        """The generate program (prefill, then the decode loop over its KV cache) lowered for
+        `rows` prompts of `prompt_width` tokens, with abstract inputs: `params` may be
+        ShapeDtypeStructs with shardings. Needs a mesh. For `jaxalign.aot`."""
+        batch = lambda ndim: self._batch_sharding(rows, ndim)  # noqa: E731
+        replicated = NamedSharding(self.mesh, P())
+        inputs = [
+            jax.ShapeDtypeStruct((rows, prompt_width), jnp.int32, sharding=batch(2)),
+            jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch(1)),
+            jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch(1)),
+        ]
+        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+        settings = {
+            k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=replicated)
+            for k, v in self.settings(None, None, None).items()
+        }
+        with shd.activation_sharding(self.mesh, self.rules):
+            return self._fn.lower(params, *inputs, key, settings, penalties=penalties)
 
     def settings(
         self,

@@ -14,7 +14,6 @@ The family registers itself at the bottom (`FAMILY`); callers build it with
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -25,6 +24,7 @@ from flax import nnx
 from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import LLAMA_CONVERTER
 from jaxalign.metrics import train_flops_per_token
+from jaxalign.models import auto
 from jaxalign.models.lora import embed_lookup, merged_weight, project
 from jaxalign.models.params import dense as dense  # re-exported for callers
 from jaxalign.models.params import logical_axes as logical_axes  # re-exported for callers
@@ -140,32 +140,18 @@ def attention_scale(cfg: ModelConfig) -> float | None:
     return None if scalar is None else float(scalar) ** -0.5
 
 
-# `model.attention_query_block: auto` per backend: on CPU, blocks of 64 queries keep each block's
-# scores in cache (the measurement is in docs/performance.md); GPU and TPU run one fused
-# attention.
-AUTO_QUERY_BLOCK = {"cpu": 64}
-
-
 def resolve_query_block(block: int | str, backend: str | None = None) -> int:
-    """`model.attention_query_block` as a number: "auto" becomes AUTO_QUERY_BLOCK's value for
-    `backend` (default: JAX's default backend), 0 where it has none."""
-    if block != "auto":
-        return int(block)
-    return AUTO_QUERY_BLOCK.get(backend or jax.default_backend(), 0)
-
-
-# `model.attention_kernel: auto` per backend: splash attention on TPU (the Pallas kernel, which
-# never builds the [T, T] scores); einsum elsewhere (on GPU, cudnn stays opt-in until a GPU run
-# has checked it: docs/performance.md).
-AUTO_ATTENTION_KERNEL = {"tpu": "splash"}
+    """`model.attention_query_block` as a number: "auto" becomes its `models.auto` table value
+    for `backend` (default: the platform being built for, `auto.current_platform()`)."""
+    return int(auto.resolve("attention_query_block", block, backend))
 
 
 def resolve_attention_kernel(kernel: str, backend: str | None = None) -> str:
-    """`model.attention_kernel` as a kernel name: "auto" becomes AUTO_ATTENTION_KERNEL's value
-    for `backend` (default: JAX's default backend), einsum where it has none."""
-    if kernel != "auto":
-        return kernel
-    return AUTO_ATTENTION_KERNEL.get(backend or jax.default_backend(), "einsum")
+    """`model.attention_kernel` as a kernel name: "auto" becomes its `models.auto` table value
+    for `backend` (default: the platform being built for): splash attention on TPU (the Pallas
+    kernel, which never builds the [T, T] scores); einsum elsewhere (on GPU, cudnn stays opt-in
+    until a GPU run has checked it: docs/performance.md)."""
+    return auto.resolve("attention_kernel", kernel, backend)
 
 
 def cudnn_causal_attention(
@@ -523,10 +509,7 @@ class Transformer(nnx.Module):
     lora_embeddings = ("embed",)  # an adapter on it is looked up (see models/lora.py)
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        if cfg.attention_query_block == "auto":  # resolved once, for the backend built on
-            cfg = dataclasses.replace(cfg, attention_query_block=resolve_query_block("auto"))
-        if cfg.attention_kernel == "auto":
-            cfg = dataclasses.replace(cfg, attention_kernel=resolve_attention_kernel("auto"))
+        cfg = auto.resolve_auto(cfg)  # once, for the platform built for (its mesh's)
         pd, std = DTYPES[cfg.param_dtype], cfg.initializer_range
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std, pd)

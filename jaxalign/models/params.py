@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from jaxalign import sharding as shd
 from jaxalign.config import Config
+from jaxalign.models.auto import target_platform
 from jaxalign.models.registry import build
 
 
@@ -84,7 +85,8 @@ def default_model(cfg: Config):
 def build_model(cfg: Config, mesh: Mesh, rules: shd.Rules, make_model=None):
     """graphdef, abstract params, and parameter shardings for the model (validated)."""
     make_model = make_model or default_model(cfg)
-    abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
+    with target_platform(mesh):  # `auto` settings resolve for the mesh's devices
+        abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     names = logical_axes(abstract_state).to_pure_dict()
     abstract_params = jax.tree.map(

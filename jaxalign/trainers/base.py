@@ -143,6 +143,33 @@ class Algorithm:
         """Add what the trainer keeps besides the trained policy to `jaxalign plan`'s estimate
         (a `plan.Estimate`: its `parts`, `host`, `num_params`). Default: nothing."""
 
+    # -- compiling without data (`jaxalign plan --compile`, `jaxalign.aot`) -----------------
+
+    @classmethod
+    def for_compile(cls, cfg: Config) -> Algorithm:
+        """An instance whose `loss_fn` and `abstract_frozen` work without reading any data or
+        tokenizer: what `jaxalign.aot` compiles the train step of. Default: only `cfg` set;
+        a trainer whose loss reads more sets it from `cfg` in `setup_loss`."""
+        algorithm = cls.__new__(cls)
+        Algorithm.__init__(algorithm, cfg)
+        algorithm.setup_loss()
+        return algorithm
+
+    def setup_loss(self) -> None:
+        """Set what `loss_fn` reads besides `cfg` (called by `for_compile`; a trainer's
+        `__init__` may call it too). Default: nothing."""
+
+    @classmethod
+    def abstract_batch(cls, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of one global train batch, [grad_accum, micro_batch, ...] per key,
+        as the trainer's data yields it (without shardings)."""
+        raise NotImplementedError(f"trainer {cls.name}: no abstract batch to compile with")
+
+    def abstract_frozen(self, trainer: Any) -> Any | None:
+        """What `frozen_params` returns, as ShapeDtypeStructs with shardings (from the
+        `loop.Trainer`'s abstract parameters), without computing it. Default: None."""
+        return None
+
     # -- the loss and its data -----------------------------------------------------------------
 
     def loss_fn(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.checkpoint import abstract_with_shardings
 from jaxalign.config import Config, to_dict
 from jaxalign.data import load_tokenizer, preference_iterator_from_config
 from jaxalign.data.preference import pad_pairs
@@ -41,6 +42,7 @@ from jaxalign.trainers.rm import (
     check_vocab,
     is_packed,
     packed_row_multiple,
+    pair_batch,
     pair_tokens,
     pair_values,
     pairs_to_rows,
@@ -119,12 +121,29 @@ class DPO(Algorithm):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab(cfg, self.tokenizer)
-        self.reference_free = cfg.dpo.loss_type in REFERENCE_FREE
-        self.precompute = cfg.dpo.precompute_ref and not self.reference_free
-        self.lora = cfg.model.lora is not None
+        self.setup_loss()
         self._train = None
         self._eval = None  # eval batches, built once
         self._eval_ref = None  # precomputed reference log-probs of the eval pairs
+
+    def setup_loss(self) -> None:
+        self.reference_free = self.cfg.dpo.loss_type in REFERENCE_FREE
+        self.precompute = self.cfg.dpo.precompute_ref and not self.reference_free
+        self.lora = self.cfg.model.lora is not None
+
+    @classmethod
+    def abstract_batch(cls, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+        """Preference pairs; with `dpo.precompute_ref`, their reference log-probs."""
+        precompute = cfg.dpo.precompute_ref and cfg.dpo.loss_type not in REFERENCE_FREE
+        return pair_batch(cfg.train, ref_logps=precompute)
+
+    def abstract_frozen(self, trainer) -> Any:
+        """{"reference": shaped and sharded like the policy's parameters}, when it is kept."""
+        if self.reference_free or self.precompute:
+            return None
+        return {
+            "reference": abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
+        }
 
     # -- the loss ------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ The reference policy is a frozen copy of the initial policy. Formulas: docs/trai
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -31,11 +32,12 @@ from jaxalign.rl import (
     masked_whiten,
 )
 from jaxalign.trainers.base import Algorithm
-from jaxalign.trainers.rl_rows import response_logprobs, response_values
+from jaxalign.trainers.rl_rows import ROW_KEYS, response_logprobs, response_values
 from jaxalign.trainers.rm import check_vocab, checkpoint_trainer
 from jaxalign.trainers.rollout import (
     PTX_PREFIX,
     RolloutData,
+    ptx_rows,
     uses_reference,
     validate_rl_config,
 )
@@ -108,11 +110,51 @@ class RLAlgorithm(Algorithm):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab(cfg, self.tokenizer)
-        rl = cfg.rl
-        self.kl_estimator = rl.kl_estimator or self.default_kl_estimator
-        self.kl_controller = KLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
+        self.setup_loss()
         self.reference: FrozenReference | None = None
         self.data: RolloutData | None = None
+
+    def setup_loss(self) -> None:
+        rl = self.cfg.rl
+        self.kl_estimator = rl.kl_estimator or self.default_kl_estimator
+        self.kl_controller = KLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
+
+    @classmethod
+    def abstract_batch(cls, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+        """One minibatch of a rollout's buffer at its widest (responses of
+        sampling.max_new_tokens after prompts of max(data.prompt_buckets)): the rows, and what
+        `postprocess` adds (its shapes from `jax.eval_shape`), plus the PPO-ptx rows."""
+        from jaxalign.trainers.sft import row_batch
+
+        validate_rl_config(cfg, cfg.trainer)
+        if cfg.rl.pack_rows > 1:
+            from jaxalign.errors import ConfigError
+
+            raise ConfigError(
+                "rl.pack_rows: compiling the train step of packed RL rows is not supported "
+                "yet (their row count depends on the rollout); set rl.pack_rows=1 to compile"
+            )
+        rl, t = cfg.rl, cfg.train
+        rows, n = rl.prompts_per_rollout * rl.num_generations, cfg.sampling.max_new_tokens
+        width = max(cfg.data.prompt_buckets) + n
+        per_row = {"scores": (rows,), "stopped": (rows,)}
+        per_row.update({k: (rows, n) for k in ("mask", "entropy", "old_logprobs", "ref_logprobs")})
+        if cls.needs_values:
+            per_row["values"] = (rows, n)
+        rollout = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in per_row.items()}
+        algorithm = cls.for_compile(cfg)
+        buffer, _ = jax.eval_shape(
+            algorithm.postprocess, rollout, jax.ShapeDtypeStruct((), jnp.float32)
+        )
+        buffer = dict(buffer)
+        buffer.update({k: jax.ShapeDtypeStruct((rows, width), jnp.int32) for k in ROW_KEYS})
+        buffer["mask"] = rollout["mask"]
+        lead = (t.grad_accum, t.batch_size // t.grad_accum)
+        batch = {k: jax.ShapeDtypeStruct((*lead, *v.shape[1:]), v.dtype) for k, v in buffer.items()}
+        if rl.ptx_coef:
+            ptx = dataclasses.replace(t, batch_size=ptx_rows(cfg))
+            batch.update({PTX_PREFIX + k: v for k, v in row_batch(ptx).items()})
+        return batch
 
     def policy_module(self, model: nnx.Module) -> nnx.Module:
         return model

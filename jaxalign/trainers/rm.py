@@ -75,6 +75,21 @@ def checkpoint_trainer(path: str) -> str | None:
     return config.get("trainer") if isinstance(config, dict) else None
 
 
+def pair_batch(train, ref_logps: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of preference pairs (`data.preference`'s BATCH_KEYS): tokens,
+    segment_ids, positions (int32) and loss_mask (float32) [grad_accum, pairs, 2, seq_len];
+    margin and pair_mask (float32) [grad_accum, pairs]; with `ref_logps` also the precomputed
+    reference log-probs (float32) [grad_accum, pairs, 2]. pairs = batch_size / grad_accum."""
+    lead = (train.grad_accum, train.batch_size // train.grad_accum)
+    rows = {"tokens": jnp.int32, "loss_mask": jnp.float32}
+    rows.update(segment_ids=jnp.int32, positions=jnp.int32)
+    out = {k: jax.ShapeDtypeStruct((*lead, 2, train.seq_len), d) for k, d in rows.items()}
+    out.update({k: jax.ShapeDtypeStruct(lead, jnp.float32) for k in ("margin", "pair_mask")})
+    if ref_logps:
+        out["ref_logps"] = jax.ShapeDtypeStruct((*lead, 2), jnp.float32)
+    return out
+
+
 class RewardModelAlgorithm(Algorithm):
     """The RM algorithm: a RewardModel, the Bradley-Terry loss, and preference batches."""
 
@@ -85,6 +100,10 @@ class RewardModelAlgorithm(Algorithm):
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab(cfg, self.tokenizer)
         self._train = None
+
+    @classmethod
+    def abstract_batch(cls, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+        return pair_batch(cfg.train)
 
     @classmethod
     def make_model(cls, cfg: Config, rngs: nnx.Rngs) -> RewardModel:

@@ -26,6 +26,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler, Stops
+from jaxalign.models.auto import target_platform
 from jaxalign.models.registry import build
 from jaxalign.rewards import Scorer
 from jaxalign.trainers.rl_rows import (
@@ -129,7 +130,8 @@ class RolloutEngine:
                 out["values"] = response_values(model, batch)
             return out
 
-        ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(0))))
+        with target_platform(mesh):
+            ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(0))))
 
         def reference_forward(params, batch):
             ref = nnx.merge(ref_graphdef, params)

@@ -6,9 +6,10 @@ import itertools
 import logging
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign.config import Config, LossConfig
+from jaxalign.config import Config, LossConfig, TrainConfig
 from jaxalign.losses import token_cross_entropy_sum
 from jaxalign.trainers.base import Algorithm
 
@@ -31,6 +32,14 @@ def next_token_loss(model: nnx.Module, batch: dict, loss_cfg: LossConfig):
     )
 
 
+def row_batch(train: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of packed rows [grad_accum, batch_size / grad_accum, seq_len]."""
+    shape = (train.grad_accum, train.batch_size // train.grad_accum, train.seq_len)
+    keys = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32}
+    keys.update(segment_ids=jnp.int32, positions=jnp.int32)
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, dtype in keys.items()}
+
+
 class SFT(Algorithm):
     """The SFT algorithm: a loss over packed rows and the data that feeds it."""
 
@@ -46,6 +55,11 @@ class SFT(Algorithm):
                 f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                 f"vocabulary ({self.tokenizer.vocab_size}, {cfg.data.tokenizer})"
             )
+
+    @classmethod
+    def abstract_batch(cls, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+        """Packed rows: inputs, targets, segment_ids, positions (int32), loss_mask (float32)."""
+        return row_batch(cfg.train)
 
     def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, frozen=None):
         """Summed cross-entropy over target tokens, the number of target tokens, no extras."""
