@@ -19,6 +19,8 @@ from jaxalign.trainers.loop import Trainer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 LORA = {"model.lora.rank": 4, "model.lora.alpha": 8}
+# A score for every row (the tiny random policy rarely answers): PPO's losses are not all 0.
+PPO = {"checkpoint.every": 2, "rl.kl_target": 0.5, "rl.missing_eos_penalty": 1.0}
 
 
 def rl_config(path, trainer="grpo", **overrides):
@@ -118,3 +120,64 @@ def test_rollout_samples_with_current_adapters_and_reference_is_the_base(grpo_ru
     base = base_params(jax.device_get(result.state["params"]))
     want = response_logprobs(nnx.merge(plain, base), batch, 1.0, with_entropy=False)[0]
     np.testing.assert_allclose(np.asarray(ref), np.asarray(want), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_lora_ppo_resumes_bitwise_with_a_critic_of_adapters_on_the_shared_base(tmp_path):
+    """LoRA PPO (critic: its own adapters + head on the policy's base) for two rollouts with a
+    checkpoint after each; a copy of the run with only the first checkpoint resumes to the same
+    losses and parameters, bit for bit. The checkpoint holds adapters and the head, no base;
+    `load_policy` rebuilds the policy exactly."""
+    import shutil
+
+    from jaxalign.generate import load_policy
+
+    cfg = rl_config(tmp_path / "a", "ppo", **PPO)
+    algo, trainer, straight = run(cfg)
+    params = leaves(straight.state["params"])
+    assert not any(k.startswith("value/backbone") and "_lora_" not in k for k in params)
+    labels = leaves(trainer.labels)
+    trained = sorted(k for k, v in labels.items() if v == "trained")
+    assert all("_lora_" in k or k == "value/score" for k in trained) and len(trained) == 29
+    value_b = [v for k, v in params.items() if k.startswith("value/") and k.endswith("_lora_b")]
+    assert value_b and all(np.abs(v).max() > 0 for v in value_b)  # the critic's adapters train
+    base = json.loads((tmp_path / "a/run/checkpoints/4/base/metadata").read_text())
+    assert base["source"] == f"seed {cfg.train.seed}"  # the base by reference
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b/run/checkpoints/4")
+    resumed_cfg = rl_config(tmp_path / "b", "ppo", **PPO)
+    _, _, resumed = run(resumed_cfg)
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    for got, want in zip(resumed.history, straight.history[2:], strict=True):
+        for key in ("loss", "loss/policy", "loss/value", "kl_coef", "objective/kl"):
+            if key in want:
+                assert got[key] == want[key], key
+    for key, value in leaves(resumed.state["params"]).items():
+        np.testing.assert_array_equal(value, params[key], err_msg=key)
+
+    policy = load_policy(tmp_path / "a" / "run")
+    for key, value in leaves(policy.params).items():
+        np.testing.assert_array_equal(value, params["policy/" + key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_lora_ppo_with_a_separate_critic_trains_it_in_full(tmp_path):
+    """rl.lora_critic=separate: the value model is a plain model started from the base (a copy)
+    with a zero head and trained in full; the policy trains through its adapters only."""
+    cfg = rl_config(tmp_path, "ppo", **{**PPO, "rl.lora_critic": "separate", "train.steps": 2})
+    _, trainer, result = run(cfg)
+    params = leaves(result.state["params"])
+    initial = leaves(trainer.initial_params())
+    labels = leaves(trainer.labels)
+    value_keys = [k for k in params if k.startswith("value/") and "lm_head" not in k]
+    assert not any("_lora_" in k for k in value_keys)
+    assert all(labels[k] == "trained" for k in value_keys)
+    for key in value_keys:  # a copy of the policy's base, moved by training
+        if key != "value/score":
+            np.testing.assert_array_equal(initial[key], initial["policy/" + key[15:]])
+    wq = "value/backbone/blocks/0/attn/wq"
+    assert np.abs(params[wq] - initial[wq]).max() > 0
+    for key, value in params.items():
+        if key.startswith("policy/") and "_lora_" not in key:
+            np.testing.assert_array_equal(value, initial[key], err_msg=key)
