@@ -4,6 +4,7 @@ with its adapters off (no copy of the base), PPO's critic of adapters on the sha
 separate model, exact resume, and `generate`, `rejection-sample`, `eval` and `score` on LoRA
 runs (the base rebuilt and checked, the checkpoint's adapters put in)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -181,3 +182,116 @@ def test_lora_ppo_with_a_separate_critic_trains_it_in_full(tmp_path):
     for key, value in params.items():
         if key.startswith("policy/") and "_lora_" not in key:
             np.testing.assert_array_equal(value, initial[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_generate_rejection_sample_and_eval_load_a_lora_run(grpo_run, tmp_path):
+    """The LoRA GRPO run through the commands: `load_policy` rebuilds exactly the trained
+    parameters (seeded base + the checkpoint's adapters), `generate` writes what the sampler
+    gives on them, `rejection-sample` and `eval` run on it, and a config naming another base
+    is refused in one line."""
+    from jaxalign.cli import main
+    from jaxalign.data import load_tokenizer, render_prompt, stop_token_ids
+    from jaxalign.generate import FINISH_REASONS, Sampler, load_policy
+
+    cfg, _, result, _ = grpo_run
+    run_dir = str(Path(cfg.run_dir))
+    policy = load_policy(run_dir)
+    want = leaves(result.state["params"])
+    got = leaves(policy.params)
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+
+    prompts = tmp_path / "prompts.jsonl"
+    texts, answers = ["What is 2 + 3?", "What is 4 + 4?"], ["5", "8"]
+    records = [{"prompt": t, "family": "arithmetic", "answer": a} for t, a in zip(texts, answers)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", run_dir, "--input", str(prompts), "--no-progress"]
+    assert main(["generate", *args, "--output", str(out), "--set", "sampling.temperature=0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = load_tokenizer(cfg.data.tokenizer)
+    sampling = dataclasses.replace(cfg.sampling, temperature=0.0)
+    sampler = Sampler(cfg.model, sampling, stop_token_ids=stop_token_ids(tok, "plain"))
+    ids = [render_prompt([{"role": "user", "content": t}], tok) for t in texts]
+    direct = jax.device_get(sampler.generate(result.state["params"], ids))
+    for r, row in enumerate(rows):
+        n = int(direct.lengths[r])
+        stop = FINISH_REASONS[direct.finish_reasons[r]] == "stop"
+        assert row["completion"] == tok.decode(direct.tokens[r, : n - 1 if stop else n])
+
+    reward = tmp_path / "reward.py"
+    reward.write_text("def reward(prompts, completions, **f):\n    return [len(c) for c in completions]\n")
+    sft, dpo = tmp_path / "sft.jsonl", tmp_path / "dpo.jsonl"
+    rs = ["rejection-sample", *args, "--reward-fn", f"{reward}:reward", "--output-sft", str(sft)]
+    assert main([*rs, "--output-dpo", str(dpo), "--set", "sampling.num_samples=2"]) == 0
+    best = [json.loads(line) for line in sft.read_text().splitlines()]
+    assert best and all(r["score"] == len(r["completion"]) for r in best)
+
+    generations = tmp_path / "generations.jsonl"
+    ev = ["eval", "--model", run_dir, "--eval-file", str(prompts), "--max-new-tokens", "8"]
+    assert main([*ev, "--generations", str(generations)]) == 0
+    evaluated = [json.loads(line) for line in generations.read_text().splitlines()]
+    assert [r["completion"] for r in evaluated] == [r["completion"] for r in rows]
+
+    with pytest.raises(UserError, match="trained on another base .* seed 7") as error:
+        load_policy(run_dir, ["train.seed=7"])
+    assert "\n" not in str(error.value)
+
+
+def test_score_command_scores_with_a_lora_reward_model(tmp_path):
+    """A LoRA reward-model run (random adapters and head on a seeded base) scores a file as the
+    same model merged into a plain run does (1e-5, f32)."""
+    from flax import nnx
+
+    from jaxalign.checkpoint import Checkpointer
+    from jaxalign.cli import main
+    from jaxalign.config import save_config, to_dict
+    from jaxalign.hf.peft import merge_lora
+    from jaxalign.models.lora import base_reference
+    from jaxalign.models.params import init_params
+    from jaxalign.models.reward import RewardModel
+    from jaxalign.optim import trained_labels, trained_part
+    from toy import write_run
+
+    sets = {
+        "trainer": "rm",
+        "run_dir": str(tmp_path / "lora"),
+        "data.tokenizer": str(DATA / "tokenizer.model"),
+        "data.template": "plain",
+        "train.seq_len": 32,
+        **LORA,
+    }
+    base = {"model": {**TINY_MODEL, "vocab_size": 512, "num_layers": 1}}
+    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()], base=base)
+    model = nnx.eval_shape(lambda: RewardModel(cfg.model, nnx.Rngs(0)))
+    shardings = jax.tree.map(lambda _: None, nnx.split(model)[1].to_pure_dict())
+    params = jax.device_get(init_params(cfg, shardings, cfg.train.seed, lambda r: RewardModel(cfg.model, r)))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: rng.normal(0, 0.2, x.shape).astype(np.float32)
+        if "_lora_b" in jax.tree_util.keystr(p) or "score" in jax.tree_util.keystr(p)
+        else np.asarray(x),
+        params,
+    )
+    labels = trained_labels(cfg, params)
+    ckpt = Checkpointer(tmp_path / "lora" / "checkpoints", keep=1, async_save=False)
+    ckpt.save(1, {"params": trained_part(params, labels)}, {}, to_dict(cfg), force=True,
+              base=base_reference(cfg))
+    ckpt.close()
+    save_config(cfg, tmp_path / "lora" / "config.yaml")
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
+    write_run(tmp_path / "plain", plain, jax.device_get(merge_lora(params, cfg.model.lora)))
+
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n"
+                               for w in ("yes", "no", "a long answer")))
+    scores = {}
+    for name in ("lora", "plain"):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["score", "--model", str(tmp_path / name), "--input", str(records),
+                     "--output", str(out)]) == 0
+        scores[name] = [json.loads(line)["reward"] for line in out.read_text().splitlines()]
+    np.testing.assert_allclose(scores["lora"], scores["plain"], atol=1e-5, rtol=0)
+    assert np.std(scores["lora"]) > 0
