@@ -484,7 +484,7 @@ def load_config(
 
 def validate(cfg: Config, where: str = "config") -> None:
     """Cross-field checks that need no devices (mesh divisibility is checked in sharding)."""
-    from jaxalign.trainers.registry import get_trainer, trainer_names, unknown_trainer_message
+    from jaxalign.trainers.registry import trainer_names, unknown_trainer_message
 
     m, t = cfg.model, cfg.train
 

@@ -222,7 +222,9 @@ def test_generate_rejection_sample_and_eval_load_a_lora_run(grpo_run, tmp_path):
         assert row["completion"] == tok.decode(direct.tokens[r, : n - 1 if stop else n])
 
     reward = tmp_path / "reward.py"
-    reward.write_text("def reward(prompts, completions, **f):\n    return [len(c) for c in completions]\n")
+    reward.write_text(
+        "def reward(prompts, completions, **f):\n    return [len(c) for c in completions]\n"
+    )
     sft, dpo = tmp_path / "sft.jsonl", tmp_path / "dpo.jsonl"
     rs = ["rejection-sample", *args, "--reward-fn", f"{reward}:reward", "--output-sft", str(sft)]
     assert main([*rs, "--output-dpo", str(dpo), "--set", "sampling.num_samples=2"]) == 0
@@ -244,6 +246,7 @@ def test_score_command_scores_with_a_lora_reward_model(tmp_path):
     """A LoRA reward-model run (random adapters and head on a seeded base) scores a file as the
     same model merged into a plain run does (1e-5, f32)."""
     from flax import nnx
+    from toy import write_run
 
     from jaxalign.checkpoint import Checkpointer
     from jaxalign.cli import main
@@ -253,7 +256,6 @@ def test_score_command_scores_with_a_lora_reward_model(tmp_path):
     from jaxalign.models.params import init_params
     from jaxalign.models.reward import RewardModel
     from jaxalign.optim import trained_labels, trained_part
-    from toy import write_run
 
     sets = {
         "trainer": "rm",
@@ -267,31 +269,57 @@ def test_score_command_scores_with_a_lora_reward_model(tmp_path):
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()], base=base)
     model = nnx.eval_shape(lambda: RewardModel(cfg.model, nnx.Rngs(0)))
     shardings = jax.tree.map(lambda _: None, nnx.split(model)[1].to_pure_dict())
-    params = jax.device_get(init_params(cfg, shardings, cfg.train.seed, lambda r: RewardModel(cfg.model, r)))
+    params = jax.device_get(
+        init_params(cfg, shardings, cfg.train.seed, lambda r: RewardModel(cfg.model, r))
+    )
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: rng.normal(0, 0.2, x.shape).astype(np.float32)
-        if "_lora_b" in jax.tree_util.keystr(p) or "score" in jax.tree_util.keystr(p)
-        else np.asarray(x),
+        lambda p, x: (
+            rng.normal(0, 0.2, x.shape).astype(np.float32)
+            if "_lora_b" in jax.tree_util.keystr(p) or "score" in jax.tree_util.keystr(p)
+            else np.asarray(x)
+        ),
         params,
     )
     labels = trained_labels(cfg, params)
     ckpt = Checkpointer(tmp_path / "lora" / "checkpoints", keep=1, async_save=False)
-    ckpt.save(1, {"params": trained_part(params, labels)}, {}, to_dict(cfg), force=True,
-              base=base_reference(cfg))
+    ckpt.save(
+        1,
+        {"params": trained_part(params, labels)},
+        {},
+        to_dict(cfg),
+        force=True,
+        base=base_reference(cfg),
+    )
     ckpt.close()
     save_config(cfg, tmp_path / "lora" / "config.yaml")
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
     write_run(tmp_path / "plain", plain, jax.device_get(merge_lora(params, cfg.model.lora)))
 
     records = tmp_path / "records.jsonl"
-    records.write_text("".join(json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n"
-                               for w in ("yes", "no", "a long answer")))
+    records.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n"
+            for w in ("yes", "no", "a long answer")
+        )
+    )
     scores = {}
     for name in ("lora", "plain"):
         out = tmp_path / f"{name}.jsonl"
-        assert main(["score", "--model", str(tmp_path / name), "--input", str(records),
-                     "--output", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "score",
+                    "--model",
+                    str(tmp_path / name),
+                    "--input",
+                    str(records),
+                    "--output",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         scores[name] = [json.loads(line)["reward"] for line in out.read_text().splitlines()]
     np.testing.assert_allclose(scores["lora"], scores["plain"], atol=1e-5, rtol=0)
     assert np.std(scores["lora"]) > 0

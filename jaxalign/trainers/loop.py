@@ -206,9 +206,9 @@ class Trainer:
             model = self.make_model(nnx.Rngs(params=key))
             return trained_part(nnx.split(model)[1].to_pure_dict(), self.labels)
 
-        return jax.jit(
-            init_trained, out_shardings=trained_part(self.param_shardings, self.labels)
-        )(jax.random.PRNGKey(self.cfg.train.seed))
+        return jax.jit(init_trained, out_shardings=trained_part(self.param_shardings, self.labels))(
+            jax.random.PRNGKey(self.cfg.train.seed)
+        )
 
     def checkpoint_state(self, state: dict) -> dict:
         """What a checkpoint holds of a train state: all of it, or with LoRA only the trained
