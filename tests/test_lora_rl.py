@@ -81,7 +81,8 @@ def grpo_run(tmp_path_factory):
 @pytest.mark.slow
 def test_rollout_samples_with_current_adapters_and_reference_is_the_base(grpo_run):
     """After two updates the second rollout's sampler log-probs (merged W + s A@B decoding)
-    equal the training forward's on the same parameters to 1e-5 (f32): no stale weights. The
+    equal the training forward's on the same parameters to 1e-5 (f32): no stale weights; so do
+    those of unmerged sampling (adapters in each decode step) from the final adapters. The
     adapters moved, the base did not, and the reference kept no copy of the base: its
     log-probs, the policy with adapters off, equal a plain model's on the base weights."""
     from flax import nnx
@@ -89,6 +90,7 @@ def test_rollout_samples_with_current_adapters_and_reference_is_the_base(grpo_ru
     from jaxalign.models.lora import base_params
     from jaxalign.models.registry import build
     from jaxalign.trainers.rl_rows import response_logprobs
+    from jaxalign.trainers.rollout_engine import RolloutEngine
 
     cfg, trainer, result, algo = grpo_run
     gaps = [h["rollout/sampler_logprob_gap"] for h in result.history if "objective/kl" in h]
@@ -103,6 +105,23 @@ def test_rollout_samples_with_current_adapters_and_reference_is_the_base(grpo_ru
     # The second rollout's KL is between the trained adapters and the base: positive.
     kls = [h["objective/kl"] for h in result.history if "objective/kl" in h]
     assert kls[0] == 0.0 and kls[1] > 0
+
+    # Unmerged sampling (adapters in every decode step) from the final adapters: the same.
+    unmerged_cfg = dataclasses.replace(
+        cfg, rl=dataclasses.replace(cfg.rl, lora_sampling="unmerged")
+    )
+    data = algo.data
+    unmerged = RolloutEngine(
+        unmerged_cfg,
+        trainer.mesh,
+        trainer.rules,
+        trainer.graphdef,
+        algo,
+        data.tokenizer,
+        data.scorer,
+    )
+    out = unmerged.rollout(data._prompt_batches(), result.state["params"], None, 2, 0.1)
+    assert out.metrics["rollout/sampler_logprob_gap"] < 1e-5
 
     # The reference forward on the final params equals a plain model's on their base.
     engine = algo.data.engine
