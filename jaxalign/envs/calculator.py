@@ -89,7 +89,7 @@ def calculate(expression: str) -> str:
 CALCULATOR = Tool(
     name="calculate",
     fn=calculate,
-    description="Evaluate an arithmetic expression (numbers, + - * / // % ** and parentheses).",
+    description="evaluates arithmetic, e.g. 12 * (3 + 4)",
     parameters={
         "type": "object",
         "properties": {"expression": {"type": "string", "description": "e.g. 12 * (3 + 4)"}},

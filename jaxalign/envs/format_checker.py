@@ -19,7 +19,7 @@ class FormatCheckerEnvironment(ToolEnvironment):
             Tool(
                 name="check_answer",
                 fn=self.check_answer,
-                description="Check whether a draft answer meets the task's constraints.",
+                description="says whether a draft answer meets the task's constraints",
                 parameters={
                     "type": "object",
                     "properties": {"answer": {"type": "string", "description": "the draft"}},

@@ -105,12 +105,18 @@ def format_tool_call(name: str, arguments: dict, fmt: str) -> str:
 
 
 def tools_prompt(tools: Sequence[Tool], fmt: str) -> str:
-    """A system-prompt text describing `tools` and how to call them, for built-in templates
-    (HF Jinja templates get the schemas through their own `tools` argument instead)."""
-    lines = ["You can call these tools:"]
-    lines += [json.dumps(t.schema()) for t in tools]
-    example = format_tool_call("NAME", {"ARGUMENT": "VALUE"}, fmt)
-    lines.append(f"To call a tool, answer with {example}; its result comes back as a tool message.")
+    """A short system-prompt text naming `tools`, their arguments and how to call one, for
+    built-in templates (HF Jinja templates get the full schemas through their `tools` argument).
+    Short on purpose: small models and their prompt budgets."""
+    lines = ["Tools:"]
+    for tool in tools:
+        arguments = ", ".join(tool.parameters.get("properties", {}))
+        lines.append(f"{tool.name}({arguments}): {tool.description}")
+    first = tools[0]
+    example = format_tool_call(
+        first.name, {a: "..." for a in first.parameters.get("properties", {})}, fmt
+    )
+    lines.append(f"Call one as {example}")
     return "\n".join(lines)
 
 
