@@ -43,18 +43,18 @@ def episode_config(tmp_path, **overrides):
         "run_dir": str(tmp_path / "run"),
         "data.train_file": str(DATA / "rl_prompts_train.jsonl"),
         "data.tokenizer": str(DATA / "tokenizer.model"),
-        "data.prompt_buckets": "[32]",
-        "sampling.max_new_tokens": 40,
+        "data.prompt_buckets": "[160]",  # the calculator's tools prompt is long
+        "sampling.max_new_tokens": 24,
         "sampling.batch_size": 4,
         "rl.prompts_per_rollout": 4,
         "rl.num_generations": 2,
         "rl.environment": "calculator",
-        "rl.max_turns": 3,
+        "rl.max_turns": 2,
         "rl.turn_tokens": 4,
         "rl.kl_coef": 0.0,
         "train.steps": 1,
         "train.batch_size": 8,
-        "train.seq_len": 72,
+        "train.seq_len": 184,
         "train.lr": 1e-3,
         "train.warmup_steps": 0,
         "train.log_every": 1,
@@ -98,8 +98,8 @@ def cut_turns(cut: int):
 
 @pytest.fixture(scope="module")
 def echo_rollout(tmp_path_factory):
-    """A GRPO rollout of Echo episodes (3 model turns of 3 sampled tokens, 2 observations), its
-    data iterator and the sampled round."""
+    """A GRPO rollout's sampled round of Echo episodes (2 model turns of 3 sampled tokens with
+    an observation between them), its config, engine and train state."""
     tmp = tmp_path_factory.mktemp("echo")
     (tmp / "echo_env.py").write_text(ECHO_ENV)
     cfg = episode_config(tmp, **{"rl.environment": f"{tmp / 'echo_env.py'}:Echo"})
@@ -115,8 +115,8 @@ def echo_rollout(tmp_path_factory):
 def test_sampler_logprobs_of_every_model_token_equal_the_trainers_forward(echo_rollout):
     cfg, engine, state, sampled = echo_rollout
     mask = sampled["loss_mask"]
-    assert (sampled["rollout/episode/turns"] == 3).all()
-    assert (mask.sum(axis=1) == 9).all()  # 3 turns x 3 tokens
+    assert (sampled["rollout/episode/turns"] == 2).all()
+    assert (mask.sum(axis=1) == 6).all()  # 2 turns x 3 tokens
     # Observation tokens sit between the model's turns: the mask has holes.
     assert ((mask[:, :-1] == 0) & (mask[:, 1:] == 1)).any(axis=1).all()
     rows = build_rows(
@@ -141,8 +141,8 @@ def test_episode_limits_and_rewards_are_counted(echo_rollout):
     # Echo never ends an episode: each stops at rl.max_turns with one reward per stepped turn.
     np.testing.assert_array_equal(sampled["rollout/episode/turn_limit"], 1.0)
     np.testing.assert_array_equal(sampled["rollout/episode/token_limit"], 0.0)
-    np.testing.assert_array_equal(sampled["raw_scores"], 3.0)
-    np.testing.assert_array_equal(sampled["rollout/episode/tool_calls"], 3.0)
+    np.testing.assert_array_equal(sampled["raw_scores"], 2.0)
+    np.testing.assert_array_equal(sampled["rollout/episode/tool_calls"], 2.0)
     assert not sampled["stopped"].any()
 
 
@@ -158,7 +158,6 @@ def test_calculator_episode_rows_and_masks_token_by_token(tmp_path):
         tmp_path,
         **{
             "data.train_file": str(data_file),
-            "data.prompt_buckets": "[160]",
             "sampling.max_new_tokens": 96,
             "rl.turn_tokens": 0,
             "train.seq_len": 256,
@@ -242,7 +241,7 @@ def test_environment_config_errors_are_one_line(tmp_path):
             "leave rl.reward_functions and rl.reward_model empty",
         ),
         ({"rl.max_turns": 0}, "rl.max_turns must be >= 1, got 0"),
-        ({"rl.turn_tokens": 41}, r"rl.turn_tokens must be in \[0, sampling.max_new_tokens = 40\]"),
+        ({"rl.turn_tokens": 25}, r"rl.turn_tokens must be in \[0, sampling.max_new_tokens = 24\]"),
         ({"rl.tool_timeout": 0}, "rl.tool_timeout must be positive"),
         ({"rl.environment": "no_such_module:Env"}, "rl.environment: 'no_such_module:Env': cannot"),
     ]
@@ -253,20 +252,16 @@ def test_environment_config_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_grpo_run_with_the_calculator_environment(tmp_path):
-    cfg = episode_config(
-        tmp_path,
-        **{
-            "data.prompt_buckets": "[160]",
-            "sampling.max_new_tokens": 24,
-            "rl.max_turns": 2,
-            "rl.turn_tokens": 8,
-            "train.seq_len": 184,
-            "train.steps": 2,
-        },
+    data_file = tmp_path / "sums.jsonl"
+    sums = [(a, b) for a in range(2, 6) for b in range(3, 5)]
+    data_file.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {a}+{b}?", "answer": a + b}) + "\n" for a, b in sums
+        )
     )
-    _, trainer, init = start(cfg)
-    history = trainer.run(init_params=init).history
-    assert len(history) == 2
+    # The shapes of the Echo rollout's first turn (its sampler compiles once for both).
+    _, trainer, init = start(episode_config(tmp_path, **{"data.train_file": str(data_file)}))
+    (metrics,) = trainer.run(init_params=init).history
     for key in (
         "rollout/episode/turns",
         "rollout/episode/tool_calls",
@@ -276,5 +271,8 @@ def test_tiny_grpo_run_with_the_calculator_environment(tmp_path):
         "loss/policy",
         "objective/scores",
     ):
-        assert np.isfinite(history[0][key]), key
-    assert 1 <= history[0]["rollout/episode/turns"] <= 2
+        assert np.isfinite(metrics[key]), key
+    # Every episode ended one way: the environment's answer (stopped), or a limit.
+    ends = ("rollout/eos_fraction", "rollout/episode/token_limit", "rollout/episode/turn_limit")
+    assert sum(metrics[k] for k in ends) == pytest.approx(1.0)
+    assert 1 <= metrics["rollout/episode/turns"] <= 2
