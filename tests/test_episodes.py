@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -243,11 +244,58 @@ def test_environment_config_errors_are_one_line(tmp_path):
         ({"rl.max_turns": 0}, "rl.max_turns must be >= 1, got 0"),
         ({"rl.turn_tokens": 25}, r"rl.turn_tokens must be in \[0, sampling.max_new_tokens = 24\]"),
         ({"rl.tool_timeout": 0}, "rl.tool_timeout must be positive"),
+        ({"rl.turn_rewards": True}, "rl.turn_rewards is for trainer reinforce_pp"),
         ({"rl.environment": "no_such_module:Env"}, "rl.environment: 'no_such_module:Env': cannot"),
     ]
     for sets, message in cases:
         with pytest.raises(UserError, match=message):
             make_algorithm(episode_config(tmp_path, **sets))
+
+
+def test_per_turn_rewards_give_reinforce_pp_returns_across_turns():
+    """rl.turn_rewards: each step's reward sits on its turn's last model token and REINFORCE++'s
+    returns sum the rewards of the model tokens after each one, skipping observation tokens
+    (float64 NumPy reference); what the baseline changed in the score goes on the last token."""
+    cfg = episode_config(
+        Path("/nonexistent"),
+        **{
+            "trainer": "reinforce_pp",
+            "rl.turn_rewards": True,
+            "rl.reinforce_baseline": True,
+            "rl.whiten_advantages": False,
+            "rl.gamma": 0.9,
+            "rl.kl_coef": 0.1,
+        },
+    )
+    algo = make_algorithm(cfg)
+    rng = np.random.default_rng(0)
+    mask = np.zeros((2, 10), np.float32)
+    mask[:, 0:3] = mask[:, 6:8] = 1  # turn 1 | observation | turn 2 | padding
+    mask[1, 8] = 1
+    turn_rewards = np.zeros((2, 10), np.float32)
+    turn_rewards[:, 2] = [0.5, 0.0]
+    turn_rewards[0, 7], turn_rewards[1, 8] = 1.0, 2.0
+    raw = turn_rewards.sum(axis=1)
+    kl = np.where(mask > 0, rng.normal(size=(2, 10)), 0.0).astype(np.float32)
+    rollout = {
+        "mask": jnp.asarray(mask),
+        "scores": jnp.asarray(raw),
+        "raw_scores": jnp.asarray(raw),
+        "turn_rewards": jnp.asarray(turn_rewards),
+    }
+    advantages, _ = algo.reinforce_advantages(rollout, jnp.asarray(kl), jnp.float32(0.1))
+
+    centered = raw.astype(np.float64) - raw.mean()  # the group baseline (G = 2)
+    want = np.zeros((2, 10))
+    for r in range(2):
+        positions = np.flatnonzero(mask[r])
+        rewards = -0.1 * kl[r].astype(np.float64) + turn_rewards[r]
+        rewards[positions[-1]] += centered[r] - raw[r]
+        future = 0.0
+        for t in positions[::-1]:
+            future = rewards[t] + 0.9 * future
+            want[r, t] = future
+    np.testing.assert_allclose(np.asarray(advantages), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

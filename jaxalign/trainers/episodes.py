@@ -54,6 +54,7 @@ class Episode:
     mask: list[float] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     reward: float = 0.0
+    turn_rewards: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     active: bool = True
     done: bool = False  # ended by the environment
     turns: int = 0
@@ -168,6 +169,12 @@ class EpisodeEngine(RolloutEngine):
             scores = np.where(stopped, scores, scores - rl.missing_eos_penalty)
         if rl.reward_clip is not None:
             scores = np.clip(scores, -rl.reward_clip, rl.reward_clip)
+        extra = {}
+        if rl.turn_rewards:
+            extra["turn_rewards"] = np.zeros((rows, n), np.float32)
+            for r, e in enumerate(episodes):
+                for at, reward in e.turn_rewards:
+                    extra["turn_rewards"][r, at] += reward
         stats = {
             EPISODE_PREFIX + name: np.asarray([float(getattr(e, name)) for e in episodes])
             for name in EPISODE_STATS
@@ -185,6 +192,7 @@ class EpisodeEngine(RolloutEngine):
             "texts": [self.tokenizer.decode(e.tokens) for e in episodes],
             "records": records,
             "row_ids": row_ids,
+            **extra,
             **stats,
         }
 
@@ -245,6 +253,7 @@ class EpisodeEngine(RolloutEngine):
         for r, (observation, reward, done, info) in zip(stepping, results, strict=True):
             e = episodes[r]
             e.reward += float(reward)
+            e.turn_rewards.append((len(e.tokens) - 1, float(reward)))  # its turn's last token
             e.tool_calls += int(info.get("tool_calls", 0))
             e.tool_errors += int(info.get("tool_errors", 0))
             if done or not observation:

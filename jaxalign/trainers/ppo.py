@@ -46,8 +46,10 @@ logger = logging.getLogger(__name__)
 
 def last_token_rewards(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """The score of each row placed on its last response token (the stop token, or the last
-    generated token of a truncated row). scores: [B], mask: [B, N] -> [B, N]."""
-    last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 1, 0)
+    generated token of a truncated row). scores: [B], mask: [B, N] -> [B, N]. The last position
+    where `mask` is 1, also when the mask has holes (multi-turn episodes' observations)."""
+    n = mask.shape[1]
+    last = n - 1 - jnp.argmax(jnp.flip(mask > 0, axis=1), axis=1)
     return jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * scores[:, None]
 
 

@@ -437,6 +437,11 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         )
     if rl.environment:
         validate_environment_config(cfg, trainer)
+    if rl.turn_rewards and (not rl.environment or trainer != "reinforce_pp"):
+        raise ConfigError(
+            "rl.turn_rewards is for trainer reinforce_pp with rl.environment (GRPO and RLOO "
+            "score whole episodes)"
+        )
     if rl.ptx_coef < 0 or rl.ptx_batch_size < 0:
         raise ConfigError("rl.ptx_coef and rl.ptx_batch_size must be >= 0")
     if rl.ptx_coef and not rl.ptx_file:

@@ -260,6 +260,9 @@ class RolloutEngine:
         )
         if algorithm.needs_values:
             rollout["values"] = forward["values"]
+        if "turn_rewards" in sampled:  # rl.turn_rewards: per-token rewards of the episodes
+            rollout["turn_rewards"] = self._put(sampled["turn_rewards"][:, :n].astype(np.float32))
+            rollout["raw_scores"] = self._put(raw_scores.astype(np.float32))
         jax.block_until_ready(rollout)
         timings["time/forward"] = time.perf_counter() - t
 
