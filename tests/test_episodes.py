@@ -236,7 +236,6 @@ def test_calculator_episode_rows_and_masks_token_by_token(tmp_path):
 
 def test_environment_config_errors_are_one_line(tmp_path):
     cases = [
-        ({"trainer": "ppo"}, "rl.environment .* is for grpo, rloo and reinforce_pp"),
         (
             {"rl.reward_functions": '["jaxalign.rewards:exact_answer"]'},
             "leave rl.reward_functions and rl.reward_model empty",
@@ -244,7 +243,7 @@ def test_environment_config_errors_are_one_line(tmp_path):
         ({"rl.max_turns": 0}, "rl.max_turns must be >= 1, got 0"),
         ({"rl.turn_tokens": 25}, r"rl.turn_tokens must be in \[0, sampling.max_new_tokens = 24\]"),
         ({"rl.tool_timeout": 0}, "rl.tool_timeout must be positive"),
-        ({"rl.turn_rewards": True}, "rl.turn_rewards is for trainer reinforce_pp"),
+        ({"rl.turn_rewards": True}, "rl.turn_rewards is for ppo and reinforce_pp"),
         ({"rl.environment": "no_such_module:Env"}, "rl.environment: 'no_such_module:Env': cannot"),
     ]
     for sets, message in cases:
@@ -296,6 +295,53 @@ def test_per_turn_rewards_give_reinforce_pp_returns_across_turns():
             future = rewards[t] + 0.9 * future
             want[r, t] = future
     np.testing.assert_allclose(np.asarray(advantages), want, rtol=1e-5, atol=1e-6)
+
+
+def test_ppo_on_episodes_runs_gae_over_model_tokens_only(echo_rollout):
+    """PPO on an Echo rollout's rows: values are read at model tokens, GAE runs across turns
+    with observation tokens skipped (the next model token's value bootstraps across an
+    observation; gamma and lambda apply once per model token), per-turn rewards on each turn's
+    last token. Float64 NumPy reference."""
+    _, _, _, sampled = echo_rollout
+    sets = {"trainer": "ppo", "rl.turn_rewards": True, "rl.whiten_advantages": False}
+    sets |= {"rl.gamma": 0.9, "rl.lam": 0.8, "rl.kl_coef": 0.1, "rl.num_generations": 1}
+    sets |= {"rl.prompts_per_rollout": 8}
+    algo = make_algorithm(episode_config(Path("/nonexistent"), **sets))
+    mask = sampled["loss_mask"]
+    # Echo's steps: reward 1 after each of the two turns, on the turn's last token.
+    turn_rewards = np.zeros_like(mask)
+    for r in range(len(mask)):
+        model = np.flatnonzero(mask[r])
+        turn_rewards[r, model[2]] = turn_rewards[r, model[5]] = 1.0
+    rng = np.random.default_rng(0)
+    old = np.where(mask > 0, sampled["sampling_lp"], 0.0).astype(np.float32)
+    ref = (old + np.where(mask > 0, rng.normal(0, 0.1, mask.shape), 0)).astype(np.float32)
+    values = rng.normal(size=mask.shape).astype(np.float32)  # garbage at observations: unused
+    rollout = {
+        "mask": mask,
+        "scores": sampled["scores"].astype(np.float32),
+        "raw_scores": sampled["raw_scores"].astype(np.float32),
+        "turn_rewards": turn_rewards,
+        "old_logprobs": old,
+        "ref_logprobs": ref,
+        "values": values,
+        "entropy": np.zeros_like(mask),
+    }
+    buffer, _ = algo.postprocess({k: jnp.asarray(v) for k, v in rollout.items()}, 0.1)
+
+    want_adv, want_ret = np.zeros(mask.shape), np.zeros(mask.shape)
+    for r in range(len(mask)):
+        model = np.flatnonzero(mask[r])
+        rewards = -0.1 * (old[r].astype(np.float64) - ref[r]) + turn_rewards[r]
+        next_value = next_adv = 0.0
+        for t in model[::-1]:
+            delta = rewards[t] + 0.9 * next_value - values[r, t]
+            next_adv = delta + 0.9 * 0.8 * next_adv
+            next_value = values[r, t]
+            want_adv[r, t], want_ret[r, t] = next_adv, next_adv + values[r, t]
+    np.testing.assert_allclose(np.asarray(buffer["advantages"]), want_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(buffer["returns"]), want_ret, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(buffer["old_values"])[mask == 0], 0.0)
 
 
 @pytest.mark.slow

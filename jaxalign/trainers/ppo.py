@@ -53,6 +53,17 @@ def last_token_rewards(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * scores[:, None]
 
 
+def score_rewards(rollout: dict, scores: jax.Array) -> jax.Array:
+    """The per-token rewards [B, N] of the rows' scores [B]: each score on its row's last
+    response token; with per-turn rewards (`rl.turn_rewards`: rollout["turn_rewards"], each
+    environment step's reward on its turn's last token), those, plus on the last token what the
+    penalty, the clip or a baseline changed in the score (`scores - rollout["raw_scores"]`)."""
+    mask = rollout["mask"]
+    if "turn_rewards" not in rollout:
+        return last_token_rewards(scores, mask)
+    return rollout["turn_rewards"] + last_token_rewards(scores - rollout["raw_scores"], mask)
+
+
 class FrozenReference:
     """The reference policy's parameters: a device copy of the initial policy, optionally kept
     in host memory between rollouts (`rl.offload_frozen`)."""
@@ -250,7 +261,7 @@ class PPO(RLAlgorithm):
         kl = jnp.where(real, kl_penalty(old, ref, self.kl_estimator, rl.kl_clamp), 0.0)
         non_score = -kl_coef * kl
         scores = rollout["scores"]
-        rewards = non_score + last_token_rewards(scores, mask)
+        rewards = non_score + score_rewards(rollout, scores)
         if rl.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, unbiased=rl.whiten_unbiased)
         advantages, returns = compute_gae(rewards, values, mask, gamma=rl.gamma, lam=rl.lam)

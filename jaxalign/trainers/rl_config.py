@@ -103,7 +103,7 @@ class RLConfig:
     tool_call_format: Literal["hermes", "llama3"] = "hermes"  # how the model writes a call
     tool_timeout: float = 5.0  # seconds a turn's tool calls may run; later ones are cut off
     tool_max_chars: int = 4096  # a tool result's characters; longer ones are cut with a note
-    # Per-turn rewards (reinforce_pp): each environment step's reward on the last token of the
-    # model turn it answers, so its returns credit each turn with what came after it. False:
-    # one reward per episode (the sum of its step rewards) on its last model token.
+    # Per-turn rewards (ppo, reinforce_pp): each environment step's reward on the last token of
+    # the model turn it answers, so returns credit each turn with what came after it. False: one
+    # reward per episode (the sum of its step rewards) on its last model token.
     turn_rewards: bool = False

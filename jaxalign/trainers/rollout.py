@@ -437,9 +437,9 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         )
     if rl.environment:
         validate_environment_config(cfg, trainer)
-    if rl.turn_rewards and (not rl.environment or trainer != "reinforce_pp"):
+    if rl.turn_rewards and (not rl.environment or algorithm.group_relative):
         raise ConfigError(
-            "rl.turn_rewards is for trainer reinforce_pp with rl.environment (GRPO and RLOO "
+            "rl.turn_rewards is for ppo and reinforce_pp with rl.environment (GRPO and RLOO "
             "score whole episodes)"
         )
     if rl.ptx_coef < 0 or rl.ptx_batch_size < 0:
@@ -456,11 +456,6 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
 def validate_environment_config(cfg: Config, trainer: str) -> None:
     """The rl.environment keys (multi-turn episodes, `trainers/episodes.py`)."""
     rl, sp = cfg.rl, cfg.sampling
-    if trainer == "ppo":
-        raise ConfigError(
-            "rl.environment (multi-turn episodes) is for grpo, rloo and reinforce_pp; "
-            "PPO's values across turns are not implemented yet"
-        )
     if rl.reward_functions or rl.reward_model:
         raise ConfigError(
             "rl.environment gives the rewards: leave rl.reward_functions and rl.reward_model empty"
