@@ -147,6 +147,8 @@ def test_calculator_environment_episode():
     assert info == {"tool_calls": 1, "tool_errors": 1} and not done
     assert env.step("The answer is 97.")[1:3] == (1.0, True)
     assert env.step("The answer is 96.")[1:3] == (0.0, True)
+    with pytest.raises(ValueError, match="field 'answer' must hold an integer"):
+        env.reset({"messages": record["messages"], "answer": "ninety"})
 
 
 def test_format_checker_environment_checks_drafts_with_the_records_checker():
@@ -164,6 +166,8 @@ def test_format_checker_environment_checks_drafts_with_the_records_checker():
     assert env.step(call)[0][0]["content"] == "fails"
     assert env.step("hello there friend")[1:3] == (1.0, True)
     assert env.step("hello")[1:3] == (0.0, True)
+    with pytest.raises(ValueError, match="field 'family' must be one of arithmetic"):
+        env.reset({"messages": [{"role": "user", "content": "?"}], "family": "poetry"})
 
 
 def test_environments_load_by_name_module_or_file(tmp_path):

@@ -18,7 +18,7 @@ from jaxalign.config import load_config
 from jaxalign.data.templates import render_prompt, stop_token_ids
 from jaxalign.envs import format_tool_call, tools_prompt
 from jaxalign.envs.calculator import CALCULATOR
-from jaxalign.errors import UserError
+from jaxalign.errors import DataError, UserError
 from jaxalign.generate import Generation, Sampler
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers.rl_rows import build_rows
@@ -229,6 +229,10 @@ def test_calculator_episode_rows_and_masks_token_by_token(tmp_path):
         assert (buffer["advantages"][r][buffer["mask"][r] == 0] == 0).all()
     np.testing.assert_array_equal(result.scores, [1, 1, 1, 1, 0, 0, 0, 0])
     m = result.metrics
+    # A record the environment cannot start from: one line naming its file and line.
+    data_file.write_text('{"prompt": "What is 2+3?", "answer": "five"}\n' * 4)
+    with pytest.raises(DataError, match=r"sums.jsonl:1: rl.environment cannot start an episode "):
+        next(rollout_data(cfg)[3])
     assert m["rollout/episode/turns"] == 2 and m["rollout/episode/tool_calls"] == 1
     assert m["rollout/episode/tool_errors"] == 0 and m["rollout/episode/turn_limit"] == 0
     assert m["rollout/response_length"] == k

@@ -104,6 +104,12 @@ class CalculatorEnvironment(ToolEnvironment):
 
     tools = (CALCULATOR,)
 
+    def reset(self, record: dict) -> list[dict]:
+        """The record's prompt; ValueError unless its `answer` holds an integer."""
+        if not _INTEGER.findall(str(record.get("answer", ""))):
+            raise ValueError("field 'answer' must hold an integer")
+        return super().reset(record)
+
     def score(self, answer: str) -> float:
         want = _INTEGER.findall(str(self.record.get("answer", "")))
         got = _INTEGER.findall(answer)

@@ -28,6 +28,13 @@ class FormatCheckerEnvironment(ToolEnvironment):
             ),
         )
 
+    def reset(self, record: dict) -> list[dict]:
+        """The record's prompt; ValueError unless its `family` has a checker."""
+        families = checkers.TASK_FAMILIES + checkers.SAFETY_FAMILIES
+        if record.get("family") not in families:
+            raise ValueError(f"field 'family' must be one of {', '.join(families)}")
+        return super().reset(record)
+
     def check_answer(self, answer: str) -> str:
         """'passes' or 'fails' under the record's checker."""
         if not isinstance(answer, str):

@@ -123,9 +123,15 @@ class EpisodeEngine(RolloutEngine):
 
         t = time.perf_counter()
         episodes = []
-        for record in records:
+        for record, row_id in zip(records, row_ids, strict=True):
             env = self.make_env()
-            messages, ids = self.first_observation(env, record)
+            try:
+                messages, ids = self.first_observation(env, record)
+            except (DataError, KeyError, TypeError, ValueError) as e:
+                message = f"{type(e).__name__}: {e}".splitlines()[0]
+                raise DataError(
+                    f"rl.environment cannot start an episode ({message})", where=row_id
+                ) from None
             episodes.append(Episode(env, ids, messages))
         buckets = sorted(set(cfg.data.prompt_buckets))
         longest = max(len(e.prompt) for e in episodes)
