@@ -92,3 +92,18 @@ class RLConfig:
     ptx_coef: float = 0.0  # 0: off
     ptx_file: str | None = None  # any source data.train_file accepts
     ptx_batch_size: int = 0  # global rows per optimizer step (0: train.batch_size)
+    # Multi-turn episodes (docs/trainers/grpo.md, "Environments and tools"): an environment
+    # (a bundled name, calculator or format_checker; "module:Class" or "file.py:Class") whose
+    # observations (e.g. tool results) alternate with the model's turns. Its rewards replace
+    # rl.reward_functions / rl.reward_model. The episode after the first prompt (model and
+    # observation tokens) fits sampling.max_new_tokens; only the model's tokens are trained.
+    environment: str | None = None
+    max_turns: int = 4  # model turns per episode
+    turn_tokens: int = 0  # model tokens per turn (0: sampling.max_new_tokens)
+    tool_call_format: Literal["hermes", "llama3"] = "hermes"  # how the model writes a call
+    tool_timeout: float = 5.0  # seconds a turn's tool calls may run; later ones are cut off
+    tool_max_chars: int = 4096  # a tool result's characters; longer ones are cut with a note
+    # Per-turn rewards (ppo, reinforce_pp): each environment step's reward on the last token of
+    # the model turn it answers, so returns credit each turn with what came after it. False: one
+    # reward per episode (the sum of its step rewards) on its last model token.
+    turn_rewards: bool = False
