@@ -15,7 +15,7 @@ from test_ppo_grpo import DATA, rollout_data, start
 from toy import TINY_MODEL
 
 from jaxalign.config import load_config
-from jaxalign.data.templates import render_prompt, stop_token_ids
+from jaxalign.data.templates import render, render_prompt, stop_token_ids
 from jaxalign.envs import format_tool_call, tools_prompt
 from jaxalign.envs.calculator import CALCULATOR
 from jaxalign.errors import DataError, UserError
@@ -236,6 +236,97 @@ def test_calculator_episode_rows_and_masks_token_by_token(tmp_path):
     assert m["rollout/episode/turns"] == 2 and m["rollout/episode/tool_calls"] == 1
     assert m["rollout/episode/tool_errors"] == 0 and m["rollout/episode/turn_limit"] == 0
     assert m["rollout/response_length"] == k
+
+
+def scripted_turns(turns: list[list[int]], calls: list):
+    """Every sampler call returns the next of `turns` (token ids) in every row, as stopped, with
+    log-prob -0.5 per token; `calls` gets each call's prefix tokens."""
+
+    def generate(real, self, params, prompt_tokens, *args, **kwargs):
+        ids = turns[len(calls)]
+        calls.append(np.asarray(prompt_tokens))
+        b, n = prompt_tokens.shape[0], self.sampling.max_new_tokens
+        tokens = np.full((b, n), self.pad_id, np.int32)
+        tokens[:, : len(ids)] = ids
+        logprobs = np.where(np.arange(n) < len(ids), -0.5, 0.0).astype(np.float32)
+        return Generation(
+            tokens=jnp.asarray(tokens),
+            lengths=jnp.full((b,), len(ids), jnp.int32),
+            finish_reasons=jnp.ones((b,), jnp.int32),
+            model_logprobs=jnp.asarray(np.tile(logprobs, (b, 1))),
+            sampling_logprobs=jnp.asarray(np.tile(logprobs, (b, 1))),
+            num_steps=jnp.int32(len(ids)),
+        )
+
+    return generate
+
+
+def test_a_turn_ended_at_a_stop_string_is_closed_as_the_template_renders_it(tmp_path):
+    """sampling.stop ends the tool call at `</tool_call>` without the end marker: the string
+    stays in the assistant message (the call parses: one call, no error), the end marker comes
+    before the tool message as context, and the row equals the chat template's rendering of the
+    whole conversation token by token."""
+    data_file = tmp_path / "sums.jsonl"
+    data_file.write_text((json.dumps({"prompt": "What is 2+3?", "answer": 5}) + "\n") * 4)
+    cfg = episode_config(
+        tmp_path,
+        **{
+            "data.train_file": str(data_file),
+            "sampling.max_new_tokens": 96,
+            "sampling.stop": '["</tool_call>"]',
+            "rl.turn_tokens": 0,
+            "train.seq_len": 256,
+        },
+    )
+    turns, calls = [], []
+    with patched_generate(scripted_turns(turns, calls)):
+        algo, trainer, state, data = rollout_data(cfg)
+        tok = data.tokenizer
+        end = stop_token_ids(tok, "plain")[0]  # <|end|>
+        call = format_tool_call("calculate", {"expression": "2+3"}, "hermes")
+        assert call.endswith("</tool_call>")
+        turns += [tok.encode(call), [*tok.encode("The answer is 5."), end]]
+        sampled = data.engine.sample_round(
+            data._prompt_batches(), algo.policy_params(state["params"]), 0, 0, {}
+        )
+    conversation = [
+        {"role": "system", "content": tools_prompt([CALCULATOR], "hermes")},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": call},
+        {"role": "tool", "name": "calculate", "content": "5"},
+        {"role": "assistant", "content": "The answer is 5."},
+    ]
+    rendered, trained = render(conversation, tok, "plain")
+    assert rendered[-1] == tok.eos_id  # the closing EOS, which an episode row leaves out
+    rendered, trained = rendered[:-1], trained[:-1]
+    observation = [
+        end,
+        *tok.encode("<|tool|>"),
+        *tok.encode("5"),
+        end,
+        *tok.encode("<|assistant|>"),
+    ]
+    want_mask = [1.0] * len(turns[0]) + [0.0] * len(observation) + [1.0] * len(turns[1])
+    k = len(want_mask)
+    for r in range(len(sampled["lengths"])):
+        prompt = sampled["prompt_tokens"][r, -sampled["prompt_lengths"][r] :]
+        row = np.concatenate([prompt, sampled["response"][r, : sampled["lengths"][r]]])
+        np.testing.assert_array_equal(row, rendered)
+        np.testing.assert_array_equal(
+            sampled["response"][r, :k], [*turns[0], *observation, *turns[1]]
+        )
+        np.testing.assert_array_equal(sampled["loss_mask"][r, :k], want_mask)
+        # The template trains the assistant's end marker; the episode cannot (the model did
+        # not sample it), and otherwise the masks agree.
+        model = np.asarray(trained[len(prompt) :], np.float32)
+        model[len(turns[0])] = 0.0
+        np.testing.assert_array_equal(sampled["loss_mask"][r, :k], model)
+    np.testing.assert_array_equal(sampled["rollout/episode/tool_calls"], 1.0)
+    np.testing.assert_array_equal(sampled["rollout/episode/tool_errors"], 0.0)
+    np.testing.assert_array_equal(sampled["raw_scores"], 1.0)
+    # The second turn was sampled from the row so far, end marker included.
+    second = calls[1][0]
+    assert list(second[second != tok.pad_id][-len(observation) :]) == observation
 
 
 def test_environment_config_errors_are_one_line(tmp_path):
