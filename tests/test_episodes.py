@@ -15,12 +15,15 @@ from test_ppo_grpo import DATA, rollout_data, start
 from toy import TINY_MODEL
 
 from jaxalign.config import load_config
+from jaxalign.data import load_tokenizer
 from jaxalign.data.templates import render, render_prompt, stop_token_ids
 from jaxalign.envs import format_tool_call, tools_prompt
 from jaxalign.envs.calculator import CALCULATOR
 from jaxalign.errors import DataError, UserError
-from jaxalign.generate import Generation, Sampler
+from jaxalign.eval.episodes import evaluate_environment
+from jaxalign.generate import Generation, Sampler, Stops
 from jaxalign.trainers import make_algorithm
+from jaxalign.trainers.episodes import EpisodeRunner, read_episode_records
 from jaxalign.trainers.rl_rows import build_rows
 from jaxalign.trainers.rollout_engine import RolloutEngine
 
@@ -238,27 +241,29 @@ def test_calculator_episode_rows_and_masks_token_by_token(tmp_path):
     assert m["rollout/response_length"] == k
 
 
-def scripted_turns(turns: list[list[int]], calls: list):
-    """Every sampler call returns the next of `turns` (token ids) in every row, as stopped, with
-    log-prob -0.5 per token; `calls` gets each call's prefix tokens."""
+class ScriptedSampler:
+    """A turn sampler whose every call returns the next of `turns` (token ids) in every row, as
+    stopped, log-prob -0.5 per token; `calls` holds each call's prefix tokens."""
 
-    def generate(real, self, params, prompt_tokens, *args, **kwargs):
-        ids = turns[len(calls)]
-        calls.append(np.asarray(prompt_tokens))
-        b, n = prompt_tokens.shape[0], self.sampling.max_new_tokens
-        tokens = np.full((b, n), self.pad_id, np.int32)
+    def __init__(self, turns: list[list[int]], max_new_tokens: int, pad_id: int):
+        self.turns, self.n, self.pad_id = turns, max_new_tokens, pad_id
+        self.calls: list[np.ndarray] = []
+
+    def generate_padded(self, params, prompt_tokens, *args):
+        ids = self.turns[len(self.calls)]
+        self.calls.append(np.asarray(prompt_tokens))
+        b = prompt_tokens.shape[0]
+        tokens = np.full((b, self.n), self.pad_id, np.int32)
         tokens[:, : len(ids)] = ids
-        logprobs = np.where(np.arange(n) < len(ids), -0.5, 0.0).astype(np.float32)
+        logprobs = np.where(np.arange(self.n) < len(ids), -0.5, 0.0).astype(np.float32)
         return Generation(
-            tokens=jnp.asarray(tokens),
-            lengths=jnp.full((b,), len(ids), jnp.int32),
-            finish_reasons=jnp.ones((b,), jnp.int32),
-            model_logprobs=jnp.asarray(np.tile(logprobs, (b, 1))),
-            sampling_logprobs=jnp.asarray(np.tile(logprobs, (b, 1))),
-            num_steps=jnp.int32(len(ids)),
+            tokens=tokens,
+            lengths=np.full((b,), len(ids), np.int32),
+            finish_reasons=np.ones((b,), np.int32),
+            model_logprobs=np.tile(logprobs, (b, 1)),
+            sampling_logprobs=np.tile(logprobs, (b, 1)),
+            num_steps=len(ids),
         )
-
-    return generate
 
 
 def test_a_turn_ended_at_a_stop_string_is_closed_as_the_template_renders_it(tmp_path):
@@ -267,7 +272,7 @@ def test_a_turn_ended_at_a_stop_string_is_closed_as_the_template_renders_it(tmp_
     before the tool message as context, and the row equals the chat template's rendering of the
     whole conversation token by token."""
     data_file = tmp_path / "sums.jsonl"
-    data_file.write_text((json.dumps({"prompt": "What is 2+3?", "answer": 5}) + "\n") * 4)
+    data_file.write_text((json.dumps({"prompt": "What is 2+3?", "answer": 5}) + "\n") * 2)
     cfg = episode_config(
         tmp_path,
         **{
@@ -275,20 +280,20 @@ def test_a_turn_ended_at_a_stop_string_is_closed_as_the_template_renders_it(tmp_
             "sampling.max_new_tokens": 96,
             "sampling.stop": '["</tool_call>"]',
             "rl.turn_tokens": 0,
-            "train.seq_len": 256,
         },
     )
-    turns, calls = [], []
-    with patched_generate(scripted_turns(turns, calls)):
-        algo, trainer, state, data = rollout_data(cfg)
-        tok = data.tokenizer
-        end = stop_token_ids(tok, "plain")[0]  # <|end|>
-        call = format_tool_call("calculate", {"expression": "2+3"}, "hermes")
-        assert call.endswith("</tool_call>")
-        turns += [tok.encode(call), [*tok.encode("The answer is 5."), end]]
-        sampled = data.engine.sample_round(
-            data._prompt_batches(), algo.policy_params(state["params"]), 0, 0, {}
-        )
+    tok = load_tokenizer(cfg.data.tokenizer)
+    end = stop_token_ids(tok, "plain")[0]  # <|end|>
+    call = format_tool_call("calculate", {"expression": "2+3"}, "hermes")
+    assert call.endswith("</tool_call>")
+    turns = [tok.encode(call), [*tok.encode("The answer is 5."), end]]
+    sampler = ScriptedSampler(turns, 96, tok.pad_id)
+    runner = EpisodeRunner(cfg, tok, Stops.for_config(tok, cfg), sampler, rows_per_call=2)
+    records, row_ids = read_episode_records(str(data_file), tok, "plain")
+    assert row_ids == [f"{data_file}:1", f"{data_file}:2"]
+    episodes, width = runner.start(records, row_ids, cfg.data.prompt_buckets)
+    runner.run(episodes, width, None, np.arange(2, dtype=np.int32), 0, {})
+
     conversation = [
         {"role": "system", "content": tools_prompt([CALCULATOR], "hermes")},
         {"role": "user", "content": "What is 2+3?"},
@@ -306,27 +311,19 @@ def test_a_turn_ended_at_a_stop_string_is_closed_as_the_template_renders_it(tmp_
         end,
         *tok.encode("<|assistant|>"),
     ]
-    want_mask = [1.0] * len(turns[0]) + [0.0] * len(observation) + [1.0] * len(turns[1])
-    k = len(want_mask)
-    for r in range(len(sampled["lengths"])):
-        prompt = sampled["prompt_tokens"][r, -sampled["prompt_lengths"][r] :]
-        row = np.concatenate([prompt, sampled["response"][r, : sampled["lengths"][r]]])
-        np.testing.assert_array_equal(row, rendered)
-        np.testing.assert_array_equal(
-            sampled["response"][r, :k], [*turns[0], *observation, *turns[1]]
-        )
-        np.testing.assert_array_equal(sampled["loss_mask"][r, :k], want_mask)
+    for e in episodes:
+        assert e.messages[2:] == conversation[2:] and e.done
+        np.testing.assert_array_equal([*e.prompt, *e.tokens], rendered)
+        np.testing.assert_array_equal(e.tokens, [*turns[0], *observation, *turns[1]])
         # The template trains the assistant's end marker; the episode cannot (the model did
-        # not sample it), and otherwise the masks agree.
-        model = np.asarray(trained[len(prompt) :], np.float32)
+        # not sample it); otherwise the masks agree.
+        model = np.asarray(trained[len(e.prompt) :], np.float32)
         model[len(turns[0])] = 0.0
-        np.testing.assert_array_equal(sampled["loss_mask"][r, :k], model)
-    np.testing.assert_array_equal(sampled["rollout/episode/tool_calls"], 1.0)
-    np.testing.assert_array_equal(sampled["rollout/episode/tool_errors"], 0.0)
-    np.testing.assert_array_equal(sampled["raw_scores"], 1.0)
-    # The second turn was sampled from the row so far, end marker included.
-    second = calls[1][0]
-    assert list(second[second != tok.pad_id][-len(observation) :]) == observation
+        np.testing.assert_array_equal(e.mask, model)
+        assert (e.tool_calls, e.tool_errors, e.reward) == (1, 0, 1.0)
+    # The second turn was sampled from the row so far, the end marker included.
+    second = sampler.calls[1][0]
+    assert list(second[second != tok.pad_id]) == [*episodes[0].prompt, *turns[0], *observation]
 
 
 def test_environment_config_errors_are_one_line(tmp_path):
@@ -440,17 +437,27 @@ def test_ppo_on_episodes_runs_gae_over_model_tokens_only(echo_rollout):
 
 
 @pytest.mark.slow
-def test_tiny_grpo_run_with_the_calculator_environment(tmp_path):
-    data_file = tmp_path / "sums.jsonl"
+def test_calculator_grpo_run_evals_episodes_and_resumes_mid_episode_exactly(tmp_path):
+    """A tiny GRPO run with the calculator: two rollouts straight through (with greedy episode
+    evals before each), or crashed in the middle of the second rollout's episodes and resumed
+    from the step-1 checkpoint: the same step 2. `jaxalign eval --environment` of that
+    checkpoint reports what the straight run's own eval of the step-1 parameters logged."""
+    data_file, eval_file = tmp_path / "sums.jsonl", tmp_path / "held_out.jsonl"
     sums = [(a, b) for a in range(2, 6) for b in range(3, 5)]
-    data_file.write_text(
-        "".join(
-            json.dumps({"prompt": f"What is {a}+{b}?", "answer": a + b}) + "\n" for a, b in sums
+    for path, pairs in ((data_file, sums), (eval_file, sums[:4])):
+        path.write_text(
+            "".join(
+                json.dumps({"prompt": f"What is {a}+{b}?", "answer": a + b}) + "\n"
+                for a, b in pairs
+            )
         )
-    )
-    # The shapes of the Echo rollout's first turn (its sampler compiles once for both).
-    _, trainer, init = start(episode_config(tmp_path, **{"data.train_file": str(data_file)}))
-    (metrics,) = trainer.run(init_params=init).history
+    overrides = {"data.train_file": str(data_file), "train.steps": 2}
+    # Evals do not change training: only the straight run evaluates.
+    evals = {"data.eval_file": str(eval_file), "rl.eval_every": 1}
+    _, trainer, init = start(episode_config(tmp_path / "straight", **overrides, **evals))
+    straight = trainer.run(init_params=init).history
+    assert [h["step"] for h in straight] == [1, 2]
+    metrics = straight[0]
     for key in (
         "rollout/episode/turns",
         "rollout/episode/tool_calls",
@@ -465,3 +472,44 @@ def test_tiny_grpo_run_with_the_calculator_environment(tmp_path):
     ends = ("rollout/eos_fraction", "rollout/episode/token_limit", "rollout/episode/turn_limit")
     assert sum(metrics[k] for k in ends) == pytest.approx(1.0)
     assert 1 <= metrics["rollout/episode/turns"] <= 2
+    for h in straight:  # greedy episodes over the 4 held-out sums
+        assert h["eval/success_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert 1 <= h["eval/turns"] <= 2 and 0 <= h["eval/tool_error_rate"] <= 1
+
+    def crash_mid_episode(train_data):
+        def make(*args):
+            data = train_data(*args)
+            rollout = data._rollout
+
+            def crashing():
+                if data.rollouts == 1:  # the second rollout's first turn sampled, then a crash
+
+                    def finish(*args):
+                        raise RuntimeError("simulated crash mid-episode")
+
+                    data.engine.episodes._finish_turn = finish
+                rollout()
+
+            data._rollout = crashing
+            return data
+
+        return make
+
+    overrides["checkpoint.every"] = 1
+    algo, trainer, init = start(episode_config(tmp_path / "resumed", **overrides))
+    algo.train_data = crash_mid_episode(algo.train_data)
+    with pytest.raises(RuntimeError, match="simulated crash mid-episode"):
+        trainer.run(init_params=init)
+    _, trainer, init = start(episode_config(tmp_path / "resumed", **overrides))
+    (resumed,) = trainer.run(init_params=init).history
+    assert resumed["step"] == 2
+    for key in ("loss", "loss/policy", "objective/scores", "rollout/episode/turns"):
+        np.testing.assert_allclose(resumed[key], straight[1][key], rtol=1e-5, err_msg=key)
+
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoints" / "1"
+    evaluated = evaluate_environment(checkpoint, "calculator", str(eval_file))
+    assert evaluated["env/calculator/success_rate"] == pytest.approx(
+        100 * straight[1]["eval/success_rate"]
+    )
+    assert evaluated["env/calculator/turns"] == pytest.approx(straight[1]["eval/turns"])
+    assert evaluated["env/calculator/tool_calls"] == pytest.approx(straight[1]["eval/tool_calls"])

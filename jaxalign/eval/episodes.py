@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 
+from jaxalign import sharding as shd
 from jaxalign.envs.base import BUNDLED
 from jaxalign.errors import UserError
 
@@ -101,7 +102,8 @@ def evaluate_environment(
     )
     runner = EpisodeRunner(cfg, tokenizer, stops, sampler, batch_size)
     records, row_ids = read_episode_records(records_file, tokenizer, cfg.data.template, limit or 0)
-    rows = min(batch_size, len(records))
+    divisor = shd.batch_divisor(policy.mesh, policy.rules)  # rows split over the batch axes
+    rows = -(-min(batch_size, len(records)) // divisor) * divisor
     metrics, episodes = evaluate_episodes(runner, policy.params, records, row_ids, rows, None)
     name = environment_name(environment)
     if generations_path is not None and jax.process_index() == 0:  # process 0 writes

@@ -351,10 +351,8 @@ class EpisodeEngine(RolloutEngine):
         """Greedy episodes over data.eval_file: eval/success_rate (a fraction, as
         eval/pass_rate), eval/turns, eval/tool_calls, eval/tool_error_rate (a fraction)."""
         records, row_ids = self.eval_prompts
-        rows = min(len(records), self.cfg.sampling.batch_size)
-        rows = -(-rows // shd.batch_divisor(self.mesh, self.rules)) * shd.batch_divisor(
-            self.mesh, self.rules
-        )
+        divisor = shd.batch_divisor(self.mesh, self.rules)  # rows split over the batch axes
+        rows = -(-min(len(records), self.cfg.sampling.batch_size) // divisor) * divisor
         metrics, _ = evaluate_episodes(
             self.eval_episodes, params, records, row_ids, rows, self.cfg.data.prompt_buckets
         )
