@@ -14,16 +14,18 @@ import pytest
 from test_ppo_grpo import DATA, rollout_data, start
 from toy import TINY_MODEL
 
+from jaxalign.cli import main as cli_main
 from jaxalign.config import load_config
 from jaxalign.data import load_tokenizer
 from jaxalign.data.templates import render, render_prompt, stop_token_ids
 from jaxalign.envs import format_tool_call, tools_prompt
 from jaxalign.envs.calculator import CALCULATOR
 from jaxalign.errors import DataError, UserError
-from jaxalign.eval.episodes import evaluate_environment
+from jaxalign.eval.compare import compare_metrics
+from jaxalign.eval.episodes import environment_name, evaluate_environment, parse_environment_arg
 from jaxalign.generate import Generation, Sampler, Stops
 from jaxalign.trainers import make_algorithm
-from jaxalign.trainers.episodes import EpisodeRunner, read_episode_records
+from jaxalign.trainers.episodes import Episode, EpisodeRunner, episode_metrics, read_episode_records
 from jaxalign.trainers.rl_rows import build_rows
 from jaxalign.trainers.rollout_engine import RolloutEngine
 
@@ -513,3 +515,76 @@ def test_calculator_grpo_run_evals_episodes_and_resumes_mid_episode_exactly(tmp_
     )
     assert evaluated["env/calculator/turns"] == pytest.approx(straight[1]["eval/turns"])
     assert evaluated["env/calculator/tool_calls"] == pytest.approx(straight[1]["eval/tool_calls"])
+
+
+def test_bad_environment_records_are_one_line_errors_naming_file_and_line(tmp_path):
+    cfg = episode_config(tmp_path)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    runner = EpisodeRunner(cfg, tok, Stops.for_config(tok, cfg), None, rows_per_call=2)
+    good = json.dumps({"prompt": "What is 2+3?", "answer": 5})
+    cases = [
+        ('{"answer": 5}', r"bad.jsonl:2: record must have a 'prompt' or a 'messages' field"),
+        (
+            '{"prompt": "2+3?", "answer": "five"}',
+            r"bad.jsonl:2: rl.environment cannot start an "
+            r"episode \(ValueError: field 'answer' must hold an integer\)",
+        ),
+        ('{"prompt": "2+3?", "answer": 5', r"bad.jsonl:2: "),
+    ]
+    for line, message in cases:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(f"{good}\n{line}\n")
+        with pytest.raises(DataError, match=message) as info:
+            records, row_ids = read_episode_records(str(path), tok, "plain")
+            runner.start(records, row_ids, cfg.data.prompt_buckets)
+        assert "\n" not in str(info.value)
+    # The format_checker environment names the field it needs too.
+    checker = episode_config(tmp_path, **{"rl.environment": "format_checker"})
+    runner = EpisodeRunner(checker, tok, Stops.for_config(tok, checker), None, rows_per_call=2)
+    path.write_text(f"{good}\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: .*field 'family' must be one of"):
+        runner.start(*read_episode_records(str(path), tok, "plain"), None)
+
+
+def test_episode_metrics_and_their_regression_gate():
+    def episode(reward, turns, calls, errors, turn_limit=False, token_limit=False):
+        e = Episode(None, np.zeros(1, np.int32), [], reward=reward, turns=turns)
+        e.tool_calls, e.tool_errors = calls, errors
+        e.turn_limit, e.token_limit = turn_limit, token_limit
+        return e
+
+    episodes = [
+        episode(1.0, 2, 1, 0),
+        episode(0.0, 3, 2, 1, turn_limit=True),
+        episode(1.0, 1, 0, 0),
+        episode(0.0, 2, 1, 1, token_limit=True),
+    ]
+    got = episode_metrics(episodes)
+    assert got == pytest.approx(
+        {
+            "success_rate": 50.0,
+            "turns": 2.0,
+            "tool_calls": 1.0,
+            "tool_error_rate": 50.0,  # 2 of 4 calls
+            "turn_limit_rate": 25.0,
+            "token_limit_rate": 25.0,
+        }
+    )
+    assert episode_metrics([episode(0.5, 1, 0, 0)])["tool_error_rate"] == 0.0  # no calls
+    before = {f"env/calculator/{k}": v for k, v in got.items()}
+    after = {**before, "env/calculator/success_rate": 45.0, "env/calculator/turns": 4.0}
+    after["env/calculator/tool_error_rate"] = 53.0
+    regressions, compared = compare_metrics({"a": before}, {"a": after}, max_drop=2.0)
+    assert compared == 2  # success (higher is better) and tool errors (lower); the rest inform
+    assert [(r.metric, r.change) for r in regressions] == [
+        ("env/calculator/success_rate", -5.0),
+        ("env/calculator/tool_error_rate", 3.0),
+    ]
+    assert environment_name("calculator") == "calculator"
+    assert environment_name("my_envs.py:Maze") == "Maze"
+    assert parse_environment_arg("calculator=data/day=1.jsonl") == (
+        "calculator",
+        "data/day=1.jsonl",
+    )
+    with pytest.raises(UserError, match="--environment 'calculator': expected SPEC=FILE"):
+        cli_main(["eval", "--model", "no_such_run", "--environment", "calculator", "--debug"])

@@ -40,7 +40,7 @@ def environment_name(spec: str) -> str:
 
 def parse_environment_arg(value: str) -> tuple[str, str]:
     """`SPEC=FILE` of `--environment` -> (spec, file)."""
-    spec, sep, path = value.rpartition("=")
+    spec, sep, path = value.partition("=")  # a path may hold "=" (day=1/), a spec does not
     if not sep or not spec or not path:
         raise UserError(
             f"--environment {value!r}: expected SPEC=FILE (e.g. calculator=sums.jsonl; SPEC a "
