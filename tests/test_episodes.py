@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -588,3 +589,66 @@ def test_episode_metrics_and_their_regression_gate():
     )
     with pytest.raises(UserError, match="--environment 'calculator': expected SPEC=FILE"):
         cli_main(["eval", "--model", "no_such_run", "--environment", "calculator", "--debug"])
+
+
+UNRULY_ENV = """
+import time
+
+from jaxalign.envs import Tool, ToolEnvironment
+
+
+def hang():
+    time.sleep(60)
+
+
+def boom():
+    raise RuntimeError("disk on fire")
+
+
+def huge():
+    return "x" * 10_000_000
+
+
+class Unruly(ToolEnvironment):
+    tools = tuple(
+        Tool(f.__name__, f, "misbehaves", {"type": "object", "properties": {}})
+        for f in (hang, boom, huge)
+    )
+
+    def score(self, answer):
+        return 1.0
+"""
+
+
+def test_tools_that_hang_raise_or_flood_do_not_stop_the_episode(tmp_path):
+    """One turn calls a tool that hangs, one that raises and one that returns 10 MB: the turn
+    ends after rl.tool_timeout, the model sees two errors and a truncated result, and answers."""
+    (tmp_path / "unruly.py").write_text(UNRULY_ENV)
+    data_file = tmp_path / "q.jsonl"
+    data_file.write_text(json.dumps({"prompt": "Go."}) + "\n")
+    cfg = episode_config(
+        tmp_path,
+        **{
+            "rl.environment": f"{tmp_path / 'unruly.py'}:Unruly",
+            "rl.tool_timeout": 0.5,
+            "rl.tool_max_chars": 64,
+            "rl.turn_tokens": 0,
+            "sampling.max_new_tokens": 400,
+        },
+    )
+    tok = load_tokenizer(cfg.data.tokenizer)
+    end = stop_token_ids(tok, "plain")[0]
+    calls = "".join(format_tool_call(name, {}, "hermes") for name in ("hang", "boom", "huge"))
+    sampler = ScriptedSampler([[*tok.encode(calls), end], [*tok.encode("Done."), end]], 400, 0)
+    runner = EpisodeRunner(cfg, tok, Stops.for_config(tok, cfg), sampler, rows_per_call=1)
+    episodes, width = runner.start(*read_episode_records(str(data_file), tok, "plain"), None)
+    started = time.perf_counter()
+    runner.run(episodes, width, None, np.zeros(1, np.int32), 0, {})
+    assert time.perf_counter() - started < 5
+    (e,) = episodes
+    assert e.done and e.reward == 1.0 and e.turns == 2
+    assert (e.tool_calls, e.tool_errors) == (3, 2)
+    hang, boom, huge = (m["content"] for m in e.messages[-4:-1])
+    assert hang == "Error: tool 'hang' timed out after 0.5 s"
+    assert boom == "Error: RuntimeError: disk on fire"
+    assert huge == "x" * 64 + "\n[truncated: 10000000 characters, showing the first 64]"
