@@ -1,12 +1,15 @@
 """Multi-turn episodes in rollouts (`rl.environment`): the rollout engine with a `sample_round`
-that runs environment episodes instead of sampling one response per prompt.
+that runs environment episodes instead of sampling one response per prompt. The episode loop
+itself (`EpisodeRunner`) also runs the environment evals (rl.eval_every, `jaxalign eval
+--environment`: `jaxalign/eval/episodes.py`).
 
 An episode's row is [first observation, left padded to P | model turn 1, observation 1, model
 turn 2, ... , padding], the part after P at most sampling.max_new_tokens (N) tokens. Every model
 turn is sampled with the prefix the row holds so far (the same token ids, positions and
 attention the training forward sees, so the sampler's log-probs are the trainer's), at most
 rl.turn_tokens tokens; the environment's observation after it is rendered through the chat
-template (`render_observation`) and appended. The row's loss mask is 1 on the model's tokens
+template (`render_observation`) and appended (after the template's end marker, as context,
+when the turn ended at a sampling.stop string). The row's loss mask is 1 on the model's tokens
 (its stop tokens included) and 0 on observation tokens, so observations are context only: out of
 the policy loss, the KL and the entropy. The episode's score is the sum of its step rewards.
 
