@@ -328,7 +328,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             max_turns=args.max_turns,
-            generations_path=args.episodes,
+            episodes_path=args.episodes,
         )
     if not _is_main_process():  # every process evaluates; process 0 writes and prints
         return 0
@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer tokens (default 48); with --environment, each episode's token budget "
         "after its first observation (default: the run's sampling.max_new_tokens)",
     )
-    p.add_argument("--episodes", help="append each environment episode here (JSONL)")
+    p.add_argument("--episodes", help="write each environment episode here (JSONL)")
     p.add_argument("--generations", help="write each prompt's answer and verdict here (JSONL)")
     p.add_argument("--output", help="write the metrics here (JSON)")
     p.add_argument(

@@ -23,7 +23,7 @@ from jaxalign.envs import format_tool_call, tools_prompt
 from jaxalign.envs.calculator import CALCULATOR
 from jaxalign.errors import DataError, UserError
 from jaxalign.eval.compare import compare_metrics
-from jaxalign.eval.episodes import environment_name, evaluate_environment, parse_environment_arg
+from jaxalign.eval.episodes import environment_name, evaluate_environments, parse_environment_arg
 from jaxalign.generate import Generation, Sampler, Stops
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers.episodes import Episode, EpisodeRunner, episode_metrics, read_episode_records
@@ -510,7 +510,14 @@ def test_calculator_grpo_run_evals_episodes_and_resumes_mid_episode_exactly(tmp_
         np.testing.assert_allclose(resumed[key], straight[1][key], rtol=1e-5, err_msg=key)
 
     checkpoint = tmp_path / "resumed" / "run" / "checkpoints" / "1"
-    evaluated = evaluate_environment(checkpoint, "calculator", str(eval_file))
+    episodes_file = tmp_path / "episodes.jsonl"
+    evaluated = evaluate_environments(
+        checkpoint, [f"calculator={eval_file}"], episodes_path=episodes_file
+    )
+    written = [json.loads(line) for line in episodes_file.read_text().splitlines()]
+    assert [w["id"] for w in written] == [f"{eval_file}:{i}" for i in range(1, 5)]
+    assert all(w["messages"][-1]["role"] == "assistant" for w in written)  # even when cut
+    assert np.mean([w["turns"] for w in written]) == evaluated["env/calculator/turns"]
     assert evaluated["env/calculator/success_rate"] == pytest.approx(
         100 * straight[1]["eval/success_rate"]
     )

@@ -49,50 +49,47 @@ def parse_environment_arg(value: str) -> tuple[str, str]:
     return spec, path
 
 
-def evaluate_environment(
+def evaluate_environments(
     model_dir: str | Path,
-    environment: str,
-    records_file: str,
+    environments: Sequence[str],
     *,
     limit: int | None = None,
     max_new_tokens: int | None = None,
     max_turns: int | None = None,
     batch_size: int = 64,
-    generations_path: str | Path | None = None,
+    episodes_path: str | Path | None = None,
 ) -> dict[str, float]:
     """`env/<name>/...` metrics (module docstring) of greedy episodes of the policy in
-    `model_dir` with `environment` over `records_file`. The policy's run config gives the
-    rl.* episode settings (rl.max_turns, rl.turn_tokens, rl.tool_*); `max_new_tokens` (the
-    episode's token budget after the first observation) and `max_turns` override them. With
-    `generations_path`, each episode (its id, messages, score and counts) is appended there."""
+    `model_dir`, for each `SPEC=FILE` of `environments` (environment SPEC over the records of
+    FILE, the first `limit`). The policy's run config gives the episode settings (rl.max_turns,
+    rl.turn_tokens, rl.tool_*, sampling.stop); `max_new_tokens` (each episode's token budget
+    after its first observation) and `max_turns` override two of them. With `episodes_path`,
+    every episode (its record id, messages, score and counts) is written there as JSONL."""
     from jaxalign.data import load_tokenizer
     from jaxalign.generate import Sampler, Stops, load_policy
     from jaxalign.trainers.episodes import EpisodeRunner, evaluate_episodes, read_episode_records
 
-    overrides = [
-        "sampling.temperature=0",
-        f"sampling.batch_size={batch_size}",
-        "sampling.num_samples=1",
-        f"rl.environment={environment}",
-    ]
+    pairs = [parse_environment_arg(v) for v in environments]  # all checked before loading
+    if max_turns is not None and max_turns < 1:
+        raise UserError(f"--max-turns must be >= 1, got {max_turns}")
+    overrides = ["sampling.temperature=0", f"sampling.batch_size={batch_size}"]
     if max_new_tokens is not None:
         overrides.append(f"sampling.max_new_tokens={max_new_tokens}")
     if max_turns is not None:
         overrides.append(f"rl.max_turns={max_turns}")
     policy = load_policy(model_dir, overrides)
     cfg = policy.cfg
-    if not 0 <= cfg.rl.turn_tokens <= cfg.sampling.max_new_tokens:
+    turn_tokens = cfg.rl.turn_tokens or cfg.sampling.max_new_tokens
+    if turn_tokens > cfg.sampling.max_new_tokens:
         raise UserError(
-            f"rl.turn_tokens ({cfg.rl.turn_tokens}) of {model_dir} is more than the episode "
-            f"budget ({cfg.sampling.max_new_tokens}): raise --max-new-tokens"
+            f"rl.turn_tokens ({turn_tokens}) of {model_dir} is more than the episode budget "
+            f"({cfg.sampling.max_new_tokens}): raise --max-new-tokens"
         )
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     stops = Stops.for_config(tokenizer, cfg)
     sampler = Sampler(
         cfg.model,
-        dataclasses.replace(
-            cfg.sampling, max_new_tokens=cfg.rl.turn_tokens or cfg.sampling.max_new_tokens
-        ),
+        dataclasses.replace(cfg.sampling, max_new_tokens=turn_tokens),
         stop_token_ids=stops.token_ids,
         stop_sequences=stops.sequences,
         pad_id=tokenizer.pad_id,
@@ -100,36 +97,35 @@ def evaluate_environment(
         rules=policy.rules,
         graphdef=policy.graphdef,
     )
-    runner = EpisodeRunner(cfg, tokenizer, stops, sampler, batch_size)
-    records, row_ids = read_episode_records(records_file, tokenizer, cfg.data.template, limit or 0)
     divisor = shd.batch_divisor(policy.mesh, policy.rules)  # rows split over the batch axes
-    rows = -(-min(batch_size, len(records)) // divisor) * divisor
-    metrics, episodes = evaluate_episodes(runner, policy.params, records, row_ids, rows, None)
-    name = environment_name(environment)
-    if generations_path is not None and jax.process_index() == 0:  # process 0 writes
-        path = Path(generations_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            for row_id, e in zip(row_ids, episodes, strict=True):
-                row = {
-                    "id": row_id,
-                    "environment": name,
-                    "messages": e.messages,
-                    "score": e.reward,
-                    "turns": e.turns,
-                    "tool_calls": e.tool_calls,
-                    "tool_errors": e.tool_errors,
-                }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {f"{ENV_PREFIX}{name}/{k}": v for k, v in metrics.items()}
-
-
-def evaluate_environments(
-    model_dir: str | Path, environments: Sequence[str], **kwargs
-) -> dict[str, float]:
-    """`evaluate_environment` of each `SPEC=FILE` of `environments`, merged."""
+    evals = []
+    for spec, path in pairs:  # every record of every environment checked before any episode
+        env_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, environment=spec))
+        runner = EpisodeRunner(env_cfg, tokenizer, stops, sampler, None)
+        records, row_ids = read_episode_records(path, tokenizer, cfg.data.template, limit or 0)
+        runner.start(records, row_ids, None)
+        evals.append((spec, runner, records, row_ids))
     metrics: dict[str, float] = {}
-    for value in environments:
-        spec, path = parse_environment_arg(value)
-        metrics.update(evaluate_environment(model_dir, spec, path, **kwargs))
+    written = []
+    for spec, runner, records, row_ids in evals:
+        rows = -(-min(batch_size, len(records)) // divisor) * divisor
+        summary, episodes = evaluate_episodes(runner, policy.params, records, row_ids, rows, None)
+        name = environment_name(spec)
+        metrics.update({f"{ENV_PREFIX}{name}/{k}": v for k, v in summary.items()})
+        written += [
+            {
+                "id": row_id,
+                "environment": name,
+                "messages": e.messages,
+                "score": e.reward,
+                "turns": e.turns,
+                "tool_calls": e.tool_calls,
+                "tool_errors": e.tool_errors,
+            }
+            for row_id, e in zip(row_ids, episodes, strict=True)
+        ]
+    if episodes_path is not None and jax.process_index() == 0:  # process 0 writes
+        out = Path(episodes_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written))
     return metrics

@@ -79,9 +79,11 @@ class EpisodeRunner:
     and the environment evals (`jaxalign.eval.episodes`, rl.eval_every) share. `cfg`: the run
     config (its `rl` environment keys, data.template, sampling.max_new_tokens, sampling.seed);
     `turn_sampler`: samples one model turn (at most rl.turn_tokens tokens); `rows_per_call`:
-    rows per sampler call."""
+    rows per sampler call (None: all of a `run`'s rows in one)."""
 
-    def __init__(self, cfg, tokenizer, stops: Stops, turn_sampler: Sampler, rows_per_call: int):
+    def __init__(
+        self, cfg, tokenizer, stops: Stops, turn_sampler: Sampler, rows_per_call: int | None
+    ):
         rl = cfg.rl
         self.cfg, self.rl = cfg, rl
         self.tokenizer, self.stops = tokenizer, stops
@@ -192,7 +194,7 @@ class EpisodeRunner:
             prefix[r, prefix_width - len(seq) :] = seq
             prefix_lengths[r] = len(seq)
         seed = turn_seed(self.cfg.sampling.seed, round_, turn)
-        per_call = min(rows, self.rows_per_call)
+        per_call = min(rows, self.rows_per_call or rows)
         outs = []
         for s in range(0, rows, per_call):
             sl = slice(s, s + per_call)
@@ -233,6 +235,8 @@ class EpisodeRunner:
             e.turns += 1
             if not ended:  # cut at rl.turn_tokens or at the episode's budget
                 e.active, e.token_limit = False, True
+                text = self.tokenizer.decode(tokens[r, :k])
+                e.messages.append({"role": "assistant", "content": text})  # for the record
                 continue
             closed[r] = k > 0 and int(tokens[r, k - 1]) in self.stops.token_ids
             text = texts[r] if closed[r] else self.tokenizer.decode(tokens[r, :k])
@@ -310,7 +314,8 @@ def evaluate_episodes(
     buckets: list[int] | None,
 ) -> tuple[dict[str, float], list[Episode]]:
     """Greedy episodes (`runner`'s sampler at temperature 0) over `records`, `rows` at a time
-    (the last batch filled with copies, dropped, so every call has one shape): their
+    (a multiple of the devices the batch is split over; the last batch filled with copies,
+    dropped, so every call has one shape): their
     `episode_metrics` and the episodes."""
     done: list[Episode] = []
     for s in range(0, len(records), rows):
@@ -343,9 +348,7 @@ class EpisodeEngine(RolloutEngine):
         )
         if self.eval_sampler is not None:
             self.eval_sampler = self._sampler(dataclasses.replace(turn, temperature=0.0))
-            self.eval_episodes = EpisodeRunner(
-                cfg, tokenizer, self.stops, self.eval_sampler, cfg.sampling.batch_size
-            )
+            self.eval_episodes = EpisodeRunner(cfg, tokenizer, self.stops, self.eval_sampler, None)
             self.eval_prompts = read_episode_records(
                 cfg.data.eval_file, tokenizer, cfg.data.template, rl.eval_prompts
             )
