@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxalign.data.templates import render, render_observation, render_prompt
+from jaxalign.data.templates import get_template, render, render_observation, render_prompt
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.envs import (
     Tool,
@@ -220,6 +220,10 @@ def test_observation_tokens_continue_the_rendered_conversation(tokenizer, templa
     )
     want = render_prompt([*conversation, *observation], tokenizer, template)
     np.testing.assert_array_equal(got, want)
+    # Without its end marker (a turn cut at a sampling.stop string), the observation adds it.
+    content_end = prefix[: -len(tokenizer.encode(get_template(template).end))]
+    unclosed = render_observation(conversation, observation, tokenizer, template, closed=False)
+    np.testing.assert_array_equal(np.concatenate([content_end, unclosed]), want)
 
 
 def test_jinja_observations_render_tool_messages_and_tools(tmp_path, tokenizer):
@@ -235,5 +239,8 @@ def test_jinja_observations_render_tool_messages_and_tools(tmp_path, tokenizer):
     observation = [{"role": "tool", "name": "calculate", "content": "5"}]
     ids = render_observation(conversation, observation, tokenizer, str(path), tools)
     assert tokenizer.decode(ids.tolist()) == "\n[tool:calculate]5[/end]\n[assistant]"
+    # A turn cut at a stop string has no end marker yet: it comes first.
+    ids = render_observation(conversation, observation, tokenizer, str(path), tools, closed=False)
+    assert tokenizer.decode(ids.tolist()) == "[/end]\n[tool:calculate]5[/end]\n[assistant]"
     prompt = render_prompt(conversation[:1], tokenizer, str(path), tools)
     assert tokenizer.decode(prompt.tolist()).startswith('<tools>[{"type": "function"')

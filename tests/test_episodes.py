@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -14,13 +15,18 @@ import pytest
 from test_ppo_grpo import DATA, rollout_data, start
 from toy import TINY_MODEL
 
+from jaxalign.cli import main as cli_main
 from jaxalign.config import load_config
-from jaxalign.data.templates import render_prompt, stop_token_ids
+from jaxalign.data import load_tokenizer
+from jaxalign.data.templates import render, render_prompt, stop_token_ids
 from jaxalign.envs import format_tool_call, tools_prompt
 from jaxalign.envs.calculator import CALCULATOR
 from jaxalign.errors import DataError, UserError
-from jaxalign.generate import Generation, Sampler
+from jaxalign.eval.compare import compare_metrics
+from jaxalign.eval.episodes import environment_name, evaluate_environments, parse_environment_arg
+from jaxalign.generate import Generation, Sampler, Stops
 from jaxalign.trainers import make_algorithm
+from jaxalign.trainers.episodes import Episode, EpisodeRunner, episode_metrics, read_episode_records
 from jaxalign.trainers.rl_rows import build_rows
 from jaxalign.trainers.rollout_engine import RolloutEngine
 
@@ -238,6 +244,91 @@ def test_calculator_episode_rows_and_masks_token_by_token(tmp_path):
     assert m["rollout/response_length"] == k
 
 
+class ScriptedSampler:
+    """A turn sampler whose every call returns the next of `turns` (token ids) in every row, as
+    stopped, log-prob -0.5 per token; `calls` holds each call's prefix tokens."""
+
+    def __init__(self, turns: list[list[int]], max_new_tokens: int, pad_id: int):
+        self.turns, self.n, self.pad_id = turns, max_new_tokens, pad_id
+        self.calls: list[np.ndarray] = []
+
+    def generate_padded(self, params, prompt_tokens, *args):
+        ids = self.turns[len(self.calls)]
+        self.calls.append(np.asarray(prompt_tokens))
+        b = prompt_tokens.shape[0]
+        tokens = np.full((b, self.n), self.pad_id, np.int32)
+        tokens[:, : len(ids)] = ids
+        logprobs = np.where(np.arange(self.n) < len(ids), -0.5, 0.0).astype(np.float32)
+        return Generation(
+            tokens=tokens,
+            lengths=np.full((b,), len(ids), np.int32),
+            finish_reasons=np.ones((b,), np.int32),
+            model_logprobs=np.tile(logprobs, (b, 1)),
+            sampling_logprobs=np.tile(logprobs, (b, 1)),
+            num_steps=len(ids),
+        )
+
+
+def test_a_turn_ended_at_a_stop_string_is_closed_as_the_template_renders_it(tmp_path):
+    """sampling.stop ends the tool call at `</tool_call>` without the end marker: the string
+    stays in the assistant message (the call parses: one call, no error), the end marker comes
+    before the tool message as context, and the row equals the chat template's rendering of the
+    whole conversation token by token."""
+    data_file = tmp_path / "sums.jsonl"
+    data_file.write_text((json.dumps({"prompt": "What is 2+3?", "answer": 5}) + "\n") * 2)
+    cfg = episode_config(
+        tmp_path,
+        **{
+            "data.train_file": str(data_file),
+            "sampling.max_new_tokens": 96,
+            "sampling.stop": '["</tool_call>"]',
+            "rl.turn_tokens": 0,
+        },
+    )
+    tok = load_tokenizer(cfg.data.tokenizer)
+    end = stop_token_ids(tok, "plain")[0]  # <|end|>
+    call = format_tool_call("calculate", {"expression": "2+3"}, "hermes")
+    assert call.endswith("</tool_call>")
+    turns = [tok.encode(call), [*tok.encode("The answer is 5."), end]]
+    sampler = ScriptedSampler(turns, 96, tok.pad_id)
+    runner = EpisodeRunner(cfg, tok, Stops.for_config(tok, cfg), sampler, rows_per_call=2)
+    records, row_ids = read_episode_records(str(data_file), tok, "plain")
+    assert row_ids == [f"{data_file}:1", f"{data_file}:2"]
+    episodes, width = runner.start(records, row_ids, cfg.data.prompt_buckets)
+    runner.run(episodes, width, None, np.arange(2, dtype=np.int32), 0, {})
+
+    conversation = [
+        {"role": "system", "content": tools_prompt([CALCULATOR], "hermes")},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": call},
+        {"role": "tool", "name": "calculate", "content": "5"},
+        {"role": "assistant", "content": "The answer is 5."},
+    ]
+    rendered, trained = render(conversation, tok, "plain")
+    assert rendered[-1] == tok.eos_id  # the closing EOS, which an episode row leaves out
+    rendered, trained = rendered[:-1], trained[:-1]
+    observation = [
+        end,
+        *tok.encode("<|tool|>"),
+        *tok.encode("5"),
+        end,
+        *tok.encode("<|assistant|>"),
+    ]
+    for e in episodes:
+        assert e.messages[2:] == conversation[2:] and e.done
+        np.testing.assert_array_equal([*e.prompt, *e.tokens], rendered)
+        np.testing.assert_array_equal(e.tokens, [*turns[0], *observation, *turns[1]])
+        # The template trains the assistant's end marker; the episode cannot (the model did
+        # not sample it); otherwise the masks agree.
+        model = np.asarray(trained[len(e.prompt) :], np.float32)
+        model[len(turns[0])] = 0.0
+        np.testing.assert_array_equal(e.mask, model)
+        assert (e.tool_calls, e.tool_errors, e.reward) == (1, 0, 1.0)
+    # The second turn was sampled from the row so far, the end marker included.
+    second = sampler.calls[1][0]
+    assert list(second[second != tok.pad_id]) == [*episodes[0].prompt, *turns[0], *observation]
+
+
 def test_environment_config_errors_are_one_line(tmp_path):
     cases = [
         (
@@ -349,17 +440,27 @@ def test_ppo_on_episodes_runs_gae_over_model_tokens_only(echo_rollout):
 
 
 @pytest.mark.slow
-def test_tiny_grpo_run_with_the_calculator_environment(tmp_path):
-    data_file = tmp_path / "sums.jsonl"
+def test_calculator_grpo_run_evals_episodes_and_resumes_mid_episode_exactly(tmp_path):
+    """A tiny GRPO run with the calculator: two rollouts straight through (with greedy episode
+    evals before each), or crashed in the middle of the second rollout's episodes and resumed
+    from the step-1 checkpoint: the same step 2. `jaxalign eval --environment` of that
+    checkpoint reports what the straight run's own eval of the step-1 parameters logged."""
+    data_file, eval_file = tmp_path / "sums.jsonl", tmp_path / "held_out.jsonl"
     sums = [(a, b) for a in range(2, 6) for b in range(3, 5)]
-    data_file.write_text(
-        "".join(
-            json.dumps({"prompt": f"What is {a}+{b}?", "answer": a + b}) + "\n" for a, b in sums
+    for path, pairs in ((data_file, sums), (eval_file, sums[:4])):
+        path.write_text(
+            "".join(
+                json.dumps({"prompt": f"What is {a}+{b}?", "answer": a + b}) + "\n"
+                for a, b in pairs
+            )
         )
-    )
-    # The shapes of the Echo rollout's first turn (its sampler compiles once for both).
-    _, trainer, init = start(episode_config(tmp_path, **{"data.train_file": str(data_file)}))
-    (metrics,) = trainer.run(init_params=init).history
+    overrides = {"data.train_file": str(data_file), "train.steps": 2}
+    # Evals do not change training: only the straight run evaluates.
+    evals = {"data.eval_file": str(eval_file), "rl.eval_every": 1}
+    _, trainer, init = start(episode_config(tmp_path / "straight", **overrides, **evals))
+    straight = trainer.run(init_params=init).history
+    assert [h["step"] for h in straight] == [1, 2]
+    metrics = straight[0]
     for key in (
         "rollout/episode/turns",
         "rollout/episode/tool_calls",
@@ -374,3 +475,187 @@ def test_tiny_grpo_run_with_the_calculator_environment(tmp_path):
     ends = ("rollout/eos_fraction", "rollout/episode/token_limit", "rollout/episode/turn_limit")
     assert sum(metrics[k] for k in ends) == pytest.approx(1.0)
     assert 1 <= metrics["rollout/episode/turns"] <= 2
+    for h in straight:  # greedy episodes over the 4 held-out sums
+        assert h["eval/success_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert 1 <= h["eval/turns"] <= 2 and 0 <= h["eval/tool_error_rate"] <= 1
+
+    def crash_mid_episode(train_data):
+        def make(*args):
+            data = train_data(*args)
+            rollout = data._rollout
+
+            def crashing():
+                if data.rollouts == 1:  # the second rollout's first turn sampled, then a crash
+
+                    def finish(*args):
+                        raise RuntimeError("simulated crash mid-episode")
+
+                    data.engine.episodes._finish_turn = finish
+                rollout()
+
+            data._rollout = crashing
+            return data
+
+        return make
+
+    overrides["checkpoint.every"] = 1
+    algo, trainer, init = start(episode_config(tmp_path / "resumed", **overrides))
+    algo.train_data = crash_mid_episode(algo.train_data)
+    with pytest.raises(RuntimeError, match="simulated crash mid-episode"):
+        trainer.run(init_params=init)
+    _, trainer, init = start(episode_config(tmp_path / "resumed", **overrides))
+    (resumed,) = trainer.run(init_params=init).history
+    assert resumed["step"] == 2
+    for key in ("loss", "loss/policy", "objective/scores", "rollout/episode/turns"):
+        np.testing.assert_allclose(resumed[key], straight[1][key], rtol=1e-5, err_msg=key)
+
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoints" / "1"
+    episodes_file = tmp_path / "episodes.jsonl"
+    evaluated = evaluate_environments(
+        checkpoint, [f"calculator={eval_file}"], episodes_path=episodes_file
+    )
+    written = [json.loads(line) for line in episodes_file.read_text().splitlines()]
+    assert [w["id"] for w in written] == [f"{eval_file}:{i}" for i in range(1, 5)]
+    assert all(w["messages"][-1]["role"] == "assistant" for w in written)  # even when cut
+    assert np.mean([w["turns"] for w in written]) == evaluated["env/calculator/turns"]
+    assert evaluated["env/calculator/success_rate"] == pytest.approx(
+        100 * straight[1]["eval/success_rate"]
+    )
+    assert evaluated["env/calculator/turns"] == pytest.approx(straight[1]["eval/turns"])
+    assert evaluated["env/calculator/tool_calls"] == pytest.approx(straight[1]["eval/tool_calls"])
+
+
+def test_bad_environment_records_are_one_line_errors_naming_file_and_line(tmp_path):
+    cfg = episode_config(tmp_path)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    runner = EpisodeRunner(cfg, tok, Stops.for_config(tok, cfg), None, rows_per_call=2)
+    good = json.dumps({"prompt": "What is 2+3?", "answer": 5})
+    cases = [
+        ('{"answer": 5}', r"bad.jsonl:2: record must have a 'prompt' or a 'messages' field"),
+        (
+            '{"prompt": "2+3?", "answer": "five"}',
+            r"bad.jsonl:2: rl.environment cannot start an "
+            r"episode \(ValueError: field 'answer' must hold an integer\)",
+        ),
+        ('{"prompt": "2+3?", "answer": 5', r"bad.jsonl:2: "),
+    ]
+    for line, message in cases:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(f"{good}\n{line}\n")
+        with pytest.raises(DataError, match=message) as info:
+            records, row_ids = read_episode_records(str(path), tok, "plain")
+            runner.start(records, row_ids, cfg.data.prompt_buckets)
+        assert "\n" not in str(info.value)
+    # The format_checker environment names the field it needs too.
+    checker = episode_config(tmp_path, **{"rl.environment": "format_checker"})
+    runner = EpisodeRunner(checker, tok, Stops.for_config(tok, checker), None, rows_per_call=2)
+    path.write_text(f"{good}\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: .*field 'family' must be one of"):
+        runner.start(*read_episode_records(str(path), tok, "plain"), None)
+
+
+def test_episode_metrics_and_their_regression_gate():
+    def episode(reward, turns, calls, errors, turn_limit=False, token_limit=False):
+        e = Episode(None, np.zeros(1, np.int32), [], reward=reward, turns=turns)
+        e.tool_calls, e.tool_errors = calls, errors
+        e.turn_limit, e.token_limit = turn_limit, token_limit
+        return e
+
+    episodes = [
+        episode(1.0, 2, 1, 0),
+        episode(0.0, 3, 2, 1, turn_limit=True),
+        episode(1.0, 1, 0, 0),
+        episode(0.0, 2, 1, 1, token_limit=True),
+    ]
+    got = episode_metrics(episodes)
+    assert got == pytest.approx(
+        {
+            "success_rate": 50.0,
+            "turns": 2.0,
+            "tool_calls": 1.0,
+            "tool_error_rate": 50.0,  # 2 of 4 calls
+            "turn_limit_rate": 25.0,
+            "token_limit_rate": 25.0,
+        }
+    )
+    assert episode_metrics([episode(0.5, 1, 0, 0)])["tool_error_rate"] == 0.0  # no calls
+    before = {f"env/calculator/{k}": v for k, v in got.items()}
+    after = {**before, "env/calculator/success_rate": 45.0, "env/calculator/turns": 4.0}
+    after["env/calculator/tool_error_rate"] = 53.0
+    regressions, compared = compare_metrics({"a": before}, {"a": after}, max_drop=2.0)
+    assert compared == 2  # success (higher is better) and tool errors (lower); the rest inform
+    assert [(r.metric, r.change) for r in regressions] == [
+        ("env/calculator/success_rate", -5.0),
+        ("env/calculator/tool_error_rate", 3.0),
+    ]
+    assert environment_name("calculator") == "calculator"
+    assert environment_name("my_envs.py:Maze") == "Maze"
+    assert parse_environment_arg("calculator=data/day=1.jsonl") == (
+        "calculator",
+        "data/day=1.jsonl",
+    )
+    with pytest.raises(UserError, match="--environment 'calculator': expected SPEC=FILE"):
+        cli_main(["eval", "--model", "no_such_run", "--environment", "calculator", "--debug"])
+
+
+UNRULY_ENV = """
+import time
+
+from jaxalign.envs import Tool, ToolEnvironment
+
+
+def hang():
+    time.sleep(60)
+
+
+def boom():
+    raise RuntimeError("disk on fire")
+
+
+def huge():
+    return "x" * 10_000_000
+
+
+class Unruly(ToolEnvironment):
+    tools = tuple(
+        Tool(f.__name__, f, "misbehaves", {"type": "object", "properties": {}})
+        for f in (hang, boom, huge)
+    )
+
+    def score(self, answer):
+        return 1.0
+"""
+
+
+def test_tools_that_hang_raise_or_flood_do_not_stop_the_episode(tmp_path):
+    """One turn calls a tool that hangs, one that raises and one that returns 10 MB: the turn
+    ends after rl.tool_timeout, the model sees two errors and a truncated result, and answers."""
+    (tmp_path / "unruly.py").write_text(UNRULY_ENV)
+    data_file = tmp_path / "q.jsonl"
+    data_file.write_text(json.dumps({"prompt": "Go."}) + "\n")
+    cfg = episode_config(
+        tmp_path,
+        **{
+            "rl.environment": f"{tmp_path / 'unruly.py'}:Unruly",
+            "rl.tool_timeout": 0.5,
+            "rl.tool_max_chars": 64,
+            "rl.turn_tokens": 0,
+            "sampling.max_new_tokens": 400,
+        },
+    )
+    tok = load_tokenizer(cfg.data.tokenizer)
+    end = stop_token_ids(tok, "plain")[0]
+    calls = "".join(format_tool_call(name, {}, "hermes") for name in ("hang", "boom", "huge"))
+    sampler = ScriptedSampler([[*tok.encode(calls), end], [*tok.encode("Done."), end]], 400, 0)
+    runner = EpisodeRunner(cfg, tok, Stops.for_config(tok, cfg), sampler, rows_per_call=1)
+    episodes, width = runner.start(*read_episode_records(str(data_file), tok, "plain"), None)
+    started = time.perf_counter()
+    runner.run(episodes, width, None, np.zeros(1, np.int32), 0, {})
+    assert time.perf_counter() - started < 5
+    (e,) = episodes
+    assert e.done and e.reward == 1.0 and e.turns == 2
+    assert (e.tool_calls, e.tool_errors) == (3, 2)
+    hang, boom, huge = (m["content"] for m in e.messages[-4:-1])
+    assert hang == "Error: tool 'hang' timed out after 0.5 s"
+    assert boom == "Error: RuntimeError: disk on fire"
+    assert huge == "x" * 64 + "\n[truncated: 10000000 characters, showing the first 64]"

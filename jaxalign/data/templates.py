@@ -371,13 +371,20 @@ def render_observation(
     tokenizer: Tokenizer,
     template: str = "plain",
     tools: list[dict] | None = None,
+    closed: bool = True,
 ) -> np.ndarray:
     """Token ids int32 [K] that follow an assistant turn's end marker in a multi-turn episode:
     the turn's separator, the `observation` messages (e.g. `tool` results), and the next
     assistant header. `conversation`: the messages so far, ending with that assistant turn
     (Jinja templates render the conversation with and without the observation and take the
-    difference; DataError if the template is not prefix-stable there)."""
+    difference; DataError if the template is not prefix-stable there). `closed=False`: the turn
+    ended without its end marker (at a `sampling.stop` string), so the ids start with it."""
     tmpl = get_template(template)
+    end = (
+        []
+        if closed
+        else [(tmpl.end_marker() if isinstance(tmpl, JinjaTemplate) else tmpl.end, False)]
+    )
     if isinstance(tmpl, JinjaTemplate):
         before = tmpl.render_text(_checked(conversation), False, tools).rstrip()
         after = tmpl.render_text(_checked([*conversation, *observation]), True, tools)
@@ -387,9 +394,9 @@ def render_observation(
                 "observation cannot be appended to the episode",
                 where=tmpl.where,
             )
-        spans = [(after[len(before) :], False)]
+        spans = [*end, (after[len(before) :], False)]
     else:
-        spans = [(tmpl.separator, False)] if tmpl.separator else []
+        spans = [*end, *([(tmpl.separator, False)] if tmpl.separator else [])]
         spans += _builtin_spans(observation, tmpl)
         spans.append((tmpl.header_for("assistant"), False))
     ids, _ = _encode_spans(spans, tokenizer, tmpl, bos=False)

@@ -84,7 +84,9 @@ class RLConfig:
     # rollout sequences (prompt + response, without their padding) share one row, each its own
     # attention segment; fewer rows where responses are short. 0 or 1: one sequence per row.
     pack_rows: int = 0
-    eval_every: int = 0  # held-out greedy pass rate on data.eval_file every N rollouts (0: off)
+    # Greedy evals on data.eval_file every N rollouts (0: off): the pass rate, or with
+    # rl.environment one episode per record (success rate, turns, tool calls and errors).
+    eval_every: int = 0
     eval_prompts: int = 0  # how many eval prompts (0: all)
     # PPO-ptx (InstructGPT): every optimizer step adds ptx_coef x the mean next-token loss of
     # ptx_batch_size rows of ptx_file (SFT-format records: text, prompt/completion or messages;

@@ -460,8 +460,6 @@ def validate_environment_config(cfg: Config, trainer: str) -> None:
         raise ConfigError(
             "rl.environment gives the rewards: leave rl.reward_functions and rl.reward_model empty"
         )
-    if rl.eval_every:
-        raise ConfigError("rl.eval_every with rl.environment: environment evals are not built yet")
     if rl.max_turns < 1:
         raise ConfigError(f"rl.max_turns must be >= 1, got {rl.max_turns}")
     if not 0 <= rl.turn_tokens <= sp.max_new_tokens:
