@@ -16,6 +16,7 @@
 Wherever a command takes a RUN_DIR (--model, --reference, --reward-model, --checkpoint), a
 Hugging Face model directory (config.json + safetensors) works too; its tokenizer and chat
 template come with it (docs/hf.md).
+    jaxalign eval --model RUN_DIR --environment calculator=sums.jsonl   environment episodes
     jaxalign eval --compare RUN_A RUN_B --max-drop 2.0   non-zero exit on a regression
 
 Errors in user input print one line (`error: ...`) and exit with status 2; `--debug` shows the
@@ -301,21 +302,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return run_gate(args.compare[0], args.compare[1], args.max_drop)
     if not args.model:
         raise UserError("eval: give --model RUN_DIR (or --compare RUN_A RUN_B)")
+    from jaxalign.eval.episodes import evaluate_environments
     from jaxalign.eval.suite import evaluate, read_generations
     from jaxalign.quickstart import eval_files
 
     _enable_compilation_cache()
-    baseline = read_generations(args.baseline) if args.baseline else None
-    metrics = evaluate(
-        args.model,
-        args.eval_file or eval_files(),
-        reference=args.reference,
-        reward_model=args.reward_model,
-        baseline=baseline,
-        limit_per_family=args.limit,
-        max_new_tokens=args.max_new_tokens,
-        generations_path=args.generations,
-    )
+    metrics = {}
+    # --environment alone runs only the episodes; with --eval-file too, both.
+    if args.eval_file or not args.environment:
+        baseline = read_generations(args.baseline) if args.baseline else None
+        metrics = evaluate(
+            args.model,
+            args.eval_file or eval_files(),
+            reference=args.reference,
+            reward_model=args.reward_model,
+            baseline=baseline,
+            limit_per_family=args.limit,
+            max_new_tokens=args.max_new_tokens or 48,
+            generations_path=args.generations,
+        )
+    if args.environment:
+        metrics |= evaluate_environments(
+            args.model,
+            args.environment,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            max_turns=args.max_turns,
+            episodes_path=args.episodes,
+        )
     if not _is_main_process():  # every process evaluates; process 0 writes and prints
         return 0
     text = json.dumps({"model": args.model, "metrics": metrics}, indent=1)
@@ -448,8 +462,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         help="generations JSONL of the baseline model (--generations of an earlier eval)",
     )
-    p.add_argument("--limit", type=int, help="at most this many prompts per family")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument(
+        "--environment",
+        action="append",
+        metavar="SPEC=FILE",
+        help="greedy episodes with an environment (a bundled name, module:Class or "
+        "file.py:Class) over FILE's records: env/<name>/ success rate, turns, tool calls and "
+        "tool errors (repeatable; alone, only these run)",
+    )
+    p.add_argument(
+        "--max-turns", type=int, help="model turns per episode (default: the run's rl.max_turns)"
+    )
+    p.add_argument(
+        "--limit", type=int, help="at most this many prompts per family (or per environment)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="answer tokens (default 48); with --environment, each episode's token budget "
+        "after its first observation (default: the run's sampling.max_new_tokens)",
+    )
+    p.add_argument("--episodes", help="write each environment episode here (JSONL)")
     p.add_argument("--generations", help="write each prompt's answer and verdict here (JSONL)")
     p.add_argument("--output", help="write the metrics here (JSON)")
     p.add_argument(

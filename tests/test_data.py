@@ -151,7 +151,8 @@ GOOD = {"prompt": "Add 1 and 2.", "completion": "The answer is 3."}
         (b'{"messages": []}', "field 'messages' must be a non-empty list"),
         (
             b'{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}',
-            "field 'messages[1].role' has unknown role 'bot' (expected system, user, assistant)",
+            "field 'messages[1].role' has unknown role 'bot' "
+            "(expected system, user, assistant, tool)",
         ),
         (
             b'{"messages": [{"role": "user", "content": "hi"}]}',

@@ -76,6 +76,7 @@ class PromptBatchIterator:
     Each `next()` gives `tokens` int32 [B, L] (left-padded with the tokenizer's pad id, L one of
     `buckets`), `lengths` int32 [B] (real tokens per row), and each extra record field as a list
     of B Python objects (None where a record lacks it). B = global_batch_size // process_count.
+    With `keep_messages`, the prompt's messages are such a field too (`messages`).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class PromptBatchIterator:
         num_epochs: int | None = None,
         shards: int | None = None,
         data_dir: str | None = None,
+        keep_messages: bool = False,
     ):
         buckets = sorted(set(buckets))
         if not buckets or buckets[0] < 2:
@@ -123,6 +125,8 @@ class PromptBatchIterator:
         truncated = 0
         for i, record in enumerate(records):
             messages, extras = to_prompt(record, where=f"{self.path}[{i}]")
+            if keep_messages:  # multi-turn episodes re-render the prompt (rl.environment)
+                extras = {**extras, "messages": messages}
             try:
                 ids = render_prompt(messages, tokenizer, template)
             except DataError as e:
@@ -240,6 +244,7 @@ def prompt_iterator_from_config(
     path: str | None = None,
     shuffle: bool | None = None,
     num_epochs: int | None = None,
+    keep_messages: bool = False,
 ) -> PromptBatchIterator:
     """A PromptBatchIterator over `path` (default: data_cfg.train_file) with data_cfg's options."""
     return PromptBatchIterator(
@@ -256,4 +261,5 @@ def prompt_iterator_from_config(
         num_epochs=num_epochs,
         shards=data_cfg.shards,
         data_dir=data_cfg.data_dir,
+        keep_messages=keep_messages,
     )

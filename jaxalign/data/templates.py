@@ -26,7 +26,7 @@ import numpy as np
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool call's result (RL episodes)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,11 @@ TEMPLATES: dict[str, Template] = {
     "plain": Template(header="<|{role}|>", end="<|end|>"),
     "chatml": Template(header="<|im_start|>{role}\n", end="<|im_end|>", separator="\n"),
     # The tokenizer's BOS (<|begin_of_text|> for Llama 3 tokenizers) comes first, once.
-    "llama3": Template(header="<|start_header_id|>{role}<|end_header_id|>\n\n", end="<|eot_id|>"),
+    "llama3": Template(
+        header="<|start_header_id|>{role}<|end_header_id|>\n\n",
+        end="<|eot_id|>",
+        role_names={"tool": "ipython"},  # Llama 3.1's role for tool results
+    ),
     "gemma": Template(
         header="<start_of_turn>{role}\n",
         end="<end_of_turn>",
@@ -117,8 +121,11 @@ class JinjaTemplate:
                 f"invalid chat template ({type(e).__name__}: {e})", where=where
             ) from None
 
-    def render_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The template's text for `messages`; DataError naming the template if it fails."""
+    def render_text(
+        self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None
+    ) -> str:
+        """The template's text for `messages` (and the `tools` schemas offered, if any);
+        DataError naming the template if it fails."""
         import jinja2
 
         try:
@@ -127,6 +134,7 @@ class JinjaTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **({"tools": tools} if tools else {}),
             )
         except (jinja2.TemplateError, jinja2.sandbox.SecurityError, TypeError) as e:
             kind = (
@@ -222,7 +230,11 @@ def _check_message(message: dict, index: int) -> tuple[str, str]:
 
 def _checked(messages: list[dict]) -> list[dict]:
     checked = [_check_message(m, i) for i, m in enumerate(messages)]
-    return [{"role": role, "content": content} for role, content in checked]
+    # A tool message keeps its tool's name (HF templates may write it).
+    return [
+        {"role": role, "content": content, **({"name": m["name"]} if "name" in m else {})}
+        for (role, content), m in zip(checked, messages, strict=True)
+    ]
 
 
 def _builtin_spans(messages: list[dict], template: Template) -> list[tuple[str, bool]]:
@@ -266,14 +278,17 @@ def _encode_text(text: str, tokenizer: Tokenizer, specials: dict[str, int]) -> l
 
 
 def _encode_spans(
-    spans: list[tuple[str, bool]], tokenizer: Tokenizer, template: Template | JinjaTemplate
+    spans: list[tuple[str, bool]],
+    tokenizer: Tokenizer,
+    template: Template | JinjaTemplate,
+    bos: bool = True,
 ) -> tuple[list[int], list[bool]]:
     specials: dict[str, int] = {}
     if isinstance(template, JinjaTemplate):
         # A template writes BOS/EOS as text; map it to the ids, and drop a leading BOS when the
         # tokenizer adds one below, so it can never come twice. (A tokenizer that adds no BOS
         # keeps the template's: its text encodes to the token, as in transformers.)
-        bos_added = _has(tokenizer.bos_id)
+        bos_added = bos and _has(tokenizer.bos_id)
         if (
             bos_added
             and template.bos_token
@@ -287,7 +302,7 @@ def _encode_spans(
         ):
             if text and _has(token_id):
                 specials[text] = token_id
-    ids: list[int] = [tokenizer.bos_id] if _has(tokenizer.bos_id) else []
+    ids: list[int] = [tokenizer.bos_id] if bos and _has(tokenizer.bos_id) else []
     mask: list[bool] = [False] * len(ids)
     for text, trained in spans:
         piece_ids = _encode_text(text, tokenizer, specials)
@@ -322,12 +337,18 @@ def render(
 
 
 def render_prompt(
-    messages: list[dict], tokenizer: Tokenizer, template: str = "plain"
+    messages: list[dict],
+    tokenizer: Tokenizer,
+    template: str = "plain",
+    tools: list[dict] | None = None,
 ) -> np.ndarray:
-    """Token ids int32 [N] of `messages` followed by the assistant header, ready for generation."""
+    """Token ids int32 [N] of `messages` followed by the assistant header, ready for generation.
+    `tools`: the tool schemas a Jinja template gets as its `tools` argument (built-in templates
+    have none: describe tools in a system message, `jaxalign.envs.tools_prompt`)."""
     tmpl = get_template(template)
     if isinstance(tmpl, JinjaTemplate):
-        spans = [(tmpl.render_text(_checked(messages), add_generation_prompt=True), False)]
+        text = tmpl.render_text(_checked(messages), add_generation_prompt=True, tools=tools)
+        spans = [(text, False)]
     else:
         spans = _builtin_spans(messages, tmpl)
         spans.append((tmpl.header_for("assistant"), False))
@@ -342,3 +363,41 @@ def stop_token_ids(tokenizer: Tokenizer, template: str = "plain") -> list[int]:
     end_ids = tokenizer.encode(end) if end else []
     stops = [end_ids[0]] if len(end_ids) == 1 and end_ids[0] != tokenizer.eos_id else []
     return [*stops, tokenizer.eos_id]
+
+
+def render_observation(
+    conversation: list[dict],
+    observation: list[dict],
+    tokenizer: Tokenizer,
+    template: str = "plain",
+    tools: list[dict] | None = None,
+    closed: bool = True,
+) -> np.ndarray:
+    """Token ids int32 [K] that follow an assistant turn's end marker in a multi-turn episode:
+    the turn's separator, the `observation` messages (e.g. `tool` results), and the next
+    assistant header. `conversation`: the messages so far, ending with that assistant turn
+    (Jinja templates render the conversation with and without the observation and take the
+    difference; DataError if the template is not prefix-stable there). `closed=False`: the turn
+    ended without its end marker (at a `sampling.stop` string), so the ids start with it."""
+    tmpl = get_template(template)
+    end = (
+        []
+        if closed
+        else [(tmpl.end_marker() if isinstance(tmpl, JinjaTemplate) else tmpl.end, False)]
+    )
+    if isinstance(tmpl, JinjaTemplate):
+        before = tmpl.render_text(_checked(conversation), False, tools).rstrip()
+        after = tmpl.render_text(_checked([*conversation, *observation]), True, tools)
+        if not after.startswith(before):
+            raise DataError(
+                "chat template is not prefix-stable after an assistant turn, so an "
+                "observation cannot be appended to the episode",
+                where=tmpl.where,
+            )
+        spans = [*end, (after[len(before) :], False)]
+    else:
+        spans = [*end, *([(tmpl.separator, False)] if tmpl.separator else [])]
+        spans += _builtin_spans(observation, tmpl)
+        spans.append((tmpl.header_for("assistant"), False))
+    ids, _ = _encode_spans(spans, tokenizer, tmpl, bos=False)
+    return np.asarray(ids, dtype=np.int32)

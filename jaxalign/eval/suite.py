@@ -12,6 +12,9 @@ Metrics (rates in percent, so a gate's threshold is in points):
 | `rm_win_rate` | reward model prefers this answer to the baseline's (ties: half) | higher |
 | `kl_to_ref` | mean over prompts of sum_t log p_policy - log p_ref over the answer | lower |
 | `response_length` | mean answer length in tokens (stop token included) | - |
+
+Environment evals (`env/<environment>/...`: success rate, tool error rate, turns, tool calls)
+are in `eval/episodes.py`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ def metric_direction(name: str) -> int:
     """+1 (higher is better), -1 (lower is better) or 0 (not gated) for a metric name."""
     if name.startswith("pass/"):
         return 1
+    if name.startswith("env/"):  # env/<environment>/<metric>: eval/episodes.py
+        from jaxalign.eval.episodes import ENV_DIRECTIONS
+
+        return ENV_DIRECTIONS.get(name.rsplit("/", 1)[-1], 0)
     return DIRECTIONS.get(name, 0)
 
 

@@ -15,13 +15,16 @@ from jaxalign.errors import UserError
 PROMPT_FIELDS = ("prompt", "messages", "system")
 
 
-def load_reward_function(spec: str, source: str = "--reward-fn") -> Callable:
-    """Import `module:function` or `path/to/file.py:function`. `source` names where the spec came
-    from (a config key such as `rl.reward_functions[1]`, or a flag) in every error."""
+def load_reward_function(
+    spec: str, source: str = "--reward-fn", what: str = "FUNCTION"
+) -> Callable:
+    """Import `module:function` or `path/to/file.py:function` (any callable: `what` names the
+    kind in errors, e.g. CLASS for `rl.environment`). `source` names where the spec came from
+    (a config key such as `rl.reward_functions[1]`, or a flag) in every error."""
     module_name, _, fn_name = spec.rpartition(":")
     where = f"{source}: {spec!r}"
     if not module_name or not fn_name:
-        raise UserError(f"{where}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+        raise UserError(f"{where}: expected MODULE:{what} or FILE.py:{what}")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
@@ -36,7 +39,7 @@ def load_reward_function(spec: str, source: str = "--reward-fn") -> Callable:
         raise UserError(f"{where}: cannot import {module_name} ({e})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise UserError(f"{where}: {module_name} has no function {fn_name!r}")
+        raise UserError(f"{where}: {module_name} has no {what.lower()} {fn_name!r}")
     return fn
 
 

@@ -27,7 +27,7 @@ from jaxalign.rl import (
     ratio_logprobs,
     rloo_advantages,
 )
-from jaxalign.trainers.ppo import RLAlgorithm, last_token_rewards
+from jaxalign.trainers.ppo import RLAlgorithm, score_rewards
 
 
 class Aggregation(NamedTuple):
@@ -136,7 +136,7 @@ class GRPO(RLAlgorithm):
             groups = scores.reshape(-1, rl.num_generations)
             scores = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)
         non_score = -kl_coef * kl
-        rewards = non_score + last_token_rewards(scores, mask)
+        rewards = non_score + score_rewards(rollout, scores)
         returns, _ = compute_gae(rewards, jnp.zeros_like(rewards), mask, gamma=rl.gamma, lam=1.0)
         advantages = returns
         if rl.whiten_advantages:

@@ -50,9 +50,22 @@ logger = logging.getLogger(__name__)
 
 def last_token_rewards(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """The score of each row placed on its last response token (the stop token, or the last
-    generated token of a truncated row). scores: [B], mask: [B, N] -> [B, N]."""
-    last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 1, 0)
+    generated token of a truncated row). scores: [B], mask: [B, N] -> [B, N]. The last position
+    where `mask` is 1, also when the mask has holes (multi-turn episodes' observations)."""
+    n = mask.shape[1]
+    last = n - 1 - jnp.argmax(jnp.flip(mask > 0, axis=1), axis=1)
     return jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * scores[:, None]
+
+
+def score_rewards(rollout: dict, scores: jax.Array) -> jax.Array:
+    """The per-token rewards [B, N] of the rows' scores [B]: each score on its row's last
+    response token; with per-turn rewards (`rl.turn_rewards`: rollout["turn_rewards"], each
+    environment step's reward on its turn's last token), those, plus on the last token what the
+    penalty, the clip or a baseline changed in the score (`scores - rollout["raw_scores"]`)."""
+    mask = rollout["mask"]
+    if "turn_rewards" not in rollout:
+        return last_token_rewards(scores, mask)
+    return rollout["turn_rewards"] + last_token_rewards(scores - rollout["raw_scores"], mask)
 
 
 class FrozenReference:
@@ -372,7 +385,7 @@ class PPO(RLAlgorithm):
         kl = jnp.where(real, kl_penalty(old, ref, self.kl_estimator, rl.kl_clamp), 0.0)
         non_score = -kl_coef * kl
         scores = rollout["scores"]
-        rewards = non_score + last_token_rewards(scores, mask)
+        rewards = non_score + score_rewards(rollout, scores)
         if rl.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, unbiased=rl.whiten_unbiased)
         advantages, returns = compute_gae(rewards, values, mask, gamma=rl.gamma, lam=rl.lam)

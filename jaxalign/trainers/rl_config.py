@@ -92,7 +92,9 @@ class RLConfig:
     # rollout sequences (prompt + response, without their padding) share one row, each its own
     # attention segment; fewer rows where responses are short. 0 or 1: one sequence per row.
     pack_rows: int = 0
-    eval_every: int = 0  # held-out greedy pass rate on data.eval_file every N rollouts (0: off)
+    # Greedy evals on data.eval_file every N rollouts (0: off): the pass rate, or with
+    # rl.environment one episode per record (success rate, turns, tool calls and errors).
+    eval_every: int = 0
     eval_prompts: int = 0  # how many eval prompts (0: all)
     # PPO-ptx (InstructGPT): every optimizer step adds ptx_coef x the mean next-token loss of
     # ptx_batch_size rows of ptx_file (SFT-format records: text, prompt/completion or messages;
@@ -100,3 +102,18 @@ class RLConfig:
     ptx_coef: float = 0.0  # 0: off
     ptx_file: str | None = None  # any source data.train_file accepts
     ptx_batch_size: int = 0  # global rows per optimizer step (0: train.batch_size)
+    # Multi-turn episodes (docs/trainers/grpo.md, "Environments and tools"): an environment
+    # (a bundled name, calculator or format_checker; "module:Class" or "file.py:Class") whose
+    # observations (e.g. tool results) alternate with the model's turns. Its rewards replace
+    # rl.reward_functions / rl.reward_model. The episode after the first prompt (model and
+    # observation tokens) fits sampling.max_new_tokens; only the model's tokens are trained.
+    environment: str | None = None
+    max_turns: int = 4  # model turns per episode
+    turn_tokens: int = 0  # model tokens per turn (0: sampling.max_new_tokens)
+    tool_call_format: Literal["hermes", "llama3"] = "hermes"  # how the model writes a call
+    tool_timeout: float = 5.0  # seconds a turn's tool calls may run; later ones are cut off
+    tool_max_chars: int = 4096  # a tool result's characters; longer ones are cut with a note
+    # Per-turn rewards (ppo, reinforce_pp): each environment step's reward on the last token of
+    # the model turn it answers, so returns credit each turn with what came after it. False: one
+    # reward per episode (the sum of its step rewards) on its last model token.
+    turn_rewards: bool = False

@@ -67,11 +67,15 @@ class RolloutData(DataIterator):
         self.tokenizer = algorithm.tokenizer
         # Every process reads the whole global batch of prompts (see the module docstring).
         self.prompts = prompt_iterator_from_config(
-            cfg.data, self.tokenizer, global_batch_size=self.rl.prompts_per_rollout
+            cfg.data,
+            self.tokenizer,
+            global_batch_size=self.rl.prompts_per_rollout,
+            keep_messages=bool(self.rl.environment),  # an environment re-renders them
         )
         self.rows = self.rl.prompts_per_rollout * self.rl.num_generations
         self.steps_per_rollout = steps_per_rollout(cfg)
-        self.scorer = Scorer.from_rl_config(cfg, self.tokenizer)
+        # With rl.environment, the environment's rewards are the scores.
+        self.scorer = None if self.rl.environment else Scorer.from_rl_config(cfg, self.tokenizer)
         self.ptx = ptx_iterator(cfg, self.tokenizer, process_index, process_count)
         self.rollouts = 0  # rollouts started
         self.position = 0  # minibatches of the current rollout already yielded
@@ -98,7 +102,12 @@ class RolloutData(DataIterator):
                 trainer.rules,
                 "rl.ptx_batch_size",
             )
-        self.engine = RolloutEngine(
+        engine = RolloutEngine
+        if self.rl.environment:
+            from jaxalign.trainers.episodes import EpisodeEngine
+
+            engine = EpisodeEngine
+        self.engine = engine(
             self.cfg,
             trainer.mesh,
             trainer.rules,
@@ -426,6 +435,13 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
         raise ConfigError(
             f"rl.clip_eps_high ({rl.clip_eps_high}) must be >= rl.clip_eps ({rl.clip_eps})"
         )
+    if rl.environment:
+        validate_environment_config(cfg, trainer)
+    if rl.turn_rewards and (not rl.environment or algorithm.group_relative):
+        raise ConfigError(
+            "rl.turn_rewards is for ppo and reinforce_pp with rl.environment (GRPO and RLOO "
+            "score whole episodes)"
+        )
     if rl.ptx_coef < 0 or rl.ptx_batch_size < 0:
         raise ConfigError("rl.ptx_coef and rl.ptx_batch_size must be >= 0")
     if rl.ptx_coef and not rl.ptx_file:
@@ -435,3 +451,26 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"rl.ptx_batch_size ({ptx_rows(cfg)} rows) must divide by train.grad_accum x "
             f"processes ({t.grad_accum} x {jax.process_count()})"
         )
+
+
+def validate_environment_config(cfg: Config, trainer: str) -> None:
+    """The rl.environment keys (multi-turn episodes, `trainers/episodes.py`)."""
+    rl, sp = cfg.rl, cfg.sampling
+    if rl.reward_functions or rl.reward_model:
+        raise ConfigError(
+            "rl.environment gives the rewards: leave rl.reward_functions and rl.reward_model empty"
+        )
+    if rl.max_turns < 1:
+        raise ConfigError(f"rl.max_turns must be >= 1, got {rl.max_turns}")
+    if not 0 <= rl.turn_tokens <= sp.max_new_tokens:
+        raise ConfigError(
+            f"rl.turn_tokens must be in [0, sampling.max_new_tokens = {sp.max_new_tokens}] "
+            f"(0: sampling.max_new_tokens), got {rl.turn_tokens}"
+        )
+    if rl.tool_timeout <= 0:
+        raise ConfigError(f"rl.tool_timeout must be positive seconds, got {rl.tool_timeout}")
+    if rl.tool_max_chars <= 0:
+        raise ConfigError(f"rl.tool_max_chars must be positive, got {rl.tool_max_chars}")
+    from jaxalign.envs import ToolSettings, load_environment
+
+    load_environment(rl.environment, ToolSettings.from_rl(rl))  # a bad spec fails here, early

@@ -48,6 +48,7 @@ from jaxalign.trainers.rl_rows import (
 from jaxalign.trainers.scoring import family_scores, pass_rate, read_prompt_file
 
 REWARD_PREFIX = "rollout/reward/"  # each reward's own mean score
+EPISODE_PREFIX = "rollout/episode/"  # per-row episode statistics (multi-turn), logged as means
 
 # A batch of prompts (a prompt iterator's `next()`: tokens [P, W] left-padded, lengths [P] and
 # each record's extra fields) and the record ids (`path:LINE`) of its prompts.
@@ -258,6 +259,8 @@ class RolloutEngine:
             prompt_tokens.shape[1],
             self.tokenizer.pad_id,
         )
+        if "loss_mask" in sampled:  # multi-turn episodes: only the model's own tokens train
+            rows_np["mask"] = np.ascontiguousarray(sampled["loss_mask"][:, :n], np.float32)
         # In chunks of rl.forward_batch_size rows: the float32 logits of a chunk are live at once.
         # With rl.pack_rows, each chunk's sequences are packed as for training and the results
         # gathered back to one row per sequence.
@@ -298,6 +301,9 @@ class RolloutEngine:
         )
         if algorithm.needs_values:
             rollout["values"] = forward["values"]
+        if "turn_rewards" in sampled:  # rl.turn_rewards: per-token rewards of the episodes
+            rollout["turn_rewards"] = self._put(sampled["turn_rewards"][:, :n].astype(np.float32))
+            rollout["raw_scores"] = self._put(raw_scores.astype(np.float32))
         jax.block_until_ready(rollout)
         timings["time/forward"] = time.perf_counter() - t
 
@@ -312,10 +318,13 @@ class RolloutEngine:
 
         metrics.update(post_metrics)
         metrics.update(family_scores(records, raw_scores))
-        if len(self.scorer.names) > 1:
+        if self.scorer is not None and len(self.scorer.names) > 1:
             metrics.update(
                 {k: float(v.mean()) for k, v in sampled.items() if k.startswith(REWARD_PREFIX)}
             )
+        metrics.update(
+            {k: float(v.mean()) for k, v in sampled.items() if k.startswith(EPISODE_PREFIX)}
+        )
         metrics.update(
             {
                 "objective/scores": float(scores.mean()),
