@@ -484,7 +484,7 @@ def load_config(
 
 def validate(cfg: Config, where: str = "config") -> None:
     """Cross-field checks that need no devices (mesh divisibility is checked in sharding)."""
-    from jaxalign.trainers.registry import get_trainer, trainer_names, unknown_trainer_message
+    from jaxalign.trainers.registry import trainer_names, unknown_trainer_message
 
     m, t = cfg.model, cfg.train
 
@@ -547,8 +547,11 @@ def validate(cfg: Config, where: str = "config") -> None:
     if m.lora is not None:
         if (problem := m.lora.problem()) is not None:
             fail(problem)
-        if get_trainer(cfg.trainer).is_rl:
-            fail(f"model.lora: not yet supported with trainer {cfg.trainer} (sft, rm, dpo only)")
+        if cfg.trainer == "ppo" and cfg.rl.value_init_from and cfg.rl.lora_critic == "adapters":
+            fail(
+                "rl.value_init_from: a LoRA PPO critic of adapters starts from the policy's "
+                "base; set rl.lora_critic=separate to start it from a reward-model run"
+            )
         if m.lora.quantize != "none":
             fail("model.lora.quantize: QLoRA is not wired into training yet; use none")
     if (problem := moe_problem(m)) is not None:

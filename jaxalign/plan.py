@@ -108,10 +108,11 @@ def model_bytes(
     prefix: str = "",
     trainable: Callable[[str], bool] | None = None,
 ) -> ModelBytes:
-    """Bytes per device of `module`'s parameters (an abstract nnx.Module) on a mesh of `sizes`;
+    """Bytes per device of `module`'s parameters (an abstract nnx.Module, or the nnx.State of
+    part of one: shared parameters counted where `nnx.split` lists them) on a mesh of `sizes`;
     `frozen`: `train.freeze` patterns, matched against `prefix` + each parameter's path;
     `trainable` (LoRA: the adapters and what trains beside them): the others are frozen too."""
-    _, state = nnx.split(module)
+    state = module if isinstance(module, nnx.State) else nnx.split(module)[1]
     names = logical_axes(state).to_pure_dict()
     shapes = state.to_pure_dict()
     matched = frozen_matcher(frozen)

@@ -118,7 +118,12 @@ def load_reward_model(
     graphdef, abstract, shardings = build_model(
         cfg, mesh, rules, lambda rngs: RewardModel(cfg.model, rngs)
     )
-    params = load_params(run_dir, abstract_with_shardings(abstract, shardings))
+    if cfg.model.lora is not None:  # adapters + score head onto the rebuilt base
+        from jaxalign.models.lora import load_run_params
+
+        params = load_run_params(run_dir, cfg, get_trainer(cfg.trainer), abstract, shardings)
+    else:
+        params = load_params(run_dir, abstract_with_shardings(abstract, shardings))
     stats_path = config_path.parent / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     return cfg, RewardModelRunner(graphdef, params, mesh, rules, cfg.train.seq_len), stats

@@ -360,7 +360,12 @@ class EpisodeEngine(RolloutEngine):
         divisor = shd.batch_divisor(self.mesh, self.rules)  # rows split over the batch axes
         rows = -(-min(len(records), self.cfg.sampling.batch_size) // divisor) * divisor
         metrics, _ = evaluate_episodes(
-            self.eval_episodes, params, records, row_ids, rows, self.cfg.data.prompt_buckets
+            self.eval_episodes,
+            self.sampling_params(params),
+            records,
+            row_ids,
+            rows,
+            self.cfg.data.prompt_buckets,
         )
         return {
             "eval/success_rate": metrics["success_rate"] / 100.0,

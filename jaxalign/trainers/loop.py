@@ -179,21 +179,12 @@ class Trainer:
     def _lora_initial_params(self) -> Any:
         """The base from `init_from`, a Hugging Face model or the seed, and fresh adapters (the
         trained part of a seeded init: XLA computes only those leaves)."""
-        from flax import nnx
-
         from jaxalign.models.lora import base_params
 
         cfg = self.cfg
         if not (cfg.init_from or cfg.model.from_hf):
             return init_params(cfg, self.param_shardings, cfg.train.seed, self.make_model)
-
-        def init_trained(key):
-            model = self.make_model(nnx.Rngs(params=key))
-            return trained_part(nnx.split(model)[1].to_pure_dict(), self.labels)
-
-        trained = jax.jit(
-            init_trained, out_shardings=trained_part(self.param_shardings, self.labels)
-        )(jax.random.PRNGKey(cfg.train.seed))
+        trained = self._lora_trained_init()
         base_abstract = base_params(self.abstract_params)
         base_shardings = base_params(self.param_shardings)
         if cfg.init_from:
@@ -205,6 +196,19 @@ class Trainer:
 
             base = hf.load_params(cfg.model.from_hf, cfg.model, base_abstract, base_shardings)
         return with_trained(base, trained)
+
+    def _lora_trained_init(self) -> Any:
+        """The trained part of a seeded init (the adapters, ...): XLA computes only those
+        leaves."""
+        from flax import nnx
+
+        def init_trained(key):
+            model = self.make_model(nnx.Rngs(params=key))
+            return trained_part(nnx.split(model)[1].to_pure_dict(), self.labels)
+
+        return jax.jit(init_trained, out_shardings=trained_part(self.param_shardings, self.labels))(
+            jax.random.PRNGKey(self.cfg.train.seed)
+        )
 
     def checkpoint_state(self, state: dict) -> dict:
         """What a checkpoint holds of a train state: all of it, or with LoRA only the trained

@@ -2,7 +2,8 @@
 
 The trained module is `ActorCritic` (policy + value model), so one optimizer state holds both and
 a checkpoint restores both with the KL controller and the prompt iterator (in the data state).
-The reference policy is a frozen copy of the initial policy. Formulas: docs/trainers/ppo.md.
+The reference policy is a frozen copy of the initial policy (with LoRA: the policy with its
+adapters off, docs/lora.md). Formulas: docs/trainers/ppo.md.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jaxalign import sharding as shd
 from jaxalign.checkpoint import abstract_with_shardings, load_params
 from jaxalign.config import Config
 from jaxalign.data import load_tokenizer
+from jaxalign.errors import ConfigError
 from jaxalign.models.actor_critic import ActorCritic
 from jaxalign.rl import (
     KLController,
@@ -86,6 +88,16 @@ class FrozenReference:
         """Nothing to do: with offload the device copy from `on_device` is simply dropped."""
 
 
+def lora_reference_overrides(policy: Any, labels: Any) -> dict:
+    """The trained base parameters (not adapters) of a LoRA policy `policy`, by `labels`
+    ('trained'/'frozen' per leaf): what the reference (the policy with adapters off) must read
+    at their initial values. A nested dict, {} when only adapters train."""
+    from jaxalign.models.lora import base_params
+    from jaxalign.optim import trained_part
+
+    return base_params(trained_part(policy, labels) or {})
+
+
 class RLAlgorithm(Algorithm):
     """What PPO, GRPO and RLOO share: tokenizer, reference, KL controller, rollout data."""
 
@@ -109,7 +121,8 @@ class RLAlgorithm(Algorithm):
 
         parts, sizes, rules = estimate.parts, estimate.sizes, estimate.rules
         frozen = estimate.host if cfg.rl.offload_frozen else parts
-        if uses_reference(cfg):  # no reference without a KL term
+        # No reference without a KL term; with LoRA the reference is the policy's own base.
+        if uses_reference(cfg) and cfg.model.lora is None:
             frozen["reference"] = estimate.policy.params
         if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
             parts["ptx activations"] = plan.activation_bytes(cfg, sizes, rules, ptx_rows(cfg))
@@ -179,11 +192,18 @@ class RLAlgorithm(Algorithm):
     def frozen_params(self, trainer, initial_params: Any) -> None:
         """Keep the reference (the initial policy) here, for rollouts only: the loss reads the
         reference log-probs from the buffer, so the train step gets no frozen params. No
-        reference without a KL term (`uses_reference`)."""
+        reference without a KL term (`uses_reference`).
+
+        With LoRA the reference is the current policy with its adapters off (the rollout engine
+        runs it on the trained parameters): no copy of the base. What is kept here is only the
+        initial values of the policy's trained base parameters (`model.lora.train`), often
+        none: `lora_reference_overrides`."""
         if uses_reference(self.cfg):
-            self.reference = FrozenReference(
-                self.policy_params(initial_params), self.cfg.rl.offload_frozen
-            )
+            policy = self.policy_params(initial_params)
+            if self.cfg.model.lora is not None:
+                labels = self.policy_params(trainer.labels)
+                policy = lora_reference_overrides(policy, labels)
+            self.reference = FrozenReference(policy, self.cfg.rl.offload_frozen)
         return None
 
     def reference_on_device(self) -> Any:
@@ -242,7 +262,13 @@ class PPO(RLAlgorithm):
 
     @classmethod
     def make_model(cls, cfg: Config, rngs: nnx.Rngs) -> ActorCritic:
-        return ActorCritic(cfg.model, rngs)
+        return ActorCritic(cfg.model, rngs, cfg.rl.lora_critic)
+
+    @classmethod
+    def lora_trained(cls, cfg: Config) -> list[str]:
+        """The value head beside the adapters (rl.lora_critic adapters), or the whole separate
+        value model (separate)."""
+        return ["value/score"] if cfg.rl.lora_critic == "adapters" else ["value/.*"]
 
     @classmethod
     def make_policy(cls, cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
@@ -250,14 +276,17 @@ class PPO(RLAlgorithm):
 
     @classmethod
     def unused_params(cls, cfg: Config) -> list[str]:
-        """The value model's untied LM head: no value reads it."""
-        return [] if cfg.model.tie_embeddings else ["^value/backbone/lm_head$"]
+        """The value model's untied LM head: no value reads it (a LoRA critic of adapters
+        shares the policy's)."""
+        shared = cfg.model.lora is not None and cfg.rl.lora_critic == "adapters"
+        return [] if cfg.model.tie_embeddings or shared else ["^value/backbone/lm_head$"]
 
     @classmethod
     def memory_terms(cls, cfg: Config, estimate: Any) -> None:
         """The value model and its optimizer state, then what every RL trainer keeps."""
         actor_critic = nnx.eval_shape(lambda: cls.make_model(cfg, nnx.Rngs(0)))
-        value = estimate.model_bytes(actor_critic.value, "value/")
+        # The value's part of the split: a LoRA critic's shared base is listed under policy/.
+        value = estimate.model_bytes(nnx.split(actor_critic)[1]["value"], "value/")
         estimate.parts["value model"] = value.params + value.gradients
         estimate.parts["value optimizer"] = value.optimizer
         estimate.num_params += value.num_params
@@ -270,6 +299,8 @@ class PPO(RLAlgorithm):
         """Policy from `init_from` (a policy run); value model from `rl.value_init_from` (a
         reward-model run) or, by default, the policy's transformer with a zero head."""
         cfg = self.cfg
+        if cfg.model.lora is not None:
+            return self._lora_initial_params(trainer)
         if cfg.init_from and checkpoint_trainer(cfg.init_from) == cfg.trainer:
             return None  # a PPO run: the trainer's default loads both
         abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
@@ -292,6 +323,57 @@ class PPO(RLAlgorithm):
             )()
             value = {"backbone": copy(policy), "score": score}
         return {"policy": policy, "value": value}
+
+    def _lora_initial_params(self, trainer) -> Any:
+        """With LoRA: the policy's base from `init_from` (a policy run), `model.from_hf` or the
+        seed, with fresh adapters; the critic's adapters fresh and a zero head (rl.lora_critic
+        adapters), or a separate value model from rl.value_init_from or a copy of the base
+        with a zero head (separate)."""
+        from jaxalign.models.lora import base_params
+        from jaxalign.optim import trained_part, with_trained
+
+        cfg = self.cfg
+        if cfg.init_from and checkpoint_trainer(cfg.init_from) == cfg.trainer:
+            raise ConfigError(
+                "init_from: a LoRA PPO run starts from a policy run or model.from_hf, not "
+                "another PPO run's checkpoint"
+            )
+        if not (cfg.init_from or cfg.model.from_hf):
+            fresh = _fresh(trainer)
+        else:
+            fresh = trainer._lora_trained_init()
+        abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
+        shardings = trainer.param_shardings
+        if cfg.init_from:
+            base = load_params(cfg.init_from, base_params(abstract["policy"]))
+        elif cfg.model.from_hf:
+            from jaxalign import hf
+
+            base = hf.load_params(
+                cfg.model.from_hf,
+                cfg.model,
+                base_params(trainer.abstract_params["policy"]),
+                base_params(shardings["policy"]),
+            )
+        else:
+            base = base_params(fresh["policy"])
+        policy = with_trained(base, trained_part(fresh["policy"], trainer.labels["policy"]))
+        score = jax.jit(
+            lambda: jnp.zeros(abstract["value"]["score"].shape, abstract["value"]["score"].dtype),
+            out_shardings=shardings["value"]["score"],
+        )()
+        if cfg.rl.lora_critic == "adapters":
+            backbone = trained_part(fresh["value"], trainer.labels["value"])["backbone"]
+        elif cfg.rl.value_init_from:
+            value = load_params(cfg.rl.value_init_from, abstract["value"])
+            backbone, score = value["backbone"], value["score"]
+        else:
+            copy = jax.jit(
+                lambda p: jax.tree.map(jnp.copy, p),
+                out_shardings=shardings["value"]["backbone"],
+            )
+            backbone = copy(base)
+        return {"policy": policy, "value": {"backbone": backbone, "score": score}}
 
     def postprocess(self, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
         """Per-token rewards, GAE and whitening over the whole rollout (global arrays)."""

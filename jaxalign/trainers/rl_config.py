@@ -71,6 +71,14 @@ class RLConfig:
     # that, left-out groups fill the rest.
     filter_groups: bool = False
     max_generate_rounds: int = 4
+    # PPO with model.lora: the value model is a second set of adapters plus a value head on the
+    # policy's frozen base (adapters: one copy of the base), or a separate model of its own,
+    # initialized from the base (or rl.value_init_from) and trained in full (separate).
+    lora_critic: Literal["adapters", "separate"] = "adapters"
+    # With model.lora, what the rollout samples with: the adapters applied in every decode
+    # step (unmerged), or W + scale * A @ B computed once per rollout into a temporary copy of
+    # the adapted weights (merged; measured faster: docs/performance.md).
+    lora_sampling: Literal["merged", "unmerged"] = "merged"
     offload_frozen: bool = False  # keep the reference (and RM) in host memory between rollouts
     # Rows per log-prob forward (policy, reference, values) after generation; 0: all rows in one.
     # The [rows, N, V] float32 logits of that forward dominate a large model's rollout memory.

@@ -12,6 +12,7 @@ arrays global), so statistics such as whitening are global.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -26,8 +27,11 @@ from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler, Stops
+from jaxalign.hf.peft import merge_lora
 from jaxalign.models.auto import target_platform
+from jaxalign.models.lora import adapters_off
 from jaxalign.models.registry import build
+from jaxalign.optim import with_trained
 from jaxalign.rewards import Scorer
 from jaxalign.trainers.rl_rows import (
     ROW_KEYS,
@@ -103,6 +107,11 @@ class RolloutEngine:
     ):
         rl = cfg.rl
         self.cfg, self.rl = cfg, rl
+        self.lora = cfg.model.lora is not None
+        # With LoRA and rl.lora_sampling merged, the samplers run the plain model on
+        # W + scale * A @ B, merged once per rollout (`sampling_params`).
+        self.merged = self.lora and rl.lora_sampling == "merged"
+        self._merge = jax.jit(functools.partial(merge_lora, lora_cfg=cfg.model.lora))
         self.mesh, self.rules = mesh, rules
         self.algorithm, self.tokenizer, self.scorer = algorithm, tokenizer, scorer
         self.rows = rl.prompts_per_rollout * rl.num_generations
@@ -138,8 +147,19 @@ class RolloutEngine:
             ref = nnx.merge(ref_graphdef, params)
             return response_logprobs(ref, batch, temperature, with_entropy=False)[0]
 
+        def lora_reference_forward(params, overrides, batch):
+            """The policy with its adapters off, on the trained parameters themselves, with
+            the initial values of its trained base parameters (`overrides`, often none)."""
+            policy = with_trained(algorithm.policy_params(params), overrides)
+            with adapters_off():
+                ref = nnx.merge(ref_graphdef, policy)
+                return response_logprobs(ref, batch, temperature, with_entropy=False)[0]
+
         self._policy_forward = jax.jit(policy_forward)
-        self._reference_forward = jax.jit(reference_forward)
+        if self.lora:
+            self._reference_forward = jax.jit(lora_reference_forward)
+        else:
+            self._reference_forward = jax.jit(lambda _, ref, batch: reference_forward(ref, batch))
         self._postprocess = jax.jit(algorithm.postprocess)
         self._concat = None
         self._take_slots = None
@@ -155,8 +175,11 @@ class RolloutEngine:
             )
 
     def _sampler(self, sampling) -> Sampler:
+        model_cfg = self.cfg.model
+        if self.merged:
+            model_cfg = dataclasses.replace(model_cfg, lora=None)
         return Sampler(
-            self.cfg.model,
+            model_cfg,
             sampling,
             stop_token_ids=self.stops.token_ids,
             stop_sequences=self.stops.sequences,
@@ -164,6 +187,12 @@ class RolloutEngine:
             mesh=self.mesh,
             rules=self.rules,
         )
+
+    def sampling_params(self, policy_params: Any) -> Any:
+        """What the samplers take for the policy `policy_params`: those, or with LoRA merged
+        sampling a temporary W + scale * A @ B of every adapted weight (float32 math, the
+        weight's dtype and sharding), computed now from the current adapters."""
+        return self._merge(policy_params) if self.merged else policy_params
 
     # -- the rollout ----------------------------------------------------------------------------
 
@@ -190,13 +219,16 @@ class RolloutEngine:
         # sampling): more batches of prompts until the rollout's groups all have a spread of
         # scores (select_groups), at most rl.max_generate_rounds batches.
         g, rows = rl.num_generations, self.rows
-        rounds = [self.sample_round(prompts, policy_params, index, 0, timings)]
+        t = time.perf_counter()
+        sampling_params = self.sampling_params(policy_params)
+        timings["time/generate"] = time.perf_counter() - t
+        rounds = [self.sample_round(prompts, sampling_params, index, 0, timings)]
         if rl.filter_groups:
             want = rl.prompts_per_rollout
             picks, spread = select_groups([r["scores"] for r in rounds], g, want)
             while spread < want and len(rounds) < rl.max_generate_rounds:
                 rounds.append(
-                    self.sample_round(prompts, policy_params, index, len(rounds), timings)
+                    self.sample_round(prompts, sampling_params, index, len(rounds), timings)
                 )
                 picks, spread = select_groups([r["scores"] for r in rounds], g, want)
             sampled = join_rounds(rounds, picks, g, self.tokenizer.pad_id)
@@ -208,6 +240,7 @@ class RolloutEngine:
             )
         else:
             sampled = rounds[0]
+        del sampling_params  # a merged copy is freed before the forwards
         prompt_tokens, prompt_lengths = sampled["prompt_tokens"], sampled["prompt_lengths"]
         records, raw_scores, scores = sampled["records"], sampled["raw_scores"], sampled["scores"]
         stopped, lengths = sampled["stopped"], sampled["lengths"]
@@ -239,7 +272,9 @@ class RolloutEngine:
             seq, slots = self._forward_rows(plain)
             seq = {k: self._put(v) for k, v in seq.items()}
             policy_out = self._policy_forward(params, seq)
-            ref_out = None if ref_params is None else self._reference_forward(ref_params, seq)
+            ref_out = (
+                None if ref_params is None else self._reference_forward(params, ref_params, seq)
+            )
             if slots is not None:
                 policy_out, ref_out = self._unpack(policy_out, ref_out, slots)
             forwards.append(policy_out)
@@ -254,6 +289,10 @@ class RolloutEngine:
         }
         if rl.old_logprobs == "recompute":
             rollout["old_logprobs"] = forward["old_logprobs"]
+            # The sampler's log-probs against the training forward's on the same parameters:
+            # 0 up to rounding unless the sampler ran on other (stale) weights.
+            gap = np.abs(shd.host_array(forward["old_logprobs"]) - sampling_lp)
+            metrics["rollout/sampler_logprob_gap"] = float(np.max(gap * (rows_np["mask"] > 0)))
         else:
             rollout["old_logprobs"] = self._put(sampling_lp.astype(np.float32))
         # Without a reference its log-probs are the rollout policy's: every KL term is 0.
@@ -435,7 +474,7 @@ class RolloutEngine:
         rows = shd.batch_divisor(self.mesh, self.rules) * 32
         out = pass_rate(
             self.eval_sampler,
-            params,
+            self.sampling_params(params),
             ids,
             records,
             self.scorer.without_sequences,
