@@ -474,3 +474,23 @@ def test_dpo_on_a_moe_policy_starts_at_log_2_plus_the_router_losses(tmp_path):
     router = 0.01 * first["moe/aux_loss"] + 0.001 * first["moe/z_loss"]
     assert first["loss"] == pytest.approx(np.log(2.0) + router, abs=1e-5)
     assert abs(first["rewards/margins"]) < 1e-4
+
+
+@pytest.mark.parametrize("tile", [None, 2, 4])
+def test_tiled_experts_equal_the_ragged_dot_experts(tile):
+    """The CPU grouped matmul (whole tiles per expert) against ragged_dot's, with an empty
+    expert, uneven groups, rows for no expert (groups >= E: zeros) and tiles not filled."""
+    rng = np.random.default_rng(3)
+    e, m = 4, 23
+    groups = rng.choice([0, 1, 3, 4], size=m, p=[0.5, 0.2, 0.2, 0.1]).astype(np.int32)
+    rows = jnp.asarray(rng.normal(size=(m, 8)), jnp.float32)
+    ws = [jnp.asarray(w, jnp.float32) for w in random_expert_weights(rng, e=e)]
+    got = moe._tiled_swiglu(rows, jnp.asarray(groups), *ws, jax.nn.silu, tile)
+    order = np.argsort(groups, kind="stable")
+    sizes = jnp.asarray(np.bincount(groups, minlength=e + 1)[:e], jnp.int32)
+    xs = rows[order]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, ws[0], sizes)) * jax.lax.ragged_dot(xs, ws[1], sizes)
+    want = np.zeros((m, 8), np.float32)
+    want[order] = np.asarray(jax.lax.ragged_dot(h, ws[2], sizes))
+    want[groups >= e] = 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
