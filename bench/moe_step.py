@@ -19,6 +19,10 @@ the same config (`hf.convert.moe_config_to_hf`; its default experts implementati
 aux loss), global-norm clipping, `torch.optim.AdamW` with the same hyperparameters and schedule.
 tokens/s counts every position; MFU counts 6 x active parameters + attention per token.
 
+A fourth side, `ragged_dot`, runs the MoE step with the experts through `jax.lax.ragged_dot` as
+on TPU and GPU (bench/moe_ragged_dot_patch.py): XLA's generic lowering, the one CPU gets,
+multiplies every row by every expert's weights, which is why the CPU path is `_tiled_swiglu`.
+
 Workers, allocators, turns and `--variant`: as bench/sft_step.py (one JAX worker per side,
 interleaved repeats, ratios per repeat then the median).
 """
@@ -58,6 +62,9 @@ DENSE_ACTIVE = (
     "dense_active:model.family=llama;model.num_experts=0;model.moe_intermediate_size=null;"
     f"model.intermediate_size={MOE_50M['num_experts_per_tok'] * MOE_50M['moe_intermediate_size']}"
 )
+
+# The experts through jax.lax.ragged_dot, as on TPU/GPU (on CPU: every row x every expert).
+RAGGED_DOT = f"ragged_dot:patch={Path(__file__).resolve().parent / 'moe_ragged_dot_patch.py'}"
 
 
 def build_jax(args):
@@ -119,8 +126,10 @@ def build_torch(cmd: dict, adamw: str):
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--worker" not in argv and not any(a.startswith("dense_active:") for a in argv):
-        argv += ["--variant", DENSE_ACTIVE]
+    if "--worker" not in argv:
+        for variant in (DENSE_ACTIVE, RAGGED_DOT):
+            if not any(a.startswith(variant.split(":")[0] + ":") for a in argv):
+                argv += ["--variant", variant]
     return common.step_main(__file__, __doc__, SIZES, "moe50m", build_jax, build_torch, argv)
 
 

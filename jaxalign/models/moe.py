@@ -70,6 +70,11 @@ def _grouped_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array
     every expert's weights (E times the FLOPs and memory)."""
     if jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm"):
         return _tiled_swiglu(rows, groups, w_gate, w_up, w_down, activation)
+    return _ragged_swiglu(rows, groups, w_gate, w_up, w_down, activation)
+
+
+def _ragged_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array:
+    """`_grouped_swiglu` with `jax.lax.ragged_dot` (rows sorted by expert)."""
     num_experts = w_gate.shape[0]
     order = jnp.argsort(groups, stable=True)
     sizes = jnp.bincount(groups, length=num_experts).astype(jnp.int32)  # drops groups >= E
