@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from toy import random_params, run_toy, toy_config
+from toy import ToyAlgorithm, random_params, run_toy, toy_config
 
 from jaxalign import models
 from jaxalign import sharding as shd
@@ -18,7 +18,7 @@ from jaxalign.config import MeshConfig, ModelConfig
 from jaxalign.errors import ConfigError
 from jaxalign.models import llama, moe
 from jaxalign.models.params import pop_aux_metrics
-from jaxalign.trainers.step import accumulate_gradients
+from jaxalign.trainers.step import accumulate_gradients, with_aux_loss, with_aux_metrics
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -153,13 +153,20 @@ def one_device_mesh():
 
 
 def jax_forward(cfg, params, ids):
-    """(logits, router logits per MoE layer [L', N, E], the router terms) of one forward."""
+    """(logits, router logits per MoE layer [L', N, E], the router terms) of one forward (jitted:
+    one compile instead of one per eager op)."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
-    model = nnx.merge(graphdef, params)
-    model.capture_router_logits = True
-    logits = model.logits(model(jnp.asarray(ids)))
-    router = jax.tree.leaves(nnx.pop(model, moe.RouterLogits))[0]
-    return np.asarray(logits), np.asarray(router), pop_aux_metrics(model)
+
+    @jax.jit
+    def forward(params):
+        model = nnx.merge(graphdef, params)
+        model.capture_router_logits = True
+        logits = model.logits(model(jnp.asarray(ids)))
+        router = jax.tree.leaves(nnx.pop(model, moe.RouterLogits))[0]
+        return logits, router, pop_aux_metrics(model)
+
+    logits, router, metrics = jax.device_get(forward(params))
+    return np.asarray(logits), np.asarray(router), metrics
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -247,33 +254,57 @@ def test_scanned_layers_and_roomy_capacity_equal_the_dropless_unrolled_model():
     cfg = tiny_moe()
     params = tiny_params(cfg)
     tokens = jnp.asarray(IDS % 64)
+    variants = {  # name: (config, its parameters)
+        "unrolled": (cfg, params),
+        "scanned": (dataclasses.replace(cfg, scan_layers=True), llama.stack_layers(params)),
+        "roomy": (dataclasses.replace(cfg, moe_capacity_factor=2.0), params),
+        "tight": (dataclasses.replace(cfg, moe_capacity_factor=0.5), params),
+    }
+    graphdefs = {
+        name: nnx.graphdef(nnx.eval_shape(lambda c=c: models.build(c, nnx.Rngs(0))))
+        for name, (c, _) in variants.items()
+    }
 
-    def forward(cfg, params):
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
+    @jax.jit  # the four forwards in one program: one compile
+    def run(all_params):
+        out = {}
+        for name, p in all_params.items():
+            model = nnx.merge(graphdefs[name], p)
+            out[name] = (model.logits(model(tokens)), pop_aux_metrics(model))
+        return out
 
-        @jax.jit
-        def run(params):
-            model = nnx.merge(graphdef, params)
-            logits = model.logits(model(tokens))
-            return logits, pop_aux_metrics(model)
-
-        logits, metrics = jax.device_get(run(params))
-        return np.asarray(logits), metrics
-
-    want, want_metrics = forward(cfg, params)
-    scanned, scanned_metrics = forward(
-        dataclasses.replace(cfg, scan_layers=True), llama.stack_layers(params)
-    )
+    out = jax.device_get(run({name: p for name, (_, p) in variants.items()}))
+    want, want_metrics = out["unrolled"]
+    scanned, scanned_metrics = out["scanned"]
     np.testing.assert_allclose(scanned, want, atol=1e-5, rtol=0)
     assert float(scanned_metrics["moe/aux_loss"]) == pytest.approx(
         float(want_metrics["moe/aux_loss"]), abs=1e-6
     )
-    roomy, roomy_metrics = forward(dataclasses.replace(cfg, moe_capacity_factor=2.0), params)
+    roomy, roomy_metrics = out["roomy"]
     np.testing.assert_allclose(roomy, want, atol=1e-5, rtol=0)
     assert float(roomy_metrics["moe/dropped_tokens"]) == 0.0
-    tight, tight_metrics = forward(dataclasses.replace(cfg, moe_capacity_factor=0.5), params)
+    tight, tight_metrics = out["tight"]
     assert float(tight_metrics["moe/dropped_tokens"]) >= 0.5  # at most half the slots exist
     assert np.abs(tight - want).max() > 1e-3
+
+
+def train_steps(cfg, devices=None):
+    """(final state, per-step metrics) of `cfg.train.steps` steps of the trainer's compiled step
+    on ToyData, as `Trainer` runs it (shardings, activation rules, donation) without its
+    checkpointing and logging."""
+    from jaxalign.trainers.loop import Trainer
+
+    trainer = Trainer(cfg, ToyAlgorithm(cfg), devices=devices)
+    state = trainer.fresh_state()
+    data = trainer.algorithm.train_data(0, 1)
+    history, step = [], None
+    with shd.activation_sharding(trainer.mesh, trainer.rules):
+        for _ in range(cfg.train.steps):
+            batch = trainer.to_global(next(data))
+            step = step or trainer.compile_step(batch)
+            state, metrics = step(state, batch, trainer.frozen)
+            history.append(jax.device_get(metrics))
+    return state, history
 
 
 @pytest.mark.slow
@@ -290,19 +321,17 @@ def test_expert_parallel_runs_equal_the_single_device_run(tmp_path):
         if name != "single":
             overrides["sharding.rules_file"] = EXPERT_RULES
         cfg = toy_config(tmp_path / name, **overrides)
-        trainer, result = run_toy(cfg, devices=jax.devices()[:1] if name == "single" else None)
-        runs[name] = result
+        state, runs[name] = train_steps(cfg, jax.devices()[:1] if name == "single" else None)
         if name != "single":
-            w_gate = result.state["params"]["blocks"][0]["mlp"]["w_gate"]
+            w_gate = state["params"]["blocks"][0]["mlp"]["w_gate"]
             assert w_gate.sharding.spec[0] == "expert"
             assert w_gate.addressable_shards[0].data.shape[0] == 4 // cfg.mesh.expert
-    want = runs["single"].history
+    want = runs["single"]
     assert len(want) == 5 and want[-1]["loss"] < want[0]["loss"]
     for name in ("expert4", "expert2_fsdp2_tensor2"):
-        got = runs[name].history
-        for a, b in zip(got, want):
+        for a, b in zip(runs[name], want, strict=True):
             for key in ("loss", "moe/aux_loss", "moe/z_loss"):
-                assert a[key] == pytest.approx(b[key], abs=1e-5), (name, key)
+                assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), (name, key)
             np.testing.assert_allclose(a["moe/expert_load"], b["moe/expert_load"], atol=1e-6)
 
 
@@ -331,15 +360,78 @@ def test_bad_moe_config_is_a_one_line_error(tmp_path, fields, named):
     assert "\n" not in str(e.value)
 
 
+def router_objective(algo, graphdef, params, batch) -> dict:
+    """The train step's objective on one micro-batch, forward only: the algorithm's loss sum and
+    denominator, the objective with the sown router losses (`with_aux_loss`) and the metrics as
+    per-target means."""
+    model = nnx.merge(graphdef, params)
+    loss_sum, denom, metrics = algo.loss_fn(model, batch, jax.random.PRNGKey(0))
+    metrics = with_aux_metrics(model, metrics, denom)
+    return {
+        "loss_sum": loss_sum,
+        "denom": denom,
+        "objective": with_aux_loss(model, loss_sum, denom),
+        "metrics": {k: v / denom for k, v in metrics.items()},
+    }
+
+
+def router_terms(metrics, prefix=""):
+    """The weighted router losses MOE_TOY's coefficients give, from logged metrics."""
+    return MOE_TOY["model.router_aux_loss_coef"] * float(
+        metrics[prefix + "moe/aux_loss"]
+    ) + MOE_TOY["model.router_z_loss_coef"] * float(metrics[prefix + "moe/z_loss"])
+
+
 @pytest.mark.slow
-def test_grpo_on_a_moe_policy_samples_with_training_logprobs(tmp_path):
+def test_grpo_rloo_and_reinforce_pp_on_a_moe_policy_use_the_sampled_logprobs(tmp_path):
     """The sampler decodes the MoE policy (KV cache, routing per decoded token) with the same
-    log-probs as the training forward: GRPO's importance ratio is 1 on a fresh rollout."""
+    log-probs as the training forward: on a fresh rollout's first minibatch, the importance ratio
+    of GRPO, RLOO and REINFORCE++ is 1 (they share the rollout and the policy forward and differ
+    in advantages), and each objective is its loss plus the policy's router losses."""
     from test_ppo_grpo import rl_config, rollout_data
 
+    from jaxalign.trainers import make_algorithm
     from jaxalign.trainers.rl_rows import response_logprobs
 
-    cfg = rl_config(tmp_path, "grpo", **{**MOE_TOY, "rl.old_logprobs": "sampler"})
+    overrides = {**MOE_TOY, "rl.old_logprobs": "sampler"}
+    algo, trainer, state, data = rollout_data(rl_config(tmp_path, "grpo", **overrides))
+    micro = {k: v[0] for k, v in next(data).items()}
+    algos = {"grpo": algo}
+    for name in ("rloo", "reinforce_pp"):
+        algos[name] = make_algorithm(rl_config(tmp_path, name, **overrides))
+
+    @jax.jit
+    def check(params, batch):
+        model = nnx.merge(trainer.graphdef, params)
+        logp, _ = response_logprobs(algo.policy_module(model), batch, 1.0)
+        objectives = {
+            name: router_objective(a, trainer.graphdef, params, batch) for name, a in algos.items()
+        }
+        return logp, objectives
+
+    logp, objectives = jax.device_get(check(state["params"], micro))
+    mask = micro["mask"] > 0
+    assert mask.sum() > 20
+    np.testing.assert_allclose(np.exp(logp - micro["old_logprobs"])[mask], 1.0, atol=1e-6)
+    for name, got in objectives.items():
+        metrics = got["metrics"]
+        assert abs(metrics["policy/ratio"] - 1.0) < 1e-6 and metrics["policy/approxkl"] < 1e-6
+        assert float(metrics["moe/aux_loss"]) > 1.0, name  # about k = 2 when balanced
+        want = got["loss_sum"] + got["denom"] * router_terms(metrics)
+        assert float(got["objective"]) == pytest.approx(float(want), rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_ppo_on_a_moe_policy_and_critic_uses_the_sampled_logprobs_and_values(tmp_path):
+    """PPO with a MoE policy and its MoE value model (a copy of the policy's backbone): the
+    rollout's log-probs and values equal the training forward's (ratio 1), and the objective
+    counts both router losses, the critic's logged apart under `value/moe/*` (equal to the
+    policy's here, since the backbones are equal and read the same tokens)."""
+    from test_ppo_grpo import rl_config, rollout_data
+
+    from jaxalign.trainers.rl_rows import response_logprobs, response_values
+
+    cfg = rl_config(tmp_path, "ppo", **{**MOE_TOY, "rl.old_logprobs": "sampler"})
     algo, trainer, state, data = rollout_data(cfg)
     micro = {k: v[0] for k, v in next(data).items()}
 
@@ -347,12 +439,22 @@ def test_grpo_on_a_moe_policy_samples_with_training_logprobs(tmp_path):
     def check(params, batch):
         model = nnx.merge(trainer.graphdef, params)
         logp, _ = response_logprobs(algo.policy_module(model), batch, 1.0)
-        return logp
+        values = response_values(model, batch)
+        return logp, values, router_objective(algo, trainer.graphdef, params, batch)
 
-    logp = jax.device_get(check(state["params"], micro))
+    logp, values, got = jax.device_get(check(state["params"], micro))
     mask = micro["mask"] > 0
     assert mask.sum() > 20
     np.testing.assert_allclose(np.exp(logp - micro["old_logprobs"])[mask], 1.0, atol=1e-6)
+    np.testing.assert_allclose(values[mask], micro["old_values"][mask], atol=1e-5, rtol=0)
+    metrics = got["metrics"]
+    assert abs(metrics["policy/ratio"] - 1.0) < 1e-6
+    for key in ("moe/aux_loss", "moe/z_loss"):
+        assert float(metrics["value/" + key]) == pytest.approx(float(metrics[key]), rel=1e-5)
+    np.testing.assert_allclose(metrics["value/moe/expert_load"], metrics["moe/expert_load"])
+    router = router_terms(metrics) + router_terms(metrics, "value/")
+    want = got["loss_sum"] + got["denom"] * router
+    assert float(got["objective"]) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -365,9 +467,30 @@ def test_dpo_on_a_moe_policy_starts_at_log_2_plus_the_router_losses(tmp_path):
     from jaxalign.trainers.dpo import DPO
     from jaxalign.trainers.loop import Trainer
 
-    cfg = pref_config(tmp_path, "dpo", **{**MOE_TOY, "train.batch_size": 4, "train.seq_len": 48})
+    overrides = {**MOE_TOY, "model.num_layers": 1, "train.batch_size": 4, "train.seq_len": 48}
+    cfg = pref_config(tmp_path, "dpo", **overrides)
     result = Trainer(cfg, DPO(cfg), devices=jax.devices()[:1]).run()
     first = result.history[0]
     router = 0.01 * first["moe/aux_loss"] + 0.001 * first["moe/z_loss"]
     assert first["loss"] == pytest.approx(np.log(2.0) + router, abs=1e-5)
     assert abs(first["rewards/margins"]) < 1e-4
+
+
+@pytest.mark.parametrize("tile", [None, 2, 4])
+def test_tiled_experts_equal_the_ragged_dot_experts(tile):
+    """The CPU grouped matmul (whole tiles per expert) against ragged_dot's, with an empty
+    expert, uneven groups, rows for no expert (groups >= E: zeros) and tiles not filled."""
+    rng = np.random.default_rng(3)
+    e, m = 4, 23
+    groups = rng.choice([0, 1, 3, 4], size=m, p=[0.5, 0.2, 0.2, 0.1]).astype(np.int32)
+    rows = jnp.asarray(rng.normal(size=(m, 8)), jnp.float32)
+    ws = [jnp.asarray(w, jnp.float32) for w in random_expert_weights(rng, e=e)]
+    got = moe._tiled_swiglu(rows, jnp.asarray(groups), *ws, jax.nn.silu, tile)
+    order = np.argsort(groups, kind="stable")
+    sizes = jnp.asarray(np.bincount(groups, minlength=e + 1)[:e], jnp.int32)
+    xs = rows[order]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, ws[0], sizes)) * jax.lax.ragged_dot(xs, ws[1], sizes)
+    want = np.zeros((m, 8), np.float32)
+    want[order] = np.asarray(jax.lax.ragged_dot(h, ws[2], sizes))
+    want[groups >= e] = 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -64,7 +64,17 @@ def dropless_experts(x, experts, weights, w_gate, w_up, w_down, activation) -> j
 
 
 def _grouped_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array:
-    """rows [M, D] through expert `groups[m]` ([M]; groups >= E give zeros) -> [M, D]."""
+    """rows [M, D] through expert `groups[m]` ([M]; groups >= E give zeros) -> [M, D]: one
+    `jax.lax.ragged_dot` per projection on TPU and GPU (their grouped-matmul lowerings);
+    elsewhere `_tiled_swiglu`, since the generic lowering of ragged_dot multiplies every row by
+    every expert's weights (E times the FLOPs and memory)."""
+    if jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm"):
+        return _tiled_swiglu(rows, groups, w_gate, w_up, w_down, activation)
+    return _ragged_swiglu(rows, groups, w_gate, w_up, w_down, activation)
+
+
+def _ragged_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array:
+    """`_grouped_swiglu` with `jax.lax.ragged_dot` (rows sorted by expert)."""
     num_experts = w_gate.shape[0]
     order = jnp.argsort(groups, stable=True)
     sizes = jnp.bincount(groups, length=num_experts).astype(jnp.int32)  # drops groups >= E
@@ -74,6 +84,52 @@ def _grouped_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array
     up = jax.lax.ragged_dot(xs, w_up.astype(dt), sizes)
     ys = jax.lax.ragged_dot(activation(gate) * up, w_down.astype(dt), sizes)
     return jnp.take(ys, jnp.argsort(order), axis=0)
+
+
+def swiglu_tile(num_rows: int, num_experts: int) -> int:
+    """Rows per tile of `_tiled_swiglu`: about a quarter of an expert's even share, a power of
+    two in [8, 256] (padding costs at most one tile per expert)."""
+    share = max(num_rows // (4 * num_experts), 1)
+    return int(min(256, max(8, 1 << (share - 1).bit_length())))
+
+
+def _tiled_swiglu(rows, groups, w_gate, w_up, w_down, activation, tile=None) -> jax.Array:
+    """`_grouped_swiglu` as batched matmuls over tiles: each expert's rows (in row order) fill
+    whole tiles of `tile` rows, the last one padded with zeros, so every tile belongs to one
+    expert and multiplies by its weights ([tiles, tile, D] x [tiles, D, F]). At most
+    ceil(M / tile) + E tiles (a static bound; tiles past the used ones hold zeros). Exact: each
+    row meets only its expert's weights, as ragged_dot."""
+    m, d = rows.shape
+    e = w_gate.shape[0]
+    tile = tile or swiglu_tile(m, e)
+    num_tiles = -(-m // tile) + e
+    valid = groups < e
+    sizes = jnp.bincount(groups, length=e).astype(jnp.int32)  # drops groups >= E
+    tiles_of = (sizes + tile - 1) // tile
+    tile_end = jnp.cumsum(tiles_of)
+    tile_start = tile_end - tiles_of
+    group_start = jnp.cumsum(sizes) - sizes
+    t = jnp.arange(num_tiles)
+    tile_group = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), e - 1)  # [T]
+    rank = (t - tile_start[tile_group])[:, None] * tile + jnp.arange(tile)  # [T, tile]
+    used = (rank < sizes[tile_group][:, None]) & (t < tile_end[-1])[:, None]
+    order = jnp.argsort(jnp.where(valid, groups, e), stable=True)
+    src = jnp.take(order, jnp.where(used, group_start[tile_group][:, None] + rank, 0))
+    xs = jnp.where(used[..., None], jnp.take(rows, src, axis=0), 0)  # [T, tile, D]
+    dt = rows.dtype
+
+    def weights(w):
+        return jnp.take(w.astype(dt), tile_group, axis=0)
+
+    gate = jnp.einsum("tnd,tdf->tnf", xs, weights(w_gate))
+    up = jnp.einsum("tnd,tdf->tnf", xs, weights(w_up))
+    ys = jnp.einsum("tnf,tfd->tnd", activation(gate) * up, weights(w_down))
+    # each row's slot: its rank among its expert's rows, in its expert's tiles
+    g = jnp.where(valid, groups, 0)
+    rank_of_row = jnp.argsort(order) - group_start[g]
+    slot = (tile_start[g] + rank_of_row // tile) * tile + rank_of_row % tile
+    out = jnp.take(ys.reshape(-1, d), jnp.where(valid, slot, 0), axis=0)
+    return jnp.where(valid[:, None], out, 0)
 
 
 def expert_parallel_experts(
