@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - the HLO module is XLA text, one instruction per line
 """jaxalign.hlo on hand-written optimized HLO: instructions that span lines (a Pallas kernel's
 JSON metadata), loop-multiplied HBM traffic and collectives, and the matmuls inside splash
 attention's kernels, each against a count done by hand. No compile: milliseconds."""
