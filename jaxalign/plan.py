@@ -74,6 +74,15 @@ class Plan:
     def total(self) -> int:
         return sum(self.parts.values())
 
+    def train_step_bytes(self, is_rl: bool) -> int:
+        """The parts live during the train step: the total without the rollout's KV cache,
+        logits and (RL: used only by the rollout's forwards) frozen reference and reward
+        model. What `jaxalign plan --compile`'s `train_step` peak measures."""
+        rollout_only = {"rollout KV cache", "rollout logits"}
+        if is_rl:
+            rollout_only |= {"reference", "reward model"}
+        return sum(v for k, v in self.parts.items() if k not in rollout_only)
+
 
 @dataclass
 class ModelBytes:
@@ -139,17 +148,43 @@ def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
     return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
-def activation_bytes(
-    cfg: Config, sizes: dict[str, int], rules: shd.Rules, batch_size: int | None = None
-) -> int:
-    """Activations kept for the backward pass, per device (an estimate, not a measurement), of
-    `batch_size` rows per step (default train.batch_size) of train.seq_len tokens.
+# What a compiled train step holds at its peak besides the state and the saved activations
+# (calibrated on XLA's TPU compiles of the recipes: bench/tpu_compile.py,
+# bench/results/tpu_compile.json, docs/performance.md "TPU compile of the recipes"):
+# - the backward of the recomputed layer's MLP keeps float32 [tokens, intermediate_size] arrays:
+#   the gate, its sigmoid, the activation and the gradient into the gate;
+MLP_F32_BUFFERS = 4
+# - the loss's vocab chunk loop (`loss.vocab_chunks`): one chunk's float32 logits and their
+#   gradient; and the output head's [D, V] weight gathered whole in the compute dtype, with its
+#   gradient, also whole, before the reduction over the batch's devices.
+LOGITS_F32_BUFFERS = 2
+HEAD_COPIES = 2
 
-    Per layer and token: with remat "full" only the layer input (D); "save_dots" the matmul
-    outputs (q, k, v, attention output, gate, up, down); "none" those plus norms, activations and
-    the attention probabilities (H x T per token, float32). Plus one layer's working set, and
-    the float32 logits of the loss (divided by loss.vocab_chunks).
+
+def activation_bytes(
+    cfg: Config,
+    sizes: dict[str, int],
+    rules: shd.Rules,
+    batch_size: int | None = None,
+    with_head: bool = True,
+) -> int:
+    """Activations and temporaries of the train step, per device (an estimate, calibrated on
+    compiled TPU programs), of `batch_size` sequences per step (default train.batch_size) of
+    train.seq_len tokens, per micro-batch.
+
+    Kept for the backward pass, per layer and token: with remat "full" only the layer input
+    (D, the scan's stacked carry); "save_dots" the matmul outputs (q, k, v, attention output,
+    gate, up, down); "none" those plus norms and activations. Plus the working set of one
+    layer's backward (MLP_F32_BUFFERS float32 [tokens, F / tensor] arrays, and the attention
+    probabilities where the attention kernel materializes them: `einsum` on the platform being
+    planned for, H x T float32 per token, or H x query block per token with
+    `attention_query_block`; splash and cuDNN keep none), one vocab chunk's float32 logits and
+    their gradient (LOGITS_F32_BUFFERS x tokens / loss.vocab_chunks x V), and the output
+    head's weight and gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by
+    `tensor`; not with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
     """
+    from jaxalign.models import auto
+
     m, t = cfg.model, cfg.train
     batch_div = _axis_split(sizes, rules, "batch")
     tensor = sizes.get("tensor", 1) if rules.get("mlp") == ("tensor",) else 1
@@ -166,11 +201,20 @@ def activation_bytes(
     if m.num_experts:  # a MoE layer keeps each token's k expert rows (and their inputs)
         f = m.num_experts_per_tok * (m.resolved_moe_intermediate_size + d / 3)
     dots = (h * hd + 2 * kv * hd + 2 * d + 3 * f / tensor) * itemsize
-    probs = h / tensor * t.seq_len * 4
-    full_layer = dots + (4 * d + f / tensor) * itemsize + probs
-    per_token_layer = {"full": d * itemsize, "save_dots": dots, "none": full_layer}[m.remat]
-    logits = tokens * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
-    return int(tokens * (m.num_layers * per_token_layer + full_layer) + 2 * logits)
+    probs = 0.0
+    if auto.resolve("attention_kernel", m.attention_kernel) == "einsum":
+        block = auto.resolve("attention_query_block", m.attention_query_block)
+        width = min(block, t.seq_len) if block else t.seq_len
+        probs = h / tensor * t.seq_len * 4 * width / t.seq_len
+    saved = {
+        "full": d * itemsize,
+        "save_dots": dots,
+        "none": dots + (4 * d + f / tensor) * itemsize + probs,
+    }[m.remat]
+    working = MLP_F32_BUFFERS * f / tensor * 4 + probs
+    logits = LOGITS_F32_BUFFERS * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
+    head = HEAD_COPIES * d * m.vocab_size / tensor * itemsize if with_head else 0
+    return int(tokens * (m.num_layers * saved + working + logits) + head)
 
 
 def _rows_per_device(rows: int, batch_div: int) -> int:
@@ -261,8 +305,14 @@ class Estimate:
         return model_bytes(module, self.sizes, self.rules, self.freeze, prefix, self.trainable)
 
 
-def make_plan(cfg: Config, num_devices: int) -> Plan:
-    """The per-device memory plan of `cfg` on `num_devices` devices."""
+def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Plan:
+    """The per-device memory plan of `cfg` on `num_devices` devices of `platform` ("cpu",
+    "gpu", "tpu": what `auto` model settings resolve for; default JAX's default backend)."""
+    if platform is not None:
+        from jaxalign.models import auto
+
+        with auto.platform_named(platform):
+            return make_plan(cfg, num_devices)
     sizes = shd.axis_sizes(cfg.mesh, num_devices)
     rules = shd.resolve_rules(cfg.sharding)
     micro = cfg.train.batch_size // cfg.train.grad_accum

@@ -99,7 +99,9 @@ class RLAlgorithm(Algorithm):
         if uses_reference(cfg):  # no reference without a KL term
             frozen["reference"] = estimate.policy.params
         if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
-            parts["ptx activations"] = plan.activation_bytes(cfg, sizes, rules, ptx_rows(cfg))
+            parts["ptx activations"] = plan.activation_bytes(
+                cfg, sizes, rules, ptx_rows(cfg), with_head=False
+            )
         if cfg.rl.reward_model:
             frozen["reward model"] = plan.reward_model_bytes(cfg, estimate.num_devices)
         parts["rollout KV cache"] = plan.rollout_kv_cache_bytes(cfg, sizes, rules)
