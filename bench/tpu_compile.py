@@ -10,7 +10,8 @@ for the slice its file name names (`sft_8b_v5p64` -> `v5p-64`; recipes for GPUs 
 with `JAX_PLATFORMS=cpu`: no TPU is needed, only libtpu. An 8B recipe takes minutes and ~2 GiB
 of RAM on a 2-core host. Results are merged into bench/results/tpu_compile.json (one entry per
 recipe, tag and program; a rerun replaces its entries) and the Markdown table is printed and
-written beside it (tpu_compile.md).
+written beside it (tpu_compile.md). Each program's optimized HLO text goes to
+$TPU_COMPILE_HLO_DIR (default /tmp/tpu_compile_hlo), named RECIPE.PROGRAM.hlo.
 
 Per program and device:
 - peak = arguments + outputs - donated + temporaries (XLA's `memory_analysis`), the chip's HBM
@@ -55,6 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "recipes"
 RESULTS = ROOT / "bench" / "results" / "tpu_compile.json"
 GIB = 1024**3
+# The optimized HLO of each program, for reading its buffers and loops (not kept in git).
+HLO_DIR = Path(os.environ.get("TPU_COMPILE_HLO_DIR", "/tmp/tpu_compile_hlo"))
 _SLICE = re.compile(r"_(v4|v5p|v5e|v6e)(\d+)$")
 
 
@@ -153,6 +156,8 @@ def compile_recipe(name: str, sets: list[str], topology_name: str | None) -> lis
         seconds = time.perf_counter() - start
         r = aot.report(compiled, program, hbm)
         text = compiled.as_text()
+        HLO_DIR.mkdir(parents=True, exist_ok=True)
+        (HLO_DIR / f"{name}.{program}.hlo").write_text(text)
         pallas = hlo.pallas_attention_flops(text)
         traffic, collective = hlo.hlo_traffic(text)
         flops = r.flops + pallas
@@ -213,7 +218,8 @@ def _libtpu_version() -> str:
 def markdown(rows: list[dict]) -> str:
     head = (
         "| recipe | slice | program | peak / device | HBM | fits | TFLOP / device | "
-        "roofline step | MFU (roofline) | compile |\n|---|---|---|---|---|---|---|---|---|---|"
+        "HBM traffic | collectives | roofline step | MFU (roofline) | compile |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
@@ -221,7 +227,7 @@ def markdown(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(
                 f"| {name} | {r['topology']} | {r['program']} | does not compile: "
-                f"{r['error'][:80]} | | no | | | | {r['compile_s']:.0f} s |"
+                f"{r['error'][:80]} | | no | | | | | | {r['compile_s']:.0f} s |"
             )
             continue
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -229,7 +235,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {name} | {r['topology']} | {r['program']} | {r['peak_gib']:.2f} GiB | "
             f"{r['hbm_gib']:.0f} GiB | {'yes' if r['fits'] else 'NO'} | "
-            f"{r['tflops_per_device']:.1f} | {r['step_s']:.2f} s ({bound}) | {mfu} | "
+            f"{r['tflops_per_device']:.1f} | {r['hbm_traffic_gib']:.0f} GiB | "
+            f"{r['collective_gib']:.0f} GiB | {r['step_s']:.2f} s ({bound}) | {mfu} | "
             f"{r['compile_s']:.0f} s |"
         )
     return "\n".join(lines)

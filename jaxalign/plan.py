@@ -151,9 +151,11 @@ def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
 # What a compiled train step holds at its peak besides the state and the saved activations
 # (calibrated on XLA's TPU compiles of the recipes: bench/tpu_compile.py,
 # bench/results/tpu_compile.json, docs/performance.md "TPU compile of the recipes"):
-# - the backward of the recomputed layer's MLP keeps float32 [tokens, intermediate_size] arrays:
-#   the gate, its sigmoid, the activation and the gradient into the gate;
-MLP_F32_BUFFERS = 4
+# - the backward of the recomputed layer holds MLP_BUFFERS [tokens, intermediate_size] arrays in
+#   the compute dtype: the gate and up projections, the activation, their product, and the
+#   gradients of each (the largest buffers of the compiled steps after the saved inputs and
+#   the output head);
+MLP_BUFFERS = 8
 # - the loss's vocab chunk loop (`loss.vocab_chunks`): one chunk's float32 logits and their
 #   gradient; and the output head's [D, V] weight gathered whole in the compute dtype, with its
 #   gradient, also whole, before the reduction over the batch's devices.
@@ -175,7 +177,7 @@ def activation_bytes(
     Kept for the backward pass, per layer and token: with remat "full" only the layer input
     (D, the scan's stacked carry); "save_dots" the matmul outputs (q, k, v, attention output,
     gate, up, down); "none" those plus norms and activations. Plus the working set of one
-    layer's backward (MLP_F32_BUFFERS float32 [tokens, F / tensor] arrays, and the attention
+    layer's backward (MLP_BUFFERS [tokens, F / tensor] arrays in the compute dtype, and the attention
     probabilities where the attention kernel materializes them: `einsum` on the platform being
     planned for, H x T float32 per token, or H x query block per token with
     `attention_query_block`; splash and cuDNN keep none), one vocab chunk's float32 logits and
@@ -211,7 +213,7 @@ def activation_bytes(
         "save_dots": dots,
         "none": dots + (4 * d + f / tensor) * itemsize + probs,
     }[m.remat]
-    working = MLP_F32_BUFFERS * f / tensor * 4 + probs
+    working = MLP_BUFFERS * f / tensor * itemsize + probs
     logits = LOGITS_F32_BUFFERS * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
     head = HEAD_COPIES * d * m.vocab_size / tensor * itemsize if with_head else 0
     return int(tokens * (m.num_layers * saved + working + logits) + head)
