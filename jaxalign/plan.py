@@ -178,10 +178,10 @@ def activation_bytes(
     (D, the scan's stacked carry); "save_dots" the matmul outputs (q, k, v, attention output,
     gate, up, down); "none" those plus norms and activations. Plus the working set of one
     layer's backward (MLP_BUFFERS [tokens, F / tensor] arrays in the compute dtype, and the
-    attention probabilities where the attention kernel materializes them: `einsum` on the platform being
-    planned for, H x T float32 per token, or H x query block per token with
-    `attention_query_block`; splash and cuDNN keep none), one vocab chunk's float32 logits and
-    their gradient (LOGITS_F32_BUFFERS x tokens / loss.vocab_chunks x V), and the output
+    attention probabilities where the attention kernel materializes them: `einsum` on the
+    platform being planned for, H x T float32 per token, or H x query block per token with
+    `attention_query_block`; splash and cuDNN keep none), one vocab chunk's float32 logits
+    and their gradient (LOGITS_F32_BUFFERS x tokens / loss.vocab_chunks x V), and the output
     head's weight and gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by
     `tensor`; not with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
     """
