@@ -157,23 +157,69 @@ def entry_parameters(text: str) -> list[str]:
 
 
 def _trip_count(instr: _Instr, computations: dict[str, list[_Instr]]) -> int | None:
-    """A while loop's trip count: XLA's known_trip_count when given, else the bound N of a
-    condition `counter < N` (JAX's scans and fori_loops count from 0 by 1)."""
+    """A while loop's trip count: XLA's known_trip_count when given, else from its condition
+    `counter < N`, the counter's start in the loop's initial tuple (0 when not a constant) and
+    its step in the body (`counter + c`, added up when XLA unrolled the body into several
+    increments; 1 when not found): ceil((N - start) / step)."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
     if known:
         return int(known.group(1))
     cond = re.search(r"condition=%([\w.\-]+)", instr.attrs)
-    body = computations.get(cond.group(1), []) if cond else []
-    constants = {
-        i.name: int(i.args)
-        for i in body
-        if i.op == "constant" and re.fullmatch(r"-?\d+", i.args.strip())
-    }
-    root = next((i for i in body if i.root), None)
+    cond_instrs = computations.get(cond.group(1), []) if cond else []
+    constants = _int_constants(cond_instrs)
+    root = next((i for i in cond_instrs if i.root), None)
     if root is None or root.op != "compare" or "direction=LT" not in root.attrs:
         return None
     bounds = [constants[o] for o in root.operands if o in constants]
-    return bounds[0] if len(bounds) == 1 else None
+    if len(bounds) != 1:
+        return None
+    index = _tuple_index(cond_instrs, next(o for o in root.operands if o not in constants))
+    start, step = 0, 1
+    if index is not None:
+        body = re.search(r"body=%([\w.\-]+)", instr.attrs)
+        step = _counter_step(computations.get(body.group(1), []) if body else [], index) or 1
+    return max(-(-(bounds[0] - start) // step), 0)
+
+
+def _int_constants(instrs: list[_Instr]) -> dict[str, int]:
+    return {
+        i.name: int(i.args)
+        for i in instrs
+        if i.op == "constant" and re.fullmatch(r"-?\d+", i.args.strip())
+    }
+
+
+def _tuple_index(instrs: list[_Instr], name: str) -> int | None:
+    """The tuple index of the loop parameter's element that `name` reads (through copies)."""
+    by_name = {i.name: i for i in instrs}
+    instr = by_name.get(name)
+    while instr is not None and instr.op in ("copy", "bitcast", "convert") and instr.operands:
+        instr = by_name.get(instr.operands[0])
+    if instr is None or instr.op != "get-tuple-element":
+        return None
+    found = re.search(r"index=(\d+)", instr.attrs)
+    return int(found.group(1)) if found else None
+
+
+def _counter_step(body: list[_Instr], index: int) -> int | None:
+    """How much the body adds to element `index` of the loop tuple: its root tuple's element
+    there as a chain of `add`s of integer constants onto that element."""
+    by_name = {i.name: i for i in body}
+    constants = _int_constants(body)
+    root = next((i for i in body if i.root), None)
+    if root is None or root.op != "tuple" or index >= len(root.operands):
+        return None
+    step, instr = 0, by_name.get(root.operands[index])
+    while instr is not None and instr.op == "add" and len(instr.operands) == 2:
+        added = [constants[o] for o in instr.operands if o in constants]
+        others = [o for o in instr.operands if o not in constants]
+        if len(added) != 1 or len(others) != 1:
+            return None
+        step += added[0]
+        instr = by_name.get(others[0])
+    if instr is None or _tuple_index(body, instr.name) != index:
+        return None
+    return step or None
 
 
 def computation_multipliers(

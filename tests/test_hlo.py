@@ -120,3 +120,16 @@ def test_traffic_reads_slices_writes_updates_and_counts_fused_collectives():
     compare = 4 + 4 + 1  # the loop condition's compare, counted once (as XLA's cost analysis)
     assert traffic == 4 * per_trip + compare
     assert collective == 4 * gathered
+
+
+def test_trip_count_without_xla_annotation_divides_by_the_counter_step():
+    """A loop XLA left without known_trip_count (as TPU programs' scans are) and unrolled into
+    steps of 2: `counter < 8` with `counter + 2` runs 4 times, the same work as MODULE."""
+    unrolled = (
+        MODULE.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+        .replace("%n = s32[] constant(4)", "%n = s32[] constant(8)")
+        .replace("%i2 = s32[] add(%i, %i)", "%two = s32[] constant(2)\n  %i2 = s32[] add(%i, %two)")
+    )
+    assert "known_trip_count" not in unrolled
+    assert hlo.hlo_flops(unrolled) == hlo.hlo_flops(MODULE)
+    assert hlo.pallas_attention_flops(unrolled) == hlo.pallas_attention_flops(MODULE)
