@@ -53,6 +53,8 @@ class Plan:
     host: dict[str, int] = field(default_factory=dict)
     # A mixture of experts: parameters one token's forward uses (FLOPs), without the embedding.
     active_params: int | None = None
+    # RL: the rollout's generate program (`jaxalign plan --compile`'s `rollout_generate`).
+    rollout_generate: int | None = None
 
     @property
     def params(self) -> int:
@@ -243,6 +245,20 @@ def rollout_kv_cache_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules)
     return rows * slots * m.num_layers * kv * m.resolved_head_dim * 2 * itemsize
 
 
+def rollout_generate_bytes(
+    cfg: Config, sizes: dict[str, int], rules: shd.Rules, policy_params: int
+) -> int:
+    """The rollout's generate program (prefill, then the decode loop), per device: the policy's
+    parameters, the KV cache (`rollout_kv_cache_bytes`) and the output head gathered whole in
+    the compute dtype by the prefill and by the decode step (HEAD_COPIES x D x V / tensor), as
+    the compiled program holds them."""
+    m = cfg.model
+    tensor = sizes.get("tensor", 1) if rules.get("vocab") == ("tensor",) else 1
+    head = HEAD_COPIES * m.hidden_size * m.vocab_size // tensor
+    head *= np.dtype(DTYPES[m.dtype]).itemsize
+    return policy_params + rollout_kv_cache_bytes(cfg, sizes, rules) + head
+
+
 def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
     """The float32 logits and log-softmax [rows, N, V] of the log-prob forward that scores a
     rollout's response tokens, rl.forward_batch_size rows at a time (0: all at once; rows split
@@ -343,6 +359,9 @@ def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Pla
         cfg, sizes, rules, num_devices, freeze, trainable, policy, parts, {}, policy.num_params
     )
     algorithm.memory_terms(cfg, estimate)
+    rollout = None
+    if algorithm.is_rl:
+        rollout = rollout_generate_bytes(cfg, sizes, rules, policy.params)
     active = None
     if cfg.model.num_experts:
         from jaxalign.models.moe import moe_param_count
@@ -354,6 +373,7 @@ def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Pla
         parts=parts,
         host=estimate.host,
         active_params=active,
+        rollout_generate=rollout,
     )
 
 
