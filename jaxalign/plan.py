@@ -221,6 +221,16 @@ def activation_bytes(
     return int(tokens * (m.num_layers * saved + working + logits) + head)
 
 
+def saved_layer_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
+    """The layer inputs a scanned remat-"full" model keeps for its backward pass, per device:
+    layers x tokens of a micro-batch x D in the compute dtype (one [layers, rows, T, D] array).
+    A second model trained in the same step (PPO's value model) keeps its own."""
+    m, t = cfg.model, cfg.train
+    rows = max(t.batch_size // t.grad_accum // _axis_split(sizes, rules, "batch"), 1)
+    itemsize = np.dtype(DTYPES[m.dtype]).itemsize
+    return m.num_layers * rows * t.seq_len * m.hidden_size * itemsize
+
+
 def _rows_per_device(rows: int, batch_div: int) -> int:
     # The sampler and the rollout shard rows over the batch axes when they divide, else
     # replicate them (generate.Sampler._batch_sharding).
@@ -249,14 +259,16 @@ def rollout_generate_bytes(
     cfg: Config, sizes: dict[str, int], rules: shd.Rules, policy_params: int
 ) -> int:
     """The rollout's generate program (prefill, then the decode loop), per device: the policy's
-    parameters, the KV cache (`rollout_kv_cache_bytes`) and the output head gathered whole in
-    the compute dtype by the prefill and by the decode step (HEAD_COPIES x D x V / tensor), as
-    the compiled program holds them."""
+    parameters, the KV cache (`rollout_kv_cache_bytes`) and half of it again (the compiled
+    decode loop writes an updated copy of the keys' or the values' cache beside the one it
+    carries: three [layers, rows, kv heads, slots, head_dim] arrays at its peak), and the
+    output head gathered whole in the compute dtype by the prefill and by the decode step
+    (HEAD_COPIES x D x V / tensor), as the compiled programs hold them."""
     m = cfg.model
     tensor = sizes.get("tensor", 1) if rules.get("vocab") == ("tensor",) else 1
     head = HEAD_COPIES * m.hidden_size * m.vocab_size // tensor
     head *= np.dtype(DTYPES[m.dtype]).itemsize
-    return policy_params + rollout_kv_cache_bytes(cfg, sizes, rules) + head
+    return policy_params + 3 * rollout_kv_cache_bytes(cfg, sizes, rules) // 2 + head
 
 
 def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:

@@ -244,11 +244,19 @@ class PPO(RLAlgorithm):
 
     @classmethod
     def memory_terms(cls, cfg: Config, estimate: Any) -> None:
-        """The value model and its optimizer state, then what every RL trainer keeps."""
+        """The value model, its optimizer state and saved activations, then what every RL
+        trainer keeps."""
         actor_critic = nnx.eval_shape(lambda: cls.make_model(cfg, nnx.Rngs(0)))
         value = estimate.model_bytes(actor_critic.value, "value/")
         estimate.parts["value model"] = value.params + value.gradients
         estimate.parts["value optimizer"] = value.optimizer
+        if cfg.model.remat == "full" and cfg.model.scan_layers:
+            from jaxalign import plan
+
+            # the value model's scanned layers keep their own inputs beside the policy's
+            estimate.parts["value activations"] = plan.saved_layer_bytes(
+                cfg, estimate.sizes, estimate.rules
+            )
         estimate.num_params += value.num_params
         super().memory_terms(cfg, estimate)
 
