@@ -116,7 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from jaxalign.plan import check_fits, format_plan, make_plan
 
     cfg = load_config(args.config, args.overrides)
-    plan = make_plan(cfg, args.devices)
+    plan = make_plan(cfg, args.devices, args.platform)
     print(format_plan(plan, args.hbm_gib))
     if args.hbm_gib:
         check_fits(plan, args.hbm_gib)
@@ -353,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--devices", type=int, help="number of devices (the fast estimate)")
     p.add_argument("--hbm-gib", type=float, default=None, help="memory per device (GiB)")
+    p.add_argument(
+        "--platform",
+        choices=("cpu", "gpu", "tpu"),
+        help="with --devices: the devices' platform, for `auto` model settings (on TPU the "
+        "attention is splash, keeping no scores); default: this host's JAX backend",
+    )
     p.add_argument(
         "--compile",
         action="store_true",

@@ -77,9 +77,23 @@ def _parse_instr(line: str) -> _Instr | None:
 
 
 def parse_hlo(text: str) -> tuple[dict[str, list[_Instr]], str | None]:
-    """Computations of an HLO module's text (name -> instructions) and the ENTRY's name."""
+    """Computations of an HLO module's text (name -> instructions) and the ENTRY's name.
+
+    An instruction can span lines: a Pallas kernel's `frontend_attributes` hold JSON with line
+    breaks (splash attention's block sizes), whose lines start with `"` or `}}`. Only a line
+    that is `}` alone closes a computation; other lines that do not start an instruction
+    continue the previous one."""
     computations: dict[str, list[_Instr]] = {}
     entry, current = None, None
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending and current is not None:
+            instr = _parse_instr(" ".join(pending))
+            if instr is not None:
+                computations[current].append(instr)
+        pending.clear()
+
     for line in text.splitlines():
         if current is None:
             m = _HEADER.match(line)
@@ -88,12 +102,14 @@ def parse_hlo(text: str) -> tuple[dict[str, list[_Instr]], str | None]:
                 computations[current] = []
                 entry = current if m.group(1) else entry
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":
+            flush()
             current = None
             continue
-        instr = _parse_instr(line)
-        if instr is not None:
-            computations[current].append(instr)
+        if line.startswith(("  %", "  ROOT ")):
+            flush()
+        pending.append(line.strip())
+    flush()
     return computations, entry
 
 
@@ -141,23 +157,69 @@ def entry_parameters(text: str) -> list[str]:
 
 
 def _trip_count(instr: _Instr, computations: dict[str, list[_Instr]]) -> int | None:
-    """A while loop's trip count: XLA's known_trip_count when given, else the bound N of a
-    condition `counter < N` (JAX's scans and fori_loops count from 0 by 1)."""
+    """A while loop's trip count: XLA's known_trip_count when given, else from its condition
+    `counter < N`, the counter's start in the loop's initial tuple (0 when not a constant) and
+    its step in the body (`counter + c`, added up when XLA unrolled the body into several
+    increments; 1 when not found): ceil((N - start) / step)."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
     if known:
         return int(known.group(1))
     cond = re.search(r"condition=%([\w.\-]+)", instr.attrs)
-    body = computations.get(cond.group(1), []) if cond else []
-    constants = {
-        i.name: int(i.args)
-        for i in body
-        if i.op == "constant" and re.fullmatch(r"-?\d+", i.args.strip())
-    }
-    root = next((i for i in body if i.root), None)
+    cond_instrs = computations.get(cond.group(1), []) if cond else []
+    constants = _int_constants(cond_instrs)
+    root = next((i for i in cond_instrs if i.root), None)
     if root is None or root.op != "compare" or "direction=LT" not in root.attrs:
         return None
     bounds = [constants[o] for o in root.operands if o in constants]
-    return bounds[0] if len(bounds) == 1 else None
+    if len(bounds) != 1:
+        return None
+    index = _tuple_index(cond_instrs, next(o for o in root.operands if o not in constants))
+    start, step = 0, 1
+    if index is not None:
+        body = re.search(r"body=%([\w.\-]+)", instr.attrs)
+        step = _counter_step(computations.get(body.group(1), []) if body else [], index) or 1
+    return max(-(-(bounds[0] - start) // step), 0)
+
+
+def _int_constants(instrs: list[_Instr]) -> dict[str, int]:
+    return {
+        i.name: int(i.args)
+        for i in instrs
+        if i.op == "constant" and re.fullmatch(r"-?\d+", i.args.strip())
+    }
+
+
+def _tuple_index(instrs: list[_Instr], name: str) -> int | None:
+    """The tuple index of the loop parameter's element that `name` reads (through copies)."""
+    by_name = {i.name: i for i in instrs}
+    instr = by_name.get(name)
+    while instr is not None and instr.op in ("copy", "bitcast", "convert") and instr.operands:
+        instr = by_name.get(instr.operands[0])
+    if instr is None or instr.op != "get-tuple-element":
+        return None
+    found = re.search(r"index=(\d+)", instr.attrs)
+    return int(found.group(1)) if found else None
+
+
+def _counter_step(body: list[_Instr], index: int) -> int | None:
+    """How much the body adds to element `index` of the loop tuple: its root tuple's element
+    there as a chain of `add`s of integer constants onto that element."""
+    by_name = {i.name: i for i in body}
+    constants = _int_constants(body)
+    root = next((i for i in body if i.root), None)
+    if root is None or root.op != "tuple" or index >= len(root.operands):
+        return None
+    step, instr = 0, by_name.get(root.operands[index])
+    while instr is not None and instr.op == "add" and len(instr.operands) == 2:
+        added = [constants[o] for o in instr.operands if o in constants]
+        others = [o for o in instr.operands if o not in constants]
+        if len(added) != 1 or len(others) != 1:
+            return None
+        step += added[0]
+        instr = by_name.get(others[0])
+    if instr is None or _tuple_index(body, instr.name) != index:
+        return None
+    return step or None
 
 
 def computation_multipliers(
@@ -305,3 +367,151 @@ def largest_buffers(text: str, count: int = 10) -> list[Buffer]:
                     )
                 )
     return sorted(out, key=lambda b: -b.nbytes)[:count]
+
+
+# Top-level ops that move no HBM data of their own: control flow runs its computations (counted
+# there), the rest are views, tuples or bookkeeping.
+_NO_TRAFFIC = _NOT_ALLOCATING | {
+    "while", "call", "conditional", "after-all", "partition-id", "replica-id", "iota",
+    "copy-start", "copy-done", "opt-barrier", "add-dependency",
+}  # fmt: skip
+_COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def hlo_traffic(text: str) -> tuple[float, float]:
+    """HBM bytes read and written by one execution of an optimized HLO module, and the bytes its
+    collectives produce, both per device with loop bodies multiplied out: for every instruction
+    of a non-fused computation, its array operands and result (a fusion reads its inputs from
+    and writes its output to HBM; what it does inside stays on chip). A slice of an operand
+    (`dynamic-slice`, `slice`, `gather`, also inside a fusion) reads only the slice; an in-place
+    `dynamic-update-slice` (a scan writing one layer of a stacked array) writes only the update.
+    Arrays XLA keeps in on-chip memory (`S(1)`) are not counted. An estimate of traffic, not a
+    trace: caching and re-reads inside a kernel are not modelled."""
+    computations, entry = parse_hlo(text)
+    if entry is None:
+        return 0.0, 0.0
+    times, _ = computation_multipliers(computations, entry)
+    fused = {}
+    for instrs in computations.values():
+        for instr in instrs:
+            if instr.op == "fusion":
+                for target in re.findall(r"calls=%([\w.\-]+)", instr.attrs):
+                    fused[target] = _fusion_io(computations.get(target, []))
+    traffic = collective = 0.0
+    for name, instrs in computations.items():
+        k = times.get(name, 0)
+        if name in fused or not k:
+            continue
+        shapes = {i.name: i.type for i in instrs}
+        for instr in instrs:
+            if instr.op in _NO_TRAFFIC or instr.op.endswith("-done"):
+                continue
+            reads = [_on_chip_free(shapes.get(o, "")) for o in instr.operands]
+            written = _tuple_bytes(instr.type)
+            if instr.op in _SLICING:
+                reads, written = [0], 2 * written  # the slice read, the result written
+            elif instr.op == "dynamic-update-slice":
+                update = reads[1] if len(reads) > 1 else 0
+                reads, written = [update], update
+            elif instr.op == "fusion":
+                target = re.search(r"calls=%([\w.\-]+)", instr.attrs)
+                io = fused.get(target.group(1)) if target else None
+                if io is not None:
+                    param_reads, in_place_write, inner_collective = io
+                    collective += k * inner_collective
+                    reads = [min(r, param_reads.get(i, r)) for i, r in enumerate(reads)]
+                    if in_place_write is not None:
+                        written = in_place_write
+            traffic += k * (sum(reads) + written)
+            if instr.op.removesuffix("-start") in _COLLECTIVES:
+                collective += k * _tuple_bytes(instr.type)
+    return traffic, collective
+
+
+_SLICING = {"dynamic-slice", "slice", "gather"}
+
+
+def _on_chip_free(type_: str) -> int:
+    return 0 if "S(1)" in type_ else _tuple_bytes(type_)
+
+
+def _fusion_io(instrs: list[_Instr]) -> tuple[dict[int, int], int | None, int]:
+    """A fused computation's HBM reads per parameter index where it reads less than the whole
+    parameter (only slices of it, or it is the buffer updated in place), the bytes it
+    writes when its root is an in-place dynamic-update-slice (else None: its result), and the
+    bytes its collectives produce (TPU programs fuse all-gathers with their consumers)."""
+    shapes = {i.name: i.type for i in instrs}
+    params = {}
+    for i in instrs:
+        if i.op == "parameter":
+            params[i.name] = int(i.args.strip() or 0)
+    users: dict[str, list[_Instr]] = {}
+    for i in instrs:
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+    reads: dict[int, int] = {}
+    root = next((i for i in instrs if i.root), None)
+    written = None
+    if root is not None and root.op == "dynamic-update-slice" and len(root.operands) > 1:
+        written = array_bytes(shapes.get(root.operands[1], ""))
+        if root.operands[0] in params:  # the buffer being updated is not read
+            reads[params[root.operands[0]]] = 0
+    for name, index in params.items():
+        uses = users.get(name, [])
+        if uses and all(u.op in _SLICING and u.operands[0] == name for u in uses):
+            reads[index] = sum(array_bytes(u.type) for u in uses)
+    inner = sum(_tuple_bytes(i.type) for i in instrs if i.op.removesuffix("-start") in _COLLECTIVES)
+    return reads, written, inner
+
+
+def _tuple_bytes(type_: str) -> int:
+    """Bytes of an array type, or of the arrays of a tuple type (not in on-chip memory)."""
+    if not type_.startswith("("):
+        return 0 if "S(1)" in type_ else array_bytes(type_)
+    parts = re.findall(r"[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?", type_)
+    return sum(array_bytes(p) for p in parts if "S(1)" not in p)
+
+
+# Splash attention's Pallas kernels (jax.experimental.pallas.ops.tpu.splash_attention): the
+# matmuls of one visited (query block, key block) pair. Forward: scores and values (2);
+# dK/dV: scores again, dV, dP and dK (4); dQ: scores, dP and dQ (3).
+_SPLASH_MATMULS = {"fwd": 2, "dkv": 4, "dq": 3}
+_SPLASH = re.compile(r"splash_m[hq]a_(fwd|dkv|dq)")
+
+
+def pallas_attention_flops(text: str) -> float:
+    """Matmul FLOPs inside the splash-attention kernels of an optimized HLO module (Mosaic
+    custom calls: opaque to `cost_analysis` and to `hlo_flops`), loop bodies multiplied out.
+    Per call: 2 x (query rows x key length x head_dim) per matmul, times the kernel's matmul
+    count, times the fraction of (query, key) blocks a causal mask visits, (n + 1) / (2n) for
+    n blocks (the diagonal blocks are computed whole). A sliding window visits fewer blocks:
+    it is counted as causal (an upper bound). Both branches of a conditional count (Gemma's
+    per-layer choice of window runs one of them)."""
+    computations, entry = parse_hlo(text)
+    if entry is None:
+        return 0.0
+    times, _ = computation_multipliers(computations, entry)
+    total = 0.0
+    for name, instrs in computations.items():
+        k = times.get(name, 0)
+        if not k:
+            continue
+        shapes = {i.name: i.type for i in instrs}
+        for instr in instrs:
+            if instr.op != "custom-call" or "tpu_custom_call" not in instr.attrs:
+                continue
+            phase = _SPLASH.search(instr.name) or _SPLASH.search(instr.attrs)
+            if phase is None:
+                continue
+            arrays = [array_dims(shapes.get(o, "")) for o in instr.operands]
+            floats = [a for a in arrays if a and a[0] in ("bf16", "f32", "f16") and len(a[1]) >= 3]
+            if len(floats) < 2:
+                continue
+            q, kv = floats[0][1], floats[1][1]
+            rows, head_dim, keys = math.prod(q[:-1]), q[-1], kv[-2]
+            block = re.search(r'block_q\\\\?"?:\s*(\d+)', instr.attrs)
+            n = max(q[-2] // int(block.group(1)), 1) if block else 1
+            visited = (n + 1) / (2 * n)
+            matmuls = _SPLASH_MATMULS[phase.group(1)]
+            total += k * matmuls * 2.0 * rows * keys * head_dim * visited
+    return total

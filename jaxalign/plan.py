@@ -53,6 +53,8 @@ class Plan:
     host: dict[str, int] = field(default_factory=dict)
     # A mixture of experts: parameters one token's forward uses (FLOPs), without the embedding.
     active_params: int | None = None
+    # RL: the rollout's generate program (`jaxalign plan --compile`'s `rollout_generate`).
+    rollout_generate: int | None = None
 
     @property
     def params(self) -> int:
@@ -73,6 +75,15 @@ class Plan:
     @property
     def total(self) -> int:
         return sum(self.parts.values())
+
+    def train_step_bytes(self, is_rl: bool) -> int:
+        """The parts live during the train step: the total without the rollout's KV cache,
+        logits and (RL: used only by the rollout's forwards) frozen reference and reward
+        model. What `jaxalign plan --compile`'s `train_step` peak measures."""
+        rollout_only = {"rollout KV cache", "rollout logits"}
+        if is_rl:
+            rollout_only |= {"reference", "reward model"}
+        return sum(v for k, v in self.parts.items() if k not in rollout_only)
 
 
 @dataclass
@@ -140,17 +151,45 @@ def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
     return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
-def activation_bytes(
-    cfg: Config, sizes: dict[str, int], rules: shd.Rules, batch_size: int | None = None
-) -> int:
-    """Activations kept for the backward pass, per device (an estimate, not a measurement), of
-    `batch_size` rows per step (default train.batch_size) of train.seq_len tokens.
+# What a compiled train step holds at its peak besides the state and the saved activations
+# (calibrated on XLA's TPU compiles of the recipes: bench/tpu_compile.py,
+# bench/results/tpu_compile.json, docs/performance.md "TPU compile of the recipes"):
+# - the backward of the recomputed layer holds MLP_BUFFERS [tokens, intermediate_size] arrays in
+#   the compute dtype: the gate and up projections, the activation, their product, and the
+#   gradients of each (the largest buffers of the compiled steps after the saved inputs and
+#   the output head);
+MLP_BUFFERS = 8
+# - the loss's vocab chunk loop (`loss.vocab_chunks`): one chunk's float32 logits and their
+#   gradient; and the output head's [D, V] weight gathered whole in the compute dtype, with its
+#   gradient, also whole, before the reduction over the batch's devices.
+LOGITS_F32_BUFFERS = 2
+HEAD_COPIES = 2
 
-    Per layer and token: with remat "full" only the layer input (D); "save_dots" the matmul
-    outputs (q, k, v, attention output, gate, up, down); "none" those plus norms, activations and
-    the attention probabilities (H x T per token, float32). Plus one layer's working set, and
-    the float32 logits of the loss (divided by loss.vocab_chunks).
+
+def activation_bytes(
+    cfg: Config,
+    sizes: dict[str, int],
+    rules: shd.Rules,
+    batch_size: int | None = None,
+    with_head: bool = True,
+) -> int:
+    """Activations and temporaries of the train step, per device (an estimate, calibrated on
+    compiled TPU programs), of `batch_size` sequences per step (default train.batch_size) of
+    train.seq_len tokens, per micro-batch.
+
+    Kept for the backward pass, per layer and token: with remat "full" only the layer input
+    (D, the scan's stacked carry); "save_dots" the matmul outputs (q, k, v, attention output,
+    gate, up, down); "none" those plus norms and activations. Plus the working set of one
+    layer's backward (MLP_BUFFERS [tokens, F / tensor] arrays in the compute dtype, and the
+    attention probabilities where the attention kernel materializes them: `einsum` on the
+    platform being planned for, H x T float32 per token, or H x query block per token with
+    `attention_query_block`; splash and cuDNN keep none), one vocab chunk's float32 logits
+    and their gradient (LOGITS_F32_BUFFERS x tokens / loss.vocab_chunks x V), and the output
+    head's weight and gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by
+    `tensor`; not with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
     """
+    from jaxalign.models import auto
+
     m, t = cfg.model, cfg.train
     batch_div = _axis_split(sizes, rules, "batch")
     tensor = sizes.get("tensor", 1) if rules.get("mlp") == ("tensor",) else 1
@@ -167,11 +206,30 @@ def activation_bytes(
     if m.num_experts:  # a MoE layer keeps each token's k expert rows (and their inputs)
         f = m.num_experts_per_tok * (m.resolved_moe_intermediate_size + d / 3)
     dots = (h * hd + 2 * kv * hd + 2 * d + 3 * f / tensor) * itemsize
-    probs = h / tensor * t.seq_len * 4
-    full_layer = dots + (4 * d + f / tensor) * itemsize + probs
-    per_token_layer = {"full": d * itemsize, "save_dots": dots, "none": full_layer}[m.remat]
-    logits = tokens * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
-    return int(tokens * (m.num_layers * per_token_layer + full_layer) + 2 * logits)
+    probs = 0.0
+    if auto.resolve("attention_kernel", m.attention_kernel) == "einsum":
+        block = auto.resolve("attention_query_block", m.attention_query_block)
+        width = min(block, t.seq_len) if block else t.seq_len
+        probs = h / tensor * t.seq_len * 4 * width / t.seq_len
+    saved = {
+        "full": d * itemsize,
+        "save_dots": dots,
+        "none": dots + (4 * d + f / tensor) * itemsize + probs,
+    }[m.remat]
+    working = MLP_BUFFERS * f / tensor * itemsize + probs
+    logits = LOGITS_F32_BUFFERS * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
+    head = HEAD_COPIES * d * m.vocab_size / tensor * itemsize if with_head else 0
+    return int(tokens * (m.num_layers * saved + working + logits) + head)
+
+
+def saved_layer_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
+    """The layer inputs a scanned remat-"full" model keeps for its backward pass, per device:
+    layers x tokens of a micro-batch x D in the compute dtype (one [layers, rows, T, D] array).
+    A second model trained in the same step (PPO's value model) keeps its own."""
+    m, t = cfg.model, cfg.train
+    rows = max(t.batch_size // t.grad_accum // _axis_split(sizes, rules, "batch"), 1)
+    itemsize = np.dtype(DTYPES[m.dtype]).itemsize
+    return m.num_layers * rows * t.seq_len * m.hidden_size * itemsize
 
 
 def _rows_per_device(rows: int, batch_div: int) -> int:
@@ -196,6 +254,22 @@ def rollout_kv_cache_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules)
     slots = max(cfg.data.prompt_buckets) + sp.max_new_tokens - 1
     itemsize = np.dtype(DTYPES[m.dtype]).itemsize
     return rows * slots * m.num_layers * kv * m.resolved_head_dim * 2 * itemsize
+
+
+def rollout_generate_bytes(
+    cfg: Config, sizes: dict[str, int], rules: shd.Rules, policy_params: int
+) -> int:
+    """The rollout's generate program (prefill, then the decode loop), per device: the policy's
+    parameters, the KV cache (`rollout_kv_cache_bytes`) and half of it again (the compiled
+    decode loop writes an updated copy of the keys' or the values' cache beside the one it
+    carries: three [layers, rows, kv heads, slots, head_dim] arrays at its peak), and the
+    output head gathered whole in the compute dtype by the prefill and by the decode step
+    (HEAD_COPIES x D x V / tensor), as the compiled programs hold them."""
+    m = cfg.model
+    tensor = sizes.get("tensor", 1) if rules.get("vocab") == ("tensor",) else 1
+    head = HEAD_COPIES * m.hidden_size * m.vocab_size // tensor
+    head *= np.dtype(DTYPES[m.dtype]).itemsize
+    return policy_params + 3 * rollout_kv_cache_bytes(cfg, sizes, rules) // 2 + head
 
 
 def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
@@ -262,8 +336,14 @@ class Estimate:
         return model_bytes(module, self.sizes, self.rules, self.freeze, prefix, self.trainable)
 
 
-def make_plan(cfg: Config, num_devices: int) -> Plan:
-    """The per-device memory plan of `cfg` on `num_devices` devices."""
+def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Plan:
+    """The per-device memory plan of `cfg` on `num_devices` devices of `platform` ("cpu",
+    "gpu", "tpu": what `auto` model settings resolve for; default JAX's default backend)."""
+    if platform is not None:
+        from jaxalign.models import auto
+
+        with auto.platform_named(platform):
+            return make_plan(cfg, num_devices)
     sizes = shd.axis_sizes(cfg.mesh, num_devices)
     rules = shd.resolve_rules(cfg.sharding)
     micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -292,6 +372,9 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
         cfg, sizes, rules, num_devices, freeze, trainable, policy, parts, {}, policy.num_params
     )
     algorithm.memory_terms(cfg, estimate)
+    rollout = None
+    if algorithm.is_rl:
+        rollout = rollout_generate_bytes(cfg, sizes, rules, policy.params)
     active = None
     if cfg.model.num_experts:
         from jaxalign.models.moe import moe_param_count
@@ -303,6 +386,7 @@ def make_plan(cfg: Config, num_devices: int) -> Plan:
         parts=parts,
         host=estimate.host,
         active_params=active,
+        rollout_generate=rollout,
     )
 
 

@@ -41,7 +41,14 @@ def mesh_platform(mesh: Any) -> str:
 @contextlib.contextmanager
 def target_platform(mesh: Any) -> Iterator[str]:
     """Within this context, `auto` settings resolve for the platform of `mesh`'s devices."""
-    platform = mesh_platform(mesh)
+    with platform_named(mesh_platform(mesh)) as platform:
+        yield platform
+
+
+@contextlib.contextmanager
+def platform_named(platform: str) -> Iterator[str]:
+    """Within this context, `auto` settings resolve for `platform` ("cpu", "gpu", "tpu"): what
+    `jaxalign plan --platform` estimates for, with no such device at hand."""
     token = _TARGET.set(platform)
     try:
         yield platform

@@ -112,10 +112,16 @@ class DPO(Algorithm):
     @classmethod
     def memory_terms(cls, cfg: Config, estimate: Any) -> None:
         """A frozen copy of the initial policy, unless its log-probs are precomputed or the
-        loss needs none."""
+        loss needs none; the activations of both sequences of each pair."""
+        from jaxalign import plan
+
         lora = cfg.model.lora is not None  # the reference is the base with adapters off
         if not (lora or cfg.dpo.precompute_ref or cfg.dpo.loss_type in REFERENCE_FREE):
             estimate.parts["reference"] = estimate.policy.params
+        # a pair is two sequences, chosen and rejected, through the same forward
+        estimate.parts["activations"] = plan.activation_bytes(
+            cfg, estimate.sizes, estimate.rules, 2 * cfg.train.batch_size
+        )
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

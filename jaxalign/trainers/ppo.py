@@ -125,7 +125,9 @@ class RLAlgorithm(Algorithm):
         if uses_reference(cfg) and cfg.model.lora is None:
             frozen["reference"] = estimate.policy.params
         if cfg.rl.ptx_coef:  # the PPO-ptx rows' forward is live beside the RL rows'
-            parts["ptx activations"] = plan.activation_bytes(cfg, sizes, rules, ptx_rows(cfg))
+            parts["ptx activations"] = plan.activation_bytes(
+                cfg, sizes, rules, ptx_rows(cfg), with_head=False
+            )
         if cfg.rl.reward_model:
             frozen["reward model"] = plan.reward_model_bytes(cfg, estimate.num_devices)
         parts["rollout KV cache"] = plan.rollout_kv_cache_bytes(cfg, sizes, rules)
@@ -283,12 +285,20 @@ class PPO(RLAlgorithm):
 
     @classmethod
     def memory_terms(cls, cfg: Config, estimate: Any) -> None:
-        """The value model and its optimizer state, then what every RL trainer keeps."""
+        """The value model, its optimizer state and saved activations, then what every RL
+        trainer keeps."""
         actor_critic = nnx.eval_shape(lambda: cls.make_model(cfg, nnx.Rngs(0)))
         # The value's part of the split: a LoRA critic's shared base is listed under policy/.
         value = estimate.model_bytes(nnx.split(actor_critic)[1]["value"], "value/")
         estimate.parts["value model"] = value.params + value.gradients
         estimate.parts["value optimizer"] = value.optimizer
+        if cfg.model.remat == "full" and cfg.model.scan_layers:
+            from jaxalign import plan
+
+            # the value model's scanned layers keep their own inputs beside the policy's
+            estimate.parts["value activations"] = plan.saved_layer_bytes(
+                cfg, estimate.sizes, estimate.rules
+            )
         estimate.num_params += value.num_params
         super().memory_terms(cfg, estimate)
 
