@@ -549,8 +549,6 @@ def validate(cfg: Config, where: str = "config") -> None:
             fail(problem)
         if get_trainer(cfg.trainer).is_rl:
             fail(f"model.lora: not yet supported with trainer {cfg.trainer} (sft, rm, dpo only)")
-        if m.lora.quantize != "none":
-            fail("model.lora.quantize: QLoRA is not wired into training yet; use none")
     if (problem := moe_problem(m)) is not None:
         fail(problem)
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 1 or t.steps < 0:
