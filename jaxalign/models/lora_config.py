@@ -41,9 +41,9 @@ class LoraConfig:
     # dequantized on the fly in each matmul (embeddings stay in param_dtype).
     quantize: Literal["none", "int8", "nf4"] = "none"
     # A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, e.g.
-    # `jaxalign export` of a LoRA run) whose adapters a fresh run starts from, instead of
-    # fresh ones: to continue training it or to generate with it. rank, alpha and targets must
-    # describe it (a mismatch is one ConfigError line).
+    # `jaxalign export` of a LoRA run) whose adapters a fresh run starts from instead of fresh
+    # ones (continued training; its checkpoints then export and sample like any LoRA run's).
+    # rank and targets must describe it (a mismatch is one ConfigError line).
     from_peft: str | None = None
     quant_block: int = 64  # quantization block size (elements per absmax scale)
     double_quant: bool | None = None  # quantize the scales too; default: true for nf4
