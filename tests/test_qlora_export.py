@@ -100,8 +100,12 @@ def test_qlora_sft_trains_adapters_only_and_its_base_is_derived_deterministicall
     plain = base_params(plain_state.to_pure_dict())
     shardings = base_params(trainer.param_shardings)
     # quantize_params consumes (deletes) the full-precision weights it quantizes: copies here.
-    once = quantize_params(jax.tree.map(jnp.copy, plain), names_tree, cfg.model.lora, shardings)
-    twice = quantize_params(jax.tree.map(jnp.copy, plain), names_tree, cfg.model.lora, shardings)
+    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+    plain_shardings = jax.tree.map(lambda _: replicated, plain)
+    once, twice = (
+        quantize_params(jax.tree.map(jnp.copy, plain), names_tree, cfg.model.lora, shardings, ps)
+        for ps in (plain_shardings, plain_shardings)
+    )
     seeded = base_params(
         nnx.split(build(cfg.model, nnx.Rngs(params=jax.random.PRNGKey(0))))[1].to_pure_dict()
     )
@@ -248,6 +252,24 @@ def test_export_writes_a_peft_adapter_peft_loads_with_our_logits(lora_run, tmp_p
         jax.device_get(params),
     )
     np.testing.assert_allclose(_our_logits(again, start), want, atol=1e-5, rtol=0)
+
+    # The same adapter on a QLoRA base loaded from the HF directory (host, then quantized one
+    # weight at a time onto 2 devices): the adapters as exported, the base its quantization.
+    qlora = dataclasses.replace(
+        again,
+        mesh=dataclasses.replace(again.mesh, fsdp=2),
+        model=dataclasses.replace(
+            again.model,
+            lora=dataclasses.replace(again.model.lora, quantize="int8", quant_block=32),
+        ),
+    )
+    qstart = Trainer(qlora, ToyAlgorithm(qlora), devices=jax.devices()[:2]).initial_params()
+    qstart = jax.device_get(qstart)
+    np.testing.assert_allclose(
+        qstart["blocks"][0]["attn"]["wq_lora_b"], params["blocks"][0]["attn"]["wq_lora_b"]
+    )
+    w = quant.dequantize(qstart["blocks"][0]["mlp"]["w_up"])
+    assert 0 < np.abs(w - np.asarray(params["blocks"][0]["mlp"]["w_up"])).max() < 0.01
 
 
 def test_from_peft_with_another_rank_is_one_config_error(lora_run, tmp_path):

@@ -172,12 +172,16 @@ def is_quantized(value) -> bool:
     return isinstance(value, (dict, nnx.Dict)) and "codes" in value
 
 
-def quantize_params(plain: dict, names: dict, cfg: LoraConfig, shardings: dict) -> dict:
-    """A full-precision base tree (`plain`, with logical axes `names`) with each weight that
-    `shardings` (a QLoRA model's) holds quantized replaced by its quantization, one jitted
-    weight at a time into its shardings, the full-precision weight released as it goes: what a
-    QLoRA run does to a base loaded from a checkpoint or a Hugging Face directory. Deterministic:
-    the same base gives the same codes and scales."""
+def quantize_params(
+    plain: dict, names: dict, cfg: LoraConfig, shardings: dict, plain_shardings: dict
+) -> dict:
+    """A full-precision base tree (`plain`, anywhere: e.g. in host memory; logical axes `names`)
+    on the devices: each weight that `shardings` (a QLoRA model's) holds quantized is put on its
+    full-precision sharding (`plain_shardings`), quantized there by a jitted `quantize_weight`
+    into the quantized shardings, and released, one weight at a time; every other leaf is put on
+    its sharding. What a QLoRA run does to a base loaded from a checkpoint or a Hugging Face
+    directory. Consumes `plain` (its arrays are deleted). Deterministic: the same base gives the
+    same codes and scales."""
     out = {}
     for key, value in plain.items():
         target = shardings.get(key) if isinstance(shardings, dict) else None
@@ -186,13 +190,15 @@ def quantize_params(plain: dict, names: dict, cfg: LoraConfig, shardings: dict) 
             def one(w, axes=tuple(names[key])):
                 return quantize_weight(w, axes, cfg)[0]
 
-            out[key] = jax.jit(one, out_shardings=target)(value)
-            if isinstance(value, jax.Array):
-                value.delete()
+            w = jax.device_put(value, plain_shardings[key])
+            out[key] = jax.jit(one, out_shardings=target)(w)
+            for array in {id(w): w, id(value): value}.values():
+                if isinstance(array, jax.Array) and not array.is_deleted():
+                    array.delete()
         elif isinstance(value, dict):
-            out[key] = quantize_params(value, names[key], cfg, target)
+            out[key] = quantize_params(value, names[key], cfg, target, plain_shardings[key])
         else:
-            out[key] = value
+            out[key] = jax.device_put(value, plain_shardings[key])
     return out
 
 

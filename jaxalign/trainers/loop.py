@@ -92,18 +92,27 @@ def lora_initial_params(
         )
         base_abstract = base_params(plain_abstract)
         base_shardings = base_params(plain_shardings)
+        quantized = lora_cfg.quantize != "none"
+        # QLoRA: the full-precision base loads into host memory, then goes to the devices one
+        # weight at a time, quantized there: the devices never hold the whole unquantized base.
+        load_shardings = base_shardings
+        if quantized:
+            host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+            load_shardings = jax.tree.map(lambda _: host, base_shardings)
         if cfg.init_from:
             base = load_params(
-                cfg.init_from, abstract_with_shardings(base_abstract, base_shardings)
+                cfg.init_from, abstract_with_shardings(base_abstract, load_shardings)
             )
         else:
             from jaxalign import hf
 
-            base = hf.load_params(cfg.model.from_hf, cfg.model, base_abstract, base_shardings)
-        if lora_cfg.quantize != "none":
+            base = hf.load_params(cfg.model.from_hf, cfg.model, base_abstract, load_shardings)
+        if quantized:
             plain_model = nnx.eval_shape(lambda: make_for(plain_cfg)(nnx.Rngs(0)))
             names = param_logical_axes(nnx.state(plain_model)).to_pure_dict()
-            base = quantize_params(base, names, lora_cfg, base_params(param_shardings))
+            base = quantize_params(
+                base, names, lora_cfg, base_params(param_shardings), base_shardings
+            )
         params = with_trained(base, trained)
     if lora_cfg.from_peft:
         params = with_trained(
