@@ -6,6 +6,7 @@
     jaxalign plan CONFIG --compile [--topology v5p-64] [--json]   compile: exact memory, FLOPs
     jaxalign tokenizer train --input F --vocab-size N [--output PREFIX]
     jaxalign export --checkpoint RUN_DIR|CKPT|HF_DIR --output DIR   a Hugging Face model directory
+                                                          (a LoRA run: a PEFT adapter; --merge-lora)
     jaxalign generate --model RUN_DIR|HF_DIR --input prompts.jsonl --output out.jsonl [--set ...]
     jaxalign rejection-sample --model RUN_DIR --input prompts.jsonl --reward-fn MOD:FN
         --output-sft best.jsonl --output-dpo pairs.jsonl [--set sampling.num_samples=8]
@@ -187,6 +188,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         family=args.family,
         max_shard_size=args.max_shard_size,
         dtype=args.dtype,
+        merge_lora=args.merge_lora,
     )
     print(f"[jaxalign] wrote {out}")
     return 0
@@ -406,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "bfloat16"),
         help="cast the weights (default: as trained; a Hugging Face directory's torch_dtype)",
+    )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a LoRA run: write the full model with the adapters merged (default: a PEFT adapter)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -552,8 +552,6 @@ def validate(cfg: Config, where: str = "config") -> None:
                 "rl.value_init_from: a LoRA PPO critic of adapters starts from the policy's "
                 "base; set rl.lora_critic=separate to start it from a reward-model run"
             )
-        if m.lora.quantize != "none":
-            fail("model.lora.quantize: QLoRA is not wired into training yet; use none")
     if (problem := moe_problem(m)) is not None:
         fail(problem)
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 1 or t.steps < 0:

@@ -143,8 +143,20 @@ def model_bytes(
         if not is_frozen(prefix + param_path(path)):
             opt_bytes += elems * 4 * 2  # AdamW: two float32 moments per parameter
             grad_bytes += nbytes
-        num_params += math.prod(leaf.shape)
+        num_params += _weights_held(param_path(path), leaf)
     return ModelBytes(param_bytes, opt_bytes, num_params, grad_bytes)
+
+
+def _weights_held(path: str, leaf: Any) -> int:
+    """How many model weights a parameter array holds: its size, or for a quantized base weight
+    (QLoRA) the weight's size counted on its codes (two NF4 codes a byte) and none on its
+    scales."""
+    last = path.rsplit("/", 1)[-1]
+    if last == "codes":
+        return math.prod(leaf.shape) * (2 if np.dtype(leaf.dtype) == np.uint8 else 1)
+    if last in ("scales", "scale_scales", "scale_offset"):
+        return 0
+    return math.prod(leaf.shape)
 
 
 def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:

@@ -379,10 +379,16 @@ def export_checkpoint(
     family: str | None = None,
     max_shard_size: int | str = "5GB",
     dtype: str | None = None,
+    merge_lora: bool = False,
 ) -> Path:
     """Export a training checkpoint (a RUN_DIR or its checkpoints/<step>) as a Hugging Face
     directory. The model config comes from RUN_DIR/config.yaml; `trainer: rm` runs export as
     sequence classifiers. Tokenizer default: `data.tokenizer`, else `model.from_hf`'s files.
+
+    A LoRA run (`model.lora`) exports as a PEFT adapter directory (adapter_config.json and
+    adapter_model.safetensors, float32; `jaxalign.hf.peft`) for its base, `model.from_hf`;
+    with `merge_lora` as the full model with the adapters merged into their weights (a QLoRA
+    base dequantized: float32 unless `dtype`).
 
     A Hugging Face directory as `checkpoint` is re-exported (e.g. in another `dtype`, sharded
     differently, or to gs://), with its own tokenizer files by default. `dtype` (float32 or
@@ -400,10 +406,12 @@ def export_checkpoint(
         return save_pretrained(
             model, output, tokenizer=tokenizer, family=family, max_shard_size=max_shard_size
         )
-    return _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype)
+    if merge_lora and source is not None:
+        raise UserError(f"--merge-lora: {checkpoint} is a Hugging Face directory, not a LoRA run")
+    return _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype, merge_lora)
 
 
-def _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype) -> Path:
+def _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype, merge) -> Path:
     import yaml
 
     from jaxalign.checkpoint import abstract_with_shardings, resolve_checkpoint
@@ -430,8 +438,15 @@ def _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype) ->
     _, abstract, shardings = build_model(
         cfg, mesh, rules, lambda rngs: algorithm.make_policy(cfg, rngs)
     )
-    target = algorithm.policy_target(abstract_with_shardings(abstract, shardings))
-    params = algorithm.policy_params(load_checkpoint_params(step_dir, target))
+    if cfg.model.lora is not None:
+        from jaxalign.trainers.loop import load_lora_run
+
+        params = algorithm.policy_params(load_lora_run(cfg, step_dir, mesh, rules, algorithm))
+    else:
+        if merge:
+            raise UserError(f"--merge-lora: {step_dir.parent.parent} is not a LoRA run")
+        target = algorithm.policy_target(abstract_with_shardings(abstract, shardings))
+        params = algorithm.policy_params(load_checkpoint_params(step_dir, target))
     hf_dir = cfg.model.from_hf
     if tokenizer is None:
         if cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
@@ -441,6 +456,17 @@ def _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype) ->
     if family is None and hf_dir and (Path(hf_dir) / "config.json").is_file():
         family = read_hf_config(hf_dir).get("model_type")
     model_cfg = cfg.model
+    if model_cfg.lora is not None:
+        from jaxalign.hf import peft
+
+        if not merge:
+            return peft.write_peft_adapter(
+                output, params, model_cfg, model_cfg.lora, base_model_name_or_path=hf_dir
+            )
+        params = peft.merge_lora(params, model_cfg.lora)
+        model_cfg = dataclasses.replace(model_cfg, lora=None)
+        if model_cfg.param_dtype != "float32" and dtype is None:  # a merged QLoRA base
+            dtype = "float32"
     if dtype is not None:
         model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype, dtype=dtype)
         params = jax.tree.map(lambda x: x.astype(dtype), params)

@@ -148,6 +148,9 @@ def add_adapters(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> nnx.Modu
         setattr(module, name + LORA_A, param(a, a_axes))
         setattr(module, name + LORA_B, param(b, b_axes))
         module.lora_config = cfg  # static: read by project / embed_lookup / merged_weight
+        if cfg.quantize != "none" and not embedding:  # QLoRA: the frozen base quantized
+            q, q_axes = quantize_weight(weight[...], axes, cfg)
+            setattr(module, name, nnx.Dict({k: param(v, q_axes[k]) for k, v in q.items()}))
     return model
 
 
@@ -166,6 +169,54 @@ def share_base(target: nnx.Module, source: nnx.Module) -> None:
         setattr(module, name, getattr(owner, owner_name))
 
 
+def quantize_weight(w: jax.Array, axes: tuple, cfg: LoraConfig) -> tuple[dict, dict]:
+    """(the quantized weight, its arrays' logical axes) of a base weight `w` with logical `axes`
+    under `cfg.quantize` (QLoRA; `jaxalign.models.quant`): each scanned layer quantized on its
+    own, so a stacked weight equals the stack of its layers' quantizations."""
+    from jaxalign.models import quant
+
+    def one(x):
+        return quant.quantize(x, cfg.quantize, cfg.quant_block, cfg.double_quantization)
+
+    q = jax.vmap(one)(w) if tuple(axes[:1]) == ("layers",) else one(w)
+    return q, quant.logical_axes(q, tuple(axes))
+
+
+def is_quantized(value) -> bool:
+    """Whether a parameter subtree (a pure dict, or an nnx.Dict) is a quantized base weight."""
+    return isinstance(value, (dict, nnx.Dict)) and "codes" in value
+
+
+def quantize_params(
+    plain: dict, names: dict, cfg: LoraConfig, shardings: dict, plain_shardings: dict
+) -> dict:
+    """A full-precision base tree (`plain`, anywhere: e.g. in host memory; logical axes `names`)
+    on the devices: each weight that `shardings` (a QLoRA model's) holds quantized is put on its
+    full-precision sharding (`plain_shardings`), quantized there by a jitted `quantize_weight`
+    into the quantized shardings, and released, one weight at a time; every other leaf is put on
+    its sharding. What a QLoRA run does to a base loaded from a checkpoint or a Hugging Face
+    directory. Consumes `plain` (its arrays are deleted). Deterministic: the same base gives the
+    same codes and scales."""
+    out = {}
+    for key, value in plain.items():
+        target = shardings.get(key) if isinstance(shardings, dict) else None
+        if is_quantized(target):
+
+            def one(w, axes=tuple(names[key])):
+                return quantize_weight(w, axes, cfg)[0]
+
+            w = jax.device_put(value, plain_shardings[key])
+            out[key] = jax.jit(one, out_shardings=target)(w)
+            for array in {id(w): w, id(value): value}.values():
+                if isinstance(array, jax.Array) and not array.is_deleted():
+                    array.delete()
+        elif isinstance(value, dict):
+            out[key] = quantize_params(value, names[key], cfg, target, plain_shardings[key])
+        else:
+            out[key] = jax.device_put(value, plain_shardings[key])
+    return out
+
+
 # -- the forward ---------------------------------------------------------------------------------
 
 
@@ -177,9 +228,21 @@ def _adapter(module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array] | Non
     return a[...], getattr(module, name + LORA_B)[...]
 
 
+def _quantized(module: nnx.Module, name: str) -> dict | None:
+    """The arrays of `module.<name>` when it is a quantized base weight (QLoRA), else None."""
+    value = getattr(module, name)
+    if not isinstance(value, nnx.Dict):
+        return None
+    return {k: v[...] for k, v in value.items()}
+
+
 def base_weight(module: nnx.Module, name: str) -> jax.Array:
-    """The base weight `module.<name>` as an array (the seam where a quantized base is
-    dequantized)."""
+    """The base weight `module.<name>` as an array; a quantized one (QLoRA) dequantized to the
+    float32 it approximates."""
+    if (q := _quantized(module, name)) is not None:
+        from jaxalign.models import quant
+
+        return quant.dequantize(q)
     return getattr(module, name)[...]
 
 
@@ -196,7 +259,12 @@ def _dropout(x: jax.Array, rate: float) -> jax.Array:
 def project(module: nnx.Module, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
     """`dense(x, module.<name>, n_in)` plus its adapter: x @ W + (dropout(x) @ A) @ B * scale.
     x: [..., *in_shape] -> [..., *out_shape], in x's dtype."""
-    y = dense(x, base_weight(module, name), n_in)
+    if (q := _quantized(module, name)) is not None:  # dequantized on the fly, no gradient
+        from jaxalign.models import quant
+
+        y = quant.quant_dense(x, q, n_in)
+    else:
+        y = dense(x, getattr(module, name)[...], n_in)
     adapter = _adapter(module, name)
     if adapter is None:
         return y

@@ -37,11 +37,21 @@ class LoraConfig:
     # Base parameters that still train alongside the adapters (regexes, e.g. '.*norm.*'); a
     # reward model's score head always trains.
     train: list[str] = field(default_factory=list)
-    # QLoRA: the frozen base stored quantized (jaxalign/models/quant.py); not wired into
-    # training yet (only none is accepted).
+    # QLoRA: the adapted base weights stored quantized (jaxalign/models/quant.py) and
+    # dequantized on the fly in each matmul (embeddings stay in param_dtype).
     quantize: Literal["none", "int8", "nf4"] = "none"
+    # A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, e.g.
+    # `jaxalign export` of a LoRA run) whose adapters a fresh run starts from instead of fresh
+    # ones (continued training; its checkpoints then export and sample like any LoRA run's).
+    # rank and targets must describe it (a mismatch is one ConfigError line).
+    from_peft: str | None = None
     quant_block: int = 64  # quantization block size (elements per absmax scale)
     double_quant: bool | None = None  # quantize the scales too; default: true for nf4
+
+    @property
+    def double_quantization(self) -> bool:
+        """Whether the scales are quantized too: `double_quant`, default true for nf4."""
+        return self.quantize == "nf4" if self.double_quant is None else self.double_quant
 
     @property
     def scale(self) -> float:
