@@ -2,6 +2,7 @@
 parameters equal those of an uninterrupted run bitwise.
 
     python scripts/crash_fuzz.py --trials 20 [--work-dir /tmp/fuzz] [--seed 0] [--lora]
+        [--max-kills 4]
 
 Checkpoints are written every step, asynchronously, so many kills land while a save is in flight;
 a resume must always find the latest *complete* checkpoint. Exits non-zero on any mismatch.
@@ -91,12 +92,16 @@ def _saving(run_dir: Path) -> bool:
 
 
 def run_to_completion(
-    run_dir: Path, rng: random.Random, expected_s: float | None, lora: bool = False
+    run_dir: Path,
+    rng: random.Random,
+    expected_s: float | None,
+    lora: bool = False,
+    max_kills: int = 4,
 ) -> tuple[int, float]:
     """Start/kill/resume until the run finishes; returns (kills, seconds of the last attempt).
 
-    Each attempt is killed (up to 4 times) either at a random moment of its expected duration or
-    as soon as an asynchronous checkpoint write is seen in progress.
+    Each attempt is killed (up to `max_kills` times) either at a random moment of its expected
+    duration or as soon as an asynchronous checkpoint write is seen in progress.
     """
     kills = 0
     while True:
@@ -110,7 +115,7 @@ def run_to_completion(
         )
         kill_at = None
         during_save = False
-        if expected_s is not None and kills < 4:
+        if expected_s is not None and kills < max_kills:
             during_save = rng.random() < 0.5
             kill_at = start + rng.uniform(0.2, 0.9) * expected_s
         while proc.poll() is None:
@@ -137,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/jaxalign_crash_fuzz"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters")
+    parser.add_argument(
+        "--max-kills", type=int, default=4, help="kills per trial before it may finish"
+    )
     args = parser.parse_args(argv)
     os.environ.update({k: v for k, v in env().items() if k in ("JAX_PLATFORMS", "XLA_FLAGS")})
     shutil.rmtree(args.work_dir, ignore_errors=True)
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     total_kills = 0
     for trial in range(args.trials):
         run_dir = args.work_dir / f"trial_{trial}"
-        kills, last = run_to_completion(run_dir, rng, expected, args.lora)
+        kills, last = run_to_completion(run_dir, rng, expected, args.lora, args.max_kills)
         expected = last if kills == 0 else expected
         total_kills += kills
         got = final_params(run_dir)

@@ -394,17 +394,26 @@ def test_shardings_command_shows_the_adapters(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_single_process_lora_run(tmp_path):
+def test_two_processes_give_the_single_process_lora_run(tmp_path, monkeypatch):
     """tests/test_multihost.py's set-up (2 processes x 4 devices against 1 x 8) with LoRA: the
-    same losses, and the 2-process LoRA checkpoint (adapters only) resumes in one process."""
+    same losses, and the 2-process LoRA checkpoint (adapters only) resumes in one process. The
+    one-process runs are this process's own 8 devices (no second start-up and compile)."""
     import shutil
 
+    from jaxalign.config import load_config
+    from jaxalign.trainers import train
+    from tests.test_multihost import OVERRIDES, REPO, two_processes
     from tests.test_multihost import losses as run_losses
-    from tests.test_multihost import one_process, two_processes
 
     lora = ("model.lora.rank=4", "train.lr=0.01")
-    one_process(tmp_path / "single", extra=lora)
+    monkeypatch.chdir(REPO)  # the config's data paths
+
+    def one_process(run_dir):
+        sets = [*OVERRIDES, f"run_dir={run_dir}", *lora]
+        train(load_config(REPO / "configs/sft_tiny.yaml", sets))
+
     two_processes(tmp_path / "multi", tmp_path, extra=lora)
+    one_process(tmp_path / "single")
     single, multi = run_losses(tmp_path / "single"), run_losses(tmp_path / "multi")
     assert sorted(multi) == [1, 2, 3, 4, 5] and single[5] < single[1]
     np.testing.assert_allclose(
@@ -414,8 +423,9 @@ def test_two_processes_give_the_single_process_lora_run(tmp_path):
     shutil.copytree(tmp_path / "multi", resumed)
     shutil.rmtree(resumed / "checkpoints" / "5")
     (resumed / "metrics.jsonl").unlink()
-    one_process(resumed, extra=lora)
+    one_process(resumed)
     got = run_losses(resumed)
+    assert sorted(got) == [4, 5]
     np.testing.assert_allclose([got[4], got[5]], [single[4], single[5]], atol=1e-5)
 
 
@@ -442,16 +452,21 @@ def test_nan_guard_skips_a_nonfinite_lora_step_leaving_adapters_and_moments(tmp_
 
 
 @pytest.mark.slow
-def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path):
+def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path, capsys):
     """scripts/crash_fuzz.py --lora: SIGKILL at random moments (often mid-save), resume, and
-    the final adapters equal those of an uninterrupted run bitwise."""
+    the final adapters equal those of an uninterrupted run bitwise. Two kills (the full-weight
+    crash fuzzing of tests/test_reliability.py kills up to four times)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import crash_fuzz
 
-    args = ["--trials", "1", "--work-dir", str(tmp_path), "--seed", "5", "--lora"]
-    assert crash_fuzz.main(args) == 0
+    # Seed 4 kills both attempts mid-save or early (seed 5 drew two late kill times, and a
+    # resume with the compiled step cached finished before either: no kill at all).
+    args = ["--trials", "1", "--work-dir", str(tmp_path), "--seed", "4", "--lora"]
+    assert crash_fuzz.main([*args, "--max-kills", "2"]) == 0
+    kills = re.search(r"1 trials, (\d+) kills", capsys.readouterr().out)
+    assert kills and int(kills.group(1)) >= 1
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """`jaxalign plan --compile`: the run's real programs compiled by XLA's TPU compiler (libtpu)
 for TPU topologies on this CPU host. Each libtpu compile of a tiny step takes 20-30 s, so the
-module compiles three programs in all: SFT (through the CLI) on v5e-4, DPO on v5p-8, and one
-that does not fit."""
+module compiles three programs in all: SFT (through the CLI) on v5e-4, DPO on v5p-8 and one
+that does not fit, the last two of the tiny configs with one layer (the programs' structure, at
+a fraction of the compile time)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def sft_json(v5e_4):
 
 @pytest.fixture(scope="module")
 def dpo_v5p_8():
-    cfg = load_config("configs/dpo_tiny.yaml")
+    cfg = load_config("configs/dpo_tiny.yaml", ["model.num_layers=1"])
     if not topology.libtpu_available():
         pytest.skip("libtpu (jax[tpu]) is not installed")
     devices = topology.topology_devices("v5p-8")
@@ -193,9 +194,10 @@ def test_program_over_hbm_is_one_line_and_exit_1(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: train_step: does not fit")
-    # XLA's own numbers: 4096 rows of 4096 tokens need hundreds of GB of temporaries.
+    # XLA's own numbers: 4096 rows of 4096 tokens need tens of GB of temporaries per device
+    # (splash attention, `auto` on TPU, never holds the [T, T] scores), far above the HBM.
     need = re.search(r"need ([\d.]+)GB per device, HBM available 15.75GB$", err[0])
-    assert need and float(need.group(1)) > 100
+    assert need and float(need.group(1)) > 2 * 15.75
 
 
 def test_rl_rollout_generate_holds_the_kv_cache_and_the_update_step_lowers():
