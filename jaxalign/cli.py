@@ -180,6 +180,7 @@ def cmd_shardings(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from jaxalign.hf.model import export_checkpoint
+    from jaxalign.trainers.loop import load_lora_run
 
     out = export_checkpoint(
         args.checkpoint,
@@ -189,6 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         dtype=args.dtype,
         merge_lora=args.merge_lora,
+        load_lora_run=load_lora_run,
     )
     print(f"[jaxalign] wrote {out}")
     return 0

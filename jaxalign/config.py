@@ -469,7 +469,7 @@ def load_config(
         raise ConfigError(f"{where}: {e}") from None
     if cfg.model.from_hf:
         if "family" not in (raw.get("model") or {}):  # the directory's model_type decides
-            from jaxalign.hf.convert import hf_model_family
+            from jaxalign.hf.families import hf_model_family
 
             cfg.model.family = hf_model_family(cfg.model.from_hf)
         if cfg.model.family not in family_names():

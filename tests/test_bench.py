@@ -205,7 +205,9 @@ def test_replace_section_only_touches_its_own_markers():
 
 def test_chunked_loss_never_holds_the_full_float32_logits():
     """With loss.vocab_chunks = c the loss and its gradient keep 1/c of the f32 [tokens, V]
-    logits (and their gradient) alive at a time: XLA's temporary memory shrinks as 1/c."""
+    logits (and their gradient) alive at a time: XLA's temporary memory shrinks as 1/c, plus the
+    hidden states and their gradient laid out in chunk order (strided chunks: chunk i holds
+    every c-th token of a row, issue #26), 2 x [tokens, D] f32, whatever c is."""
     import jax
     import jax.numpy as jnp
 
@@ -226,7 +228,7 @@ def test_chunked_loss_never_holds_the_full_float32_logits():
     unchunked = temp_bytes(1)
     assert unchunked >= 2 * full_logits  # logits and their gradient
     for chunks in (4, 8):
-        assert temp_bytes(chunks) <= 1.1 * unchunked / chunks
+        assert temp_bytes(chunks) <= 1.1 * unchunked / chunks + 2 * n * d * 4
 
 
 @pytest.mark.slow

@@ -258,7 +258,9 @@ def test_dpo_reference_is_the_base_with_adapters_off_without_a_copy(tmp_path):
     params = result.state["params"]
     batch = {k: v[0] for k, v in trainer.to_global(next(algo.train_data(0, 1))).items()}
     reference = jax.jit(
-        lambda p, b: algo.reference_logps(nnx.merge(trainer.graphdef, p), b, trainer.frozen)
+        lambda p, b: algo.reference_logps(
+            *nnx.split(nnx.merge(trainer.graphdef, p)), b, trainer.frozen
+        )
     )
 
     # The base built and initialized on its own, from a config without LoRA.

@@ -14,7 +14,6 @@ permutation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 
 from jaxalign.config import ModelConfig
 from jaxalign.errors import ConfigError
+from jaxalign.hf.families import GEMMA_FAMILIES, hf_model_family, read_hf_config  # noqa: F401
 from jaxalign.models.registry import HFConverter
 
 ARCHITECTURES = {
@@ -184,21 +184,6 @@ GEMMA_ARCH_FIELDS = (
     "query_pre_attn_scalar",
 )
 ARCH_FIELDS += GEMMA_ARCH_FIELDS
-
-
-def read_hf_config(path: str | os.PathLike) -> dict:
-    """The config.json of a Hugging Face model directory (or the file itself) as a dict."""
-    p = Path(path)
-    file = p / "config.json" if p.is_dir() else p
-    if not file.is_file():
-        raise ConfigError(f"{file}: Hugging Face config.json not found")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: expected a JSON object")
-    return raw
 
 
 def hf_family(hf: dict, where: str = "config.json") -> str:
@@ -677,17 +662,6 @@ MOE_FIELDS = (
 )
 
 
-def hf_model_family(source: str | os.PathLike | dict) -> str:
-    """The jaxalign model family for a Hugging Face directory or config dict: `qwen3_moe` or
-    `mixtral` for those model types, `gemma2` / `gemma3` for Gemma 2 / 3 (text), `llama` for the
-    other dense ones (checked when imported)."""
-    hf = source if isinstance(source, dict) else read_hf_config(source)
-    model_type = hf.get("model_type")
-    if model_type in MOE_ARCHITECTURES:
-        return model_type
-    return GEMMA_FAMILIES.get(model_type, "llama")
-
-
 def _moe_fields(hf: dict, where: str) -> dict[str, Any]:
     """ModelConfig fields (ARCH_FIELDS and MOE_FIELDS) of a qwen3_moe or mixtral config.json."""
     model_type = hf.get("model_type")
@@ -879,7 +853,6 @@ QWEN3_MOE_CONVERTER = MIXTRAL_CONVERTER = HFConverter(
 # ---------------------------------------------------------------------------------------------
 # Gemma 2 / Gemma 3 (text): HF model_type gemma2 / gemma3_text <-> jaxalign family gemma2 / gemma3
 
-GEMMA_FAMILIES = {"gemma2": "gemma2", "gemma3_text": "gemma3"}  # HF model_type -> family
 GEMMA_MODEL_TYPES = {v: k for k, v in GEMMA_FAMILIES.items()}  # family -> HF model_type
 
 # Hugging Face class defaults (Gemma2Config, Gemma3TextConfig) for keys a config.json omits.

@@ -380,6 +380,7 @@ def export_checkpoint(
     max_shard_size: int | str = "5GB",
     dtype: str | None = None,
     merge_lora: bool = False,
+    load_lora_run: Any = None,
 ) -> Path:
     """Export a training checkpoint (a RUN_DIR or its checkpoints/<step>) as a Hugging Face
     directory. The model config comes from RUN_DIR/config.yaml; `trainer: rm` runs export as
@@ -388,7 +389,9 @@ def export_checkpoint(
     A LoRA run (`model.lora`) exports as a PEFT adapter directory (adapter_config.json and
     adapter_model.safetensors, float32; `jaxalign.hf.peft`) for its base, `model.from_hf`;
     with `merge_lora` as the full model with the adapters merged into their weights (a QLoRA
-    base dequantized: float32 unless `dtype`).
+    base dequantized: float32 unless `dtype`). A LoRA run is read by `load_lora_run`
+    (`jaxalign.trainers.loop.load_lora_run`, which the CLI passes: this module does not import
+    the training loop, which imports it).
 
     A Hugging Face directory as `checkpoint` is re-exported (e.g. in another `dtype`, sharded
     differently, or to gs://), with its own tokenizer files by default. `dtype` (float32 or
@@ -408,10 +411,14 @@ def export_checkpoint(
         )
     if merge_lora and source is not None:
         raise UserError(f"--merge-lora: {checkpoint} is a Hugging Face directory, not a LoRA run")
-    return _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype, merge_lora)
+    return _export_run(
+        checkpoint, output, tokenizer, family, max_shard_size, dtype, merge_lora, load_lora_run
+    )
 
 
-def _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype, merge) -> Path:
+def _export_run(
+    checkpoint, output, tokenizer, family, max_shard_size, dtype, merge, load_lora_run
+) -> Path:
     import yaml
 
     from jaxalign.checkpoint import abstract_with_shardings, resolve_checkpoint
@@ -439,8 +446,11 @@ def _export_run(checkpoint, output, tokenizer, family, max_shard_size, dtype, me
         cfg, mesh, rules, lambda rngs: algorithm.make_policy(cfg, rngs)
     )
     if cfg.model.lora is not None:
-        from jaxalign.trainers.loop import load_lora_run
-
+        if load_lora_run is None:
+            raise UserError(
+                f"{step_dir}: a LoRA run; export it with `jaxalign export` (or pass "
+                "load_lora_run=jaxalign.trainers.loop.load_lora_run)"
+            )
         params = algorithm.policy_params(load_lora_run(cfg, step_dir, mesh, rules, algorithm))
     else:
         if merge:

@@ -4,7 +4,6 @@ auxiliary losses a forward pass sowed."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -15,23 +14,9 @@ from jax.sharding import Mesh
 from jaxalign import sharding as shd
 from jaxalign.config import Config
 from jaxalign.models.auto import target_platform
+from jaxalign.models.ops import dense as dense  # re-exported for callers
+from jaxalign.models.ops import param as param  # re-exported for callers
 from jaxalign.models.registry import build
-
-
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-    """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul."""
-    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
-    lead = x.shape[: x.ndim - n_in]
-    y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1).astype(x.dtype)
-    return y.reshape(*lead, *out_shape)
-
-
-def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
-    """A parameter whose logical axis names are Flax sharding metadata (`out_sharding`).
-
-    `eager_sharding=False`: the names are logical, mapped to mesh axes by `jaxalign.sharding`'s
-    rules when the state is placed, not by Flax at creation."""
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class AuxLoss(nnx.Variable):

@@ -119,7 +119,7 @@ def load_reward_model(
         cfg, mesh, rules, lambda rngs: RewardModel(cfg.model, rngs)
     )
     if cfg.model.lora is not None:  # adapters + score head onto the rebuilt base
-        from jaxalign.models.lora import load_run_params
+        from jaxalign.trainers.lora_runs import load_run_params
 
         params = load_run_params(run_dir, cfg, get_trainer(cfg.trainer), abstract, shardings)
     else:
