@@ -144,9 +144,15 @@ class DPO(Algorithm):
         return pair_batch(cfg.train, ref_logps=precompute)
 
     def abstract_frozen(self, trainer) -> Any:
-        """{"reference": shaped and sharded like the policy's parameters}, when it is kept."""
+        """What `frozen_params` keeps, shaped and sharded: {"reference": like the policy's
+        parameters}, or with LoRA {"base_trained": the base parameters that train beside the
+        adapters} (None when there are none)."""
         if self.reference_free or self.precompute:
             return None
+        if self.lora:
+            abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
+            base_trained = lora.base_params(trained_part(abstract, trainer.labels))
+            return {"base_trained": base_trained} if jax.tree.leaves(base_trained) else None
         return {
             "reference": abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
         }
