@@ -27,10 +27,12 @@ Per program and device:
   all-reduce, all-to-all, collective-permute results);
 - roofline step time = max(FLOPs / peak bf16 FLOP/s, HBM traffic / HBM bandwidth), the
   chip's published figures; predicted MFU = model FLOPs per device / (roofline time x peak).
-  Model FLOPs are the work a step must do, by formula: 6 x matmul parameters x tokens plus
-  causal attention (12 x L x T x H x head_dim x tokens / 2) for a trained forward and backward,
-  2 x ... for a forward only (DPO's reference), counted without remat's recomputation. The
-  rollout's generate program has no MFU (decoding is bound by memory, not FLOPs).
+  Model FLOPs are the work a step must do, by formula (`model_flops`, on
+  `jaxalign.metrics.model_flops_per_token`, the train loop's MFU numerator): 6 x trained matmul
+  parameters, 4 x frozen ones (a LoRA/QLoRA base: input gradients, no weight gradients), MoE's
+  active experts only, plus causal attention, per token; 2 x ... for a forward only (DPO's
+  reference), counted without remat's recomputation. The rollout's generate program has no MFU
+  (decoding is bound by memory, not FLOPs).
 
 The roofline ignores collectives (FSDP's all-gathers overlap with the layer's matmuls on a
 TPU) and the latency of small ops: it is an upper bound on MFU, not a measurement.
@@ -74,50 +76,30 @@ def tpu_recipes() -> list[str]:
 # -- model FLOPs -------------------------------------------------------------------------------
 
 
-def forward_flops_per_token(m, seq_len: int) -> float:
-    """Matmul FLOPs of one token's forward: 2 x matmul parameters (projections, MLP or the
-    active experts, the output head) + causal attention's scores and values (2 x 2 x T/2 x H x
-    head_dim per layer: each token attends to (T + 1) / 2 positions on average; a sliding
-    window of W caps it at W)."""
-    d, hd, h, kv = m.hidden_size, m.resolved_head_dim, m.num_heads, m.num_kv_heads
-    attn_proj = d * hd * (2 * h + 2 * kv)
-    if m.num_experts:
-        mlp = 3 * d * m.resolved_moe_intermediate_size * m.num_experts_per_tok
-        mlp += d * m.num_experts  # the router
-    else:
-        mlp = 3 * d * m.intermediate_size
-    per_layer = 2 * (attn_proj + mlp)
-    windows = layer_windows(m)
-    attn = sum(4 * h * hd * (min(w, seq_len) if w else (seq_len + 1) / 2) for w in windows)
-    return m.num_layers * per_layer + attn + 2 * d * m.vocab_size
-
-
-def layer_windows(m) -> list[int | None]:
-    """Each layer's attention window (None: full causal), as the model builds them."""
-    types = getattr(m, "layer_types", None)
-    window = getattr(m, "sliding_window", None)
-    if types:
-        return [window if t == "sliding_attention" else None for t in types]
-    return [window] * m.num_layers
-
-
 def model_flops(cfg, program: str) -> float | None:
-    """Model FLOPs of one execution of `program` (whole step, all devices), or None."""
+    """Model FLOPs of one execution of `program` (whole step, all devices), or None: per token
+    `jaxalign.metrics.model_flops_per_token` (what the train loop logs MFU with: 6 x trained
+    weights, 4 x a LoRA base's frozen ones, MoE's active experts, plus attention), for each
+    trained row (DPO and RM: chosen and rejected), plus a forward of the reference where the
+    step runs one (DPO without precomputed log-probs; LoRA's is the base, adapters off) and
+    PPO's value model (the policy's trunk with a scalar head in place of the output head)."""
+    from jaxalign.metrics import model_flops_per_token
+
     if program != "train_step":
         return None
-    t = cfg.train
-    fwd = forward_flops_per_token(cfg.model, t.seq_len)
-    rows = t.batch_size
+    t, m = cfg.train, cfg.model
+    tokens = t.batch_size * t.seq_len
     if cfg.trainer in ("dpo", "rm"):
-        rows *= 2  # chosen and rejected
-    total = 3 * fwd * rows * t.seq_len
-    if cfg.trainer == "dpo" and not cfg.dpo.precompute_ref and cfg.model.lora is None:
+        tokens *= 2  # chosen and rejected
+    total = model_flops_per_token(m, t.seq_len) * tokens
+    if cfg.trainer == "dpo" and not cfg.dpo.precompute_ref:
         from jaxalign.trainers.dpo import REFERENCE_FREE
 
         if cfg.dpo.loss_type not in REFERENCE_FREE:
-            total += fwd * rows * t.seq_len  # the reference's forward, in the step
-    if cfg.trainer == "ppo":  # the value model: the policy's trunk, a scalar head
-        total += 3 * (fwd - 2 * cfg.model.hidden_size * cfg.model.vocab_size) * rows * t.seq_len
+            total += model_flops_per_token(m, t.seq_len, trained=False) * tokens
+    if cfg.trainer == "ppo":
+        head = 2 * m.hidden_size * m.vocab_size * (3 if m.lora is None else 2)
+        total += (model_flops_per_token(m, t.seq_len) - head) * tokens
     return total
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from jaxalign.config import load_config
@@ -36,21 +38,84 @@ def test_estimate_is_within_15_percent_of_the_compiled_peak(row):
     assert abs(estimate - row["peak_gib"]) <= 0.15 * row["peak_gib"], (estimate, row["peak_gib"])
 
 
-def test_bench_model_flops_of_llama3_8b_match_a_hand_count():
-    """bench/tpu_compile.py's model FLOPs (the MFU numerator) of the 8B SFT recipe: 6 x matmul
-    parameters (all but the embedding lookup and the norms) x tokens, plus causal attention,
-    12 x layers x heads x head_dim x (T + 1) / 2 per token."""
+def _bench():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tpu_compile", ROOT / "bench/tpu_compile.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_model_flops_of_llama3_8b_match_a_hand_count():
+    """bench/tpu_compile.py's model FLOPs (the MFU numerator) of the 8B SFT recipe: 6 x matmul
+    parameters (all but the embedding lookup and the norms) x tokens, plus causal attention,
+    12 x layers x heads x head_dim x T / 2 per token (jaxalign.metrics' convention)."""
+    bench = _bench()
     cfg = load_config(ROOT / "configs" / "recipes" / "sft_8b_v5p64.yaml")
-    matmul_params = 8_030_261_248 - 128256 * 4096 - (2 * 32 + 1) * 4096
+    matmul_params = 8_030_261_248 - 128256 * 4096
     tokens = 256 * 4096
-    attention = 12 * 32 * 32 * 128 * (4096 + 1) / 2
+    attention = 12 * 32 * 32 * 128 * 4096 / 2
     expected = (6 * matmul_params + attention) * tokens
     assert bench.model_flops(cfg, "train_step") == pytest.approx(expected, rel=1e-12)
     assert bench.model_flops(cfg, "rollout_generate") is None
     assert bench.recipe_topology("sft_8b_v5p64") == "v5p-64"
     assert bench.recipe_topology("sft_8b_h100x8") is None
+
+
+def _matmul_weights(cfg) -> tuple[float, float, float]:
+    """(frozen base, trained base, adapter) weights one token multiplies by, in float64, read
+    from the abstract model's parameter shapes: every array but the input embedding (the norms'
+    too, as the usual 6 N count does); a MoE layer's expert arrays count k / E of their size;
+    a tied embedding counts once, as the output head."""
+    from flax import nnx
+
+    from jaxalign.models import lora as lora_mod
+    from jaxalign.models.registry import build
+    from jaxalign.optim import param_path
+
+    m = cfg.model
+    state = nnx.split(nnx.eval_shape(lambda: build(m, nnx.Rngs(0))))[1].to_pure_dict()
+    frozen = trained = adapters = 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        name = param_path(path)
+        size = np.prod(leaf.shape, dtype=np.float64)
+        if name == "embed" and not m.tie_embeddings:
+            continue
+        if name.rsplit("/", 1)[-1] in ("w_gate", "w_up", "w_down") and leaf.ndim == 3:
+            size *= m.num_experts_per_tok / m.num_experts  # [E, ...]: k experts a token
+        if lora_mod.is_adapter(name):
+            adapters += size
+        elif m.lora is None or lora_mod.path_matcher(m.lora.train)(name):
+            trained += size
+        else:
+            frozen += size
+    return frozen, trained, adapters
+
+
+@pytest.mark.parametrize(
+    "config, sets",
+    [
+        ("configs/sft_tiny.yaml", ["model.lora.rank=4"]),
+        ("configs/sft_tiny.yaml", ["model.lora.rank=4", "model.tie_embeddings=false",
+                                   "model.lora.targets=(.*/)?(attn/(wq|wv)|mlp/w_down|lm_head)"]),
+        ("configs/sft_qwen3_moe_tiny.yaml", []),
+    ],
+)  # fmt: skip
+def test_model_flops_per_token_counts_the_weights_of_the_model(config, sets):
+    """LoRA: 6 FLOPs per token for each trained weight (adapters), 4 for each frozen base
+    weight (forward and input gradient, no weight gradient); MoE: the active experts only;
+    attention 3 x 2 x 2 x L x H x hd x T / 2. Checked against the abstract model's own
+    parameter shapes in float64; a forward alone is 2 per weight plus attention's forward."""
+    from jaxalign.metrics import lora_adapter_params, matmul_params, model_flops_per_token
+
+    cfg = load_config(ROOT / config, sets)
+    m, t = cfg.model, 64
+    frozen, trained, adapters = _matmul_weights(cfg)
+    attention = 3 * 2 * 2 * m.num_layers * m.num_heads * m.resolved_head_dim * t / 2
+    expected = 4 * frozen + 6 * (trained + adapters) + attention
+    assert model_flops_per_token(m, t) == pytest.approx(expected, rel=1e-12)
+    assert lora_adapter_params(m) == adapters
+    assert matmul_params(m) == pytest.approx(frozen + trained, rel=1e-12)
+    forward = 2 * (frozen + trained) + attention / 3
+    assert model_flops_per_token(m, t, trained=False) == pytest.approx(forward, rel=1e-12)
