@@ -177,3 +177,22 @@ def test_plan_rejects_a_mesh_the_device_count_cannot_hold():
     recipe = next(p for p in RECIPES if p.stem == "sft_8b_v5p64")
     with pytest.raises(ConfigError, match="fsdp=3"):
         make_plan(load_config(recipe, ["mesh.fsdp=3"]), 32)
+
+
+def test_compile_of_packed_preference_pairs_compiles_the_packed_step():
+    """`plan --compile` of a DPO config with `preference.pack_pairs` compiles the step the run
+    takes: rows of 2 x seq_len tokens (each pair in a row of its own, the largest batch a step
+    can get), the loss over their segments. On the local (CPU) devices, one layer."""
+    import jax
+
+    from jaxalign import aot
+
+    cfg = load_config("configs/dpo_tiny.yaml", ["model.num_layers=1", "preference.pack_pairs=true"])
+    lowered, _ = aot.lower_train_step(cfg, jax.devices())
+    batch = lowered.args_info[0][1]
+    t = cfg.train
+    lead = (t.grad_accum, t.batch_size // t.grad_accum)
+    assert batch["tokens"].shape == (*lead, 2 * t.seq_len)
+    assert batch["pair_mask"].shape == (*lead, 1)
+    report = aot.compile_program("train_step", lowered, None)
+    assert report.flops > 0 and report.temp_bytes > 0
