@@ -45,6 +45,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +61,8 @@ RESULTS = ROOT / "bench" / "results" / "tpu_compile.json"
 GIB = 1024**3
 # The optimized HLO of each program, for reading its buffers and loops (not kept in git).
 HLO_DIR = Path(os.environ.get("TPU_COMPILE_HLO_DIR", "/tmp/tpu_compile_hlo"))
+# XLA's dumps (buffer assignment, live ranges: what each program holds at its peak), per recipe.
+DUMP_DIR = HLO_DIR / "dump"
 _SLICE = re.compile(r"_(v4|v5p|v5e|v6e)(\d+)$")
 
 
@@ -103,6 +106,47 @@ def model_flops(cfg, program: str) -> float | None:
     return total
 
 
+# -- what the peak holds ----------------------------------------------------------------------
+
+# XLA's dump of each compiled module (the child's XLA_FLAGS --xla_dump_to), by program.
+DUMP_MODULES = {"train_step": "jit_train_step", "rollout_generate": "jit__generate"}
+
+
+def live_at_peak(dump_dir: Path, program: str, count: int = 16) -> tuple[float, list[dict]]:
+    """The buffers XLA's buffer assignment keeps live at the program's peak (its dump's
+    live-range report: the temporaries, without the arguments), largest first: (their total
+    in bytes, the `count` largest as {gib, shape, source}), from the dump of `program`'s module
+    in `dump_dir`; (0, []) without one."""
+    module = DUMP_MODULES[program]
+    found = sorted(dump_dir.glob(f"*{module}*after_optimizations-live-range.txt"))
+    if not found:
+        return 0.0, []
+    path = max(found, key=lambda f: f.stat().st_size)
+    base = str(path).removesuffix("-live-range.txt")
+    peak = re.search(r"Live ranges at \d+ \(peak\):\n((?:    .*\n)+)", path.read_text())
+    if peak is None:
+        return 0.0, []
+    live = [(n, int(b)) for n, b in re.findall(r"    (\S+): (\d+) bytes", peak.group(1))]
+    shapes, sources = {}, {}
+    value = re.compile(r" value: <\d+ (\S+) @\d+> \(size=\d+,offset=\d+\): (.*)$")
+    for line in Path(base + "-buffer-assignment.txt").read_text().splitlines():
+        if m := value.match(line):
+            shapes.setdefault(m.group(1).removesuffix("{}"), re.sub(r"\{[^{}]*\}", "", m.group(2)))
+    op = re.compile(r"\s+(?:ROOT )?%?(\S+) = .*?op_name=\"([^\"]*)\"")
+    for line in Path(base + ".txt").read_text().splitlines():
+        if m := op.match(line):
+            sources[m.group(1)] = m.group(2)
+    rows = [
+        dict(
+            gib=nbytes / GIB,
+            shape=shapes.get(name.removesuffix("{}"), "?")[:120],
+            source=sources.get(name.split("{")[0], name)[-160:],
+        )
+        for name, nbytes in sorted(live, key=lambda x: -x[1])[:count]
+    ]
+    return float(sum(b for _, b in live)), rows
+
+
 # -- one recipe, in a child process ------------------------------------------------------------
 
 
@@ -140,6 +184,7 @@ def compile_recipe(name: str, sets: list[str], topology_name: str | None) -> lis
         text = compiled.as_text()
         HLO_DIR.mkdir(parents=True, exist_ok=True)
         (HLO_DIR / f"{name}.{program}.hlo").write_text(text)
+        live_total, live = live_at_peak(DUMP_DIR / name, program)
         pallas = hlo.pallas_attention_flops(text)
         traffic, collective = hlo.hlo_traffic(text)
         flops = r.flops + pallas
@@ -178,6 +223,8 @@ def compile_recipe(name: str, sets: list[str], topology_name: str | None) -> lis
                     dict(gib=b.nbytes / GIB, shape=b.shape, op=b.op, source=b.source[-160:])
                     for b in r.largest_buffers
                 ],
+                live_at_peak_gib=live_total / GIB,
+                live_at_peak=live,
                 jax=jax.__version__,
                 libtpu=_libtpu_version(),
             )
@@ -260,9 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.topology:
             cmd += ["--topology", args.topology]
+        env = os.environ.copy()
+        dump = DUMP_DIR / name
+        if dump.exists():
+            shutil.rmtree(dump)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
         start = time.perf_counter()
         print(f"{name}: compiling ...", flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in out.stdout.splitlines() if x.startswith("@@rows ")), None)
         if line is None:
             print(f"{name}: failed:\n{out.stderr[-3000:]}", flush=True)

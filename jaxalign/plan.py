@@ -176,6 +176,38 @@ MLP_BUFFERS = 8
 #   gradient, also whole, before the reduction over the batch's devices.
 LOGITS_F32_BUFFERS = 2
 HEAD_COPIES = 2
+# - a mixture of experts (`models/moe.py`): each MoE layer routes every token's k assignments
+#   through buffers of ep x k rows per token (ep: the devices the experts split over; the
+#   all-to-all's send and receive buffers are padded to the worst case, every assignment to
+#   one device, so none is dropped), which the grouped matmuls read in expert order. A forward
+#   holds MOE_FORWARD_BUFFERS [rows, D] arrays in the compute dtype at once (the received
+#   rows, their expert-sorted copy, the experts' outputs); the backward of the recomputed layer
+#   those and their gradients, plus MOE_BACKWARD_HIDDEN [rows, F_moe] arrays (gate, up, their
+#   product and the gradients of gate and up).
+MOE_FORWARD_BUFFERS = 3
+MOE_BACKWARD_HIDDEN = 5
+
+
+def moe_dispatch_rows(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
+    """Rows of a MoE layer's dispatch buffers per token of a device: k, times the expert
+    parallelism (the worst-case padded all-to-all of `moe.expert_parallel_experts`)."""
+    return cfg.model.num_experts_per_tok * _axis_split(sizes, rules, "expert")
+
+
+def moe_layer_bytes(
+    cfg: Config, sizes: dict[str, int], rules: shd.Rules, tokens: int, backward: bool
+) -> int:
+    """The dispatch buffers one MoE layer holds at once for `tokens` tokens of a device: a
+    forward's MOE_FORWARD_BUFFERS [rows, D] arrays; a backward's twice as many, plus
+    MOE_BACKWARD_HIDDEN [rows, F_moe / tensor] arrays (rows = tokens x `moe_dispatch_rows`)."""
+    m = cfg.model
+    rows = tokens * moe_dispatch_rows(cfg, sizes, rules)
+    itemsize = np.dtype(DTYPES[m.dtype]).itemsize
+    tensor = sizes.get("tensor", 1) if rules.get("mlp") == ("tensor",) else 1
+    width = MOE_FORWARD_BUFFERS * m.hidden_size
+    if backward:
+        width = 2 * width + MOE_BACKWARD_HIDDEN * m.resolved_moe_intermediate_size / tensor
+    return int(rows * width * itemsize)
 
 
 def activation_bytes(
@@ -229,6 +261,8 @@ def activation_bytes(
         "none": dots + (4 * d + f / tensor) * itemsize + probs,
     }[m.remat]
     working = MLP_BUFFERS * f / tensor * itemsize + probs
+    if m.num_experts:  # the recomputed MoE layer's dispatch buffers, not dense MLP arrays
+        working = probs + moe_layer_bytes(cfg, sizes, rules, 1, backward=True)
     logits = LOGITS_F32_BUFFERS * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
     head = HEAD_COPIES * d * m.vocab_size / tensor * itemsize if with_head else 0
     return int(tokens * (m.num_layers * saved + working + logits) + head)
@@ -281,7 +315,16 @@ def rollout_generate_bytes(
     tensor = sizes.get("tensor", 1) if rules.get("vocab") == ("tensor",) else 1
     head = HEAD_COPIES * m.hidden_size * m.vocab_size // tensor
     head *= np.dtype(DTYPES[m.dtype]).itemsize
-    return policy_params + 3 * rollout_kv_cache_bytes(cfg, sizes, rules) // 2 + head
+    moe = 0
+    if m.num_experts:  # the prefill's MoE layers route every prompt token
+        rl, sp = cfg.rl, cfg.sampling
+        per_call = min(
+            rl.prompts_per_rollout * rl.num_generations, sp.batch_size * rl.num_generations
+        )
+        rows = _rows_per_device(per_call, _axis_split(sizes, rules, "batch"))
+        tokens = rows * max(cfg.data.prompt_buckets)
+        moe = moe_layer_bytes(cfg, sizes, rules, tokens, backward=False)
+    return policy_params + 3 * rollout_kv_cache_bytes(cfg, sizes, rules) // 2 + head + moe
 
 
 def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
