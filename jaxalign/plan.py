@@ -95,6 +95,9 @@ class ModelBytes:
     optimizer: int
     num_params: int
     gradients: int
+    # What the train step adds beside them: the compute-dtype copy of parameters stored wider
+    # (WEIGHT_CAST_COPIES) and the quantized codes' copy (CODES_COPIES), per device.
+    copies: int = 0
 
 
 def _shard_elems(shape: tuple[int, ...], spec, sizes: dict[str, int], path: str) -> int:
@@ -118,6 +121,7 @@ def model_bytes(
     frozen: Sequence[str] = (),
     prefix: str = "",
     trainable: Callable[[str], bool] | None = None,
+    compute_dtype: str | None = None,
 ) -> ModelBytes:
     """Bytes per device of `module`'s parameters (an abstract nnx.Module, or the nnx.State of
     part of one: shared parameters counted where `nnx.split` lists them) on a mesh of `sizes`;
@@ -131,7 +135,8 @@ def model_bytes(
     def is_frozen(path: str) -> bool:
         return matched(path) or (trainable is not None and not trainable(path))
 
-    param_bytes = opt_bytes = grad_bytes = num_params = 0
+    param_bytes = opt_bytes = grad_bytes = num_params = copies = 0
+    compute = np.dtype(DTYPES[compute_dtype]).itemsize if compute_dtype else None
     for (path, leaf), axes in zip(
         jax.tree_util.tree_leaves_with_path(shapes),
         jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)),
@@ -140,11 +145,15 @@ def model_bytes(
         elems = _shard_elems(tuple(leaf.shape), shd.logical_to_spec(axes, rules), sizes, key)
         nbytes = elems * np.dtype(leaf.dtype).itemsize
         param_bytes += nbytes
+        if param_path(path).rsplit("/", 1)[-1] == "codes":
+            copies += CODES_COPIES * nbytes
+        elif compute and np.dtype(leaf.dtype).itemsize > compute:
+            copies += WEIGHT_CAST_COPIES * elems * compute
         if not is_frozen(prefix + param_path(path)):
             opt_bytes += elems * 4 * 2  # AdamW: two float32 moments per parameter
             grad_bytes += nbytes
         num_params += _weights_held(param_path(path), leaf)
-    return ModelBytes(param_bytes, opt_bytes, num_params, grad_bytes)
+    return ModelBytes(param_bytes, opt_bytes, num_params, grad_bytes, copies)
 
 
 def _weights_held(path: str, leaf: Any) -> int:
@@ -163,14 +172,33 @@ def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
     return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
-# What a compiled train step holds at its peak besides the state and the saved activations
-# (calibrated on XLA's TPU compiles of the recipes: bench/tpu_compile.py,
-# bench/results/tpu_compile.json, docs/performance.md "TPU compile of the recipes"):
-# - the backward of the recomputed layer holds MLP_BUFFERS [tokens, intermediate_size] arrays in
-#   the compute dtype: the gate and up projections, the activation, their product, and the
-#   gradients of each (the largest buffers of the compiled steps after the saved inputs and
-#   the output head);
-MLP_BUFFERS = 8
+# What a compiled train step holds at its peak besides the state, read from XLA's TPU compiles
+# of every recipe (bench/tpu_compile.py: the largest buffers and the live ranges at the peak,
+# bench/results/tpu_compile.json; docs/performance.md "TPU compile of the recipes"). Counts of
+# arrays whose shapes follow from the config, checked within 15% of every compiled peak by
+# tests/test_plan_calibration.py:
+# - the backward of the recomputed layer: MLP_BUFFERS [tokens, intermediate_size / tensor]
+#   arrays in the compute dtype (the gate and up projections; the activation and product fuse
+#   into the matmuls that read them);
+MLP_BUFFERS = 2
+# - remat "full" with scan_layers: the [layers, rows, T, D] layer inputs kept for the backward
+#   pass, twice (SAVED_COPIES): the scan's stacked output and the buffer it is built in (a
+#   dynamic-update-slice result and the allocation it updates, both live into the backward
+#   pass in the compiled steps). A second model trained in the same step (PPO's value model)
+#   keeps SECOND_MODEL_SAVED_COPIES (its scan is scheduled beside the policy's, and XLA reuses
+#   the policy's build buffer);
+SAVED_COPIES = 2
+SECOND_MODEL_SAVED_COPIES = 1
+# - RL losses score the response positions' logits [rows, N, V] whole, unchunked
+#   (`rl_rows.response_logprobs`): the logits' gradient in the compute dtype, RL_LOGITS_BYTES
+#   per element (the float32 logits and log-softmax fuse into their consumers);
+RL_LOGITS_BYTES = 2
+# - parameters stored wider than the compute dtype (float32 master weights, bf16 compute): XLA
+#   casts every layer's weights once per step, hoisted out of the layer loop, so a compute-dtype
+#   copy of the stacked weights is live through the step (trained or frozen alike);
+WEIGHT_CAST_COPIES = 1
+# - QLoRA: the stacked quantized codes copied once (relaid out for the dequantizing loop);
+CODES_COPIES = 1
 # - the loss's vocab chunk loop (`loss.vocab_chunks`): one chunk's float32 logits and their
 #   gradient; and the output head's [D, V] weight gathered whole in the compute dtype, with its
 #   gradient, also whole, before the reduction over the batch's devices.
@@ -222,15 +250,17 @@ def activation_bytes(
     train.seq_len tokens, per micro-batch.
 
     Kept for the backward pass, per layer and token: with remat "full" only the layer input
-    (D, the scan's stacked carry); "save_dots" the matmul outputs (q, k, v, attention output,
-    gate, up, down); "none" those plus norms and activations. Plus the working set of one
-    layer's backward (MLP_BUFFERS [tokens, F / tensor] arrays in the compute dtype, and the
-    attention probabilities where the attention kernel materializes them: `einsum` on the
-    platform being planned for, H x T float32 per token, or H x query block per token with
-    `attention_query_block`; splash and cuDNN keep none), one vocab chunk's float32 logits
-    and their gradient (LOGITS_F32_BUFFERS x tokens / loss.vocab_chunks x V), and the output
-    head's weight and gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by
-    `tensor`; not with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
+    (D, the scan's stacked carry, SAVED_COPIES times); "save_dots" the matmul outputs (q, k,
+    v, attention output, gate, up, down); "none" those plus norms and activations. Plus the
+    working set of one layer's backward (MLP_BUFFERS [tokens, F / tensor] arrays in the
+    compute dtype; the attention probabilities where the attention kernel materializes them:
+    `einsum` on the platform being planned for, H x T float32 per token, or H x query block
+    per token with `attention_query_block`, splash and cuDNN keep none; a MoE layer's
+    dispatch buffers, `moe_layer_bytes`), one vocab chunk's float32 logits and their
+    gradient (LOGITS_F32_BUFFERS x tokens / loss.vocab_chunks x V; RL losses: the response
+    logits unchunked, RL_LOGITS_BYTES x rows x N x V), and the output head's weight and
+    gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by `tensor`; not
+    with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
     """
     from jaxalign.models import auto
 
@@ -256,7 +286,7 @@ def activation_bytes(
         width = min(block, t.seq_len) if block else t.seq_len
         probs = h / tensor * t.seq_len * 4 * width / t.seq_len
     saved = {
-        "full": d * itemsize,
+        "full": SAVED_COPIES * d * itemsize,
         "save_dots": dots,
         "none": dots + (4 * d + f / tensor) * itemsize + probs,
     }[m.remat]
@@ -265,17 +295,25 @@ def activation_bytes(
         working = probs + moe_layer_bytes(cfg, sizes, rules, 1, backward=True)
     logits = LOGITS_F32_BUFFERS * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
     head = HEAD_COPIES * d * m.vocab_size / tensor * itemsize if with_head else 0
-    return int(tokens * (m.num_layers * saved + working + logits) + head)
+    total = tokens * (m.num_layers * saved + working) + head
+    if get_trainer(cfg.trainer).is_rl and with_head:
+        # RL losses score the response positions' logits whole, unchunked
+        # (`rl_rows.response_logprobs`): RL_LOGITS_BYTES per element of [rows, N, V].
+        n = cfg.sampling.max_new_tokens
+        vocab = m.vocab_size / _axis_split(sizes, rules, "vocab")
+        return int(total + rows * n * vocab * RL_LOGITS_BYTES)
+    return int(total + tokens * logits)
 
 
 def saved_layer_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
     """The layer inputs a scanned remat-"full" model keeps for its backward pass, per device:
-    layers x tokens of a micro-batch x D in the compute dtype (one [layers, rows, T, D] array).
+    SAVED_COPIES x layers x tokens of a micro-batch x D in the compute dtype ([layers, rows, T,
+    D] arrays).
     A second model trained in the same step (PPO's value model) keeps its own."""
     m, t = cfg.model, cfg.train
     rows = max(t.batch_size // t.grad_accum // _axis_split(sizes, rules, "batch"), 1)
     itemsize = np.dtype(DTYPES[m.dtype]).itemsize
-    return m.num_layers * rows * t.seq_len * m.hidden_size * itemsize
+    return SECOND_MODEL_SAVED_COPIES * m.num_layers * rows * t.seq_len * m.hidden_size * itemsize
 
 
 def _rows_per_device(rows: int, batch_div: int) -> int:
@@ -388,7 +426,13 @@ class Estimate:
 
     def model_bytes(self, module: Any, prefix: str = "") -> ModelBytes:
         """`model_bytes` of an abstract module whose parameters sit at `prefix` of the tree."""
-        return model_bytes(module, self.sizes, self.rules, self.freeze, prefix, self.trainable)
+        dtype = self.cfg.model.dtype
+        found = model_bytes(
+            module, self.sizes, self.rules, self.freeze, prefix, self.trainable, dtype
+        )
+        if found.copies:
+            self.parts["weight copies"] = self.parts.get("weight copies", 0) + found.copies
+        return found
 
 
 def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Plan:
@@ -415,13 +459,15 @@ def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Pla
     trainable = None
     if cfg.model.lora is not None:  # the base has no gradient and no optimizer state
         trainable = lora_trainable(cfg.model.lora, algorithm.lora_trained(cfg))
-    policy = model_bytes(abstract, sizes, rules, freeze, prefix, trainable)
+    policy = model_bytes(abstract, sizes, rules, freeze, prefix, trainable, cfg.model.dtype)
     parts = {
         "params": policy.params,
         "optimizer": policy.optimizer,
         "gradients": policy.gradients,
         "activations": activation_bytes(cfg, sizes, rules),
     }
+    if policy.copies:
+        parts["weight copies"] = policy.copies
     # What the trainer keeps besides: DPO's reference; PPO's value model; RL's rollout.
     estimate = Estimate(
         cfg, sizes, rules, num_devices, freeze, trainable, policy, parts, {}, policy.num_params

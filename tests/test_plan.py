@@ -148,20 +148,26 @@ def test_grpo_has_no_value_model_and_dpo_a_reference_unless_precomputed():
 
 def test_ppo_ptx_rows_add_their_activations():
     """rl.ptx_coef: the ptx rows' activations (rl.ptx_batch_size rows, default train.batch_size)
-    come on top of the RL rows'; the estimate is linear in the rows (the output head's gathered
-    weight and gradient, counted once with the RL rows, are not counted again)."""
+    come on top of the RL rows'; they are an SFT loss's (vocab-chunked logits, not the RL
+    loss's response logits) without the output head's gathered weight and gradient (counted
+    once with the RL rows), and linear in the rows."""
+    from jaxalign import sharding as shd
+    from jaxalign.plan import activation_bytes
+
     cfg = load_config(CONFIGS / "grpo_tiny.yaml")
     plain = make_plan(cfg, 8)
     assert "ptx activations" not in plain.parts
     same = make_plan(load_config(CONFIGS / "grpo_tiny.yaml", ["rl.ptx_coef=0.1"]), 8)
+    sft = load_config(CONFIGS / "grpo_tiny.yaml", ["trainer=sft"])
+    sizes, rules = shd.axis_sizes(sft.mesh, 8), shd.resolve_rules(sft.sharding)
     head = HEAD_COPIES * 128 * 512 * 4  # D x V, float32 compute
-    assert same.parts["ptx activations"] == plain.parts["activations"] - head
+    assert same.parts["ptx activations"] == activation_bytes(sft, sizes, rules) - head
     rows = 2 * cfg.train.batch_size
     double = make_plan(
         load_config(CONFIGS / "grpo_tiny.yaml", ["rl.ptx_coef=0.1", f"rl.ptx_batch_size={rows}"]),
         8,
     )
-    assert double.parts["ptx activations"] == 2 * (plain.parts["activations"] - head)
+    assert double.parts["ptx activations"] == 2 * same.parts["ptx activations"]
 
 
 def test_plan_that_does_not_fit_fails_naming_the_sizes():
