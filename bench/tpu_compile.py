@@ -3,6 +3,7 @@
     python bench/tpu_compile.py                          # every TPU recipe, one after the other
     python bench/tpu_compile.py sft_8b_v5p64 sft_8b_v5e256
     python bench/tpu_compile.py sft_8b_v5p64 --set model.remat=save_dots --tag save_dots
+    python bench/tpu_compile.py --refresh    # recompute model FLOPs and MFU of the stored rows
 
 Each recipe is compiled in its own child process (`jaxalign.aot.compile_run`, the programs of
 `jaxalign plan --compile`: the train step, and for RL recipes the rollout's generate program)
@@ -271,6 +272,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def refresh(rows: list[dict]) -> list[dict]:
+    """Stored rows with their model FLOPs and MFU recomputed by `model_flops` (the compiled
+    FLOPs, HBM traffic and roofline time are the compile's; the chip's peak is its FLOPs over
+    its compute time)."""
+    from jaxalign.config import load_config
+
+    for r in rows:
+        if "error" in r:
+            continue
+        cfg = load_config(RECIPES / f"{r['recipe']}.yaml", overrides=r["sets"])
+        mf = model_flops(cfg, r["program"])
+        peak = r["tflops_per_device"] * 1e12 / r["compute_s"]
+        r["model_tflops_per_device"] = None if mf is None else mf / r["devices"] / 1e12
+        r["mfu"] = None if mf is None else mf / r["devices"] / (r["step_s"] * peak)
+    return rows
+
+
 def merge(new: list[dict], path: Path) -> list[dict]:
     old = json.loads(path.read_text())["results"] if path.exists() else []
     keys = {(r["recipe"], r.get("tag", "")) for r in new}
@@ -285,8 +303,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="label of a variant (--set) in the results")
     p.add_argument("--topology", help="compile for this slice instead of the file name's")
     p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="recompute the stored rows' model FLOPs and MFU (formulas only, no compile)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.refresh:
+        rows = refresh(json.loads(args.json.read_text())["results"])
+        args.json.write_text(json.dumps({"results": rows}, indent=1) + "\n")
+        args.json.with_suffix(".md").write_text(markdown(rows) + "\n")
+        print(markdown(rows))
+        return 0
     if args.worker:  # child: one recipe, JSON rows on the last line
         rows = compile_recipe(args.recipes[0], args.set, args.topology)
         print("@@rows " + json.dumps(rows), flush=True)
