@@ -98,6 +98,9 @@ class ModelBytes:
     # What the train step adds beside them: the compute-dtype copy of parameters stored wider
     # (WEIGHT_CAST_COPIES) and the quantized codes' copy (CODES_COPIES), per device.
     copies: int = 0
+    # The float32 sum of the trained parameters' gradients over micro-batches (train.grad_accum
+    # > 1: `step.accumulate_gradients` carries it beside each micro-batch's own gradients).
+    accumulator: int = 0
 
 
 def _shard_elems(shape: tuple[int, ...], spec, sizes: dict[str, int], path: str) -> int:
@@ -135,7 +138,7 @@ def model_bytes(
     def is_frozen(path: str) -> bool:
         return matched(path) or (trainable is not None and not trainable(path))
 
-    param_bytes = opt_bytes = grad_bytes = num_params = copies = 0
+    param_bytes = opt_bytes = grad_bytes = num_params = copies = accumulator = 0
     compute = np.dtype(DTYPES[compute_dtype]).itemsize if compute_dtype else None
     for (path, leaf), axes in zip(
         jax.tree_util.tree_leaves_with_path(shapes),
@@ -152,8 +155,9 @@ def model_bytes(
         if not is_frozen(prefix + param_path(path)):
             opt_bytes += elems * 4 * 2  # AdamW: two float32 moments per parameter
             grad_bytes += nbytes
+            accumulator += elems * 4
         num_params += _weights_held(param_path(path), leaf)
-    return ModelBytes(param_bytes, opt_bytes, num_params, grad_bytes, copies)
+    return ModelBytes(param_bytes, opt_bytes, num_params, grad_bytes, copies, accumulator)
 
 
 def _weights_held(path: str, leaf: Any) -> int:
@@ -432,6 +436,9 @@ class Estimate:
         )
         if found.copies:
             self.parts["weight copies"] = self.parts.get("weight copies", 0) + found.copies
+        if self.cfg.train.grad_accum > 1 and found.accumulator:
+            key = "grad accumulator"
+            self.parts[key] = self.parts.get(key, 0) + found.accumulator
         return found
 
 
@@ -468,6 +475,8 @@ def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Pla
     }
     if policy.copies:
         parts["weight copies"] = policy.copies
+    if cfg.train.grad_accum > 1 and policy.accumulator:
+        parts["grad accumulator"] = policy.accumulator
     # What the trainer keeps besides: DPO's reference; PPO's value model; RL's rollout.
     estimate = Estimate(
         cfg, sizes, rules, num_devices, freeze, trainable, policy, parts, {}, policy.num_params
