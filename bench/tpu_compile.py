@@ -3,7 +3,8 @@
     python bench/tpu_compile.py                          # every TPU recipe, one after the other
     python bench/tpu_compile.py sft_8b_v5p64 sft_8b_v5e256
     python bench/tpu_compile.py sft_8b_v5p64 --set model.remat=save_dots --tag save_dots
-    python bench/tpu_compile.py --refresh    # recompute model FLOPs and MFU of the stored rows
+    python bench/tpu_compile.py --refresh    # recompute model FLOPs and MFU of the stored rows,
+                                             # and print the fast estimate beside each peak
 
 Each recipe is compiled in its own child process (`jaxalign.aot.compile_run`, the programs of
 `jaxalign plan --compile`: the train step, and for RL recipes the rollout's generate program)
@@ -272,6 +273,35 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def calibration(rows: list[dict]) -> str:
+    """Markdown: each compiled program's peak beside `jaxalign plan --platform tpu`'s fast
+    estimate of it (what tests/test_plan_calibration.py checks within 15%)."""
+    from jaxalign.config import load_config
+    from jaxalign.plan import GIB as PLAN_GIB
+    from jaxalign.plan import make_plan
+    from jaxalign.trainers import get_trainer
+
+    lines = [
+        "| recipe | slice | program | compiled peak | `jaxalign plan --platform tpu` | "
+        "difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r or r.get("tag"):
+            continue
+        cfg = load_config(RECIPES / f"{r['recipe']}.yaml", overrides=r["sets"])
+        plan = make_plan(cfg, r["devices"], platform="tpu")
+        if r["program"] == "rollout_generate":
+            estimate = plan.rollout_generate / PLAN_GIB
+        else:
+            estimate = plan.train_step_bytes(get_trainer(cfg.trainer).is_rl) / PLAN_GIB
+        lines.append(
+            f"| {r['recipe']} | {r['topology']} | {r['program']} | {r['peak_gib']:.2f} GiB | "
+            f"{estimate:.2f} GiB | {100 * (estimate / r['peak_gib'] - 1):+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
 def refresh(rows: list[dict]) -> list[dict]:
     """Stored rows with their model FLOPs and MFU recomputed by `model_flops` (the compiled
     FLOPs, HBM traffic and roofline time are the compile's; the chip's peak is its FLOPs over
@@ -314,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = refresh(json.loads(args.json.read_text())["results"])
         args.json.write_text(json.dumps({"results": rows}, indent=1) + "\n")
         args.json.with_suffix(".md").write_text(markdown(rows) + "\n")
-        print(markdown(rows))
+        print(markdown(rows) + "\n\n" + calibration(rows))
         return 0
     if args.worker:  # child: one recipe, JSON rows on the last line
         rows = compile_recipe(args.recipes[0], args.set, args.topology)
