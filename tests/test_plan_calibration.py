@@ -28,7 +28,7 @@ def test_results_cover_every_tpu_recipe():
     """Every recipe of configs/recipes/ named for a TPU slice is in the calibration set, with
     its rollout's generate program for RL recipes."""
     bench = _bench()
-    assert set(bench.tpu_recipes()) - {"qlora_8b_sft_v5e1"} <= {r["recipe"] for r in COMPILED}
+    assert set(bench.tpu_recipes()) <= {r["recipe"] for r in COMPILED}
 
 
 @pytest.mark.parametrize("row", COMPILED, ids=lambda r: f"{r['recipe']}-{r['program']}")
