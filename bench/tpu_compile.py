@@ -13,7 +13,9 @@ with `JAX_PLATFORMS=cpu`: no TPU is needed, only libtpu. An 8B recipe takes minu
 of RAM on a 2-core host. Results are merged into bench/results/tpu_compile.json (one entry per
 recipe, tag and program; a rerun replaces its entries) and the Markdown table is printed and
 written beside it (tpu_compile.md). Each program's optimized HLO text goes to
-$TPU_COMPILE_HLO_DIR (default /tmp/tpu_compile_hlo), named RECIPE.PROGRAM.hlo.
+$TPU_COMPILE_HLO_DIR (default /tmp/tpu_compile_hlo), named RECIPE.PROGRAM.hlo, and XLA's dump
+of the recipe's compiles (buffer assignment, live ranges) to $TPU_COMPILE_HLO_DIR/dump/RECIPE,
+from which each row records the buffers live at the program's peak (`live_at_peak`).
 
 Per program and device:
 - peak = arguments + outputs - donated + temporaries (XLA's `memory_analysis`), the chip's HBM
