@@ -123,3 +123,31 @@ def test_model_flops_per_token_counts_the_weights_of_the_model(config, sets):
     assert matmul_params(m) == pytest.approx(frozen + trained, rel=1e-12)
     forward = 2 * (frozen + trained) + attention / 3
     assert model_flops_per_token(m, t, trained=False) == pytest.approx(forward, rel=1e-12)
+
+
+def test_bench_reads_the_buffers_live_at_the_peak_from_an_xla_dump(tmp_path):
+    """bench/tpu_compile.py's `live_at_peak`: the live-range report's peak list, largest first,
+    each named by its shape (buffer assignment) and its JAX operation (HLO metadata)."""
+    bench = _bench()
+    base = tmp_path / "module_0003.jit_train_step.cl_1.after_optimizations"
+    Path(f"{base}-live-range.txt").write_text(
+        "HloLiveRange (max 9):\n  Live ranges at 5 (peak):\n"
+        "    fusion.1{}: 1024 bytes (cumulative: 1024 bytes)\n"
+        "    param.2{}: 4096 bytes (cumulative: 5120 bytes)\n"
+        "  Stack trace breakdown for peak usage: 5 120 bytes\n"
+    )
+    Path(f"{base}-buffer-assignment.txt").write_text(
+        "allocation 0: size 4096, parameter 0:\n"
+        " value: <7 param.2 @0> (size=4096,offset=0): f32[32,32]{1,0:T(8,128)}\n"
+        " value: <8 fusion.1 @0> (size=1024,offset=0): bf16[16,32]{1,0:T(8,128)(2,1)}\n"
+    )
+    Path(f"{base}.txt").write_text(
+        '  %fusion.1 = bf16[16,32]{1,0} fusion(%param.2), metadata={op_name="jit(f)/dot"}\n'
+    )
+    total, rows = bench.live_at_peak(tmp_path, "train_step")
+    assert total == 5120
+    assert [(r["shape"], r["source"]) for r in rows] == [
+        ("f32[32,32]", "param.2{}"),
+        ("bf16[16,32]", "jit(f)/dot"),
+    ]
+    assert bench.live_at_peak(tmp_path, "rollout_generate") == (0.0, [])
