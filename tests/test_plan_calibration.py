@@ -86,8 +86,9 @@ def _matmul_weights(cfg) -> tuple[float, float, float]:
         size = np.prod(leaf.shape, dtype=np.float64)
         if name == "embed" and not m.tie_embeddings:
             continue
-        if name.rsplit("/", 1)[-1] in ("w_gate", "w_up", "w_down") and leaf.ndim == 3:
-            size *= m.num_experts_per_tok / m.num_experts  # [E, ...]: k experts a token
+        expert = m.num_experts and leaf.ndim >= 3 and leaf.shape[-3] == m.num_experts
+        if name.rsplit("/", 1)[-1] in ("w_gate", "w_up", "w_down") and expert:
+            size *= m.num_experts_per_tok / m.num_experts  # [(L,) E, ...]: k experts a token
         if lora_mod.is_adapter(name):
             adapters += size
         elif m.lora is None or lora_mod.path_matcher(m.lora.train)(name):
