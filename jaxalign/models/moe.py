@@ -32,7 +32,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import MIXTRAL_CONVERTER, QWEN3_MOE_CONVERTER
 from jaxalign.metrics import param_count
-from jaxalign.models import llama
+from jaxalign.models import auto, llama
 from jaxalign.models.llama import DTYPES, _param, dense, rms_norm
 from jaxalign.models.params import AuxLoss, AuxMetric
 from jaxalign.models.registry import ModelFamily, register_family
@@ -67,8 +67,12 @@ def _grouped_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array
     """rows [M, D] through expert `groups[m]` ([M]; groups >= E give zeros) -> [M, D]: one
     `jax.lax.ragged_dot` per projection on TPU and GPU (their grouped-matmul lowerings);
     elsewhere `_tiled_swiglu`, since the generic lowering of ragged_dot multiplies every row by
-    every expert's weights (E times the FLOPs and memory)."""
-    if jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm"):
+    every expert's weights (E times the FLOPs and memory). The platform is the one the program
+    is built for (the active sharding's mesh, as `jaxalign plan --compile` for a TPU slice on a
+    CPU host), else JAX's default backend."""
+    active = shd.active_sharding()
+    platform = auto.mesh_platform(active[0]) if active else auto.current_platform()
+    if platform not in ("tpu", "gpu"):
         return _tiled_swiglu(rows, groups, w_gate, w_up, w_down, activation)
     return _ragged_swiglu(rows, groups, w_gate, w_up, w_down, activation)
 
