@@ -34,14 +34,16 @@ OVERRIDES = [
 pytestmark = pytest.mark.slow
 
 
-def _env(devices: int) -> dict[str, str]:
+def _env(devices: int, *, cache: bool = False) -> dict[str, str]:
+    """The environment of a launched process: `devices` CPU devices; the suite's compilation
+    cache only with `cache` (the processes of a cluster compile for themselves)."""
     env = dict(os.environ)  # XLA_FLAGS without the device count (JAXALIGN_CPU_DEVICES sets it)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
         "--xla_force_host_platform_device_count=8", ""
     )
-    env.update(
-        JAX_PLATFORMS="cpu", JAXALIGN_CPU_DEVICES=str(devices), JAXALIGN_COMPILATION_CACHE="off"
-    )
+    env.update(JAX_PLATFORMS="cpu", JAXALIGN_CPU_DEVICES=str(devices))
+    if not cache:
+        env["JAXALIGN_COMPILATION_CACHE"] = "off"
     return env
 
 
@@ -63,8 +65,10 @@ def _train_args(
 
 
 def run_one(cmd: list[str]) -> None:
-    """`cmd` in one process with 8 simulated devices."""
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300)
+    """`cmd` in one process with 8 simulated devices, sharing the suite's compilation cache (a
+    resume from a checkpoint of a run of the same config compiles nothing new)."""
+    env = _env(8, cache=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
