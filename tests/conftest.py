@@ -27,30 +27,8 @@ if "JAXALIGN_COMPILATION_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 from jaxalign.cli import _enable_compilation_cache  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 _enable_compilation_cache(min_compile_time_s=0.3)
-
-
-# A module-scoped fixture (a compiled run, a converted checkpoint, a libtpu compile) is built on
-# each xdist worker that runs a test using it, and xdist's default `load` scheduling splits a
-# module's tests between the two workers in small chunks. Under `--dist loadgroup` (pyproject's
-# addopts) the tests of a module that share its module- or session-scoped fixtures go to one
-# worker as one unit (largest units first), so each fixture is built once; the other tests are
-# still scheduled one by one and fill the workers' tails.
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None or item.get_closest_marker("xdist_group"):
-            continue
-        shared = any(
-            d.scope in ("module", "session") and d.baseid  # baseid "": a plugin's own
-            for defs in info.name2fixturedefs.values()
-            for d in defs
-        )
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
