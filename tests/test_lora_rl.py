@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_ppo_grpo import DATA
+from test_ppo_grpo import rl_config as ppo_grpo_config
 from toy import TINY_MODEL
 
 from jaxalign.config import load_config
@@ -18,43 +20,23 @@ from jaxalign.errors import UserError
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers.loop import Trainer
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 LORA = {"model.lora.rank": 4, "model.lora.alpha": 8}
 # A score for every row (the tiny random policy rarely answers): PPO's losses are not all 0.
 PPO = {"checkpoint.every": 2, "rl.kl_target": 0.5, "rl.missing_eos_penalty": 1.0}
 
 
 def rl_config(path, trainer="grpo", **overrides):
-    sets = {
-        "trainer": trainer,
-        "run_dir": str(path / "run"),
-        "data.train_file": str(DATA / "rl_prompts_train.jsonl"),
-        "data.tokenizer": str(DATA / "tokenizer.model"),
+    """test_ppo_grpo's tiny RL config with LoRA adapters, a KL term and a learning rate large
+    enough that the adapters move visibly in two steps."""
+    lora_rl = {
         "data.template": "plain",
-        "data.prompt_buckets": "[32]",
-        "sampling.max_new_tokens": 8,
-        "sampling.max_prompt_len": 32,
-        "sampling.batch_size": 8,
-        "rl.prompts_per_rollout": 8,
-        "rl.num_generations": 2,
-        "rl.epochs": 1,
         "rl.kl_coef": 0.1,
-        "rl.reward_functions": '["jaxalign.rewards:shaped_answer"]',
         "train.steps": 4,
-        "train.batch_size": 8,
-        "train.seq_len": 40,
-        "train.lr": 3e-2,  # large: the adapters move visibly in two steps
-        "train.warmup_steps": 0,
-        "train.log_every": 1,
-        "train.progress": False,
-        "train.peak_flops_per_device": 1e9,
-        "checkpoint.every": 0,
-        "logging.tensorboard": False,
+        "train.lr": 3e-2,
         **LORA,
         **overrides,
     }
-    base = {"model": {**TINY_MODEL, "vocab_size": 512, "num_layers": 1}}
-    return load_config(None, [f"{k}={v}" for k, v in sets.items()], base=base)
+    return ppo_grpo_config(path, trainer, **lora_rl)
 
 
 def run(cfg):

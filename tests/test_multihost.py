@@ -62,12 +62,6 @@ def _train_args(
     ]
 
 
-def run_one(cmd: list[str]) -> None:
-    """`cmd` in one process with 8 simulated devices."""
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def run_two(cmd: list[str], logs_dir: Path) -> str:
     """`cmd` in two processes x 4 simulated devices (launch/local_multiprocess.sh); their logs."""
     launcher = ["bash", "launch/local_multiprocess.sh", "2", "--devices-per-process", "4", "--"]
@@ -84,8 +78,18 @@ def run_two(cmd: list[str], logs_dir: Path) -> str:
     return logs
 
 
-def one_process(run_dir: Path, **kwargs) -> None:
-    run_one(_train_args(run_dir, **kwargs))
+def one_process(
+    run_dir: Path, config: str = "configs/sft_tiny.yaml", overrides: list[str] = OVERRIDES
+) -> None:
+    """The run in this process, on its 8 simulated devices: what `jaxalign train` runs, without
+    a second start-up (and with the suite's compilation cache, so a resume of the same config
+    compiles nothing new)."""
+    from jaxalign.config import load_config
+    from jaxalign.trainers import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)  # the configs' data paths
+        train(load_config(REPO / config, [*overrides, f"run_dir={run_dir}"]))
 
 
 def two_processes(run_dir: Path, tmp: Path, extra: tuple[str, ...] = (), **kwargs) -> None:

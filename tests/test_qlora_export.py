@@ -207,7 +207,7 @@ def lora_run(tmp_path_factory):
 def _our_logits(cfg, params) -> np.ndarray:
     graphdef = nnx.split(nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(0))))[0]
     model = nnx.merge(graphdef, jax.device_get(params))
-    return np.asarray(model.logits(model(jnp.asarray(IDS, jnp.int32))))
+    return np.asarray(_logits(model, jnp.asarray(IDS, jnp.int32)))
 
 
 def _torch_logits(model) -> np.ndarray:

@@ -492,15 +492,19 @@ def hf_config_from_model(
             ],
         )
     hf.update(extra or {})
-    got = _arch(hf_arch_fields(hf, f"export as {family}"))
-    want = _arch(cfg)
-    diff = [k for k in ARCH_FIELDS if got[k] != want[k]]
+    _check_round_trip(family, got=_arch(hf_arch_fields(hf, f"export as {family}")), want=_arch(cfg))
+    return hf
+
+
+def _check_round_trip(family: str, *, got: dict[str, Any], want: dict[str, Any]) -> None:
+    """ConfigError naming the model fields (`want`) that the exported config.json, imported back
+    (`got`), does not reproduce: what Hugging Face `family` cannot express."""
+    diff = [k for k in want if got[k] != want[k]]
     if diff:
         fields = ", ".join(f"model.{k}={want[k]!r}" for k in diff)
         raise ConfigError(
             f"cannot export as Hugging Face {family}: {fields} has no equivalent in that family"
         )
-    return hf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,14 +777,7 @@ def moe_config_to_hf(
     else:
         hf.update(num_local_experts=cfg.num_experts, router_jitter_noise=0.0)
     hf.update(extra or {})
-    got = _moe_arch(moe_config_from_hf(hf, cfg))
-    want = _moe_arch(cfg)
-    diff = [k for k in want if got[k] != want[k]]
-    if diff:
-        fields = ", ".join(f"model.{k}={want[k]!r}" for k in diff)
-        raise ConfigError(
-            f"cannot export as Hugging Face {model_type}: {fields} has no equivalent there"
-        )
+    _check_round_trip(model_type, got=_moe_arch(moe_config_from_hf(hf, cfg)), want=_moe_arch(cfg))
     return hf
 
 
@@ -1066,13 +1063,7 @@ def gemma_config_to_hf(
         hf["rope_parameters"] = {"full_attention": full, "sliding_attention": local_rope}
     hf.update(extra or {})
     got = _arch(gemma_arch_fields(hf, f"export as {model_type}"))
-    want = _arch(_gemma_explicit(cfg))
-    diff = [k for k in ARCH_FIELDS if got[k] != want[k]]
-    if diff:
-        fields = ", ".join(f"model.{k}={want[k]!r}" for k in diff)
-        raise ConfigError(
-            f"cannot export as Hugging Face {model_type}: {fields} has no equivalent in that family"
-        )
+    _check_round_trip(model_type, got=got, want=_arch(_gemma_explicit(cfg)))
     return hf
 
 
