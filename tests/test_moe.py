@@ -3,6 +3,8 @@ export against transformers (logits, router logits, load-balancing loss), and th
 metrics reaching the train step."""
 
 import dataclasses
+import json
+import sys
 from pathlib import Path
 
 import jax
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from toy import ToyAlgorithm, random_params, run_toy, toy_config
+from toy import random_params, run_toy, toy_config, train_steps
 
 from jaxalign import models
 from jaxalign import sharding as shd
@@ -288,51 +290,64 @@ def test_scanned_layers_and_roomy_capacity_equal_the_dropless_unrolled_model():
     assert np.abs(tight - want).max() > 1e-3
 
 
-def train_steps(cfg, devices=None):
-    """(final state, per-step metrics) of `cfg.train.steps` steps of the trainer's compiled step
-    on ToyData, as `Trainer` runs it (shardings, activation rules, donation) without its
-    checkpointing and logging."""
-    from jaxalign.trainers.loop import Trainer
+# The expert-parallel runs' model: one MoE layer, 8-token rows, 5 steps.
+EP_TOY = {**MOE_TOY, "model.num_layers": 1, "train.seq_len": 8}
 
-    trainer = Trainer(cfg, ToyAlgorithm(cfg), devices=devices)
-    state = trainer.fresh_state()
-    data = trainer.algorithm.train_data(0, 1)
-    history, step = [], None
-    with shd.activation_sharding(trainer.mesh, trainer.rules):
-        for _ in range(cfg.train.steps):
-            batch = trainer.to_global(next(data))
-            step = step or trainer.compile_step(batch)
-            state, metrics = step(state, batch, trainer.frozen)
-            history.append(jax.device_get(metrics))
-    return state, history
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    """The per-step metrics of EP_TOY trained on one device."""
+    cfg = toy_config(tmp_path_factory.mktemp("single"), **EP_TOY, **{"mesh.fsdp": 1})
+    history = train_steps(cfg, jax.devices()[:1])[1]
+    assert len(history) == 5 and history[-1]["loss"] < history[0]["loss"]
+    return history
+
+
+def assert_same_router_run(got, want, name):
+    """Per-step losses and router metrics within 1e-5 (expert loads within 1e-6)."""
+    assert len(got) == len(want), name
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "moe/aux_loss", "moe/z_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), (name, key)
+        np.testing.assert_allclose(a["moe/expert_load"], b["moe/expert_load"], atol=1e-6)
 
 
 @pytest.mark.slow
-def test_expert_parallel_runs_equal_the_single_device_run(tmp_path):
+def test_expert_parallel_runs_equal_the_single_device_run(tmp_path, single_device_run):
     """expert=4 (x fsdp=2), and expert=2 x fsdp=2 x tensor=2, on the 8 simulated devices: the
     same losses and router metrics as one device over 5 steps, with the experts split."""
-    runs = {}
     for name, mesh in {
-        "single": {"mesh.fsdp": 1},
         "expert4": {"mesh.expert": 4, "mesh.fsdp": 2},
         "expert2_fsdp2_tensor2": {"mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
     }.items():
-        overrides = {**MOE_TOY, **mesh, "model.num_layers": 1, "train.seq_len": 8}
-        if name != "single":
-            overrides["sharding.rules_file"] = EXPERT_RULES
-        cfg = toy_config(tmp_path / name, **overrides)
-        state, runs[name] = train_steps(cfg, jax.devices()[:1] if name == "single" else None)
-        if name != "single":
-            w_gate = state["params"]["blocks"][0]["mlp"]["w_gate"]
-            assert w_gate.sharding.spec[0] == "expert"
-            assert w_gate.addressable_shards[0].data.shape[0] == 4 // cfg.mesh.expert
-    want = runs["single"]
-    assert len(want) == 5 and want[-1]["loss"] < want[0]["loss"]
-    for name in ("expert4", "expert2_fsdp2_tensor2"):
-        for a, b in zip(runs[name], want, strict=True):
-            for key in ("loss", "moe/aux_loss", "moe/z_loss"):
-                assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), (name, key)
-            np.testing.assert_allclose(a["moe/expert_load"], b["moe/expert_load"], atol=1e-6)
+        cfg = toy_config(tmp_path / name, **EP_TOY, **mesh, **{"sharding.rules_file": EXPERT_RULES})
+        state, history = train_steps(cfg)
+        w_gate = state["params"]["blocks"][0]["mlp"]["w_gate"]
+        assert w_gate.sharding.spec[0] == "expert"
+        assert w_gate.addressable_shards[0].data.shape[0] == 4 // cfg.mesh.expert
+        assert_same_router_run(history, single_device_run, name)
+
+
+@pytest.mark.slow
+def test_two_process_expert_parallel_run_equals_one_device(tmp_path, single_device_run):
+    """Two processes x 4 devices (a jax.distributed cluster on localhost) with mesh expert=4 x
+    tensor=2: the expert axis strides over both processes (devices 0, 2 | 4, 6), so each
+    process holds two of the four experts and the all-to-all that carries tokens to them
+    crosses the processes. The same losses and router metrics as one device over 5 steps."""
+    from test_multihost import run_two
+
+    mesh = {"mesh.expert": 4, "mesh.fsdp": 1, "mesh.tensor": 2}
+    sets = [f"{k}={v}" for k, v in {**EP_TOY, **mesh, "sharding.rules_file": EXPERT_RULES}.items()]
+    worker = str(Path(__file__).resolve().parent / "two_process_toy.py")
+    logs = run_two([sys.executable, worker, str(tmp_path), *sets], tmp_path / "logs")
+    lines = {"metrics": [], "mesh": []}
+    for line in logs.splitlines():
+        kind, _, record = line.partition(": ")
+        if kind in lines:
+            lines[kind].append(json.loads(record))
+    assert lines["mesh"] == [{"data": [0], "fsdp": [0], "expert": [0, 0, 1, 1], "tensor": [0, 0]}]
+    history = lines["metrics"]
+    assert_same_router_run(history, single_device_run, "two processes")
 
 
 def test_experts_that_do_not_divide_over_the_expert_axis_are_named(tmp_path):
