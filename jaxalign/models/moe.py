@@ -33,10 +33,9 @@ from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import MIXTRAL_CONVERTER, QWEN3_MOE_CONVERTER
 from jaxalign.metrics import param_count
 from jaxalign.models import llama
-from jaxalign.models.llama import DTYPES, _param, dense, rms_norm
+from jaxalign.models.llama import DTYPES, _param, dense
 from jaxalign.models.params import AuxLoss, AuxMetric
 from jaxalign.models.registry import ModelFamily, register_family
-from jaxalign.sharding import constrain
 
 
 class RouterLogits(nnx.Variable):
@@ -302,27 +301,8 @@ class MoEBlock(llama.Block):
 
     mlp_class = MoEMLP
 
-    def __call__(
-        self,
-        x,
-        positions,
-        segment_ids,
-        inv_freq,
-        cache=None,
-        layer=None,
-        index=None,
-        kv_segment_ids=None,
-        window=None,
-    ):
-        eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
-        h = rms_norm(x, self.attn_norm[...], eps, plus_one)
-        attn, cache = self.attn(
-            h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids, window
-        )
-        x = x + attn
-        out, stats = self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one), segment_ids > 0)
-        x = x + out
-        return constrain(x, ("batch", "length", "embed")), cache, stats
+    def mlp_out(self, h: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, dict]:
+        return self.mlp(h, segment_ids > 0)
 
 
 class MoETransformer(llama.Transformer):
