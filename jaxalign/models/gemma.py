@@ -69,12 +69,18 @@ def gemma_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + 3 * 2 * 2 * cfg.num_heads * cfg.resolved_head_dim * keys
 
 
+def post_norm_params(cfg: ModelConfig) -> int:
+    """Each layer's parameters beyond a Llama block's: the two post-norms."""
+    return 2 * cfg.hidden_size
+
+
 GEMMA2 = register_family(
     ModelFamily(
         name="gemma2",
         module=GemmaTransformer,
         flops_per_token=gemma_flops_per_token,
         hf=GEMMA2_CONVERTER,
+        extra_layer_params=post_norm_params,
     )
 )
 GEMMA3 = register_family(
@@ -83,5 +89,6 @@ GEMMA3 = register_family(
         module=GemmaTransformer,
         flops_per_token=gemma_flops_per_token,
         hf=GEMMA3_CONVERTER,
+        extra_layer_params=post_norm_params,
     )
 )
