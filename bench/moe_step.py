@@ -14,10 +14,11 @@ attention and two experts' worth of MLP, so its active parameters equal the MoE'
 
 The JAX side is the SFT step users run (`Trainer.compile_step`: the next-token loss plus the
 router's load-balancing loss through the aux-loss hook, clipping, AdamW, donated state), dropless
-experts (`model.moe_kernel` auto: on CPU whole tiles per expert, `moe._tiled_swiglu`). The baseline is transformers' Qwen3-MoE built from
-the same config (`hf.convert.moe_config_to_hf`; its default experts implementation, reported),
-`model(input_ids, labels=...)` with `output_router_logits=True` (so its loss includes the same
-aux loss), global-norm clipping, `torch.optim.AdamW` with the same hyperparameters and schedule.
+experts (`model.moe_kernel` auto: on CPU whole tiles per expert, `moe._tiled_swiglu`). The
+baseline is transformers' Qwen3-MoE built from the same config (`hf.convert.moe_config_to_hf`;
+its default experts implementation, reported), `model(input_ids, labels=...)` with
+`output_router_logits=True` (so its loss includes the same aux loss), global-norm clipping,
+`torch.optim.AdamW` with the same hyperparameters and schedule.
 tokens/s counts every position; MFU counts 6 x active parameters + attention per token.
 
 A fourth side, `ragged_dot`, runs the MoE step with the experts through `jax.lax.ragged_dot` as
