@@ -3,6 +3,8 @@
     python bench/tpu_compile.py                          # every TPU recipe, one after the other
     python bench/tpu_compile.py sft_8b_v5p64 sft_8b_v5e256
     python bench/tpu_compile.py sft_8b_v5p64 --set model.remat=save_dots --tag save_dots
+    python bench/tpu_compile.py --refresh    # recompute model FLOPs and MFU of the stored rows,
+                                             # and print the fast estimate beside each peak
 
 Each recipe is compiled in its own child process (`jaxalign.aot.compile_run`, the programs of
 `jaxalign plan --compile`: the train step, and for RL recipes the rollout's generate program)
@@ -11,7 +13,9 @@ with `JAX_PLATFORMS=cpu`: no TPU is needed, only libtpu. An 8B recipe takes minu
 of RAM on a 2-core host. Results are merged into bench/results/tpu_compile.json (one entry per
 recipe, tag and program; a rerun replaces its entries) and the Markdown table is printed and
 written beside it (tpu_compile.md). Each program's optimized HLO text goes to
-$TPU_COMPILE_HLO_DIR (default /tmp/tpu_compile_hlo), named RECIPE.PROGRAM.hlo.
+$TPU_COMPILE_HLO_DIR (default /tmp/tpu_compile_hlo), named RECIPE.PROGRAM.hlo, and XLA's dump
+of the recipe's compiles (buffer assignment, live ranges) to $TPU_COMPILE_HLO_DIR/dump/RECIPE,
+from which each row records the buffers live at the program's peak (`live_at_peak`).
 
 Per program and device:
 - peak = arguments + outputs - donated + temporaries (XLA's `memory_analysis`), the chip's HBM
@@ -27,10 +31,12 @@ Per program and device:
   all-reduce, all-to-all, collective-permute results);
 - roofline step time = max(FLOPs / peak bf16 FLOP/s, HBM traffic / HBM bandwidth), the
   chip's published figures; predicted MFU = model FLOPs per device / (roofline time x peak).
-  Model FLOPs are the work a step must do, by formula: 6 x matmul parameters x tokens plus
-  causal attention (12 x L x T x H x head_dim x tokens / 2) for a trained forward and backward,
-  2 x ... for a forward only (DPO's reference), counted without remat's recomputation. The
-  rollout's generate program has no MFU (decoding is bound by memory, not FLOPs).
+  Model FLOPs are the work a step must do, by formula (`model_flops`, on
+  `jaxalign.metrics.model_flops_per_token`, the train loop's MFU numerator): 6 x trained matmul
+  parameters, 4 x frozen ones (a LoRA/QLoRA base: input gradients, no weight gradients), MoE's
+  active experts only, plus causal attention, per token; 2 x ... for a forward only (DPO's
+  reference), counted without remat's recomputation. The rollout's generate program has no MFU
+  (decoding is bound by memory, not FLOPs).
 
 The roofline ignores collectives (FSDP's all-gathers overlap with the layer's matmuls on a
 TPU) and the latency of small ops: it is an upper bound on MFU, not a measurement.
@@ -43,6 +49,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +65,8 @@ RESULTS = ROOT / "bench" / "results" / "tpu_compile.json"
 GIB = 1024**3
 # The optimized HLO of each program, for reading its buffers and loops (not kept in git).
 HLO_DIR = Path(os.environ.get("TPU_COMPILE_HLO_DIR", "/tmp/tpu_compile_hlo"))
+# XLA's dumps (buffer assignment, live ranges: what each program holds at its peak), per recipe.
+DUMP_DIR = HLO_DIR / "dump"
 _SLICE = re.compile(r"_(v4|v5p|v5e|v6e)(\d+)$")
 
 
@@ -74,51 +83,72 @@ def tpu_recipes() -> list[str]:
 # -- model FLOPs -------------------------------------------------------------------------------
 
 
-def forward_flops_per_token(m, seq_len: int) -> float:
-    """Matmul FLOPs of one token's forward: 2 x matmul parameters (projections, MLP or the
-    active experts, the output head) + causal attention's scores and values (2 x 2 x T/2 x H x
-    head_dim per layer: each token attends to (T + 1) / 2 positions on average; a sliding
-    window of W caps it at W)."""
-    d, hd, h, kv = m.hidden_size, m.resolved_head_dim, m.num_heads, m.num_kv_heads
-    attn_proj = d * hd * (2 * h + 2 * kv)
-    if m.num_experts:
-        mlp = 3 * d * m.resolved_moe_intermediate_size * m.num_experts_per_tok
-        mlp += d * m.num_experts  # the router
-    else:
-        mlp = 3 * d * m.intermediate_size
-    per_layer = 2 * (attn_proj + mlp)
-    windows = layer_windows(m)
-    attn = sum(4 * h * hd * (min(w, seq_len) if w else (seq_len + 1) / 2) for w in windows)
-    return m.num_layers * per_layer + attn + 2 * d * m.vocab_size
-
-
-def layer_windows(m) -> list[int | None]:
-    """Each layer's attention window (None: full causal), as the model builds them."""
-    types = getattr(m, "layer_types", None)
-    window = getattr(m, "sliding_window", None)
-    if types:
-        return [window if t == "sliding_attention" else None for t in types]
-    return [window] * m.num_layers
-
-
 def model_flops(cfg, program: str) -> float | None:
-    """Model FLOPs of one execution of `program` (whole step, all devices), or None."""
+    """Model FLOPs of one execution of `program` (whole step, all devices), or None: per token
+    `jaxalign.metrics.model_flops_per_token` (what the train loop logs MFU with: 6 x trained
+    weights, 4 x a LoRA base's frozen ones, MoE's active experts, plus attention), for each
+    trained row (DPO and RM: chosen and rejected), plus a forward of the reference where the
+    step runs one (DPO without precomputed log-probs; LoRA's is the base, adapters off) and
+    PPO's value model (the policy's trunk with a scalar head in place of the output head)."""
+    from jaxalign.metrics import model_flops_per_token
+
     if program != "train_step":
         return None
-    t = cfg.train
-    fwd = forward_flops_per_token(cfg.model, t.seq_len)
-    rows = t.batch_size
+    t, m = cfg.train, cfg.model
+    tokens = t.batch_size * t.seq_len
     if cfg.trainer in ("dpo", "rm"):
-        rows *= 2  # chosen and rejected
-    total = 3 * fwd * rows * t.seq_len
-    if cfg.trainer == "dpo" and not cfg.dpo.precompute_ref and cfg.model.lora is None:
+        tokens *= 2  # chosen and rejected
+    total = model_flops_per_token(m, t.seq_len) * tokens
+    if cfg.trainer == "dpo" and not cfg.dpo.precompute_ref:
         from jaxalign.trainers.dpo import REFERENCE_FREE
 
         if cfg.dpo.loss_type not in REFERENCE_FREE:
-            total += fwd * rows * t.seq_len  # the reference's forward, in the step
-    if cfg.trainer == "ppo":  # the value model: the policy's trunk, a scalar head
-        total += 3 * (fwd - 2 * cfg.model.hidden_size * cfg.model.vocab_size) * rows * t.seq_len
+            total += model_flops_per_token(m, t.seq_len, trained=False) * tokens
+    if cfg.trainer == "ppo":
+        head = 2 * m.hidden_size * m.vocab_size * (3 if m.lora is None else 2)
+        total += (model_flops_per_token(m, t.seq_len) - head) * tokens
     return total
+
+
+# -- what the peak holds ----------------------------------------------------------------------
+
+# XLA's dump of each compiled module (the child's XLA_FLAGS --xla_dump_to), by program.
+DUMP_MODULES = {"train_step": "jit_train_step", "rollout_generate": "jit__generate"}
+
+
+def live_at_peak(dump_dir: Path, program: str, count: int = 16) -> tuple[float, list[dict]]:
+    """The buffers XLA's buffer assignment keeps live at the program's peak (its dump's
+    live-range report: the temporaries, without the arguments), largest first: (their total
+    in bytes, the `count` largest as {gib, shape, source}), from the dump of `program`'s module
+    in `dump_dir`; (0, []) without one."""
+    module = DUMP_MODULES[program]
+    found = sorted(dump_dir.glob(f"*{module}*after_optimizations-live-range.txt"))
+    if not found:
+        return 0.0, []
+    path = max(found, key=lambda f: f.stat().st_size)
+    base = str(path).removesuffix("-live-range.txt")
+    peak = re.search(r"Live ranges at \d+ \(peak\):\n((?:    .*\n)+)", path.read_text())
+    if peak is None:
+        return 0.0, []
+    live = [(n, int(b)) for n, b in re.findall(r"    (\S+): (\d+) bytes", peak.group(1))]
+    shapes, sources = {}, {}
+    value = re.compile(r" value: <\d+ (\S+) @\d+> \(size=\d+,offset=\d+\): (.*)$")
+    for line in Path(base + "-buffer-assignment.txt").read_text().splitlines():
+        if m := value.match(line):
+            shapes.setdefault(m.group(1).removesuffix("{}"), re.sub(r"\{[^{}]*\}", "", m.group(2)))
+    op = re.compile(r"\s+(?:ROOT )?%?(\S+) = .*?op_name=\"([^\"]*)\"")
+    for line in Path(base + ".txt").read_text().splitlines():
+        if m := op.match(line):
+            sources[m.group(1)] = m.group(2)
+    rows = [
+        dict(
+            gib=nbytes / GIB,
+            shape=shapes.get(name.removesuffix("{}"), "?")[:120],
+            source=sources.get(name.split("{")[0], name)[-160:],
+        )
+        for name, nbytes in sorted(live, key=lambda x: -x[1])[:count]
+    ]
+    return float(sum(b for _, b in live)), rows
 
 
 # -- one recipe, in a child process ------------------------------------------------------------
@@ -158,6 +188,7 @@ def compile_recipe(name: str, sets: list[str], topology_name: str | None) -> lis
         text = compiled.as_text()
         HLO_DIR.mkdir(parents=True, exist_ok=True)
         (HLO_DIR / f"{name}.{program}.hlo").write_text(text)
+        live_total, live = live_at_peak(DUMP_DIR / name, program)
         pallas = hlo.pallas_attention_flops(text)
         traffic, collective = hlo.hlo_traffic(text)
         flops = r.flops + pallas
@@ -196,6 +227,8 @@ def compile_recipe(name: str, sets: list[str], topology_name: str | None) -> lis
                     dict(gib=b.nbytes / GIB, shape=b.shape, op=b.op, source=b.source[-160:])
                     for b in r.largest_buffers
                 ],
+                live_at_peak_gib=live_total / GIB,
+                live_at_peak=live,
                 jax=jax.__version__,
                 libtpu=_libtpu_version(),
             )
@@ -242,6 +275,52 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def calibration(rows: list[dict]) -> str:
+    """Markdown: each compiled program's peak beside `jaxalign plan --platform tpu`'s fast
+    estimate of it (what tests/test_plan_calibration.py checks within 15%)."""
+    from jaxalign.config import load_config
+    from jaxalign.plan import GIB as PLAN_GIB
+    from jaxalign.plan import make_plan
+    from jaxalign.trainers import get_trainer
+
+    lines = [
+        "| recipe | slice | program | compiled peak | `jaxalign plan --platform tpu` | "
+        "difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r or r.get("tag"):
+            continue
+        cfg = load_config(RECIPES / f"{r['recipe']}.yaml", overrides=r["sets"])
+        plan = make_plan(cfg, r["devices"], platform="tpu")
+        if r["program"] == "rollout_generate":
+            estimate = plan.rollout_generate / PLAN_GIB
+        else:
+            estimate = plan.train_step_bytes(get_trainer(cfg.trainer).is_rl) / PLAN_GIB
+        lines.append(
+            f"| {r['recipe']} | {r['topology']} | {r['program']} | {r['peak_gib']:.2f} GiB | "
+            f"{estimate:.2f} GiB | {100 * (estimate / r['peak_gib'] - 1):+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def refresh(rows: list[dict]) -> list[dict]:
+    """Stored rows with their model FLOPs and MFU recomputed by `model_flops` (the compiled
+    FLOPs, HBM traffic and roofline time are the compile's; the chip's peak is its FLOPs over
+    its compute time)."""
+    from jaxalign.config import load_config
+
+    for r in rows:
+        if "error" in r:
+            continue
+        cfg = load_config(RECIPES / f"{r['recipe']}.yaml", overrides=r["sets"])
+        mf = model_flops(cfg, r["program"])
+        peak = r["tflops_per_device"] * 1e12 / r["compute_s"]
+        r["model_tflops_per_device"] = None if mf is None else mf / r["devices"] / 1e12
+        r["mfu"] = None if mf is None else mf / r["devices"] / (r["step_s"] * peak)
+    return rows
+
+
 def merge(new: list[dict], path: Path) -> list[dict]:
     old = json.loads(path.read_text())["results"] if path.exists() else []
     keys = {(r["recipe"], r.get("tag", "")) for r in new}
@@ -256,8 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="label of a variant (--set) in the results")
     p.add_argument("--topology", help="compile for this slice instead of the file name's")
     p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="recompute the stored rows' model FLOPs and MFU (formulas only, no compile)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.refresh:
+        rows = refresh(json.loads(args.json.read_text())["results"])
+        args.json.write_text(json.dumps({"results": rows}, indent=1) + "\n")
+        args.json.with_suffix(".md").write_text(markdown(rows) + "\n")
+        print(markdown(rows) + "\n\n" + calibration(rows))
+        return 0
     if args.worker:  # child: one recipe, JSON rows on the last line
         rows = compile_recipe(args.recipes[0], args.set, args.topology)
         print("@@rows " + json.dumps(rows), flush=True)
@@ -278,9 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.topology:
             cmd += ["--topology", args.topology]
+        env = os.environ.copy()
+        dump = DUMP_DIR / name
+        if dump.exists():
+            shutil.rmtree(dump)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
         start = time.perf_counter()
         print(f"{name}: compiling ...", flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in out.stdout.splitlines() if x.startswith("@@rows ")), None)
         if line is None:
             print(f"{name}: failed:\n{out.stderr[-3000:]}", flush=True)

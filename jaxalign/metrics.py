@@ -49,6 +49,74 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + attn
 
 
+def matmul_params(cfg: ModelConfig) -> int:
+    """The parameters one token's forward multiplies by: all but the input embedding (with a
+    mixture of experts only the k routed experts of each MoE layer, and the router)."""
+    if cfg.num_experts:
+        from jaxalign.models.moe import moe_param_count
+
+        return moe_param_count(cfg)["active"]
+    return param_count(cfg)["non_embedding"]
+
+
+def lora_adapter_params(cfg: ModelConfig) -> int:
+    """The LoRA adapter parameters one token's forward multiplies by: r x (d_in + d_out) per
+    adapted projection and layer (an embedding's adapter: its B, r x D; in a MoE layer the k
+    routed experts' adapters); 0 without `model.lora`."""
+    if cfg.lora is None:
+        return 0
+    from jaxalign.models.lora import path_matcher
+
+    is_target = path_matcher([cfg.lora.targets])
+    d, hd, r = cfg.hidden_size, cfg.resolved_head_dim, cfg.lora.rank
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    attn = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d)}
+    total = 0
+    for i in range(cfg.num_layers):
+        layer = "blocks/" if cfg.scan_layers else f"blocks/{i}/"
+        moe = cfg.num_experts and cfg.is_moe_layer(i)
+        f = cfg.resolved_moe_intermediate_size if moe else cfg.intermediate_size
+        uses = cfg.num_experts_per_tok if moe else 1
+        mlp = {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+        total += sum(r * (a + b) for n, (a, b) in attn.items() if is_target(f"{layer}attn/{n}"))
+        total += uses * sum(
+            r * (a + b) for n, (a, b) in mlp.items() if is_target(f"{layer}mlp/{n}")
+        )
+    if is_target("embed"):
+        total += r * d
+    if not cfg.tie_embeddings and is_target("lm_head"):
+        total += r * (d + cfg.vocab_size)
+    return total
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, trained: bool = True) -> float:
+    """Model FLOPs per token (the MFU numerator) of a forward and backward pass through `cfg`'s
+    model (`trained=False`: a forward pass only, e.g. DPO's reference), counted without remat's
+    recomputation; the same for the train loop's logged MFU and bench/tpu_compile.py's.
+
+    A weight costs 2 FLOPs per token forward, and backward 2 for its input gradient plus 2 for
+    its own gradient when it trains: 6 per trained weight, 4 per frozen one (a LoRA base: its
+    input gradients flow to the adapters below; `lora.train` patterns that name `lm_head` train
+    the output head). Attention's scores and values (no weights) cost 3 x their forward. The
+    family's `flops_per_token` (6 x `matmul_params` + attention: MoE's active experts, Gemma's
+    sliding windows) gives the all-trained count; LoRA adapters add 6 x `lora_adapter_params`."""
+    from jaxalign.models.registry import get_family
+
+    everything = get_family(cfg.family).flops_per_token(cfg, seq_len)
+    n = matmul_params(cfg)
+    attention = everything - 6.0 * n
+    if not trained:
+        return 2.0 * n + attention / 3
+    if cfg.lora is None:
+        return everything
+    from jaxalign.models.lora import path_matcher
+
+    frozen = n
+    if not cfg.tie_embeddings and path_matcher(cfg.lora.train)("lm_head"):
+        frozen -= cfg.hidden_size * cfg.vocab_size
+    return everything - 2.0 * frozen + 6.0 * lora_adapter_params(cfg)
+
+
 def measure_matmul_peak(size: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
     """Measured FLOP/s of one square matmul on the first device (a practical peak)."""
     x = jnp.ones((size, size), dtype)

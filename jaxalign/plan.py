@@ -95,6 +95,12 @@ class ModelBytes:
     optimizer: int
     num_params: int
     gradients: int
+    # What the train step adds beside them: the compute-dtype copy of parameters stored wider
+    # (WEIGHT_CAST_COPIES) and the quantized codes' copy (CODES_COPIES), per device.
+    copies: int = 0
+    # The float32 sum of the trained parameters' gradients over micro-batches (train.grad_accum
+    # > 1: `step.accumulate_gradients` carries it beside each micro-batch's own gradients).
+    accumulator: int = 0
 
 
 def _shard_elems(shape: tuple[int, ...], spec, sizes: dict[str, int], path: str) -> int:
@@ -118,6 +124,7 @@ def model_bytes(
     frozen: Sequence[str] = (),
     prefix: str = "",
     trainable: Callable[[str], bool] | None = None,
+    compute_dtype: str | None = None,
 ) -> ModelBytes:
     """Bytes per device of `module`'s parameters (an abstract nnx.Module, or the nnx.State of
     part of one: shared parameters counted where `nnx.split` lists them) on a mesh of `sizes`;
@@ -131,7 +138,8 @@ def model_bytes(
     def is_frozen(path: str) -> bool:
         return matched(path) or (trainable is not None and not trainable(path))
 
-    param_bytes = opt_bytes = grad_bytes = num_params = 0
+    param_bytes = opt_bytes = grad_bytes = num_params = copies = accumulator = 0
+    compute = np.dtype(DTYPES[compute_dtype]).itemsize if compute_dtype else None
     for (path, leaf), axes in zip(
         jax.tree_util.tree_leaves_with_path(shapes),
         jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)),
@@ -140,11 +148,16 @@ def model_bytes(
         elems = _shard_elems(tuple(leaf.shape), shd.logical_to_spec(axes, rules), sizes, key)
         nbytes = elems * np.dtype(leaf.dtype).itemsize
         param_bytes += nbytes
+        if param_path(path).rsplit("/", 1)[-1] == "codes":
+            copies += CODES_COPIES * nbytes
+        elif compute and np.dtype(leaf.dtype).itemsize > compute:
+            copies += WEIGHT_CAST_COPIES * elems * compute
         if not is_frozen(prefix + param_path(path)):
             opt_bytes += elems * 4 * 2  # AdamW: two float32 moments per parameter
             grad_bytes += nbytes
+            accumulator += elems * 4
         num_params += _weights_held(param_path(path), leaf)
-    return ModelBytes(param_bytes, opt_bytes, num_params, grad_bytes)
+    return ModelBytes(param_bytes, opt_bytes, num_params, grad_bytes, copies, accumulator)
 
 
 def _weights_held(path: str, leaf: Any) -> int:
@@ -163,19 +176,70 @@ def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
     return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
-# What a compiled train step holds at its peak besides the state and the saved activations
-# (calibrated on XLA's TPU compiles of the recipes: bench/tpu_compile.py,
-# bench/results/tpu_compile.json, docs/performance.md "TPU compile of the recipes"):
-# - the backward of the recomputed layer holds MLP_BUFFERS [tokens, intermediate_size] arrays in
-#   the compute dtype: the gate and up projections, the activation, their product, and the
-#   gradients of each (the largest buffers of the compiled steps after the saved inputs and
-#   the output head);
-MLP_BUFFERS = 8
+# What a compiled train step holds at its peak besides the state, read from XLA's TPU compiles
+# of every recipe (bench/tpu_compile.py: the largest buffers and the live ranges at the peak,
+# bench/results/tpu_compile.json; docs/performance.md "TPU compile of the recipes"). Counts of
+# arrays whose shapes follow from the config, checked within 15% of every compiled peak by
+# tests/test_plan_calibration.py:
+# - the backward of the recomputed layer: MLP_BUFFERS [tokens, intermediate_size / tensor]
+#   arrays in the compute dtype (the gate and up projections; the activation and product fuse
+#   into the matmuls that read them);
+MLP_BUFFERS = 2
+# - remat "full" with scan_layers: the [layers, rows, T, D] layer inputs kept for the backward
+#   pass, twice (SAVED_COPIES): the scan's stacked output and the buffer it is built in (a
+#   dynamic-update-slice result and the allocation it updates, both live into the backward
+#   pass in the compiled steps). A second model trained in the same step (PPO's value model)
+#   keeps SECOND_MODEL_SAVED_COPIES (its scan is scheduled beside the policy's, and XLA reuses
+#   the policy's build buffer);
+SAVED_COPIES = 2
+SECOND_MODEL_SAVED_COPIES = 1
+# - RL losses score the response positions' logits [rows, N, V] whole, unchunked
+#   (`rl_rows.response_logprobs`): the logits' gradient in the compute dtype, RL_LOGITS_BYTES
+#   per element (the float32 logits and log-softmax fuse into their consumers);
+RL_LOGITS_BYTES = 2
+# - parameters stored wider than the compute dtype (float32 master weights, bf16 compute): XLA
+#   casts every layer's weights once per step, hoisted out of the layer loop, so a compute-dtype
+#   copy of the stacked weights is live through the step (trained or frozen alike);
+WEIGHT_CAST_COPIES = 1
+# - QLoRA: the stacked quantized codes copied once (relaid out for the dequantizing loop);
+CODES_COPIES = 1
 # - the loss's vocab chunk loop (`loss.vocab_chunks`): one chunk's float32 logits and their
 #   gradient; and the output head's [D, V] weight gathered whole in the compute dtype, with its
 #   gradient, also whole, before the reduction over the batch's devices.
 LOGITS_F32_BUFFERS = 2
 HEAD_COPIES = 2
+# - a mixture of experts (`models/moe.py`): each MoE layer routes every token's k assignments
+#   through buffers of ep x k rows per token (ep: the devices the experts split over; the
+#   all-to-all's send and receive buffers are padded to the worst case, every assignment to
+#   one device, so none is dropped), which the grouped matmuls read in expert order. A forward
+#   holds MOE_FORWARD_BUFFERS [rows, D] arrays in the compute dtype at once (the received
+#   rows, their expert-sorted copy, the experts' outputs); the backward of the recomputed layer
+#   those and their gradients, plus MOE_BACKWARD_HIDDEN [rows, F_moe] arrays (gate, up, their
+#   product and the gradients of gate and up).
+MOE_FORWARD_BUFFERS = 3
+MOE_BACKWARD_HIDDEN = 5
+
+
+def moe_dispatch_rows(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
+    """Rows of a MoE layer's dispatch buffers per token of a device: k, times the expert
+    parallelism (the worst-case padded all-to-all of `moe.expert_parallel_experts`)."""
+    return cfg.model.num_experts_per_tok * _axis_split(sizes, rules, "expert")
+
+
+def moe_layer_bytes(
+    cfg: Config, sizes: dict[str, int], rules: shd.Rules, tokens: int, backward: bool
+) -> int:
+    """The dispatch buffers one MoE layer holds at once for `tokens` tokens of a device: a
+    forward's MOE_FORWARD_BUFFERS [rows, D] arrays; a backward's twice as many, plus
+    MOE_BACKWARD_HIDDEN [rows, F_moe / tensor] arrays (rows = tokens x `moe_dispatch_rows`)."""
+    m = cfg.model
+    rows = tokens * moe_dispatch_rows(cfg, sizes, rules)
+    itemsize = np.dtype(DTYPES[m.dtype]).itemsize
+    tensor = sizes.get("tensor", 1) if rules.get("mlp") == ("tensor",) else 1
+    width = MOE_FORWARD_BUFFERS * m.hidden_size
+    if backward:
+        width = 2 * width + MOE_BACKWARD_HIDDEN * m.resolved_moe_intermediate_size / tensor
+    return int(rows * width * itemsize)
 
 
 def activation_bytes(
@@ -190,15 +254,17 @@ def activation_bytes(
     train.seq_len tokens, per micro-batch.
 
     Kept for the backward pass, per layer and token: with remat "full" only the layer input
-    (D, the scan's stacked carry); "save_dots" the matmul outputs (q, k, v, attention output,
-    gate, up, down); "none" those plus norms and activations. Plus the working set of one
-    layer's backward (MLP_BUFFERS [tokens, F / tensor] arrays in the compute dtype, and the
-    attention probabilities where the attention kernel materializes them: `einsum` on the
-    platform being planned for, H x T float32 per token, or H x query block per token with
-    `attention_query_block`; splash and cuDNN keep none), one vocab chunk's float32 logits
-    and their gradient (LOGITS_F32_BUFFERS x tokens / loss.vocab_chunks x V), and the output
-    head's weight and gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by
-    `tensor`; not with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
+    (D, the scan's stacked carry, SAVED_COPIES times); "save_dots" the matmul outputs (q, k,
+    v, attention output, gate, up, down); "none" those plus norms and activations. Plus the
+    working set of one layer's backward (MLP_BUFFERS [tokens, F / tensor] arrays in the
+    compute dtype; the attention probabilities where the attention kernel materializes them:
+    `einsum` on the platform being planned for, H x T float32 per token, or H x query block
+    per token with `attention_query_block`, splash and cuDNN keep none; a MoE layer's
+    dispatch buffers, `moe_layer_bytes`), one vocab chunk's float32 logits and their
+    gradient (LOGITS_F32_BUFFERS x tokens / loss.vocab_chunks x V; RL losses: the response
+    logits unchunked, RL_LOGITS_BYTES x rows x N x V), and the output head's weight and
+    gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by `tensor`; not
+    with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
     """
     from jaxalign.models import auto
 
@@ -224,24 +290,34 @@ def activation_bytes(
         width = min(block, t.seq_len) if block else t.seq_len
         probs = h / tensor * t.seq_len * 4 * width / t.seq_len
     saved = {
-        "full": d * itemsize,
+        "full": SAVED_COPIES * d * itemsize,
         "save_dots": dots,
         "none": dots + (4 * d + f / tensor) * itemsize + probs,
     }[m.remat]
     working = MLP_BUFFERS * f / tensor * itemsize + probs
+    if m.num_experts:  # the recomputed MoE layer's dispatch buffers, not dense MLP arrays
+        working = probs + moe_layer_bytes(cfg, sizes, rules, 1, backward=True)
     logits = LOGITS_F32_BUFFERS * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
     head = HEAD_COPIES * d * m.vocab_size / tensor * itemsize if with_head else 0
-    return int(tokens * (m.num_layers * saved + working + logits) + head)
+    total = tokens * (m.num_layers * saved + working) + head
+    if get_trainer(cfg.trainer).is_rl and with_head:
+        # RL losses score the response positions' logits whole, unchunked
+        # (`rl_rows.response_logprobs`): RL_LOGITS_BYTES per element of [rows, N, V].
+        n = cfg.sampling.max_new_tokens
+        vocab = m.vocab_size / _axis_split(sizes, rules, "vocab")
+        return int(total + rows * n * vocab * RL_LOGITS_BYTES)
+    return int(total + tokens * logits)
 
 
 def saved_layer_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
     """The layer inputs a scanned remat-"full" model keeps for its backward pass, per device:
-    layers x tokens of a micro-batch x D in the compute dtype (one [layers, rows, T, D] array).
+    SAVED_COPIES x layers x tokens of a micro-batch x D in the compute dtype ([layers, rows, T,
+    D] arrays).
     A second model trained in the same step (PPO's value model) keeps its own."""
     m, t = cfg.model, cfg.train
     rows = max(t.batch_size // t.grad_accum // _axis_split(sizes, rules, "batch"), 1)
     itemsize = np.dtype(DTYPES[m.dtype]).itemsize
-    return m.num_layers * rows * t.seq_len * m.hidden_size * itemsize
+    return SECOND_MODEL_SAVED_COPIES * m.num_layers * rows * t.seq_len * m.hidden_size * itemsize
 
 
 def _rows_per_device(rows: int, batch_div: int) -> int:
@@ -281,7 +357,16 @@ def rollout_generate_bytes(
     tensor = sizes.get("tensor", 1) if rules.get("vocab") == ("tensor",) else 1
     head = HEAD_COPIES * m.hidden_size * m.vocab_size // tensor
     head *= np.dtype(DTYPES[m.dtype]).itemsize
-    return policy_params + 3 * rollout_kv_cache_bytes(cfg, sizes, rules) // 2 + head
+    moe = 0
+    if m.num_experts:  # the prefill's MoE layers route every prompt token
+        rl, sp = cfg.rl, cfg.sampling
+        per_call = min(
+            rl.prompts_per_rollout * rl.num_generations, sp.batch_size * rl.num_generations
+        )
+        rows = _rows_per_device(per_call, _axis_split(sizes, rules, "batch"))
+        tokens = rows * max(cfg.data.prompt_buckets)
+        moe = moe_layer_bytes(cfg, sizes, rules, tokens, backward=False)
+    return policy_params + 3 * rollout_kv_cache_bytes(cfg, sizes, rules) // 2 + head + moe
 
 
 def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
@@ -345,7 +430,16 @@ class Estimate:
 
     def model_bytes(self, module: Any, prefix: str = "") -> ModelBytes:
         """`model_bytes` of an abstract module whose parameters sit at `prefix` of the tree."""
-        return model_bytes(module, self.sizes, self.rules, self.freeze, prefix, self.trainable)
+        dtype = self.cfg.model.dtype
+        found = model_bytes(
+            module, self.sizes, self.rules, self.freeze, prefix, self.trainable, dtype
+        )
+        if found.copies:
+            self.parts["weight copies"] = self.parts.get("weight copies", 0) + found.copies
+        if self.cfg.train.grad_accum > 1 and found.accumulator:
+            key = "grad accumulator"
+            self.parts[key] = self.parts.get(key, 0) + found.accumulator
+        return found
 
 
 def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Plan:
@@ -372,13 +466,17 @@ def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Pla
     trainable = None
     if cfg.model.lora is not None:  # the base has no gradient and no optimizer state
         trainable = lora_trainable(cfg.model.lora, algorithm.lora_trained(cfg))
-    policy = model_bytes(abstract, sizes, rules, freeze, prefix, trainable)
+    policy = model_bytes(abstract, sizes, rules, freeze, prefix, trainable, cfg.model.dtype)
     parts = {
         "params": policy.params,
         "optimizer": policy.optimizer,
         "gradients": policy.gradients,
         "activations": activation_bytes(cfg, sizes, rules),
     }
+    if policy.copies:
+        parts["weight copies"] = policy.copies
+    if cfg.train.grad_accum > 1 and policy.accumulator:
+        parts["grad accumulator"] = policy.accumulator
     # What the trainer keeps besides: DPO's reference; PPO's value model; RL's rollout.
     estimate = Estimate(
         cfg, sizes, rules, num_devices, freeze, trainable, policy, parts, {}, policy.num_params

@@ -148,20 +148,26 @@ def test_grpo_has_no_value_model_and_dpo_a_reference_unless_precomputed():
 
 def test_ppo_ptx_rows_add_their_activations():
     """rl.ptx_coef: the ptx rows' activations (rl.ptx_batch_size rows, default train.batch_size)
-    come on top of the RL rows'; the estimate is linear in the rows (the output head's gathered
-    weight and gradient, counted once with the RL rows, are not counted again)."""
+    come on top of the RL rows'; they are an SFT loss's (vocab-chunked logits, not the RL
+    loss's response logits) without the output head's gathered weight and gradient (counted
+    once with the RL rows), and linear in the rows."""
+    from jaxalign import sharding as shd
+    from jaxalign.plan import activation_bytes
+
     cfg = load_config(CONFIGS / "grpo_tiny.yaml")
     plain = make_plan(cfg, 8)
     assert "ptx activations" not in plain.parts
     same = make_plan(load_config(CONFIGS / "grpo_tiny.yaml", ["rl.ptx_coef=0.1"]), 8)
+    sft = load_config(CONFIGS / "grpo_tiny.yaml", ["trainer=sft"])
+    sizes, rules = shd.axis_sizes(sft.mesh, 8), shd.resolve_rules(sft.sharding)
     head = HEAD_COPIES * 128 * 512 * 4  # D x V, float32 compute
-    assert same.parts["ptx activations"] == plain.parts["activations"] - head
+    assert same.parts["ptx activations"] == activation_bytes(sft, sizes, rules) - head
     rows = 2 * cfg.train.batch_size
     double = make_plan(
         load_config(CONFIGS / "grpo_tiny.yaml", ["rl.ptx_coef=0.1", f"rl.ptx_batch_size={rows}"]),
         8,
     )
-    assert double.parts["ptx activations"] == 2 * (plain.parts["activations"] - head)
+    assert double.parts["ptx activations"] == 2 * same.parts["ptx activations"]
 
 
 def test_plan_that_does_not_fit_fails_naming_the_sizes():
@@ -177,3 +183,22 @@ def test_plan_rejects_a_mesh_the_device_count_cannot_hold():
     recipe = next(p for p in RECIPES if p.stem == "sft_8b_v5p64")
     with pytest.raises(ConfigError, match="fsdp=3"):
         make_plan(load_config(recipe, ["mesh.fsdp=3"]), 32)
+
+
+def test_compile_of_packed_preference_pairs_compiles_the_packed_step():
+    """`plan --compile` of a DPO config with `preference.pack_pairs` compiles the step the run
+    takes: rows of 2 x seq_len tokens (each pair in a row of its own, the largest batch a step
+    can get), the loss over their segments. On the local (CPU) devices, one layer."""
+    import jax
+
+    from jaxalign import aot
+
+    cfg = load_config("configs/dpo_tiny.yaml", ["model.num_layers=1", "preference.pack_pairs=true"])
+    lowered, _ = aot.lower_train_step(cfg, jax.devices())
+    batch = lowered.args_info[0][1]
+    t = cfg.train
+    lead = (t.grad_accum, t.batch_size // t.grad_accum)
+    assert batch["tokens"].shape == (*lead, 2 * t.seq_len)
+    assert batch["pair_mask"].shape == (*lead, 1)
+    report = aot.compile_program("train_step", lowered, None)
+    assert report.flops > 0 and report.temp_bytes > 0

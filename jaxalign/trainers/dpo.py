@@ -150,7 +150,7 @@ class DPO(Algorithm):
     def abstract_batch(cls, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
         """Preference pairs; with `dpo.precompute_ref`, their reference log-probs."""
         precompute = cfg.dpo.precompute_ref and cfg.dpo.loss_type not in REFERENCE_FREE
-        return pair_batch(cfg.train, ref_logps=precompute)
+        return pair_batch(cfg, ref_logps=precompute)
 
     def abstract_frozen(self, trainer) -> Any:
         """What `frozen_params` keeps, shaped and sharded: {"reference": like the policy's

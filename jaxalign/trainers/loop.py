@@ -24,10 +24,14 @@ from jaxalign.checkpoint import Checkpointer, abstract_with_shardings, load_para
 from jaxalign.config import Config, save_config, to_dict
 from jaxalign.errors import ConfigError, UserError
 from jaxalign.memory import release_free_memory
-from jaxalign.metrics import MetricsWriter, measure_matmul_peak, plain_metric
+from jaxalign.metrics import (
+    MetricsWriter,
+    measure_matmul_peak,
+    model_flops_per_token,
+    plain_metric,
+)
 from jaxalign.models.params import build_model, init_params
 from jaxalign.models.params import logical_axes as param_logical_axes
-from jaxalign.models.registry import get_family
 from jaxalign.optim import (
     make_optimizer,
     param_path,
@@ -522,7 +526,7 @@ class Trainer:
         total = train.steps
         tokens_per_step = train.batch_size * train.seq_len
         interval_tokens = 0
-        flops_per_token = get_family(cfg.model.family).flops_per_token(cfg.model, train.seq_len)
+        flops_per_token = model_flops_per_token(cfg.model, train.seq_len)
         peak = self._peak_flops()
         history: list[dict] = []
         progress = None

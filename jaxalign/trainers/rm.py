@@ -75,18 +75,26 @@ def checkpoint_trainer(path: str) -> str | None:
     return config.get("trainer") if isinstance(config, dict) else None
 
 
-def pair_batch(train, ref_logps: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+def pair_batch(cfg: Config, ref_logps: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of preference pairs (`data.preference`'s BATCH_KEYS): tokens,
     segment_ids, positions (int32) and loss_mask (float32) [grad_accum, pairs, 2, seq_len];
     margin and pair_mask (float32) [grad_accum, pairs]; with `ref_logps` also the precomputed
-    reference log-probs (float32) [grad_accum, pairs, 2]. pairs = batch_size / grad_accum."""
+    reference log-probs (float32) [grad_accum, pairs, 2]. pairs = batch_size / grad_accum.
+
+    Packed (`preference.pack_pairs`), the largest batch a step can get: every pair in a row of
+    its own, [grad_accum, pairs, 2 x seq_len] and [grad_accum, pairs, 1] (`ref_logps`
+    [grad_accum, pairs, 1, 2]); the same tokens as padded pairs, in rows twice as long."""
+    train = cfg.train
     lead = (train.grad_accum, train.batch_size // train.grad_accum)
+    packed = cfg.preference.pack_pairs
     rows = {"tokens": jnp.int32, "loss_mask": jnp.float32}
     rows.update(segment_ids=jnp.int32, positions=jnp.int32)
-    out = {k: jax.ShapeDtypeStruct((*lead, 2, train.seq_len), d) for k, d in rows.items()}
-    out.update({k: jax.ShapeDtypeStruct(lead, jnp.float32) for k in ("margin", "pair_mask")})
+    row_shape = (*lead, 2 * train.seq_len) if packed else (*lead, 2, train.seq_len)
+    pair_shape = (*lead, 1) if packed else lead
+    out = {k: jax.ShapeDtypeStruct(row_shape, d) for k, d in rows.items()}
+    out.update({k: jax.ShapeDtypeStruct(pair_shape, jnp.float32) for k in ("margin", "pair_mask")})
     if ref_logps:
-        out["ref_logps"] = jax.ShapeDtypeStruct((*lead, 2), jnp.float32)
+        out["ref_logps"] = jax.ShapeDtypeStruct((*pair_shape, 2), jnp.float32)
     return out
 
 
@@ -103,7 +111,7 @@ class RewardModelAlgorithm(Algorithm):
 
     @classmethod
     def abstract_batch(cls, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
-        return pair_batch(cfg.train)
+        return pair_batch(cfg)
 
     @classmethod
     def make_model(cls, cfg: Config, rngs: nnx.Rngs) -> RewardModel:
