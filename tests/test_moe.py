@@ -313,9 +313,10 @@ def assert_same_router_run(got, want, name):
 
 
 @pytest.mark.slow
-def test_expert_parallel_runs_equal_the_single_device_run(tmp_path, single_device_run):
+def test_expert_parallel_runs_equal_the_single_device_run(tmp_path, single_device_run, capfd):
     """expert=4 (x fsdp=2), and expert=2 x fsdp=2 x tensor=2, on the 8 simulated devices: the
-    same losses and router metrics as one device over 5 steps, with the experts split."""
+    same losses and router metrics as one device over 5 steps, with the experts split; XLA's
+    SPMD partitioner rematerializes no tensor whole in their compiles."""
     for name, mesh in {
         "expert4": {"mesh.expert": 4, "mesh.fsdp": 2},
         "expert2_fsdp2_tensor2": {"mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
@@ -326,6 +327,7 @@ def test_expert_parallel_runs_equal_the_single_device_run(tmp_path, single_devic
         assert w_gate.sharding.spec[0] == "expert"
         assert w_gate.addressable_shards[0].data.shape[0] == 4 // cfg.mesh.expert
         assert_same_router_run(history, single_device_run, name)
+    assert "involuntary full rematerialization" not in capfd.readouterr().err.lower()
 
 
 @pytest.mark.slow
@@ -592,4 +594,4 @@ def test_expert_parallel_moe_layer_with_megablox_compiles_for_tpu_v5e_4(capfd):
     # Per device: its tokens' assignments (at most all n * k of them, padded to whole tiles)
     # through three projections, forward and two backward products each.
     assert cost["flops"] < 2.5 * 18 * n * k * d * f
-    assert "involuntary full rematerialization" not in capfd.readouterr().err
+    assert "involuntary full rematerialization" not in capfd.readouterr().err.lower()
