@@ -14,14 +14,15 @@ attention and two experts' worth of MLP, so its active parameters equal the MoE'
 
 The JAX side is the SFT step users run (`Trainer.compile_step`: the next-token loss plus the
 router's load-balancing loss through the aux-loss hook, clipping, AdamW, donated state), dropless
-experts (sort by expert + `jax.lax.ragged_dot`). The baseline is transformers' Qwen3-MoE built from
-the same config (`hf.convert.moe_config_to_hf`; its default experts implementation, reported),
-`model(input_ids, labels=...)` with `output_router_logits=True` (so its loss includes the same
-aux loss), global-norm clipping, `torch.optim.AdamW` with the same hyperparameters and schedule.
+experts (`model.moe_kernel` auto: on CPU whole tiles per expert, `moe._tiled_swiglu`). The
+baseline is transformers' Qwen3-MoE built from the same config (`hf.convert.moe_config_to_hf`;
+its default experts implementation, reported), `model(input_ids, labels=...)` with
+`output_router_logits=True` (so its loss includes the same aux loss), global-norm clipping,
+`torch.optim.AdamW` with the same hyperparameters and schedule.
 tokens/s counts every position; MFU counts 6 x active parameters + attention per token.
 
 A fourth side, `ragged_dot`, runs the MoE step with the experts through `jax.lax.ragged_dot` as
-on TPU and GPU (bench/moe_ragged_dot_patch.py): XLA's generic lowering, the one CPU gets,
+on GPU (`--set model.moe_kernel=ragged_dot`): XLA's generic lowering, the one CPU gets,
 multiplies every row by every expert's weights, which is why the CPU path is `_tiled_swiglu`.
 
 Workers, allocators, turns and `--variant`: as bench/sft_step.py (one JAX worker per side,
@@ -65,7 +66,7 @@ DENSE_ACTIVE = (
 )
 
 # The experts through jax.lax.ragged_dot, as on TPU/GPU (on CPU: every row x every expert).
-RAGGED_DOT = f"ragged_dot:patch={Path(__file__).resolve().parent / 'moe_ragged_dot_patch.py'}"
+RAGGED_DOT = "ragged_dot:model.moe_kernel=ragged_dot"
 
 
 def build_jax(args):

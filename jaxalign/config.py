@@ -82,6 +82,13 @@ class ModelConfig:
     # Tokens per expert: 0 runs dropless (sort by expert + grouped matmul); > 0 gives each expert
     # capacity_factor x tokens x top-k / experts slots and drops the assignments past them.
     moe_capacity_factor: float = 0.0
+    # The dropless experts' grouped matmul: ragged_dot (jax.lax.ragged_dot: TPU and GPU lower it
+    # to grouped matmuls), megablox (the Pallas grouped matmul of
+    # jax.experimental.pallas.ops.tpu.megablox: TPU; elsewhere Pallas interpret mode, exact but
+    # slow, for tests), tiled (whole tiles of each expert's rows in batched matmuls: XLA's CPU
+    # lowering of ragged_dot multiplies every row by every expert) or auto (megablox on TPU,
+    # tiled on CPU, ragged_dot on GPU; docs/performance.md says why).
+    moe_kernel: Literal["auto", "ragged_dot", "megablox", "tiled"] = "auto"
     decoder_sparse_step: int = 1  # layer i is a MoE layer when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     # --- end mixture of experts -----------------------------------------------------------

@@ -151,15 +151,18 @@ def segment_logprobs(
     num_segments: int,
     *,
     chunks: int = 1,
+    soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`sequence_logprobs` of packed rows: per segment instead of per row.
 
     hidden: [B, T, D] of `tokens` [B, T]; mask: [B, T] (completion tokens; 0 on the first token
     of every segment, whose hidden state at t - 1 belongs to the segment before); segment_ids:
     [B, T]. Returns (logps [B, num_segments], num_tokens [B, num_segments]), float32; segment s
-    is column s - 1.
+    is column s - 1. `soft_cap`: as in `target_logprobs`.
     """
-    logps, _ = target_logprobs(hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks)
+    logps, _ = target_logprobs(
+        hidden[:, :-1], w_out, tokens[:, 1:], chunks=chunks, soft_cap=soft_cap
+    )
     target_mask = mask[:, 1:] > 0
     target_segments = segment_ids[:, 1:]
     return (

@@ -15,7 +15,10 @@ from jaxalign.paths import LocalMirror, is_remote, open_append, run_path
 
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts: total, and without the input embedding (what matmuls touch)."""
+    """Parameter counts: total, and without the input embedding (what matmuls touch): a Llama
+    block's per layer, plus what the family adds (`ModelFamily.extra_layer_params`)."""
+    from jaxalign.models.registry import get_family
+
     d, f, h, kv, hd = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -26,8 +29,12 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     attn = d * h * hd * 2 + d * kv * hd * 2
     if cfg.attention_bias:
         attn += (h + 2 * kv) * hd
+    if cfg.attention_out_bias:
+        attn += d
     mlp = 3 * d * f + ((2 * f + d) if cfg.mlp_bias else 0)
     block = attn + mlp + 2 * d + (2 * hd if cfg.qk_norm else 0)
+    extra = get_family(cfg.family).extra_layer_params
+    block += extra(cfg) if extra is not None else 0
     embed = cfg.vocab_size * d
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     total = embed + cfg.num_layers * block + d + head

@@ -21,6 +21,7 @@ from jaxalign.config import MeshConfig, ModelConfig, SamplingConfig, load_config
 from jaxalign.errors import ConfigError  # noqa: E402
 from jaxalign.generate import Sampler  # noqa: E402
 from jaxalign.losses import target_logprobs  # noqa: E402
+from jaxalign.metrics import param_count  # noqa: E402
 from jaxalign.models import llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +99,15 @@ def test_import_and_export_logits_match_transformers(model_type, hf_models, tmp_
     assert type(reloaded) is type(torch_model)
     assert reloaded.config.layer_types == torch_model.config.layer_types
     assert np.abs(torch_logits(reloaded, IDS) - logits).max() <= TOL
+
+
+@pytest.mark.parametrize("model_type", list(HF_CONFIGS))
+def test_param_count_equals_the_transformers_models(model_type, hf_models):
+    """Two post-norms per layer beyond a Llama block (and Gemma 3's attention biases here)."""
+    directory, torch_model = hf_models[model_type]
+    cfg = hf.model_config_from_hf(directory)
+    want = sum(p.numel() for p in torch_model.parameters())
+    assert param_count(cfg) == {"total": want, "non_embedding": want}  # tied: the head counts
 
 
 def _np_attention(q, k, v, q_seg, k_seg, q_idx, k_idx, window, soft_cap, scale):

@@ -3,6 +3,8 @@ export against transformers (logits, router logits, load-balancing loss), and th
 metrics reaching the train step."""
 
 import dataclasses
+import json
+import sys
 from pathlib import Path
 
 import jax
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from toy import ToyAlgorithm, random_params, run_toy, toy_config
+from toy import random_params, run_toy, toy_config, train_steps
 
 from jaxalign import models
 from jaxalign import sharding as shd
@@ -288,51 +290,66 @@ def test_scanned_layers_and_roomy_capacity_equal_the_dropless_unrolled_model():
     assert np.abs(tight - want).max() > 1e-3
 
 
-def train_steps(cfg, devices=None):
-    """(final state, per-step metrics) of `cfg.train.steps` steps of the trainer's compiled step
-    on ToyData, as `Trainer` runs it (shardings, activation rules, donation) without its
-    checkpointing and logging."""
-    from jaxalign.trainers.loop import Trainer
+# The expert-parallel runs' model: one MoE layer, 8-token rows, 5 steps.
+EP_TOY = {**MOE_TOY, "model.num_layers": 1, "train.seq_len": 8}
 
-    trainer = Trainer(cfg, ToyAlgorithm(cfg), devices=devices)
-    state = trainer.fresh_state()
-    data = trainer.algorithm.train_data(0, 1)
-    history, step = [], None
-    with shd.activation_sharding(trainer.mesh, trainer.rules):
-        for _ in range(cfg.train.steps):
-            batch = trainer.to_global(next(data))
-            step = step or trainer.compile_step(batch)
-            state, metrics = step(state, batch, trainer.frozen)
-            history.append(jax.device_get(metrics))
-    return state, history
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    """The per-step metrics of EP_TOY trained on one device."""
+    cfg = toy_config(tmp_path_factory.mktemp("single"), **EP_TOY, **{"mesh.fsdp": 1})
+    history = train_steps(cfg, jax.devices()[:1])[1]
+    assert len(history) == 5 and history[-1]["loss"] < history[0]["loss"]
+    return history
+
+
+def assert_same_router_run(got, want, name):
+    """Per-step losses and router metrics within 1e-5 (expert loads within 1e-6)."""
+    assert len(got) == len(want), name
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "moe/aux_loss", "moe/z_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), (name, key)
+        np.testing.assert_allclose(a["moe/expert_load"], b["moe/expert_load"], atol=1e-6)
 
 
 @pytest.mark.slow
-def test_expert_parallel_runs_equal_the_single_device_run(tmp_path):
+def test_expert_parallel_runs_equal_the_single_device_run(tmp_path, single_device_run, capfd):
     """expert=4 (x fsdp=2), and expert=2 x fsdp=2 x tensor=2, on the 8 simulated devices: the
-    same losses and router metrics as one device over 5 steps, with the experts split."""
-    runs = {}
+    same losses and router metrics as one device over 5 steps, with the experts split; XLA's
+    SPMD partitioner rematerializes no tensor whole in their compiles."""
     for name, mesh in {
-        "single": {"mesh.fsdp": 1},
         "expert4": {"mesh.expert": 4, "mesh.fsdp": 2},
         "expert2_fsdp2_tensor2": {"mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
     }.items():
-        overrides = {**MOE_TOY, **mesh, "model.num_layers": 1, "train.seq_len": 8}
-        if name != "single":
-            overrides["sharding.rules_file"] = EXPERT_RULES
-        cfg = toy_config(tmp_path / name, **overrides)
-        state, runs[name] = train_steps(cfg, jax.devices()[:1] if name == "single" else None)
-        if name != "single":
-            w_gate = state["params"]["blocks"][0]["mlp"]["w_gate"]
-            assert w_gate.sharding.spec[0] == "expert"
-            assert w_gate.addressable_shards[0].data.shape[0] == 4 // cfg.mesh.expert
-    want = runs["single"]
-    assert len(want) == 5 and want[-1]["loss"] < want[0]["loss"]
-    for name in ("expert4", "expert2_fsdp2_tensor2"):
-        for a, b in zip(runs[name], want, strict=True):
-            for key in ("loss", "moe/aux_loss", "moe/z_loss"):
-                assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), (name, key)
-            np.testing.assert_allclose(a["moe/expert_load"], b["moe/expert_load"], atol=1e-6)
+        cfg = toy_config(tmp_path / name, **EP_TOY, **mesh, **{"sharding.rules_file": EXPERT_RULES})
+        state, history = train_steps(cfg)
+        w_gate = state["params"]["blocks"][0]["mlp"]["w_gate"]
+        assert w_gate.sharding.spec[0] == "expert"
+        assert w_gate.addressable_shards[0].data.shape[0] == 4 // cfg.mesh.expert
+        assert_same_router_run(history, single_device_run, name)
+    assert "involuntary full rematerialization" not in capfd.readouterr().err.lower()
+
+
+@pytest.mark.slow
+def test_two_process_expert_parallel_run_equals_one_device(tmp_path, single_device_run):
+    """Two processes x 4 devices (a jax.distributed cluster on localhost) with mesh expert=4 x
+    tensor=2: the expert axis strides over both processes (devices 0, 2 | 4, 6), so each
+    process holds two of the four experts and the all-to-all that carries tokens to them
+    crosses the processes. The same losses and router metrics as one device over 5 steps."""
+    from test_multihost import run_two
+
+    mesh = {"mesh.expert": 4, "mesh.fsdp": 1, "mesh.tensor": 2}
+    sets = [f"{k}={v}" for k, v in {**EP_TOY, **mesh, "sharding.rules_file": EXPERT_RULES}.items()]
+    worker = str(Path(__file__).resolve().parent / "two_process_toy.py")
+    logs = run_two([sys.executable, worker, str(tmp_path), *sets], tmp_path / "logs")
+    lines = {"metrics": [], "mesh": []}
+    for line in logs.splitlines():
+        kind, _, record = line.partition(": ")
+        if kind in lines:
+            lines[kind].append(json.loads(record))
+    assert lines["mesh"] == [{"data": [0], "fsdp": [0], "expert": [0, 0, 1, 1], "tensor": [0, 0]}]
+    history = lines["metrics"]
+    assert_same_router_run(history, single_device_run, "two processes")
 
 
 def test_experts_that_do_not_divide_over_the_expert_axis_are_named(tmp_path):
@@ -494,3 +511,87 @@ def test_tiled_experts_equal_the_ragged_dot_experts(tile):
     want[order] = np.asarray(jax.lax.ragged_dot(h, ws[2], sizes))
     want[groups >= e] = 0.0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --- the megablox grouped matmul (TPU) -----------------------------------------------------------
+def test_megablox_experts_equal_ragged_dot_values_and_gradients():
+    """The megablox Pallas kernel (interpret mode here) against jax.lax.ragged_dot inside the
+    experts: outputs and the gradients of a weighted sum with respect to the rows and the three
+    expert weights, with an empty expert, uneven groups and rows for no expert (zeros)."""
+    rng = np.random.default_rng(4)
+    e, m = 4, 23
+    groups = jnp.asarray(rng.choice([0, 1, 3, 4], size=m, p=[0.5, 0.2, 0.2, 0.1]), jnp.int32)
+    rows = jnp.asarray(rng.normal(size=(m, 8)), jnp.float32)
+    ws = [jnp.asarray(w, jnp.float32) for w in random_expert_weights(rng, e=e)]
+    probe = jnp.asarray(rng.normal(size=(m, 8)), jnp.float32)
+
+    def run(kernel):
+        def loss(rows, *ws):
+            y = moe._grouped_swiglu(rows, groups, *ws, jax.nn.silu, kernel)
+            return jnp.sum(y * probe), y
+
+        grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+        return jax.device_get(jax.jit(grad)(rows, *ws))
+
+    (_, got), got_grads = run("megablox")
+    (_, want), want_grads = run("ragged_dot")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.all(got[np.asarray(groups) >= e] == 0)
+    for name, a, b in zip(("rows", "w_gate", "w_up", "w_down"), got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_expert_parallel_moe_layer_with_megablox_compiles_for_tpu_v5e_4(capfd):
+    """`moe_kernel: auto` on TPU is megablox. One MoE layer's forward and backward with its 4
+    experts split over a v5e-4 (mesh.expert=4) compiles with the three grouped matmuls and
+    their gradients (gmm x 2, tgmm) as Mosaic kernels inside the expert-parallel shard_map,
+    counting about the grouped FLOPs (not every row times every expert), and without the SPMD
+    partitioner's involuntary full rematerialization."""
+    from test_splash import tpu_topology
+
+    from jaxalign.config import load_config
+    from jaxalign.models.params import build_model
+
+    devices = tpu_topology("v5e:2x2")
+    assert moe.auto.resolve("moe_kernel", "auto", devices[0].platform) == "megablox"
+    n, d, f, e, k = 256, 128, 128, 4, 2
+    model = {
+        "family": "qwen3_moe",
+        "vocab_size": 256,
+        "hidden_size": d,
+        "intermediate_size": f,
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_kv_heads": 2,
+        "head_dim": 64,
+        "num_experts": e,
+        "num_experts_per_tok": k,
+        "moe_intermediate_size": f,
+        "dtype": "bfloat16",
+        "attention_kernel": "einsum",  # splash compiles apart (tests/test_splash.py)
+    }
+    cfg = load_config(None, ["mesh.expert=4", "mesh.fsdp=1"], base={"model": model})
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    rules = shd.resolve_rules(dataclasses.replace(cfg.sharding, rules_file=EXPERT_RULES))
+    graphdef, abstract, shardings = build_model(cfg, mesh, rules)
+
+    def loss(params, tokens):
+        with shd.activation_sharding(mesh, rules):
+            hidden = nnx.merge(graphdef, params)(tokens)
+            return jnp.mean(hidden.astype(jnp.float32) ** 2)
+
+    batch = shd.logical_to_sharding(("batch", "length"), mesh, rules.activations)
+    args = (
+        jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        ),
+        jax.ShapeDtypeStruct((4, n // 4), jnp.int32, sharding=batch),
+    )
+    compiled = jax.jit(jax.grad(loss)).lower(*args).compile()
+    assert compiled.as_text().count("tpu_custom_call") == 9  # 3 x (forward, input and weight grads)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    # Per device: its tokens' assignments (at most all n * k of them, padded to whole tiles)
+    # through three projections, forward and two backward products each.
+    assert cost["flops"] < 2.5 * 18 * n * k * d * f
+    assert "involuntary full rematerialization" not in capfd.readouterr().err.lower()

@@ -153,7 +153,8 @@ def test_packed_rows_divide_over_the_batch_mesh_axes(tok):
 # -- the math ----------------------------------------------------------------------------------
 
 
-def test_segment_logprobs_match_float64_reference():
+@pytest.mark.parametrize("soft_cap", [None, 2.0])  # 2.0: Gemma 2/3's final logit soft-cap
+def test_segment_logprobs_match_float64_reference(soft_cap):
     rng = np.random.default_rng(0)
     b, t, d, v, segments = 2, 12, 8, 16, 4
     hidden = rng.normal(size=(b, t, d)).astype(np.float32)
@@ -162,9 +163,18 @@ def test_segment_logprobs_match_float64_reference():
     segment_ids = np.array([[1] * 3 + [2] * 4 + [3] * 3 + [0] * 2, [1] * 5 + [4] * 7], np.int32)
     mask = (rng.random((b, t)) < 0.7).astype(np.float32)
     logps, counts = segment_logprobs(
-        jnp.asarray(hidden), jnp.asarray(w_out), tokens, mask, segment_ids, segments, chunks=3
+        jnp.asarray(hidden),
+        jnp.asarray(w_out),
+        tokens,
+        mask,
+        segment_ids,
+        segments,
+        chunks=3,
+        soft_cap=soft_cap,
     )
     logits = hidden.astype(np.float64) @ w_out.astype(np.float64)
+    if soft_cap is not None:
+        logits = soft_cap * np.tanh(logits / soft_cap)
     log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want, want_counts = np.zeros((b, segments)), np.zeros((b, segments))
     for row in range(b):

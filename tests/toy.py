@@ -184,3 +184,25 @@ def reward_model_run(path, cfg: Config, seed: int = 3):
 
     abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(cfg.model, nnx.Rngs(0))))[1]
     return write_run(path, cfg, random_params(abstract, seed))
+
+
+def train_steps(cfg: Config, devices=None):
+    """(final state, per-step metrics) of `cfg.train.steps` steps of the trainer's compiled step
+    on ToyData (this process's rows), as `Trainer` runs it (shardings, activation rules,
+    donation) without its checkpointing and logging."""
+    import jax
+
+    from jaxalign import sharding as shd
+    from jaxalign.trainers.loop import Trainer
+
+    trainer = Trainer(cfg, ToyAlgorithm(cfg), devices=devices)
+    state = trainer.fresh_state()
+    data = trainer.algorithm.train_data(jax.process_index(), jax.process_count())
+    history, step = [], None
+    with shd.activation_sharding(trainer.mesh, trainer.rules):
+        for _ in range(cfg.train.steps):
+            batch = trainer.to_global(next(data))
+            step = step or trainer.compile_step(batch)
+            state, metrics = step(state, batch, trainer.frozen)
+            history.append(jax.device_get(metrics))
+    return state, history

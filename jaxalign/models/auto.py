@@ -24,6 +24,11 @@ AUTO_SETTINGS: dict[str, dict[str, Any]] = {
     "attention_query_block": {"cpu": 64, "default": 0},
     # TPU: splash attention (jaxalign/models/splash.py); elsewhere jaxalign's einsum attention.
     "attention_kernel": {"tpu": "splash", "default": "einsum"},
+    # The dropless experts' grouped matmul (jaxalign/models/moe.py). TPU: the megablox Pallas
+    # kernel, whose compiled step moves fewer bytes than ragged_dot's lowering there
+    # (docs/performance.md, "Megablox"); CPU: whole tiles per expert in batched matmuls (XLA's
+    # CPU ragged_dot multiplies every row by every expert); GPU: ragged_dot.
+    "moe_kernel": {"tpu": "megablox", "cpu": "tiled", "default": "ragged_dot"},
 }
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -2,7 +2,7 @@
 
 What differs from Llama, and where it lives:
 - each block normalizes the attention output and the MLP output too (`post_attn_norm`,
-  `post_mlp_norm`) before the residual add: `GemmaBlock` below;
+  `post_mlp_norm`) before the residual add: `GemmaBlock` below (`llama.Block`'s output hooks);
 - alternating local (sliding-window) and global layers (`model.layer_types`), each layer with its
   own window and RoPE base (Gemma 3: `rope_local_theta` for local layers, `rope_theta` with
   `rope_linear_factor` for global ones): `llama.layer_windows` / `llama.layer_rope`, which
@@ -19,6 +19,7 @@ Both families register here; they share the module and differ in their Hugging F
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from jaxalign.config import ModelConfig
@@ -26,11 +27,11 @@ from jaxalign.hf.convert import GEMMA2_CONVERTER, GEMMA3_CONVERTER
 from jaxalign.metrics import param_count
 from jaxalign.models import llama
 from jaxalign.models.registry import ModelFamily, register_family
-from jaxalign.sharding import constrain
 
 
 class GemmaBlock(llama.Block):
-    """Pre- and post-norm block: x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
+    """Pre- and post-norm block: x + norm(attn(norm(x))), then x + norm(mlp(norm(x))) (the
+    post-norms through `llama.Block`'s output hooks)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg, rngs)
@@ -39,28 +40,14 @@ class GemmaBlock(llama.Block):
         self.post_attn_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
         self.post_mlp_norm = norm_init((cfg.hidden_size,), ("norm",), pd)
 
-    def __call__(
-        self,
-        x,
-        positions,
-        segment_ids,
-        inv_freq,
-        cache=None,
-        layer=None,
-        index=None,
-        kv_segment_ids=None,
-        window=None,
-    ):
-        """As `llama.Block.__call__`, with the attention and MLP outputs normalized."""
-        eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
-        h = llama.rms_norm(x, self.attn_norm[...], eps, plus_one)
-        attn, cache = self.attn(
-            h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids, window
-        )
-        x = x + llama.rms_norm(attn, self.post_attn_norm[...], eps, plus_one)
-        h = self.mlp(llama.rms_norm(x, self.mlp_norm[...], eps, plus_one))
-        x = x + llama.rms_norm(h, self.post_mlp_norm[...], eps, plus_one)
-        return constrain(x, ("batch", "length", "embed")), cache
+    def attn_out(self, attn: jax.Array) -> jax.Array:
+        return self._post_norm(attn, self.post_attn_norm)
+
+    def mlp_out(self, h: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, None]:
+        return self._post_norm(self.mlp(h), self.post_mlp_norm), None
+
+    def _post_norm(self, x: jax.Array, scale: nnx.Param) -> jax.Array:
+        return llama.rms_norm(x, scale[...], self.cfg.rms_norm_eps, self.cfg.norm_plus_one)
 
 
 class GemmaTransformer(llama.Transformer):
@@ -82,12 +69,18 @@ def gemma_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + 3 * 2 * 2 * cfg.num_heads * cfg.resolved_head_dim * keys
 
 
+def post_norm_params(cfg: ModelConfig) -> int:
+    """Each layer's parameters beyond a Llama block's: the two post-norms."""
+    return 2 * cfg.hidden_size
+
+
 GEMMA2 = register_family(
     ModelFamily(
         name="gemma2",
         module=GemmaTransformer,
         flops_per_token=gemma_flops_per_token,
         hf=GEMMA2_CONVERTER,
+        extra_layer_params=post_norm_params,
     )
 )
 GEMMA3 = register_family(
@@ -96,5 +89,6 @@ GEMMA3 = register_family(
         module=GemmaTransformer,
         flops_per_token=gemma_flops_per_token,
         hf=GEMMA3_CONVERTER,
+        extra_layer_params=post_norm_params,
     )
 )

@@ -456,8 +456,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block. A family changes a part by subclassing and setting
-    `attention_class` / `mlp_class`."""
+    """Pre-norm transformer block: x + attn_out(attn(norm(x))), then x + mlp_out(norm(x)). A
+    family changes a part by subclassing and setting `attention_class` / `mlp_class`, or what
+    reaches the residual stream by overriding the hooks `attn_out` and `mlp_out`."""
 
     attention_class = Attention
     mlp_class = MLP
@@ -483,16 +484,28 @@ class Block(nnx.Module):
         kv_segment_ids=None,
         window=None,
     ):
-        """x: [B, T, D] -> (x [B, T, D], cache); the cache arguments and `window` as in
-        `Attention.__call__`."""
+        """x: [B, T, D] -> (x [B, T, D], cache), or (x, cache, stats) when `mlp_out` returns
+        statistics; the cache arguments and `window` as in `Attention.__call__`."""
         eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
         h = rms_norm(x, self.attn_norm[...], eps, plus_one)
         attn, cache = self.attn(
             h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids, window
         )
-        x = x + attn
-        x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one))
-        return constrain(x, ("batch", "length", "embed")), cache
+        x = x + self.attn_out(attn)
+        out, stats = self.mlp_out(rms_norm(x, self.mlp_norm[...], eps, plus_one), segment_ids)
+        x = constrain(x + out, ("batch", "length", "embed"))
+        return (x, cache) if stats is None else (x, cache, stats)
+
+    def attn_out(self, attn: jax.Array) -> jax.Array:
+        """The attention output [B, T, D] as it is added to the residual stream (Gemma
+        normalizes it)."""
+        return attn
+
+    def mlp_out(self, h: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, dict | None]:
+        """The MLP on the normalized residual h [B, T, D] (segment_ids [B, T], 0: padding) ->
+        (what is added to the residual stream [B, T, D], the block's statistics or None; a
+        block with statistics returns them for `Transformer.use_layer_stats`)."""
+        return self.mlp(h), None
 
 
 REMAT_POLICIES = {

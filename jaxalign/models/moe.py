@@ -6,7 +6,9 @@ Routing (`route`): softmax over the router logits in float32, the top-k experts 
 route alike), optionally renormalized to sum to 1 (`norm_topk_prob`; Mixtral always does).
 
 Experts run dropless by default (`dropless_experts`): the token-expert assignments are sorted by
-expert and each projection is one grouped matmul, `jax.lax.ragged_dot`. With
+expert and each projection is one grouped matmul (`model.moe_kernel`): `jax.lax.ragged_dot`, the
+megablox Pallas kernel on TPU (`megablox_matmul`), or on CPU whole tiles of each expert's rows in
+batched matmuls (`_tiled_swiglu`). With
 `model.moe_capacity_factor` > 0 (`capacity_experts`) each expert has a fixed number of slots,
 filled first choices first, in token order; assignments past it are dropped (the token keeps its
 residual). Both are deterministic: no scatter-adds, each token's expert outputs are gathered back
@@ -33,10 +35,9 @@ from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import MIXTRAL_CONVERTER, QWEN3_MOE_CONVERTER
 from jaxalign.metrics import param_count
 from jaxalign.models import auto, llama
-from jaxalign.models.llama import DTYPES, _param, dense, rms_norm
+from jaxalign.models.llama import DTYPES, _param, dense
 from jaxalign.models.params import AuxLoss, AuxMetric
 from jaxalign.models.registry import ModelFamily, register_family
-from jaxalign.sharding import constrain
 
 
 class RouterLogits(nnx.Variable):
@@ -54,40 +55,83 @@ def route(logits: jax.Array, k: int, normalize: bool):
     return weights, experts.astype(jnp.int32), probs
 
 
-def dropless_experts(x, experts, weights, w_gate, w_up, w_down, activation) -> jax.Array:
+def dropless_experts(
+    x, experts, weights, w_gate, w_up, w_down, activation, kernel: str = "auto"
+) -> jax.Array:
     """Every assignment computed: x [N, D], experts / weights [N, k], w_gate / w_up [E, D, F],
-    w_down [E, F, D] -> [N, D] = sum_j weights[n, j] * expert_{experts[n, j]}(x[n])."""
+    w_down [E, F, D] -> [N, D] = sum_j weights[n, j] * expert_{experts[n, j]}(x[n]), through
+    the grouped matmul `kernel` (`model.moe_kernel`)."""
     n, k = experts.shape
     rows = jnp.take(x, jnp.arange(n * k) // k, axis=0)  # assignment a: token a // k
-    y = _grouped_swiglu(rows, experts.reshape(-1), w_gate, w_up, w_down, activation)
+    y = _grouped_swiglu(rows, experts.reshape(-1), w_gate, w_up, w_down, activation, kernel)
     return jnp.einsum("nkd,nk->nd", y.reshape(n, k, -1), weights.astype(x.dtype))
 
 
-def _grouped_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array:
-    """rows [M, D] through expert `groups[m]` ([M]; groups >= E give zeros) -> [M, D]: one
-    `jax.lax.ragged_dot` per projection on TPU and GPU (their grouped-matmul lowerings);
-    elsewhere `_tiled_swiglu`, since the generic lowering of ragged_dot multiplies every row by
-    every expert's weights (E times the FLOPs and memory). The platform is the one the program
-    is built for (the active sharding's mesh, as `jaxalign plan --compile` for a TPU slice on a
-    CPU host), else JAX's default backend."""
-    active = shd.active_sharding()
-    platform = auto.mesh_platform(active[0]) if active else auto.current_platform()
-    if platform not in ("tpu", "gpu"):
+def _grouped_swiglu(rows, groups, w_gate, w_up, w_down, activation, kernel) -> jax.Array:
+    """rows [M, D] through expert `groups[m]` ([M]; groups >= E give zeros) -> [M, D] with the
+    grouped matmul `kernel` ("auto": `models.auto`'s table for the platform built for): tiled
+    (`_tiled_swiglu`), or ragged_dot / megablox over the rows sorted by expert."""
+    kernel = auto.resolve("moe_kernel", kernel, _platform())
+    if kernel == "tiled":
         return _tiled_swiglu(rows, groups, w_gate, w_up, w_down, activation)
-    return _ragged_swiglu(rows, groups, w_gate, w_up, w_down, activation)
+    matmul = megablox_matmul if kernel == "megablox" else jax.lax.ragged_dot
+    return _sorted_swiglu(rows, groups, w_gate, w_up, w_down, activation, matmul)
 
 
-def _ragged_swiglu(rows, groups, w_gate, w_up, w_down, activation) -> jax.Array:
-    """`_grouped_swiglu` with `jax.lax.ragged_dot` (rows sorted by expert)."""
+def _platform() -> str:
+    """The platform traced for: the active mesh's devices', else `auto.current_platform()`."""
+    active = shd.active_sharding()
+    return auto.mesh_platform(active[0]) if active else auto.current_platform()
+
+
+def _sorted_swiglu(rows, groups, w_gate, w_up, w_down, activation, matmul) -> jax.Array:
+    """`_grouped_swiglu` with the rows sorted by expert and a grouped matmul
+    `matmul(lhs [M, K], rhs [E, K, N], group_sizes [E]) -> [M, N]` (rows past the groups: 0)."""
     num_experts = w_gate.shape[0]
     order = jnp.argsort(groups, stable=True)
     sizes = jnp.bincount(groups, length=num_experts).astype(jnp.int32)  # drops groups >= E
     xs = jnp.take(rows, order, axis=0)
     dt = rows.dtype
-    gate = jax.lax.ragged_dot(xs, w_gate.astype(dt), sizes)
-    up = jax.lax.ragged_dot(xs, w_up.astype(dt), sizes)
-    ys = jax.lax.ragged_dot(activation(gate) * up, w_down.astype(dt), sizes)
+    gate = matmul(xs, w_gate.astype(dt), sizes)
+    up = matmul(xs, w_up.astype(dt), sizes)
+    ys = matmul(activation(gate) * up, w_down.astype(dt), sizes)
     return jnp.take(ys, jnp.argsort(order), axis=0)
+
+
+# Megablox tiles: rows, then both contracted and output widths (one size, since the backward
+# pass reuses it with the two swapped). MaxText's defaults are (512, 1024, 1024); 512 keeps a
+# bfloat16 step's double-buffered blocks well inside v5e's 16 MiB of scoped VMEM.
+MEGABLOX_TILE = 512
+_LANES = 128  # a TPU vreg's lane count: Mosaic blocks' last dimension is a multiple of it
+
+
+def megablox_matmul(lhs, rhs, group_sizes, interpret: bool | None = None) -> jax.Array:
+    """`jax.lax.ragged_dot(lhs, rhs, group_sizes)` (lhs [M, K] rows grouped in order, rhs
+    [E, K, N], group_sizes [E] int32 -> [M, N], rows past the groups 0) with the megablox
+    Pallas grouped matmul (its custom VJP: gmm for the input gradient, tgmm for the weights'),
+    in Pallas interpret mode off TPU (`interpret=None`: unless the active mesh's devices, or
+    the platform built for without one, are TPUs).
+
+    The rows are padded to whole row tiles and, where K or N is not a multiple of 128 (small
+    test models only), the widths too, with zeros. The rows past the groups form one more
+    group that no expert owns (group_sizes gets an E+1-th entry), for which megablox writes
+    zeros in the output and in the input gradient rather than leaving them unwritten."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    if interpret is None:
+        interpret = _platform() != "tpu"
+    m, k = lhs.shape
+    n = rhs.shape[2]
+    kp, np_ = -(-k // _LANES) * _LANES, -(-n // _LANES) * _LANES
+    tm = min(MEGABLOX_TILE, -(-m // _LANES) * _LANES)
+    mp = -(-m // tm) * tm
+    lhs = jnp.pad(lhs, ((0, mp - m), (0, kp - k)))
+    rhs = jnp.pad(rhs, ((0, 0), (0, kp - k), (0, np_ - n)))
+    rest = mp - jnp.sum(group_sizes, dtype=jnp.int32)
+    sizes = jnp.concatenate([group_sizes.astype(jnp.int32), rest[None]])
+    tile = min(MEGABLOX_TILE, kp, np_)
+    out = gmm(lhs, rhs, sizes, lhs.dtype, (tm, tile, tile), None, None, False, interpret)
+    return out[:m, :n]
 
 
 def swiglu_tile(num_rows: int, num_experts: int) -> int:
@@ -137,7 +181,7 @@ def _tiled_swiglu(rows, groups, w_gate, w_up, w_down, activation, tile=None) -> 
 
 
 def expert_parallel_experts(
-    x, experts, weights, w_gate, w_up, w_down, activation, mesh, rules
+    x, experts, weights, w_gate, w_up, w_down, activation, mesh, rules, kernel: str = "auto"
 ) -> jax.Array:
     """`dropless_experts` with the experts split over the mesh axes of the logical `expert`
     axis: each device keeps E / ep experts, and every token assignment travels to its expert's
@@ -177,7 +221,7 @@ def expert_parallel_experts(
         recv = jax.lax.all_to_all(send, ep_axes, 0, 0, tiled=True)
         recv_groups = jax.lax.all_to_all(groups, ep_axes, 0, 0, tiled=True)
         y = _grouped_swiglu(
-            recv.reshape(-1, d), recv_groups.reshape(-1), w_gate, w_up, w_down, activation
+            recv.reshape(-1, d), recv_groups.reshape(-1), w_gate, w_up, w_down, activation, kernel
         )
         if mlp_axes:
             y = jax.lax.psum(y, mlp_axes)
@@ -283,10 +327,12 @@ class MoEMLP(nnx.Module):
                 xf, experts, weights, valid.reshape(-1), *w, self.activation, capacity
             )
         elif (parallel := expert_parallelism()) is not None:
-            out = expert_parallel_experts(xf, experts, weights, *w, self.activation, *parallel)
+            out = expert_parallel_experts(
+                xf, experts, weights, *w, self.activation, *parallel, cfg.moe_kernel
+            )
             dropped = jnp.zeros((), jnp.int32)
         else:
-            out = dropless_experts(xf, experts, weights, *w, self.activation)
+            out = dropless_experts(xf, experts, weights, *w, self.activation, cfg.moe_kernel)
             dropped = jnp.zeros((), jnp.int32)
         one_hot = jax.nn.one_hot(experts, cfg.num_experts, dtype=jnp.float32).sum(1)
         z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
@@ -306,27 +352,8 @@ class MoEBlock(llama.Block):
 
     mlp_class = MoEMLP
 
-    def __call__(
-        self,
-        x,
-        positions,
-        segment_ids,
-        inv_freq,
-        cache=None,
-        layer=None,
-        index=None,
-        kv_segment_ids=None,
-        window=None,
-    ):
-        eps, plus_one = self.cfg.rms_norm_eps, self.cfg.norm_plus_one
-        h = rms_norm(x, self.attn_norm[...], eps, plus_one)
-        attn, cache = self.attn(
-            h, positions, segment_ids, inv_freq, cache, layer, index, kv_segment_ids, window
-        )
-        x = x + attn
-        out, stats = self.mlp(rms_norm(x, self.mlp_norm[...], eps, plus_one), segment_ids > 0)
-        x = x + out
-        return constrain(x, ("batch", "length", "embed")), cache, stats
+    def mlp_out(self, h: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, dict]:
+        return self.mlp(h, segment_ids > 0)
 
 
 class MoETransformer(llama.Transformer):

@@ -13,6 +13,8 @@ entry gives:
   `nnx.get_partition_spec`), with logical names the sharding rules map to mesh axes.
 - `hf`: Hugging Face import and export hooks (None: no HF interop).
 - `flops_per_token(model_cfg, seq_len)`: training FLOPs per token, for MFU.
+- `extra_layer_params(model_cfg)`: parameters each layer holds beyond a Llama block's (Gemma
+  2/3's two post-norms), for `metrics.param_count` (None: none).
 - LoRA: a module reads each weight through `jaxalign.models.lora.project` (or `embed_lookup`,
   `merged_weight`), so `build` can add adapters to any family; a module whose weight contracts
   more than one input dim declares it in `lora_in_dims` (Llama's attention: `{"wo": 2}`), and
@@ -78,6 +80,7 @@ class ModelFamily:
     module: Callable[[ModelConfig, nnx.Rngs], nnx.Module]
     flops_per_token: Callable[[ModelConfig, int], float]
     hf: HFConverter | None = None
+    extra_layer_params: Callable[[ModelConfig], int] | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

@@ -55,7 +55,9 @@ LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")
 def policy_statistics(model: nnx.Module, batch: dict, chunks: int = 1) -> dict[str, jax.Array]:
     """Per-pair sequence statistics, each [P, 2] (chosen, rejected), from one forward pass:
     `logps` (summed over completion tokens), `lengths` (completion tokens) and `mean_logits`
-    (the logits' mean over vocabulary and completion tokens). A packed batch gives them for
+    (the logits' mean over vocabulary and completion tokens; before a final soft-cap (Gemma 2/3),
+    which the log-probs do apply: the capped mean would need every token's full logits). A
+    packed batch gives them for
     every pair slot, [rows x pairs_per_row, 2] (`rm.pair_values` order)."""
     if is_packed(batch):
         return packed_policy_statistics(model, batch, chunks)
@@ -89,7 +91,14 @@ def packed_policy_statistics(
     hidden = model(tokens, batch["positions"], segments)
     w_out = model.output_weight()
     logps, lengths = segment_logprobs(
-        hidden, w_out, tokens, mask, segments, num_segments, chunks=chunks
+        hidden,
+        w_out,
+        tokens,
+        mask,
+        segments,
+        num_segments,
+        chunks=chunks,
+        soft_cap=model.cfg.final_logit_softcap,
     )
     token_mean_logits = jax.lax.stop_gradient(
         hidden[:, :-1] @ w_out.mean(axis=-1).astype(hidden.dtype)
