@@ -252,13 +252,14 @@ def load_init_from(path, target) -> Any:
         return load_params(step_dir, target)
     from jaxalign.trainers.registry import get_trainer
 
-    # Loaded on this run's mesh (the target's; a QLoRA base loading into host memory: the
-    # default mesh), then put on the target's shardings.
+    # Loaded and merged on this run's mesh (the target's; a QLoRA base that loads into host
+    # memory: the host's CPU device), then put on the target's shardings.
     leaf = jax.tree.leaves(target)[0]
     if isinstance(leaf.sharding, jax.sharding.NamedSharding):
         mesh = leaf.sharding.mesh
     else:
-        mesh = shd.make_mesh(MeshConfig())
+        host = list(leaf.sharding.device_set)[:1]
+        mesh = shd.make_mesh(MeshConfig(fsdp=1), host)
     try:
         rules = shd.resolve_rules(run_cfg.sharding)
     except ConfigError:  # the run's rules file is not here
