@@ -180,7 +180,7 @@ def cmd_shardings(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from jaxalign.hf.model import export_checkpoint
-    from jaxalign.trainers.loop import load_lora_run
+    from jaxalign.trainers.lora_runs import load_lora_run
 
     out = export_checkpoint(
         args.checkpoint,

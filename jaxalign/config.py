@@ -296,7 +296,8 @@ class Config:
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, config.yaml, TensorBoard
     resume: bool | None = None  # None: resume automatically when RUN_DIR has checkpoints
     # Start from the parameters of another run's latest checkpoint (a RUN_DIR or its
-    # checkpoints/<step> directory), e.g. SFT from a base model, DPO from SFT.
+    # checkpoints/<step> directory), e.g. SFT from a base model, DPO from SFT. A LoRA run: its
+    # adapters merged into its base (then trained in full, or under this run's model.lora).
     init_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)

@@ -643,7 +643,7 @@ def load_policy(path: str | Path, overrides: Sequence[str] = ()) -> Policy:
     """Load a run's (or checkpoint's) policy params onto the mesh its config (plus `overrides`)
     names. A PPO run's checkpoint holds `{"policy", "value"}`: only the policy is restored. A
     LoRA run's holds the adapters: its base is rebuilt and checked
-    (`trainers.lora_runs.load_run_params`).
+    (`trainers.lora_runs.load_lora_run`).
 
     A Hugging Face model directory loads too: its config.json, tokenizer and chat template make
     the config (`hf.model.run_config`, then `overrides`), and its weights stream straight into
@@ -669,9 +669,9 @@ def load_policy(path: str | Path, overrides: Sequence[str] = ()) -> Policy:
         params = hf.load_params(hf_dir, cfg.model, abstract, shardings)
         return Policy(cfg, mesh, rules, graphdef, params)
     if cfg.model.lora is not None:  # the base rebuilt, the checkpoint's adapters put in
-        from jaxalign.trainers.lora_runs import load_run_params
+        from jaxalign.trainers.lora_runs import load_lora_run
 
-        params = load_run_params(path, cfg, algorithm, abstract, shardings)
+        params = load_lora_run(path, cfg, algorithm, mesh, rules)
         return Policy(cfg, mesh, rules, graphdef, params)
     target = algorithm.policy_target(abstract_with_shardings(abstract, shardings))
     params = algorithm.policy_params(load_params(path, target))

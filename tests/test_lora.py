@@ -232,6 +232,59 @@ def test_resume_refuses_another_base_in_one_line(toy_runs, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def _merged_f64(params: dict, scale: float) -> dict:
+    """A float64 NumPy merge: every W with adapters becomes W + (A @ B) * scale."""
+    out = {}
+    for key, value in params.items():
+        if str(key).endswith(("_lora_a", "_lora_b")):
+            continue
+        if isinstance(value, dict):
+            out[key] = _merged_f64(value, scale)
+            continue
+        w = np.asarray(value, np.float64)
+        if f"{key}_lora_a" in params:
+            a = np.asarray(params[f"{key}_lora_a"], np.float64)
+            b = np.asarray(params[f"{key}_lora_b"], np.float64)
+            delta = a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)
+            w = w + scale * delta.reshape(w.shape)
+        out[key] = w
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer_name, lora", [("sft", False), ("rm", True)])
+def test_init_from_a_lora_run_starts_from_its_merged_model(toy_runs, tmp_path, trainer_name, lora):
+    """`init_from` a LoRA SFT run, as peft's merge_and_unload: the run's adapters merged into
+    its base are the new run's model (a reward model's backbone), trained in full (the loop's
+    default start, as DPO's and GRPO's) or under fresh adapters of its own."""
+    from jaxalign.trainers.loop import Trainer
+    from jaxalign.trainers.rm import RewardModelAlgorithm
+    from tests.toy import ToyAlgorithm
+
+    sft = toy_runs["cfg"]
+    sets = {"trainer": trainer_name, "init_from": sft.run_dir, "mesh.fsdp": 1}
+    if lora:
+        sets.update({"model.lora.rank": 2, "model.lora.alpha": 2.0})
+    cfg = toy_config(tmp_path, **sets)
+    algorithm = RewardModelAlgorithm.for_compile(cfg) if trainer_name == "rm" else ToyAlgorithm(cfg)
+    params = _host(Trainer(cfg, algorithm, devices=jax.devices()[:1]).initial_params())
+    model = params["backbone"] if trainer_name == "rm" else params
+    want = _merged_f64(_host(toy_runs["full"].state["params"]), 8.0 / 4)
+    got = base_params(model)
+    assert _paths(got) == _paths(want)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=0, atol=2e-6), got, want)
+    assert not np.allclose(
+        got["blocks"][0]["attn"]["wq"], toy_runs["initial"]["blocks"][0]["attn"]["wq"]
+    )
+    adapters = [p for p in _paths(model) if p.endswith(("_lora_a", "_lora_b"))]
+    assert len(adapters) == (2 * 7 * 2 if lora else 0)
+    if lora:  # fresh adapters of this run's rank: B = 0
+        assert model["blocks"][0]["mlp"]["w_up_lora_a"].shape == (32, 2)
+        assert not np.any(model["blocks"][1]["attn"]["wo_lora_b"])
+    if trainer_name == "rm":
+        assert params["score"].shape == (32,)
+
+
 def _preference_run(tmp_path, trainer_name, steps=2):
     from jaxalign.trainers.dpo import DPO
     from jaxalign.trainers.loop import Trainer

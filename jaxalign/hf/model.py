@@ -390,8 +390,8 @@ def export_checkpoint(
     adapter_model.safetensors, float32; `jaxalign.hf.peft`) for its base, `model.from_hf`;
     with `merge_lora` as the full model with the adapters merged into their weights (a QLoRA
     base dequantized: float32 unless `dtype`). A LoRA run is read by `load_lora_run`
-    (`jaxalign.trainers.loop.load_lora_run`, which the CLI passes: this module does not import
-    the training loop, which imports it).
+    (`jaxalign.trainers.lora_runs.load_lora_run`, which the CLI passes: this module does not
+    import the trainers' modules, which import it).
 
     A Hugging Face directory as `checkpoint` is re-exported (e.g. in another `dtype`, sharded
     differently, or to gs://), with its own tokenizer files by default. `dtype` (float32 or
@@ -449,9 +449,9 @@ def _export_run(
         if load_lora_run is None:
             raise UserError(
                 f"{step_dir}: a LoRA run; export it with `jaxalign export` (or pass "
-                "load_lora_run=jaxalign.trainers.loop.load_lora_run)"
+                "load_lora_run=jaxalign.trainers.lora_runs.load_lora_run)"
             )
-        params = algorithm.policy_params(load_lora_run(cfg, step_dir, mesh, rules, algorithm))
+        params = load_lora_run(step_dir, cfg, algorithm, mesh, rules)
     else:
         if merge:
             raise UserError(f"--merge-lora: {step_dir.parent.parent} is not a LoRA run")

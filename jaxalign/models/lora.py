@@ -319,7 +319,8 @@ def base_reference(cfg) -> dict[str, str]:
 
     source: `init_from`'s checkpoint, `model.from_hf`'s directory, or "seed <n>" (a seeded
     init). hash: sha256 over the base's files (relative names, sizes, first and last MiB each;
-    deterministic and cheap), or over the model config and seed for a seeded init."""
+    deterministic and cheap; `init_from` a LoRA run: its adapters' files and the base reference
+    it recorded), or over the model config and seed for a seeded init."""
     import hashlib
     import json
     from dataclasses import asdict, replace
@@ -333,6 +334,9 @@ def base_reference(cfg) -> dict[str, str]:
         root = Path(resolve_checkpoint(cfg.init_from)) / "state"
         source = str(root.parent)
         files = sorted(p for p in root.rglob("*") if p.is_file())
+        recorded = root.parent / "base" / "metadata"  # a LoRA run: its own base, by hash
+        if recorded.is_file():
+            digest.update(recorded.read_bytes())
     elif cfg.model.from_hf:
         root = Path(cfg.model.from_hf)
         source = str(root)

@@ -119,9 +119,9 @@ def load_reward_model(
         cfg, mesh, rules, lambda rngs: RewardModel(cfg.model, rngs)
     )
     if cfg.model.lora is not None:  # adapters + score head onto the rebuilt base
-        from jaxalign.trainers.lora_runs import load_run_params
+        from jaxalign.trainers.lora_runs import load_lora_run
 
-        params = load_run_params(run_dir, cfg, get_trainer(cfg.trainer), abstract, shardings)
+        params = load_lora_run(run_dir, cfg, get_trainer(cfg.trainer), mesh, rules)
     else:
         params = load_params(run_dir, abstract_with_shardings(abstract, shardings))
     stats_path = config_path.parent / STATS_FILE

@@ -4,7 +4,6 @@ preemption, metrics and progress. An algorithm only supplies a loss and its data
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import signal
@@ -20,9 +19,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxalign import sharding as shd
-from jaxalign.checkpoint import Checkpointer, abstract_with_shardings, load_params
+from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
 from jaxalign.config import Config, save_config, to_dict
-from jaxalign.errors import ConfigError, UserError
+from jaxalign.errors import UserError
 from jaxalign.memory import release_free_memory
 from jaxalign.metrics import (
     MetricsWriter,
@@ -31,16 +30,15 @@ from jaxalign.metrics import (
     plain_metric,
 )
 from jaxalign.models.params import build_model, init_params
-from jaxalign.models.params import logical_axes as param_logical_axes
 from jaxalign.optim import (
     make_optimizer,
-    param_path,
     trained_labels,
     trained_part,
     with_trained,
 )
 from jaxalign.paths import run_path
 from jaxalign.trainers.base import Algorithm, DataIterator
+from jaxalign.trainers.lora_runs import load_init_from, lora_initial_params
 from jaxalign.trainers.step import (
     combine_metrics,
     eval_metrics,
@@ -50,151 +48,6 @@ from jaxalign.trainers.step import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def lora_initial_params(
-    cfg: Config, mesh: Mesh, rules: shd.Rules, algorithm, abstract_params, param_shardings, labels
-) -> Any:
-    """A LoRA run's initial parameters: the base from `init_from`, a Hugging Face model or the
-    seed (QLoRA: quantized as it loads), and fresh adapters (the trained part of a seeded init:
-    XLA computes only those leaves), or `model.lora.from_peft`'s."""
-    from flax import nnx
-
-    from jaxalign.models.lora import base_params, quantize_params
-
-    lora_cfg = cfg.model.lora
-
-    def make_for(c: Config):
-        return lambda rngs: algorithm.make_model(c, rngs)
-
-    trained_shardings = trained_part(param_shardings, labels)
-    if not (cfg.init_from or cfg.model.from_hf):
-        params = init_params(cfg, param_shardings, cfg.train.seed, make_for(cfg))
-    else:
-
-        def init_trained(key):
-            model = make_for(cfg)(nnx.Rngs(params=key))
-            return trained_part(nnx.split(model)[1].to_pure_dict(), labels)
-
-        trained = jax.jit(init_trained, out_shardings=trained_shardings)(
-            jax.random.PRNGKey(cfg.train.seed)
-        )
-        # QLoRA: the base loads in full precision, then each weight is quantized in turn.
-        plain_cfg = cfg
-        if lora_cfg.quantize != "none":
-            plain_cfg = dataclasses.replace(
-                cfg,
-                model=dataclasses.replace(
-                    cfg.model, lora=dataclasses.replace(lora_cfg, quantize="none")
-                ),
-            )
-        _, plain_abstract, plain_shardings = build_model(
-            plain_cfg,
-            mesh,
-            rules,
-            make_for(plain_cfg),
-        )
-        base_abstract = base_params(plain_abstract)
-        base_shardings = base_params(plain_shardings)
-        quantized = lora_cfg.quantize != "none"
-        # QLoRA: the full-precision base loads into host memory, then goes to the devices one
-        # weight at a time, quantized there: the devices never hold the whole unquantized base.
-        load_shardings = base_shardings
-        if quantized:
-            host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-            load_shardings = jax.tree.map(lambda _: host, base_shardings)
-        if cfg.init_from:
-            base = load_params(
-                cfg.init_from, abstract_with_shardings(base_abstract, load_shardings)
-            )
-        else:
-            from jaxalign import hf
-
-            base = hf.load_params(cfg.model.from_hf, cfg.model, base_abstract, load_shardings)
-        if quantized:
-            plain_model = nnx.eval_shape(lambda: make_for(plain_cfg)(nnx.Rngs(0)))
-            names = param_logical_axes(nnx.state(plain_model)).to_pure_dict()
-            base = quantize_params(
-                base, names, lora_cfg, base_params(param_shardings), base_shardings
-            )
-        params = with_trained(base, trained)
-    if lora_cfg.from_peft:
-        params = with_trained(
-            params, peft_adapters(cfg, abstract_params, labels, trained_shardings)
-        )
-    return params
-
-
-def peft_adapters(cfg: Config, abstract_params, labels, trained_shardings: Any) -> Any:
-    """`model.lora.from_peft`'s adapters (and a reward model's score head) as the trained
-    part of a run's parameters, placed on their shardings."""
-    from jaxalign.hf.peft import read_peft_adapter
-
-    source = cfg.model.lora.from_peft
-    adapters, _ = read_peft_adapter(source, cfg.model)
-    if cfg.trainer == "rm" and "backbone" not in adapters:
-        adapters = {"backbone": adapters}
-    abstract = trained_part(abstract_params, labels)
-    want = {param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
-    have = {param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(adapters)}
-    for path, spec in want.items():
-        if path not in have:
-            raise ConfigError(
-                f"model.lora.from_peft: {source} has no tensor for {path}; its targets and "
-                "rank must match model.lora's"
-            )
-        if tuple(have[path].shape) != tuple(spec.shape):
-            raise ConfigError(
-                f"model.lora.from_peft: {source}: {path} has shape "
-                f"{tuple(have[path].shape)}, this run's is {tuple(spec.shape)} "
-                "(model.lora.rank and the model config must match the adapter's)"
-            )
-    extra = sorted(set(have) - set(want))
-    if extra:
-        raise ConfigError(
-            f"model.lora.from_peft: {source} adapts {extra[0]}, which model.lora.targets "
-            "does not name"
-        )
-    part = jax.tree_util.tree_map_with_path(
-        lambda path, spec: np.asarray(have[param_path(path)], spec.dtype), abstract
-    )
-    return jax.device_put(part, trained_shardings)
-
-
-def load_lora_run(cfg: Config, step_dir, mesh: Mesh, rules: shd.Rules, algorithm) -> Any:
-    """The full parameters (base + the checkpoint's adapters and trained extras) of a LoRA run's
-    checkpoint `step_dir` trained under `cfg` by `algorithm` (an Algorithm class): the base is
-    rebuilt as the run built it (QLoRA: quantized again, deterministically) and must be the one
-    the checkpoint recorded (one UserError line otherwise). What `jaxalign export` reads."""
-    from pathlib import Path
-
-    from jaxalign.models.lora import base_reference
-
-    step_dir = Path(step_dir)
-    _, abstract, shardings = build_model(
-        cfg, mesh, rules, lambda rngs: algorithm.make_model(cfg, rngs)
-    )
-    labels = trained_labels(cfg, abstract)
-    want = base_reference(cfg)
-    saved = Checkpointer._saved_base(step_dir)
-    if saved is None or saved.get("hash") != want["hash"]:
-        raise UserError(
-            f"{step_dir}: this LoRA checkpoint was trained on another base "
-            f"({'no base recorded' if saved is None else saved.get('source')}); the run's config "
-            f"names {want['source']} (hash {want['hash']})"
-        )
-    fresh_cfg = dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(
-            cfg.model, lora=dataclasses.replace(cfg.model.lora, from_peft=None)
-        ),
-    )
-    params = lora_initial_params(fresh_cfg, mesh, rules, algorithm, abstract, shardings, labels)
-    trained = load_params(
-        step_dir,
-        abstract_with_shardings(trained_part(abstract, labels), trained_part(shardings, labels)),
-    )
-    return with_trained(params, trained)
 
 
 @dataclass
@@ -320,8 +173,8 @@ class Trainer:
             return params
         if self.lora:
             return self._lora_initial_params()
-        if self.cfg.init_from:
-            return load_params(
+        if self.cfg.init_from:  # a LoRA run's adapters merged into its base
+            return load_init_from(
                 self.cfg.init_from,
                 abstract_with_shardings(self.abstract_params, self.param_shardings),
             )

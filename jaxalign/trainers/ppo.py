@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import sharding as shd
-from jaxalign.checkpoint import abstract_with_shardings, load_params
+from jaxalign.checkpoint import abstract_with_shardings
 from jaxalign.config import Config
 from jaxalign.data import load_tokenizer
 from jaxalign.errors import ConfigError
@@ -34,6 +34,7 @@ from jaxalign.rl import (
     masked_whiten,
 )
 from jaxalign.trainers.base import Algorithm
+from jaxalign.trainers.lora_runs import load_init_from
 from jaxalign.trainers.rl_rows import ROW_KEYS, response_logprobs, response_values
 from jaxalign.trainers.rm import check_vocab, checkpoint_trainer
 from jaxalign.trainers.rollout import (
@@ -315,11 +316,11 @@ class PPO(RLAlgorithm):
             return None  # a PPO run: the trainer's default loads both
         abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
         if cfg.init_from:
-            policy = load_params(cfg.init_from, abstract["policy"])
+            policy = load_init_from(cfg.init_from, abstract["policy"])
         else:
             policy = _fresh(trainer)["policy"]  # a seeded init (tests)
         if cfg.rl.value_init_from:
-            value = load_params(cfg.rl.value_init_from, abstract["value"])
+            value = load_init_from(cfg.rl.value_init_from, abstract["value"])
         else:
             copy = jax.jit(
                 lambda p: jax.tree.map(jnp.copy, p),
@@ -355,7 +356,7 @@ class PPO(RLAlgorithm):
         abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
         shardings = trainer.param_shardings
         if cfg.init_from:
-            base = load_params(cfg.init_from, base_params(abstract["policy"]))
+            base = load_init_from(cfg.init_from, base_params(abstract["policy"]))
         elif cfg.model.from_hf:
             from jaxalign import hf
 
@@ -375,7 +376,7 @@ class PPO(RLAlgorithm):
         if cfg.rl.lora_critic == "adapters":
             backbone = trained_part(fresh["value"], trainer.labels["value"])["backbone"]
         elif cfg.rl.value_init_from:
-            value = load_params(cfg.rl.value_init_from, abstract["value"])
+            value = load_init_from(cfg.rl.value_init_from, abstract["value"])
             backbone, score = value["backbone"], value["score"]
         else:
             copy = jax.jit(

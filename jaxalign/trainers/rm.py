@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.checkpoint import abstract_with_shardings, load_params, resolve_checkpoint
+from jaxalign.checkpoint import abstract_with_shardings, resolve_checkpoint
 from jaxalign.config import Config
 from jaxalign.data import load_tokenizer, preference_iterator_from_config
 from jaxalign.data.preference import read_preference_jsonl, tokenize_preferences
@@ -26,6 +26,7 @@ from jaxalign.models.reward import RewardModel
 from jaxalign.paths import run_path
 from jaxalign.rewards.model import STATS_FILE, RewardModelRunner
 from jaxalign.trainers.base import Algorithm
+from jaxalign.trainers.lora_runs import load_init_from
 
 
 def pairs_to_rows(x: jax.Array) -> jax.Array:
@@ -202,11 +203,14 @@ class RewardModelAlgorithm(Algorithm):
 
     def initial_params(self, trainer) -> Any | None:
         """Parameters from a policy checkpoint (`init_from` an SFT run): its transformer becomes
-        the backbone and the head is freshly initialized. None: the trainer's default."""
+        the backbone and the head is freshly initialized. None: the trainer's default (with
+        LoRA, `lora_runs.lora_initial_params` maps a policy run into the backbone the same way)."""
         cfg = self.cfg
+        if cfg.model.lora is not None:
+            return None
         if not cfg.init_from or checkpoint_trainer(cfg.init_from) == cfg.trainer:
             return None
-        backbone = load_params(
+        backbone = load_init_from(  # a LoRA run's adapters merged into its base
             cfg.init_from,
             abstract_with_shardings(
                 trainer.abstract_params["backbone"], trainer.param_shardings["backbone"]
