@@ -72,8 +72,8 @@ RAGGED_DOT = "ragged_dot:model.moe_kernel=ragged_dot"
 def build_jax(args):
     """(trainer, state, batch, info): sft_step's side on the MoE config (or the dense variant),
     with parameters and FLOPs counted over the active parameters."""
-    from jaxalign.metrics import param_count
-    from jaxalign.models.moe import moe_param_count, moe_train_flops_per_token
+    from jaxalign.metrics import moe_param_count, param_count
+    from jaxalign.models.moe import moe_train_flops_per_token
 
     cfg = common.step_config(SIZES[args.size], args.set, common.scratch_dir("bench_moe_"), ROOT)
     trainer, state, batch, info = sft_step.build_jax(args, cfg)

@@ -41,6 +41,19 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embed + (embed if cfg.tie_embeddings else 0)}
 
 
+def moe_param_count(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts: `total` (memory), `active` (what one token's forward touches, without
+    the input embedding: for FLOPs)."""
+    dense_counts = param_count(cfg)  # every layer with a dense intermediate_size MLP
+    d, e, k = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    dense_mlp = 3 * d * cfg.intermediate_size
+    expert = 3 * d * cfg.resolved_moe_intermediate_size
+    total = dense_counts["total"] + moe_layers * (d * e + e * expert - dense_mlp)
+    active = dense_counts["non_embedding"] + moe_layers * (d * e + k * expert - dense_mlp)
+    return {"total": total, "active": active}
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters, plus causal attention scores and values
     (forward 2 x 2 x T/2 x H x hd per layer, x3 for forward+backward)."""
@@ -53,8 +66,6 @@ def matmul_params(cfg: ModelConfig) -> int:
     """The parameters one token's forward multiplies by: all but the input embedding (with a
     mixture of experts only the k routed experts of each MoE layer, and the router)."""
     if cfg.num_experts:
-        from jaxalign.models.moe import moe_param_count
-
         return moe_param_count(cfg)["active"]
     return param_count(cfg)["non_embedding"]
 

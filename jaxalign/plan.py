@@ -487,7 +487,7 @@ def make_plan(cfg: Config, num_devices: int, platform: str | None = None) -> Pla
         rollout = rollout_generate_bytes(cfg, sizes, rules, policy.params)
     active = None
     if cfg.model.num_experts:
-        from jaxalign.models.moe import moe_param_count
+        from jaxalign.metrics import moe_param_count
 
         active = moe_param_count(cfg.model)["active"]
     return Plan(

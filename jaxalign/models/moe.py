@@ -33,7 +33,7 @@ from flax import nnx
 from jaxalign import sharding as shd
 from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import MIXTRAL_CONVERTER, QWEN3_MOE_CONVERTER
-from jaxalign.metrics import param_count
+from jaxalign.metrics import moe_param_count, param_count
 from jaxalign.models import auto, llama
 from jaxalign.models.llama import DTYPES, _param, dense
 from jaxalign.models.params import AuxLoss, AuxMetric
@@ -396,19 +396,6 @@ def router_losses(stats: dict, num_experts: int, k: int) -> dict[str, jax.Array]
         "moe/expert_load": counts / (rows * k),
         "moe/dropped_tokens": stats["dropped"].sum() / (rows * k),
     }
-
-
-def moe_param_count(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts: `total` (memory), `active` (what one token's forward touches, without
-    the input embedding: for FLOPs)."""
-    dense_counts = param_count(cfg)  # every layer with a dense intermediate_size MLP
-    d, e, k = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok
-    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
-    dense_mlp = 3 * d * cfg.intermediate_size
-    expert = 3 * d * cfg.resolved_moe_intermediate_size
-    total = dense_counts["total"] + moe_layers * (d * e + e * expert - dense_mlp)
-    active = dense_counts["non_embedding"] + moe_layers * (d * e + k * expert - dense_mlp)
-    return {"total": total, "active": active}
 
 
 def moe_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
