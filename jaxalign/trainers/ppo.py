@@ -34,7 +34,7 @@ from jaxalign.rl import (
     masked_whiten,
 )
 from jaxalign.trainers.base import Algorithm
-from jaxalign.trainers.lora_runs import load_init_from
+from jaxalign.trainers.lora_runs import load_base, load_init_from, merge_adapters
 from jaxalign.trainers.rl_rows import ROW_KEYS, response_logprobs, response_values
 from jaxalign.trainers.rm import check_vocab, checkpoint_trainer
 from jaxalign.trainers.rollout import (
@@ -351,36 +351,41 @@ class PPO(RLAlgorithm):
             )
         if not (cfg.init_from or cfg.model.from_hf):
             fresh = _fresh(trainer)
+            trained = trained_part(fresh, trainer.labels)
         else:
-            fresh = trainer._lora_trained_init()
+            trained = trainer._lora_trained_init()  # the adapters (and head) only
         abstract = abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
         shardings = trainer.param_shardings
-        if cfg.init_from:
-            base = load_init_from(cfg.init_from, base_params(abstract["policy"]))
-        elif cfg.model.from_hf:
-            from jaxalign import hf
-
-            base = hf.load_params(
-                cfg.model.from_hf,
-                cfg.model,
-                base_params(trainer.abstract_params["policy"]),
-                base_params(shardings["policy"]),
+        if cfg.init_from or cfg.model.from_hf:
+            # the policy's base, quantized as it loads under QLoRA (the loop's LoRA start)
+            base = load_base(
+                cfg,
+                trainer.mesh,
+                trainer.rules,
+                self,
+                shardings["policy"],
+                make_model=type(self).make_policy,
             )
         else:
             base = base_params(fresh["policy"])
-        policy = with_trained(base, trained_part(fresh["policy"], trainer.labels["policy"]))
+        policy = with_trained(base, trained["policy"])
         score = jax.jit(
             lambda: jnp.zeros(abstract["value"]["score"].shape, abstract["value"]["score"].dtype),
             out_shardings=shardings["value"]["score"],
         )()
         if cfg.rl.lora_critic == "adapters":
-            backbone = trained_part(fresh["value"], trainer.labels["value"])["backbone"]
+            backbone = trained["value"]["backbone"]
         elif cfg.rl.value_init_from:
             value = load_init_from(cfg.rl.value_init_from, abstract["value"])
             backbone, score = value["backbone"], value["score"]
         else:
+            # a full-precision copy of the base (dequantized under QLoRA: the separate critic
+            # is a plain model that trains every weight)
+            dtypes = jax.tree.map(lambda a: a.dtype, abstract["value"]["backbone"])
             copy = jax.jit(
-                lambda p: jax.tree.map(jnp.copy, p),
+                lambda p: jax.tree.map(
+                    lambda x, d: x.astype(d), merge_adapters(p, cfg.model.lora), dtypes
+                ),
                 out_shardings=shardings["value"]["backbone"],
             )
             backbone = copy(base)
