@@ -337,9 +337,7 @@ class ContinuousSampler:
                 "kv_segment_ids": kv,
                 "tokens": jnp.where(here, token[:, None], st["tokens"]),
                 "model_logprobs": jnp.where(here, model_lp[:, None], st["model_logprobs"]),
-                "sampling_logprobs": jnp.where(
-                    here, sampling_lp[:, None], st["sampling_logprobs"]
-                ),
+                "sampling_logprobs": jnp.where(here, sampling_lp[:, None], st["sampling_logprobs"]),
                 "length": length,
                 "stopped": st["stopped"] | stop,
                 "active": active & ~stop & (length < st["limit"]),
@@ -385,8 +383,10 @@ class ContinuousSampler:
             max_tokens = np.full(r, self.max_new_tokens, np.int32)
         seed = self.sampling.seed if seed is None else seed
         if group > self.max_group or r % group:
-            raise UserError(f"continuous batching: groups of {group} rows, max_group is "
-                            f"{self.max_group} and there are {r} rows")
+            raise UserError(
+                f"continuous batching: groups of {group} rows, max_group is "
+                f"{self.max_group} and there are {r} rows"
+            )
         prompts = [
             np.asarray(prompt_tokens[i, prompt_tokens.shape[1] - int(prompt_lengths[i]) :])
             for i in range(0, r, group)
@@ -479,7 +479,9 @@ class Session:
     def submit(self, tag, request: Request) -> None:
         sp = self.sampler
         if len(request.sample_ids) > sp.max_group:
-            raise UserError(f"a request of {len(request.sample_ids)} rows > max_group {sp.max_group}")
+            raise UserError(
+                f"a request of {len(request.sample_ids)} rows > max_group {sp.max_group}"
+            )
         if not 0 < len(request.prompt) <= sp.max_prompt_len:
             raise UserError(
                 f"prompt of {len(request.prompt)} tokens; the continuous sampler holds "
@@ -507,19 +509,18 @@ class Session:
         bucket = prompt_bucket(len(self.queue[0][1].prompt), sp.max_prompt_len)
         taken, keep = [], collections.deque()
         slots = list(free)
-        max_prompts = sp.slots // 1
         while self.queue:
             tag, req = self.queue.popleft()
-            fits = len(req.sample_ids) <= len(slots) and len(taken) < max_prompts
+            fits = len(req.sample_ids) <= len(slots) and len(taken) < sp.slots
             if fits and prompt_bucket(len(req.prompt), sp.max_prompt_len) == bucket:
                 rows = [slots.pop(0) for _ in req.sample_ids]
                 taken.append((tag, req, rows))
             else:
                 keep.append((tag, req))
         self.queue = keep
-        k = 1
+        k = 1  # prompts per prefill: 1, 4, 16, ... (few compiled shapes, little padding)
         while k < len(taken):
-            k *= 2
+            k *= 4
         k = min(k, sp.slots)
         m = sp.slots
         tokens = np.full((k, bucket), sp.pad_id, np.int32)
@@ -557,16 +558,14 @@ class Session:
         self.steps["prefill"] += 1
 
     def _harvest(self) -> dict:
-        active = np.asarray(jax.device_get(self.state["active"]))
+        active = shd.host_array(self.state["active"])
         ended = [i for i, o in enumerate(self.owner) if o is not None and not active[i]]
         if not ended:
             return {}
-        host = jax.device_get(
-            {
-                k: self.state[k]
-                for k in ("tokens", "length", "stopped", "model_logprobs", "sampling_logprobs")
-            }
-        )
+        host = {
+            k: shd.host_array(self.state[k])
+            for k in ("tokens", "length", "stopped", "model_logprobs", "sampling_logprobs")
+        }
         done = {}
         for i in ended:
             tag, row = self.owner[i]
@@ -581,3 +580,47 @@ class Session:
             if all(x is not None for x in self.partial[tag]):
                 done[tag] = self.partial.pop(tag)
         return done
+
+
+def sample_rows(
+    sampler: Sampler | ContinuousSampler,
+    params: Any,
+    prompt_tokens: np.ndarray,
+    prompt_lengths: np.ndarray,
+    sample_ids: np.ndarray,
+    seed: int | None,
+    rows_per_call: int | None = None,
+    *,
+    group: int = 1,
+    max_tokens: np.ndarray | None = None,
+) -> RowSamples:
+    """Every row of left-padded prompts [R, W] (lengths [R], stream ids [R]) sampled, on the
+    host (gathered across processes): with the static sampler `rows_per_call` rows per
+    compiled call (None: all), with the continuous one over its slots (`group` consecutive
+    rows sharing each prompt's prefill)."""
+    if isinstance(sampler, ContinuousSampler):
+        return sampler.generate_rows(
+            params,
+            prompt_tokens,
+            prompt_lengths,
+            sample_ids,
+            seed,
+            group=group,
+            max_tokens=max_tokens,
+        )
+    rows = len(prompt_lengths)
+    per_call = min(rows, rows_per_call or rows)
+    kwargs = {} if max_tokens is None else {"max_tokens": max_tokens}
+    parts = []
+    for s in range(0, rows, per_call):
+        sl = slice(s, s + per_call)
+        more = {k: v[sl] for k, v in kwargs.items()}
+        parts.append(
+            sampler.generate_padded(
+                params, prompt_tokens[sl], prompt_lengths[sl], sample_ids[sl], seed, **more
+            )
+        )
+    fields = ("tokens", "lengths", "finish_reasons", "model_logprobs", "sampling_logprobs")
+    return RowSamples(
+        *(np.concatenate([shd.host_array(getattr(o, f)) for o in parts]) for f in fields)
+    )

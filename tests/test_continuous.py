@@ -8,24 +8,38 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from test_generate import MODEL, WEIGHT_STD, completions, setup  # noqa: F401  (a fixture)
+from flax import nnx
+from test_generate import make_cfg, setup  # noqa: F401  (a fixture)
 
 from jaxalign import sharding as shd
 from jaxalign.config import SamplingConfig
 from jaxalign.continuous import ContinuousSampler
 from jaxalign.generate import Sampler, left_pad
+from jaxalign.models.llama import Transformer, logical_axes
 
 N = 10
 STOPS = (7, 11, 40, 99, 123, 200, 301, 333, 411, 500)  # frequent enough to end rows early
 
 
-def samplers(cfg, sampling, slots, **kw):
-    static = Sampler(cfg.model, sampling, stop_token_ids=STOPS, **kw)
-    cont = ContinuousSampler(
-        cfg.model, sampling, slots=slots, max_prompt_len=32, max_group=2, stop_token_ids=STOPS,
-        **kw,
-    )
-    return static, cont
+@pytest.fixture(scope="module")
+def samplers(setup):  # noqa: F811
+    """The static sampler and continuous ones over 3 and 5 slots (the settings and seed are
+    run-time inputs: one compilation each serves every test)."""
+    cfg = setup[0]
+    sampling = SamplingConfig(top_k=50, max_new_tokens=N, seed=5)
+    static = Sampler(cfg.model, sampling, stop_token_ids=STOPS)
+    cont = [
+        ContinuousSampler(
+            cfg.model,
+            sampling,
+            slots=slots,
+            max_prompt_len=16,
+            max_group=2,
+            stop_token_ids=STOPS,
+        )
+        for slots in (3, 5)
+    ]
+    return static, *cont
 
 
 def rows(out):
@@ -35,26 +49,95 @@ def rows(out):
 
 @pytest.fixture(scope="module")
 def padded(setup):  # noqa: F811
-    prompts = setup[3]
-    tokens, lengths = left_pad(prompts, 32, 0)
+    prompts = [p for p in setup[3] if len(p) <= 16]  # one prompt bucket: fewer compilations
+    tokens, lengths = left_pad(prompts, 16, 0)
     return tokens, lengths, np.arange(100, 100 + len(prompts), dtype=np.int32)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_continuous_equals_static_for_any_slot_count_and_order(setup, padded, temperature):  # noqa: F811
-    cfg, _, params, _, _, _ = setup
+def test_continuous_equals_static_for_any_slot_count_and_order(
+    setup,  # noqa: F811
+    samplers,
+    padded,
+    temperature,
+):
+    params = setup[2]
     tokens, lengths, ids = padded
-    sampling = SamplingConfig(temperature=temperature, top_k=50, max_new_tokens=N, seed=5)
-    static, cont = samplers(cfg, sampling, slots=3)
-    ref = jax.device_get(static.generate_padded(params, tokens, lengths, ids))
+    static, three, five = samplers
+    ref = jax.device_get(
+        static.generate_padded(params, tokens, lengths, ids, temperature=temperature)
+    )
     assert len(set(ref.lengths.tolist())) > 2  # rows end at different lengths
-    out = cont.generate_rows(params, tokens, lengths, ids)
+    out = three.generate_rows(params, tokens, lengths, ids, temperature=temperature)
     assert rows(out) == rows(ref)
     np.testing.assert_array_equal(out.finish_reasons, ref.finish_reasons)
-    np.testing.assert_allclose(out.model_logprobs, ref.model_logprobs, atol=2e-5)
-    np.testing.assert_allclose(out.sampling_logprobs, ref.sampling_logprobs, atol=2e-5)
+    np.testing.assert_allclose(out.model_logprobs, ref.model_logprobs, atol=1e-5)
+    np.testing.assert_allclose(out.sampling_logprobs, ref.sampling_logprobs, atol=1e-5)
     # Another slot count, and the rows in reverse order (other slots, other batch-mates).
-    other = ContinuousSampler(
-        cfg.model, sampling, slots=5, max_prompt_len=32, stop_token_ids=STOPS
-    ).generate_rows(params, tokens[::-1], lengths[::-1], ids[::-1])
-    assert rows(other)[::-1] == rows(ref)
+    flip = slice(None, None, -1)
+    other = five.generate_rows(
+        params, tokens[flip], lengths[flip], ids[flip], temperature=temperature
+    )
+    assert rows(other)[flip] == rows(ref)
+
+
+def test_shared_group_prefill_equals_separate_prefills_and_the_trainers_logprobs(
+    setup,  # noqa: F811
+    samplers,
+    padded,
+):
+    """A GRPO group (2 samples of one prompt, prefilled once and copied into 2 slots) samples
+    what 2 separately prefilled rows with the same streams sample, and every sampled token's
+    log-prob equals the training forward's within 1e-5."""
+    _, _, params, _, reference, _ = setup
+    static, three, five = samplers
+    tokens, lengths, _ = padded
+    tokens, lengths = np.repeat(tokens[:4], 2, axis=0), np.repeat(lengths[:4], 2)
+    ids = np.arange(8, dtype=np.int32)
+    settings = {"temperature": 1.0, "top_k": 0, "seed": 9}
+    grouped = five.generate_rows(params, tokens, lengths, ids, group=2, **settings)
+    separate = three.generate_rows(params, tokens, lengths, ids, group=1, **settings)
+    assert rows(grouped) == rows(separate)
+    assert rows(grouped)[0] != rows(grouped)[1]  # a group's samples differ
+    np.testing.assert_allclose(grouped.model_logprobs, separate.model_logprobs, atol=1e-5)
+    ref = jax.device_get(static.generate_padded(params, tokens, lengths, ids, **settings))
+    assert rows(grouped) == rows(ref)
+    firsts = [tokens[r, 16 - lengths[r] :].tolist() for r in range(8)]
+    seqs = [firsts[r] + row for r, row in enumerate(rows(grouped))]
+    _, train_logps = reference(seqs)
+    for r, row in enumerate(rows(grouped)):
+        start = len(firsts[r]) - 1
+        np.testing.assert_allclose(
+            grouped.model_logprobs[r, : len(row)],
+            train_logps[r, start : start + len(row)],
+            atol=1e-5,
+            rtol=0,
+        )
+
+
+def test_sharded_continuous_batching_equals_single_device(setup, samplers, padded):  # noqa: F811
+    """Slots over the batch axes and KV heads over the tensor axis of an 8-device mesh."""
+    cfg, graphdef, params, _, _, _ = setup
+    tokens, lengths, ids = padded
+    single = samplers[2].generate_rows(params, tokens, lengths, ids, temperature=0.0)
+    mesh = shd.make_mesh(make_cfg(**{"mesh.fsdp": 4, "mesh.tensor": 2}).mesh)
+    rules = shd.resolve_rules(cfg.sharding)
+    names = logical_axes(nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[1])
+    shardings = shd.logical_to_sharding(names.to_pure_dict(), mesh, rules)
+    sharded = ContinuousSampler(
+        cfg.model,
+        samplers[2].sampling,
+        slots=8,
+        max_prompt_len=16,
+        stop_token_ids=STOPS,
+        mesh=mesh,
+        rules=rules,
+        graphdef=graphdef,
+    )
+    out = sharded.generate_rows(
+        jax.device_put(params, shardings), tokens, lengths, ids, temperature=0.0
+    )
+    spec = sharded.session(params).state["cache"][0]["k"].sharding.spec
+    assert "fsdp" in jax.tree.leaves(spec[0]) and spec[1] == "tensor"
+    assert rows(out) == rows(single)
+    np.testing.assert_allclose(out.model_logprobs, single.model_logprobs, atol=1e-5)

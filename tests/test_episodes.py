@@ -25,6 +25,7 @@ from jaxalign.errors import DataError, UserError
 from jaxalign.eval.compare import compare_metrics
 from jaxalign.eval.episodes import environment_name, evaluate_environments, parse_environment_arg
 from jaxalign.generate import Generation, Sampler, Stops
+from jaxalign.trainers import episodes as episodes_mod
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers.episodes import Episode, EpisodeRunner, episode_metrics, read_episode_records
 from jaxalign.trainers.rl_rows import build_rows
@@ -81,6 +82,7 @@ def patched_generate(fn):
     real = Sampler.generate_padded
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Sampler, "generate_padded", lambda self, *a, **k: fn(real, self, *a, **k))
+        mp.setattr(episodes_mod, "continuous_batching", lambda cfg: False)  # that sampler
         yield
 
 

@@ -360,6 +360,7 @@ def short_responses(monkeypatch, cuts):
         )
 
     monkeypatch.setattr(Sampler, "generate_padded", generate_padded)
+    monkeypatch.setattr(engine_mod, "continuous_batching", lambda cfg: False)  # that sampler
 
 
 def first_minibatch_loss(cfg, rollouts):
@@ -484,6 +485,7 @@ def test_truncated_completions_weigh_nothing_when_masked(tmp_path, monkeypatch, 
         return dataclasses.replace(out, finish_reasons=stop)
 
     monkeypatch.setattr(Sampler, "generate_padded", generate_padded)
+    monkeypatch.setattr(engine_mod, "continuous_batching", lambda cfg: False)  # that sampler
     reward = tmp_path / "varied.py"  # scores that differ within groups: nonzero advantages
     reward.write_text(
         "def reward(prompts, completions, **fields):\n"
