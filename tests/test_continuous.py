@@ -5,17 +5,23 @@ device; the multi-turn episode runner on it plays the same episodes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_episodes import ECHO_ENV, episode_config
 from test_generate import make_cfg, setup  # noqa: F401  (a fixture)
+from toy import random_params
 
 from jaxalign import sharding as shd
 from jaxalign.config import SamplingConfig
 from jaxalign.continuous import ContinuousSampler
-from jaxalign.generate import Sampler, left_pad
+from jaxalign.data import load_tokenizer
+from jaxalign.generate import Sampler, Stops, left_pad
 from jaxalign.models.llama import Transformer, logical_axes
+from jaxalign.trainers.episodes import EpisodeRunner, read_episode_records
 
 N = 10
 STOPS = (7, 11, 40, 99, 123, 200, 301, 333, 411, 500)  # frequent enough to end rows early
@@ -141,3 +147,37 @@ def test_sharded_continuous_batching_equals_single_device(setup, samplers, padde
     assert "fsdp" in jax.tree.leaves(spec[0]) and spec[1] == "tensor"
     assert rows(out) == rows(single)
     np.testing.assert_allclose(out.model_logprobs, single.model_logprobs, atol=1e-5)
+
+
+def test_episodes_on_continuous_batching_are_the_static_samplers_episodes(tmp_path):
+    """Multi-turn Echo episodes (tests/test_episodes.py) whose turns end at many stop tokens,
+    so episodes wait for their tool at different times: on 3 slots shared by 4 episodes they
+    are the static sampler's episodes token for token, with the same masks, log-probs and
+    rewards."""
+    (tmp_path / "echo_env.py").write_text(ECHO_ENV)
+    cfg = episode_config(
+        tmp_path, **{"rl.environment": f"{tmp_path / 'echo_env.py'}:Echo", "rl.max_turns": 3}
+    )
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    stops = Stops(tokenizer, range(3, 512, 4))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
+    params = jax.device_put(random_params(state, 1, 0.25))
+    turn = dataclasses.replace(cfg.sampling, max_new_tokens=cfg.rl.turn_tokens)
+    common = {"stop_token_ids": stops.token_ids, "pad_id": tokenizer.pad_id, "graphdef": graphdef}
+    continuous = ContinuousSampler(cfg.model, turn, slots=3, max_prompt_len=160 + 24, **common)
+    records, row_ids = read_episode_records(
+        cfg.data.train_file, tokenizer, cfg.data.template, limit=4
+    )
+    played = []
+    for sampler in (Sampler(cfg.model, turn, **common), continuous):
+        runner = EpisodeRunner(cfg, tokenizer, stops, sampler, None)
+        episodes, width = runner.start(records, row_ids, cfg.data.prompt_buckets)
+        runner.run(episodes, width, params, np.arange(7, 11, dtype=np.int32), 1, {})
+        played.append(episodes)
+    static, cont = played
+    assert len({(e.turns, len(e.tokens)) for e in static}) > 1  # episodes of different shapes
+    assert max(e.turns for e in static) > 1
+    for a, b in zip(static, cont, strict=True):
+        assert (a.tokens, a.mask, a.turns, a.reward) == (b.tokens, b.mask, b.turns, b.reward)
+        assert (a.turn_limit, a.token_limit) == (b.turn_limit, b.token_limit)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
