@@ -492,7 +492,7 @@ def test_calculator_grpo_run_evals_episodes_and_resumes_mid_episode_exactly(tmp_
                     def finish(*args):
                         raise RuntimeError("simulated crash mid-episode")
 
-                    data.engine.episodes._observe = finish  # both samplers step through it
+                    data.engine.episodes._model_turn = finish  # both samplers add turns by it
                 rollout()
 
             data._rollout = crashing
