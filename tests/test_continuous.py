@@ -29,23 +29,20 @@ STOPS = (7, 11, 40, 99, 123, 200, 301, 333, 411, 500)  # frequent enough to end 
 
 @pytest.fixture(scope="module")
 def samplers(setup):  # noqa: F811
-    """The static sampler and continuous ones over 3 and 5 slots (the settings and seed are
-    run-time inputs: one compilation each serves every test)."""
-    cfg = setup[0]
+    """The static sampler, a continuous one over 3 slots, and one over 8 slots sharded over an
+    8-device mesh (the settings and seed are run-time inputs: one compilation serves every
+    test)."""
+    cfg, graphdef = setup[:2]
     sampling = SamplingConfig(top_k=50, max_new_tokens=N, seed=5)
     static = Sampler(cfg.model, sampling, stop_token_ids=STOPS)
-    cont = [
-        ContinuousSampler(
-            cfg.model,
-            sampling,
-            slots=slots,
-            max_prompt_len=16,
-            max_group=2,
-            stop_token_ids=STOPS,
-        )
-        for slots in (3, 5)
-    ]
-    return static, *cont
+    common = {"max_prompt_len": 16, "max_group": 2, "stop_token_ids": STOPS}
+    three = ContinuousSampler(cfg.model, sampling, slots=3, **common)
+    mesh = shd.make_mesh(make_cfg(**{"mesh.fsdp": 4, "mesh.tensor": 2}).mesh)
+    rules = shd.resolve_rules(cfg.sharding)
+    sharded = ContinuousSampler(
+        cfg.model, sampling, slots=8, mesh=mesh, rules=rules, graphdef=graphdef, **common
+    )
+    return static, three, sharded
 
 
 def rows(out):
@@ -55,7 +52,9 @@ def rows(out):
 
 @pytest.fixture(scope="module")
 def padded(setup):  # noqa: F811
-    prompts = [p for p in setup[3] if len(p) <= 16]  # one prompt bucket: fewer compilations
+    # 8 prompts of one bucket (16): the group test's 4 x 2 rows have the same shape (fewer
+    # compilations).
+    prompts = [p[:16] for p in setup[3]]
     tokens, lengths = left_pad(prompts, 16, 0)
     return tokens, lengths, np.arange(100, 100 + len(prompts), dtype=np.int32)
 
@@ -67,9 +66,11 @@ def test_continuous_equals_static_for_any_slot_count_and_order(
     padded,
     temperature,
 ):
-    params = setup[2]
+    """3 slots, and 8 slots sharded over fsdp 4 x tensor 2 with the rows in reverse order
+    (other slots, other slot-mates): the static sampler's rows token for token."""
+    cfg, graphdef, params = setup[:3]
     tokens, lengths, ids = padded
-    static, three, five = samplers
+    static, three, sharded = samplers
     ref = jax.device_get(
         static.generate_padded(params, tokens, lengths, ids, temperature=temperature)
     )
@@ -79,12 +80,21 @@ def test_continuous_equals_static_for_any_slot_count_and_order(
     np.testing.assert_array_equal(out.finish_reasons, ref.finish_reasons)
     np.testing.assert_allclose(out.model_logprobs, ref.model_logprobs, atol=1e-5)
     np.testing.assert_allclose(out.sampling_logprobs, ref.sampling_logprobs, atol=1e-5)
-    # Another slot count, and the rows in reverse order (other slots, other batch-mates).
+
+    names = logical_axes(nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[1])
+    shardings = shd.logical_to_sharding(names.to_pure_dict(), sharded.mesh, sharded.rules)
     flip = slice(None, None, -1)
-    other = five.generate_rows(
-        params, tokens[flip], lengths[flip], ids[flip], temperature=temperature
+    other = sharded.generate_rows(
+        jax.device_put(params, shardings),
+        tokens[flip],
+        lengths[flip],
+        ids[flip],
+        temperature=temperature,
     )
     assert rows(other)[flip] == rows(ref)
+    np.testing.assert_allclose(other.model_logprobs[flip], ref.model_logprobs, atol=1e-5)
+    spec = sharded.session(params).state["cache"][0]["k"].sharding.spec
+    assert "fsdp" in jax.tree.leaves(spec[0]) and spec[1] == "tensor"
 
 
 def test_shared_group_prefill_equals_separate_prefills_and_the_trainers_logprobs(
@@ -96,12 +106,12 @@ def test_shared_group_prefill_equals_separate_prefills_and_the_trainers_logprobs
     what 2 separately prefilled rows with the same streams sample, and every sampled token's
     log-prob equals the training forward's within 1e-5."""
     _, _, params, _, reference, _ = setup
-    static, three, five = samplers
+    static, three, _ = samplers
     tokens, lengths, _ = padded
     tokens, lengths = np.repeat(tokens[:4], 2, axis=0), np.repeat(lengths[:4], 2)
     ids = np.arange(8, dtype=np.int32)
     settings = {"temperature": 1.0, "top_k": 0, "seed": 9}
-    grouped = five.generate_rows(params, tokens, lengths, ids, group=2, **settings)
+    grouped = three.generate_rows(params, tokens, lengths, ids, group=2, **settings)
     separate = three.generate_rows(params, tokens, lengths, ids, group=1, **settings)
     assert rows(grouped) == rows(separate)
     assert rows(grouped)[0] != rows(grouped)[1]  # a group's samples differ
@@ -121,43 +131,13 @@ def test_shared_group_prefill_equals_separate_prefills_and_the_trainers_logprobs
         )
 
 
-def test_sharded_continuous_batching_equals_single_device(setup, samplers, padded):  # noqa: F811
-    """Slots over the batch axes and KV heads over the tensor axis of an 8-device mesh."""
-    cfg, graphdef, params, _, _, _ = setup
-    tokens, lengths, ids = padded
-    single = samplers[2].generate_rows(params, tokens, lengths, ids, temperature=0.0)
-    mesh = shd.make_mesh(make_cfg(**{"mesh.fsdp": 4, "mesh.tensor": 2}).mesh)
-    rules = shd.resolve_rules(cfg.sharding)
-    names = logical_axes(nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[1])
-    shardings = shd.logical_to_sharding(names.to_pure_dict(), mesh, rules)
-    sharded = ContinuousSampler(
-        cfg.model,
-        samplers[2].sampling,
-        slots=8,
-        max_prompt_len=16,
-        stop_token_ids=STOPS,
-        mesh=mesh,
-        rules=rules,
-        graphdef=graphdef,
-    )
-    out = sharded.generate_rows(
-        jax.device_put(params, shardings), tokens, lengths, ids, temperature=0.0
-    )
-    spec = sharded.session(params).state["cache"][0]["k"].sharding.spec
-    assert "fsdp" in jax.tree.leaves(spec[0]) and spec[1] == "tensor"
-    assert rows(out) == rows(single)
-    np.testing.assert_allclose(out.model_logprobs, single.model_logprobs, atol=1e-5)
-
-
 def test_episodes_on_continuous_batching_are_the_static_samplers_episodes(tmp_path):
     """Multi-turn Echo episodes (tests/test_episodes.py) whose turns end at many stop tokens,
     so episodes wait for their tool at different times: on 3 slots shared by 4 episodes they
     are the static sampler's episodes token for token, with the same masks, log-probs and
     rewards."""
     (tmp_path / "echo_env.py").write_text(ECHO_ENV)
-    cfg = episode_config(
-        tmp_path, **{"rl.environment": f"{tmp_path / 'echo_env.py'}:Echo", "rl.max_turns": 3}
-    )
+    cfg = episode_config(tmp_path, **{"rl.environment": f"{tmp_path / 'echo_env.py'}:Echo"})
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     stops = Stops(tokenizer, range(3, 512, 4))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
