@@ -518,10 +518,10 @@ class Session:
             else:
                 keep.append((tag, req))
         self.queue = keep
-        k = 1  # prompts per prefill: 1, 4, 16, ... (few compiled shapes, little padding)
+        k = 1  # prompts per prefill: 1, 4, 16, ... up to what the slots hold (few shapes)
         while k < len(taken):
             k *= 4
-        k = min(k, sp.slots)
+        k = min(k, sp.slots // len(taken[0][1].sample_ids))
         m = sp.slots
         tokens = np.full((k, bucket), sp.pad_id, np.int32)
         lengths = np.ones(k, np.int32)

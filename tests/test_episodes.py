@@ -25,7 +25,6 @@ from jaxalign.errors import DataError, UserError
 from jaxalign.eval.compare import compare_metrics
 from jaxalign.eval.episodes import environment_name, evaluate_environments, parse_environment_arg
 from jaxalign.generate import Generation, Sampler, Stops
-from jaxalign.trainers import episodes as episodes_mod
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers.episodes import Episode, EpisodeRunner, episode_metrics, read_episode_records
 from jaxalign.trainers.rl_rows import build_rows
@@ -60,6 +59,7 @@ def episode_config(tmp_path, **overrides):
         "rl.max_turns": 2,
         "rl.turn_tokens": 4,
         "rl.kl_coef": 0.0,
+        "rl.sampler": "static",  # what patched_generate patches (tests/test_continuous.py)
         "train.steps": 1,
         "train.batch_size": 8,
         "train.seq_len": 184,
@@ -82,7 +82,6 @@ def patched_generate(fn):
     real = Sampler.generate_padded
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Sampler, "generate_padded", lambda self, *a, **k: fn(real, self, *a, **k))
-        mp.setattr(episodes_mod, "continuous_batching", lambda cfg: False)  # that sampler
         yield
 
 
