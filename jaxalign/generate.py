@@ -189,6 +189,7 @@ def _generate(
     sample_ids: jax.Array,
     seed_key: jax.Array,
     settings: dict,
+    row_limits: jax.Array | None = None,
     *,
     max_new_tokens: int,
     stop_ids: tuple[int, ...],
@@ -202,7 +203,8 @@ def _generate(
     recompile). A row stops at a token of `stop_ids` or when its last tokens are one of
     `stop_sequences`; the loop exits as soon as every row has stopped. `penalties` (static)
     carries each row's prompt tokens and response token counts ([B, V] each) and applies the
-    penalties; without it the penalty settings are ignored."""
+    penalties; without it the penalty settings are ignored. `row_limits` [B]: each row's token
+    budget (None: max_new_tokens for every row); the loop still runs until every row ends."""
     model = nnx.merge(graphdef, params)
     cfg: ModelConfig = model.cfg
     b, p = prompt_tokens.shape
@@ -217,6 +219,7 @@ def _generate(
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     tail_len = max((len(q) for q in stop_sequences), default=0)
     rows = jnp.arange(b)
+    limits = jnp.full((b,), n, jnp.int32) if row_limits is None else row_limits
 
     def sample(logits, step, s):
         keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
@@ -282,11 +285,11 @@ def _generate(
     }
 
     def cond(s):
-        return (s["step"] < n) & ~jnp.all(s["stopped"])
+        return (s["step"] < n) & jnp.any(~s["stopped"] & (s["lengths"] < limits))
 
     def body(s):
         t = s["step"]
-        active = ~s["stopped"]
+        active = ~s["stopped"] & (s["lengths"] < limits)
         position = (prompt_lengths + t - 1)[:, None]
         hidden, cache = model.with_cache(
             s["last"][:, None],
@@ -492,9 +495,11 @@ class Sampler:
         repetition_penalty: float | None = None,
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
+        max_tokens: np.ndarray | None = None,
     ) -> Generation:
         """Generate from left-padded prompts [B, P] with lengths [B]. `sample_ids` [B] (default
         0..B-1) pick each row's random stream, so a row's samples do not depend on its batch.
+        `max_tokens` [B]: each row's token budget (None: sampling.max_new_tokens each).
         `seed` and the sampling settings default to the `SamplingConfig`'s; they are run-time
         inputs, so changing them never recompiles (turning the penalties on or off compiles a
         second variant, which carries each row's token counts)."""
@@ -521,16 +526,28 @@ class Sampler:
             np.asarray(prompt_lengths, np.int32),
             np.asarray(sample_ids, np.int32),
         ]
+        limits = None
+        if max_tokens is not None:
+            limits = np.clip(np.asarray(max_tokens, np.int32), 1, self.sampling.max_new_tokens)
         if self.mesh is not None:
             inputs = [jax.device_put(x, self._batch_sharding(b, x.ndim)) for x in inputs]
+            if limits is not None:
+                limits = jax.device_put(limits, self._batch_sharding(b, 1))
             replicated = NamedSharding(self.mesh, P())
             settings = jax.device_put(settings, replicated)
             with shd.activation_sharding(self.mesh, self.rules):
                 out = self._fn(
-                    params, *inputs, jax.random.PRNGKey(seed), settings, penalties=penalties
+                    params,
+                    *inputs,
+                    jax.random.PRNGKey(seed),
+                    settings,
+                    limits,
+                    penalties=penalties,
                 )
         else:
-            out = self._fn(params, *inputs, jax.random.PRNGKey(seed), settings, penalties=penalties)
+            out = self._fn(
+                params, *inputs, jax.random.PRNGKey(seed), settings, limits, penalties=penalties
+            )
         return Generation(**out)
 
     def lower(self, params: Any, rows: int, prompt_width: int, penalties: bool = False):

@@ -59,6 +59,7 @@ def episode_config(tmp_path, **overrides):
         "rl.max_turns": 2,
         "rl.turn_tokens": 4,
         "rl.kl_coef": 0.0,
+        "rl.sampler": "static",  # what patched_generate patches (tests/test_continuous.py)
         "train.steps": 1,
         "train.batch_size": 8,
         "train.seq_len": 184,
@@ -490,7 +491,7 @@ def test_calculator_grpo_run_evals_episodes_and_resumes_mid_episode_exactly(tmp_
                     def finish(*args):
                         raise RuntimeError("simulated crash mid-episode")
 
-                    data.engine.episodes._finish_turn = finish
+                    data.engine.episodes._model_turn = finish  # both samplers add turns by it
                 rollout()
 
             data._rollout = crashing

@@ -61,6 +61,9 @@ def rl_config(tmp_path, trainer="ppo", **overrides):
         "rl.num_generations": 2,
         "rl.epochs": 1,
         "rl.reward_functions": '["jaxalign.rewards:shaped_answer"]',
+        # One compiled program per rollout shape (tests/test_continuous.py checks continuous
+        # batching against it; test_first_minibatch_ratio_is_one runs it in the engine).
+        "rl.sampler": "static",
         "train.steps": 2,
         "train.batch_size": 8,
         "train.seq_len": 40,
@@ -113,9 +116,11 @@ def rollout_data(cfg):
 
 @pytest.mark.parametrize("trainer_name", ["ppo", "rloo", "reinforce_pp"])
 def test_first_minibatch_ratio_is_one(tmp_path, trainer_name):
-    """Old log-probs straight from the sampler (KV-cache decoding) equal the training forward's
-    on the first minibatch of a fresh rollout: ratio 1 and approxkl 0 up to 1e-6."""
-    cfg = rl_config(tmp_path, trainer_name, **{"rl.old_logprobs": "sampler"})
+    """Old log-probs straight from the sampler (KV-cache decoding, continuous batching with
+    each group's prompt prefilled once) equal the training forward's on the first minibatch of
+    a fresh rollout: ratio 1 and approxkl 0 up to 1e-6."""
+    sets = {"rl.old_logprobs": "sampler", "rl.sampler": "continuous"}
+    cfg = rl_config(tmp_path, trainer_name, **sets)
     algo, trainer, state, data = rollout_data(cfg)
     local = next(data)
     micro = {k: v[0] for k, v in local.items()}

@@ -25,11 +25,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
 from jaxalign import sharding as shd
+from jaxalign.continuous import ContinuousSampler, Request, sample_rows
 from jaxalign.data.prompts import PromptBatchIterator
 from jaxalign.data.templates import JinjaTemplate, get_template, render_observation, render_prompt
 from jaxalign.envs import ToolSettings, load_environment, tools_prompt
@@ -40,6 +41,7 @@ from jaxalign.trainers.rollout_engine import (
     EPISODE_PREFIX,
     PromptBatch,
     RolloutEngine,
+    continuous_batching,
     round_seed,
 )
 
@@ -163,11 +165,18 @@ class EpisodeRunner:
         round_: int,
         timings: dict,
     ) -> None:
-        """Play `episodes` (from `start`) to their ends: every turn samples all active rows
-        (row r's random stream is `sample_ids[r]`), then steps their environments. Adds to
-        time/generate (sampling) and time/score (environments) in `timings`."""
+        """Play `episodes` (from `start`) to their ends (row r's random stream is
+        `sample_ids[r]`; turn t's seed `turn_seed`). With the static sampler every turn samples
+        all active rows, then steps their environments; with a continuous one every episode's
+        turn is queued as soon as its last observation is in, and an episode waiting for its
+        tools leaves its slot to others. The same episodes either way. Adds to time/generate
+        (sampling) and time/score (environments, as far as sampling waited for them) in
+        `timings`."""
         n = self.cfg.sampling.max_new_tokens
         with ThreadPoolExecutor(max_workers=min(len(episodes), 32)) as pool:
+            if isinstance(self.turn_sampler, ContinuousSampler):
+                self._run_continuous(episodes, params, sample_ids, round_, timings, n, pool)
+                return
             for turn in range(self.rl.max_turns):
                 if not any(e.active for e in episodes):
                     break
@@ -179,6 +188,52 @@ class EpisodeRunner:
                 t = time.perf_counter()
                 self._finish_turn(episodes, outs, turn, n, pool)
                 timings["time/score"] = timings.get("time/score", 0.0) + time.perf_counter() - t
+
+    def _run_continuous(self, episodes, params, sample_ids, round_, timings, n, pool) -> None:
+        """`run` over a ContinuousSampler's slots: turns are sampled as episodes become ready,
+        environments stepped in `pool` while the other episodes decode."""
+        session = self.turn_sampler.session(params)
+        seed = self.cfg.sampling.seed
+
+        def submit(r: int, turn: int) -> None:
+            e = episodes[r]
+            prefix = np.concatenate([e.prompt, np.asarray(e.tokens, np.int32)])
+            room = n - len(e.tokens)  # a turn cut by the episode's budget: token limit
+            turn_stream = turn_seed(seed, round_, turn)
+            request = Request(
+                prefix,
+                [int(sample_ids[r])],
+                seed if turn_stream is None else turn_stream,
+                [min(room, self.turn_sampler.max_new_tokens)],
+            )
+            session.submit((r, turn), request)
+
+        for r in range(len(episodes)):
+            submit(r, 0)
+        stepping: dict = {}  # future -> (row, turn, closed)
+        while session.busy or stepping:
+            if session.busy:
+                t = time.perf_counter()
+                done = session.step()
+                timings["time/generate"] = (
+                    timings.get("time/generate", 0.0) + time.perf_counter() - t
+                )
+                for (r, turn), [(tokens, length, stopped, _, logprobs)] in done.items():
+                    k, stopped, text = self.stops.finish(tokens[:length], bool(stopped))
+                    closed = self._model_turn(episodes[r], tokens, k, stopped, logprobs, text, n)
+                    if closed is not None:
+                        e = episodes[r]
+                        future = pool.submit(e.env.step, e.messages[-1]["content"])
+                        stepping[future] = (r, turn, closed)
+            ready = [f for f in stepping if f.done()]
+            if not ready and stepping and not session.busy:
+                t = time.perf_counter()
+                ready = list(wait(stepping, return_when=FIRST_COMPLETED).done)
+                timings["time/score"] = timings.get("time/score", 0.0) + time.perf_counter() - t
+            for future in ready:
+                r, turn, closed = stepping.pop(future)
+                if self._observe(episodes[r], future.result(), turn, closed, n):
+                    submit(r, turn + 1)
 
     def _sample_turn(self, episodes, width, params, sample_ids, round_, turn):
         """Every row's next model turn, from its prefix (rows no longer active are sampled too,
@@ -194,75 +249,80 @@ class EpisodeRunner:
             prefix[r, prefix_width - len(seq) :] = seq
             prefix_lengths[r] = len(seq)
         seed = turn_seed(self.cfg.sampling.seed, round_, turn)
-        per_call = min(rows, self.rows_per_call or rows)
-        outs = []
-        for s in range(0, rows, per_call):
-            sl = slice(s, s + per_call)
-            outs.append(
-                self.turn_sampler.generate_padded(
-                    params, prefix[sl], prefix_lengths[sl], sample_ids[sl], seed
-                )
-            )
-        gens = [
-            tuple(
-                shd.host_array(x)
-                for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs)
-            )
-            for o in outs
-        ]
-        tokens, lengths, finish, logprobs = (np.concatenate(x) for x in zip(*gens, strict=True))
-        lengths, stopped, texts = self.stops.finish_rows(tokens, lengths, finish)
-        return tokens, lengths, stopped, logprobs, texts
+        out = sample_rows(
+            self.turn_sampler, params, prefix, prefix_lengths, sample_ids, seed, self.rows_per_call
+        )
+        lengths, stopped, texts = self.stops.finish_rows(
+            out.tokens, out.lengths, out.finish_reasons
+        )
+        return out.tokens, lengths, stopped, out.sampling_logprobs, texts
 
     def _finish_turn(self, episodes, outs, turn: int, n: int, pool: ThreadPoolExecutor) -> None:
-        """Append each active row's model turn, step its environment (concurrently: a slow tool
-        holds up only its own row until rl.tool_timeout) and append the observation.
-
-        A turn that ended at a sampling.stop string keeps the string: its tokens are in the
-        row, so the assistant message (what the environment reads, and what the template
-        renders) is their text, and its end marker comes before the observation as context,
-        so the row is what the chat template renders for the conversation."""
+        """Append each active row's model turn (`_model_turn`), step its environment
+        (concurrently: a slow tool holds up only its own row until rl.tool_timeout) and append
+        the observation (`_observe`)."""
         tokens, lengths, stopped, logprobs, texts = outs
         stepping, closed = [], {}
         for r, e in enumerate(episodes):
             if not e.active:
                 continue
-            k = int(lengths[r])
-            room = n - len(e.tokens)
-            ended = bool(stopped[r]) and k <= room
-            k = min(k, room)
-            e.extend(tokens[r, :k], True, logprobs[r, :k])
-            e.turns += 1
-            if not ended:  # cut at rl.turn_tokens or at the episode's budget
-                e.active, e.token_limit = False, True
-                text = self.tokenizer.decode(tokens[r, :k])
-                e.messages.append({"role": "assistant", "content": text})  # for the record
-                continue
-            closed[r] = k > 0 and int(tokens[r, k - 1]) in self.stops.token_ids
-            text = texts[r] if closed[r] else self.tokenizer.decode(tokens[r, :k])
-            e.messages.append({"role": "assistant", "content": text})
-            stepping.append(r)
+            ended = self._model_turn(
+                e, tokens[r], int(lengths[r]), bool(stopped[r]), logprobs[r], texts[r], n
+            )
+            if ended is not None:
+                closed[r] = ended
+                stepping.append(r)
         results = pool.map(
             lambda r: episodes[r].env.step(episodes[r].messages[-1]["content"]), stepping
         )
-        for r, (observation, reward, done, info) in zip(stepping, results, strict=True):
-            e = episodes[r]
-            e.reward += float(reward)
-            e.turn_rewards.append((len(e.tokens) - 1, float(reward)))  # its turn's last token
-            e.tool_calls += int(info.get("tool_calls", 0))
-            e.tool_errors += int(info.get("tool_errors", 0))
-            if done or not observation:
-                e.active, e.done = False, True
-                continue
-            if turn + 1 >= self.rl.max_turns:
-                e.active, e.turn_limit = False, True
-                continue
-            ids = self.observation_ids(e, observation, closed[r])
-            if len(e.tokens) + len(ids) >= n:  # no room left for a model token
-                e.active, e.token_limit = False, True
-                continue
-            e.extend(ids, False)
-            e.messages.extend(observation)
+        for r, result in zip(stepping, results, strict=True):
+            self._observe(episodes[r], result, turn, closed[r], n)
+
+    def _model_turn(self, e: Episode, tokens, k: int, stopped: bool, logprobs, text, n: int):
+        """Append a model turn of `k` tokens (cut to the episode's budget). Returns None when
+        the episode ends here (cut at rl.turn_tokens or at the budget: token limit), else
+        whether the turn ended with a stop token (closed) or at a sampling.stop string.
+
+        A turn that ended at a sampling.stop string keeps the string: its tokens are in the
+        row, so the assistant message (what the environment reads, and what the template
+        renders) is their text, and its end marker comes before the observation as context,
+        so the row is what the chat template renders for the conversation."""
+        room = n - len(e.tokens)
+        ended = stopped and k <= room
+        k = min(k, room)
+        e.extend(tokens[:k], True, logprobs[:k])
+        e.turns += 1
+        if not ended:
+            e.active, e.token_limit = False, True
+            text = self.tokenizer.decode(tokens[:k])
+            e.messages.append({"role": "assistant", "content": text})  # for the record
+            return None
+        closed = k > 0 and int(tokens[k - 1]) in self.stops.token_ids
+        text = text if closed else self.tokenizer.decode(tokens[:k])
+        e.messages.append({"role": "assistant", "content": text})
+        return closed
+
+    def _observe(self, e: Episode, result, turn: int, closed: bool, n: int) -> bool:
+        """Count an environment step's (observation, reward, done, info) and append the
+        observation; whether the episode goes on to another model turn."""
+        observation, reward, done, info = result
+        e.reward += float(reward)
+        e.turn_rewards.append((len(e.tokens) - 1, float(reward)))  # its turn's last token
+        e.tool_calls += int(info.get("tool_calls", 0))
+        e.tool_errors += int(info.get("tool_errors", 0))
+        if done or not observation:
+            e.active, e.done = False, True
+            return False
+        if turn + 1 >= self.rl.max_turns:
+            e.active, e.turn_limit = False, True
+            return False
+        ids = self.observation_ids(e, observation, closed)
+        if len(e.tokens) + len(ids) >= n:  # no room left for a model token
+            e.active, e.token_limit = False, True
+            return False
+        e.extend(ids, False)
+        e.messages.extend(observation)
+        return True
 
 
 def episode_metrics(episodes: list[Episode], success: float = 1.0) -> dict[str, float]:
@@ -343,7 +403,11 @@ class EpisodeEngine(RolloutEngine):
             cfg,
             tokenizer,
             self.stops,
-            self._sampler(turn),
+            self._sampler(
+                turn,
+                continuous=continuous_batching(cfg),
+                max_prompt_len=max(cfg.data.prompt_buckets) + cfg.sampling.max_new_tokens,
+            ),
             cfg.sampling.batch_size * rl.num_generations,
         )
         if self.eval_sampler is not None:

@@ -79,6 +79,11 @@ class RLConfig:
     # step (unmerged), or W + scale * A @ B computed once per rollout into a temporary copy of
     # the adapted weights (merged; measured faster: docs/performance.md).
     lora_sampling: Literal["merged", "unmerged"] = "merged"
+    # How rollouts sample: continuous batching (a fixed set of decode slots, each refilled with
+    # the next prompt or episode turn as soon as its row ends; a GRPO group's prompt prefilled
+    # once) or static batches of sampling.batch_size prompts that decode until their longest
+    # row ends. The same rows for a seed either way; sampling penalties use static batches.
+    sampler: Literal["continuous", "static"] = "continuous"
     offload_frozen: bool = False  # keep the reference (and RM) in host memory between rollouts
     # Rows per log-prob forward (policy, reference, values) after generation; 0: all rows in one.
     # The [rows, N, V] float32 logits of that forward dominate a large model's rollout memory.

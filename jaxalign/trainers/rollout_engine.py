@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 
 from jaxalign import sharding as shd
 from jaxalign.config import Config
+from jaxalign.continuous import ContinuousSampler, sample_rows
 from jaxalign.errors import ConfigError
 from jaxalign.generate import Sampler, Stops
 from jaxalign.hf.peft import merge_lora
@@ -125,7 +126,12 @@ class RolloutEngine:
                 f"devices the batch is split over ({divisor})"
             )
         self.stops = Stops.for_config(tokenizer, cfg)
-        self.sampler = self._sampler(cfg.sampling)
+        self.sampler = self._sampler(
+            cfg.sampling,
+            continuous=continuous_batching(cfg),
+            max_prompt_len=max(cfg.data.prompt_buckets),
+            group=rl.num_generations,
+        )
         temperature = cfg.sampling.temperature
         recompute = rl.old_logprobs == "recompute"
 
@@ -174,10 +180,32 @@ class RolloutEngine:
                 rl.eval_prompts,
             )
 
-    def _sampler(self, sampling) -> Sampler:
+    def _sampler(
+        self,
+        sampling,
+        continuous: bool = False,
+        max_prompt_len: int | None = None,
+        group: int = 1,
+    ) -> Sampler | ContinuousSampler:
+        """A sampler of the policy: the static one, or (`continuous`) continuous batching over
+        sampling.batch_size x rl.num_generations slots for prompts of up to `max_prompt_len`
+        tokens, `group` rows sharing each prompt's prefill."""
         model_cfg = self.cfg.model
         if self.merged:
             model_cfg = dataclasses.replace(model_cfg, lora=None)
+        if continuous:
+            return ContinuousSampler(
+                model_cfg,
+                sampling,
+                slots=self.cfg.sampling.batch_size * self.rl.num_generations,
+                max_prompt_len=max_prompt_len,
+                max_group=group,
+                stop_token_ids=self.stops.token_ids,
+                stop_sequences=self.stops.sequences,
+                pad_id=self.tokenizer.pad_id,
+                mesh=self.mesh,
+                rules=self.rules,
+            )
         return Sampler(
             model_cfg,
             sampling,
@@ -362,26 +390,19 @@ class RolloutEngine:
         records = [{k: v[i // g] for k, v in extras.items()} for i in range(rows)]
         sample_ids = (index * rows + np.arange(rows)).astype(np.int32)
         seed = None if round_ == 0 else round_seed(cfg.sampling.seed, round_)
-        per_call = min(rows, cfg.sampling.batch_size * g)
-        outs = []
-        for s in range(0, rows, per_call):
-            sl = slice(s, s + per_call)
-            outs.append(
-                self.sampler.generate_padded(
-                    policy_params, prompt_tokens[sl], prompt_lengths[sl], sample_ids[sl], seed
-                )
-            )
-        # Every process needs every row (it scores them all): gather across processes.
-        gens = [
-            tuple(
-                shd.host_array(x)
-                for x in (o.tokens, o.lengths, o.finish_reasons, o.sampling_logprobs)
-            )
-            for o in outs
-        ]
-        response, lengths, finish, sampling_lp = (
-            np.concatenate(x) for x in zip(*gens, strict=True)
+        # Every process needs every row (it scores them all): gathered across processes.
+        out = sample_rows(
+            self.sampler,
+            policy_params,
+            prompt_tokens,
+            prompt_lengths,
+            sample_ids,
+            seed,
+            cfg.sampling.batch_size * g,
+            group=g,
         )
+        response, lengths, finish = out.tokens, out.lengths, out.finish_reasons
+        sampling_lp = out.sampling_logprobs
         timings["time/generate"] = timings.get("time/generate", 0.0) + time.perf_counter() - t
 
         t = time.perf_counter()
@@ -482,6 +503,14 @@ class RolloutEngine:
             rows=rows,
         )
         return {"eval/pass_rate": out["pass_rate"], "eval/mean_score": out["mean_score"]}
+
+
+def continuous_batching(cfg: Config) -> bool:
+    """Whether rollouts sample with continuous batching: rl.sampler continuous and no sampling
+    penalties (which only the static sampler applies)."""
+    sp = cfg.sampling
+    penalties = sp.repetition_penalty != 1 or sp.presence_penalty != 0 or sp.frequency_penalty != 0
+    return cfg.rl.sampler == "continuous" and not penalties
 
 
 def join_rounds(rounds: list[dict], picks: list[tuple[int, int]], group: int, pad_id: int) -> dict:
