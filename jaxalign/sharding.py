@@ -44,7 +44,7 @@ LOGICAL_AXES = (
 # The default: FSDP over `fsdp`, tensor parallelism over `tensor`, batch over data and fsdp.
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ["data", "fsdp"],
-    "length": None,
+    "length": "context",  # a row's tokens: split over `context` (context parallelism)
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -208,7 +208,7 @@ def slice_groups(devices: Sequence[jax.Device], num_slices: int) -> list[list[ja
     if len(groups) != num_slices or len({len(g) for g in groups.values()}) != 1:
         counts = ", ".join(f"{k}: {len(g)}" for k, g in sorted(groups.items()))
         raise ConfigError(
-            f"mesh: dcn_data x dcn_fsdp x dcn_tensor = {num_slices} slices, but the devices form "
+            f"mesh: the dcn_* sizes make {num_slices} slices, but the devices form "
             f"{len(groups)} slice(s) by {source} (devices per slice: {counts})"
         )
     return [groups[k] for k in sorted(groups)]
@@ -239,7 +239,7 @@ def hybrid_device_array(
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the device mesh with axes (data, fsdp, expert, tensor)."""
+    """Build the device mesh with axes (data, fsdp, expert, context, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1 and all(getattr(cfg, f"dcn_{a}") == 1 for a in AXIS_NAMES):

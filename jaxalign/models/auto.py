@@ -24,6 +24,8 @@ AUTO_SETTINGS: dict[str, dict[str, Any]] = {
     "attention_query_block": {"cpu": 64, "default": 0},
     # TPU: splash attention (jaxalign/models/splash.py); elsewhere jaxalign's einsum attention.
     "attention_kernel": {"tpu": "splash", "default": "einsum"},
+    # Context parallelism's attention (models/context_attention.py): see docs/context.md.
+    "context_attention": {"default": "ring"},
 }
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
