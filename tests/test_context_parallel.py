@@ -3,7 +3,7 @@
 The attention function (ring and all-gather) against a float64 NumPy reference, forward and
 gradients; SFT training with context=4 and with context=2 x fsdp=2 x tensor=2 against the
 single-device run over several steps, on packed rows whose segments cross device boundaries;
-a PPO update (policy and value forwards) on a context-sharded batch against one device."""
+a GRPO update on a context-sharded batch against one device."""
 
 from pathlib import Path
 
@@ -112,9 +112,7 @@ def test_zigzag_layout_round_trips_and_balances_causal_work():
 
 def test_seq_len_must_divide_into_the_zigzag_chunks(tmp_path):
     with pytest.raises(ConfigError, match=r"train.seq_len \(36\).*context axis.*= 4"):
-        load_config(
-            None, ["train.seq_len=36", "mesh.context=4"], base={"model": dict(TINY_MODEL)}
-        )
+        load_config(None, ["train.seq_len=36", "mesh.context=4"], base={"model": dict(TINY_MODEL)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +136,7 @@ def sft_config(tmp_path, mesh: dict):
         "loss.vocab_chunks": 2,
         **{f"mesh.{k}": v for k, v in mesh.items()},
     }
-    base = {"model": {**TINY_MODEL, "vocab_size": 512}}
+    base = {"model": {**TINY_MODEL, "vocab_size": 512, "num_layers": 1}}
     return load_config(None, [f"{k}={v}" for k, v in sets.items()], base=base)
 
 
@@ -172,19 +170,23 @@ def packed_batches(steps: int, rows: int, vocab: int) -> list[dict]:
 
 
 def train_steps(cfg, devices, batches):
-    """Losses and final parameters of `len(batches)` train steps under `cfg` on `devices`."""
+    """Losses, final and initial parameters of `len(batches)` train steps under `cfg` on
+    `devices`."""
     algo = make_algorithm(cfg)
     trainer = Trainer(cfg, algo, devices=devices)
     state = trainer.fresh_state()
+    initial = jax.device_get(state["params"])
     sharding = batch_sharding(trainer.mesh, trainer.rules, 3)
     losses = []
     with shd.activation_sharding(trainer.mesh, trainer.rules):
         first = {k: jax.device_put(v, sharding) for k, v in batches[0].items()}
         step = trainer.compile_step(first).lower(state, first, None).compile()
         for batch in batches:
-            state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()}, None)
+            state, metrics = step(
+                state, {k: jax.device_put(v, sharding) for k, v in batch.items()}, None
+            )
             losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state["params"])
+    return np.array(losses), jax.device_get(state["params"]), initial
 
 
 @pytest.fixture(scope="module")
@@ -205,17 +207,20 @@ def sft_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["context4", "context2_fsdp2_tensor2"])
 def test_sft_steps_on_a_context_mesh_equal_one_device(sft_runs, layout):
-    want_losses, want_params = sft_runs["one"]
-    losses, params = sft_runs[layout]
-    assert np.all(np.diff(want_losses) < 0)  # it trains
+    want_losses, want_params, initial = sft_runs["one"]
+    losses, params, _ = sft_runs[layout]
+    moved = max(
+        np.abs(a - b).max() for a, b in zip(jax.tree.leaves(want_params), jax.tree.leaves(initial))
+    )
+    assert moved > 1e-3  # the steps move the weights far beyond the tolerance
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def ppo_batch(rows: int, prompt: int, response: int, vocab: int) -> dict:
-    """A PPO minibatch [rows, prompt + response]: left-padded prompts, responses, rollout-time
-    log-probs, values, advantages and returns."""
+def grpo_batch(rows: int, prompt: int, response: int, vocab: int) -> dict:
+    """A GRPO minibatch [rows, prompt + response]: left-padded prompts, responses, rollout-time
+    and reference log-probs, advantages."""
     rng = np.random.default_rng(2)
     width = prompt + response
     lengths = rng.integers(3, prompt, rows)
@@ -231,20 +236,24 @@ def ppo_batch(rows: int, prompt: int, response: int, vocab: int) -> dict:
         "mask": mask,
         "old_logprobs": f(rows, response) * 0.1 - 6.0,
         "advantages": f(rows, response),
-        "old_values": f(rows, response),
-        "returns": f(rows, response),
+        "ref_logprobs": f(rows, response) * 0.1 - 6.0,
     }
 
 
-def ppo_loss_and_grads(tmp_path, mesh: dict, devices, batch):
+def grpo_loss_and_grads(tmp_path, mesh: dict, devices, batch):
     sets = {
-        "trainer": "ppo",
+        "trainer": "grpo",
+        "rl.kl_coef": 0.1,
         "run_dir": str(tmp_path / "run"),
         "data.tokenizer": str(DATA / "tokenizer.model"),
         "data.train_file": str(DATA / "rl_prompts_train.jsonl"),
+        "data.prompt_buckets": "[16]",
         "sampling.max_new_tokens": 16,
         "sampling.max_prompt_len": 16,
-        "train.batch_size": 4,
+        "rl.prompts_per_rollout": 8,
+        "rl.num_generations": 2,
+        "train.steps": 2,
+        "train.batch_size": 8,
         "train.seq_len": 32,
         **{f"mesh.{k}": v for k, v in mesh.items()},
     }
@@ -268,14 +277,14 @@ def ppo_loss_and_grads(tmp_path, mesh: dict, devices, batch):
 
 
 @pytest.mark.slow
-def test_ppo_update_on_a_context_sharded_batch_equals_one_device(tmp_path):
-    """The PPO loss (policy log-probs and values over the rows) and its gradients with the rows
-    split over context=4 equal one device's."""
-    batch = ppo_batch(4, 16, 16, 512)
-    (want, want_metrics), want_grads = ppo_loss_and_grads(
+def test_grpo_update_on_a_context_sharded_batch_equals_one_device(tmp_path):
+    """The GRPO loss (the policy's log-probs and entropies over the rows, clipped ratios, KL to
+    the reference) and its gradients with the rows split over context=4 equal one device's."""
+    batch = grpo_batch(4, 16, 16, 512)
+    (want, want_metrics), want_grads = grpo_loss_and_grads(
         tmp_path / "one", {"fsdp": 1}, jax.devices()[:1], batch
     )
-    (got, metrics), grads = ppo_loss_and_grads(
+    (got, metrics), grads = grpo_loss_and_grads(
         tmp_path / "context", {"fsdp": -1, "context": 4}, None, batch
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

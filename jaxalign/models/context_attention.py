@@ -120,7 +120,7 @@ def _block_update(carry, q, k, v, q_seg, k_seg, q_idx, k_idx, window, soft_cap, 
     """One key block folded into the queries' online softmax. q: [b, tq, KV, G, hd]; k, v:
     [b, tk, KV, hd]; segment ids and indices [b, tq] / [b, tk]; carry: (max [b, KV, G, tq],
     normalizer [b, KV, G, tq], output [b, KV, G, tq, hd]), float32."""
-    m, l, acc = carry
+    m, norm, acc = carry
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = _cap(scores, q.shape[-1], soft_cap, scale)
     mask = (k_idx[:, None, :] <= q_idx[:, :, None]) & (q_seg[:, :, None] == k_seg[:, None, :])
@@ -133,9 +133,9 @@ def _block_update(carry, q, k, v, q_seg, k_seg, q_idx, k_idx, window, soft_cap, 
     # would be exp(s - low) = inf there, and its gradient 0 * inf = NaN).
     p = jnp.exp(jnp.where(mask, scores - m_new[..., None], low))
     correction = jnp.exp(m - m_new)
-    l = l * correction + jnp.sum(p, axis=-1)
+    norm = norm * correction + jnp.sum(p, axis=-1)
     pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return m_new, l, acc * correction[..., None] + pv
+    return m_new, norm, acc * correction[..., None] + pv
 
 
 def _visible(q_idx, k_idx, window) -> jax.Array:
@@ -235,8 +235,8 @@ def local_attention(
         carries, block = jax.lax.fori_loop(0, size - 1, step, (carries, block))
         carries = absorb(carries, block)
     outs = []
-    for m, l, acc in carries:
-        o = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
+    for _, norm, acc in carries:
+        o = jnp.where(norm[..., None] > 0, acc / jnp.maximum(norm, 1e-30)[..., None], 0.0)
         outs.append(o.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, hd))
     return jnp.concatenate(outs, axis=1).astype(q.dtype)
 
@@ -309,4 +309,11 @@ def context_attention(
         in_specs=(spec, spec, spec, rows, rows, *window_spec),
         out_specs=spec,
         check_vma=False,  # the skipped blocks' carries (lax.cond) are not marked device-varying
-    )(q, k, v, segment_ids.astype(jnp.int32), index.astype(jnp.int32), *((window,) if window_spec else ()))
+    )(
+        q,
+        k,
+        v,
+        segment_ids.astype(jnp.int32),
+        index.astype(jnp.int32),
+        *((window,) if window_spec else ()),
+    )
