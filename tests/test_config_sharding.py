@@ -98,7 +98,7 @@ def test_activation_rules_place_activations_and_leave_parameters(tmp_path):
     path.write_text("rules:\n  embed: fsdp\nactivation_rules:\n  length: tensor\n  mlp: null\n")
     cfg = ShardingConfig(rules_file=str(path), activation_rules={"heads": None})
     rules = shd.resolve_rules(cfg)
-    assert (rules["mlp"], rules["heads"], rules["length"]) == (("tensor",), ("tensor",), ())
+    assert (rules["mlp"], rules["heads"], rules["length"]) == (("tensor",), ("tensor",), ("context",))
     acts = rules.activations
     assert (acts["mlp"], acts["heads"], acts["length"]) == ((), (), ("tensor",))
     # Parameter specs read the parameter table; `batch` and `length` the activation table.
@@ -124,8 +124,8 @@ def test_rules_file_sections_are_checked(tmp_path):
         shd.resolve_rules(ShardingConfig(rules_file=str(path)))
     with pytest.raises(ConfigError, match="sharding.activation_rules: unknown logical axis 'seq'"):
         shd.resolve_rules(ShardingConfig(activation_rules={"seq": "tensor"}))
-    with pytest.raises(ConfigError, match="unknown mesh axis 'context'"):
-        shd.resolve_rules(ShardingConfig(activation_rules={"length": "context"}))
+    with pytest.raises(ConfigError, match="unknown mesh axis 'sequence'"):
+        shd.resolve_rules(ShardingConfig(activation_rules={"length": "sequence"}))
 
 
 def test_yaml_values_are_typed_and_overrides_apply():
@@ -492,7 +492,7 @@ def test_simulated_slices_are_contiguous_on_the_dcn_axis(mesh, slice_along_axis)
     built = shd.make_mesh(MeshConfig(**mesh))
     expected = {"data": 4, "fsdp": 2} if "dcn_data" in mesh else {"data": 2, "fsdp": 4}
     assert dict(built.shape) == {**expected, "expert": 1, "context": 1, "tensor": 1}
-    slice_of = np.asarray(built.device_ids)[..., 0, 0] // 4
+    slice_of = np.asarray(built.device_ids)[..., 0, 0, 0] // 4
     assert slice_of.tolist() == slice_along_axis
 
 

@@ -757,8 +757,8 @@ def softcap_logits(logits: jax.Array, soft_cap: float | None) -> jax.Array:
 # Logical axes of one layer's KV cache arrays; stacked caches (scan over layers) have a leading
 # `layers` axis.
 CACHE_AXES = {
-    "k": ("batch", "kv_heads", "head_dim", "length"),
-    "v": ("batch", "kv_heads", "length", "head_dim"),
+    "k": ("batch", "kv_heads", "head_dim", "cache_length"),
+    "v": ("batch", "kv_heads", "cache_length", "head_dim"),
 }
 
 
