@@ -20,6 +20,7 @@ from jaxalign.errors import ConfigError
 from jaxalign.models import context_attention as ca
 from jaxalign.trainers import make_algorithm
 from jaxalign.trainers.loop import Trainer, batch_sharding
+from jaxalign.trainers.rollout import validate_rl_config
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "tiny"
 
@@ -110,9 +111,14 @@ def test_zigzag_layout_round_trips_and_balances_causal_work():
     assert len(set(work)) == 1, work
 
 
-def test_seq_len_must_divide_into_the_zigzag_chunks(tmp_path):
+def test_row_widths_must_divide_into_the_zigzag_chunks():
     with pytest.raises(ConfigError, match=r"train.seq_len \(36\).*context axis.*= 4"):
         load_config(None, ["train.seq_len=36", "mesh.context=4"], base={"model": dict(TINY_MODEL)})
+    sets = ["trainer=grpo", "mesh.context=4", "data.prompt_buckets=[20, 32]"]
+    sets += ["sampling.max_new_tokens=32", "train.seq_len=64", "rl.num_generations=2"]
+    cfg = load_config(None, sets, base={"model": dict(TINY_MODEL)})
+    with pytest.raises(ConfigError, match="prompt bucket 20 \\+ response bucket 16 tokens"):
+        validate_rl_config(cfg, "grpo")
 
 
 # ---------------------------------------------------------------------------------------------
