@@ -52,7 +52,10 @@ def test_non_dividing_mesh_is_one_line(capsys):
         ["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set", "mesh.fsdp=3"], capsys
     )
     assert code == 2 and err.count("\n") == 0
-    assert "mesh: data=1 x fsdp=3 x expert=1 x context=1 x tensor=1 needs 3 devices per slice, but 8" in err
+    assert (
+        "mesh: data=1 x fsdp=3 x expert=1 x context=1 x tensor=1 needs 3 devices per slice, but 8"
+        in err
+    )
 
 
 def test_parameter_that_does_not_divide_names_its_path(capsys):
@@ -98,7 +101,11 @@ def test_activation_rules_place_activations_and_leave_parameters(tmp_path):
     path.write_text("rules:\n  embed: fsdp\nactivation_rules:\n  length: tensor\n  mlp: null\n")
     cfg = ShardingConfig(rules_file=str(path), activation_rules={"heads": None})
     rules = shd.resolve_rules(cfg)
-    assert (rules["mlp"], rules["heads"], rules["length"]) == (("tensor",), ("tensor",), ("context",))
+    assert (rules["mlp"], rules["heads"], rules["length"]) == (
+        ("tensor",),
+        ("tensor",),
+        ("context",),
+    )
     acts = rules.activations
     assert (acts["mlp"], acts["heads"], acts["length"]) == ((), (), ("tensor",))
     # Parameter specs read the parameter table; `batch` and `length` the activation table.
@@ -511,8 +518,14 @@ def test_multi_slice_training_equals_single_slice(tmp_path):
     }.items():
         cfg = toy_config(tmp_path / name, **mesh)
         trainer = Trainer(cfg, ToyAlgorithm(cfg))
-        assert dict(trainer.mesh.shape) == {"data": 4, "fsdp": 2, "expert": 1, "context": 1, "tensor": 1}
-        results[name] = (trainer.mesh.device_ids[..., 0, 0].tolist(), losses(trainer.run()))
+        assert dict(trainer.mesh.shape) == {
+            "data": 4,
+            "fsdp": 2,
+            "expert": 1,
+            "context": 1,
+            "tensor": 1,
+        }
+        results[name] = (trainer.mesh.device_ids[..., 0, 0, 0].tolist(), losses(trainer.run()))
     assert results["single"][0] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert results["multi"][0] == [[0, 2], [1, 3], [4, 6], [5, 7]]  # slice s: devices 2s, 2s+1
     np.testing.assert_allclose(results["multi"][1], results["single"][1], atol=1e-5, rtol=0)
