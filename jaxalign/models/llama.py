@@ -674,7 +674,7 @@ class Transformer(nnx.Module):
                     x, cache, *stats = apply_block(
                         graphdef, block_state, *carry, layer, freqs[0], windows[0]
                     )
-                    return (x, cache), stats
+                    return (x, pin_cache(cache)), stats
 
                 (x, cache), stats = jax.lax.scan(body, (x, cache), (state, layers))
             else:
@@ -685,7 +685,7 @@ class Transformer(nnx.Module):
                     x, cache, *stats = apply_block(
                         graphdef, block_state, *carry, layer, inv_freq, window
                     )
-                    return (x, cache), stats
+                    return (x, pin_cache(cache)), stats
 
                 xs = (state, layers, jnp.stack(freqs), window_l)
                 (x, cache), stats = jax.lax.scan(body, (x, cache), xs)
@@ -760,6 +760,13 @@ CACHE_AXES = {
     "k": ("batch", "kv_heads", "head_dim", "cache_length"),
     "v": ("batch", "kv_heads", "cache_length", "head_dim"),
 }
+
+
+def pin_cache(cache: dict | None) -> dict | None:
+    """`constrain_cache`, for a scan's carry (None: no cache). Pinned in the body as well, the
+    carry keeps the cache's layout: else it may take that of the keys written into it (a
+    prefill's keys split over `context`) and be gathered back at every decoding step."""
+    return None if cache is None else constrain_cache(cache)
 
 
 def constrain_cache(cache: dict) -> dict:
