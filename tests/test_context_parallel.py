@@ -302,3 +302,47 @@ def test_grpo_update_on_a_context_sharded_batch_equals_one_device(tmp_path):
         np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5, atol=1e-6)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_prefill_and_decoding_on_a_context_mesh_equal_one_device():
+    """A prompt's prefill (context-parallel attention in sequence order) and a decoding step over
+    the KV cache (kept whole per device) on context=4 x fsdp=2 give one device's hidden states;
+    the training forward of the same row (zig-zag layout) too."""
+    from jaxalign.config import ModelConfig
+    from jaxalign.models.llama import Transformer
+
+    cfg = ModelConfig(**TINY_MODEL, scan_layers=True)
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    b, prompt, total = 2, 16, 24
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, total), 1, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(total), (b, total))
+    segments = jnp.ones((b, total), jnp.int32)
+
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        full = model(tokens, positions, segments)
+        cache = model.init_cache(b, total)
+        hidden, cache = model.with_cache(
+            tokens[:, :prompt], positions[:, :prompt], segments[:, :prompt], cache
+        )
+        steps = [hidden]
+        for i in range(prompt, prompt + 1):
+            h, cache = model.with_cache(
+                tokens[:, i : i + 1],
+                positions[:, i : i + 1],
+                segments[:, i : i + 1],
+                cache,
+                jnp.int32(i),
+                segments,
+            )
+            steps.append(h)
+        return full, jnp.concatenate(steps, axis=1)
+
+    want = jax.jit(run)(params)
+    mesh = shd.make_mesh(MeshConfig(fsdp=2, context=4))
+    with shd.activation_sharding(mesh, shd.resolve_rules(ShardingConfig())):
+        got = jax.jit(lambda p: run(p))(params)  # a new function: traced under the mesh
+    for g, w in zip(jax.device_get(got), jax.device_get(want)):
+        np.testing.assert_allclose(g, w, atol=2e-6)
+    np.testing.assert_allclose(want[1], want[0][:, : prompt + 1], atol=2e-6)
