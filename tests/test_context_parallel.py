@@ -326,18 +326,15 @@ def test_prefill_and_decoding_on_a_context_mesh_equal_one_device():
         hidden, cache = model.with_cache(
             tokens[:, :prompt], positions[:, :prompt], segments[:, :prompt], cache
         )
-        steps = [hidden]
-        for i in range(prompt, prompt + 1):
-            h, cache = model.with_cache(
-                tokens[:, i : i + 1],
-                positions[:, i : i + 1],
-                segments[:, i : i + 1],
-                cache,
-                jnp.int32(i),
-                segments,
-            )
-            steps.append(h)
-        return full, jnp.concatenate(steps, axis=1)
+        step, _ = model.with_cache(
+            tokens[:, prompt : prompt + 1],
+            positions[:, prompt : prompt + 1],
+            segments[:, prompt : prompt + 1],
+            cache,
+            jnp.int32(prompt),
+            segments,
+        )
+        return full, jnp.concatenate([hidden, step], axis=1)
 
     want = jax.jit(run)(params)
     mesh = shd.make_mesh(MeshConfig(fsdp=2, context=4))
