@@ -24,8 +24,10 @@ AUTO_SETTINGS: dict[str, dict[str, Any]] = {
     "attention_query_block": {"cpu": 64, "default": 0},
     # TPU: splash attention (jaxalign/models/splash.py); elsewhere jaxalign's einsum attention.
     "attention_kernel": {"tpu": "splash", "default": "einsum"},
-    # Context parallelism's attention (models/context_attention.py): see docs/context.md.
-    "context_attention": {"default": "ring"},
+    # Context parallelism's attention (models/context_attention.py, docs/context.md): on CPU
+    # all-gather (bench/context_step.py: 1.19x context=1's step time, ring 1.92x); elsewhere
+    # ring, which holds one remote K/V block at a time (not yet timed on a TPU or GPU).
+    "context_attention": {"cpu": "allgather", "default": "ring"},
 }
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
