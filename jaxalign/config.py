@@ -23,7 +23,7 @@ from jaxalign.paths import run_path, unsupported_scheme
 from jaxalign.trainers.preference_config import DPOConfig, PreferenceConfig, RMConfig
 from jaxalign.trainers.rl_config import RLConfig
 
-AXIS_NAMES = ("data", "fsdp", "expert", "tensor")
+AXIS_NAMES = ("data", "fsdp", "expert", "context", "tensor")
 
 
 @dataclass
@@ -68,6 +68,11 @@ class ModelConfig:
     # for tests) or auto (splash on TPU, einsum elsewhere). Decoding always uses the KV-cache
     # einsums.
     attention_kernel: Literal["auto", "einsum", "cudnn", "splash"] = "auto"
+    # Attention when mesh.context > 1 splits each row's tokens over devices (whatever
+    # attention_kernel says; docs/context.md): ring (K/V blocks passed around the context axis,
+    # one block in memory at a time), allgather (every device gathers the row's K/V: fewer,
+    # larger transfers) or auto (models/auto.py).
+    context_attention: Literal["auto", "ring", "allgather"] = "auto"
     initializer_range: float = 0.02  # std of the normal init of weight matrices
     # --- mixture of experts (families qwen3_moe and mixtral: jaxalign/models/moe.py) ---------
     num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
@@ -139,10 +144,14 @@ class MeshConfig:
     data: int = 1  # pure data parallelism (replicas)
     fsdp: int = -1  # fully sharded data parallelism
     expert: int = 1  # expert parallelism: a MoE layer's experts split over this axis
+    # context parallelism: each row's tokens split over this axis (the activations' `length`;
+    # attention across it: jaxalign/models/context_attention.py, docs/context.md)
+    context: int = 1
     tensor: int = 1  # tensor (model) parallelism
     dcn_data: int = 1  # slices along `data` (multi-slice); default: all slices
     dcn_fsdp: int = 1  # slices along `fsdp`
     dcn_expert: int = 1  # slices along `expert`
+    dcn_context: int = 1  # slices along `context`
     dcn_tensor: int = 1  # slices along `tensor`
 
 
@@ -590,6 +599,15 @@ def validate(cfg: Config, where: str = "config") -> None:
     sizes = [getattr(cfg.mesh, a) for a in AXIS_NAMES]
     if sizes.count(-1) > 1:
         fail("at most one mesh axis may be -1")
+    if cfg.mesh.context == -1:
+        fail("mesh.context must be a size, not -1 (it must divide train.seq_len)")
+    context = cfg.mesh.context * cfg.mesh.dcn_context
+    if context > 1 and t.seq_len % (2 * context):
+        fail(
+            f"train.seq_len ({t.seq_len}) must divide by 2 x the context axis "
+            f"(mesh.context x mesh.dcn_context = {context}): each device holds two chunks of a "
+            "row (the zig-zag layout, docs/context.md)"
+        )
     for a in AXIS_NAMES:
         for name in (a, f"dcn_{a}"):
             v = getattr(cfg.mesh, name)

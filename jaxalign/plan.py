@@ -401,7 +401,14 @@ def reward_model_bytes(cfg: Config, num_devices: int) -> int:
     elif (hf_dir := hf_model_dir(cfg.rl.reward_model)) is not None:
         rm_cfg = run_config(hf_dir, reward=True, where="rl.reward_model")
     mesh = dataclasses.replace(
-        rm_cfg.mesh, data=1, fsdp=-1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
+        rm_cfg.mesh,
+        data=1,
+        fsdp=-1,
+        dcn_data=1,
+        dcn_fsdp=1,
+        dcn_expert=1,
+        dcn_context=1,
+        dcn_tensor=1,
     )
     sizes = shd.axis_sizes(mesh, num_devices)
     rules = shd.resolve_rules(rm_cfg.sharding)

@@ -29,6 +29,7 @@ from jaxalign.errors import ConfigError
 LOGICAL_AXES = (
     "batch",
     "length",
+    "cache_length",
     "embed",
     "heads",
     "kv_heads",
@@ -44,7 +45,10 @@ LOGICAL_AXES = (
 # The default: FSDP over `fsdp`, tensor parallelism over `tensor`, batch over data and fsdp.
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ["data", "fsdp"],
-    "length": None,
+    "length": "context",  # a row's tokens: split over `context` (context parallelism)
+    # A KV cache's slots: whole on every device (decoding reads all of them per token; a long
+    # prompt's prefill gathers its keys and values into the cache: docs/context.md).
+    "cache_length": None,
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -59,7 +63,7 @@ DEFAULT_RULES: dict[str, Any] = {
 
 # Names only activations have: `logical_to_spec` reads them from the activation table whichever
 # table it is given (a batch's sharding is the same in every context).
-ACTIVATION_ONLY_AXES = ("batch", "length")
+ACTIVATION_ONLY_AXES = ("batch", "length", "cache_length")
 
 
 class Rules(dict):
@@ -208,7 +212,7 @@ def slice_groups(devices: Sequence[jax.Device], num_slices: int) -> list[list[ja
     if len(groups) != num_slices or len({len(g) for g in groups.values()}) != 1:
         counts = ", ".join(f"{k}: {len(g)}" for k, g in sorted(groups.items()))
         raise ConfigError(
-            f"mesh: dcn_data x dcn_fsdp x dcn_tensor = {num_slices} slices, but the devices form "
+            f"mesh: the dcn_* sizes make {num_slices} slices, but the devices form "
             f"{len(groups)} slice(s) by {source} (devices per slice: {counts})"
         )
     return [groups[k] for k in sorted(groups)]
@@ -239,7 +243,7 @@ def hybrid_device_array(
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the device mesh with axes (data, fsdp, expert, tensor)."""
+    """Build the device mesh with axes (data, fsdp, expert, context, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1 and all(getattr(cfg, f"dcn_{a}") == 1 for a in AXIS_NAMES):
@@ -364,7 +368,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    return _constrain_spec(x, mesh, logical_to_spec(names, activation_table(rules)))
+    table = activation_table(rules)
+    if "length" in names:  # a few tokens (decoding) stay whole; the other axes keep their rules
+        dim = list(names).index("length")
+        axes = tuple(a for a in table.get("length", ()) if a not in table.get("batch", ()))
+        if x.shape[dim] % math.prod(mesh.shape[a] for a in axes):
+            names = tuple(None if n == "length" else n for n in names)
+    return _constrain_spec(x, mesh, logical_to_spec(names, table))
 
 
 def _constrain_spec(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:

@@ -54,7 +54,7 @@ CASES = {
     "config_wrong_type.yaml": ("config", "train.batch_size: expected an integer, got 'eight'"),
     "config_bad_mesh.yaml": (
         "config",
-        "mesh: data=3 x fsdp=1 x expert=1 x tensor=1 needs 3 devices per slice, "
+        "mesh: data=3 x fsdp=1 x expert=1 x context=1 x tensor=1 needs 3 devices per slice, "
         "but 8 are available",
     ),
     "config_two_fill_axes.yaml": ("config", "at most one mesh axis may be -1"),

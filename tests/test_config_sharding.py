@@ -52,7 +52,10 @@ def test_non_dividing_mesh_is_one_line(capsys):
         ["shardings", str(REPO / "configs/sft_tiny.yaml"), "--set", "mesh.fsdp=3"], capsys
     )
     assert code == 2 and err.count("\n") == 0
-    assert "mesh: data=1 x fsdp=3 x expert=1 x tensor=1 needs 3 devices per slice, but 8" in err
+    assert (
+        "mesh: data=1 x fsdp=3 x expert=1 x context=1 x tensor=1 needs 3 devices per slice, but 8"
+        in err
+    )
 
 
 def test_parameter_that_does_not_divide_names_its_path(capsys):
@@ -98,7 +101,11 @@ def test_activation_rules_place_activations_and_leave_parameters(tmp_path):
     path.write_text("rules:\n  embed: fsdp\nactivation_rules:\n  length: tensor\n  mlp: null\n")
     cfg = ShardingConfig(rules_file=str(path), activation_rules={"heads": None})
     rules = shd.resolve_rules(cfg)
-    assert (rules["mlp"], rules["heads"], rules["length"]) == (("tensor",), ("tensor",), ())
+    assert (rules["mlp"], rules["heads"], rules["length"]) == (
+        ("tensor",),
+        ("tensor",),
+        ("context",),
+    )
     acts = rules.activations
     assert (acts["mlp"], acts["heads"], acts["length"]) == ((), (), ("tensor",))
     # Parameter specs read the parameter table; `batch` and `length` the activation table.
@@ -124,8 +131,8 @@ def test_rules_file_sections_are_checked(tmp_path):
         shd.resolve_rules(ShardingConfig(rules_file=str(path)))
     with pytest.raises(ConfigError, match="sharding.activation_rules: unknown logical axis 'seq'"):
         shd.resolve_rules(ShardingConfig(activation_rules={"seq": "tensor"}))
-    with pytest.raises(ConfigError, match="unknown mesh axis 'context'"):
-        shd.resolve_rules(ShardingConfig(activation_rules={"length": "context"}))
+    with pytest.raises(ConfigError, match="unknown mesh axis 'sequence'"):
+        shd.resolve_rules(ShardingConfig(activation_rules={"length": "sequence"}))
 
 
 def test_yaml_values_are_typed_and_overrides_apply():
@@ -220,7 +227,7 @@ def test_shardings_command_prints_the_activation_rules(capsys):
 def test_shardings_command_prints_every_parameter(capsys):
     assert cli.main(["shardings", str(REPO / "configs/sft_tiny.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "mesh: {'data': 1, 'fsdp': 8, 'expert': 1, 'tensor': 1}" in out
+    assert "mesh: {'data': 1, 'fsdp': 8, 'expert': 1, 'context': 1, 'tensor': 1}" in out
     assert "blocks.3.mlp.w_down" in out and "P(None, 'fsdp')" in out
     assert "total parameter bytes per device" in out
 
@@ -491,8 +498,8 @@ def test_simulated_slices_are_contiguous_on_the_dcn_axis(mesh, slice_along_axis)
 
     built = shd.make_mesh(MeshConfig(**mesh))
     expected = {"data": 4, "fsdp": 2} if "dcn_data" in mesh else {"data": 2, "fsdp": 4}
-    assert dict(built.shape) == {**expected, "expert": 1, "tensor": 1}
-    slice_of = np.asarray(built.device_ids)[..., 0, 0] // 4
+    assert dict(built.shape) == {**expected, "expert": 1, "context": 1, "tensor": 1}
+    slice_of = np.asarray(built.device_ids)[..., 0, 0, 0] // 4
     assert slice_of.tolist() == slice_along_axis
 
 
@@ -511,8 +518,14 @@ def test_multi_slice_training_equals_single_slice(tmp_path):
     }.items():
         cfg = toy_config(tmp_path / name, **mesh)
         trainer = Trainer(cfg, ToyAlgorithm(cfg))
-        assert dict(trainer.mesh.shape) == {"data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
-        results[name] = (trainer.mesh.device_ids[..., 0, 0].tolist(), losses(trainer.run()))
+        assert dict(trainer.mesh.shape) == {
+            "data": 4,
+            "fsdp": 2,
+            "expert": 1,
+            "context": 1,
+            "tensor": 1,
+        }
+        results[name] = (trainer.mesh.device_ids[..., 0, 0, 0].tolist(), losses(trainer.run()))
     assert results["single"][0] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert results["multi"][0] == [[0, 2], [1, 3], [4, 6], [5, 7]]  # slice s: devices 2s, 2s+1
     np.testing.assert_allclose(results["multi"][1], results["single"][1], atol=1e-5, rtol=0)

@@ -52,7 +52,7 @@ def test_plan_bytes_match_hand_count():
     norms = (2 * 32 + 1) * 4096  # replicated: the 'norm' axis maps to no mesh axis
     assert plan.params == (plan.num_params - norms) * 4 // 8 + norms * 4
     assert plan.optimizer == 2 * plan.params and plan.gradients == plan.params
-    assert plan.mesh == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    assert plan.mesh == {"data": 1, "fsdp": 8, "expert": 1, "context": 1, "tensor": 1}
 
 
 def test_ppo_plan_counts_policy_value_and_reference():

@@ -130,7 +130,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
         run(cfg, hook=stop_after_three)
     cfg = toy_config(tmp_path / "run", **{"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 2})
     trainer, resumed = run(cfg, devices=jax.devices()[:4])
-    assert trainer.mesh.shape == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert trainer.mesh.shape == {"data": 2, "fsdp": 1, "expert": 1, "context": 1, "tensor": 2}
     assert [h["step"] for h in resumed.history] == [4, 5]
     np.testing.assert_allclose(losses(resumed), losses(uninterrupted)[3:], atol=1e-5, rtol=0)
 

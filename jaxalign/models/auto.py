@@ -25,10 +25,15 @@ AUTO_SETTINGS: dict[str, dict[str, Any]] = {
     # TPU: splash attention (jaxalign/models/splash.py); elsewhere jaxalign's einsum attention.
     "attention_kernel": {"tpu": "splash", "default": "einsum"},
     # The dropless experts' grouped matmul (jaxalign/models/moe.py). TPU: the megablox Pallas
-    # kernel, whose compiled step moves fewer bytes than ragged_dot's lowering there
-    # (docs/performance.md, "Megablox"); CPU: whole tiles per expert in batched matmuls (XLA's
-    # CPU ragged_dot multiplies every row by every expert); GPU: ragged_dot.
+    # kernel (XLA's compiled cost of a Qwen3-30B-A3B expert layer: 6x fewer FLOPs than
+    # ragged_dot's lowering, a 1.8x better roofline; docs/performance.md, "Megablox"); CPU:
+    # whole tiles per expert in batched matmuls (XLA's CPU ragged_dot multiplies every row by
+    # every expert); GPU: ragged_dot.
     "moe_kernel": {"tpu": "megablox", "cpu": "tiled", "default": "ragged_dot"},
+    # Context parallelism's attention (models/context_attention.py, docs/context.md): on CPU
+    # all-gather (bench/context_step.py: 1.19x context=1's step time, ring 1.92x); elsewhere
+    # ring, which holds one remote K/V block at a time (not yet timed on a TPU or GPU).
+    "context_attention": {"cpu": "allgather", "default": "ring"},
 }
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(

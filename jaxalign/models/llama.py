@@ -24,7 +24,7 @@ from flax import nnx
 from jaxalign.config import ModelConfig
 from jaxalign.hf.convert import LLAMA_CONVERTER
 from jaxalign.metrics import train_flops_per_token
-from jaxalign.models import auto
+from jaxalign.models import auto, context_attention
 from jaxalign.models.lora import embed_lookup, merged_weight, project
 from jaxalign.models.params import dense as dense  # re-exported for callers
 from jaxalign.models.params import logical_axes as logical_axes  # re-exported for callers
@@ -380,7 +380,27 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x, positions, inv_freq)
         if cache is not None:
             cache = write_cache(cache, k, v, layer, index)
-        if index is None:
+        context = context_attention.context_size()
+        if index is None and context > 1 and x.shape[1] % context == 0:
+            # A row split over the context axis: zig-zag order in training (see
+            # `Transformer.forward`), sequence order in prefill (the cache's slots).
+            order = (
+                context_attention.zigzag_order(x.shape[1], context)
+                if cache is None
+                else jnp.arange(x.shape[1], dtype=jnp.int32)
+            )
+            attn = context_attention.context_attention(
+                q,
+                k,
+                v,
+                segment_ids,
+                jnp.broadcast_to(order, segment_ids.shape),
+                method=auto.resolve("context_attention", self.cfg.context_attention),
+                window=window,
+                soft_cap=self.cfg.attn_logit_softcap,
+                scale=attention_scale(self.cfg),
+            )
+        elif index is None:
             attn = causal_attention(q, k, v, segment_ids, self.cfg, window)
         else:
             keys, values = cache["k"], cache["v"]
@@ -635,6 +655,13 @@ class Transformer(nnx.Module):
         # layers they are the same static value for every layer, or (alternating local/global
         # layers) scanned [L] / [L, hd/2] arrays (a global layer's window is NO_WINDOW there).
         uniform = len(set(windows)) == 1 and len(inv_freqs) == 1
+        # Context parallelism (a row's tokens split over devices) trains on rows in zig-zag order:
+        # every device then has the same causal attention work (models/context_attention.py).
+        zigzag = context_attention.context_size() if cache is None else 1
+        if zigzag > 1:
+            tokens, positions, segment_ids = (
+                context_attention.to_zigzag(a, zigzag) for a in (tokens, positions, segment_ids)
+            )
         x = self.embed_tokens(tokens)
 
         def apply_block(block_graphdef, block_state, x, cache, layer, inv_freq, window):
@@ -660,7 +687,7 @@ class Transformer(nnx.Module):
                     x, cache, *stats = apply_block(
                         graphdef, block_state, *carry, layer, freqs[0], windows[0]
                     )
-                    return (x, cache), stats
+                    return (x, pin_cache(cache)), stats
 
                 (x, cache), stats = jax.lax.scan(body, (x, cache), (state, layers))
             else:
@@ -671,7 +698,7 @@ class Transformer(nnx.Module):
                     x, cache, *stats = apply_block(
                         graphdef, block_state, *carry, layer, inv_freq, window
                     )
-                    return (x, cache), stats
+                    return (x, pin_cache(cache)), stats
 
                 xs = (state, layers, jnp.stack(freqs), window_l)
                 (x, cache), stats = jax.lax.scan(body, (x, cache), xs)
@@ -692,7 +719,10 @@ class Transformer(nnx.Module):
             layer_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
         if layer_stats is not None:
             self.use_layer_stats(layer_stats, cache is not None)
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one), cache
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one)
+        if zigzag > 1:  # back in sequence order for the losses
+            x = constrain(context_attention.from_zigzag(x, zigzag), ("batch", "length", "embed"))
+        return x, cache
 
 
 # A global layer's window among scanned per-layer windows: longer than any sequence.
@@ -740,9 +770,16 @@ def softcap_logits(logits: jax.Array, soft_cap: float | None) -> jax.Array:
 # Logical axes of one layer's KV cache arrays; stacked caches (scan over layers) have a leading
 # `layers` axis.
 CACHE_AXES = {
-    "k": ("batch", "kv_heads", "head_dim", "length"),
-    "v": ("batch", "kv_heads", "length", "head_dim"),
+    "k": ("batch", "kv_heads", "head_dim", "cache_length"),
+    "v": ("batch", "kv_heads", "cache_length", "head_dim"),
 }
+
+
+def pin_cache(cache: dict | None) -> dict | None:
+    """`constrain_cache`, for a scan's carry (None: no cache). Pinned in the body as well, the
+    carry keeps the cache's layout: else it may take that of the keys written into it (a
+    prefill's keys split over `context`) and be gathered back at every decoding step."""
+    return None if cache is None else constrain_cache(cache)
 
 
 def constrain_cache(cache: dict) -> dict:

@@ -111,7 +111,14 @@ def load_reward_model(
     # The run's tensor parallelism, FSDP over whatever devices are here now.
     mesh = shd.make_mesh(
         dataclasses.replace(
-            cfg.mesh, data=1, fsdp=-1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
+            cfg.mesh,
+            data=1,
+            fsdp=-1,
+            dcn_data=1,
+            dcn_fsdp=1,
+            dcn_expert=1,
+            dcn_context=1,
+            dcn_tensor=1,
         )
     )
     rules = shd.resolve_rules(cfg.sharding)

@@ -39,6 +39,7 @@ from jaxalign.trainers.rl_rows import (
     pack_micro_batch,
     pack_plan,
     packed_row_count,
+    response_buckets,
     sequence_spans,
 )
 from jaxalign.trainers.rollout_engine import PromptBatch, RolloutEngine
@@ -384,6 +385,15 @@ def validate_rl_config(cfg: Config, trainer: str) -> None:
             f"train.seq_len must be max(data.prompt_buckets) + "
             f"sampling.max_new_tokens = {width} for RL, got {t.seq_len}"
         )
+    context = cfg.mesh.context * cfg.mesh.dcn_context
+    if context > 1:  # every row width (a prompt bucket + a response bucket): docs/context.md
+        for p, r in ((p, r) for p in cfg.data.prompt_buckets for r in response_buckets(cfg)):
+            if (p + r) % (2 * context):
+                raise ConfigError(
+                    f"rows of prompt bucket {p} + response bucket {r} tokens do not divide by 2 x "
+                    f"the context axis ({context}); choose data.prompt_buckets and "
+                    "rl.response_buckets that do (e.g. multiples of 2 x mesh.context)"
+                )
     if sp.temperature <= 0:
         raise ConfigError("RL samples from the policy: sampling.temperature must be > 0")
     penalties = sp.repetition_penalty != 1 or sp.presence_penalty or sp.frequency_penalty
