@@ -249,6 +249,20 @@ def test_report_table_has_a_row_per_stage_and_notes_for_missing_ones():
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
+def test_tool_use_table_has_a_row_per_policy_and_notes_for_missing_ones():
+    from jaxalign.quickstart import tool_use_table
+
+    metrics = {"arithmetic": 85.0, "tool_call_rate": 96.7, "tool_error_rate": 1.5}
+    table = tool_use_table(
+        {"sft": None, "tools": {**metrics, "turns": 2.0, "tool_calls": 1.05}}, {"sft": "absent"}
+    )
+    lines = table.splitlines()
+    assert lines[0].startswith("| policy (calculator available) | arithmetic with the calc")
+    assert lines[2].startswith("| sft | absent |")
+    assert lines[3] == "| tools | 85.0 | 96.7 | 1.5 | 1.05 | 2.00 |"
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
 # -- the bundled data ----------------------------------------------------------------------------
 
 
