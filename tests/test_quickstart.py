@@ -326,7 +326,7 @@ def test_calculator_demonstrations_are_episodes_the_environment_replays():
         assert env.step(answer["content"])[1:3] == (1.0, True)
     sft = yaml.safe_load((ROOT / "configs" / "quickstart" / "sft.yaml").read_text())
     weights = {Path(m["path"]).name: m["weight"] for m in sft["data"]["mixture"]}
-    assert weights["tools_train.jsonl.gz"] / sum(weights.values()) < 0.05
+    assert weights["tools_train.jsonl.gz"] / sum(weights.values()) <= 0.1  # a small share
 
 
 # -- end to end ----------------------------------------------------------------------------------
