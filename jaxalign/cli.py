@@ -11,7 +11,7 @@
     jaxalign rejection-sample --model RUN_DIR --input prompts.jsonl --reward-fn MOD:FN
         --output-sft best.jsonl --output-dpo pairs.jsonl [--set sampling.num_samples=8]
     jaxalign score --model RUN_DIR|HF_DIR --input F.jsonl [--output OUT.jsonl]   reward scores
-    jaxalign quickstart [--fast] [--run-dir DIR] [--stages ...] [--from-stage S]   end to end
+    jaxalign quickstart [--fast] [--tools] [--run-dir DIR] [--stages ...] [--from-stage S]
     jaxalign eval --model RUN_DIR [--reference RUN] [--reward-model RM_RUN] [--output M.json]
 
 Wherever a command takes a RUN_DIR (--model, --reference, --reward-model, --checkpoint), a
@@ -291,7 +291,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from jaxalign import quickstart
 
     return quickstart.run(
-        args.run_dir, fast=args.fast, stages=args.stages, from_stage=args.from_stage
+        args.run_dir,
+        fast=args.fast,
+        stages=args.stages,
+        from_stage=args.from_stage,
+        tools=args.tools,
     )
 
 
@@ -460,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="default: runs/quickstart (runs/quickstart_fast)")
     p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages")
     p.add_argument("--from-stage", choices=STAGES, help="run this stage and the later ones")
+    p.add_argument(
+        "--tools",
+        action="store_true",
+        help="also the tools stage (GRPO with a calculator) and its tool-use evals",
+    )
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("eval", help="held-out checker evals of a policy, or a regression gate")

@@ -1,13 +1,18 @@
 """`jaxalign quickstart`: post-training end to end on the bundled data, measured.
 
-    tokenizer -> pretrain -> sft -> rm -> dpo -> ppo -> grpo -> eval
+    tokenizer -> pretrain -> sft -> rm -> dpo -> ppo -> grpo [-> tools] -> eval
+
+`tools` (with `--tools`, or named in `--stages`): GRPO with the calculator environment from SFT;
+the eval then also plays calculator episodes on the held-out arithmetic prompts with the SFT and
+the tools policies (a "tool use" table in the report).
 
 Each training stage is a normal `jaxalign train` of `configs/quickstart/<stage>.yaml` with
 `run_dir` (and `init_from`) pointed under RUN_DIR; `--fast` adds the overrides of FAST below. A
 stage whose run already holds its final checkpoint is skipped, a partial one resumes, so running
 the command again continues where it stopped. The eval stage evaluates the base (pretrained),
-SFT, DPO, PPO and GRPO policies on the held-out splits (`jaxalign/eval/suite.py`), then writes
-RUN_DIR/report.md (a stage x metric table, also printed) and plots under RUN_DIR/plots/.
+SFT, DPO, PPO and GRPO (and tools) policies on the held-out splits (`jaxalign/eval/suite.py`),
+then writes RUN_DIR/report.md (a stage x metric table, also printed) and plots under
+RUN_DIR/plots/.
 """
 
 from __future__ import annotations
@@ -43,10 +48,26 @@ TRAIN_STAGES = (
     Stage("dpo", init_from="sft"),
     Stage("ppo", init_from="sft", run_dir_keys={"rl.value_init_from": "rm"}),
     Stage("grpo", init_from="sft"),
+    Stage("tools", init_from="sft"),
 )
 STAGES = ("tokenizer", *(s.name for s in TRAIN_STAGES), "eval")
+# Stages a plain run leaves out (its time: docs/quickstart.md); `--tools` adds `tools`.
+OPTIONAL_STAGES = ("tools",)
 # Evaluated policies: report row -> the stage whose run holds it.
-EVAL_ROWS = {"base": "pretrain", "sft": "sft", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
+EVAL_ROWS = {
+    "base": "pretrain",
+    "sft": "sft",
+    "dpo": "dpo",
+    "ppo": "ppo",
+    "grpo": "grpo",
+    "tools": "tools",
+}
+# Tool-use rows (calculator episodes on the held-out arithmetic prompts): row -> stage.
+TOOL_ROWS = {"sft": "sft", "tools": "tools"}
+CALCULATOR_EVAL = "calculator_eval.jsonl.gz"  # sft_eval's arithmetic prompts, the same 60
+# Every tool-use row's episode settings (whatever its run's config says).
+EPISODE_TOKENS = 64  # model and tool tokens after the prompt
+EPISODE_TURNS = 3
 TOKENIZER_VOCAB = 1024
 # Held-out prompts per family (task families, unsafe, benign) and the longest answer.
 EVAL_LIMIT = {"full": 60, "fast": 12}  # per family; 60 = every held-out prompt
@@ -78,6 +99,14 @@ FAST: dict[str, list[str]] = {
         "train.steps=4",
         "rl.eval_every=0",
     ],
+    "tools": [
+        "rl.prompts_per_rollout=8",
+        "rl.num_generations=8",
+        "sampling.batch_size=8",
+        "train.batch_size=64",
+        "train.steps=4",
+        "rl.eval_every=0",
+    ],
 }
 # Config keys holding repository-relative paths (made absolute so any working directory works).
 PATH_KEYS = (
@@ -102,7 +131,8 @@ def log(message: str) -> None:
 
 def tokenizer_texts(data_dir: str | Path = DATA_DIR) -> list[str]:
     """Every text a quickstart model trains on: the corpus, SFT and safety prompts and answers,
-    and the rejected answers of the preference pairs."""
+    the rejected answers of the preference pairs, and the calculator demonstrations' messages
+    (so a tool call is a few tokens, not one per byte)."""
     from jaxalign.data.sources import read_records
 
     def records(name: str) -> list[dict]:
@@ -112,6 +142,7 @@ def tokenizer_texts(data_dir: str | Path = DATA_DIR) -> list[str]:
     for r in records("sft_train") + records("safety_train"):
         texts += [r["prompt"], r["completion"]]
     texts += [r["rejected"] for r in records("pref_train")]
+    texts += [m["content"] for r in records("tools_train") for m in r["messages"]]
     return texts
 
 
@@ -228,9 +259,10 @@ def eval_files(data_dir: Path = DATA_DIR) -> list[str]:
     return [str(data_dir / "sft_eval.jsonl.gz"), str(data_dir / "safety_eval.jsonl.gz")]
 
 
-def evaluate_stages(run_dir: Path, fast: bool) -> tuple[dict, dict]:
-    """Metrics per report row (None where the policy is missing) and a note per missing row.
-    Each row's metrics are cached in RUN_DIR/eval/<row>.json (delete it to re-evaluate)."""
+def evaluate_stages(run_dir: Path, fast: bool, tools: bool = False) -> tuple[dict, dict]:
+    """Metrics per report row (None where the policy is missing) and a note per missing row;
+    the `tools` row only with `tools`. Each row's metrics are cached in RUN_DIR/eval/<row>.json
+    (delete it to re-evaluate)."""
     from jaxalign.eval.suite import evaluate, read_generations
 
     out = run_dir / "eval"
@@ -241,7 +273,8 @@ def evaluate_stages(run_dir: Path, fast: bool) -> tuple[dict, dict]:
     rows: dict[str, dict | None] = {}
     notes: dict[str, str] = {}
     # SFT first: its answers are the baseline of every RM win rate.
-    order = ["sft", *(r for r in EVAL_ROWS if r != "sft")]
+    wanted = [r for r in EVAL_ROWS if tools or EVAL_ROWS[r] not in OPTIONAL_STAGES]
+    order = ["sft", *(r for r in wanted if r != "sft")]
     for row in order:
         stage_dir = run_dir / EVAL_ROWS[row]
         result = out / f"{row}.json"
@@ -286,7 +319,84 @@ def evaluate_stages(run_dir: Path, fast: bool) -> tuple[dict, dict]:
             f"refusal {metrics.get('refusal_rate', 0):.1f}%, over-refusal "
             f"{metrics.get('over_refusal_rate', 0):.1f}%"
         )
-    return {r: rows[r] for r in EVAL_ROWS}, notes
+    return {r: rows[r] for r in wanted}, notes
+
+
+def evaluate_tool_use(run_dir: Path, fast: bool) -> tuple[dict, dict]:
+    """Calculator episodes (greedy, EPISODE_TURNS turns of at most EPISODE_TOKENS tokens, the
+    same settings for every row) on the held-out arithmetic prompts, per TOOL_ROWS row: its
+    `arithmetic` (episodes answered right, %), `tool_call_rate` (episodes with a tool call, %),
+    `tool_error_rate` (failed calls, % of calls), `turns` and `tool_calls` per episode. None and
+    a note where the policy is missing; cached in RUN_DIR/eval/<row>.tools.json."""
+    from jaxalign.eval.episodes import evaluate_environments
+
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    limit = EVAL_LIMIT["fast" if fast else "full"]
+    rows: dict[str, dict | None] = {}
+    notes: dict[str, str] = {}
+    for row, stage in TOOL_ROWS.items():
+        result = out / f"{row}.tools.json"
+        if result.is_file():
+            rows[row] = json.loads(result.read_text())["metrics"]
+            continue
+        if final_step(run_dir / stage) is None:
+            rows[row], notes[row] = None, "not trained"
+            continue
+        t0 = time.perf_counter()
+        episodes_path = out / f"{row}.tools.episodes.jsonl"
+        env = evaluate_environments(
+            run_dir / stage,
+            [f"calculator={DATA_DIR / CALCULATOR_EVAL}"],
+            limit=limit,
+            max_new_tokens=EPISODE_TOKENS,
+            max_turns=EPISODE_TURNS,
+            episodes_path=episodes_path,
+        )
+        episodes = [json.loads(line) for line in episodes_path.read_text().splitlines()]
+        metrics = {
+            "arithmetic": env["env/calculator/success_rate"],
+            "tool_call_rate": 100.0 * sum(e["tool_calls"] > 0 for e in episodes) / len(episodes),
+            "tool_error_rate": env["env/calculator/tool_error_rate"],
+            "turns": env["env/calculator/turns"],
+            "tool_calls": env["env/calculator/tool_calls"],
+        }
+        seconds = time.perf_counter() - t0
+        result.write_text(
+            json.dumps({"model": str(run_dir / stage), "seconds": seconds, "metrics": metrics})
+            + "\n"
+        )
+        rows[row] = metrics
+        log(
+            f"tool use of {row} in {seconds:.0f}s: arithmetic {metrics['arithmetic']:.1f}%, "
+            f"tool calls in {metrics['tool_call_rate']:.1f}% of episodes"
+        )
+    return rows, notes
+
+
+TOOL_COLUMNS = (
+    ("arithmetic", "arithmetic with the calculator %", "{:.1f}"),
+    ("tool_call_rate", "episodes with a tool call %", "{:.1f}"),
+    ("tool_error_rate", "tool errors % of calls", "{:.1f}"),
+    ("tool_calls", "tool calls per episode", "{:.2f}"),
+    ("turns", "turns per episode", "{:.2f}"),
+)
+
+
+def tool_use_table(rows: dict, notes: dict) -> str:
+    """The tool-use table: one row per TOOL_ROWS policy, calculator available."""
+    lines = [
+        "| policy (calculator available) | " + " | ".join(h for _, h, _ in TOOL_COLUMNS) + " |",
+        "|---|" + "---:|" * len(TOOL_COLUMNS),
+    ]
+    for row, metrics in rows.items():
+        if metrics is None:
+            note = notes.get(row, "not run")
+            lines.append(f"| {row} | {note} |" + " |" * (len(TOOL_COLUMNS) - 1))
+            continue
+        cells = [fmt.format(metrics[key]) for key, _, fmt in TOOL_COLUMNS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _machine() -> str:
@@ -301,12 +411,24 @@ def _machine() -> str:
 
 
 def write_quickstart_report(
-    run_dir: Path, rows: dict, notes: dict, timings: dict, fast: bool
+    run_dir: Path,
+    rows: dict,
+    notes: dict,
+    timings: dict,
+    fast: bool,
+    tool_table: str | None = None,
 ) -> str:
-    """Write RUN_DIR/report.md and the plots; returns the table."""
+    """Write RUN_DIR/report.md and the plots; returns the table (and the tool-use table after
+    it, when given)."""
     from jaxalign.eval.report import make_plots, markdown_table, write_report
 
     table = markdown_table(rows, notes)
+    if tool_table:
+        table += (
+            "\n\nTool use: greedy calculator episodes on the held-out arithmetic prompts (at "
+            f"most {EPISODE_TURNS} turns, {EPISODE_TOKENS} tokens after the prompt).\n\n"
+            + tool_table
+        )
     training_dirs = {s.name: run_dir / s.name for s in TRAIN_STAGES}
     plots, plot_note = make_plots(run_dir / "plots", rows, training_dirs)
     total = sum(timings.values())
@@ -332,12 +454,17 @@ def write_quickstart_report(
 # ---------------------------------------------------------------------------------------------
 
 
-def selected_stages(stages: list[str] | None, from_stage: str | None) -> list[str]:
+def selected_stages(
+    stages: list[str] | None, from_stage: str | None, tools: bool = False
+) -> list[str]:
+    """The stages to run, in order: `stages`, or every stage (from `from_stage`); the optional
+    ones (`tools`) only with `tools` or when named in `stages`."""
     if stages and from_stage:
         raise UserError("give --stages or --from-stage, not both")
-    if from_stage:
-        return list(STAGES[STAGES.index(from_stage) :])
-    return [s for s in STAGES if s in stages] if stages else list(STAGES)
+    if stages:
+        return [s for s in STAGES if s in stages]
+    todo = list(STAGES[STAGES.index(from_stage) :]) if from_stage else list(STAGES)
+    return [s for s in todo if tools or s not in OPTIONAL_STAGES]
 
 
 def run(
@@ -346,8 +473,10 @@ def run(
     fast: bool = False,
     stages: list[str] | None = None,
     from_stage: str | None = None,
+    tools: bool = False,
 ) -> int:
-    """Run the selected stages under `run_dir`; returns an exit status."""
+    """Run the selected stages under `run_dir` (`tools`: the optional tools stage and its
+    evals too); returns an exit status."""
     mode = "fast" if fast else "full"
     run_dir = Path(run_dir or f"runs/quickstart{'_fast' if fast else ''}").absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -362,7 +491,8 @@ def run(
         marker.write_text(json.dumps(state, indent=1) + "\n")
 
     save_state()
-    todo = selected_stages(stages, from_stage)
+    todo = selected_stages(stages, from_stage, tools)
+    tools = tools or "tools" in todo
     log(f"{mode} run in {run_dir}: stages {', '.join(todo)}")
     from jaxalign.compilation_cache import enable_compilation_cache
 
@@ -376,10 +506,13 @@ def run(
                 continue
             train_quickstart_tokenizer(run_dir / "tokenizer" / "tokenizer")
         elif name == "eval":
-            rows, notes = evaluate_stages(run_dir, fast)
+            rows, notes = evaluate_stages(run_dir, fast, tools)
+            tool_table = tool_use_table(*evaluate_tool_use(run_dir, fast)) if tools else None
             state["timings"]["eval"] = time.perf_counter() - t0
             save_state()
-            table = write_quickstart_report(run_dir, rows, notes, state["timings"], fast)
+            table = write_quickstart_report(
+                run_dir, rows, notes, state["timings"], fast, tool_table
+            )
             print(table, flush=True)
             log(f"report: {run_dir / 'report.md'}")
             continue

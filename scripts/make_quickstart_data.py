@@ -23,6 +23,15 @@ pool (all `*_train` files), never both, so nothing evaluated was ever trained on
     safety_*        the same for the unsafe and benign families (mixed into SFT)
     pref_*          {"prompt", "chosen", "rejected", "family"}     correct vs plausible-but-wrong
     rl_*            {"prompt", "family", checker fields}           prompts for PPO / GRPO
+    tools_train     {"messages", "family", "answer"}    calculator demonstrations (mixed into SFT)
+    calculator_*    {"prompt", "family", "answer"}      arithmetic prompts for the `tools` stage
+                    (calculator_eval: the held-out arithmetic prompts of sft_eval, the same ones)
+
+A calculator demonstration is the conversation a `calculator` episode renders (jaxalign/envs/):
+the tools system prompt, an arithmetic question, the assistant's call
+`<tool_call>{"name": "calculate", "arguments": {"expression": "7 + 5"}}</tool_call>`, the `tool`
+message with the result, then the answer. They are drawn from their own random stream after
+every other file, so adding them left the earlier files byte-identical.
 
 Checker fields: `answer` (arithmetic, string, uppercase), `n` (n_words), `keys` (json). Half of
 the format-constrained SFT demonstrations ignore their constraint (`--noise`, default 0.5), as
@@ -36,11 +45,14 @@ import argparse
 import gzip
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxalign.envs import format_tool_call, tools_prompt  # noqa: E402
+from jaxalign.envs.calculator import CALCULATOR, calculate  # noqa: E402
 from jaxalign.quickstart import train_quickstart_tokenizer  # noqa: E402
 
 # name: (kind, color, home or taste, size, descriptors for "describe in N words")
@@ -439,6 +451,33 @@ def off_format(family: str, completion: str, wrong: str, rng: random.Random) -> 
     return completion
 
 
+def calculator_demonstration(item: tuple, call_format: str = "hermes") -> list[dict]:
+    """The messages of a calculator episode that answers arithmetic `item` with the tool."""
+    prompt, completion, fields, _ = item
+    a, symbol, b = _operands(prompt)
+    expression = f"{a} {symbol} {b}"
+    result = calculate(expression)
+    assert result == fields["answer"], (prompt, result)
+    return [
+        {"role": "system", "content": tools_prompt([CALCULATOR], call_format)},
+        {"role": "user", "content": prompt},
+        {
+            "role": "assistant",
+            "content": format_tool_call(CALCULATOR.name, {"expression": expression}, call_format),
+        },
+        {"role": "tool", "content": result},
+        {"role": "assistant", "content": completion},
+    ]
+
+
+_OPERATION = re.compile(r"(\d+) (plus|minus|times|\+|-|\*) (\d+)")
+
+
+def _operands(prompt: str) -> tuple[str, str, str]:
+    a, op, b = _OPERATION.search(prompt).groups()
+    return a, {"plus": "+", "minus": "-", "times": "*"}.get(op, op), b
+
+
 # ---------------------------------------------------------------------------------------------
 # Safety: unsafe requests (refuse) and benign look-alikes (answer).
 
@@ -488,6 +527,13 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.5,
         help="fraction of format-constrained SFT demonstrations that ignore it",
+    )
+    parser.add_argument(
+        "--tool-demos",
+        type=int,
+        default=300,
+        help="calculator demonstrations in tools_train (their share of SFT: configs/quickstart/"
+        "sft.yaml's mixture weight)",
     )
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--no-tokenizer", action="store_true")
@@ -604,6 +650,26 @@ def main(argv: list[str] | None = None) -> None:
 
     corpus = [{"text": corpus_paragraph(rng)} for _ in range(n(6000))]
 
+    # The calculator's files: their own random stream, drawn after everything above.
+    tools_rng = random.Random(f"{args.seed}:calculator")
+
+    def arithmetic_items(count: int) -> list[tuple]:
+        items = []
+        while len(items) < count:
+            item = task_arithmetic(tools_rng)
+            if item[0] not in held_out:
+                items.append(item)
+        return items
+
+    tools_train = [
+        {"messages": calculator_demonstration(item), "family": "arithmetic", **item[2]}
+        for item in arithmetic_items(max(2, round(args.tool_demos * args.scale)))
+    ]
+    calculator_train = [
+        {"prompt": item[0], "family": "arithmetic", **item[2]} for item in arithmetic_items(n(1500))
+    ]
+    calculator_eval = [r for r in rl_eval if r["family"] == "arithmetic"]
+
     files = {
         "corpus": corpus,
         "sft_train": sft_train,
@@ -614,6 +680,9 @@ def main(argv: list[str] | None = None) -> None:
         "pref_eval": pref_eval,
         "rl_train": rl_train,
         "rl_eval": rl_eval,
+        "tools_train": tools_train,
+        "calculator_train": calculator_train,
+        "calculator_eval": calculator_eval,
     }
     for name, records in files.items():
         write_gz(out / f"{name}.jsonl.gz", records)

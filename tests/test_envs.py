@@ -22,7 +22,12 @@ from jaxalign.envs import (
     parse_tool_calls,
     run_tool_calls,
 )
-from jaxalign.envs.calculator import CalculatorEnvironment, CalculatorError, safe_eval
+from jaxalign.envs.calculator import (
+    CalculatorEnvironment,
+    CalculatorError,
+    GuidedCalculatorEnvironment,
+    safe_eval,
+)
 from jaxalign.envs.format_checker import FormatCheckerEnvironment
 from jaxalign.errors import UserError
 
@@ -149,6 +154,22 @@ def test_calculator_environment_episode():
     assert env.step("The answer is 96.")[1:3] == (0.0, True)
     with pytest.raises(ValueError, match="field 'answer' must hold an integer"):
         env.reset({"messages": record["messages"], "answer": "ninety"})
+
+
+def test_guided_calculator_adds_the_call_reward_once_for_a_call_with_the_answer():
+    env = GuidedCalculatorEnvironment(ToolSettings(timeout=2.0))
+    record = {"messages": [{"role": "user", "content": "Compute 70 + 27."}], "answer": "97"}
+
+    def call(expression):
+        return env.step(format_tool_call("calculate", {"expression": expression}, "hermes"))
+
+    env.reset(record)
+    assert call("70 + 28")[1] == 0.0  # a call with another result: no reward
+    assert call("70 + 27")[1] == 0.5
+    assert call("27 + 70")[1] == 0.0  # once per episode
+    assert env.step("The answer is 97.")[1:3] == (1.0, True)
+    env.reset(record)  # a new episode earns it again
+    assert call("97")[1] == 0.5 and env.step("The answer is 96.")[1:3] == (0.0, True)
 
 
 def test_format_checker_environment_checks_drafts_with_the_records_checker():

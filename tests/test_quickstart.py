@@ -249,6 +249,20 @@ def test_report_table_has_a_row_per_stage_and_notes_for_missing_ones():
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
+def test_tool_use_table_has_a_row_per_policy_and_notes_for_missing_ones():
+    from jaxalign.quickstart import tool_use_table
+
+    metrics = {"arithmetic": 85.0, "tool_call_rate": 96.7, "tool_error_rate": 1.5}
+    table = tool_use_table(
+        {"sft": None, "tools": {**metrics, "turns": 2.0, "tool_calls": 1.05}}, {"sft": "absent"}
+    )
+    lines = table.splitlines()
+    assert lines[0].startswith("| policy (calculator available) | arithmetic with the calc")
+    assert lines[2].startswith("| sft | absent |")
+    assert lines[3] == "| tools | 85.0 | 96.7 | 1.5 | 1.05 | 2.00 |"
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
 # -- the bundled data ----------------------------------------------------------------------------
 
 
@@ -264,21 +278,55 @@ def test_data_generator_is_deterministic(tmp_path):
         make_quickstart_data.main(["--out", str(out), "--scale", "0.05", "--vocab-size", "400"])
         outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outputs[0] == outputs[1]
-    assert len(outputs[0]) == 10 and "tokenizer.model" in outputs[0]
+    assert len(outputs[0]) == 13 and "tokenizer.model" in outputs[0]
     corpus = gzip.decompress(outputs[0]["corpus.jsonl.gz"]).decode().splitlines()
     assert len(corpus) == 300 and all(json.loads(line)["text"] for line in corpus)
 
 
 def test_bundled_eval_prompts_are_never_trained_on():
     train = set()
-    for name in ("sft_train", "safety_train", "pref_train", "rl_train"):
+    for name in ("sft_train", "safety_train", "pref_train", "rl_train", "calculator_train"):
         train |= {r["prompt"] for r in _records(name)}
-    for name in ("sft_eval", "safety_eval", "pref_eval", "rl_eval"):
+    train |= {m["content"] for r in _records("tools_train") for m in r["messages"]}
+    for name in ("sft_eval", "safety_eval", "pref_eval", "rl_eval", "calculator_eval"):
         held_out = {r["prompt"] for r in _records(name)}
         assert held_out and not held_out & train, name
+    # The calculator's held-out prompts are sft_eval's arithmetic ones, the same 60.
+    arithmetic = [r for r in _records("sft_eval") if r["family"] == "arithmetic"]
+    assert _records("calculator_eval") == [
+        {k: v for k, v in r.items() if k != "completion"} for r in arithmetic
+    ]
     families = {r["family"] for r in _records("sft_eval") + _records("safety_eval")}
     assert families == {"arithmetic", "string", "uppercase", "n_words", "json", "unsafe", "benign"}
     assert sum(p.stat().st_size for p in DATA.iterdir()) < 20 * 2**20
+
+
+def test_calculator_demonstrations_are_episodes_the_environment_replays():
+    """Each bundled calculator demonstration is what a `calculator` episode renders with the
+    plain template: the tools system prompt (what the episode runner adds for built-in
+    templates) and the question, a call the environment's parser reads and its tool answers
+    with the demonstration's `tool` message, then an answer it rewards 1. They are a small
+    share of the SFT mixture (configs/quickstart/sft.yaml)."""
+    import yaml
+
+    from jaxalign.envs import ToolSettings, tools_prompt
+    from jaxalign.envs.calculator import CALCULATOR, CalculatorEnvironment
+
+    demos = _records("tools_train")
+    assert 100 <= len(demos) <= 1000
+    for demo in demos:
+        system, user, call, tool, answer = demo["messages"]
+        assert system == {"role": "system", "content": tools_prompt([CALCULATOR], "hermes")}
+        env = CalculatorEnvironment(ToolSettings())
+        record = {"messages": [user], "family": "arithmetic", "answer": demo["answer"]}
+        assert env.reset(record) == [user]
+        observation, reward, done, info = env.step(call["content"])
+        assert observation == [{"role": "tool", "name": "calculate", "content": tool["content"]}]
+        assert (reward, done, info) == (0.0, False, {"tool_calls": 1, "tool_errors": 0})
+        assert env.step(answer["content"])[1:3] == (1.0, True)
+    sft = yaml.safe_load((ROOT / "configs" / "quickstart" / "sft.yaml").read_text())
+    weights = {Path(m["path"]).name: m["weight"] for m in sft["data"]["mixture"]}
+    assert weights["tools_train.jsonl.gz"] / sum(weights.values()) <= 0.1  # a small share
 
 
 # -- end to end ----------------------------------------------------------------------------------
@@ -293,7 +341,7 @@ def test_quickstart_fast_end_to_end(tmp_path):
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     )
-    from jaxalign.quickstart import TRAIN_STAGES, final_step, stage_config
+    from jaxalign.quickstart import OPTIONAL_STAGES, TRAIN_STAGES, final_step, stage_config
 
     run_dir = tmp_path / "qs"
     proc = subprocess.run(
@@ -314,7 +362,7 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert set(rows) == {"base", "sft", "dpo", "ppo", "grpo"}
     # Every training stage trained to its last step: its final checkpoint and its last logged
     # step are the config's train.steps (a stage that fails fails the command instead).
-    for stage in TRAIN_STAGES:
+    for stage in (s for s in TRAIN_STAGES if s.name not in OPTIONAL_STAGES):
         steps = stage_config(stage, run_dir, fast=True).train.steps
         logged = [
             json.loads(line)["step"]
@@ -362,7 +410,9 @@ def test_stage_selection_and_overrides_place_every_stage_under_the_run_dir(tmp_p
     from jaxalign.quickstart import CONFIG_DIR, TRAIN_STAGES, selected_stages, stage_overrides
 
     assert selected_stages(None, "ppo") == ["ppo", "grpo", "eval"]
+    assert selected_stages(None, "ppo", tools=True) == ["ppo", "grpo", "tools", "eval"]
     assert selected_stages(["eval", "sft"], None) == ["sft", "eval"]
+    assert selected_stages(["eval", "tools"], None) == ["tools", "eval"]
     for stage in TRAIN_STAGES:
         cfg = load_config(
             CONFIG_DIR / f"{stage.name}.yaml", stage_overrides(stage, tmp_path, fast=True)

@@ -114,3 +114,24 @@ class CalculatorEnvironment(ToolEnvironment):
         want = _INTEGER.findall(str(self.record.get("answer", "")))
         got = _INTEGER.findall(answer)
         return float(bool(want and got) and int(got[-1]) == int(want[-1]))
+
+
+class GuidedCalculatorEnvironment(CalculatorEnvironment):
+    """The calculator with a shaped reward for RL: `call_reward` more, once per episode, for a
+    tool call whose result is the record's answer (the right expression), on top of the
+    answer's 1. Evals use `CalculatorEnvironment` (success: the answer's reward)."""
+
+    call_reward = 0.5
+
+    def reset(self, record: dict) -> list[dict]:
+        self.call_rewarded = False
+        return super().reset(record)
+
+    def step(self, assistant_text: str) -> tuple[list[dict] | None, float, bool, dict]:
+        observation, reward, done, info = super().step(assistant_text)
+        want = _INTEGER.findall(str(self.record.get("answer", "")))[-1]
+        if observation and not self.call_rewarded:
+            if any(m["content"].strip() == str(int(want)) for m in observation):
+                self.call_rewarded = True
+                reward += self.call_reward
+        return observation, reward, done, info

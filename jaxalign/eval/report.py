@@ -103,7 +103,7 @@ def make_plots(
         fig.savefig(files[-1], dpi=100)
         plt.close(fig)
 
-    rl = {s: h for s, h in histories.items() if s in ("ppo", "grpo")}
+    rl = {s: h for s, h in histories.items() if s in ("ppo", "grpo", "tools")}
     if rl:
         fig, axes = plt.subplots(1, 2, figsize=(7, 3))
         for stage, history in rl.items():
