@@ -306,11 +306,12 @@ def test_calculator_demonstrations_are_episodes_the_environment_replays():
     plain template: the tools system prompt (what the episode runner adds for built-in
     templates) and the question, a call the environment's parser reads and its tool answers
     with the demonstration's `tool` message, then an answer it rewards 1. They are a small
-    share of the SFT mixture (configs/quickstart/sft.yaml)."""
+    share of a `--tools` run's SFT mixture (TOOLS_SFT_MIXTURE), and absent from a plain run's."""
     import yaml
 
     from jaxalign.envs import ToolSettings, tools_prompt
     from jaxalign.envs.calculator import CALCULATOR, CalculatorEnvironment
+    from jaxalign.quickstart import TOOLS_SFT_MIXTURE
 
     demos = _records("tools_train")
     assert 100 <= len(demos) <= 1000
@@ -326,6 +327,8 @@ def test_calculator_demonstrations_are_episodes_the_environment_replays():
         assert env.step(answer["content"])[1:3] == (1.0, True)
     sft = yaml.safe_load((ROOT / "configs" / "quickstart" / "sft.yaml").read_text())
     weights = {Path(m["path"]).name: m["weight"] for m in sft["data"]["mixture"]}
+    assert "tools_train.jsonl.gz" not in weights  # a plain quickstart's SFT is unchanged
+    weights[Path(TOOLS_SFT_MIXTURE["path"]).name] = TOOLS_SFT_MIXTURE["weight"]  # --tools
     assert weights["tools_train.jsonl.gz"] / sum(weights.values()) <= 0.1  # a small share
 
 
@@ -426,6 +429,26 @@ def test_stage_selection_and_overrides_place_every_stage_under_the_run_dir(tmp_p
     ppo = load_config(CONFIG_DIR / "ppo.yaml", stage_overrides(TRAIN_STAGES[4], tmp_path, True))
     assert ppo.rl.value_init_from == str(tmp_path / "rm")
     assert ppo.rl.reward_functions == ["jaxalign.eval.checkers:reward"]
+
+
+def test_only_a_tools_run_trains_sft_and_the_tokenizer_on_the_calculator_demonstrations(
+    tmp_path,
+):
+    """A plain run's SFT mixture and tokenizer texts are those before the tools stage; a
+    `--tools` run adds the demonstrations to both, and a run directory made without them
+    refuses `--tools` in one line (before any stage runs)."""
+    from jaxalign.errors import UserError
+    from jaxalign.quickstart import TRAIN_STAGES, run, stage_config, tokenizer_texts
+
+    sft = TRAIN_STAGES[1]
+    plain = [Path(m["path"]).name for m in stage_config(sft, tmp_path, True).data.mixture]
+    tools = [Path(m["path"]).name for m in stage_config(sft, tmp_path, True, True).data.mixture]
+    assert "tools_train.jsonl.gz" not in plain and tools == [*plain, "tools_train.jsonl.gz"]
+    texts, more = tokenizer_texts(), tokenizer_texts(tools=True)
+    assert more[: len(texts)] == texts and len(more) > len(texts)
+    (tmp_path / "quickstart.json").write_text('{"mode": "fast", "timings": {}, "tools": false}')
+    with pytest.raises(UserError, match="without the calculator demonstrations"):
+        run(tmp_path, fast=True, stages=["tools"], tools=True)
 
 
 def test_a_failing_or_unfinished_stage_fails_the_quickstart(tmp_path, monkeypatch):
