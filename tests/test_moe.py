@@ -347,7 +347,8 @@ def test_two_process_expert_parallel_run_equals_one_device(tmp_path, single_devi
         kind, _, record = line.partition(": ")
         if kind in lines:
             lines[kind].append(json.loads(record))
-    assert lines["mesh"] == [{"data": [0], "fsdp": [0], "expert": [0, 0, 1, 1], "tensor": [0, 0]}]
+    want = {"data": [0], "fsdp": [0], "expert": [0, 0, 1, 1], "context": [0], "tensor": [0, 0]}
+    assert lines["mesh"] == [want]
     history = lines["metrics"]
     assert_same_router_run(history, single_device_run, "two processes")
 
