@@ -338,9 +338,7 @@ def activation_bytes(
     return int(total + tokens * logits)
 
 
-def context_attention_bytes(
-    cfg: Config, sizes: dict[str, int], rules: shd.Rules, rows: int
-) -> int:
+def context_attention_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules, rows: int) -> int:
     """What the backward of one layer's context-parallel attention holds, per device, for
     `rows` rows of train.seq_len tokens split over C devices (see CONTEXT_SCORE_BYTES): one
     sub-block pair's scores, the block loop's stacked inputs and, for `allgather`, the row's
