@@ -289,6 +289,10 @@ def activation_bytes(
     logits unchunked, RL_LOGITS_BYTES x rows x N x V), and the output head's weight and
     gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by `tensor`; not
     with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
+
+    With context parallelism (C devices share a row, `context_split`) every per-token term
+    counts a device's T / C tokens (RL logits N / C positions), and the attention's working
+    set is that of the context-parallel block loop (`context_attention_bytes`).
     """
     from jaxalign.models import auto
 
