@@ -176,6 +176,15 @@ def _axis_split(sizes: dict[str, int], rules: shd.Rules, logical: str) -> int:
     return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
+def context_split(sizes: dict[str, int], rules: shd.Rules) -> int:
+    """How many devices share a row's tokens: the mesh axes of the activations' `length` (less
+    the batch's), as `models.context_attention.context_axes` reads them; 1 without context
+    parallelism."""
+    table = shd.activation_table(rules)
+    batch = tuple(table.get("batch", ()))
+    return math.prod(sizes[a] for a in table.get("length", ()) if a not in batch)
+
+
 # What a compiled train step holds at its peak besides the state, read from XLA's TPU compiles
 # of every recipe (bench/tpu_compile.py: the largest buffers and the live ranges at the peak,
 # bench/results/tpu_compile.json; docs/performance.md "TPU compile of the recipes"). Counts of
@@ -218,6 +227,21 @@ HEAD_COPIES = 2
 #   product and the gradients of gate and up).
 MOE_FORWARD_BUFFERS = 3
 MOE_BACKWARD_HIDDEN = 5
+# - context parallelism (`mesh.context` C > 1, docs/context.md): every activation term above
+#   counts a device's T / C tokens of a row (RL logits: N / C response positions). The
+#   attention is `models/context_attention.py`'s block loop instead of the attention kernel:
+#   the backward of one (query sub-block, key sub-block) update recomputes its float32 scores
+#   and holds them with their float32 gradient and a one-byte mask of the max,
+#   CONTEXT_SCORE_BYTES per element of [rows, H / tensor, t / SUB_BLOCKS, t / SUB_BLOCKS]
+#   (t = T / C); and the backward of the step loop keeps each update's inputs, stacked over the
+#   C steps: the float32 running output and the query sub-block [t / SUB_BLOCKS, H, hd], the
+#   key and value sub-blocks [t / SUB_BLOCKS, KV, hd], for each of the SUB_BLOCKS^2 pairs.
+#   `allgather` holds the row's gathered keys and values [T, KV, hd] besides; `ring` one
+#   remote block (counted in the stacked inputs). The embedding lookup's output (and, in the
+#   backward, its gradient) is gathered whole, [micro-batch rows of all devices, T, D], at
+#   the two ends of the step, where the layer inputs are not held yet (or any more): not
+#   counted in the train step.
+CONTEXT_SCORE_BYTES = 4 + 4 + 1
 
 
 def moe_dispatch_rows(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
@@ -265,6 +289,10 @@ def activation_bytes(
     logits unchunked, RL_LOGITS_BYTES x rows x N x V), and the output head's weight and
     gradient whole (HEAD_COPIES x D x V in the compute dtype, split only by `tensor`; not
     with `with_head=False`: more rows through the same step, e.g. PPO-ptx's).
+
+    With context parallelism (C devices share a row, `context_split`) every per-token term
+    counts a device's T / C tokens (RL logits N / C positions), and the attention's working
+    set is that of the context-parallel block loop (`context_attention_bytes`).
     """
     from jaxalign.models import auto
 
@@ -272,7 +300,8 @@ def activation_bytes(
     batch_div = _axis_split(sizes, rules, "batch")
     tensor = sizes.get("tensor", 1) if rules.get("mlp") == ("tensor",) else 1
     rows = max((batch_size or t.batch_size) // t.grad_accum // batch_div, 1)
-    tokens = rows * t.seq_len
+    context = context_split(sizes, rules)
+    tokens = rows * t.seq_len // context  # a device's part of its rows' tokens
     d, f, h, kv, hd = (
         m.hidden_size,
         m.intermediate_size,
@@ -285,7 +314,9 @@ def activation_bytes(
         f = m.num_experts_per_tok * (m.resolved_moe_intermediate_size + d / 3)
     dots = (h * hd + 2 * kv * hd + 2 * d + 3 * f / tensor) * itemsize
     probs = 0.0
-    if auto.resolve("attention_kernel", m.attention_kernel) == "einsum":
+    if context > 1:  # the context-parallel attention replaces the kernel
+        working_attention = context_attention_bytes(cfg, sizes, rules, rows)
+    elif auto.resolve("attention_kernel", m.attention_kernel) == "einsum":
         block = auto.resolve("attention_query_block", m.attention_query_block)
         width = min(block, t.seq_len) if block else t.seq_len
         probs = h / tensor * t.seq_len * 4 * width / t.seq_len
@@ -300,13 +331,42 @@ def activation_bytes(
     logits = LOGITS_F32_BUFFERS * m.vocab_size / tensor * 4 / cfg.loss.vocab_chunks
     head = HEAD_COPIES * d * m.vocab_size / tensor * itemsize if with_head else 0
     total = tokens * (m.num_layers * saved + working) + head
+    if context > 1:
+        total += working_attention
     if get_trainer(cfg.trainer).is_rl and with_head:
         # RL losses score the response positions' logits whole, unchunked
-        # (`rl_rows.response_logprobs`): RL_LOGITS_BYTES per element of [rows, N, V].
-        n = cfg.sampling.max_new_tokens
+        # (`rl_rows.response_logprobs`): RL_LOGITS_BYTES per element of [rows, N / C, V].
+        n = cfg.sampling.max_new_tokens / context
         vocab = m.vocab_size / _axis_split(sizes, rules, "vocab")
         return int(total + rows * n * vocab * RL_LOGITS_BYTES)
     return int(total + tokens * logits)
+
+
+def context_attention_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules, rows: int) -> int:
+    """What the backward of one layer's context-parallel attention holds, per device, for
+    `rows` rows of train.seq_len tokens split over C devices (see CONTEXT_SCORE_BYTES): one
+    sub-block pair's scores, the block loop's stacked inputs and, for `allgather`, the row's
+    gathered keys and values."""
+    from jaxalign.models import auto
+    from jaxalign.models.context_attention import SUB_BLOCKS
+
+    m = cfg.model
+    context = context_split(sizes, rules)
+    tensor = _axis_split(sizes, rules, "heads")
+    kv_div = _axis_split(sizes, rules, "kv_heads")
+    heads = m.num_heads / tensor
+    kv = m.num_kv_heads / kv_div if m.num_kv_heads % kv_div == 0 else m.num_kv_heads
+    hd, itemsize = m.resolved_head_dim, np.dtype(DTYPES[m.dtype]).itemsize
+    t = cfg.train.seq_len // context
+    sub = SUB_BLOCKS if t % SUB_BLOCKS == 0 else 1
+    scores = rows * heads * (t / sub) ** 2 * CONTEXT_SCORE_BYTES
+    # SUB_BLOCKS^2 pairs a step, C steps: the running output (f32) and the query, key and
+    # value sub-blocks of each pair.
+    inputs = context * sub * rows * t * (heads * hd * (4 + itemsize) + 2 * kv * hd * itemsize)
+    gathered = 0
+    if auto.resolve("context_attention", m.context_attention) == "allgather":
+        gathered = 2 * rows * cfg.train.seq_len * kv * hd * itemsize
+    return int(scores + inputs + gathered)
 
 
 def saved_layer_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
@@ -316,8 +376,9 @@ def saved_layer_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> i
     A second model trained in the same step (PPO's value model) keeps its own."""
     m, t = cfg.model, cfg.train
     rows = max(t.batch_size // t.grad_accum // _axis_split(sizes, rules, "batch"), 1)
+    tokens = rows * t.seq_len // context_split(sizes, rules)
     itemsize = np.dtype(DTYPES[m.dtype]).itemsize
-    return SECOND_MODEL_SAVED_COPIES * m.num_layers * rows * t.seq_len * m.hidden_size * itemsize
+    return SECOND_MODEL_SAVED_COPIES * m.num_layers * tokens * m.hidden_size * itemsize
 
 
 def _rows_per_device(rows: int, batch_div: int) -> int:
@@ -352,21 +413,33 @@ def rollout_generate_bytes(
     decode loop writes an updated copy of the keys' or the values' cache beside the one it
     carries: three [layers, rows, kv heads, slots, head_dim] arrays at its peak), and the
     output head gathered whole in the compute dtype by the prefill and by the decode step
-    (HEAD_COPIES x D x V / tensor), as the compiled programs hold them."""
+    (HEAD_COPIES x D x V / tensor), as the compiled programs hold them.
+
+    With context parallelism (C > 1) the cache is still whole on every device of a context
+    group (`cache_length` is not split): the compiled decode loop updates it in place (the keys
+    and values, two arrays), and the cache, allocated before the prefill, is live beside the
+    prefill's own buffers: the prompt's embeddings gathered whole ([rows of the call, P, D]
+    in the compute dtype: the embedding table's D is split over every device, as in the train
+    step) and the head gathered whole; the decode step gathers the head over the batch axes
+    only (D / C)."""
     m = cfg.model
+    rl, sp = cfg.rl, cfg.sampling
+    itemsize = np.dtype(DTYPES[m.dtype]).itemsize
     tensor = sizes.get("tensor", 1) if rules.get("vocab") == ("tensor",) else 1
-    head = HEAD_COPIES * m.hidden_size * m.vocab_size // tensor
-    head *= np.dtype(DTYPES[m.dtype]).itemsize
-    moe = 0
+    context = context_split(sizes, rules)
+    head = m.hidden_size * m.vocab_size // tensor * itemsize
+    per_call = min(rl.prompts_per_rollout * rl.num_generations, sp.batch_size * rl.num_generations)
+    cache = rollout_kv_cache_bytes(cfg, sizes, rules)
+    if context > 1:
+        prompts = per_call * max(cfg.data.prompt_buckets) * m.hidden_size * itemsize
+        held = cache + prompts + head + head // context
+    else:
+        held = 3 * cache // 2 + HEAD_COPIES * head
     if m.num_experts:  # the prefill's MoE layers route every prompt token
-        rl, sp = cfg.rl, cfg.sampling
-        per_call = min(
-            rl.prompts_per_rollout * rl.num_generations, sp.batch_size * rl.num_generations
-        )
         rows = _rows_per_device(per_call, _axis_split(sizes, rules, "batch"))
-        tokens = rows * max(cfg.data.prompt_buckets)
-        moe = moe_layer_bytes(cfg, sizes, rules, tokens, backward=False)
-    return policy_params + 3 * rollout_kv_cache_bytes(cfg, sizes, rules) // 2 + head + moe
+        tokens = rows * max(cfg.data.prompt_buckets) // context
+        held += moe_layer_bytes(cfg, sizes, rules, tokens, backward=False)
+    return policy_params + held
 
 
 def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -> int:
@@ -374,7 +447,8 @@ def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -
     rollout's response tokens, rl.forward_batch_size rows at a time (0: all at once; rows split
     over the batch axes, V over `vocab`'s). With rl.pack_rows K > 1 a chunk packs into at most
     its plain row count, and each packed row's logits are taken at min(K x N, W) positions (its
-    slots' response positions or its own W = P + N; `response_logprobs`)."""
+    slots' response positions or its own W = P + N; `response_logprobs`). With context
+    parallelism a device holds 1 / C of the positions."""
     m, rl = cfg.model, cfg.rl
     rows = _rows_per_device(
         rl.forward_batch_size or rl.prompts_per_rollout * rl.num_generations,
@@ -382,6 +456,7 @@ def rollout_logits_bytes(cfg: Config, sizes: dict[str, int], rules: shd.Rules) -
     )
     n = cfg.sampling.max_new_tokens
     positions = min(rl.pack_rows * n, max(cfg.data.prompt_buckets) + n) if rl.pack_rows > 1 else n
+    positions //= context_split(sizes, rules)
     vocab_div = _axis_split(sizes, rules, "vocab")
     vocab = m.vocab_size // vocab_div if m.vocab_size % vocab_div == 0 else m.vocab_size
     return rows * positions * vocab * 4 * 2

@@ -122,6 +122,28 @@ def test_ppo_8b_rollout_memory_matches_hand_count(capsys):
         assert packed.parts["rollout logits"] == (128 // 32) * positions * 128_256 * 4 * 2
 
 
+def test_context_parallel_grpo_memory_matches_hand_count():
+    """grpo_8b_16k_v5p128 on 64 chips (fsdp 16 x context 4): a device holds T / 4 of a training
+    row's tokens and N / 4 of its response logits, while the rollout's KV cache is whole (8 rows
+    of 17407 slots); the generate program adds the prompt embeddings gathered whole and the head
+    gathered whole (prefill) and over the batch axes only (decode)."""
+    recipe = CONFIGS / "recipes" / "grpo_8b_16k_v5p128.yaml"
+    plan = make_plan(load_config(recipe), 64, platform="tpu")
+    cache = 8 * (1024 + 16384 - 1) * 32 * 8 * 128 * 2 * 2
+    assert plan.parts["rollout KV cache"] == cache
+    assert plan.parts["rollout logits"] == 1 * (16384 // 4) * 128_256 * 4 * 2
+    head = 4096 * 128_256 * 2
+    prompts = 128 * 1024 * 4096 * 2
+    assert plan.rollout_generate == plan.params + cache + prompts + head + head // 4
+    t = 17408 // 4  # one row of the micro-batch per chip, a quarter of its tokens
+    per_token = 32 * 2 * 4096 * 2 + 2 * 14336 * 2  # saved layer inputs, MLP working set
+    scores = 32 * (t / 2) ** 2 * (4 + 4 + 1)  # one sub-block pair: f32 scores, gradient, mask
+    inputs = 4 * 2 * t * (32 * 128 * (4 + 2) + 2 * 8 * 128 * 2)  # the block loop's inputs
+    rl_logits = (16384 // 4) * 128_256 * 2
+    expected = t * per_token + HEAD_COPIES * head + scores + inputs + rl_logits
+    assert plan.activations == pytest.approx(expected, rel=1e-9)
+
+
 def test_offloaded_reference_and_reward_model_are_shown_but_not_counted(capsys):
     recipe = next(p for p in RECIPES if p.stem == "ppo_8b_h100x8")  # rl.offload_frozen: true
     plan = make_plan(load_config(recipe), 8)
