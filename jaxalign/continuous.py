@@ -67,7 +67,7 @@ def _cache_axes(path) -> tuple[int, int]:
     """(batch axis, slot axis) of a KV cache leaf: 'k' [..., B, KV, hd, S], 'v' [..., B, KV,
     S, hd]; a stacked (scan_layers) leaf has a leading layer axis."""
     name = path[-1].key
-    slot = CACHE_AXES[name].index("length") - len(CACHE_AXES[name])
+    slot = CACHE_AXES[name].index("cache_length") - len(CACHE_AXES[name])
     return -4, slot
 
 

@@ -477,7 +477,7 @@ def test_slices_are_processes_when_devices_have_no_slice_index():
     assert [[d.id for d in g] for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(
         ConfigError,
-        match=r"= 3 slices, but the devices form 2 slice\(s\) by "
+        match=r"make 3 slices, but the devices form 2 slice\(s\) by "
         r"slice_index \(devices per slice: 0: 4, 1: 4\)",
     ):
         shd.slice_groups([FakeDevice(i, slice_index=i // 4) for i in range(8)], 3)
