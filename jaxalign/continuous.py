@@ -29,7 +29,6 @@ as the static sampler's (and the trainer's forward, up to float rounding).
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,10 +44,8 @@ from jax.sharding import PartitionSpec as P
 from jaxalign import sharding as shd
 from jaxalign.config import ModelConfig, SamplingConfig, ShardingConfig
 from jaxalign.errors import UserError
-from jaxalign.generate import Sampler, prompt_bucket, sample_tokens
-from jaxalign.models.auto import target_platform
+from jaxalign.generate import Sampler, model_graphdef, prompt_bucket, sample_tokens
 from jaxalign.models.llama import CACHE_AXES
-from jaxalign.models.registry import build
 
 
 @dataclass
@@ -101,9 +98,7 @@ class ContinuousSampler:
         graphdef: nnx.GraphDef | None = None,
     ):
         if graphdef is None:
-            platform = target_platform(mesh) if mesh is not None else contextlib.nullcontext()
-            with platform:
-                graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0))))
+            graphdef = model_graphdef(model_cfg, mesh)
         if slots < max_group:
             raise UserError(f"continuous batching: {slots} slots hold no group of {max_group}")
         self.model_cfg, self.sampling = model_cfg, sampling

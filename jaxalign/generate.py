@@ -431,6 +431,14 @@ class Stops:
         return new_lengths, new_stopped, [o[2] for o in out]
 
 
+def model_graphdef(model_cfg: ModelConfig, mesh: Mesh | None) -> nnx.GraphDef:
+    """The graph of `model_cfg`'s module, its `auto` settings resolved for the mesh's devices
+    (the local platform without a mesh); nothing is allocated."""
+    platform = target_platform(mesh) if mesh is not None else contextlib.nullcontext()
+    with platform:
+        return nnx.graphdef(nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0))))
+
+
 class Sampler:
     """Generates from a Transformer's params; one compiled function per (batch, bucket) shape.
 
@@ -452,9 +460,7 @@ class Sampler:
         graphdef: nnx.GraphDef | None = None,
     ):
         if graphdef is None:
-            platform = target_platform(mesh) if mesh is not None else contextlib.nullcontext()
-            with platform:  # `auto` model settings resolve for the mesh's devices
-                graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0))))
+            graphdef = model_graphdef(model_cfg, mesh)
         self.model_cfg = model_cfg
         self.sampling = sampling
         self.mesh = mesh

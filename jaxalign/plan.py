@@ -14,7 +14,6 @@ during its own forward pass, when the train step's gradients (at least as large)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -475,17 +474,7 @@ def reward_model_bytes(cfg: Config, num_devices: int) -> int:
         rm_cfg = load_config(config_path)
     elif (hf_dir := hf_model_dir(cfg.rl.reward_model)) is not None:
         rm_cfg = run_config(hf_dir, reward=True, where="rl.reward_model")
-    mesh = dataclasses.replace(
-        rm_cfg.mesh,
-        data=1,
-        fsdp=-1,
-        dcn_data=1,
-        dcn_fsdp=1,
-        dcn_expert=1,
-        dcn_context=1,
-        dcn_tensor=1,
-    )
-    sizes = shd.axis_sizes(mesh, num_devices)
+    sizes = shd.axis_sizes(shd.fsdp_everywhere(rm_cfg.mesh), num_devices)
     rules = shd.resolve_rules(rm_cfg.sharding)
     return model_bytes(_abstract(RewardModel, rm_cfg.model), sizes, rules).params
 

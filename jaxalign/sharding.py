@@ -242,6 +242,14 @@ def hybrid_device_array(
     return np.block(blocks.reshape(tuple(dcn)).tolist())
 
 
+def fsdp_everywhere(cfg: MeshConfig) -> MeshConfig:
+    """`cfg` with its model-parallel axes (expert, context, tensor) kept and FSDP over every
+    other device, in one slice: how a frozen model from another run (a reward model) is placed
+    on whatever devices are here now."""
+    dcn = {f"dcn_{axis}": 1 for axis in AXIS_NAMES}
+    return dataclasses.replace(cfg, data=1, fsdp=-1, **dcn)
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build the device mesh with axes (data, fsdp, expert, context, tensor)."""
     devices = list(devices if devices is not None else jax.devices())

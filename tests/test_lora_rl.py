@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_ppo_grpo import DATA
@@ -183,6 +184,38 @@ def test_lora_ppo_with_a_separate_critic_trains_it_in_full(tmp_path):
     for key, value in params.items():
         if key.startswith("policy/") and "_lora_" not in key:
             np.testing.assert_array_equal(value, initial[key], err_msg=key)
+
+
+def test_qlora_ppo_from_a_run_quantizes_its_base_and_copies_it_dequantized_to_the_critic(
+    grpo_run, tmp_path
+):
+    """LoRA PPO with an int8 base, `init_from` the LoRA GRPO run (its merged model) and a
+    separate critic: the policy's base is stored quantized, with fresh adapters, and the
+    critic's backbone is that base dequantized (the same numbers in full precision)."""
+    from jaxalign.models import quant
+    from jaxalign.models.lora import is_quantized
+
+    overrides = {"model.lora.quantize": "int8", "model.lora.quant_block": 32}
+    sets = {**PPO, **overrides, "rl.lora_critic": "separate", "init_from": grpo_run[0].run_dir}
+    cfg = rl_config(tmp_path, "ppo", **sets)
+    params = jax.device_get(Trainer(cfg, make_algorithm(cfg)).initial_params())
+    policy, critic = params["policy"], params["value"]["backbone"]
+    quantized = set()
+    for path, weight in jax.tree_util.tree_flatten_with_path(
+        critic, is_leaf=lambda x: isinstance(x, np.ndarray)
+    )[0]:
+        node = policy
+        for key in path:
+            node = node[key.key if hasattr(key, "key") else key.idx]
+        if is_quantized(node):
+            quantized.add(str(path[-1].key))
+            node = quant.dequantize(node, jnp.float32)
+        # codes x scale in float32, compiled or not: equal up to one rounding
+        want = np.asarray(node, np.float32)
+        np.testing.assert_allclose(weight.astype(np.float32), want, rtol=3e-7, atol=0)
+    assert quantized == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+    adapters_b = [v for k, v in leaves(policy).items() if k.endswith("_lora_b")]
+    assert adapters_b and all(np.all(b == 0) for b in adapters_b)  # fresh adapters
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ padded batches on a mesh, and `score_file` (`jaxalign score`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -109,18 +108,7 @@ def load_reward_model(
     if not get_trainer(cfg.trainer).is_reward_model:
         raise UserError(f"{where}: was trained with trainer '{cfg.trainer}', not a reward model")
     # The run's tensor parallelism, FSDP over whatever devices are here now.
-    mesh = shd.make_mesh(
-        dataclasses.replace(
-            cfg.mesh,
-            data=1,
-            fsdp=-1,
-            dcn_data=1,
-            dcn_fsdp=1,
-            dcn_expert=1,
-            dcn_context=1,
-            dcn_tensor=1,
-        )
-    )
+    mesh = shd.make_mesh(shd.fsdp_everywhere(cfg.mesh))
     rules = shd.resolve_rules(cfg.sharding)
     graphdef, abstract, shardings = build_model(
         cfg, mesh, rules, lambda rngs: RewardModel(cfg.model, rngs)
