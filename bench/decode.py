@@ -46,14 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SIZES: dict[str, dict] = {
     # configs/sft_tiny.yaml's model (untied here so both sides have the same parameters).
-    "tiny": {
-        "vocab_size": 512,
-        "hidden_size": 128,
-        "intermediate_size": 352,
-        "num_layers": 4,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-    },
+    "tiny": common.TINY_MODEL,
     # The 7.1M model of the shared performance notes (PERFORMANCE-NOTES.md).
     "7m": common.MODELS["7m"],
     # About 100M parameters (25M embedding + 25M output + 12 x 4.2M blocks).

@@ -36,14 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 
 SIZES = {
-    "tiny": {  # configs/sft_tiny.yaml's model
-        "vocab_size": 512,
-        "hidden_size": 128,
-        "intermediate_size": 352,
-        "num_layers": 4,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-    },
+    "tiny": common.TINY_MODEL,
     "7m": common.MODELS["7m"],
 }
 LONG, SHORT = 256, (4, 31)  # the long-tailed length schedule
