@@ -43,6 +43,15 @@ def _dequantized_base(plain: dict) -> dict:
     return plain
 
 
+def test_a_block_size_that_does_not_tile_a_weight_is_one_config_error():
+    from jaxalign.errors import ConfigError
+
+    cfg = ModelConfig(**TINY_MODEL, scan_layers=True)
+    with pytest.raises(ConfigError, match=r"^model.lora.quant_block: 48 does not tile blocks"):
+        lora = LoraConfig(quantize="int8", quant_block=48)
+        build(dataclasses.replace(cfg, lora=lora), nnx.Rngs(0))
+
+
 @nnx.jit
 def _logits(model, tokens):
     """The model's logits, compiled (one XLA program instead of an eager op-by-op forward)."""

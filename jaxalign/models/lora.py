@@ -149,6 +149,7 @@ def add_adapters(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> nnx.Modu
         setattr(module, name + LORA_B, param(b, b_axes))
         module.lora_config = cfg  # static: read by project / embed_lookup / merged_weight
         if cfg.quantize != "none" and not embedding:  # QLoRA: the frozen base quantized
+            _check_quantizable(path, tuple(shape[lead:]), cfg)
             q, q_axes = quantize_weight(weight[...], axes, cfg)
             setattr(module, name, nnx.Dict({k: param(v, q_axes[k]) for k, v in q.items()}))
     return model
@@ -167,6 +168,26 @@ def share_base(target: nnx.Module, source: nnx.Module) -> None:
             raise ValueError(f"share_base: {path} has no counterpart in the source module")
         owner, owner_name = source_params[path]
         setattr(module, name, getattr(owner, owner_name))
+
+
+def _check_quantizable(path: str, shape: tuple[int, ...], cfg: LoraConfig) -> None:
+    """ConfigError (one line naming the weight) when `cfg` cannot quantize a layer's weight of
+    `shape`: a block size that does not tile it, or NF4 codes of an odd last axis."""
+    from jaxalign.models import quant
+
+    try:
+        quant.block_tile(shape, cfg.quant_block)
+    except ValueError:
+        raise ConfigError(
+            f"model.lora.quant_block: {cfg.quant_block} does not tile {path} (shape "
+            f"{shape}): the block must divide its last axis ({shape[-1]}) or be a whole number "
+            "of its trailing rows"
+        ) from None
+    if cfg.quantize == "nf4" and shape[-1] % 2:
+        raise ConfigError(
+            f"model.lora.quantize: nf4 packs two codes per byte, but {path} (shape {shape}) "
+            "has an odd last axis; use int8"
+        )
 
 
 def quantize_weight(w: jax.Array, axes: tuple, cfg: LoraConfig) -> tuple[dict, dict]:
