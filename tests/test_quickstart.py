@@ -344,7 +344,7 @@ def test_quickstart_fast_end_to_end(tmp_path):
     # (tokenizer to DPO, 270 steps) with XLA's default LLVM optimization, as a user's run, which
     # runs them ~1.4x as fast as the suite's -O0 (conftest.py); then the whole command again,
     # which skips those (done) and runs the RL stages and the evals, mostly compilation, at -O0
-    # (at the default they took ~1.4x as long).
+    # (at the default, PPO and GRPO took ~1.4x as long).
     from jaxalign.quickstart import OPTIONAL_STAGES, TRAIN_STAGES, final_step, stage_config
 
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
