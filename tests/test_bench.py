@@ -231,6 +231,11 @@ def test_chunked_loss_never_holds_the_full_float32_logits():
         assert temp_bytes(chunks) <= 1.1 * unchunked / chunks + 2 * n * d * 4
 
 
+# The suite's LLVM -O0 (tests/conftest.py) for the smoke runs below: they check the scripts'
+# plumbing and arithmetic, not their speed, and their few timed steps cost less than compiling.
+SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
 @pytest.mark.slow
 def test_gpu_script_cpu_smoke_runs_without_grain_and_reports_consistent_numbers(tmp_path):
     """bench/gpu_step.py --cpu-smoke (what bench/gpu.sh runs, on a tiny model on CPU) with Grain
@@ -246,6 +251,7 @@ def test_gpu_script_cpu_smoke_runs_without_grain_and_reports_consistent_numbers(
         "PYTHONPATH": str(ROOT),
         "JAX_PLATFORMS": "cpu",
         "JAXALIGN_COMPILATION_CACHE": "off",
+        "XLA_FLAGS": SMOKE_XLA_FLAGS,
     }
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
@@ -342,6 +348,7 @@ def test_sft_step_through_cli_times_the_train_loop_in_turns_with_the_isolated_st
         "PYTHONPATH": str(ROOT),
         "JAX_PLATFORMS": "cpu",
         "JAXALIGN_COMPILATION_CACHE": "off",
+        "XLA_FLAGS": SMOKE_XLA_FLAGS,
     }
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench/sft_step.py"), *argv],

@@ -45,24 +45,22 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _train_args(
+def train_argv(
     run_dir: Path,
     extra: tuple[str, ...] = (),
     config: str = "configs/sft_tiny.yaml",
     overrides: list[str] = OVERRIDES,
 ) -> list[str]:
+    """The arguments of `jaxalign train` for a run of `config` with `overrides` in `run_dir`."""
     sets = [a for o in [*overrides, f"run_dir={run_dir}", *extra] for a in ("--set", o)]
-    return [
-        sys.executable,
-        "-m",
-        "jaxalign.cli",
-        "train",
-        str(REPO / config),
-        *sets,
-    ]
+    return ["train", str(REPO / config), *sets]
 
 
-def run_two(cmd: list[str], logs_dir: Path) -> str:
+def _train_args(run_dir: Path, extra: tuple[str, ...] = (), **kwargs) -> list[str]:
+    return cli(*train_argv(run_dir, extra, **kwargs))
+
+
+def run_two(cmd: list[str], logs_dir: Path, timeout: int = 300) -> str:
     """`cmd` in two processes x 4 simulated devices (launch/local_multiprocess.sh); their logs."""
     launcher = ["bash", "launch/local_multiprocess.sh", "2", "--devices-per-process", "4", "--"]
     proc = subprocess.run(
@@ -71,11 +69,22 @@ def run_two(cmd: list[str], logs_dir: Path) -> str:
         env=_env(4) | {"RUN_LOGS": str(logs_dir)},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     logs = "".join(p.read_text() for p in sorted(logs_dir.glob("*.log")))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-3000:]
     return logs
+
+
+def run_two_commands(commands: list[list[str]], logs_dir: Path) -> str:
+    """`jaxalign COMMAND...` for each of `commands`, in turn, in one launch of two processes x 4
+    simulated devices (tests/cli_commands.py: the processes start and join the cluster once);
+    their logs."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    listing = logs_dir / "commands.json"
+    listing.write_text(json.dumps(commands))
+    worker = str(REPO / "tests" / "cli_commands.py")
+    return run_two([sys.executable, worker, str(listing)], logs_dir, timeout=600)
 
 
 def one_process(
@@ -101,11 +110,23 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+SLICES = ("mesh.data=1", "mesh.dcn_data=2")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The one-process runs (8 devices, here), then the same runs in one launch of two processes
+    x 4 devices: the SFT run of OVERRIDES (`multi`), the same with each process a slice
+    (`slices`), and the PPO run of PPO_OVERRIDES (`ppo_multi`)."""
     tmp = tmp_path_factory.mktemp("multihost")
     one_process(tmp / "single")
-    two_processes(tmp / "multi", tmp)
+    one_process(tmp / "ppo_single", **PPO)
+    commands = [
+        train_argv(tmp / "multi"),
+        train_argv(tmp / "slices", SLICES),
+        train_argv(tmp / "ppo_multi", **PPO),
+    ]
+    run_two_commands(commands, tmp / "logs")
     return tmp
 
 
@@ -138,7 +159,6 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
 def test_each_process_a_slice_gives_the_single_process_losses(runs):
     """mesh.dcn_data=2 across two processes (CPU devices have no slice_index, so each process is
     a slice): data=1 x 2 slices, fsdp=4 within a process; the losses of the 8-device run."""
-    two_processes(runs / "slices", runs, ("mesh.data=1", "mesh.dcn_data=2"))
     slices, single = losses(runs / "slices"), losses(runs / "single")
     assert sorted(slices) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose(
@@ -176,6 +196,7 @@ PPO_OVERRIDES = [
     "mesh.data=1",
     "mesh.fsdp=-1",
 ]
+PPO = {"config": "configs/ppo_tiny.yaml", "overrides": PPO_OVERRIDES}
 
 
 def test_two_process_ppo_gives_the_single_process_run(runs):
@@ -186,10 +207,7 @@ def test_two_process_ppo_gives_the_single_process_run(runs):
     final checkpoint (the two processes' ptx iterator states merged into one). FSDP spans both
     processes and the reference lives in host memory between rollouts (rl.offload_frozen),
     each process keeping its own half."""
-    kwargs = {"config": "configs/ppo_tiny.yaml", "overrides": PPO_OVERRIDES}
     single_dir, multi_dir = runs / "ppo_single", runs / "ppo_multi"
-    one_process(single_dir, **kwargs)
-    two_processes(multi_dir, runs, **kwargs)
 
     def records(run_dir):
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -388,28 +406,31 @@ def random_run(path: Path, trainer: str = "sft", seed: int = 0) -> Path:
     return write_run(path, cfg, random_params(abstract, seed))
 
 
-def test_two_process_generate_resumes_to_the_single_process_output(tmp_path):
-    """`jaxalign generate --resume` across two processes (every process generates with the
-    params sharded over both, process 0 writes) continues a partial file written here (one
-    process, 8 devices, interrupted after two records) to the one-process output, byte for
-    byte; `jaxalign rejection-sample` on two processes writes the one-process files."""
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory):
+    """The outputs of `jaxalign generate --resume`, `rejection-sample`, `eval` and `score` here
+    (one process, 8 devices) and in one launch of two processes x 4 devices that runs the four
+    commands in turn (random-weight models with FSDP over all devices); the launch's logs."""
     from jaxalign import generate as gen
+    from jaxalign.eval.suite import evaluate
     from jaxalign.rejection import rejection_sample
     from jaxalign.rewards import FunctionReward
+    from jaxalign.rewards.model import score_file
 
-    prompts = tmp_path / "prompts.jsonl"
+    tmp = tmp_path_factory.mktemp("commands")
+    out = {"tmp": tmp}
+    run = random_run(tmp / "policy")
+    common = ["--model", str(run), *(a for s in SAMPLING for a in ("--set", s)), "--no-progress"]
+
+    # generate: a partial file written here (interrupted after two records) to resume.
+    prompts = tmp / "prompts.jsonl"
     questions = ["What is 2 plus 3?", "Name a fruit.", "Spell dog.", "Say hi.", "Count to 3."]
     prompts.write_text(
         "".join(json.dumps({"prompt": q, "i": i}) + "\n" for i, q in enumerate(questions))
     )
-    run = random_run(tmp_path / "policy")
-    sets = [a for s in SAMPLING for a in ("--set", s)]
-    common = ["--model", str(run), "--input", str(prompts), *sets, "--no-progress"]
+    common += ["--input", str(prompts)]
     policy = gen.load_policy(run, SAMPLING)
-    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    gen.generate_file(policy, prompts, one, progress=False)
-    lines = one.read_text().splitlines()
-    assert len(lines) == 5
+    gen.generate_file(policy, prompts, tmp / "one.jsonl", progress=False)
     real, calls = gen.generate_all, []
 
     def interrupted(*args, **kwargs):
@@ -421,95 +442,91 @@ def test_two_process_generate_resumes_to_the_single_process_output(tmp_path):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(gen, "generate_all", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            gen.generate_file(policy, prompts, two, progress=False, chunk_prompts=1)
-    assert (tmp_path / "two.jsonl.partial").read_text().splitlines() == lines[:2]
-    generate = cli("generate", *common, "--output", str(two), "--resume")
-    logs = run_two(generate, tmp_path / "logs_generate")
-    assert two.read_text() == one.read_text()
-    assert logs.count("wrote 5 records") == 1  # only process 0 says it
+            gen.generate_file(policy, prompts, tmp / "two.jsonl", progress=False, chunk_prompts=1)
+    out["partial"] = (tmp / "two.jsonl.partial").read_text().splitlines()
+    generate = ["generate", *common, "--output", str(tmp / "two.jsonl"), "--resume"]
 
-    reward = tmp_path / "reward.py"
+    # rejection-sample with a reward function.
+    reward = tmp / "reward.py"
     reward.write_text(
         "def reward(prompts, completions, **fields):\n    return [len(c) for c in completions]\n"
     )
-    files = {n: tmp_path / f"{n}.jsonl" for n in ("sft1", "dpo1", "sft2", "dpo2")}
     three = gen.load_policy(run, [*SAMPLING, "sampling.num_samples=3"])
     scorer = FunctionReward.load(f"{reward}:reward")
-    rejection_sample(three, prompts, scorer, files["sft1"], files["dpo1"], progress=False)
-    outputs = ("--output-sft", str(files["sft2"]), "--output-dpo", str(files["dpo2"]))
-    rejection = cli(
-        "rejection-sample",
-        *common,
-        "--set",
-        "sampling.num_samples=3",
-        *outputs,
-        "--reward-fn",
-        f"{reward}:reward",
-    )
-    logs = run_two(rejection, tmp_path / "logs_rejection")
-    for name in ("sft", "dpo"):
-        assert files[name + "2"].read_text() == files[name + "1"].read_text()
-    assert files["sft1"].read_text().count("\n") == 5
-    assert logs.count("5 prompts x 3 samples") == 1
+    rejection_sample(three, prompts, scorer, tmp / "sft1.jsonl", tmp / "dpo1.jsonl", progress=False)
+    rejection = ["rejection-sample", *common, "--set", "sampling.num_samples=3"]
+    rejection += ["--output-sft", str(tmp / "sft2.jsonl"), "--output-dpo", str(tmp / "dpo2.jsonl")]
+    rejection += ["--reward-fn", f"{reward}:reward"]
 
-
-def test_two_process_eval_gives_the_single_process_metrics(tmp_path):
-    """`jaxalign eval` across two processes (greedy answers and the teacher-forced KL to a
-    reference, parameters sharded over both): the metrics and generations of one process (8
-    devices, here); process 0 alone prints and writes them."""
-    from jaxalign.eval.suite import evaluate
-
+    # eval: greedy answers and the KL to a reference.
     files = [
         str(REPO / "data" / "quickstart" / f) for f in ("sft_eval.jsonl.gz", "safety_eval.jsonl.gz")
     ]
-    policy, reference = random_run(tmp_path / "policy"), random_run(tmp_path / "ref", seed=1)
-    one = evaluate(
-        policy,
+    reference = random_run(tmp / "ref", seed=1)
+    out["eval_one"] = evaluate(
+        run,
         files,
         reference=reference,
         limit_per_family=1,
         max_new_tokens=8,
-        generations_path=tmp_path / "one.jsonl",
+        generations_path=tmp / "eval_one.jsonl",
     )
-    args = ["eval", "--model", str(policy), "--reference", str(reference)]
-    args += ["--limit", "1", "--max-new-tokens", "8", "--output", str(tmp_path / "two.json")]
-    args += ["--generations", str(tmp_path / "two.jsonl")]
-    args += [a for f in files for a in ("--eval-file", f)]
-    logs = run_two(cli(*args), tmp_path / "logs_eval")
-    two = json.loads((tmp_path / "two.json").read_text())["metrics"]
+    evaluation = ["eval", "--model", str(run), "--reference", str(reference)]
+    evaluation += ["--limit", "1", "--max-new-tokens", "8", "--output", str(tmp / "eval_two.json")]
+    evaluation += ["--generations", str(tmp / "eval_two.jsonl")]
+    evaluation += [a for f in files for a in ("--eval-file", f)]
+
+    # score with a reward model.
+    rm = random_run(tmp / "rm", "rm")
+    pairs = tmp / "pairs.jsonl"
+    rows = [{"prompt": f"Add {i} and 2.", "response": f"It is {i + 2}."} for i in range(11)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score_file(str(rm), str(pairs), str(tmp / "score_one.jsonl"))
+    score = ["score", "--model", str(rm), "--input", str(pairs)]
+    score += ["--output", str(tmp / "score_two.jsonl")]
+
+    out["logs"] = run_two_commands([generate, rejection, evaluation, score], tmp / "logs")
+    return out
+
+
+def test_two_process_generate_resumes_to_the_single_process_output(commands):
+    """`jaxalign generate --resume` across two processes (every process generates with the
+    params sharded over both, process 0 writes) continues a partial file written here (one
+    process, 8 devices, interrupted after two records) to the one-process output, byte for
+    byte; `jaxalign rejection-sample` on two processes writes the one-process files."""
+    tmp = commands["tmp"]
+    lines = (tmp / "one.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and commands["partial"] == lines[:2]
+    assert (tmp / "two.jsonl").read_text() == (tmp / "one.jsonl").read_text()
+    assert commands["logs"].count("wrote 5 records") == 1  # only process 0 says it
+    for name in ("sft", "dpo"):
+        assert (tmp / f"{name}2.jsonl").read_text() == (tmp / f"{name}1.jsonl").read_text()
+    assert (tmp / "sft1.jsonl").read_text().count("\n") == 5
+    assert commands["logs"].count("5 prompts x 3 samples") == 1
+
+
+def test_two_process_eval_gives_the_single_process_metrics(commands):
+    """`jaxalign eval` across two processes (greedy answers and the teacher-forced KL to a
+    reference, parameters sharded over both): the metrics and generations of one process (8
+    devices, here); process 0 alone prints and writes them."""
+    tmp, one = commands["tmp"], commands["eval_one"]
+    two = json.loads((tmp / "eval_two.json").read_text())["metrics"]
     assert set(one) == set(two) and "kl_to_ref" in one and "pass_rate" in one
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
-    assert logs.count('"kl_to_ref"') == 1
+    assert (tmp / "eval_two.jsonl").read_text() == (tmp / "eval_one.jsonl").read_text()
+    assert commands["logs"].count('"kl_to_ref"') == 1
 
 
-def test_two_process_score_writes_the_single_process_rewards(tmp_path):
+def test_two_process_score_writes_the_single_process_rewards(commands):
     """`jaxalign score` across two processes: the rewards of one process (here), written by
     process 0 alone."""
-    from jaxalign.rewards.model import score_file
-
-    rm = random_run(tmp_path / "rm", "rm")
-    pairs = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": f"Add {i} and 2.", "response": f"It is {i + 2}."} for i in range(11)]
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    score_file(str(rm), str(pairs), str(tmp_path / "one.jsonl"))
-    args = [
-        "score",
-        "--model",
-        str(rm),
-        "--input",
-        str(pairs),
-        "--output",
-        str(tmp_path / "two.jsonl"),
-    ]
-    logs = run_two(cli(*args), tmp_path / "logs_score")
     one, two = (
-        [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+        [json.loads(x) for x in (commands["tmp"] / f"score_{n}.jsonl").read_text().splitlines()]
         for n in ("one", "two")
     )
     assert len(one) == len(two) == 11
     np.testing.assert_allclose(
         [r["reward"] for r in two], [r["reward"] for r in one], rtol=1e-5, atol=1e-6
     )
-    assert logs.count("wrote 11 rewards") == 1
+    assert commands["logs"].count("wrote 11 rewards") == 1
