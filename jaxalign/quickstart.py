@@ -106,12 +106,13 @@ FAST: dict[str, list[str]] = {
         "train.steps=4",
         "rl.eval_every=0",
     ],
-    "tools": [
+    "tools": [  # four rollouts of 64 episodes, each trained twice (rl.epochs 2)
         "rl.prompts_per_rollout=8",
         "rl.num_generations=8",
         "sampling.batch_size=8",
         "train.batch_size=64",
-        "train.steps=4",
+        "train.steps=8",
+        "train.warmup_steps=2",
         "rl.eval_every=0",
     ],
 }
