@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tool-demos",
         type=int,
-        default=300,
+        default=1500,
         help="calculator demonstrations in tools_train (their share of SFT: configs/quickstart/"
         "sft.yaml's mixture weight)",
     )

@@ -314,7 +314,7 @@ def test_calculator_demonstrations_are_episodes_the_environment_replays():
     from jaxalign.quickstart import TOOLS_SFT_MIXTURE
 
     demos = _records("tools_train")
-    assert 100 <= len(demos) <= 1000
+    assert 1000 <= len(demos) <= 2000
     for demo in demos:
         system, user, call, tool, answer = demo["messages"]
         assert system == {"role": "system", "content": tools_prompt([CALCULATOR], "hermes")}
@@ -329,7 +329,8 @@ def test_calculator_demonstrations_are_episodes_the_environment_replays():
     weights = {Path(m["path"]).name: m["weight"] for m in sft["data"]["mixture"]}
     assert "tools_train.jsonl.gz" not in weights  # a plain quickstart's SFT is unchanged
     weights[Path(TOOLS_SFT_MIXTURE["path"]).name] = TOOLS_SFT_MIXTURE["weight"]  # --tools
-    assert weights["tools_train.jsonl.gz"] / sum(weights.values()) <= 0.1  # a small share
+    # Under a third of a --tools SFT's records (docs/quickstart.md: what the share does)
+    assert weights["tools_train.jsonl.gz"] / sum(weights.values()) < 0.3
 
 
 # -- end to end ----------------------------------------------------------------------------------
@@ -432,6 +433,14 @@ def test_only_a_tools_run_trains_sft_and_the_tokenizer_on_the_calculator_demonst
     plain = [Path(m["path"]).name for m in stage_config(sft, tmp_path, True).data.mixture]
     tools = [Path(m["path"]).name for m in stage_config(sft, tmp_path, True, True).data.mixture]
     assert "tools_train.jsonl.gz" not in plain and tools == [*plain, "tools_train.jsonl.gz"]
+    # ... and trains for longer, so the task and safety demonstrations are seen as often.
+    for fast in (True, False):
+        before, after = (
+            stage_config(sft, tmp_path, fast).train,
+            stage_config(sft, tmp_path, fast, True).train,
+        )
+        assert after.steps == round(before.steps * 1.4), (fast, before.steps, after.steps)
+        assert after.warmup_steps == round(before.warmup_steps * 1.4)
     texts, more = tokenizer_texts(), tokenizer_texts(tools=True)
     assert more[: len(texts)] == texts and len(more) > len(texts)
     (tmp_path / "quickstart.json").write_text('{"mode": "fast", "timings": {}, "tools": false}')
